@@ -1,0 +1,55 @@
+"""`adm`: one command fronting every package. `adm COMMAND --help` for each."""
+
+import importlib
+import os
+import sys
+
+# command -> (module with main(argv, prog), one-line help). Modules are imported only when used.
+COMMANDS = {
+    "models": ("models.cli", "ADM networks: list presets, describe layouts, convert released checkpoints"),
+    "demo": ("adm.demo", "run the demo on this machine"),
+}
+
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotImplementedError)
+
+
+def run_guarded(main, argv, prog=None) -> int:
+    """Run a command; a user error prints one clear message (no traceback) and exits 2.
+    Set ADM_DEBUG=1 to see the traceback."""
+    try:
+        return main(argv, prog) if prog else main(argv)
+    except USER_ERRORS as e:
+        if os.environ.get("ADM_DEBUG"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: adm COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Each command also runs as `python -m <package> ...`; `adm COMMAND --help` for its options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from adm import __version__
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return run_guarded(module.main, rest, f"adm {name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

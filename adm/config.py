@@ -1,0 +1,103 @@
+"""Typed configuration: dataclass schemas, YAML files and dotted `key=value` overrides (OmegaConf).
+
+Every error names the offending key (and file) and says what was expected, before any work starts.
+"""
+
+import dataclasses
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message names the key and the source."""
+
+
+def _describe(err: OmegaConfBaseException, source: str) -> str:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(getattr(err, "msg", None) or err).split("\n")[0]
+    where = f"{source}: " if source else ""
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        return f"{where}unknown key '{key}' ({msg})"
+    if key:
+        return f"{where}bad value for '{key}': {msg}"
+    return f"{where}{msg}"
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
+    """`a.b=1 c=[1,2]` -> nested dict, values parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is set both as a value and as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def build(schema: type[T], *layers: tuple[str, dict]) -> T:
+    """Merge (source, dict) layers onto the dataclass schema's defaults; validate types and keys.
+
+    Later layers win. Returns a real dataclass instance (its __post_init__ validation runs too).
+    """
+    merged = OmegaConf.structured(schema)
+    for source, data in layers:
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.create(data) if isinstance(data, dict) else data)
+        except OmegaConfBaseException as e:
+            raise ConfigError(_describe(e, source)) from None
+    try:
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe(e, "")) from None
+    except (ValueError, TypeError) as e:  # raised by the dataclass's own validation
+        raise ConfigError(str(e)) from None
+    return obj
+
+
+def load(schema: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+         base: dict | None = None) -> T:
+    """schema defaults <- base dict <- YAML file <- dotted overrides."""
+    layers: list[tuple[str, dict]] = []
+    if base:
+        layers.append(("preset", base))
+    if path is not None:
+        layers.append((str(path), read_yaml(path)))
+    if overrides:
+        layers.append(("command line", parse_overrides(list(overrides))))
+    return build(schema, *layers)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, JSON-able dict of a (nested) dataclass config."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,1 @@
+"""data_pipeline package (built in its own issue)."""

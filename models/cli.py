@@ -1,0 +1,193 @@
+"""`adm models ...` / `python -m models ...`: list presets, describe a layout, convert checkpoints."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def resolve_config(spec: str, overrides: list[str]):
+    """A preset name or a YAML file (which may name a `preset:` to start from), plus key=value overrides."""
+    from adm.config import load, read_yaml
+
+    from .config import ModelConfig
+    from .presets import PRESETS, get_preset
+
+    if spec in PRESETS:
+        preset = get_preset(spec)
+        return spec, preset, load(ModelConfig, base=preset.model, overrides=overrides)
+    if spec.endswith((".yaml", ".yml")) or Path(spec).is_file():
+        data = read_yaml(spec)
+        data = data.get("model", data)
+        name = data.pop("preset", None)
+        preset = get_preset(name) if name else None
+        from adm.config import build, parse_overrides
+        layers = [("preset", preset.model)] if preset else []
+        layers += [(spec, data), ("command line", parse_overrides(overrides))]
+        return name or spec, preset, build(ModelConfig, *layers)
+    get_preset(spec)  # raises with the list of presets
+    raise AssertionError
+
+
+def cmd_list(args) -> int:
+    from .config import count_parameters
+    from .presets import PRESETS
+
+    table = Table(title="ADM model presets (parameters counted on the meta device)")
+    for col in ("preset", "arch", "resolution", "classes", "params", "paper", "description"):
+        table.add_column(col, justify="right" if col in ("params", "paper", "classes") else "left")
+    for name, p in PRESETS.items():
+        cfg = p.config()
+        res = f"{cfg.small_size}->{cfg.image_size}" if cfg.arch == "upsampler" else str(cfg.image_size)
+        n = count_parameters(cfg)
+        table.add_row(name, cfg.arch, res, str(cfg.num_classes or "-"), f"{n / 1e6:.1f}M",
+                      f"{p.paper_params_m}M" if p.paper_params_m else "", p.description)
+    Console(width=160).print(table)
+    return 0
+
+
+def describe_lines(cfg) -> list[tuple]:
+    """(part, resolution, channels, blocks, attention heads, params) per stage of the network."""
+    import torch
+
+    from .attention import AttentionBlock
+    from .blocks import ResBlock
+    from .config import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    rows = []
+    res = cfg.image_size
+
+    def stage(name, modules, r):
+        blocks = [m for mod in modules for m in mod.modules() if isinstance(m, ResBlock)]
+        attns = [m for mod in modules for m in mod.modules() if isinstance(m, AttentionBlock)]
+        params = sum(p.numel() for mod in modules for p in mod.parameters())
+        convs = [m for mod in modules for m in mod.modules() if isinstance(m, torch.nn.Conv2d)]
+        ch = blocks[-1].out_layers[-1].out_channels if blocks else convs[-1].out_channels if convs else ""
+        heads = f"{len(attns)} x {attns[0].num_heads} heads" if attns else "-"
+        rows.append((name, f"{r}x{r}", ch, len(blocks), heads, params))
+
+    per_level_in = cfg.num_res_blocks
+    inputs = list(model.input_blocks)
+    stage("stem", inputs[:1], res)
+    i = 1
+    mult = cfg.resolved_channel_mult()
+    for level in range(len(mult)):
+        n = per_level_in + (1 if level < len(mult) - 1 else 0)
+        stage(f"encoder {level}", inputs[i:i + n], res)
+        i += n
+        res //= 2 if level < len(mult) - 1 else 1
+    stage("middle", [model.middle_block], res)
+    if hasattr(model, "output_blocks"):
+        outs = list(model.output_blocks)
+        j = 0
+        for level in reversed(range(len(mult))):
+            n = cfg.num_res_blocks + 1
+            stage(f"decoder {level}", outs[j:j + n], res)
+            j += n
+            res *= 2 if level else 1
+    other = sum(p.numel() for name, mod in model.named_children()
+                if name not in ("input_blocks", "middle_block", "output_blocks") for p in mod.parameters())
+    rows.append(("embeddings + head", "", "", "", "", other))
+    return rows, sum(p.numel() for p in model.parameters())
+
+
+def cmd_describe(args) -> int:
+    name, preset, cfg = resolve_config(args.preset, args.overrides)
+    rows, total = describe_lines(cfg)
+    console = Console(width=140)
+    console.print(f"[bold]{name}[/bold]: {preset.description if preset else 'custom configuration'}")
+    settings = ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items())
+    console.print(f"config: {settings}")
+    console.print(f"channel_mult: {list(cfg.resolved_channel_mult())}, output channels: {cfg.out_channels}")
+    if preset:
+        console.print(f"diffusion: {preset.diffusion}")
+    table = Table()
+    for col in ("stage", "resolution", "channels", "ResBlocks (incl. up/down)", "attention", "params"):
+        table.add_column(col, justify="left" if col in ("stage", "resolution", "attention") else "right")
+    for r in rows:
+        table.add_row(*[str(v) for v in r[:-1]], f"{r[-1]:,}")
+    console.print(table)
+    paper = f" (paper: {preset.paper_params_m}M)" if preset and preset.paper_params_m else ""
+    console.print(f"total parameters: {total:,} = {total / 1e6:.1f}M{paper}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    """ADM .pt -> snapshot directory, or snapshot directory -> ADM .pt."""
+    import torch
+
+    from .presets import get_preset
+    from .snapshot import WEIGHTS, load_snapshot, save_snapshot
+    from .state_dict import check_state_dict, infer_preset
+
+    src, dst = Path(args.src), Path(args.dst)
+    if src.is_dir():
+        snap = load_snapshot(src, hashes=True)
+        snap.build()  # proves the weights fit the config before writing anything
+        tmp = dst.with_name(f".{dst.name}.partial")
+        torch.save(snap.state_dict, tmp)
+        tmp.replace(dst)
+        print(f"wrote {dst} ({len(snap.state_dict)} tensors, ADM layout) from snapshot {src}")
+        return 0
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such checkpoint file or snapshot directory")
+    try:
+        state_dict = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a non-checkpoint file
+        raise ValueError(f"{src}: not a loadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(state_dict, dict) and "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
+        state_dict = state_dict["state_dict"]
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{src}: expected a state dict (name -> tensor), got {type(state_dict).__name__}")
+    if args.preset or args.config:
+        name, preset, cfg = resolve_config(args.preset or args.config, args.overrides)
+    else:
+        name = infer_preset(state_dict)
+        if name is None:
+            from .state_dict import rank_presets, layout_of
+            best = ", ".join(f"{n} ({s:.0%})" for n, s in rank_presets(layout_of(state_dict))[:3])
+            raise ValueError(f"{src}: its layout matches no preset exactly (closest: {best}); "
+                             "pass --preset NAME or --config FILE.yaml with the flags it was trained with")
+        preset, cfg = get_preset(name), get_preset(name).config()
+    check_state_dict(state_dict, cfg, source=str(src), described_as=f"{name}")
+    meta = {"preset": name, "source": src.name}
+    if preset:
+        meta["diffusion"] = preset.diffusion
+    save_snapshot(dst, state_dict, cfg, meta=meta, overwrite=args.overwrite)
+    print(f"wrote snapshot {dst} ({WEIGHTS}, config.json, manifest.json) from {src} as {name}")
+    return 0
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("list", help="the presets with parameter counts")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("describe", help="the layout of a preset or YAML model config")
+    p.add_argument("preset", metavar="PRESET|CONFIG.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. dropout=0.1")
+    p.set_defaults(func=cmd_describe)
+    p = sub.add_parser("convert", help="released ADM .pt <-> snapshot (safetensors + config.json)",
+                       description="SRC a .pt state dict: write snapshot DST (preset inferred from the layout "
+                                   "unless given). SRC a snapshot directory: write the ADM-layout .pt DST.")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--preset", help="the preset the checkpoint was trained as (default: inferred)")
+    p.add_argument("--config", help="a YAML model config instead of a preset")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_convert)
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m models") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="ADM networks: presets, layouts, checkpoint conversion")
+    register(parser)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

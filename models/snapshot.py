@@ -1,0 +1,131 @@
+"""Snapshots: consolidated weights (safetensors) + resolved config (JSON) + a manifest, committed atomically.
+
+A snapshot is what sampling and evaluation read. It is written into a temporary sibling directory,
+the manifest (every file with size and sha256) last, then renamed into place; a directory without a
+valid manifest is never taken for a snapshot. This is the one module of `models/` that touches files.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig, build_model, expected_layout
+from .state_dict import load_checked
+
+FORMAT = "adm-snapshot"
+VERSION = 1
+WEIGHTS, CONFIG, MANIFEST = "model.safetensors", "config.json", "manifest.json"
+
+
+class SnapshotError(ValueError):
+    """A snapshot directory that is missing, incomplete or corrupt."""
+
+
+@dataclass
+class Snapshot:
+    path: Path
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    meta: dict  # everything in config.json besides the model section
+
+    def build(self, device: str | torch.device = "cpu") -> torch.nn.Module:
+        model = build_model(self.config)
+        load_checked(model, self.state_dict, self.config, source=str(self.path / WEIGHTS),
+                     described_as="the model its config.json describes")
+        return model.to(device).eval()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_snapshot(directory: str | Path, state_dict: dict[str, torch.Tensor], config: ModelConfig,
+                  meta: dict | None = None, overwrite: bool = False) -> Path:
+    """Write a snapshot atomically. `meta` (preset, diffusion, training progress, ...) goes to config.json."""
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise SnapshotError(f"{directory} already exists (pass overwrite=True to replace it)")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        _write_json(tmp / CONFIG, {"format": FORMAT, "version": VERSION, **(meta or {}), "model": config.to_dict()})
+        files = {name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in (WEIGHTS, CONFIG)}
+        _write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "files": files})
+        if directory.exists():  # overwrite: move the old one aside first, so a crash leaves one of the two
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+            os.replace(directory, old / "x")
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_manifest(directory: str | Path) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SnapshotError(f"snapshot {directory} does not exist or is not a directory")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise SnapshotError(f"{directory} is not a complete snapshot: it has no {MANIFEST}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SnapshotError(f"{path}: not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise SnapshotError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def verify_snapshot(directory: str | Path, hashes: bool = False) -> dict:
+    """Check every file the manifest lists (size always, sha256 if asked). Returns the manifest."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    for name, info in manifest["files"].items():
+        f = directory / name
+        if not f.is_file():
+            raise SnapshotError(f"{directory}: {name} is listed in the manifest but missing")
+        if f.stat().st_size != info["size"]:
+            raise SnapshotError(f"{f}: size {f.stat().st_size} != {info['size']} in the manifest (truncated?)")
+        if hashes and _sha256(f) != info["sha256"]:
+            raise SnapshotError(f"{f}: sha256 differs from the manifest (corrupt)")
+    return manifest
+
+
+def load_snapshot(directory: str | Path, hashes: bool = False) -> Snapshot:
+    directory = Path(directory)
+    verify_snapshot(directory, hashes=hashes)
+    meta = json.loads((directory / CONFIG).read_text())
+    try:
+        config = ModelConfig(**meta.pop("model"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise SnapshotError(f"{directory / CONFIG}: bad model section: {e}") from None
+    tensors = load_file(str(directory / WEIGHTS))
+    # safetensors stores keys sorted; give them back in the model's own (guided-diffusion) order
+    order = [k for k in expected_layout(config) if k in tensors]
+    state_dict = {k: tensors[k] for k in order} | {k: v for k, v in tensors.items() if k not in set(order)}
+    return Snapshot(directory, config, state_dict, meta)

@@ -1,0 +1,84 @@
+"""Checking a state dict against a model layout, with errors that say what would fit."""
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, expected_layout
+
+
+class CheckpointMismatch(ValueError):
+    """A state dict that does not fit the model it is loaded into."""
+
+
+def layout_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def compare_layouts(expected: Mapping[str, tuple], actual: Mapping[str, tuple]):
+    """(missing, unexpected, wrong_shape) key lists, in the expected/actual key order."""
+    missing = [k for k in expected if k not in actual]
+    unexpected = [k for k in actual if k not in expected]
+    wrong = [k for k in expected if k in actual and tuple(expected[k]) != tuple(actual[k])]
+    return missing, unexpected, wrong
+
+
+def rank_presets(actual: Mapping[str, tuple]) -> list[tuple[str, float]]:
+    """Presets ordered by how well their layout fits `actual` (1.0 = exact), best first."""
+    from .presets import PRESETS  # local: presets import config, which this module also uses
+
+    scores = []
+    for name, preset in PRESETS.items():
+        exp = expected_layout(preset.config())
+        same = sum(1 for k, s in exp.items() if actual.get(k) == s)
+        scores.append((name, same / max(len(exp), len(actual))))
+    return sorted(scores, key=lambda s: -s[1])
+
+
+def infer_preset(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The preset whose layout the state dict has exactly, if any."""
+    best = rank_presets(layout_of(state_dict))
+    return best[0][0] if best and best[0][1] == 1.0 else None
+
+
+def _first(keys, shapes_exp=None, shapes_act=None, n=5):
+    out = []
+    for k in keys[:n]:
+        if shapes_exp is not None:
+            out.append(f"{k} (checkpoint {list(shapes_act[k])}, model {list(shapes_exp[k])})")
+        else:
+            out.append(k)
+    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(out) + more
+
+
+def check_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, source: str = "checkpoint",
+                     described_as: str = "the model") -> None:
+    """Raise CheckpointMismatch, listing the first differences and the presets that would fit."""
+    expected = expected_layout(cfg)
+    actual = layout_of(state_dict)
+    missing, unexpected, wrong = compare_layouts(expected, actual)
+    if not (missing or unexpected or wrong):
+        return
+    lines = [f"{source} does not fit {described_as}:"]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {_first(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {_first(unexpected)}")
+    if wrong:
+        lines.append(f"  shape mismatches ({len(wrong)}): {_first(wrong, expected, actual)}")
+    ranked = rank_presets(actual)
+    exact = [n for n, s in ranked if s == 1.0]
+    if exact:
+        lines.append(f"  it is exactly the layout of preset {', '.join(exact)}: use --preset {exact[0]}")
+    elif ranked:
+        lines.append("  closest presets: " + ", ".join(f"{n} ({s:.0%} of keys agree)" for n, s in ranked[:3]))
+    raise CheckpointMismatch("\n".join(lines))
+
+
+def load_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig,
+                 source: str = "checkpoint", described_as: str = "the model") -> nn.Module:
+    check_state_dict(state_dict, cfg, source, described_as)
+    model.load_state_dict(state_dict, strict=True)
+    return model

@@ -1,0 +1,1 @@
+"""slurm package (built in its own issue)."""

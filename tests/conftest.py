@@ -1,0 +1,38 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+LAYOUTS = Path(__file__).parent / "data" / "adm-state-dict-layouts.json"
+
+# The test suite is CPU-only and small: keep torch from oversubscribing CI's two cores.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def released_layouts() -> dict:
+    """Keys, shapes, flags and parameter counts of OpenAI's released ADM checkpoints."""
+    return json.loads(LAYOUTS.read_text())
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
+    """Overwrite every parameter with seeded noise (zero-initialised layers would hide differences)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale)
+    return module
+
+
+def run_cli(*args: str, check: bool = True, cwd=None) -> subprocess.CompletedProcess:
+    """Run the `adm` command line as a user would, in a fresh interpreter."""
+    proc = subprocess.run([sys.executable, "-m", "adm", *args], capture_output=True, text=True,
+                          cwd=cwd or REPO, env={**os.environ, "COLUMNS": "200"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"adm {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc

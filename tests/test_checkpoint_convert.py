@@ -1,0 +1,134 @@
+"""Released-layout checkpoints load strictly, convert to snapshots and back, and give identical outputs."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import randomize_, run_cli
+from models.config import build_model
+from models.presets import get_preset
+from models.snapshot import MANIFEST, WEIGHTS, SnapshotError, load_snapshot, save_snapshot
+
+gd_unet = pytest.importorskip("guided_diffusion.unet", reason="scripts/setup.sh installs guided-diffusion-sdk")
+gd_script = pytest.importorskip("guided_diffusion.script_util")
+
+
+def reference_tiny_32():
+    """guided-diffusion's own UNet with the tiny-32 preset's architecture, random weights."""
+    ref = gd_unet.UNetModel(image_size=32, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
+                            attention_resolutions=(4,), channel_mult=(1, 2, 2), num_classes=10,
+                            num_head_channels=32, use_scale_shift_norm=True, resblock_updown=True)
+    return randomize_(ref, seed=7).eval()
+
+
+@pytest.fixture
+def released_pt(tmp_path):
+    ref = reference_tiny_32()
+    path = tmp_path / "tiny.pt"
+    torch.save(ref.state_dict(), path)
+    return ref, path
+
+
+def test_pt_to_snapshot_and_back(tmp_path, released_pt):
+    ref, pt = released_pt
+    snap_dir = tmp_path / "snap"
+    out = run_cli("models", "convert", str(pt), str(snap_dir))
+    assert "as tiny-32" in out.stdout  # preset inferred from the layout
+    manifest = json.loads((snap_dir / MANIFEST).read_text())
+    assert set(manifest["files"]) == {WEIGHTS, "config.json"}
+    config = json.loads((snap_dir / "config.json").read_text())
+    assert config["preset"] == "tiny-32" and config["model"]["num_classes"] == 10
+
+    snap = load_snapshot(snap_dir, hashes=True)
+    model = snap.build()
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(3, 3, 32, 32, generator=g), torch.tensor([0, 500, 999]), torch.tensor([0, 4, 9])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), ref(x, t, y), rtol=1e-5, atol=1e-6)
+
+    back = tmp_path / "back.pt"
+    run_cli("models", "convert", str(snap_dir), str(back))
+    reloaded = torch.load(back, weights_only=True)
+    original = ref.state_dict()
+    assert list(reloaded) == list(original)
+    assert all(torch.equal(reloaded[k], original[k]) for k in original)
+    fresh = build_model(get_preset("tiny-32").config())
+    fresh.load_state_dict(reloaded, strict=True)
+
+
+def test_published_classifier_layout_converts_with_inferred_preset(tmp_path):
+    flags = dict(gd_script.classifier_defaults(), image_size=128)
+    ref = gd_script.create_classifier(**flags)
+    pt = tmp_path / "128x128_classifier.pt"
+    torch.save(ref.state_dict(), pt)
+    out = run_cli("models", "convert", str(pt), str(tmp_path / "snap"))
+    assert "as classifier-128" in out.stdout
+    model = load_snapshot(tmp_path / "snap").build()
+    x, t = torch.randn(1, 3, 128, 128), torch.tensor([10])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t), ref.eval()(x, t), rtol=1e-5, atol=1e-5)
+
+
+def test_mismatched_checkpoint_lists_keys_and_suggests(tmp_path, released_pt):
+    ref, _ = released_pt
+    sd = ref.state_dict()
+    del sd["out.2.bias"]
+    sd["label_emb.weight"] = torch.zeros(1000, 128)
+    sd["extra.weight"] = torch.zeros(1)
+    bad = tmp_path / "bad.pt"
+    torch.save(sd, bad)
+    proc = run_cli("models", "convert", str(bad), str(tmp_path / "s"), "--preset", "tiny-32", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "missing keys (1): out.2.bias" in proc.stderr
+    assert "unexpected keys (1): extra.weight" in proc.stderr
+    assert "label_emb.weight (checkpoint [1000, 128], model [10, 128])" in proc.stderr
+    assert "closest presets: tiny-32" in proc.stderr
+    assert not (tmp_path / "s").exists()
+
+    good = tmp_path / "good.pt"
+    torch.save(ref.state_dict(), good)
+    proc = run_cli("models", "convert", str(good), str(tmp_path / "s"), "--preset", "tiny-upsampler-32-64", check=False)
+    assert proc.returncode == 2 and "exactly the layout of preset tiny-32" in proc.stderr
+
+
+def test_not_a_checkpoint(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"definitely not a checkpoint")
+    proc = run_cli("models", "convert", str(junk), str(tmp_path / "s"), check=False)
+    assert proc.returncode == 2 and "not a loadable PyTorch checkpoint" in proc.stderr
+    proc = run_cli("models", "convert", str(tmp_path / "nope.pt"), str(tmp_path / "s"), check=False)
+    assert proc.returncode == 2 and "no such checkpoint" in proc.stderr
+
+
+def test_incomplete_or_corrupt_snapshots_are_refused(tmp_path):
+    cfg = get_preset("tiny-classifier-32").config()
+    model = build_model(cfg)
+    snap = save_snapshot(tmp_path / "snap", model.state_dict(), cfg)
+    assert load_snapshot(snap).config == cfg
+    with pytest.raises(SnapshotError, match="already exists"):
+        save_snapshot(snap, model.state_dict(), cfg)
+    # no stray temporary directories are left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["snap"]
+
+    weights = snap / WEIGHTS
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-100])
+    with pytest.raises(SnapshotError, match="truncated"):
+        load_snapshot(snap)
+    weights.write_bytes(data[:-4] + bytes(4))
+    with pytest.raises(SnapshotError, match="corrupt"):
+        load_snapshot(snap, hashes=True)
+    (snap / MANIFEST).unlink()
+    with pytest.raises(SnapshotError, match="not a complete snapshot"):
+        load_snapshot(snap)
+
+
+def test_overwrite_replaces_atomically(tmp_path):
+    cfg = get_preset("tiny-classifier-32").config()
+    a, b = randomize_(build_model(cfg), seed=1), randomize_(build_model(cfg), seed=2)
+    save_snapshot(tmp_path / "s", a.state_dict(), cfg)
+    save_snapshot(tmp_path / "s", b.state_dict(), cfg, overwrite=True)
+    loaded = load_snapshot(tmp_path / "s", hashes=True).state_dict
+    assert all(torch.equal(loaded[k], v) for k, v in b.state_dict().items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]

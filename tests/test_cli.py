@@ -1,0 +1,48 @@
+"""The `adm` command line, run as a user runs it."""
+
+import subprocess
+import sys
+
+from conftest import REPO, run_cli
+
+
+def test_help_lists_subcommands():
+    out = run_cli("--help").stdout
+    assert "models" in out and "demo" in out
+
+
+def test_models_list_prints_presets_with_counts():
+    out = run_cli("models", "list").stdout
+    for name, count in [("adm-64", "295.9M"), ("adm-128", "421.5M"), ("adm-256", "553.8M"), ("adm-512", "559.0M"),
+                        ("upsampler-64-256", "311.8M"), ("upsampler-128-512", "308.8M"),
+                        ("classifier-64", "65.4M"), ("classifier-128", "42.6M"), ("tiny-32", "1.4M")]:
+        line = next(line for line in out.splitlines() if f" {name} " in line)
+        assert count in line, line
+
+
+def test_models_describe_preset_with_override():
+    out = run_cli("models", "describe", "adm-64", "dropout=0.0").stdout
+    assert "dropout=0.0" in out and "295,904,454" in out and "3 x 6 heads" in out
+
+
+def test_python_dash_m_package_works():
+    proc = subprocess.run([sys.executable, "-m", "models", "describe", "tiny-32"], capture_output=True, text=True,
+                          cwd=REPO)
+    assert proc.returncode == 0 and "tiny-32" in proc.stdout
+
+
+def test_user_errors_are_one_clear_line():
+    for args, expected in [(("models", "describe", "adm-1024"), "unknown model preset 'adm-1024'"),
+                           (("models", "describe", "tiny-32", "heads=3"), "unknown key 'heads'"),
+                           (("models", "describe", "tiny-32", "dropout=lots"), "bad value for 'dropout'"),
+                           (("models", "describe", "missing.yaml"), "config file missing.yaml does not exist")]:
+        proc = run_cli(*args, check=False)
+        assert proc.returncode == 2, proc
+        assert expected in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("frobnicate", check=False)
+    assert proc.returncode == 2 and "unknown command" in proc.stderr
+
+
+def test_demo_runs():
+    out = run_cli("demo").stdout
+    assert "tiny-upsampler-32-64" in out and "(4, 6, 64, 64)" in out

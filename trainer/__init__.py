@@ -1,0 +1,1 @@
+"""trainer package (built in its own issue)."""
