@@ -5,10 +5,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .attention import AttentionBlock, AttentionPool2d
-from .blocks import Downsample, EmbedSequential, ResBlock
+from .attention import AttentionPool2d
+from .blocks import EmbedSequential
 from .layers import GroupNorm32, timestep_embedding, zero_module
-from .unet import make_time_embed
+from .trunk import BlockFactory, build_encoder, check_image_input, convert_convs_to_fp16, make_time_embed
 
 POOLS = ("attention", "adaptive", "spatial", "spatial_v2")
 
@@ -36,36 +36,13 @@ class EncoderUNetModel(nn.Module):
         self.out_channels = out_channels
         self.pool = pool
         attn_ds = {image_size // r for r in attention_resolutions}
-        emb_dim = 4 * model_channels
-
-        def res(ch_in, ch_out, **kw):
-            return ResBlock(ch_in, emb_dim, dropout, out_channels=ch_out, use_checkpoint=use_checkpoint,
-                            use_scale_shift_norm=use_scale_shift_norm, **kw)
-
-        def attn(ch):
-            return AttentionBlock(ch, num_heads=num_heads, num_head_channels=num_head_channels,
-                                  use_checkpoint=use_checkpoint, use_new_attention_order=use_new_attention_order)
-
+        make = BlockFactory(4 * model_channels, dropout, use_checkpoint, use_scale_shift_norm, num_head_channels,
+                            use_new_attention_order, resblock_updown, conv_resample)
         self.time_embed = make_time_embed(model_channels)
-        ch = int(channel_mult[0] * model_channels)
-        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
-        feature_size = ch
-        ds = 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = [res(ch, int(mult * model_channels))]
-                ch = int(mult * model_channels)
-                if ds in attn_ds:
-                    layers.append(attn(ch))
-                self.input_blocks.append(EmbedSequential(*layers))
-                feature_size += ch
-            if level != len(channel_mult) - 1:
-                down = res(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample)
-                self.input_blocks.append(EmbedSequential(down))
-                feature_size += ch
-                ds *= 2
-        self.middle_block = EmbedSequential(res(ch, ch), attn(ch), res(ch, ch))
-        feature_size += ch
+        self.input_blocks, channels, ch, ds = build_encoder(
+            make, in_channels, model_channels, channel_mult, num_res_blocks, attn_ds, num_heads)
+        self.middle_block = EmbedSequential(make.res(ch, ch), make.attn(ch, num_heads), make.res(ch, ch))
+        feature_size = sum(channels) + ch  # the spatial heads read every block's mean and the middle's
 
         if pool == "attention":
             if num_head_channels == -1:
@@ -85,18 +62,10 @@ class EncoderUNetModel(nn.Module):
             self.convert_to_fp16()
 
     def convert_to_fp16(self) -> None:
-        for part in (self.input_blocks, self.middle_block):
-            for m in part.modules():
-                if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-                    m.half()
-        self.dtype = torch.float16
+        self.dtype = convert_convs_to_fp16(self.input_blocks, self.middle_block)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2:] != (self.image_size, self.image_size):
-            raise ValueError(f"expected input of shape (N, {self.in_channels}, {self.image_size}, {self.image_size}), "
-                             f"got {tuple(x.shape)}")
-        if timesteps.shape != (x.shape[0],):
-            raise ValueError(f"timesteps must have shape ({x.shape[0]},), got {tuple(timesteps.shape)}")
+        check_image_input(x, timesteps, self.in_channels, self.image_size)
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
         spatial = self.pool.startswith("spatial")
         means = []

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionBlock
-from .blocks import Downsample, EmbedSequential, ResBlock, Upsample
+from .blocks import EmbedSequential
 from .layers import GroupNorm32, timestep_embedding, zero_module
+from .trunk import BlockFactory, build_encoder, check_image_input, convert_convs_to_fp16, make_time_embed
 
 
 def check_labels(y: torch.Tensor | None, num_classes: int | None, batch: int) -> None:
@@ -29,12 +29,6 @@ def check_labels(y: torch.Tensor | None, num_classes: int | None, batch: int) ->
         raise ValueError(f"labels y must be integer class indices, got dtype {y.dtype}")
     if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes - 1}], got min {int(y.min())}, max {int(y.max())}")
-
-
-def make_time_embed(model_channels: int) -> nn.Sequential:
-    """Sinusoidal timestep features -> Linear(C, 4C) -> SiLU -> Linear(4C, 4C) (keys time_embed.0/.2)."""
-    d = 4 * model_channels
-    return nn.Sequential(nn.Linear(model_channels, d), nn.SiLU(), nn.Linear(d, d))
 
 
 class UNetModel(nn.Module):
@@ -62,48 +56,26 @@ class UNetModel(nn.Module):
         self.channel_mult = tuple(channel_mult)
         attn_ds = {image_size // r for r in attention_resolutions}
         emb_dim = 4 * model_channels
-
-        def res(ch_in, ch_out, **kw):
-            return ResBlock(ch_in, emb_dim, dropout, out_channels=ch_out, use_checkpoint=use_checkpoint,
-                            use_scale_shift_norm=use_scale_shift_norm, **kw)
-
-        def attn(ch, heads):
-            return AttentionBlock(ch, num_heads=heads, num_head_channels=num_head_channels,
-                                  use_checkpoint=use_checkpoint, use_new_attention_order=use_new_attention_order)
+        make = BlockFactory(emb_dim, dropout, use_checkpoint, use_scale_shift_norm, num_head_channels,
+                            use_new_attention_order, resblock_updown, conv_resample)
 
         self.time_embed = make_time_embed(model_channels)
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, emb_dim)
-
-        ch = stem_ch = int(channel_mult[0] * model_channels)
-        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
-        skip_channels = [ch]
-        ds = 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = [res(ch, int(mult * model_channels))]
-                ch = int(mult * model_channels)
-                if ds in attn_ds:
-                    layers.append(attn(ch, num_heads))
-                self.input_blocks.append(EmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != len(channel_mult) - 1:
-                down = res(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample)
-                self.input_blocks.append(EmbedSequential(down))
-                skip_channels.append(ch)
-                ds *= 2
-
-        self.middle_block = EmbedSequential(res(ch, ch), attn(ch, num_heads), res(ch, ch))
+        self.input_blocks, skip_channels, ch, ds = build_encoder(
+            make, in_channels, model_channels, channel_mult, num_res_blocks, attn_ds, num_heads)
+        stem_ch = skip_channels[0]
+        self.middle_block = EmbedSequential(make.res(ch, ch), make.attn(ch, num_heads), make.res(ch, ch))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
-                layers = [res(ch + skip_channels.pop(), int(mult * model_channels))]
+                layers = [make.res(ch + skip_channels.pop(), int(mult * model_channels))]
                 ch = int(mult * model_channels)
                 if ds in attn_ds:
-                    layers.append(attn(ch, num_heads_upsample))
+                    layers.append(make.attn(ch, num_heads_upsample))
                 if level and i == num_res_blocks:
-                    layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample))
+                    layers.append(make.up(ch))
                     ds //= 2
                 self.output_blocks.append(EmbedSequential(*layers))
 
@@ -113,13 +85,7 @@ class UNetModel(nn.Module):
             self.convert_to_fp16()
 
     def convert_to_fp16(self) -> None:
-        """guided-diffusion's use_fp16: conv weights of the trunk in half; norms, embeddings, head in fp32.
-        (For training we recommend bf16 autocast over this; it exists for parity with the released runs.)"""
-        for part in (self.input_blocks, self.middle_block, self.output_blocks):
-            for m in part.modules():
-                if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-                    m.half()
-        self.dtype = torch.float16
+        self.dtype = convert_convs_to_fp16(self.input_blocks, self.middle_block, self.output_blocks)
 
     def embed(self, timesteps: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
@@ -128,11 +94,7 @@ class UNetModel(nn.Module):
         return emb
 
     def check_input(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2:] != (self.image_size, self.image_size):
-            raise ValueError(f"expected input of shape (N, {self.in_channels}, {self.image_size}, {self.image_size}), "
-                             f"got {tuple(x.shape)}")
-        if timesteps.shape != (x.shape[0],):
-            raise ValueError(f"timesteps must have shape ({x.shape[0]},), got {tuple(timesteps.shape)}")
+        check_image_input(x, timesteps, self.in_channels, self.image_size)
         check_labels(y, self.num_classes, x.shape[0])
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,199 @@
+"""Throughput of our ADM networks against the reference implementation (guided-diffusion), same weights.
+
+Reports images/s for forward+backward (a training step without the optimizer) and forward-only
+(a sampling step), FLOPs per image from torch.utils.flop_counter, and MFU on a GPU. Ours and the
+reference are timed alternately, several rounds each, and the median taken, so the ratio is measured
+in one run under the same conditions. Absolute CPU numbers depend on the machine; quote ratios.
+
+    .venv/bin/python bench/models.py --out bench/out/models.json            # CPU defaults
+    .venv/bin/python bench/models.py --channels-last ours --out ...   # ours channels-last vs reference as shipped
+    .venv/bin/python bench/models.py --device cuda --dtype bf16 --channels-last ours --out ...  # GPU
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.config import ModelConfig, build_model  # noqa: E402
+from models.presets import get_preset  # noqa: E402
+
+# (label, preset, overrides, batch on CPU, batch on GPU)
+CPU_CASES = [
+    ("tiny-32", "tiny-32", {}, 16, 256),
+    ("tiny-classifier-32", "tiny-classifier-32", {}, 16, 256),
+    ("tiny-upsampler-32-64", "tiny-upsampler-32-64", {}, 8, 128),
+    # the published 64x64 layout (attention at 32, 16, 8; 64-channel heads) at a third of the width
+    ("adm-64 @ width 64", "adm-64", {"model_channels": 64, "dropout": 0.0}, 4, 128),
+]
+GPU_CASES = CPU_CASES + [
+    ("adm-64", "adm-64", {"dropout": 0.0}, None, 64),
+    ("adm-128", "adm-128", {}, None, 32),
+    ("adm-256", "adm-256", {}, None, 16),
+    ("classifier-128", "classifier-128", {}, None, 128),
+    ("upsampler-64-256", "upsampler-64-256", {}, None, 12),
+]
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense bf16
+
+
+def reference_model(cfg: ModelConfig):
+    """guided-diffusion's module for the same architecture (None if the package is missing)."""
+    try:
+        from guided_diffusion import unet as gd
+    except ImportError:
+        return None
+    kw = dict(image_size=cfg.image_size, in_channels=cfg.in_channels, model_channels=cfg.model_channels,
+              out_channels=cfg.out_channels, num_res_blocks=cfg.num_res_blocks,
+              attention_resolutions=tuple(cfg.image_size // r for r in cfg.attention_resolutions),
+              dropout=cfg.dropout, channel_mult=cfg.resolved_channel_mult(), num_heads=cfg.num_heads,
+              num_head_channels=cfg.num_head_channels, use_scale_shift_norm=cfg.use_scale_shift_norm,
+              resblock_updown=cfg.resblock_updown, use_new_attention_order=cfg.use_new_attention_order)
+    if cfg.arch == "classifier":
+        return gd.EncoderUNetModel(pool=cfg.pool, **kw)
+    kw.update(num_classes=cfg.num_classes, num_heads_upsample=cfg.num_heads_upsample)
+    if cfg.arch == "upsampler":
+        kw["in_channels"] = cfg.in_channels
+        return gd.SuperResModel(**kw)
+    return gd.UNetModel(**kw)
+
+
+def make_inputs(cfg: ModelConfig, batch: int, device, channels_last: bool):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
+    args, kwargs = [x, torch.randint(0, 1000, (batch,), generator=g)], {}
+    if cfg.arch == "upsampler":
+        kwargs["low_res"] = torch.randn(batch, cfg.in_channels, cfg.small_size, cfg.small_size, generator=g)
+    if cfg.class_cond:
+        kwargs["y"] = torch.randint(0, cfg.num_classes, (batch,), generator=g)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    args = [a.to(device) for a in args]
+    args[0] = args[0].contiguous(memory_format=fmt)
+    return args, {k: v.to(device) for k, v in kwargs.items()}
+
+
+def step_fn(model, args, kwargs, train: bool, dtype, device):
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            if train:
+                out = model(*args, **kwargs)
+                out.float().square().mean().backward()
+            else:
+                with torch.no_grad():
+                    model(*args, **kwargs)
+    return step
+
+
+def timed(step, device, iters: int) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+def flops_per_image(model, args, kwargs, train: bool, batch: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        if train:
+            model(*args, **kwargs).float().square().mean().backward()
+        else:
+            with torch.no_grad():
+                model(*args, **kwargs)
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch
+
+
+def bench_case(label, preset, overrides, batch, args_ns, device, dtype, peak):
+    cfg = ModelConfig(**{**get_preset(preset).model, **overrides})
+    torch.manual_seed(0)
+    ours = build_model(cfg)
+    ref = reference_model(cfg) if args_ns.reference else None
+    if ref is not None:
+        ref.load_state_dict(ours.state_dict(), strict=True)  # same weights
+    cl = {"ours": args_ns.channels_last in ("both", "ours"), "reference": args_ns.channels_last == "both"}
+    models = {"ours": ours.to(device, memory_format=torch.channels_last if cl["ours"] else torch.contiguous_format)}
+    if ref is not None:
+        models["reference"] = ref.to(device, memory_format=torch.channels_last if cl["reference"] else torch.contiguous_format)
+    inputs = {k: make_inputs(cfg, batch, device, cl[k]) for k in models}
+    row = {"case": label, "preset": preset, "overrides": overrides, "batch": batch,
+           "params": sum(p.numel() for p in ours.parameters())}
+    for mode in ("train", "forward"):
+        train = mode == "train"
+        steps = {k: step_fn(m.train(train), *inputs[k], train, dtype, device) for k, m in models.items()}
+        for s in steps.values():  # warm-up (kernel selection, allocator)
+            for _ in range(args_ns.warmup):
+                s()
+        times = {k: [] for k in steps}
+        for _ in range(args_ns.rounds):  # alternate so both see the same machine state
+            for k, s in steps.items():
+                times[k].append(timed(s, device, args_ns.iters))
+        flops = flops_per_image(models["ours"], *inputs["ours"], train, batch)
+        for k, ts in times.items():
+            sec = statistics.median(ts)
+            row[f"{k}_{mode}_img_s"] = batch / sec
+        row[f"{mode}_gflops_per_img"] = flops / 1e9
+        if "reference" in times:
+            row[f"{mode}_speedup"] = row[f"ours_{mode}_img_s"] / row[f"reference_{mode}_img_s"]
+        if peak:
+            row[f"ours_{mode}_mfu"] = flops * row[f"ours_{mode}_img_s"] / (peak * 1e12)
+        for m in models.values():
+            m.zero_grad(set_to_none=True)
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: fp32 on CPU, bf16 on GPU")
+    p.add_argument("--channels-last", choices=["none", "ours", "both"], default="none",
+                   help="channels-last weights and activations for: neither model, ours only, or both")
+    p.add_argument("--cases", nargs="*", help="case labels to run (default: all for the device)")
+    p.add_argument("--no-reference", dest="reference", action="store_false", help="skip guided-diffusion")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=3, help="steps per timed round")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (GPU default: by name)")
+    p.add_argument("--out", type=Path, help="write JSON here")
+    a = p.parse_args()
+
+    device = torch.device(a.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None) if device.type == "cuda" else None
+    cases = GPU_CASES if device.type == "cuda" else CPU_CASES
+    if a.cases:
+        cases = [c for c in cases if c[0] in a.cases]
+    rows = []
+    for label, preset, overrides, cpu_batch, gpu_batch in cases:
+        batch = gpu_batch if device.type == "cuda" else cpu_batch
+        row = bench_case(label, preset, overrides, batch, a, device, dtype, peak)
+        rows.append(row)
+        sp = " ".join(f"{m}: x{row[m + '_speedup']:.2f}" for m in ("train", "forward") if m + "_speedup" in row)
+        print(f"{label:<24} batch {batch:>3}  train {row['ours_train_img_s']:8.1f} img/s  "
+              f"forward {row['ours_forward_img_s']:8.1f} img/s  vs reference {sp}", flush=True)
+    result = {"device": name, "device_type": device.type, "dtype": str(dtype).replace("torch.", ""),
+              "channels_last": a.channels_last, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "rows": rows}
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
