@@ -1,15 +1,18 @@
 """guided-diffusion's script-level API (flag names, defaults, constructors) on top of our models.
 
 People who know `guided_diffusion.script_util` can use the same flags; the modules built here have
-exactly the released checkpoints' state-dict keys and shapes. The Gaussian diffusion half lands with
-the diffusion issue; until then `create_gaussian_diffusion` raises.
+exactly the released checkpoints' state-dict keys and shapes, and the diffusion is our GaussianDiffusion
+(a SpacedDiffusion, as in guided-diffusion) with the same method names and semantics.
 """
 
 import inspect
 
 from torch import nn
 
+from . import gaussian_diffusion as gd
 from .config import ModelConfig, build_model
+from .respace import SpacedDiffusion, space_timesteps
+from .schedules import get_named_beta_schedule
 
 NUM_CLASSES = 1000
 
@@ -116,21 +119,42 @@ def create_classifier(**flags) -> nn.Module:
     return build_model(classifier_config(**flags))
 
 
-def create_gaussian_diffusion(**flags):
-    raise NotImplementedError("the Gaussian diffusion (q_sample, training_losses, samplers, ...) is not built yet: "
-                              "it lands with the diffusion issue; create_model / create_classifier work now")
+def create_gaussian_diffusion(*, steps=1000, learn_sigma=False, sigma_small=False, noise_schedule="linear",
+                              use_kl=False, predict_xstart=False, rescale_timesteps=False,
+                              rescale_learned_sigmas=False, timestep_respacing=""):
+    betas = get_named_beta_schedule(noise_schedule, steps)
+    if use_kl:
+        loss_type = gd.LossType.RESCALED_KL
+    elif rescale_learned_sigmas:
+        loss_type = gd.LossType.RESCALED_MSE
+    else:
+        loss_type = gd.LossType.MSE
+    if learn_sigma:
+        var_type = gd.ModelVarType.LEARNED_RANGE
+    else:
+        var_type = gd.ModelVarType.FIXED_SMALL if sigma_small else gd.ModelVarType.FIXED_LARGE
+    return SpacedDiffusion(use_timesteps=space_timesteps(steps, timestep_respacing or [steps]), betas=betas,
+                           model_mean_type=gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON,
+                           model_var_type=var_type, loss_type=loss_type, rescale_timesteps=rescale_timesteps)
+
+
+def _diffusion(flags: dict):
+    return create_gaussian_diffusion(
+        steps=flags["diffusion_steps"], learn_sigma=flags["learn_sigma"], noise_schedule=flags["noise_schedule"],
+        use_kl=flags["use_kl"], predict_xstart=flags["predict_xstart"], rescale_timesteps=flags["rescale_timesteps"],
+        rescale_learned_sigmas=flags["rescale_learned_sigmas"], timestep_respacing=flags["timestep_respacing"])
 
 
 def create_model_and_diffusion(**flags):
     flags = _check_flags(flags, model_and_diffusion_defaults(), "model/diffusion")
     model = build_model(model_config(**_pick(model_config, flags)))
-    return model, create_gaussian_diffusion(**{k: flags[k] for k in diffusion_defaults()})
+    return model, _diffusion(flags)
 
 
 def create_classifier_and_diffusion(**flags):
     flags = _check_flags(flags, classifier_and_diffusion_defaults(), "classifier/diffusion")
     classifier = build_model(classifier_config(**{k: flags[k] for k in classifier_defaults()}))
-    return classifier, create_gaussian_diffusion(**{k: flags[k] for k in diffusion_defaults()})
+    return classifier, _diffusion(flags)
 
 
 def sr_create_model_and_diffusion(large_size, small_size, class_cond, learn_sigma, num_channels, num_res_blocks,
@@ -145,6 +169,12 @@ def sr_create_model_and_diffusion(large_size, small_size, class_cond, learn_sigm
         steps=diffusion_steps, learn_sigma=learn_sigma, noise_schedule=noise_schedule, use_kl=use_kl,
         predict_xstart=predict_xstart, rescale_timesteps=rescale_timesteps,
         rescale_learned_sigmas=rescale_learned_sigmas, timestep_respacing=timestep_respacing)
+
+
+def diffusion_from_preset(diffusion: dict, learn_sigma: bool, timestep_respacing: str = ""):
+    """The diffusion a preset's model was trained with (optionally respaced for sampling)."""
+    return create_gaussian_diffusion(steps=diffusion["steps"], noise_schedule=diffusion["noise_schedule"],
+                                     learn_sigma=learn_sigma, timestep_respacing=timestep_respacing)
 
 
 def sr_create_model(large_size, small_size, num_channels, num_res_blocks, learn_sigma, class_cond, use_checkpoint,

@@ -1,0 +1,96 @@
+"""Timestep samplers for training: uniform, and importance sampling by the loss's second moment.
+
+`sample` returns (t, w) with t ~ p and w = 1 / (T p_t), so mean(loss * w) is unbiased for the uniform
+average. The loss-aware sampler's history must be identical on every rank: the trainer passes a
+`sync` callback that gathers (timesteps, losses) from all ranks (models/ never touches
+torch.distributed); without one the sampler sees only local losses.
+"""
+
+from collections.abc import Callable
+
+import torch
+
+SyncFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class ScheduleSampler:
+    num_timesteps: int
+
+    def weights(self) -> torch.Tensor:
+        """Unnormalised float64 sampling weights, one per timestep."""
+        raise NotImplementedError
+
+    def sample(self, batch_size: int, device="cpu", generator: torch.Generator | None = None):
+        w = self.weights()
+        p = w / w.sum()
+        t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
+        weights = 1.0 / (len(p) * p[t])
+        return t.to(device), weights.float().to(device)
+
+
+class UniformSampler(ScheduleSampler):
+    def __init__(self, diffusion):
+        self.num_timesteps = diffusion.num_timesteps
+
+    def weights(self) -> torch.Tensor:
+        return torch.ones(self.num_timesteps, dtype=torch.float64)
+
+    def sample(self, batch_size: int, device="cpu", generator: torch.Generator | None = None):
+        # uniform: no multinomial, no host round trip
+        t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator,
+                          device=generator.device if generator is not None else device)
+        return t.to(device), torch.ones(batch_size, device=device)
+
+
+class LossSecondMomentResampler(ScheduleSampler):
+    """p_t proportional to sqrt(E[loss_t^2]) over the last `history_per_term` losses of each t,
+    mixed with `uniform_prob` of uniform; uniform until every t has a full history."""
+
+    def __init__(self, diffusion, history_per_term: int = 10, uniform_prob: float = 0.001,
+                 sync: SyncFn | None = None):
+        self.num_timesteps = diffusion.num_timesteps
+        self.history_per_term = history_per_term
+        self.uniform_prob = uniform_prob
+        self.sync = sync
+        self._history = torch.zeros(self.num_timesteps, history_per_term, dtype=torch.float64)
+        self._counts = torch.zeros(self.num_timesteps, dtype=torch.long)
+
+    def weights(self) -> torch.Tensor:
+        if not self._warmed_up():
+            return torch.ones(self.num_timesteps, dtype=torch.float64)
+        w = (self._history ** 2).mean(dim=-1).sqrt()
+        w = w / w.sum()
+        return w * (1 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
+
+    def update_with_local_losses(self, local_ts: torch.Tensor, local_losses: torch.Tensor) -> None:
+        ts, losses = local_ts.detach(), local_losses.detach()
+        if self.sync is not None:
+            ts, losses = self.sync(ts, losses)
+        self.update_with_all_losses(ts.cpu().tolist(), losses.double().cpu().tolist())
+
+    def update_with_all_losses(self, ts, losses) -> None:
+        for t, loss in zip(ts, losses):
+            if self._counts[t] == self.history_per_term:
+                self._history[t, :-1] = self._history[t, 1:].clone()  # drop the oldest
+                self._history[t, -1] = loss
+            else:
+                self._history[t, self._counts[t]] = loss
+                self._counts[t] += 1
+
+    def _warmed_up(self) -> bool:
+        return bool((self._counts == self.history_per_term).all())
+
+    def state_dict(self) -> dict:
+        return {"history": self._history.clone(), "counts": self._counts.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._history.copy_(state["history"])
+        self._counts.copy_(state["counts"])
+
+
+def create_named_schedule_sampler(name: str, diffusion, sync: SyncFn | None = None) -> ScheduleSampler:
+    if name == "uniform":
+        return UniformSampler(diffusion)
+    if name == "loss-second-moment":
+        return LossSecondMomentResampler(diffusion, sync=sync)
+    raise ValueError(f"unknown schedule sampler {name!r}; use 'uniform' or 'loss-second-moment'")
