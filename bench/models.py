@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import add_device_args, resolve  # noqa: E402
 from models.config import ModelConfig, build_model  # noqa: E402
 from models.presets import get_preset  # noqa: E402
 
@@ -154,11 +155,9 @@ def bench_case(label, preset, overrides, batch, args_ns, device, dtype, peak):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: fp32 on CPU, bf16 on GPU")
+    add_device_args(p)
     p.add_argument("--channels-last", choices=["none", "ours", "both"], default="none",
                    help="channels-last weights and activations for: neither model, ours only, or both")
-    p.add_argument("--cases", nargs="*", help="case labels to run (default: all for the device)")
     p.add_argument("--no-reference", dest="reference", action="store_false", help="skip guided-diffusion")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=3, help="steps per timed round")
@@ -167,20 +166,11 @@ def main():
     p.add_argument("--out", type=Path, help="write JSON here")
     a = p.parse_args()
 
-    device = torch.device(a.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device, dtype, cases = resolve(a, CPU_CASES, GPU_CASES)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None) if device.type == "cuda" else None
-    cases = GPU_CASES if device.type == "cuda" else CPU_CASES
-    if a.cases:
-        cases = [c for c in cases if c[0] in a.cases]
     rows = []
-    for label, preset, overrides, cpu_batch, gpu_batch in cases:
-        batch = gpu_batch if device.type == "cuda" else cpu_batch
+    for label, preset, overrides, batch in cases:
         row = bench_case(label, preset, overrides, batch, a, device, dtype, peak)
         rows.append(row)
         sp = " ".join(f"{m}: x{row[m + '_speedup']:.2f}" for m in ("train", "forward") if m + "_speedup" in row)

@@ -1,0 +1,66 @@
+"""Sampling entry points where image i depends only on (weights, seed i, settings).
+
+Every sample draws its noise (and, when not given, its label) from its own generator seeded with its
+seed, so the batch size, the number of devices and the order never change an image. A cascade runs
+the base model, then the upsampler conditioned on the base output with the same labels, continuing
+each sample's own noise stream.
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+from .noise import PerSampleNoise
+
+
+def draw_labels(seeds: Sequence[int], num_classes: int, device="cpu") -> torch.Tensor:
+    """One label per seed, a function of that seed only (uniform over classes, never sorted)."""
+    return PerSampleNoise([s * 2 + 1 for s in seeds], "cpu").randint(num_classes).to(device)
+
+
+def sample_images(model, diffusion, seeds: Sequence[int], image_size: int, *, channels: int = 3, labels=None,
+                  num_classes: int | None = None, cond_fn=None, use_ddim: bool = False, eta: float = 0.0,
+                  clip_denoised: bool = True, model_kwargs: dict | None = None, device="cpu",
+                  noise: PerSampleNoise | None = None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sample len(seeds) images in [-1, 1], (N, C, H, W). Returns (images, labels).
+
+    labels: given, or drawn per seed when num_classes is set (class-conditional model or guidance).
+    """
+    device = torch.device(device)
+    noise = noise or PerSampleNoise(seeds, device)
+    kwargs = dict(model_kwargs or {})
+    if labels is None and num_classes:
+        labels = draw_labels(seeds, num_classes, device)
+    if labels is not None:
+        labels = torch.as_tensor(labels, device=device)
+        if labels.shape != (len(seeds),):
+            raise ValueError(f"labels must have shape ({len(seeds)},), got {tuple(labels.shape)}")
+        kwargs["y"] = labels
+    elif cond_fn is not None:
+        raise ValueError("classifier guidance needs labels: pass labels or num_classes")
+    shape = (len(seeds), channels, image_size, image_size)
+    loop = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
+    extra = {"eta": eta} if use_ddim else {}
+    images = loop(model, shape, noise=noise.randn(shape), clip_denoised=clip_denoised, cond_fn=cond_fn,
+                  model_kwargs=kwargs, device=device, progress=progress, generator=noise, **extra)
+    return images, labels
+
+
+def sample_cascade(base, base_diffusion, upsampler, upsampler_diffusion, seeds: Sequence[int], *, base_size: int,
+                   large_size: int, labels=None, num_classes: int | None = None, cond_fn=None,
+                   use_ddim: bool = False, device="cpu", progress: bool = False):
+    """Base model at base_size (guided if cond_fn), then the upsampler to large_size conditioned on it.
+
+    Only the base model is guided (as in the paper's guided stacks); the upsampler sees the same labels.
+    Returns (large images, base images, labels).
+    """
+    noise = PerSampleNoise(seeds, device)
+    low, labels = sample_images(base, base_diffusion, seeds, base_size, labels=labels, num_classes=num_classes,
+                                cond_fn=cond_fn, use_ddim=use_ddim, device=device, noise=noise, progress=progress)
+    kwargs = {"low_res": low}
+    if labels is not None and getattr(upsampler, "num_classes", None) is not None:
+        kwargs["y"] = labels
+    shape = (len(seeds), low.shape[1], large_size, large_size)
+    high = upsampler_diffusion.p_sample_loop(upsampler, shape, noise=noise.randn(shape), model_kwargs=kwargs,
+                                             device=device, progress=progress, generator=noise)
+    return high, low, labels
