@@ -7,6 +7,7 @@ import sys
 # command -> (module with main(argv, prog), one-line help). Modules are imported only when used.
 COMMANDS = {
     "models": ("models.cli", "ADM networks: list presets, describe layouts, convert released checkpoints"),
+    "data": ("data_pipeline.cli", "WebDataset shards: write ImageNet (or any labelled images), verify, info"),
     "demo": ("adm.demo", "run the demo on this machine"),
 }
 

@@ -1,1 +1,1 @@
-"""data_pipeline package (built in its own issue)."""
+"""ImageNet (and any labelled image tree) to WebDataset shards, and streaming them back."""

@@ -1,0 +1,81 @@
+"""`adm data ...` / `python -m data_pipeline ...`: write, verify and describe WebDataset shards."""
+
+import argparse
+import json
+import sys
+
+
+def cmd_write(args) -> int:
+    from adm import __version__
+
+    from .sources import read_source
+    from .writer import write_dataset
+
+    source = read_source(args.source, args.layout, args.split, args.labels)
+    print(f"{len(source.items)} images in {len(source.classes)} classes ({source.layout}) from {args.source}",
+          file=sys.stderr)
+    manifest = write_dataset(source, args.out, shard_size=args.shard_size, workers=args.workers,
+                             preprocess=args.preprocess, resume=args.resume, seed=args.seed,
+                             progress=not args.quiet, tool_version=__version__)
+    print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.out}; "
+          f"skipped {manifest['skipped_count']}" + (" (listed in manifest.json)" if manifest["skipped_count"] else ""))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .verify import verify
+
+    report = verify(args.dir, decode=not args.no_decode)
+    for p in report["problems"]:
+        print(f"  {p}")
+    status = "OK" if report["ok"] else f"{len(report['problems'])} problem(s)"
+    print(f"{args.dir}: {report['shards']} shards, {report['samples_checked']} samples checked: {status}")
+    return 0 if report["ok"] else 1
+
+
+def cmd_info(args) -> int:
+    from .verify import info
+
+    summary = info(args.dir)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for k, v in summary.items():
+            print(f"{k:>14}: {v}")
+    return 0
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("write", help="images -> WebDataset shards + manifest.json")
+    p.add_argument("source", help="ImageNet root / class-folder tree / list file")
+    p.add_argument("out", help="output directory (new, or an interrupted write with --resume)")
+    p.add_argument("--layout", choices=["imagenet", "folder", "list"], default="imagenet")
+    p.add_argument("--split", choices=["train", "val"], default="train", help="for --layout imagenet")
+    p.add_argument("--labels", help="LOC_val_solution.csv for a flat ImageNet val folder (default: searched upwards)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--workers", type=int, default=1, help="writer processes")
+    p.add_argument("--preprocess", default="none", help="none | max-side:N | center-crop:R")
+    p.add_argument("--seed", type=int, default=0, help="seed of the write-time global shuffle")
+    p.add_argument("--resume", action="store_true", help="complete an interrupted write")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_write)
+    p = sub.add_parser("verify", help="check every shard against the manifest (exit 1 on problems)")
+    p.add_argument("dir")
+    p.add_argument("--no-decode", action="store_true", help="skip decoding every image")
+    p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("info", help="summarise a dataset")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m data_pipeline") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="WebDataset shards: write, verify, info")
+    register(parser)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

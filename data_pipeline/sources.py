@@ -1,0 +1,148 @@
+"""Readers for the image layouts people have: ImageNet train/val, any folder-per-class tree, a list file.
+
+Each returns a Source: the sample list (path, class index) and the class table. Class indices follow
+the sorted class-directory names (sorted WNIDs for ImageNet: the order ADM and torchvision use).
+"""
+
+import csv
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+WNID = re.compile(r"^n\d{8}$")
+
+
+@dataclass
+class Item:
+    path: str  # absolute path of the image file
+    label: int  # class index, or -1 when the label is missing (skipped and counted by the writer)
+
+
+@dataclass
+class Source:
+    items: list[Item]
+    classes: list[dict]  # [{"index", "id" (WNID or folder name), "name"}]
+    layout: str
+    root: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _find_upwards(start: Path, name: str, levels: int = 4) -> Path | None:
+    for d in [start, *start.parents][:levels + 1]:
+        if (d / name).is_file():
+            return d / name
+    return None
+
+
+def _synset_names(root: Path) -> dict[str, str]:
+    """WNID -> readable name from ImageNet's LOC_synset_mapping.txt ("n01440764 tench, Tinca tinca")."""
+    f = _find_upwards(root, "LOC_synset_mapping.txt")
+    if f is None:
+        return {}
+    names = {}
+    for line in f.read_text().splitlines():
+        if line.strip():
+            wnid, _, name = line.strip().partition(" ")
+            names[wnid] = name or wnid
+    return names
+
+
+def _class_table(ids: list[str], names: dict[str, str]) -> list[dict]:
+    return [{"index": i, "id": c, "name": names.get(c, c)} for i, c in enumerate(ids)]
+
+
+def folder_per_class(root: Path, layout: str = "folder") -> Source:
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir())
+    if not class_dirs:
+        raise ValueError(f"{root}: expected one sub-folder per class, found none")
+    names = _synset_names(root)
+    ids = [d.name for d in class_dirs]
+    if names:  # the canonical 1000-class table, so train and val agree even if a folder is absent
+        ids = sorted(set(ids) | set(names))
+    index = {c: i for i, c in enumerate(ids)}
+    items = [Item(str(p.resolve()), index[d.name]) for d in class_dirs for p in _images(d)]
+    if not items:
+        raise ValueError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class folders")
+    return Source(items, _class_table(ids, names), layout, str(root))
+
+
+def imagenet_val_flat(root: Path, labels_csv: Path | None) -> Source:
+    """ILSVRC val as one folder of images with LOC_val_solution.csv (ImageId, PredictionString)."""
+    labels_csv = labels_csv or _find_upwards(root, "LOC_val_solution.csv")
+    if labels_csv is None:
+        raise ValueError(f"{root}: a flat ImageNet validation folder needs LOC_val_solution.csv (pass --labels PATH)")
+    wnid_of = {}
+    with open(labels_csv, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
+            raise ValueError(f"{labels_csv}: expected columns ImageId,PredictionString, got {reader.fieldnames}")
+        for row in reader:
+            tokens = row["PredictionString"].split()
+            if tokens:
+                wnid_of[row["ImageId"]] = tokens[0]
+    names = _synset_names(root)
+    ids = sorted(set(names) | set(wnid_of.values()))
+    index = {c: i for i, c in enumerate(ids)}
+    items = [Item(str(p.resolve()), index[wnid_of[p.stem]] if p.stem in wnid_of else -1) for p in _images(root)]
+    if not items:
+        raise ValueError(f"{root}: no images found")
+    return Source(items, _class_table(ids, names), "imagenet-val", str(root))
+
+
+def imagenet(root: Path, split: str, labels_csv: Path | None = None) -> Source:
+    """train/<wnid>/<wnid>_<n>.JPEG, or val flat (+ LOC_val_solution.csv) or val/<wnid>/..."""
+    if split not in ("train", "val"):
+        raise ValueError(f"--split must be train or val, got {split!r}")
+    for candidate in (root / split, root / "Data" / "CLS-LOC" / split, root):
+        if candidate.is_dir():
+            sub = [d for d in candidate.iterdir() if d.is_dir()]
+            if sub and all(WNID.match(d.name) for d in sub):
+                return folder_per_class(candidate, f"imagenet-{split}")
+            if split == "val" and any(p.suffix.lower() in IMAGE_SUFFIXES for p in candidate.iterdir()):
+                return imagenet_val_flat(candidate, labels_csv)
+    raise ValueError(f"{root}: no ImageNet {split} split found (expected {split}/<wnid>/ folders"
+                     + (" or a flat val folder with LOC_val_solution.csv)" if split == "val" else ")"))
+
+
+def list_file(path: Path) -> Source:
+    """Lines `path<TAB>label`; label an integer or a class name; relative paths are relative to the file."""
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{n}: expected 'path<TAB>label', got {line!r}")
+        rows.append((parts[0].strip(), parts[1].strip()))
+    if not rows:
+        raise ValueError(f"{path}: no entries")
+    labels = [lab for _, lab in rows]
+    if all(re.fullmatch(r"-?\d+", lab) for lab in labels if lab):
+        k = max(int(lab) for lab in labels if lab) + 1
+        ids = [str(i) for i in range(k)]
+        to_index = {str(i): i for i in range(k)}
+    else:
+        ids = sorted({lab for lab in labels if lab})
+        to_index = {c: i for i, c in enumerate(ids)}
+    items = [Item(str((path.parent / p).resolve()), to_index.get(lab, -1)) for p, lab in rows]
+    return Source(items, _class_table(ids, {}), "list", str(path))
+
+
+def read_source(source: str | Path, layout: str, split: str = "train", labels_csv: str | None = None) -> Source:
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such file or directory")
+    if layout == "imagenet":
+        return imagenet(source, split, Path(labels_csv) if labels_csv else None)
+    if layout == "folder":
+        return folder_per_class(source)
+    if layout == "list":
+        if not source.is_file():
+            raise ValueError(f"--layout list needs a file of 'path<TAB>label' lines, {source} is a directory")
+        return list_file(source)
+    raise ValueError(f"unknown --layout {layout!r}; use imagenet, folder or list")

@@ -1,0 +1,88 @@
+"""`adm data verify` and `adm data info`: check shards against the manifest; summarise a dataset."""
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+from PIL import Image
+
+from .writer import FORMAT, MANIFEST
+
+
+def read_manifest(directory: str | Path) -> dict:
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        extra = " (an interrupted write: `adm data write ... --resume` completes it)" if directory.is_dir() and any(
+            directory.glob("shard-*.tar")) else ""
+        raise FileNotFoundError(f"{directory}: no {MANIFEST}; not a complete dataset{extra}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def verify(directory: str | Path, decode: bool = True) -> dict:
+    """Every shard: present, size, sha256, member count, and (decode=True) every image decodes and
+    every label is in range. Returns a report with `ok` and the problems found."""
+    directory = Path(directory)
+    try:
+        manifest = read_manifest(directory)
+    except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
+        return {"ok": False, "shards": 0, "samples_checked": 0, "num_samples": 0, "problems": [str(e)]}
+    problems, checked = [], 0
+    k = manifest["num_classes"]
+    for shard in manifest["shards"]:
+        path = directory / shard["name"]
+        if not path.is_file():
+            problems.append(f"{shard['name']}: missing")
+            continue
+        data = path.read_bytes()
+        if len(data) != shard["bytes"]:
+            problems.append(f"{shard['name']}: {len(data)} bytes, manifest says {shard['bytes']} (truncated?)")
+            continue
+        if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            problems.append(f"{shard['name']}: sha256 differs from the manifest (corrupt)")
+            continue
+        samples: dict[str, dict] = {}
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                for m in tar:
+                    key, _, ext = m.name.partition(".")
+                    samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+        except tarfile.TarError as e:
+            problems.append(f"{shard['name']}: unreadable tar ({e})")
+            continue
+        if len(samples) != shard["count"]:
+            problems.append(f"{shard['name']}: {len(samples)} samples, manifest says {shard['count']}")
+        for key, parts in samples.items():
+            image = parts.get("jpg", parts.get("png"))
+            if image is None or "cls" not in parts:
+                problems.append(f"{shard['name']}/{key}: missing image or .cls")
+                continue
+            label = int(parts["cls"])
+            if not 0 <= label < k:
+                problems.append(f"{shard['name']}/{key}: label {label} outside 0..{k - 1}")
+            if decode:
+                try:
+                    with Image.open(io.BytesIO(image)) as im:
+                        im.load()
+                except Exception as e:
+                    problems.append(f"{shard['name']}/{key}: image does not decode ({e})")
+            checked += 1
+    return {"ok": not problems, "shards": len(manifest["shards"]), "samples_checked": checked,
+            "num_samples": manifest["num_samples"], "problems": problems}
+
+
+def info(directory: str | Path) -> dict:
+    manifest = read_manifest(directory)
+    return {
+        "samples": manifest["num_samples"], "shards": len(manifest["shards"]), "classes": manifest["num_classes"],
+        "preprocess": manifest["preprocess"], "image_format": manifest["image_format"],
+        "bytes": sum(s["bytes"] for s in manifest["shards"]), "skipped": manifest["skipped_count"],
+        "source": manifest["source"], "tool_version": manifest["tool_version"],
+        "first_classes": [f"{c['index']}: {c['id']} ({c['name']})" for c in manifest["classes"][:5]],
+        "path": str(directory),
+    }

@@ -1,0 +1,209 @@
+"""`adm data write`: images -> WebDataset tar shards + manifest.json, in parallel, resumable.
+
+The global order is a seeded shuffle of the source list (class-mixed), cut into shards of a fixed
+number of samples; shard i is a pure function of (source list, seed, shard size, preprocessing).
+Each worker writes `shard-XXXXXX.tar` into a `.partial` file, renames it, then writes its
+`.done.json` sidecar (count, bytes, sha256, member offsets, skipped images). The manifest is
+written last and atomically: a directory without manifest.json is an interrupted write, which
+`--resume` completes by writing only the shards that have no valid sidecar.
+"""
+
+import hashlib
+import io
+import json
+import os
+import random
+import tarfile
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+from PIL import Image
+
+from .preprocess import center_crop_arr, encode, limit_side, parse_preprocess
+from .sources import Item, Source
+
+FORMAT = "adm-webdataset"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:06d}.tar"
+
+
+def atomic_write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class ShardTask:
+    out: str
+    index: int
+    entries: list[tuple[str, Item]]  # (key, item)
+    preprocess: str
+    root: str
+    class_ids: list[str]
+
+
+def _image_sample(item: Item, kind: str, size: int) -> tuple[str, bytes, tuple[int, int]]:
+    """(extension, encoded bytes, original (w, h)); raises on an unreadable image."""
+    data = Path(item.path).read_bytes()
+    if not data:
+        raise ValueError("zero-byte file")
+    with Image.open(io.BytesIO(data)) as im:
+        original = im.size
+        fmt = (im.format or "").upper()
+        if kind == "none":
+            # decode at reduced scale: catches truncated or corrupt data at a fraction of the cost
+            im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+            im.load()
+            ext = {"JPEG": "jpg", "PNG": "png"}.get(fmt)
+            if ext:
+                return ext, data, original
+            return "png", encode(im.convert("RGB"), "png"), original
+        rgb = im.convert("RGB")
+    if kind == "center-crop":  # lossless, so the loader gets exactly these pixels
+        return "png", encode(center_crop_arr(rgb, size), "png"), original
+    small = limit_side(rgb, size)
+    if small is rgb and fmt == "JPEG":
+        return "jpg", data, original  # already small enough: keep the original bytes
+    return "jpg", encode(small, "jpg", quality=95), original
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mode = 0o444
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def write_shard(task: ShardTask) -> dict:
+    out = Path(task.out)
+    kind, size = parse_preprocess(task.preprocess)
+    final = out / shard_name(task.index)
+    partial = final.with_name(final.name + ".partial")
+    offsets, keys, skipped = [], [], []
+    with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, item in task.entries:
+            rel = os.path.relpath(item.path, task.root) if task.root else item.path
+            if item.label < 0:
+                skipped.append({"path": rel, "reason": "missing label"})
+                continue
+            try:
+                ext, payload, original = _image_sample(item, kind, size)
+            except Exception as e:  # any decoder failure: skip and report, never stop the write
+                skipped.append({"path": rel, "reason": f"{type(e).__name__}: {e}"})
+                continue
+            offsets.append(tar.offset)
+            keys.append(key)
+            meta = {"source": rel, "original_size": list(original), "class": item.label,
+                    "class_id": task.class_ids[item.label]}
+            _add(tar, f"{key}.{ext}", payload)
+            _add(tar, f"{key}.cls", str(item.label).encode())
+            _add(tar, f"{key}.json", json.dumps(meta).encode())
+    h = hashlib.sha256()
+    with open(partial, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    os.replace(partial, final)
+    stats = {"name": final.name, "count": len(keys), "bytes": final.stat().st_size, "sha256": h.hexdigest(),
+             "first_key": keys[0] if keys else None, "offsets": offsets, "skipped": skipped}
+    atomic_write_json(final.with_name(final.name + ".done.json"), stats)
+    return stats
+
+
+def plan_shards(source: Source, shard_size: int, seed: int) -> list[list[tuple[str, Item]]]:
+    """Seeded global shuffle (class-mixed), keyed by position, cut into shards."""
+    order = list(range(len(source.items)))
+    random.Random(seed).shuffle(order)
+    keyed = [(f"{pos:09d}", source.items[i]) for pos, i in enumerate(order)]
+    return [keyed[i:i + shard_size] for i in range(0, len(keyed), shard_size)]
+
+
+def _valid_done(out: Path, i: int) -> dict | None:
+    done = out / (shard_name(i) + ".done.json")
+    tar = out / shard_name(i)
+    if not (done.is_file() and tar.is_file()):
+        return None
+    try:
+        stats = json.loads(done.read_text())
+    except json.JSONDecodeError:
+        return None
+    return stats if stats.get("bytes") == tar.stat().st_size else None
+
+
+def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, workers: int = 1, preprocess: str = "none",
+                  resume: bool = False, seed: int = 0, progress: bool = True, tool_version: str = "") -> dict:
+    out = Path(out)
+    kind, _ = parse_preprocess(preprocess)
+    if shard_size <= 0 or workers <= 0:
+        raise ValueError("--shard-size and --workers must be positive")
+    if (out / MANIFEST).exists():
+        raise ValueError(f"{out} already holds a complete dataset ({MANIFEST}); choose another OUT")
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise ValueError(f"{out} holds an interrupted write (shards without {MANIFEST}): rerun with --resume to "
+                         "complete it, or choose an empty OUT")
+    out.mkdir(parents=True, exist_ok=True)
+    plan = plan_shards(source, shard_size, seed)
+    settings = {"seed": seed, "shard_size": shard_size, "preprocess": preprocess, "num_source_items": len(source.items)}
+    settings_path = out / "write-settings.json"
+    if settings_path.exists():
+        previous = json.loads(settings_path.read_text())
+        if previous != settings:
+            raise ValueError(f"{out}: --resume with different settings than the interrupted write "
+                             f"({previous} vs {settings})")
+    else:
+        atomic_write_json(settings_path, settings)
+    class_ids = [c["id"] for c in source.classes]
+    done = {i: s for i in range(len(plan)) if (s := _valid_done(out, i))}
+    tasks = [ShardTask(str(out), i, entries, preprocess, source.root if Path(source.root).is_dir()
+                       else str(Path(source.root).parent), class_ids)
+             for i, entries in enumerate(plan) if i not in done]
+    results = dict(done)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(source.items), initial=sum(len(plan[i]) for i in done), unit="img",
+                   desc=f"writing {len(plan)} shards")
+    if workers == 1:
+        iterator = map(write_shard, tasks)
+        pool = None
+    else:
+        pool = get_context("fork").Pool(workers)
+        iterator = pool.imap_unordered(write_shard, tasks)
+    try:
+        for stats in iterator:
+            results[int(stats["name"][6:12])] = stats
+            if bar:
+                bar.update(stats["count"] + len(stats["skipped"]))
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+        if bar:
+            bar.close()
+    shards = [results[i] for i in range(len(plan))]
+    skipped = [s for st in shards for s in st["skipped"]]
+    manifest = {
+        "format": FORMAT, "version": VERSION, "tool_version": tool_version,
+        "source": {"layout": source.layout, "root": source.root, "items": len(source.items)},
+        "preprocess": preprocess, "image_format": {"none": "original (jpg/png)", "center-crop": "png",
+                                                    "max-side": "jpg"}[kind],
+        "seed": seed, "shard_size": shard_size,
+        "num_samples": sum(s["count"] for s in shards), "num_classes": len(source.classes),
+        "classes": source.classes,
+        "shards": [{k: s[k] for k in ("name", "count", "bytes", "sha256", "first_key", "offsets")} for s in shards],
+        "skipped_count": len(skipped), "skipped": skipped,
+    }
+    atomic_write_json(out / MANIFEST, manifest)
+    for i in range(len(plan)):  # the manifest now holds everything the sidecars did
+        (out / (shard_name(i) + ".done.json")).unlink(missing_ok=True)
+    settings_path.unlink(missing_ok=True)
+    return manifest

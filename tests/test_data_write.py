@@ -1,0 +1,178 @@
+"""`adm data write / verify / info` on a small real dataset in ImageNet's layouts."""
+
+import io
+import json
+import subprocess
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+from data_pipeline.sources import read_source
+from data_pipeline.verify import verify
+from data_pipeline.writer import MANIFEST, write_dataset
+from imagenet_fixture import make_imagenet, wnid
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet")
+    labels = make_imagenet(root)
+    return root, labels
+
+
+@pytest.fixture(scope="module")
+def train_shards(imagenet, tmp_path_factory):
+    root, _ = imagenet
+    out = tmp_path_factory.mktemp("shards") / "train"
+    proc = run_cli("data", "write", str(root), str(out), "--layout", "imagenet", "--split", "train",
+                   "--shard-size", "16", "--workers", "3", "--quiet")
+    assert "wrote 122 samples in 8 shards" in proc.stdout
+    return out
+
+
+def read_with_webdataset(out):
+    import webdataset as wds
+
+    manifest = json.loads((out / MANIFEST).read_text())
+    urls = [str(out / s["name"]) for s in manifest["shards"]]
+    return list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
+
+
+def test_written_shards_read_back_with_webdataset_and_tar(imagenet, train_shards):
+    root, labels = imagenet
+    samples = read_with_webdataset(train_shards)
+    assert len(samples) == 122
+    for s in samples:
+        meta = s["json"]
+        assert s["cls"] == labels["train/" + meta["source"]] == meta["class"]  # paths relative to the split
+        assert meta["class_id"] == wnid(s["cls"])
+        image = s.get("jpg", s.get("png"))
+        assert image.size == tuple(meta["original_size"])
+    keys = [s["__key__"] for s in samples]
+    assert len(set(keys)) == 122
+    # class-mixed order: the first shard holds several classes
+    assert len({s["cls"] for s in samples[:16]}) >= 5
+    names = subprocess.run(["tar", "-tf", str(train_shards / "shard-000000.tar")], capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert len(names) == 16 * 3 and names[:3] == [f"{keys[0]}.jpg", f"{keys[0]}.cls", f"{keys[0]}.json"]
+
+
+def test_manifest_and_verify(train_shards):
+    manifest = json.loads((train_shards / MANIFEST).read_text())
+    assert manifest["num_samples"] == 122 and manifest["num_classes"] == 11
+    assert manifest["classes"][3] == {"index": 3, "id": wnid(3), "name": "digit 3"}
+    assert [s["count"] for s in manifest["shards"]] == [16] * 7 + [10]
+    assert not list(train_shards.glob("*.done.json")) and not list(train_shards.glob("*.partial"))
+    # member offsets index every sample's first tar header
+    shard = manifest["shards"][2]
+    with open(train_shards / shard["name"], "rb") as f:
+        f.seek(shard["offsets"][5])
+        with tarfile.open(fileobj=f, mode="r|") as tar:
+            assert next(iter(tar)).name.startswith(f"{int(shard['first_key']) + 5:09d}.")
+    assert run_cli("data", "verify", str(train_shards)).returncode == 0
+    info = json.loads(run_cli("data", "info", str(train_shards), "--json").stdout)
+    assert info["samples"] == 122 and info["classes"] == 11
+
+
+def test_val_flat_with_label_file_uses_the_train_class_table(imagenet, tmp_path):
+    root, labels = imagenet
+    manifest = write_dataset(read_source(root, "imagenet", "val"), tmp_path / "val", shard_size=8, progress=False)
+    assert manifest["num_samples"] == 30 and manifest["source"]["layout"] == "imagenet-val"
+    assert [c["id"] for c in manifest["classes"]] == [wnid(k) for k in range(11)]
+    for s in read_with_webdataset(tmp_path / "val"):
+        assert s["cls"] == labels["val/" + s["json"]["source"]]
+
+
+def test_bad_images_are_skipped_counted_and_listed(imagenet, tmp_path):
+    root, _ = imagenet
+    bad = tmp_path / "src"
+    import shutil
+    shutil.copytree(root / "train", bad)
+    (bad / wnid(1) / "zero.JPEG").write_bytes(b"")
+    (bad / wnid(2) / "garbage.JPEG").write_bytes(b"this is not a jpeg at all" * 10)
+    good = (bad / wnid(3) / f"{wnid(3)}_0.JPEG").read_bytes()
+    (bad / wnid(3) / "truncated.JPEG").write_bytes(good[: len(good) // 2])
+    manifest = write_dataset(read_source(bad, "folder"), tmp_path / "out", shard_size=50, workers=2, progress=False)
+    reasons = {s["path"].split("/")[-1]: s["reason"] for s in manifest["skipped"]}
+    assert set(reasons) == {"zero.JPEG", "garbage.JPEG", "truncated.JPEG"}
+    assert "zero-byte" in reasons["zero.JPEG"] and manifest["skipped_count"] == 3
+    assert manifest["num_samples"] == 122
+
+
+def test_center_crop_at_write_time_equals_adm_reference(imagenet, tmp_path):
+    gd_data = pytest.importorskip("guided_diffusion.image_datasets")
+    root, _ = imagenet
+    manifest = write_dataset(read_source(root, "imagenet", "train"), tmp_path / "c", shard_size=200,
+                             preprocess="center-crop:64", progress=False)
+    assert manifest["image_format"] == "png"
+    compared = 0
+    for s in read_with_webdataset(tmp_path / "c"):
+        ours = np.asarray(s["png"])
+        with Image.open(root / "train" / s["json"]["source"]) as im:
+            expected = gd_data.center_crop_arr(im.convert("RGB"), 64)
+        assert ours.shape == (64, 64, 3) and np.array_equal(ours, expected)
+        compared += 1
+    assert compared == 122
+
+
+def test_interrupted_write_resumes_to_the_same_shards(imagenet, tmp_path, monkeypatch):
+    from data_pipeline import writer
+
+    root, _ = imagenet
+    source = read_source(root, "imagenet", "train")
+    reference = write_dataset(source, tmp_path / "ref", shard_size=16, progress=False)
+    real, calls = writer.write_shard, {"n": 0}
+
+    def crash_after_three(task):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt("simulated kill")
+        return real(task)
+
+    monkeypatch.setattr(writer, "write_shard", crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset(source, tmp_path / "w", shard_size=16, progress=False)
+    assert not (tmp_path / "w" / MANIFEST).exists()
+    report = verify(tmp_path / "w")
+    assert not report["ok"] and "no manifest.json" in report["problems"][0]
+    with pytest.raises(ValueError, match="--resume"):
+        write_dataset(source, tmp_path / "w", shard_size=16, progress=False)
+    with pytest.raises(ValueError, match="different settings"):
+        write_dataset(source, tmp_path / "w", shard_size=8, resume=True, progress=False)
+    monkeypatch.setattr(writer, "write_shard", real)
+    resumed = write_dataset(source, tmp_path / "w", shard_size=16, resume=True, progress=False)
+    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in reference["shards"]]
+    with pytest.raises(ValueError, match="already holds a complete dataset"):
+        write_dataset(source, tmp_path / "w", shard_size=16, progress=False)
+
+
+def test_verify_reports_a_truncated_shard(imagenet, tmp_path):
+    root, _ = imagenet
+    write_dataset(read_source(root, "imagenet", "train"), tmp_path / "t", shard_size=64, progress=False)
+    shard = tmp_path / "t" / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    proc = run_cli("data", "verify", str(tmp_path / "t"), check=False)
+    assert proc.returncode == 1 and "shard-000001.tar" in proc.stdout and "truncated" in proc.stdout
+
+
+def test_list_layout_and_input_errors(imagenet, tmp_path):
+    root, labels = imagenet
+    lst = tmp_path / "list.tsv"
+    entries = [(p, k) for p, k in labels.items() if p.startswith("train")][:20]
+    lst.write_text("".join(f"{root / p}\t{k}\n" for p, k in entries))
+    manifest = write_dataset(read_source(lst, "list"), tmp_path / "l", shard_size=7, progress=False)
+    assert manifest["num_samples"] == 20
+    for args, expected in [
+        (("data", "write", str(root), str(tmp_path / "x"), "--preprocess", "resize:3"), "expected none, max-side:N"),
+        (("data", "write", str(tmp_path / "nope"), str(tmp_path / "x")), "no such file or directory"),
+        (("data", "write", str(root / "val"), str(tmp_path / "x"), "--layout", "folder"), "one sub-folder per class"),
+    ]:
+        proc = run_cli(*args, check=False)
+        assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("only-a-path\n")
+    with pytest.raises(ValueError, match=r"bad.tsv:1: expected 'path<TAB>label'"):
+        read_source(bad, "list")
