@@ -16,7 +16,7 @@ def cmd_write(args) -> int:
           file=sys.stderr)
     manifest = write_dataset(source, args.out, shard_size=args.shard_size, workers=args.workers,
                              preprocess=args.preprocess, resume=args.resume, seed=args.seed,
-                             progress=not args.quiet, tool_version=__version__)
+                             progress=not args.quiet, tool_version=__version__, image_format=args.image_format)
     print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.out}; "
           f"skipped {manifest['skipped_count']}" + (" (listed in manifest.json)" if manifest["skipped_count"] else ""))
     return 0
@@ -45,6 +45,19 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import measure
+
+    result = measure(args.dir, args.resolution, workers=args.workers, seconds=args.seconds,
+                     batch_size=args.batch_size, crop=args.crop, jpeg_draft=args.jpeg_draft)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['images_per_s']:.1f} images/s ({result['images_per_s_per_worker']:.1f} per worker process, "
+              f"{args.workers} workers) at {args.resolution}x{args.resolution} from {result['preprocess']} shards")
+    return 0
+
+
 def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("write", help="images -> WebDataset shards + manifest.json")
@@ -56,6 +69,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--workers", type=int, default=1, help="writer processes")
     p.add_argument("--preprocess", default="none", help="none | max-side:N | center-crop:R")
+    p.add_argument("--image-format", choices=["png", "npy"], default="png",
+                   help="for center-crop: png (lossless, compact) or npy (raw uint8, fastest to load)")
     p.add_argument("--seed", type=int, default=0, help="seed of the write-time global shuffle")
     p.add_argument("--resume", action="store_true", help="complete an interrupted write")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -64,6 +79,16 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("dir")
     p.add_argument("--no-decode", action="store_true", help="skip decoding every image")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("bench", help="images/s of the streaming loader")
+    p.add_argument("dir")
+    p.add_argument("--resolution", type=int, required=True)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: in the main process)")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--crop", choices=["center", "random-resized"], default="center")
+    p.add_argument("--jpeg-draft", action="store_true", help="reduced-scale JPEG decoding (faster, not ADM-exact)")
+    p.add_argument("--json", action="store_true", help="one JSON object on standard output")
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("info", help="summarise a dataset")
     p.add_argument("dir")
     p.add_argument("--json", action="store_true")

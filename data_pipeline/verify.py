@@ -6,6 +6,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from .writer import FORMAT, MANIFEST
@@ -58,7 +59,7 @@ def verify(directory: str | Path, decode: bool = True) -> dict:
         if len(samples) != shard["count"]:
             problems.append(f"{shard['name']}: {len(samples)} samples, manifest says {shard['count']}")
         for key, parts in samples.items():
-            image = parts.get("jpg", parts.get("png"))
+            image = parts.get("jpg", parts.get("png", parts.get("npy")))
             if image is None or "cls" not in parts:
                 problems.append(f"{shard['name']}/{key}: missing image or .cls")
                 continue
@@ -67,8 +68,11 @@ def verify(directory: str | Path, decode: bool = True) -> dict:
                 problems.append(f"{shard['name']}/{key}: label {label} outside 0..{k - 1}")
             if decode:
                 try:
-                    with Image.open(io.BytesIO(image)) as im:
-                        im.load()
+                    if "npy" in parts:
+                        np.load(io.BytesIO(image))
+                    else:
+                        with Image.open(io.BytesIO(image)) as im:
+                            im.load()
                 except Exception as e:
                     problems.append(f"{shard['name']}/{key}: image does not decode ({e})")
             checked += 1

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from .preprocess import center_crop_arr, encode, limit_side, parse_preprocess
@@ -50,9 +51,10 @@ class ShardTask:
     preprocess: str
     root: str
     class_ids: list[str]
+    image_format: str = "png"
 
 
-def _image_sample(item: Item, kind: str, size: int) -> tuple[str, bytes, tuple[int, int]]:
+def _image_sample(item: Item, kind: str, size: int, image_format: str = "png") -> tuple[str, bytes, tuple[int, int]]:
     """(extension, encoded bytes, original (w, h)); raises on an unreadable image."""
     data = Path(item.path).read_bytes()
     if not data:
@@ -70,7 +72,12 @@ def _image_sample(item: Item, kind: str, size: int) -> tuple[str, bytes, tuple[i
             return "png", encode(im.convert("RGB"), "png"), original
         rgb = im.convert("RGB")
     if kind == "center-crop":  # lossless, so the loader gets exactly these pixels
-        return "png", encode(center_crop_arr(rgb, size), "png"), original
+        crop = center_crop_arr(rgb, size)
+        if image_format == "npy":  # raw uint8: larger than PNG, but read with no decoding at all
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(crop))
+            return "npy", buf.getvalue(), original
+        return "png", encode(crop, "png"), original
     small = limit_side(rgb, size)
     if small is rgb and fmt == "JPEG":
         return "jpg", data, original  # already small enough: keep the original bytes
@@ -97,7 +104,7 @@ def write_shard(task: ShardTask) -> dict:
                 skipped.append({"path": rel, "reason": "missing label"})
                 continue
             try:
-                ext, payload, original = _image_sample(item, kind, size)
+                ext, payload, original = _image_sample(item, kind, size, task.image_format)
             except Exception as e:  # any decoder failure: skip and report, never stop the write
                 skipped.append({"path": rel, "reason": f"{type(e).__name__}: {e}"})
                 continue
@@ -140,7 +147,11 @@ def _valid_done(out: Path, i: int) -> dict | None:
 
 
 def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, workers: int = 1, preprocess: str = "none",
-                  resume: bool = False, seed: int = 0, progress: bool = True, tool_version: str = "") -> dict:
+                  resume: bool = False, seed: int = 0, progress: bool = True, tool_version: str = "",
+                  image_format: str = "png") -> dict:
+    """image_format applies to center-crop: png (lossless, compact) or npy (raw uint8, fastest to load)."""
+    if image_format not in ("png", "npy"):
+        raise ValueError(f"--image-format must be png or npy, got {image_format!r}")
     out = Path(out)
     kind, _ = parse_preprocess(preprocess)
     if shard_size <= 0 or workers <= 0:
@@ -152,7 +163,8 @@ def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, worke
                          "complete it, or choose an empty OUT")
     out.mkdir(parents=True, exist_ok=True)
     plan = plan_shards(source, shard_size, seed)
-    settings = {"seed": seed, "shard_size": shard_size, "preprocess": preprocess, "num_source_items": len(source.items)}
+    settings = {"seed": seed, "shard_size": shard_size, "preprocess": preprocess, "num_source_items": len(source.items),
+                "image_format": image_format}
     settings_path = out / "write-settings.json"
     if settings_path.exists():
         previous = json.loads(settings_path.read_text())
@@ -164,7 +176,7 @@ def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, worke
     class_ids = [c["id"] for c in source.classes]
     done = {i: s for i in range(len(plan)) if (s := _valid_done(out, i))}
     tasks = [ShardTask(str(out), i, entries, preprocess, source.root if Path(source.root).is_dir()
-                       else str(Path(source.root).parent), class_ids)
+                       else str(Path(source.root).parent), class_ids, image_format)
              for i, entries in enumerate(plan) if i not in done]
     results = dict(done)
     bar = None
@@ -194,7 +206,7 @@ def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, worke
     manifest = {
         "format": FORMAT, "version": VERSION, "tool_version": tool_version,
         "source": {"layout": source.layout, "root": source.root, "items": len(source.items)},
-        "preprocess": preprocess, "image_format": {"none": "original (jpg/png)", "center-crop": "png",
+        "preprocess": preprocess, "image_format": {"none": "original (jpg/png)", "center-crop": image_format,
                                                     "max-side": "jpg"}[kind],
         "seed": seed, "shard_size": shard_size,
         "num_samples": sum(s["count"] for s in shards), "num_classes": len(source.classes),

@@ -176,3 +176,25 @@ def test_list_layout_and_input_errors(imagenet, tmp_path):
     bad.write_text("only-a-path\n")
     with pytest.raises(ValueError, match=r"bad.tsv:1: expected 'path<TAB>label'"):
         read_source(bad, "list")
+
+
+def test_data_bench_json_contract(train_shards):
+    proc = run_cli("data", "bench", str(train_shards), "--resolution", "32", "--seconds", "0.5", "--batch-size", "8",
+                   "--json")
+    result = json.loads(proc.stdout)
+    assert result["images_per_s"] > 0 and result["images"] > 0 and result["workers"] == 0
+
+
+def test_val_in_class_folders_and_max_side(imagenet, tmp_path):
+    import shutil
+    root, labels = imagenet
+    val = tmp_path / "in" / "val"
+    for rel, k in labels.items():
+        if rel.startswith("val/"):
+            (val / wnid(k)).mkdir(parents=True, exist_ok=True)
+            shutil.copy(root / rel, val / wnid(k) / rel.split("/")[1])
+    manifest = write_dataset(read_source(tmp_path / "in", "imagenet", "val"), tmp_path / "v", shard_size=64,
+                             preprocess="max-side:16", progress=False)
+    assert manifest["num_samples"] == 30 and manifest["source"]["layout"] == "imagenet-val"
+    for s in read_with_webdataset(tmp_path / "v"):
+        assert min(s["jpg"].size) == 16 and s["cls"] == labels["val/" + s["json"]["source"].split("/")[1]]

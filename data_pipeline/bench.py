@@ -1,0 +1,29 @@
+"""`adm data bench`: images/s of the streaming loader on a shard directory."""
+
+import json
+import time
+from pathlib import Path
+
+from .loader import StreamLoader
+from .writer import MANIFEST
+
+
+def measure(directory, resolution: int, workers: int = 0, seconds: float = 10.0, batch_size: int = 64,
+            crop: str = "center", warmup_batches: int = 2, num_slots: int | None = None,
+            jpeg_draft: bool = False) -> dict:
+    manifest = json.loads((Path(directory) / MANIFEST).read_text())
+    consumers = max(1, workers)
+    slots = num_slots or max(consumers, min(len(manifest["shards"]) // consumers * consumers, 64))
+    loader = StreamLoader(directory, resolution, batch_size, crop=crop, num_workers=workers, num_slots=slots,
+                          jpeg_draft=jpeg_draft)
+    it = iter(loader)
+    for _ in range(warmup_batches):
+        next(it)
+    images, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        images += len(next(it)["id"])
+    elapsed = time.perf_counter() - start
+    rate = images / elapsed
+    return {"images_per_s": rate, "images_per_s_per_worker": rate / consumers, "workers": workers,
+            "resolution": resolution, "batch_size": batch_size, "seconds": elapsed, "images": images,
+            "skipped": loader.skipped, "preprocess": manifest["preprocess"], "jpeg_draft": jpeg_draft}

@@ -1,0 +1,212 @@
+"""A streaming loader over WebDataset shards whose position is exact, resumable and independent of
+world size (DESIGN invariant 4).
+
+S canonical slots are infinite streams (see order.py). Consumer c = rank * W + worker of C = world
+size x workers owns the slots s with s mod C == c, and serves them a shard at a time in turn (so
+one shard is in memory per consumer). Every sample carries its position; the loader's state is,
+per slot, the position after the last sample the *training step* received (not what workers
+prefetched) and how many shards the slot has started. Resuming at the same world size and worker count continues
+sample for sample; at another (S divisible by the new C) no sample of an epoch repeats or goes
+missing. Corrupt samples and truncated shards are skipped and counted, never fatal.
+"""
+
+import io
+import json
+import logging
+import tarfile
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import tar_file_iterator
+
+from .order import Order, Position
+from .transforms import SampleRandom, Transform
+from .writer import MANIFEST
+
+log = logging.getLogger(__name__)
+
+
+def read_shard(path: Path) -> tuple[dict[str, dict], str | None]:
+    """All samples of a shard, key -> {ext: bytes}, read whole and sequentially (webdataset's tar
+    reader). A truncated or corrupt tar yields what precedes the damage, plus the error."""
+    samples: dict[str, dict] = {}
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        for item in tar_file_iterator(io.BytesIO(data)):
+            key, _, ext = item["fname"].partition(".")
+            samples.setdefault(key, {})[ext] = item["data"]
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return samples, f"{type(e).__name__}: {e}"
+    return samples, None
+
+
+class ShardStream(IterableDataset):
+    """Yields ready batches (collated in the worker) from this consumer's slots, forever."""
+
+    def __init__(self, directory, transform: Transform, batch_size: int, seed: int = 0, num_slots: int = 64,
+                 rank: int = 0, world_size: int = 1, state: dict | None = None, worker_rotation: int = 0):
+        self.dir = Path(directory)
+        manifest_path = self.dir / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{self.dir}: no {MANIFEST}; not a complete dataset")
+        self.manifest = json.loads(manifest_path.read_text())
+        missing = [s["name"] for s in self.manifest["shards"] if not (self.dir / s["name"]).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{self.dir}: shards named in the manifest are missing: {', '.join(missing[:5])}"
+                                    + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        self.order = Order([s["count"] for s in self.manifest["shards"]], num_slots, seed)
+        self.transform, self.batch_size, self.seed = transform, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.state = state or {}
+        self.worker_rotation = worker_rotation
+
+    def consumer(self) -> tuple[int, int]:
+        info = get_worker_info()
+        workers = info.num_workers if info else 1
+        worker = info.id if info else 0
+        total = self.world_size * workers
+        if self.order.num_slots % total:
+            raise ValueError(f"canonical slot count {self.order.num_slots} is not divisible by world size x workers "
+                             f"= {self.world_size} x {workers}")
+        return self.rank * workers + (worker + self.worker_rotation) % workers, total
+
+    def shard_samples(self, slot: int, pos: Position) -> Iterator[tuple[dict | None, Position]]:
+        """The rest of the slot's current shard from `pos`: (sample, or None if it had to be skipped)."""
+        shard = self.order.shards_of(slot, pos.epoch)[pos.shard]
+        info = self.manifest["shards"][shard]
+        samples, error = read_shard(self.dir / info["name"])
+        if error:
+            log.warning("shard %s is damaged (%s): %d of %d samples readable", info["name"], error,
+                        len(samples), info["count"])
+        first = int(info["first_key"]) if info["first_key"] is not None else 0
+        order = self.order.sample_order(shard, pos.epoch)
+        for offset in range(pos.offset, len(order)):
+            member = int(order[offset])
+            key = f"{first + member:09d}"
+            here = Position(pos.epoch, pos.shard, offset)
+            parts = samples.get(key)
+            sample = None if parts is None else self.decode(parts, key, shard, member, slot, here)
+            if sample is None:
+                log.warning("skipping sample %s of %s", key, info["name"])
+            yield sample, here
+
+    def decode(self, parts, key, shard, member, slot, pos):
+        image = parts.get("jpg", parts.get("png", parts.get("npy")))
+        try:
+            label = int(parts["cls"])
+            rng = SampleRandom(self.seed, pos.epoch, shard, member)
+            out = self.transform(image, rng)
+        except Exception:  # missing part, undecodable image: skip and count
+            return None
+        out["label"] = label
+        out["pos"] = np.array([slot, pos.epoch, pos.shard, pos.offset], dtype=np.int64)
+        out["id"] = int(key)
+        return out
+
+    def __iter__(self):
+        consumer, total = self.consumer()
+        slots = list(range(consumer, self.order.num_slots, total))
+        pos = {s: Position(**self.state.get(str(s), {}).get("pos", {})) for s in slots}
+        # shards started so far per slot: slots take turns a shard at a time (one shard in memory)
+        done = {s: self.state.get(str(s), {}).get("shards", 0) for s in slots}
+        batch, skipped = [], 0
+        while True:
+            slot = min(slots, key=lambda s: (done[s], s))  # derivable from the state: exact resume
+            for sample, here in self.shard_samples(slot, pos[slot]):
+                if sample is None:
+                    skipped += 1
+                    continue
+                sample["shards"] = done[slot]
+                batch.append(sample)
+                if len(batch) == self.batch_size:
+                    yield collate(batch, skipped)
+                    batch, skipped = [], 0
+            pos[slot] = self.order.advance(slot, Position(pos[slot].epoch, pos[slot].shard,
+                                                          self.order.counts[self.order.shards_of(
+                                                              slot, pos[slot].epoch)[pos[slot].shard]] - 1))
+            done[slot] += 1
+
+
+def collate(samples: list[dict], skipped: int) -> dict:
+    # one vectorised uint8 -> [-1, 1] conversion per batch instead of one per image
+    out = {"image": torch.from_numpy(np.stack([s["image"] for s in samples])).float().div_(127.5).sub_(1.0),
+           "pos": torch.from_numpy(np.stack([s["pos"] for s in samples]))}
+    if "low_res" in samples[0]:
+        out["low_res"] = torch.from_numpy(np.stack([s["low_res"] for s in samples])).div_(127.5).sub_(1.0)
+    out["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+    out["id"] = torch.tensor([s["id"] for s in samples], dtype=torch.long)
+    out["shards"] = torch.tensor([s["shards"] for s in samples], dtype=torch.long)
+    out["skipped"] = torch.tensor(skipped)
+    return out
+
+
+class StreamLoader:
+    """The training-side object: iterate for batches; state_dict() / load_state_dict() for resume.
+
+    Each batch dict holds image (B, 3, R, R) in [-1, 1], label, id (the sample's key), pos (slot,
+    epoch, shard, offset), and low_res for the upsampler. `skipped` counts bad samples so far.
+    """
+
+    def __init__(self, directory, resolution: int, batch_size: int, *, crop: str = "center", flip: bool = True,
+                 small_size: int = 0, seed: int = 0, num_slots: int = 64, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, jpeg_draft: bool = False, prefetch_factor: int = 2):
+        self.args = dict(directory=str(directory), batch_size=batch_size, seed=seed, num_slots=num_slots,
+                         rank=rank, world_size=world_size)
+        self.transform = Transform(resolution, crop, flip, small_size, jpeg_draft)
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.slots: dict[str, dict] = {}  # slot -> {"pos": after the last consumed sample, "shards": started}
+        self.batches = 0
+        self.skipped = 0
+        self._resume_workers = num_workers
+        ShardStream(transform=self.transform, **self.args)  # fail now on a missing manifest or shard
+
+    def __iter__(self):
+        rotation = self.batches % max(1, self.num_workers) if self._resume_workers == self.num_workers else 0
+        dataset = ShardStream(transform=self.transform, state=self.slots, worker_rotation=rotation, **self.args)
+        kwargs = dict(num_workers=self.num_workers, batch_size=None)
+        if self.num_workers:
+            kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
+        order = Order([s["count"] for s in dataset.manifest["shards"]], self.args["num_slots"], self.args["seed"])
+        for batch in DataLoader(dataset, **kwargs):
+            # the training step receives this batch: only now does the state move
+            for (slot, epoch, shard, offset), started in zip(batch["pos"].tolist(), batch["shards"].tolist()):
+                nxt = order.advance(slot, Position(epoch, shard, offset))
+                moved_on = (nxt.epoch, nxt.shard) != (epoch, shard)
+                self.slots[str(slot)] = {"pos": asdict(nxt), "shards": started + moved_on}
+            self.batches += 1
+            self.skipped += int(batch["skipped"])
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"slots": json.loads(json.dumps(self.slots)), "batches": self.batches, "skipped": self.skipped,
+                "num_workers": self.num_workers, "world_size": self.args["world_size"],
+                "num_slots": self.args["num_slots"], "seed": self.args["seed"]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("num_slots", "seed"):
+            if state[key] != self.args[key]:
+                raise ValueError(f"loader state has {key}={state[key]} but this loader uses {self.args[key]}: "
+                                 "the sample order would change")
+        self.slots = json.loads(json.dumps(state["slots"]))
+        self.batches, self.skipped = state["batches"], state["skipped"]
+        same = state["num_workers"] == self.num_workers and state["world_size"] == self.args["world_size"]
+        self._resume_workers = self.num_workers if same else -1
+
+
+def merge_states(states: list[dict]) -> dict:
+    """One loader state from every rank's (each rank holds only its own slots): the trainer gathers
+    them before saving, so a resume at another world size finds every slot's position."""
+    merged = dict(states[0])
+    merged["slots"] = {}
+    for st in states:
+        for key in ("num_slots", "seed"):
+            if st[key] != merged[key]:
+                raise ValueError(f"loader states disagree on {key}")
+        merged["slots"].update(st["slots"])
+    merged["skipped"] = sum(st["skipped"] for st in states)
+    return merged

@@ -1,0 +1,200 @@
+"""The streaming loader: deterministic order, exact resume, world-size independence, corruption, transforms."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_pipeline.loader import StreamLoader, merge_states
+from data_pipeline.sources import read_source
+from data_pipeline.transforms import SampleRandom, Transform
+from data_pipeline.writer import MANIFEST, write_dataset
+from imagenet_fixture import make_imagenet
+
+N = 122  # samples in the fixture's train split
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet")
+    make_imagenet(root)
+    base = tmp_path_factory.mktemp("shards")
+    source = read_source(root, "imagenet", "train")
+    write_dataset(source, base / "orig", shard_size=8, progress=False)  # 16 shards
+    write_dataset(source, base / "crop", shard_size=8, preprocess="center-crop:32", progress=False)
+    return root, base
+
+
+def take(loader, n_batches):
+    ids, it = [], iter(loader)
+    for _ in range(n_batches):
+        ids += next(it)["id"].tolist()
+    return ids
+
+
+def loader(path, **kw):
+    args = dict(resolution=32, batch_size=5, num_slots=4, seed=3)
+    return StreamLoader(path, **{**args, **kw})
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_order_is_deterministic_and_resume_is_exact(data, workers):
+    path = data[1] / "crop"
+    full = take(loader(path, num_workers=workers), 20)
+    assert full == take(loader(path, num_workers=workers), 20)
+    for k in (0, 3, 7):
+        first = loader(path, num_workers=workers)
+        head = take(first, k)
+        state = json.loads(json.dumps(first.state_dict()))  # as saved in a checkpoint
+        second = loader(path, num_workers=workers)
+        second.load_state_dict(state)
+        assert head + take(second, 20 - k) == full, f"resume after {k} batches"
+
+
+def epoch0(loaders):
+    """Consume from every loader until all its slots are past epoch 0; return the epoch-0 ids."""
+    ids = []
+    for ld in loaders:
+        it = iter(ld)
+        slots_of_rank = None
+        while True:
+            b = next(it)
+            ids += [i for i, p in zip(b["id"].tolist(), b["pos"].tolist()) if p[1] == 0]
+            slots_of_rank = slots_of_rank or {s for s in range(ld.args["num_slots"])
+                                              if s % ld.args["world_size"] == ld.args["rank"]}
+            if all(ld.slots.get(str(s), {}).get("pos", {}).get("epoch", 0) >= 1 for s in slots_of_rank):
+                break
+    return ids
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_one_epoch_is_exactly_the_dataset_at_any_world_size(data, world):
+    ids = epoch0([loader(data[1] / "crop", rank=r, world_size=world) for r in range(world)])
+    assert len(ids) == N and sorted(ids) == list(range(N))
+
+
+def test_resume_at_another_world_size_neither_repeats_nor_skips(data):
+    path = data[1] / "crop"
+    before = [loader(path, rank=r, world_size=2) for r in range(2)]
+    seen = []
+    for ld in before:
+        it = iter(ld)
+        for _ in range(4):
+            b = next(it)
+            seen += [i for i, p in zip(b["id"].tolist(), b["pos"].tolist()) if p[1] == 0]
+    state = merge_states([ld.state_dict() for ld in before])
+    after = [loader(path, rank=r, world_size=4) for r in range(4)]
+    for ld in after:
+        ld.load_state_dict(state)
+    rest = epoch0(after)
+    assert len(seen) == 40 and sorted(seen + rest) == list(range(N))
+
+
+def test_state_from_other_settings_is_refused(data):
+    ld = loader(data[1] / "crop")
+    state = ld.state_dict()
+    with pytest.raises(ValueError, match="num_slots"):
+        loader(data[1] / "crop", num_slots=8).load_state_dict(state)
+    with pytest.raises(ValueError, match="not divisible"):
+        take(loader(data[1] / "crop", world_size=3), 1)
+    with pytest.raises(ValueError, match="every slot needs at least one shard"):
+        loader(data[1] / "crop", num_slots=32)
+
+
+def test_corrupt_samples_and_truncated_shards_are_skipped_and_counted(data, tmp_path):
+    import shutil
+    path = tmp_path / "bad"
+    shutil.copytree(data[1] / "orig", path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    # shard 0: one image replaced by garbage, one by zero bytes, one .cls removed
+    name = path / manifest["shards"][0]["name"]
+    with tarfile.open(name) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    keys = sorted({m.name.split(".")[0] for m, _ in members})
+    broken = {f"{keys[0]}.jpg": b"garbage" * 20, f"{keys[1]}.jpg": b""}
+    with tarfile.open(name, "w") as tar:
+        for m, payload in members:
+            if m.name == f"{keys[2]}.cls":
+                continue
+            payload = broken.get(m.name, payload)
+            m.size = len(payload)
+            tar.addfile(m, io.BytesIO(payload))
+    # shard 5: truncated in the middle
+    t = path / manifest["shards"][5]["name"]
+    t.write_bytes(t.read_bytes()[: t.stat().st_size // 2])
+    # which samples of the truncated shard survive, read independently with tarfile
+    survivors, parts = set(), {}
+    try:
+        with tarfile.open(t, "r|") as tar:
+            for m in tar:
+                key, _, ext = m.name.partition(".")
+                tar.extractfile(m).read()
+                parts.setdefault(key, set()).add(ext)
+                if {"jpg", "cls"} <= parts[key]:
+                    survivors.add(int(key))
+    except tarfile.TarError:
+        pass
+    first5 = int(manifest["shards"][5]["first_key"])
+    lost = set(range(first5, first5 + manifest["shards"][5]["count"])) - survivors
+    assert 0 < len(lost) < 8
+    ld = loader(path, num_slots=1, batch_size=4)
+    ids = epoch0([ld])
+    assert sorted(ids) == sorted(set(range(N)) - {int(k) for k in keys[:3]} - lost)
+    assert ld.skipped >= 3 + len(lost)
+    (path / manifest["shards"][7]["name"]).unlink()
+    with pytest.raises(FileNotFoundError, match="missing: shard-000007.tar"):
+        loader(path)
+
+
+def test_write_time_crop_equals_load_time_crop_bit_for_bit(data):
+    crop = loader(data[1] / "crop", flip=False, jpeg_draft=False)
+    orig = loader(data[1] / "orig", flip=False, jpeg_draft=False)
+    a, b = next(iter(crop)), next(iter(orig))
+    assert a["id"].tolist() == b["id"].tolist()
+    assert torch.equal(a["image"], b["image"])
+
+
+def test_transforms(data):
+    gd_data = pytest.importorskip("guided_diffusion.image_datasets")
+    root = data[0]
+    photo = (root / "train" / "n00000010" / "n00000010_0.JPEG").read_bytes()
+    rng = lambda: SampleRandom(0)  # noqa: E731
+    exact = Transform(64, flip=False, jpeg_draft=False)(photo, rng())["image"]
+    with Image.open(io.BytesIO(photo)) as im:
+        ref = gd_data.center_crop_arr(im.convert("RGB"), 64)
+    assert exact.dtype == np.uint8 and np.array_equal(exact, ref.transpose(2, 0, 1))
+    drafted = Transform(64, flip=False, jpeg_draft=True)(photo, rng())["image"]
+    # draft decoding (an opt-in for speed) moves pixels by a few of 255 levels on average on this photograph
+    assert 1.0 < np.abs(drafted.astype(float) - exact).mean() < 8.0
+    t = Transform(48, crop="random-resized", flip=True, small_size=12)
+    a, b = t(photo, SampleRandom(1)), t(photo, SampleRandom(1))
+    assert np.array_equal(a["image"], b["image"]) and a["image"].shape == (3, 48, 48)
+    assert not np.array_equal(a["image"], t(photo, SampleRandom(2))["image"])
+    low = torch.nn.functional.interpolate(torch.from_numpy(a["image"]).float()[None], size=12, mode="area")[0]
+    torch.testing.assert_close(torch.from_numpy(a["low_res"]), low, rtol=0, atol=1e-4)
+    flips = [Transform(32, flip=True)(photo, SampleRandom(s))["image"] for s in range(40)]
+    unflipped = Transform(32, flip=False)(photo, rng())["image"]
+    n_flipped = sum(np.array_equal(f, unflipped[:, :, ::-1]) for f in flips)
+    assert 8 <= n_flipped <= 32
+
+
+def test_sample_random_is_uniform_and_keyed():
+    draws = np.array([SampleRandom(7, i).random() for i in range(20000)])
+    assert abs(draws.mean() - 0.5) < 0.01 and abs(draws.var() - 1 / 12) < 0.003
+    assert SampleRandom(1, 2, 3).random() == SampleRandom(1, 2, 3).random() != SampleRandom(1, 2, 4).random()
+    ints = [SampleRandom(3, i).integers(5, 9) for i in range(4000)]
+    assert set(ints) == {5, 6, 7, 8}
+
+
+def test_npy_shards_load_like_png_shards(data, tmp_path):
+    root = data[0]
+    write_dataset(read_source(root, "imagenet", "train"), tmp_path / "npy", shard_size=8,
+                  preprocess="center-crop:32", image_format="npy", progress=False)
+    a = next(iter(loader(tmp_path / "npy", flip=True)))
+    b = next(iter(loader(data[1] / "crop", flip=True)))
+    assert a["id"].tolist() == b["id"].tolist() and torch.equal(a["image"], b["image"])
+    assert a["image"].min() >= -1 and a["image"].max() <= 1 and a["image"].dtype == torch.float32
