@@ -8,10 +8,11 @@ import sys
 COMMANDS = {
     "models": ("models.cli", "ADM networks: list presets, describe layouts, convert released checkpoints"),
     "data": ("data_pipeline.cli", "WebDataset shards: write ImageNet (or any labelled images), verify, info"),
+    "train": ("trainer.cli", "train with DeepSpeed ZeRO (diffusion, classifier, upsampler); re-running resumes"),
     "demo": ("adm.demo", "run the demo on this machine"),
 }
 
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotImplementedError)
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotImplementedError, RuntimeError)
 
 
 def run_guarded(main, argv, prog=None) -> int:

@@ -172,7 +172,12 @@ class StreamLoader:
         if self.num_workers:
             kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
         order = Order([s["count"] for s in dataset.manifest["shards"]], self.args["num_slots"], self.args["seed"])
-        for batch in DataLoader(dataset, **kwargs):
+        # create the DataLoader iterator now (it draws its base seed from torch's global RNG), not at
+        # the first next(): callers that restore RNG state after iter() rely on this
+        return self._consume(iter(DataLoader(dataset, **kwargs)), order)
+
+    def _consume(self, batches, order):
+        for batch in batches:
             # the training step receives this batch: only now does the state move
             for (slot, epoch, shard, offset), started in zip(batch["pos"].tolist(), batch["shards"].tolist()):
                 nxt = order.advance(slot, Position(epoch, shard, offset))

@@ -57,25 +57,29 @@ class EncoderUNetModel(nn.Module):
         else:  # spatial_v2
             self.out = nn.Sequential(nn.Linear(feature_size, 2048), GroupNorm32(2048), nn.SiLU(),
                                      nn.Linear(2048, out_channels))
-        self.dtype = torch.float32
         if use_fp16:
             self.convert_to_fp16()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.input_blocks[0][0].weight.dtype
+
     def convert_to_fp16(self) -> None:
-        self.dtype = convert_convs_to_fp16(self.input_blocks, self.middle_block)
+        convert_convs_to_fp16(self.input_blocks, self.middle_block)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         check_image_input(x, timesteps, self.in_channels, self.image_size)
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype))
         spatial = self.pool.startswith("spatial")
+        head_dtype = next(self.out.parameters()).dtype
         means = []
         h = x.to(self.dtype)
         for block in self.input_blocks:
             h = block(h, emb)
             if spatial:
-                means.append(h.to(x.dtype).mean(dim=(2, 3)))
+                means.append(h.to(head_dtype).mean(dim=(2, 3)))
         h = self.middle_block(h, emb)
         if spatial:
-            means.append(h.to(x.dtype).mean(dim=(2, 3)))
+            means.append(h.to(head_dtype).mean(dim=(2, 3)))
             return self.out(torch.cat(means, dim=-1))
-        return self.out(h.to(x.dtype))
+        return self.out(h.to(head_dtype))

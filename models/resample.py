@@ -42,7 +42,11 @@ class UniformSampler(ScheduleSampler):
         return t.to(device), torch.ones(batch_size, device=device)
 
 
-class LossSecondMomentResampler(ScheduleSampler):
+class LossAwareSamplerMixin:
+    """Marks samplers that learn from the losses (`update_with_local_losses`)."""
+
+
+class LossSecondMomentResampler(ScheduleSampler, LossAwareSamplerMixin):
     """p_t proportional to sqrt(E[loss_t^2]) over the last `history_per_term` losses of each t,
     mixed with `uniform_prob` of uniform; uniform until every t has a full history."""
 

@@ -59,8 +59,10 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def save_snapshot(directory: str | Path, state_dict: dict[str, torch.Tensor], config: ModelConfig,
-                  meta: dict | None = None, overwrite: bool = False) -> Path:
-    """Write a snapshot atomically. `meta` (preset, diffusion, training progress, ...) goes to config.json."""
+                  meta: dict | None = None, overwrite: bool = False,
+                  extra_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write a snapshot atomically. `meta` (preset, diffusion, training progress, ...) goes to config.json;
+    `extra_weights` {name: state dict} are written as `<name>.safetensors` beside (e.g. raw weights)."""
     directory = Path(directory)
     if directory.exists() and not overwrite:
         raise SnapshotError(f"{directory} already exists (pass overwrite=True to replace it)")
@@ -69,8 +71,13 @@ def save_snapshot(directory: str | Path, state_dict: dict[str, torch.Tensor], co
     try:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        names = [WEIGHTS, CONFIG]
+        for name, sd in (extra_weights or {}).items():
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"),
+                      metadata={"format": FORMAT})
+            names.append(f"{name}.safetensors")
         _write_json(tmp / CONFIG, {"format": FORMAT, "version": VERSION, **(meta or {}), "model": config.to_dict()})
-        files = {name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in (WEIGHTS, CONFIG)}
+        files = {name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in names}
         _write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "files": files})
         if directory.exists():  # overwrite: move the old one aside first, so a crash leaves one of the two
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))

@@ -80,15 +80,20 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(EmbedSequential(*layers))
 
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), zero_module(nn.Conv2d(stem_ch, out_channels, 3, padding=1)))
-        self.dtype = torch.float32
         if use_fp16:
             self.convert_to_fp16()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The trunk's dtype (float16 after convert_to_fp16, bfloat16 under DeepSpeed bf16)."""
+        return self.input_blocks[0][0].weight.dtype
+
     def convert_to_fp16(self) -> None:
-        self.dtype = convert_convs_to_fp16(self.input_blocks, self.middle_block, self.output_blocks)
+        convert_convs_to_fp16(self.input_blocks, self.middle_block, self.output_blocks)
 
     def embed(self, timesteps: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        features = timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype)
+        emb = self.time_embed(features)
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)
         return emb
@@ -108,7 +113,7 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h.to(x.dtype))
+        return self.out(h.to(self.out[2].weight.dtype))
 
 
 class SuperResModel(UNetModel):

@@ -1,0 +1,176 @@
+"""The trainer, end to end on CPU: 2 processes (gloo), DeepSpeed ZeRO, real digit images.
+
+Resume, preemption (SIGUSR2) and SIGKILL must all continue bit-for-bit like an uninterrupted run.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from imagenet_fixture import make_imagenet
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from data_pipeline.sources import read_source
+    from data_pipeline.writer import write_dataset
+
+    root = tmp_path_factory.mktemp("digits")
+    make_imagenet(root, per_class=40)
+    out = tmp_path_factory.mktemp("shards") / "train"
+    write_dataset(read_source(root, "imagenet", "train"), out, shard_size=16, preprocess="center-crop:32",
+                  image_format="npy", progress=False)
+    write_dataset(read_source(root, "imagenet", "train"), out.parent / "train64", shard_size=16,
+                  preprocess="center-crop:64", image_format="npy", progress=False)
+    return out
+
+
+BASE = ["preset=tiny-32", "model.num_classes=11", "batch=16", "num_slots=4", "data_workers=1", "status_kimg=0.064",
+        "checkpoint_kimg=0.128", "snapshot_kimg=0.128", "model.dropout=0.1"]
+
+
+def train_cmd(shards, run_dir, *extra, nproc=2):
+    return [sys.executable, "-m", "adm", "train", f"data={shards}", f"run_dir={run_dir}", *BASE, *extra,
+            "--nproc", str(nproc)]
+
+
+def train(shards, run_dir, *extra, nproc=2, check=True):
+    proc = subprocess.run(train_cmd(shards, run_dir, *extra, nproc=nproc), cwd=REPO, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def final_weights(run_dir):
+    snaps = sorted((run_dir / "snapshots").iterdir())
+    last = snaps[-1]
+    return {name: load_file(str(last / name)) for name in ("model.safetensors", "raw.safetensors")}, last.name
+
+
+def assert_identical(a, b):
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), f"{name}:{k} differs"
+
+
+@pytest.fixture(scope="module")
+def reference_run(shards, tmp_path_factory):
+    run = tmp_path_factory.mktemp("ref") / "run"
+    proc = train(shards, run, "total_kimg=0.384")
+    return run, proc
+
+
+def test_training_runs_logs_and_writes_artifacts(reference_run):
+    run, proc = reference_run
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("[train]")]
+    assert len(lines) == 6 and "img/s" in lines[0] and "s/kimg" in lines[0] and "loss by t quartile" in lines[0]
+    losses = [float(line.split("loss ")[1].split()[0]) for line in lines]
+    assert losses[-1] < losses[0]  # it learns
+    assert json.loads((run / "training_options.json").read_text())["batch"] == 16
+    assert (run / "checkpoints" / "LATEST").read_text().strip() == "img000000000384"
+    from models.snapshot import load_snapshot
+
+    snap = load_snapshot(run / "snapshots" / "img000000000384", hashes=True)
+    assert snap.meta["images"] == 384 and snap.config.num_classes == 11
+    model = snap.build()
+    x = torch.randn(2, 3, 32, 32)
+    assert model(x, torch.tensor([1, 500]), torch.tensor([0, 10])).shape == (2, 6, 32, 32)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/mse", "train/vb", "train/loss_q0", "train/loss_q3", "train/lr",
+                "train/images_per_s", "train/skipped_steps", "train/grad_norm", "data/skipped_samples"):
+        assert tag in tags, tag
+    assert [e.step for e in acc.Scalars("train/loss")] == [64, 128, 192, 256, 320, 384]
+
+
+def test_resume_is_bit_identical(shards, reference_run, tmp_path):
+    run = tmp_path / "run"
+    train(shards, run, "total_kimg=0.192")
+    proc = train(shards, run, "total_kimg=0.384")  # the same command with a later end: resumes
+    assert "resumed from img000000000192" in proc.stderr
+    assert_identical(final_weights(run)[0], final_weights(reference_run[0])[0])
+
+
+def test_preemption_signal_saves_and_the_rerun_is_bit_identical(shards, reference_run, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(shards, run, "total_kimg=0.384"), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("[train]"):
+            break
+    proc.send_signal(signal.SIGUSR2)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert "run the same command again to resume" in err
+    saved = (run / "checkpoints" / "LATEST").read_text().strip()
+    assert 64 <= int(saved[3:]) < 384
+    train(shards, run, "total_kimg=0.384")
+    assert_identical(final_weights(run)[0], final_weights(reference_run[0])[0])
+
+
+def test_sigkill_at_any_moment_leaves_a_resumable_run(shards, reference_run, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(shards, run, "total_kimg=0.384", "checkpoint_kimg=0.064"), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    seen = 0
+    for line in proc.stdout:
+        seen += line.startswith("[train]")
+        if seen == 3:
+            time.sleep(0.3)  # somewhere in the next steps or the save
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    train(shards, run, "total_kimg=0.384", "checkpoint_kimg=0.064")
+    assert_identical(final_weights(run)[0], final_weights(reference_run[0])[0])
+
+
+def test_zero_stages_agree(shards, tmp_path):
+    results = {}
+    for stage in (1, 2, 3):
+        run = tmp_path / f"z{stage}"
+        train(shards, run, "total_kimg=0.064", f"zero_stage={stage}", "precision=fp32", "model.dropout=0.0")
+        results[stage] = final_weights(run)[0]["raw.safetensors"]
+    for stage in (2, 3):
+        for k, v in results[1].items():
+            torch.testing.assert_close(results[stage][k], v, rtol=1e-4, atol=1e-5, msg=f"stage {stage} {k}")
+
+
+def run_task(shards, run, preset, kimg, status):
+    proc = subprocess.run([sys.executable, "-m", "adm", "train", f"data={shards}", f"run_dir={run}",
+                           f"preset={preset}", "model.num_classes=11", "batch=32", "num_slots=4", "data_workers=1",
+                           f"status_kimg={status}", f"total_kimg={kimg}", "lr=1e-3", "--nproc", "2"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [line for line in proc.stdout.splitlines() if line.startswith("[train]")]
+
+
+def test_classifier_learns(shards, tmp_path):
+    lines = run_task(shards, tmp_path / "run", "tiny-classifier-32", 1.536, 0.512)
+    loss = [float(line.split("loss ")[1].split()[0]) for line in lines]
+    acc5 = [float(line.split("acc5 ")[1].split()[0]) for line in lines]
+    assert "acc1 by t quartile" in lines[0]
+    assert loss[-1] < loss[0] - 0.05 and acc5[-1] > 0.6  # 11 classes: chance top-5 is 0.45
+
+
+def test_upsampler_learns(shards, tmp_path):
+    lines = run_task(shards.parent / "train64", tmp_path / "run", "tiny-upsampler-32-64", 0.512, 0.128)
+    loss = [float(line.split("loss ")[1].split()[0]) for line in lines]
+    assert loss[-1] < loss[0]
+    from models.snapshot import load_snapshot
+
+    snap = load_snapshot(tmp_path / "run" / "snapshots" / "img000000000512")
+    assert snap.config.arch == "upsampler" and snap.config.small_size == 32

@@ -1,0 +1,135 @@
+"""Trainer pieces without processes: config, batch layout, EMA formula, checkpoint discovery, rank discovery."""
+
+import json
+
+import pytest
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.config import TRAIN_PRESETS, load_train_config
+from trainer.distributed import discover, expand_nodelist
+from trainer.ema import ShardEMA
+
+
+def test_presets_carry_the_papers_hyperparameters():
+    c = load_train_config(None, ["preset=adm-64"])
+    assert (c.batch, c.lr, c.model.dropout, c.diffusion.noise_schedule, c.total_kimg) == (2048, 3e-4, 0.1, "cosine",
+                                                                                          540_000 * 2048 / 1000)
+    c = load_train_config(None, ["preset=classifier-128"])
+    assert (c.task, c.batch, c.lr, c.weight_decay, c.lr_decay, c.model.num_res_blocks) == (
+        "classifier", 256, 3e-4, 0.05, True, 2)
+    c = load_train_config(None, ["preset=upsampler-64-256", "model.dropout=0.1"])
+    assert c.task == "upsampler" and c.model.small_size == 64 and c.model.dropout == 0.1
+    assert set(TRAIN_PRESETS) >= {"adm-128", "adm-256", "adm-512", "classifier-64", "upsampler-128-512"}
+
+
+def test_batch_layout_and_errors():
+    c = load_train_config(None, ["preset=tiny-32", "batch=64", "micro_batch=8"])
+    assert c.batch_layout(2) == (8, 4) and c.batch_layout(8) == (8, 1)
+    with pytest.raises(ValueError, match="batch: the global batch 64 is not divisible by the world size 3"):
+        c.batch_layout(3)
+    with pytest.raises(ValueError, match="micro_batch: 8 does not divide the per-rank batch 4"):
+        c.batch_layout(16)
+    for bad, match in [(["preset=tiny-32", "zero_stage=4"], "zero_stage"), (["preset=tiny-32", "task=gan"], "task"),
+                       (["preset=tiny-32", "task=classifier"], "model.arch"), (["preset=nope"], "unknown training preset"),
+                       (["preset=tiny-32", "lr=fast"], "bad value for 'lr'")]:
+        with pytest.raises(ValueError, match=match):
+            load_train_config(None, bad)
+
+
+def test_fixed_hash_ignores_memory_knobs_only():
+    a = load_train_config(None, ["preset=tiny-32"])
+    assert a.fixed_hash() == load_train_config(None, ["preset=tiny-32", "model.use_checkpoint=true", "lr=1"]).fixed_hash()
+    assert a.fixed_hash() != load_train_config(None, ["preset=tiny-32", "model.model_channels=64"]).fixed_hash()
+
+
+class FakeEngine:
+    """Enough of a DeepSpeed engine for ShardEMA at ZeRO-1/2: one flat fp32 master partition."""
+
+    class Opt:
+        def __init__(self, flat):
+            self.single_partition_of_fp32_groups = [flat]
+
+    def __init__(self, flat):
+        self.optimizer = FakeEngine.Opt(flat)
+
+
+def test_ema_matches_the_formula_in_float64():
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(50, generator=g, dtype=torch.float64) for _ in range(30)]
+    master = weights[0].clone()
+    ema = ShardEMA(FakeEngine(master), [0.9, 0.5], zero_stage=2)
+    expected = {0.9: weights[0].clone(), 0.5: weights[0].clone()}
+    for w in weights[1:]:
+        master.copy_(w)
+        ema.update()
+        for r in expected:
+            expected[r] = r * expected[r] + (1 - r) * w
+    for r in expected:
+        torch.testing.assert_close(ema.shadows[r][0], expected[r], rtol=1e-12, atol=1e-12)
+    state = ema.state_dict()
+    other = ShardEMA(FakeEngine(master.clone()), [0.9, 0.5], zero_stage=2)
+    other.load_state_dict(state)
+    assert torch.equal(other.shadows[0.9][0], ema.shadows[0.9][0]) and other.updates == 29
+    with pytest.raises(ValueError, match="EMA rates"):
+        ShardEMA(FakeEngine(master.clone()), [0.99], zero_stage=2).load_state_dict(state)
+
+
+def make_ckpt(run, images, files=("a.pt", "b.pt"), world=2):
+    tag = ckpt.tag_for(images)
+    tmp = ckpt.tmp_dir(run, tag)
+    tmp.mkdir(parents=True)
+    for f in files:
+        (tmp / f).write_bytes(b"x" * (images + 1))
+    ckpt.commit(run, tag, world)
+    return tag
+
+
+def test_checkpoint_discovery_skips_partial_and_corrupt(tmp_path):
+    run = tmp_path
+    assert ckpt.find_latest(run) is None
+    first = make_ckpt(run, 100)
+    second = make_ckpt(run, 200)
+    assert ckpt.find_latest(run)[0] == second
+    (run / "checkpoints" / second / "b.pt").write_bytes(b"short")  # corrupt: size differs
+    assert ckpt.find_latest(run)[0] == first
+    # an interrupted save: a tmp dir and a directory without manifest are both ignored
+    ckpt.tmp_dir(run, ckpt.tag_for(300)).mkdir()
+    (run / "checkpoints" / ckpt.tag_for(400)).mkdir()
+    (run / "checkpoints" / "LATEST").write_text(ckpt.tag_for(400))
+    tag, manifest = ckpt.find_latest(run)
+    assert tag == first and manifest["world_size"] == 2 and set(manifest["files"]) == {"a.pt", "b.pt"}
+
+
+def test_prune_keeps_last_and_every(tmp_path):
+    for i in range(1, 7):
+        make_ckpt(tmp_path, i * 100)
+    ckpt.prune(tmp_path, keep_last=2, keep_every_images=200)
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("img"))
+    assert left == [ckpt.tag_for(i) for i in (200, 400, 500, 600)]
+    assert json.loads((tmp_path / "checkpoints" / ckpt.tag_for(600) / "manifest.json").read_text())["images"] == 600
+
+
+def test_rank_discovery(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert discover().source == "single"
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-08]")
+    env = discover()
+    assert (env.source, env.rank, env.world_size, env.local_rank, env.master_addr) == ("slurm", 3, 8, 1, "gpu07")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert discover().source == "torchrun"
+    assert expand_nodelist("a[01-03,10],b5,c[7]") == ["a01", "a02", "a03", "a10", "b5", "c7"]
+
+
+def test_shipped_train_configs_load():
+    from conftest import REPO
+    files = sorted((REPO / "configs" / "train").glob("*.yaml"))
+    assert files
+    for f in files:
+        load_train_config(str(f), [])

@@ -1,0 +1,89 @@
+"""`adm train CONFIG.yaml [key=value ...] [--nproc N]` / `python -m trainer ...`.
+
+Re-running the same command resumes from the run directory's LATEST checkpoint.
+"""
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from .preemption import EXIT_REQUEUE
+
+
+def _setup_logging():
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", stream=sys.stderr)
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def launch_local(nproc: int, argv: list[str]) -> int:
+    """Start nproc ranks on this machine (gloo on CPU, NCCL on GPUs); forward preemption signals."""
+    from .distributed import _free_port
+
+    port = _free_port()
+    procs = []
+    for rank in range(nproc):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=os.environ.get(
+                       "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))))
+        procs.append(subprocess.Popen([sys.executable, "-m", "trainer", *argv], env=env))
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    for s in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, forward)
+    codes = [p.wait() for p in procs]
+    if any(c == EXIT_REQUEUE for c in codes):
+        return EXIT_REQUEUE
+    return next((c for c in codes if c != 0), 0)
+
+
+def check_data(cfg) -> None:
+    """The data must exist and fit the model (class count), before any process starts."""
+    from data_pipeline.verify import read_manifest
+
+    if not cfg.data:
+        raise ValueError("data: set the shard directory (adm data write ...)")
+    manifest = read_manifest(cfg.data)
+    k = manifest["num_classes"]
+    if cfg.model.num_classes is not None and cfg.model.num_classes < k:
+        raise ValueError(f"model.num_classes: {cfg.data} has {k} classes but the model has {cfg.model.num_classes}; "
+                         f"set model.num_classes={k}")
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m trainer") -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog=prog, description="train an ADM diffusion model, noisy classifier or "
+                                     "upsampler with DeepSpeed ZeRO; re-running resumes")
+    parser.add_argument("config", nargs="?", help="YAML config (or none, with preset=NAME among the overrides)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--nproc", type=int, default=1, help="start this many local ranks (CPU: gloo)")
+    args = parser.parse_args(argv)
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config, *overrides]
+
+    from .config import load_train_config
+
+    cfg = load_train_config(config, overrides)  # bad configs fail here, before any process starts
+    check_data(cfg)
+    cfg.batch_layout(args.nproc if args.nproc > 1 else int(os.environ.get("WORLD_SIZE", "1")))
+    _setup_logging()
+    if args.nproc > 1 and "RANK" not in os.environ:
+        rest = [a for a in argv if not a.startswith("--nproc")]
+        if "--nproc" in argv:
+            i = argv.index("--nproc")
+            rest = argv[:i] + argv[i + 2:]
+        code = launch_local(args.nproc, rest)
+    else:
+        from .loop import training_loop
+        code = training_loop(cfg)
+    if code == EXIT_REQUEUE:
+        print("preempted: the state was saved; run the same command again to resume", file=sys.stderr)
+    return code

@@ -1,0 +1,169 @@
+"""Training configuration: one typed dataclass, presets for every published model, YAML + overrides."""
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from models.config import ModelConfig
+from models.presets import get_preset
+
+TASKS = ("diffusion", "classifier", "upsampler")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class DiffusionConfig:
+    steps: int = 1000  # T
+    noise_schedule: str = "linear"  # linear | cosine
+    schedule_sampler: str = "uniform"  # uniform | loss-second-moment
+    use_kl: bool = False  # train on the (rescaled) VLB only
+    rescale_learned_sigmas: bool = False  # lambda = 0.001 at any T (hybrid loss)
+    predict_xstart: bool = False
+
+
+@dataclass
+class TrainConfig:
+    task: str = "diffusion"  # diffusion | classifier | upsampler
+    run_dir: str = "runs/default"  # checkpoints, snapshots, logs; re-running resumes from here
+    data: str = ""  # WebDataset shard directory (adm data write)
+    val_data: str = ""  # optional held-out shards (classifier validation accuracy)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    total_kimg: float = 10.0  # train until this many thousand images
+    batch: int = 32  # global batch (images per optimizer step), fixed whatever the world size
+    micro_batch: int = 0  # images per rank per forward; 0 = batch / world size
+    lr: float = 1e-4  # AdamW learning rate
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_kimg: float = 0.0  # linear learning-rate warm-up
+    lr_decay: bool = False  # linear decay to 0 at total_kimg (guided-diffusion's anneal_lr)
+    grad_clip: float = 0.0  # max gradient norm (0: off)
+    precision: str = "bf16"  # fp32 | bf16 | fp16 (dynamic loss scale; GPU only)
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 1, 2 or 3
+    ema_rates: list[float] = field(default_factory=lambda: [0.9999])  # EMA decay per optimizer step
+    seed: int = 0
+    num_slots: int = 64  # canonical data slots (must be divisible by world size x workers)
+    data_workers: int = 2  # DataLoader workers per rank
+    channels_last: bool = True
+    status_kimg: float = 1.0  # one status line (and TensorBoard scalars) per this many kimg
+    checkpoint_kimg: float = 50.0  # training state for resuming
+    snapshot_kimg: float = 50.0  # consolidated EMA weights for evaluation
+    grid_kimg: float = 0.0  # an image grid from the EMA weights (0: off)
+    keep_last: int = 2  # training states to keep (plus every keep_every_kimg)
+    keep_every_kimg: float = 0.0
+    max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+
+    def __post_init__(self):
+        def bad(key, msg):
+            raise ValueError(f"{key}: {msg}")
+        if self.task not in TASKS:
+            bad("task", f"{self.task!r} is not one of {', '.join(TASKS)}")
+        if self.precision not in PRECISIONS:
+            bad("precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.zero_stage not in (1, 2, 3):
+            bad("zero_stage", f"must be 1, 2 or 3, got {self.zero_stage}")
+        if self.batch <= 0 or self.micro_batch < 0:
+            bad("batch", "batch must be positive and micro_batch >= 0")
+        if self.total_kimg <= 0:
+            bad("total_kimg", "must be positive")
+        want = {"diffusion": "unet", "classifier": "classifier", "upsampler": "upsampler"}[self.task]
+        if self.model.arch != want:
+            bad("model.arch", f"task {self.task} trains a {want}, the model is a {self.model.arch}")
+        if any(not 0.0 <= r < 1.0 for r in self.ema_rates):
+            bad("ema_rates", f"every rate must lie in [0, 1), got {self.ema_rates}")
+
+    def fixed_hash(self) -> str:
+        """Hash of what a resume may not change: the architecture and the diffusion."""
+        fixed = {"task": self.task, "model": asdict(self.model), "diffusion": asdict(self.diffusion)}
+        fixed["model"].pop("use_checkpoint")  # memory knobs may change on resume
+        return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
+
+    def batch_layout(self, world_size: int) -> tuple[int, int]:
+        """(micro batch per rank, gradient accumulation steps) for this world size, or a clear error."""
+        if self.batch % world_size:
+            raise ValueError(f"batch: the global batch {self.batch} is not divisible by the world size {world_size}")
+        per_rank = self.batch // world_size
+        micro = self.micro_batch or per_rank
+        if per_rank % micro:
+            raise ValueError(f"micro_batch: {micro} does not divide the per-rank batch {per_rank} "
+                             f"(= batch {self.batch} / world size {world_size})")
+        return micro, per_rank // micro
+
+
+# The paper's training hyperparameters (ADM Tables 11-13; guided-diffusion's README), as overrides
+# on TrainConfig; `model` names a model preset.
+TRAIN_PRESETS = {
+    "adm-64": dict(model="adm-64", batch=2048, lr=3e-4, total_kimg=540_000 * 2048 / 1000,
+                   diffusion=dict(noise_schedule="cosine")),
+    "adm-128": dict(model="adm-128", batch=256, lr=1e-4, total_kimg=4_360_000 * 256 / 1000),
+    "adm-256": dict(model="adm-256", batch=256, lr=1e-4, total_kimg=1_980_000 * 256 / 1000),
+    "adm-512": dict(model="adm-512", batch=256, lr=1e-4, total_kimg=1_940_000 * 256 / 1000),
+    "adm-lsun": dict(model="adm-lsun", batch=256, lr=1e-4, total_kimg=500_000 * 256 / 1000),
+    "classifier-64": dict(task="classifier", model="classifier-64", batch=1024, lr=6e-4, weight_decay=0.2,
+                          total_kimg=300_000 * 1024 / 1000, diffusion=dict(noise_schedule="cosine")),
+    "classifier-128": dict(task="classifier", model="classifier-128", batch=256, lr=3e-4, weight_decay=0.05,
+                           lr_decay=True, total_kimg=300_000 * 256 / 1000),
+    "classifier-256": dict(task="classifier", model="classifier-256", batch=256, lr=3e-4, weight_decay=0.05,
+                           total_kimg=500_000 * 256 / 1000),
+    "classifier-512": dict(task="classifier", model="classifier-512", batch=256, lr=3e-4, weight_decay=0.05,
+                           total_kimg=500_000 * 256 / 1000),
+    "upsampler-64-256": dict(task="upsampler", model="upsampler-64-256", batch=256, lr=1e-4,
+                             total_kimg=500_000 * 256 / 1000),
+    "upsampler-128-512": dict(task="upsampler", model="upsampler-128-512", batch=256, lr=1e-4,
+                              total_kimg=1_050_000 * 256 / 1000),
+    "tiny-32": dict(model="tiny-32", batch=32, lr=2e-4, total_kimg=2.0, diffusion=dict(noise_schedule="cosine")),
+    "tiny-classifier-32": dict(task="classifier", model="tiny-classifier-32", batch=32, lr=3e-4, weight_decay=0.05,
+                               total_kimg=2.0, diffusion=dict(noise_schedule="cosine")),
+    "tiny-upsampler-32-64": dict(task="upsampler", model="tiny-upsampler-32-64", batch=16, lr=2e-4, total_kimg=1.0),
+}
+
+
+def expand(raw: dict) -> dict:
+    """Resolve `preset:` (a training preset) and `model: NAME` / `model: {preset: NAME, ...}` into plain
+    TrainConfig fields, so everything else is checked by the schema."""
+    raw = json.loads(json.dumps(raw))
+    preset = raw.pop("preset", None)
+    if preset is not None:
+        if preset not in TRAIN_PRESETS:
+            raise ValueError(f"unknown training preset {preset!r}; known: {', '.join(TRAIN_PRESETS)}")
+        base = json.loads(json.dumps(TRAIN_PRESETS[preset]))
+        for k, v in raw.items():
+            if k == "model" and isinstance(v, dict) and isinstance(base.get(k), str):
+                base[k] = {"preset": base[k], **v}  # overrides on the preset's model
+            elif isinstance(v, dict) and isinstance(base.get(k), dict):
+                base[k] = {**base[k], **v}
+            else:
+                base[k] = v
+        raw = base
+    model = raw.get("model")
+    if isinstance(model, str):
+        model = {"preset": model}
+    if isinstance(model, dict) and "preset" in model:
+        model = dict(model)
+        name = model.pop("preset")
+        raw["model"] = {**get_preset(name).model, **model}
+        diffusion = raw.setdefault("diffusion", {})
+        diffusion.setdefault("noise_schedule", get_preset(name).diffusion["noise_schedule"])
+        diffusion.setdefault("steps", get_preset(name).diffusion["steps"])
+    return raw
+
+
+def load_train_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
+    from adm.config import build, parse_overrides, read_yaml
+
+    raw = read_yaml(path) if path else {}
+    over = parse_overrides(list(overrides))
+    # overrides may name a preset too; merge them before expanding so `model.dropout=...` applies
+    merged = _deep_merge(raw, over)
+    layers = [(str(path or "config"), expand(merged))]
+    return build(TrainConfig, *layers)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out

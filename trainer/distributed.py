@@ -1,0 +1,119 @@
+"""Rank discovery (torchrun, Slurm, MPI, single process) and the few collectives the loop needs."""
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # torchrun | slurm | mpi | single
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Slurm's compact host list ("gpu[01-03,07],cpu1") -> hostnames, without calling scontrol."""
+    hosts, i = [], 0
+    parts = re.findall(r"[^,\[]+(?:\[[^\]]*\])?", nodelist)
+    for part in parts:
+        m = re.match(r"^(.*)\[(.*)\]$", part)
+        if not m:
+            hosts.append(part)
+            continue
+        prefix, ranges = m.groups()
+        for r in ranges.split(","):
+            if "-" in r:
+                a, b = r.split("-")
+                hosts += [f"{prefix}{n:0{len(a)}d}" for n in range(int(a), int(b) + 1)]
+            else:
+                hosts.append(prefix + r)
+        i += 1
+    return hosts
+
+
+def _job_port(default: int = 29500) -> int:
+    job = os.environ.get("SLURM_JOB_ID")
+    return int(os.environ.get("MASTER_PORT", 20000 + int(job) % 20000 if job else default))
+
+
+def discover() -> DistEnv:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, `adm train --nproc`, or set by hand
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+        nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
+        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                       env.get("MASTER_ADDR", nodes[0]), _job_port(), "slurm")
+    if any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")):
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        if comm.Get_size() > 1:
+            addr = comm.bcast(socket.gethostbyname(socket.gethostname()) if comm.Get_rank() == 0 else None, root=0)
+            port = comm.bcast(_free_port() if comm.Get_rank() == 0 else None, root=0)
+            local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+            return DistEnv(comm.Get_rank(), comm.Get_size(), local, addr, port, "mpi")
+    return DistEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(env: DistEnv) -> torch.device:
+    """Start the process group (NCCL on GPUs, gloo on CPU) through DeepSpeed; returns this rank's device."""
+    import deepspeed
+
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+        device = torch.device("cuda", env.local_rank)
+        backend = "nccl"
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return device
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True if the flag is set on any rank (one small all-reduce)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_objects(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,324 @@
+"""The training loop: one function, top to bottom (EDM2's style), for the three ADM tasks.
+
+Progress is counted in images; every knob is a field of TrainConfig. DeepSpeed does the distributed
+optimisation; this file only knows `engine(...)`, `engine.backward`, `engine.step` and checkpoints.
+"""
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data_pipeline.loader import StreamLoader, merge_states
+from models.adm_compat import create_gaussian_diffusion
+from models.config import build_model
+from models.resample import LossAwareSamplerMixin, create_named_schedule_sampler
+
+from . import checkpoint as ckpt
+from . import distributed as dist_util
+from .config import TrainConfig
+from .ema import ShardEMA
+from .preemption import EXIT_REQUEUE, PreemptionFlag
+
+log = logging.getLogger("adm.train")
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row); the message says why."""
+
+
+def deepspeed_config(cfg: TrainConfig, micro: int, accum: int) -> dict:
+    return {
+        "train_batch_size": cfg.batch, "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,  # DeepSpeed averages micro-batches (loss / accum)
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": list(cfg.betas), "eps": 1e-8,
+                                                  "weight_decay": cfg.weight_decay, "torch_adam": True}},
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": 16 if cfg.task == "classifier" else 20,
+                 "loss_scale_window": 1000, "hysteresis": 1, "min_loss_scale": 1},
+        "gradient_clipping": cfg.grad_clip,
+        "steps_per_print": 1 << 62, "wall_clock_breakdown": False,
+    }
+
+
+def lr_at(cfg: TrainConfig, images: int) -> float:
+    factor = 1.0
+    if cfg.warmup_kimg > 0:
+        factor = min(factor, images / (cfg.warmup_kimg * 1000))
+    if cfg.lr_decay:
+        factor = min(factor, max(0.0, 1.0 - images / (cfg.total_kimg * 1000)))
+    return cfg.lr * factor
+
+
+def training_loop(cfg: TrainConfig) -> int:
+    """Train until cfg.total_kimg; returns 0, or EXIT_REQUEUE after a preemption save."""
+    import deepspeed
+
+    env = dist_util.discover()
+    device = dist_util.init(env)
+    rank, world = env.rank, env.world_size
+    micro, accum = cfg.batch_layout(world)  # clear errors before any heavy work
+    run_dir = Path(cfg.run_dir)
+    total_images = int(cfg.total_kimg * 1000)
+    preempt = PreemptionFlag()
+    is_main = rank == 0
+    if is_main:
+        (run_dir / ckpt.CKPT).mkdir(parents=True, exist_ok=True)
+        (run_dir / "training_options.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+
+    # ---- data, model, diffusion ------------------------------------------------------------
+    m = cfg.model
+    loader = StreamLoader(cfg.data, m.image_size, micro, crop="random-resized" if cfg.task == "classifier" else "center",
+                          flip=True, small_size=m.small_size if cfg.task == "upsampler" else 0, seed=cfg.seed,
+                          num_slots=cfg.num_slots, rank=rank, world_size=world, num_workers=cfg.data_workers)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model = build_model(m)  # weights stay contiguous (DeepSpeed flattens them); inputs go channels-last
+    d = cfg.diffusion
+    diffusion = create_gaussian_diffusion(steps=d.steps, learn_sigma=m.learn_sigma, noise_schedule=d.noise_schedule,
+                                          use_kl=d.use_kl, predict_xstart=d.predict_xstart,
+                                          rescale_learned_sigmas=d.rescale_learned_sigmas)
+
+    def sync(ts, losses):  # the loss-aware sampler's history must be identical on every rank
+        gathered = dist_util.gather_objects((ts.cpu(), losses.cpu()))
+        return torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
+
+    sampler = create_named_schedule_sampler(d.schedule_sampler, diffusion, sync=sync)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           config=deepspeed_config(cfg, micro, accum))
+    param_dtype = next(engine.module.parameters()).dtype
+    ema = ShardEMA(engine, cfg.ema_rates, cfg.zero_stage)
+    gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + rank)  # timesteps and noise
+
+    # ---- resume ----------------------------------------------------------------------------
+    images, step = 0, 0
+    found = dist_util.broadcast_object(ckpt.find_latest(run_dir) if is_main else None)
+    rng_state = None
+    if found:
+        tag, manifest = found
+        if manifest["world_size"] != world:
+            raise TrainingStopped(f"{run_dir / ckpt.CKPT / tag} was saved at world size {manifest['world_size']}, "
+                                  f"this run has {world}: resuming at another world size needs the universal "
+                                  "checkpoint conversion, which is not built yet")
+        client = json.loads((run_dir / ckpt.CKPT / tag / "client.json").read_text())
+        if client["fixed_hash"] != cfg.fixed_hash():
+            raise TrainingStopped(f"{run_dir}: the checkpoint was trained with a different architecture or diffusion "
+                                  f"(task/model/diffusion in {run_dir / 'training_options.json'} vs this config); "
+                                  "use a new run_dir")
+        engine.load_checkpoint(str(run_dir / ckpt.CKPT / tag), tag="ds", load_optimizer_states=True,
+                               load_lr_scheduler_states=False)
+        own = torch.load(run_dir / ckpt.CKPT / tag / f"rank{rank:05d}.pt", weights_only=False)
+        ema.load_state_dict(own["ema"])
+        gen.set_state(own["gen"])
+        if hasattr(sampler, "load_state_dict") and own.get("sampler"):
+            sampler.load_state_dict(own["sampler"])
+        loader.load_state_dict(client["loader"])
+        images, step = client["images"], client["step"]
+        rng_state = own["torch_rng"]
+        if is_main:
+            log.info("resumed from %s at %.1f kimg", tag, images / 1000)
+    batches = iter(loader)  # before restoring the RNG: creating the iterator draws from it
+    if rng_state is not None:
+        torch.set_rng_state(rng_state)
+
+    def save_state():
+        tag = ckpt.tag_for(images)
+        tmp = ckpt.tmp_dir(run_dir, tag)
+        if is_main:
+            tmp.mkdir(parents=True, exist_ok=True)
+        dist_util.barrier()
+        engine.save_checkpoint(str(tmp), tag="ds", save_latest=False,
+                               client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
+        torch.save({"ema": ema.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None},
+                   tmp / f"rank{rank:05d}.pt")
+        loader_state = merge_states(dist_util.gather_objects(loader.state_dict()))
+        if is_main:
+            ckpt.write_json_atomic(tmp / "client.json", {"images": images, "step": step, "fixed_hash": cfg.fixed_hash(),
+                                                         "loader": loader_state, "world_size": world})
+        dist_util.barrier()
+        if is_main:
+            ckpt.commit(run_dir, tag, world)
+            ckpt.prune(run_dir, cfg.keep_last, int(cfg.keep_every_kimg * 1000))
+        dist_util.barrier()
+
+    def save_snapshot():
+        from models.snapshot import save_snapshot as write
+
+        weights = ema.full_state_dicts(include_raw=True)  # collective
+        if is_main:
+            first = f"ema_{cfg.ema_rates[0]}"
+            extra = {k: v for k, v in weights.items() if k != first}
+            write(run_dir / "snapshots" / ckpt.tag_for(images), weights[first], m, overwrite=True, extra_weights=extra,
+                  meta={"task": cfg.task, "images": images, "step": step, "ema_rate": cfg.ema_rates[0],
+                        "diffusion": {"steps": d.steps, "noise_schedule": d.noise_schedule},
+                        "training_options": asdict(cfg)})
+        dist_util.barrier()
+
+    # ---- the loop --------------------------------------------------------------------------
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+    stats = _Stats(diffusion.num_timesteps)
+    next_status = _next_multiple(images, cfg.status_kimg)
+    next_ckpt = _next_multiple(images, cfg.checkpoint_kimg)
+    next_snap = _next_multiple(images, cfg.snapshot_kimg)
+    bad_in_row, start, start_images = 0, time.perf_counter(), images
+    while images < total_images:
+        if dist_util.any_rank(preempt.requested, device):  # ranks agree at a step boundary
+            save_state()
+            if is_main:
+                log.warning("preemption signal (%s): saved at %.1f kimg; run the same command to resume",
+                            preempt.signal_name or "on another rank", images / 1000)
+            return EXIT_REQUEUE
+        lr = lr_at(cfg, images)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        skipped_before = engine.skipped_steps
+        for _ in range(accum):
+            batch = next(batches)
+            x = batch["image"].to(device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = batch["label"].to(device)
+            stats.data_skipped += int(batch["skipped"])
+
+            def net(inp, t, **kw):
+                kw = {k: v.to(param_dtype) if v.is_floating_point() else v for k, v in kw.items()}
+                return engine(inp.to(param_dtype), t, **kw).float()
+
+            if cfg.task == "classifier":
+                t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), generator=gen, device=device)
+                logits = net(diffusion.q_sample(x, t, generator=gen), t)
+                losses = F.cross_entropy(logits, y, reduction="none")
+                loss = losses.mean()
+                stats.add_classifier(t, losses.detach(), logits.detach(), y)
+            else:
+                kwargs = {"y": y} if m.class_cond else {}
+                if cfg.task == "upsampler":
+                    kwargs["low_res"] = batch["low_res"].to(device)
+                t, weights = sampler.sample(x.shape[0], device, generator=gen)
+                terms = diffusion.training_losses(net, x, t, model_kwargs=kwargs, generator=gen)
+                if isinstance(sampler, LossAwareSamplerMixin):
+                    sampler.update_with_local_losses(t, terms["loss"].detach())
+                loss = (terms["loss"] * weights).mean()
+                stats.add_diffusion(t, {k: v.detach() for k, v in terms.items()})
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps the optimizer on the last micro-batch only
+        step += 1
+        images += cfg.batch
+        if engine.skipped_steps > skipped_before:  # non-finite gradients: DeepSpeed skipped the update
+            stats.skipped_steps += 1
+            bad_in_row += 1
+            if bad_in_row >= cfg.max_bad_steps:
+                last = ckpt.find_latest(run_dir)
+                raise TrainingStopped(f"{bad_in_row} non-finite steps in a row at {images / 1000:.1f} kimg; the last "
+                                      f"good checkpoint is {run_dir / ckpt.CKPT / last[0] if last else '(none)'}: "
+                                      "lower the learning rate or use another precision, then resume")
+        else:
+            bad_in_row = 0
+            ema.update()  # only after steps that were taken
+        stats.grad_norm = engine.get_global_grad_norm()
+        if images >= next_status or images >= total_images:
+            next_status = _next_multiple(images, cfg.status_kimg)
+            elapsed = time.perf_counter() - start
+            line = stats.flush(writer, images, lr, engine, (images - start_images) / max(elapsed, 1e-9), device)
+            if is_main:
+                print(f"[train] {images / 1000:8.2f} kimg | {line}", flush=True)
+        if images >= next_ckpt or images >= total_images:
+            next_ckpt = _next_multiple(images, cfg.checkpoint_kimg)
+            save_state()
+        if images >= next_snap or images >= total_images:
+            next_snap = _next_multiple(images, cfg.snapshot_kimg)
+            save_snapshot()
+    if writer:
+        writer.close()
+    return 0
+
+
+def _next_multiple(images: int, kimg: float) -> float:
+    every = max(1, int(kimg * 1000))
+    return (images // every + 1) * every
+
+
+class _Stats:
+    """Per-interval sums; flushed as one status line and TensorBoard scalars (means over all ranks)."""
+
+    def __init__(self, num_timesteps: int):
+        self.T = num_timesteps
+        self.reset()
+        self.skipped_steps = 0
+        self.data_skipped = 0
+        self.grad_norm = None
+
+    def reset(self):
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def _add(self, key, value: torch.Tensor):
+        v = torch.stack([value.float().sum().cpu(), torch.tensor(float(value.numel()))])
+        self.sums[key] = self.sums.get(key, torch.zeros(2)) + v
+
+    def add_diffusion(self, t, terms):
+        for k, v in terms.items():
+            self._add(k, v)
+            for q in range(4):  # quartiles of the timestep range
+                sel = (t * 4 // self.T) == q
+                if sel.any():
+                    self._add(f"{k}_q{q}", v[sel])
+
+    def add_classifier(self, t, losses, logits, y):
+        self._add("loss", losses)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        for name, hit in (("acc1", (top5[:, 0] == y).float()), ("acc5", (top5 == y[:, None]).any(1).float())):
+            self._add(name, hit)
+            for q in range(4):
+                sel = (t * 4 // self.T) == q
+                if sel.any():
+                    self._add(f"{name}_q{q}", hit[sel])
+
+    def flush(self, writer, images, lr, engine, img_per_s, device) -> str:
+        keys = sorted(self.sums)
+        gathered = dist_util.gather_objects({k: self.sums[k] for k in keys})
+        total = {k: sum(g[k] for g in gathered if k in g) for k in keys}
+        means = {k: (v[0] / v[1]).item() for k, v in total.items() if v[1] > 0}
+        scale = getattr(engine.optimizer, "cur_scale", None)
+        mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30) if device.type == "cuda" else _rss_gb()
+        if writer:
+            for k, v in means.items():
+                writer.add_scalar(f"train/{k}", v, images)
+            writer.add_scalar("train/lr", lr, images)
+            writer.add_scalar("train/images_per_s", img_per_s, images)
+            writer.add_scalar("train/skipped_steps", self.skipped_steps, images)
+            writer.add_scalar("data/skipped_samples", self.data_skipped, images)
+            if self.grad_norm is not None:
+                writer.add_scalar("train/grad_norm", float(self.grad_norm), images)
+            if scale is not None:
+                writer.add_scalar("train/loss_scale", float(scale), images)
+            writer.flush()
+        name = "acc1" if "acc1" in means else "loss"
+        quart = f"{name} by t quartile " + "/".join(f"{means[f'{name}_q{q}']:.3g}" for q in range(4)
+                                                     if f"{name}_q{q}" in means)
+        extra = f" acc1 {means['acc1']:.3f} acc5 {means['acc5']:.3f}" if "acc1" in means else ""
+        self.reset()
+        return (f"loss {means.get('loss', float('nan')):.4f} ({quart}){extra} | {img_per_s:7.1f} img/s | "
+                f"{1000 / max(img_per_s, 1e-9):6.2f} s/kimg | lr {lr:.2e} | mem {mem:.2f} GB | "
+                f"skipped steps {self.skipped_steps}, samples {self.data_skipped}")
+
+
+def _rss_gb() -> float:
+    try:
+        with open(f"/proc/{os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS"):
+                    return int(line.split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    return math.nan

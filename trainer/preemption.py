@@ -1,0 +1,19 @@
+"""Preemption: the signal handler only sets a flag; ranks agree on it at step boundaries."""
+
+import signal
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: "saved after a preemption signal; run the same command again to resume"
+
+
+class PreemptionFlag:
+    """SIGUSR2 (submitit's, Slurm's --signal) and SIGTERM set `requested`; nothing else happens in the handler."""
+
+    def __init__(self, signals=(signal.SIGUSR2, signal.SIGTERM)):
+        self.requested = False
+        self.signal_name = None
+        for s in signals:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
