@@ -102,6 +102,30 @@ def prune(run_dir: Path, keep_last: int, keep_every_images: int) -> None:
         if keep_every_images and images_of(tag) % keep_every_images == 0:
             continue
         shutil.rmtree(root / tag, ignore_errors=True)
+        shutil.rmtree(root / f"universal-{tag}", ignore_errors=True)
     for p in root.iterdir():  # leftovers of interrupted saves
         if p.name.startswith(".tmp-") and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
+
+
+def universal_dir(run_dir: Path, tag: str) -> Path:
+    """DeepSpeed's universal checkpoint of `tag` (converted once, atomically; rank 0 only), for a resume
+    at another world size: `python -m deepspeed.checkpoint.ds_to_universal`."""
+    import subprocess
+    import sys
+
+    final = run_dir / CKPT / f"universal-{tag}"
+    if (final / "ds").is_dir():
+        return final
+    tmp = run_dir / CKPT / f".tmp-universal-{tag}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "ds").parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                           "--input_folder", str(run_dir / CKPT / tag / "ds"), "--output_folder", str(tmp / "ds"),
+                           "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"converting {run_dir / CKPT / tag} to a universal checkpoint failed:\n{proc.stderr[-2000:]}")
+    (tmp / "latest").write_text("ds")
+    os.replace(tmp, final)
+    return final

@@ -52,6 +52,7 @@ class TrainConfig:
     keep_last: int = 2  # training states to keep (plus every keep_every_kimg)
     keep_every_kimg: float = 0.0
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    log_sample_ids: bool = False  # write "epoch id" of every consumed sample to RUN/sample_ids/ (audit)
 
     def __post_init__(self):
         def bad(key, msg):

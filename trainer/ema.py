@@ -65,3 +65,23 @@ class ShardEMA:
             for m, s in zip(masters, saved):
                 m.copy_(s)
         return out
+
+    @torch.no_grad()
+    def load_full(self, full: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Set every rate's shard from consolidated EMA weights {"ema_<rate>": state dict} (collective):
+        how EMA survives a resume at another world size, where the old shards do not fit."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        named = list(self.engine.module.named_parameters())
+        masters = self.masters()
+        saved = [m.detach().clone() for m in masters]
+        try:
+            for rate in self.rates:
+                weights = full[f"ema_{rate}"]
+                for name, p in named:
+                    safe_set_full_fp32_param(p, weights[name].to(saved[0].device))
+                for s, m in zip(self.shadows[rate], self.masters()):
+                    s.copy_(m)
+        finally:
+            for m, s in zip(self.masters(), saved):
+                m.copy_(s)

@@ -91,39 +91,53 @@ def training_loop(cfg: TrainConfig) -> int:
         return torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
 
     sampler = create_named_schedule_sampler(d.schedule_sampler, diffusion, sync=sync)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=deepspeed_config(cfg, micro, accum))
+    found = dist_util.broadcast_object(ckpt.find_latest(run_dir) if is_main else None)
+    elastic = bool(found) and found[1]["world_size"] != world
+    ds_config = deepspeed_config(cfg, micro, accum)
+    if elastic:  # another world size: load through DeepSpeed's universal checkpoint
+        universal = ckpt.universal_dir(run_dir, found[0]) if is_main else None
+        universal = dist_util.broadcast_object(universal)
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     param_dtype = next(engine.module.parameters()).dtype
     ema = ShardEMA(engine, cfg.ema_rates, cfg.zero_stage)
     gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + rank)  # timesteps and noise
 
     # ---- resume ----------------------------------------------------------------------------
     images, step = 0, 0
-    found = dist_util.broadcast_object(ckpt.find_latest(run_dir) if is_main else None)
     rng_state = None
     if found:
         tag, manifest = found
-        if manifest["world_size"] != world:
-            raise TrainingStopped(f"{run_dir / ckpt.CKPT / tag} was saved at world size {manifest['world_size']}, "
-                                  f"this run has {world}: resuming at another world size needs the universal "
-                                  "checkpoint conversion, which is not built yet")
         client = json.loads((run_dir / ckpt.CKPT / tag / "client.json").read_text())
         if client["fixed_hash"] != cfg.fixed_hash():
             raise TrainingStopped(f"{run_dir}: the checkpoint was trained with a different architecture or diffusion "
                                   f"(task/model/diffusion in {run_dir / 'training_options.json'} vs this config); "
                                   "use a new run_dir")
-        engine.load_checkpoint(str(run_dir / ckpt.CKPT / tag), tag="ds", load_optimizer_states=True,
-                               load_lr_scheduler_states=False)
-        own = torch.load(run_dir / ckpt.CKPT / tag / f"rank{rank:05d}.pt", weights_only=False)
-        ema.load_state_dict(own["ema"])
-        gen.set_state(own["gen"])
+        if elastic:
+            engine.load_checkpoint(str(universal), tag="ds", load_optimizer_states=True,
+                                   load_lr_scheduler_states=False)
+            from safetensors.torch import load_file
+            full = {f"ema_{r}": load_file(str(run_dir / ckpt.CKPT / tag / f"ema_{r}.safetensors")) for r in cfg.ema_rates}
+            ema.load_full(full)
+            ema.updates = client["ema_updates"]
+            own = torch.load(run_dir / ckpt.CKPT / tag / "rank00000.pt", weights_only=False)  # sampler: same on all
+            gen.manual_seed(cfg.seed * 1_000_003 + rank + 7919 * client["images"])
+            torch.manual_seed(cfg.seed + 104_729 * rank + client["images"])
+        else:
+            engine.load_checkpoint(str(run_dir / ckpt.CKPT / tag), tag="ds", load_optimizer_states=True,
+                                   load_lr_scheduler_states=False)
+            own = torch.load(run_dir / ckpt.CKPT / tag / f"rank{rank:05d}.pt", weights_only=False)
+            ema.load_state_dict(own["ema"])
+            gen.set_state(own["gen"])
+            rng_state = own["torch_rng"]
         if hasattr(sampler, "load_state_dict") and own.get("sampler"):
             sampler.load_state_dict(own["sampler"])
         loader.load_state_dict(client["loader"])
         images, step = client["images"], client["step"]
-        rng_state = own["torch_rng"]
         if is_main:
-            log.info("resumed from %s at %.1f kimg", tag, images / 1000)
+            log.info("resumed from %s at %.1f kimg%s", tag, images / 1000,
+                     f" (saved at world size {manifest['world_size']}, now {world}: universal checkpoint)"
+                     if elastic else "")
     batches = iter(loader)  # before restoring the RNG: creating the iterator draws from it
     if rng_state is not None:
         torch.set_rng_state(rng_state)
@@ -140,9 +154,14 @@ def training_loop(cfg: TrainConfig) -> int:
                     "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None},
                    tmp / f"rank{rank:05d}.pt")
         loader_state = merge_states(dist_util.gather_objects(loader.state_dict()))
+        full_ema = ema.full_state_dicts(include_raw=False)  # collective: lets a resume change world size
         if is_main:
+            from safetensors.torch import save_file
+            for name, sd in full_ema.items():
+                save_file(sd, str(tmp / f"{name}.safetensors"))
             ckpt.write_json_atomic(tmp / "client.json", {"images": images, "step": step, "fixed_hash": cfg.fixed_hash(),
-                                                         "loader": loader_state, "world_size": world})
+                                                         "loader": loader_state, "world_size": world,
+                                                         "ema_updates": ema.updates})
         dist_util.barrier()
         if is_main:
             ckpt.commit(run_dir, tag, world)
@@ -168,6 +187,10 @@ def training_loop(cfg: TrainConfig) -> int:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(run_dir / "tensorboard"))
     stats = _Stats(diffusion.num_timesteps)
+    audit = None
+    if cfg.log_sample_ids:  # "epoch id" per consumed sample, per rank: which data did this run see
+        (run_dir / "sample_ids").mkdir(parents=True, exist_ok=True)
+        audit = open(run_dir / "sample_ids" / f"rank{rank:05d}-from-{images:012d}.txt", "a", buffering=1)
     next_status = _next_multiple(images, cfg.status_kimg)
     next_ckpt = _next_multiple(images, cfg.checkpoint_kimg)
     next_snap = _next_multiple(images, cfg.snapshot_kimg)
@@ -190,6 +213,8 @@ def training_loop(cfg: TrainConfig) -> int:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = batch["label"].to(device)
             stats.data_skipped += int(batch["skipped"])
+            if audit is not None:
+                audit.write("".join(f"{p[1]} {i}\n" for p, i in zip(batch["pos"].tolist(), batch["id"].tolist())))
 
             def net(inp, t, **kw):
                 kw = {k: v.to(param_dtype) if v.is_floating_point() else v for k, v in kw.items()}
@@ -241,6 +266,8 @@ def training_loop(cfg: TrainConfig) -> int:
             save_snapshot()
     if writer:
         writer.close()
+    if audit is not None:
+        audit.close()
     return 0
 
 
