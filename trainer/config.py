@@ -48,7 +48,9 @@ class TrainConfig:
     status_kimg: float = 1.0  # one status line (and TensorBoard scalars) per this many kimg
     checkpoint_kimg: float = 50.0  # training state for resuming
     snapshot_kimg: float = 50.0  # consolidated EMA weights for evaluation
-    grid_kimg: float = 0.0  # an image grid from the EMA weights (0: off)
+    grid: bool = True  # with every snapshot, an image grid sampled from the EMA weights (diffusion task)
+    grid_size: int = 4  # grid of grid_size x grid_size images, 25-step DDIM, fixed seeds and labels
+    val_batches: int = 4  # held-out batches per rank at every status line (classifier with val_data)
     keep_last: int = 2  # training states to keep (plus every keep_every_kimg)
     keep_every_kimg: float = 0.0
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row

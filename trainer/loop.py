@@ -175,10 +175,20 @@ def training_loop(cfg: TrainConfig) -> int:
         if is_main:
             first = f"ema_{cfg.ema_rates[0]}"
             extra = {k: v for k, v in weights.items() if k != first}
-            write(run_dir / "snapshots" / ckpt.tag_for(images), weights[first], m, overwrite=True, extra_weights=extra,
-                  meta={"task": cfg.task, "images": images, "step": step, "ema_rate": cfg.ema_rates[0],
-                        "diffusion": {"steps": d.steps, "noise_schedule": d.noise_schedule},
-                        "training_options": asdict(cfg)})
+            path = write(run_dir / "snapshots" / ckpt.tag_for(images), weights[first], m, overwrite=True,
+                         extra_weights=extra,
+                         meta={"task": cfg.task, "images": images, "step": step, "ema_rate": cfg.ema_rates[0],
+                               "diffusion": {"steps": d.steps, "noise_schedule": d.noise_schedule},
+                               "training_options": asdict(cfg)})
+            if cfg.grid and cfg.task == "diffusion":
+                from .grid import sample_grid
+                grid = sample_grid(weights[first], cfg, device)
+                (run_dir / "grids").mkdir(exist_ok=True)
+                grid.save(run_dir / "grids" / f"{ckpt.tag_for(images)}.png")
+                if writer:
+                    import numpy as np
+                    writer.add_image("samples/ema", np.asarray(grid), images, dataformats="HWC")
+            log.info("snapshot %s", path)
         dist_util.barrier()
 
     # ---- the loop --------------------------------------------------------------------------
@@ -187,6 +197,25 @@ def training_loop(cfg: TrainConfig) -> int:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(run_dir / "tensorboard"))
     stats = _Stats(diffusion.num_timesteps)
+    val_batches = None
+    if cfg.val_data and cfg.task == "classifier":
+        val_batches = iter(StreamLoader(cfg.val_data, m.image_size, micro, crop="center", flip=False, seed=cfg.seed,
+                                        num_slots=cfg.num_slots, rank=rank, world_size=world, num_workers=0))
+        val_gen = torch.Generator(device).manual_seed(10_007 + rank)
+
+    def validate():
+        """Held-out top-1/top-5 (overall and by timestep quartile), noised like training."""
+        val = _Stats(diffusion.num_timesteps)
+        engine.eval()
+        with torch.no_grad():
+            for _ in range(cfg.val_batches):
+                vb = next(val_batches)
+                x, y = vb["image"].to(device), vb["label"].to(device)
+                t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), generator=val_gen, device=device)
+                logits = engine(diffusion.q_sample(x, t, generator=val_gen).to(param_dtype), t).float()
+                val.add_classifier(t, F.cross_entropy(logits, y, reduction="none"), logits, y)
+        engine.train()
+        return val
     audit = None
     if cfg.log_sample_ids:  # "epoch id" per consumed sample, per rank: which data did this run see
         (run_dir / "sample_ids").mkdir(parents=True, exist_ok=True)
@@ -256,6 +285,8 @@ def training_loop(cfg: TrainConfig) -> int:
             next_status = _next_multiple(images, cfg.status_kimg)
             elapsed = time.perf_counter() - start
             line = stats.flush(writer, images, lr, engine, (images - start_images) / max(elapsed, 1e-9), device)
+            if val_batches is not None:
+                line += " | val " + validate().flush_val(writer, images)
             if is_main:
                 print(f"[train] {images / 1000:8.2f} kimg | {line}", flush=True)
         if images >= next_ckpt or images >= total_images:
@@ -311,11 +342,22 @@ class _Stats:
                 if sel.any():
                     self._add(f"{name}_q{q}", hit[sel])
 
-    def flush(self, writer, images, lr, engine, img_per_s, device) -> str:
+    def means(self) -> dict[str, float]:
         keys = sorted(self.sums)
         gathered = dist_util.gather_objects({k: self.sums[k] for k in keys})
         total = {k: sum(g[k] for g in gathered if k in g) for k in keys}
-        means = {k: (v[0] / v[1]).item() for k, v in total.items() if v[1] > 0}
+        return {k: (v[0] / v[1]).item() for k, v in total.items() if v[1] > 0}
+
+    def flush_val(self, writer, images) -> str:
+        means = self.means()
+        if writer:
+            for k, v in means.items():
+                writer.add_scalar(f"val/{k}", v, images)
+        quart = "/".join(f"{means[f'acc1_q{q}']:.3g}" for q in range(4) if f"acc1_q{q}" in means)
+        return f"acc1 {means['acc1']:.3f} acc5 {means['acc5']:.3f} (acc1 by t quartile {quart})"
+
+    def flush(self, writer, images, lr, engine, img_per_s, device) -> str:
+        means = self.means()
         scale = getattr(engine.optimizer, "cur_scale", None)
         mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30) if device.type == "cuda" else _rss_gb()
         if writer:

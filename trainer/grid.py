@@ -1,0 +1,39 @@
+"""A small image grid sampled from the EMA weights, written with every snapshot (rank 0)."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.adm_compat import create_gaussian_diffusion
+from models.config import build_model
+from models.sampling import sample_images
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, as ADM's sample scripts quantise."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def tile(arr: np.ndarray, cols: int) -> Image.Image:
+    n, h, w, c = arr.shape
+    rows = -(-n // cols)
+    canvas = np.full((rows * h, cols * w, c), 255, dtype=np.uint8)
+    for i, img in enumerate(arr):
+        r, q = divmod(i, cols)
+        canvas[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
+    return Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas)
+
+
+@torch.no_grad()
+def sample_grid(state_dict: dict, cfg, device) -> Image.Image:
+    m = cfg.model
+    model = build_model(m)
+    model.load_state_dict(state_dict, strict=True)
+    model = model.to(device).eval()
+    diffusion = create_gaussian_diffusion(steps=cfg.diffusion.steps, learn_sigma=m.learn_sigma,
+                                          noise_schedule=cfg.diffusion.noise_schedule, timestep_respacing="ddim25")
+    n = cfg.grid_size ** 2
+    labels = torch.arange(n) % m.num_classes if m.num_classes else None  # one class per column
+    images, _ = sample_images(model, diffusion, list(range(n)), m.image_size, labels=labels, use_ddim=True,
+                              device=device)
+    return tile(to_uint8(images), cfg.grid_size)
