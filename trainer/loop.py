@@ -143,6 +143,7 @@ def training_loop(cfg: TrainConfig) -> int:
         torch.set_rng_state(rng_state)
 
     def save_state():
+        save_start = time.perf_counter()
         tag = ckpt.tag_for(images)
         tmp = ckpt.tmp_dir(run_dir, tag)
         if is_main:
@@ -164,7 +165,11 @@ def training_loop(cfg: TrainConfig) -> int:
                                                          "ema_updates": ema.updates})
         dist_util.barrier()
         if is_main:
-            ckpt.commit(run_dir, tag, world)
+            final = ckpt.commit(run_dir, tag, world)
+            size = sum(json.loads((final / ckpt.MANIFEST).read_text())["files"].values())
+            seconds = time.perf_counter() - save_start
+            print(f"[ckpt] saved {tag} in {seconds:.2f} s ({size / 2 ** 20:.1f} MiB, "
+                  f"{size / 2 ** 20 / max(seconds, 1e-9):.1f} MiB/s)", flush=True)
             ckpt.prune(run_dir, cfg.keep_last, int(cfg.keep_every_kimg * 1000))
         dist_util.barrier()
 
@@ -224,6 +229,7 @@ def training_loop(cfg: TrainConfig) -> int:
     next_ckpt = _next_multiple(images, cfg.checkpoint_kimg)
     next_snap = _next_multiple(images, cfg.snapshot_kimg)
     bad_in_row, start, start_images = 0, time.perf_counter(), images
+    first_step = True
     while images < total_images:
         if dist_util.any_rank(preempt.requested, device):  # ranks agree at a step boundary
             save_state()
@@ -269,6 +275,12 @@ def training_loop(cfg: TrainConfig) -> int:
             engine.step()  # DeepSpeed steps the optimizer on the last micro-batch only
         step += 1
         images += cfg.batch
+        if first_step and is_main:
+            first_step = False
+            import psutil
+            since = time.time() - psutil.Process().create_time()
+            print(f"[timing] first step done {since:.1f} s after process start"
+                  f"{' (resumed)' if found else ''}", flush=True)
         if engine.skipped_steps > skipped_before:  # non-finite gradients: DeepSpeed skipped the update
             stats.skipped_steps += 1
             bad_in_row += 1

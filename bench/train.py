@@ -1,0 +1,98 @@
+"""Training throughput per ZeRO stage, checkpoint save bandwidth against the disk's, and the time from
+process start to the first step after a resume. Runs the real `adm train` (2 local ranks on CPU).
+
+    .venv/bin/python bench/train.py --out bench/out/train.json
+    .venv/bin/python bench/train.py --preset adm-64 --data shards/in64 --nproc 8 ...   # on a GPU node
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def disk_write_mib_s(directory: Path, mib: int = 256) -> float:
+    """Sequential write + fsync of `mib` MiB: the bandwidth a checkpoint save can hope for."""
+    path = directory / "disk-probe.bin"
+    block = os.urandom(1 << 20)
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(mib):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return mib / seconds
+
+
+def make_data(tmp: Path) -> Path:
+    sys.path.insert(0, str(REPO / "tests"))
+    from imagenet_fixture import make_imagenet
+
+    from data_pipeline.sources import read_source
+    from data_pipeline.writer import write_dataset
+
+    make_imagenet(tmp / "digits", per_class=40)
+    write_dataset(read_source(tmp / "digits", "imagenet", "train"), tmp / "shards", shard_size=16,
+                  preprocess="center-crop:32", image_format="npy", progress=False)
+    return tmp / "shards"
+
+
+def run(args, run_dir, *extra):
+    cmd = [sys.executable, "-m", "adm", "train", f"preset={args.preset}", f"data={args.data}", f"run_dir={run_dir}",
+           *args.overrides, *extra, "--nproc", str(args.nproc)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tiny-32")
+    p.add_argument("--data", help="shards (default: the digits, built here)")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--kimg", type=float, default=0.768)
+    p.add_argument("--overrides", nargs="*", default=["model.num_classes=11", "batch=32", "num_slots=4",
+                                                      "data_workers=1"])
+    p.add_argument("--out", type=Path)
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        a.data = a.data or str(make_data(tmp))
+        disk = disk_write_mib_s(tmp)
+        rows = []
+        for stage in (1, 2, 3):
+            out = run(a, tmp / f"z{stage}", f"zero_stage={stage}", f"total_kimg={a.kimg}", f"status_kimg={a.kimg / 3}",
+                      f"checkpoint_kimg={a.kimg}", f"snapshot_kimg={a.kimg}", "grid=false")
+            rates = [float(x) for x in re.findall(r"\|\s+([\d.]+) img/s", out)]
+            save = re.search(r"\[ckpt\] saved \S+ in ([\d.]+) s \(([\d.]+) MiB, ([\d.]+) MiB/s\)", out)
+            rows.append({"zero_stage": stage, "images_per_s": statistics.median(rates[1:] or rates),
+                         "s_per_kimg": 1000 / statistics.median(rates[1:] or rates),
+                         "checkpoint_s": float(save.group(1)), "checkpoint_mib": float(save.group(2)),
+                         "checkpoint_mib_s": float(save.group(3)),
+                         "checkpoint_fraction_of_disk": float(save.group(3)) / disk})
+            print(rows[-1], flush=True)
+        out = run(a, tmp / "z2", "zero_stage=2", f"total_kimg={a.kimg + 0.064}", f"status_kimg={a.kimg}", "grid=false")
+        first = float(re.search(r"\[timing\] first step done ([\d.]+) s after process start \(resumed\)", out).group(1))
+    result = {"preset": a.preset, "nproc": a.nproc, "disk_write_mib_s": disk, "rows": rows,
+              "resume_to_first_step_s": first,
+              "zero2_vs_zero1_throughput": rows[1]["images_per_s"] / rows[0]["images_per_s"]}
+    print(json.dumps(result, indent=2))
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
