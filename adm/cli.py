@@ -9,6 +9,7 @@ COMMANDS = {
     "models": ("models.cli", "ADM networks: list presets, describe layouts, convert released checkpoints"),
     "data": ("data_pipeline.cli", "WebDataset shards: write ImageNet (or any labelled images), verify, info"),
     "train": ("trainer.cli", "train with DeepSpeed ZeRO (diffusion, classifier, upsampler); re-running resumes"),
+    "posthoc": ("trainer.posthoc", "synthesise the EMA of any width from a run's power-EMA profiles (EDM2)"),
     "demo": ("adm.demo", "run the demo on this machine"),
 }
 

@@ -41,6 +41,7 @@ class TrainConfig:
     precision: str = "bf16"  # fp32 | bf16 | fp16 (dynamic loss scale; GPU only)
     zero_stage: int = 2  # DeepSpeed ZeRO stage 1, 2 or 3
     ema_rates: list[float] = field(default_factory=lambda: [0.9999])  # EMA decay per optimizer step
+    power_ema: list[float] = field(default_factory=list)  # EDM2 power-function EMA widths (sigma_rel), e.g. [0.05, 0.1]
     seed: int = 0
     num_slots: int = 64  # canonical data slots (must be divisible by world size x workers)
     data_workers: int = 2  # DataLoader workers per rank
@@ -72,8 +73,10 @@ class TrainConfig:
         want = {"diffusion": "unet", "classifier": "classifier", "upsampler": "upsampler"}[self.task]
         if self.model.arch != want:
             bad("model.arch", f"task {self.task} trains a {want}, the model is a {self.model.arch}")
-        if any(not 0.0 <= r < 1.0 for r in self.ema_rates):
-            bad("ema_rates", f"every rate must lie in [0, 1), got {self.ema_rates}")
+        if not self.ema_rates or any(not 0.0 <= r < 1.0 for r in self.ema_rates):
+            bad("ema_rates", f"give at least one rate, each in [0, 1), got {self.ema_rates}")
+        if any(not 0.0 < s < 0.28 for s in self.power_ema):
+            bad("power_ema", f"every sigma_rel must lie in (0, 0.28), got {self.power_ema}")
 
     def fixed_hash(self) -> str:
         """Hash of what a resume may not change: the architecture and the diffusion."""

@@ -10,10 +10,13 @@ import torch
 
 
 class ShardEMA:
-    def __init__(self, engine, rates: list[float], zero_stage: int):
+    def __init__(self, engine, rates: list[float], zero_stage: int, power_sigma_rels: list[float] = ()):
+        from .power_ema import PowerEMA
+
         self.engine, self.rates, self.stage = engine, list(rates), zero_stage
         self.shadows = {rate: [m.detach().clone() for m in self.masters()] for rate in self.rates}
         self.updates = 0
+        self.power = PowerEMA(self.masters(), list(power_sigma_rels)) if power_sigma_rels else None
 
     def masters(self) -> list[torch.Tensor]:
         if self.stage == 3:
@@ -28,11 +31,21 @@ class ShardEMA:
         masters = self.masters()
         for rate, shadow in self.shadows.items():
             torch._foreach_lerp_(shadow, masters, 1.0 - rate)
+        if self.power is not None:
+            self.power.update(masters)
         self.updates += 1
+
+    def all_shadows(self) -> dict[str, list[torch.Tensor]]:
+        """name -> shards: "ema_<rate>" and, with power EMA, "phema_<sigma_rel>"."""
+        out = {f"ema_{r}": s for r, s in self.shadows.items()}
+        if self.power is not None:
+            out.update({f"phema_{s}": v for s, v in self.power.shadows.items()})
+        return out
 
     def state_dict(self) -> dict:
         return {"rates": self.rates, "updates": self.updates,
-                "shadows": {str(r): [t.clone() for t in s] for r, s in self.shadows.items()}}
+                "shadows": {str(r): [t.clone() for t in s] for r, s in self.shadows.items()},
+                "power": self.power.state_dict() if self.power is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         if [float(r) for r in state["rates"]] != self.rates:
@@ -41,10 +54,14 @@ class ShardEMA:
             for dst, src in zip(self.shadows[float(r)], tensors):
                 dst.copy_(src)
         self.updates = state["updates"]
+        if self.power is not None:
+            if not state.get("power"):
+                raise ValueError("the checkpoint has no power-function EMA; it cannot be switched on in a resume")
+            self.power.load_state_dict(state["power"])
 
     @torch.no_grad()
     def full_state_dicts(self, include_raw: bool = True) -> dict[str, dict]:
-        """{"raw": ..., "ema_<rate>": ...} full fp32 state dicts (collective; complete on every rank)."""
+        """{"raw": ..., "ema_<rate>": ..., "phema_<sigma_rel>": ...} full fp32 state dicts (collective)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
         names = [n for n, _ in self.engine.module.named_parameters()]
@@ -57,10 +74,10 @@ class ShardEMA:
         masters = self.masters()
         saved = [m.detach().clone() for m in masters]
         try:
-            for rate, shadow in self.shadows.items():
+            for name, shadow in self.all_shadows().items():
                 for m, s in zip(masters, shadow):
                     m.copy_(s)
-                out[f"ema_{rate}"] = gather()
+                out[name] = gather()
         finally:
             for m, s in zip(masters, saved):
                 m.copy_(s)
@@ -76,11 +93,11 @@ class ShardEMA:
         masters = self.masters()
         saved = [m.detach().clone() for m in masters]
         try:
-            for rate in self.rates:
-                weights = full[f"ema_{rate}"]
+            for key, shadow in self.all_shadows().items():
+                weights = full[key]
                 for name, p in named:
                     safe_set_full_fp32_param(p, weights[name].to(saved[0].device))
-                for s, m in zip(self.shadows[rate], self.masters()):
+                for s, m in zip(shadow, self.masters()):
                     s.copy_(m)
         finally:
             for m, s in zip(self.masters(), saved):

@@ -100,7 +100,7 @@ def training_loop(cfg: TrainConfig) -> int:
         ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     param_dtype = next(engine.module.parameters()).dtype
-    ema = ShardEMA(engine, cfg.ema_rates, cfg.zero_stage)
+    ema = ShardEMA(engine, cfg.ema_rates, cfg.zero_stage, cfg.power_ema)
     gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + rank)  # timesteps and noise
 
     # ---- resume ----------------------------------------------------------------------------
@@ -117,9 +117,11 @@ def training_loop(cfg: TrainConfig) -> int:
             engine.load_checkpoint(str(universal), tag="ds", load_optimizer_states=True,
                                    load_lr_scheduler_states=False)
             from safetensors.torch import load_file
-            full = {f"ema_{r}": load_file(str(run_dir / ckpt.CKPT / tag / f"ema_{r}.safetensors")) for r in cfg.ema_rates}
+            full = {k: load_file(str(run_dir / ckpt.CKPT / tag / f"{k}.safetensors")) for k in ema.all_shadows()}
             ema.load_full(full)
             ema.updates = client["ema_updates"]
+            if ema.power is not None:
+                ema.power.steps = client["ema_updates"]
             own = torch.load(run_dir / ckpt.CKPT / tag / "rank00000.pt", weights_only=False)  # sampler: same on all
             gen.manual_seed(cfg.seed * 1_000_003 + rank + 7919 * client["images"])
             torch.manual_seed(cfg.seed + 104_729 * rank + client["images"])
@@ -183,6 +185,9 @@ def training_loop(cfg: TrainConfig) -> int:
             path = write(run_dir / "snapshots" / ckpt.tag_for(images), weights[first], m, overwrite=True,
                          extra_weights=extra,
                          meta={"task": cfg.task, "images": images, "step": step, "ema_rate": cfg.ema_rates[0],
+                               "ema_updates": ema.updates,
+                               "power_ema": {"sigma_rels": cfg.power_ema,
+                                             "gammas": ema.power.gammas if ema.power else []},
                                "diffusion": {"steps": d.steps, "noise_schedule": d.noise_schedule},
                                "training_options": asdict(cfg)})
             if cfg.grid and cfg.task == "diffusion":
