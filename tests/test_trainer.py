@@ -106,8 +106,9 @@ def test_training_runs_logs_and_writes_artifacts(reference_run):
 
 def test_resume_is_bit_identical(shards, reference_run, tmp_path):
     run = tmp_path / "run"
-    train(shards, run, "total_kimg=0.192")
-    proc = train(shards, run, "total_kimg=0.384")  # the same command with a later end: resumes
+    # snapshots (and their sample grids) at other times than the reference's must not perturb training
+    train(shards, run, "total_kimg=0.192", "snapshot_kimg=0.064")
+    proc = train(shards, run, "total_kimg=0.384", "snapshot_kimg=0.064")  # a later end: resumes
     assert "resumed from img000000000192" in proc.stderr
     assert_identical(final_weights(run)[0], final_weights(reference_run[0])[0])
 
@@ -221,3 +222,50 @@ def test_power_ema_profiles_and_posthoc_reconstruction(shards, tmp_path):
     for k, v in stored.items():  # a stored width is reproduced by the least-squares weights
         torch.testing.assert_close(synth.state_dict[k], v, rtol=1e-4, atol=1e-5)
     synth.build()
+
+
+def test_checkpoints_load_with_deepspeeds_zero_to_fp32(reference_run, tmp_path):
+    run, _ = reference_run
+    tag = run / "checkpoints" / "img000000000384"
+    proc = subprocess.run([sys.executable, str(tag / "zero_to_fp32.py"), str(tag), str(tmp_path / "fp32"), "--tag",
+                           "ds", "--safe_serialization"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    consolidated = load_file(str(tmp_path / "fp32" / "model.safetensors"))
+    raw = load_file(str(run / "snapshots" / "img000000000384" / "raw.safetensors"))
+    assert consolidated.keys() == raw.keys()
+    for k in raw:
+        assert torch.equal(consolidated[k].float(), raw[k])
+
+
+def test_mpiexec_launch_matches_the_local_launcher(shards, reference_run, tmp_path):
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    run = tmp_path / "run"
+    cmd = [mpiexec, "-n", "2", sys.executable, "-m", "trainer", f"data={shards}", f"run_dir={run}", *BASE,
+           "total_kimg=0.384"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_identical(final_weights(run)[0], final_weights(reference_run[0])[0])
+
+
+def test_bad_inputs_fail_fast_with_clear_errors(shards, reference_run, tmp_path):
+    cases = [
+        (["data=" + str(tmp_path), "run_dir=" + str(tmp_path / "r")], "no manifest.json"),
+        ([f"data={shards}", f"run_dir={tmp_path / 'r'}", "batch=15"], "not divisible by the world size 2"),
+        ([f"data={shards}", f"run_dir={tmp_path / 'r'}", "preset=tiny-32"], "set model.num_classes=11"),
+    ]
+    for args, expected in cases:
+        cmd = [sys.executable, "-m", "adm", "train", "preset=tiny-32", "model.num_classes=11", *args, "--nproc", "2"]
+        if "preset=tiny-32" in args:
+            cmd.remove("model.num_classes=11")
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 2 and expected in proc.stderr, (expected, proc.stderr[-1500:])
+    run, _ = reference_run
+    proc = train(shards, run, "total_kimg=0.5", "model.model_channels=64", check=False)
+    assert proc.returncode != 0 and "different architecture or diffusion" in proc.stderr
+
+
+def test_non_finite_steps_are_skipped_then_training_stops(shards, tmp_path):
+    proc = train(shards, tmp_path / "run", "total_kimg=1.0", "lr=1e30", "max_bad_steps=3", "checkpoint_kimg=0.016",
+                 "precision=fp32", check=False)
+    assert proc.returncode == 2
+    assert "3 non-finite steps in a row" in proc.stderr and "last good checkpoint is" in proc.stderr

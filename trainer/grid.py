@@ -26,6 +26,13 @@ def tile(arr: np.ndarray, cols: int) -> Image.Image:
 
 @torch.no_grad()
 def sample_grid(state_dict: dict, cfg, device) -> Image.Image:
+    # building a model draws initial weights from the global RNG; training's RNG stream (dropout) must
+    # not depend on whether a grid was drawn, or resumed runs would diverge from uninterrupted ones
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _sample_grid(state_dict, cfg, device)
+
+
+def _sample_grid(state_dict: dict, cfg, device) -> Image.Image:
     m = cfg.model
     model = build_model(m)
     model.load_state_dict(state_dict, strict=True)

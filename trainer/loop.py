@@ -72,7 +72,6 @@ def training_loop(cfg: TrainConfig) -> int:
     is_main = rank == 0
     if is_main:
         (run_dir / ckpt.CKPT).mkdir(parents=True, exist_ok=True)
-        (run_dir / "training_options.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
     # ---- data, model, diffusion ------------------------------------------------------------
     m = cfg.model
@@ -140,6 +139,8 @@ def training_loop(cfg: TrainConfig) -> int:
             log.info("resumed from %s at %.1f kimg%s", tag, images / 1000,
                      f" (saved at world size {manifest['world_size']}, now {world}: universal checkpoint)"
                      if elastic else "")
+    if is_main:  # only now: a resume that was refused must not overwrite the run's options
+        (run_dir / "training_options.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     batches = iter(loader)  # before restoring the RNG: creating the iterator draws from it
     if rng_state is not None:
         torch.set_rng_state(rng_state)
