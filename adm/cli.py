@@ -9,6 +9,8 @@ COMMANDS = {
     "models": ("models.cli", "ADM networks: list presets, describe layouts, convert released checkpoints"),
     "data": ("data_pipeline.cli", "WebDataset shards: write ImageNet (or any labelled images), verify, info"),
     "train": ("trainer.cli", "train with DeepSpeed ZeRO (diffusion, classifier, upsampler); re-running resumes"),
+    "submit": ("slurm.submit:main_submit", "submit training to Slurm through submitit (or run it locally)"),
+    "jobs": ("slurm.submit:main_jobs", "a run's jobs: state, requeues, progress, logs; cancel"),
     "posthoc": ("trainer.posthoc", "synthesise the EMA of any width from a run's power-EMA profiles (EDM2)"),
     "demo": ("adm.demo", "run the demo on this machine"),
 }
@@ -50,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return run_guarded(module.main, rest, f"adm {name}")
+    target = COMMANDS[name][0]
+    module_name, _, func = target.partition(":")
+    module = importlib.import_module(module_name)
+    return run_guarded(getattr(module, func or "main"), rest, f"adm {name}")
 
 
 if __name__ == "__main__":

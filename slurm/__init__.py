@@ -1,1 +1,1 @@
-"""slurm package (built in its own issue)."""
+"""Slurm through submitit: submit training (and evaluation) jobs, requeue on preemption, watch them."""

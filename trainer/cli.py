@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m trainer") -> int:
     parser.add_argument("config", nargs="?", help="YAML config (or none, with preset=NAME among the overrides)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--nproc", type=int, default=1, help="start this many local ranks (CPU: gloo)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may come after --nproc
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config and not config.endswith((".yaml", ".yml")):
         config, overrides = None, [config, *overrides]

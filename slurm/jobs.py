@@ -1,0 +1,36 @@
+"""The callables submitit runs. They carry no state in their pickle: a requeued job finds LATEST itself."""
+
+import os
+import signal
+
+import submitit
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """One Slurm task per device runs the training loop; on preemption/timeout the ranks save together,
+    then global rank 0 hands over to submitit, which pickles this same (stateless) call and requeues."""
+
+    def __init__(self, config: str | None, overrides: list[str]):
+        self.config, self.overrides = config, list(overrides)
+
+    def __call__(self) -> int:
+        from trainer.config import load_train_config
+        from trainer.loop import training_loop
+        from trainer.preemption import EXIT_REQUEUE
+
+        import torch
+
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus:  # one task per device: each uses only its own CPUs (no oversubscription)
+            torch.set_num_threads(int(cpus))
+        submitit_handler = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue
+        code = training_loop(load_train_config(self.config, self.overrides))
+        if code == EXIT_REQUEUE:
+            if int(os.environ.get("SLURM_PROCID", "0")) == 0 and callable(submitit_handler):
+                submitit_handler(signal.SIGUSR2, None)  # checkpoint() + scontrol requeue + exit
+            raise SystemExit(EXIT_REQUEUE)
+        return code
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        # the training state is already on disk (the trainer's collective save); resubmit the same call
+        return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.overrides))

@@ -1,0 +1,275 @@
+"""`adm submit train ...` and `adm jobs ...`: training on Slurm through submitit (or locally)."""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import records
+
+CLUSTERS = ("auto", "slurm", "local", "debug")
+
+
+def site_defaults() -> dict:
+    """Cluster defaults (partition, account, qos, setup lines, ...) from $ADM_SITE or ~/.config/adm/site.yaml."""
+    import yaml
+
+    for path in (os.environ.get("ADM_SITE"), Path.home() / ".config" / "adm" / "site.yaml"):
+        if path and Path(path).is_file():
+            data = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(data, dict):
+                raise ValueError(f"{path}: expected a mapping of option: value")
+            return data
+    return {}
+
+
+def parse_time(value: str) -> int:
+    """HH:MM:SS, MM:SS, D-HH:MM:SS or minutes -> minutes (rounded up)."""
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", value)
+    if m:
+        d, h, mi, s = (int(x) if x else 0 for x in m.groups())
+        return d * 1440 + h * 60 + mi + (1 if s else 0)
+    if value.isdigit():
+        return int(value)
+    raise ValueError(f"--time {value!r}: expected HH:MM:SS or minutes")
+
+
+def slurm_available() -> bool:
+    return shutil.which("sbatch") is not None and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
+
+
+def check_partition(partition: str | None) -> None:
+    if not partition or not shutil.which("sinfo"):
+        return
+    names = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True).stdout.split()
+    if names and partition not in names:
+        raise ValueError(f"--partition {partition!r}: Slurm knows {', '.join(sorted(set(names)))}")
+
+
+def running_job_for(run_dir: Path) -> str | None:
+    """A job of ours that is still pending or running in this run directory."""
+    if not shutil.which("squeue"):
+        return None
+    active = set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split())
+    for rec in records.read(run_dir):
+        if str(rec["job_id"]) in active:
+            return str(rec["job_id"])
+    return None
+
+
+def make_executor(args, folder: Path, site: dict):
+    import submitit
+
+    cluster = args.cluster
+    if cluster == "auto":
+        cluster = "slurm" if slurm_available() else "local"
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster,
+                                     slurm_max_num_timeout=args.max_timeouts)
+    params = dict(name=args.name, timeout_min=args.minutes, nodes=args.nodes, tasks_per_node=args.gpus_per_node,
+                  gpus_per_node=args.gpus_per_node if args.gpus else None)
+    slurm = dict(slurm_partition=args.partition or site.get("partition"),
+                 slurm_account=args.account or site.get("account"), slurm_qos=args.qos or site.get("qos"),
+                 slurm_constraint=args.constraint or site.get("constraint"),
+                 slurm_signal_delay_s=args.signal_delay, slurm_mem=args.mem or site.get("mem"),
+                 slurm_setup=list(site.get("setup", [])) or None,
+                 slurm_additional_parameters={**({"exclusive": True} if args.exclusive else {}),
+                                              **({"dependency": args.dependency} if args.dependency else {})} or None,
+                 cpus_per_task=args.cpus_per_task or site.get("cpus_per_task") or
+                 (max(1, (os.cpu_count() or 1) // args.gpus_per_node) if args.cpu else None))
+    if cluster == "slurm":
+        params.update({k: v for k, v in slurm.items() if v is not None})
+    elif cluster == "local":
+        params = {k: v for k, v in params.items() if k in ("name", "timeout_min", "tasks_per_node") and v}
+    else:
+        params = {}
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return executor, cluster
+
+
+def cmd_submit_train(args) -> int:
+    from trainer.cli import check_data
+    from trainer.config import load_train_config
+
+    site = site_defaults()
+    args.minutes = parse_time(args.time)
+    cfg = load_train_config(args.config, args.overrides)  # a bad config fails before anything is queued
+    world = args.nodes * args.gpus_per_node
+    cfg.batch_layout(world)
+    check_data(cfg)
+    if args.minutes * 60 <= args.signal_delay + 60:
+        raise ValueError(f"--time {args.time} leaves no room: the preemption signal comes {args.signal_delay} s "
+                         "before the limit and a save needs time too (raise --time or lower --signal-delay)")
+    args.gpus = bool(args.gpus_per_node and _gpus_requested(args))
+    run_dir = Path(cfg.run_dir)
+    busy = running_job_for(run_dir)
+    if busy:
+        raise ValueError(f"{run_dir} is in use by job {busy} (pending or running): wait for it or `adm jobs cancel {busy}`")
+    check_partition(args.partition or site.get("partition"))
+    args.name = args.name or f"adm-{run_dir.name}"
+    folder = run_dir / "slurm" / "%j"
+    executor, cluster = make_executor(args, folder, site)
+    if args.dry_run:
+        if cluster != "slurm":
+            print(f"(cluster {cluster}: no sbatch script; would run {world} local task(s))")
+            return 0
+        script = executor._executor._make_submission_file_text("<command>", "<uid>")
+        print(script)
+        print(json.dumps({"config": args.config, "overrides": args.overrides}, indent=2))
+        return 0
+    from .jobs import TrainJob
+
+    job = executor.submit(TrainJob(args.config, args.overrides))
+    records.add(run_dir, {"job_id": job.job_id, "cluster": cluster, "kind": "train", "config": args.config,
+                          "overrides": args.overrides, "nodes": args.nodes, "tasks_per_node": args.gpus_per_node,
+                          "folder": str(run_dir / "slurm" / str(job.job_id))})
+    print(f"submitted job {job.job_id} ({cluster}); logs: {run_dir / 'slurm' / str(job.job_id)}; "
+          f"watch: adm jobs {run_dir}")
+    if args.wait:
+        job.results()
+        print(f"job {job.job_id} finished")
+    return 0
+
+
+def _gpus_requested(args) -> bool:
+    if args.cpu:
+        return False
+    if args.cluster == "local" or (args.cluster == "auto" and not slurm_available()):
+        import torch
+        if args.gpus_per_node and not torch.cuda.is_available() and not args.cpu:
+            return False
+    gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True).stdout if shutil.which(
+        "sinfo") else ""
+    if "gpu" not in gres:
+        if not args.cpu:
+            raise ValueError("GPUs were requested but this cluster has no GPUs (sinfo shows no gres/gpu): "
+                             "pass --cpu to run one CPU task per --gpus-per-node instead")
+    return True
+
+
+def sacct(job_ids: list[str]) -> dict[str, dict]:
+    if not job_ids or not shutil.which("sacct"):
+        return {}
+    # -D: every requeued incarnation is a row of its own; the count of rows - 1 is the requeue count
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-j", ",".join(job_ids), "-o", "JobID,State,Elapsed"],
+                         capture_output=True, text=True).stdout
+    info: dict[str, dict] = {}
+    for line in out.splitlines():
+        parts = line.split("|")
+        if len(parts) == 3:
+            prev = info.get(parts[0])
+            info[parts[0]] = {"state": parts[1], "elapsed": parts[2],
+                              "restarts": str(int(prev["restarts"]) + 1) if prev else "0"}
+    return info
+
+
+def last_images(run_dir: Path) -> str:
+    latest = run_dir / "checkpoints" / "LATEST"
+    return f"{int(latest.read_text().strip()[3:]) / 1000:.1f} kimg" if latest.is_file() else "-"
+
+
+def cmd_jobs(args) -> int:
+    if args.action == "list":
+        run_dirs = [Path(args.target or ".")]
+        rows = []
+        for run_dir in run_dirs:
+            recs = records.read(run_dir)
+            states = sacct([str(r["job_id"]) for r in recs if r.get("cluster") == "slurm"])
+            for r in recs:
+                st = states.get(str(r["job_id"]), {})
+                if r.get("cluster") == "local":
+                    st = {"state": _local_state(r), "elapsed": "-", "restarts": "-"}
+                rows.append((str(r["job_id"]), r.get("kind", "?"), st.get("state", "UNKNOWN"), st.get("restarts", "-"),
+                             st.get("elapsed", "-"), last_images(run_dir), r.get("folder", "")))
+        if not rows:
+            print(f"no jobs recorded in {run_dirs[0]}/jobs.jsonl")
+            return 0
+        widths = [max(len(x[i]) for x in rows + [("job", "kind", "state", "requeues", "elapsed", "progress", "logs")])
+                  for i in range(7)]
+        for row in [("job", "kind", "state", "requeues", "elapsed", "progress", "logs")] + rows:
+            print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+        return 0
+    found = records.find(args.target, [Path(p) for p in (args.run_dirs or ["."])])
+    if found is None:
+        raise ValueError(f"job {args.target}: not in any jobs.jsonl of {args.run_dirs or ['.']} (pass --run-dir)")
+    run_dir, rec = found
+    if args.action == "logs":
+        folder = Path(rec["folder"])
+        for log in sorted(folder.glob("*_log.*")):
+            print(f"==> {log} <==")
+            print(log.read_text()[-args.tail:])
+        return 0
+    if args.action == "cancel":
+        if rec.get("cluster") == "slurm":
+            subprocess.run(["scancel", str(rec["job_id"])], check=True)
+        else:
+            subprocess.run(["kill", str(rec["job_id"])], check=False)
+        print(f"cancelled {rec['job_id']}")
+        return 0
+    raise ValueError(f"unknown action {args.action}")
+
+
+def _local_state(rec) -> str:
+    try:
+        os.kill(int(rec["job_id"]), 0)
+        return "RUNNING"
+    except (OSError, ValueError):
+        folder = Path(rec["folder"])
+        return "COMPLETED" if any(folder.glob("*_result.pkl")) else "FINISHED"
+
+
+def register_submit(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
+    p = sub.add_parser("train", help="submit a training run (re-submitting resumes it)")
+    p.add_argument("config", nargs="?")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=1, help="one task per GPU")
+    p.add_argument("--cpu", action="store_true", help="CPU tasks (gloo), e.g. on the local test cluster")
+    p.add_argument("--partition")
+    p.add_argument("--time", default="24:00:00", help="HH:MM:SS")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--constraint")
+    p.add_argument("--mem")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--exclusive", action="store_true")
+    p.add_argument("--signal-delay", type=int, default=120, help="seconds between the signal and the time limit")
+    p.add_argument("--max-timeouts", type=int, default=1000, help="requeues after a timeout before giving up")
+    p.add_argument("--dependency")
+    p.add_argument("--name")
+    p.add_argument("--cluster", choices=CLUSTERS, default="auto", help="auto: Slurm if found, else local")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and config, submit nothing")
+    p.add_argument("--wait", action="store_true", help="wait for the job to finish")
+    p.set_defaults(func=cmd_submit_train)
+
+
+def main_submit(argv=None, prog="adm submit") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="submit jobs to Slurm (submitit) or run them locally")
+    register_submit(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":  # key=value overrides may come after the options
+        sub = parser._subparsers._group_actions[0].choices["train"]
+        args = sub.parse_intermixed_args(argv[1:])
+    else:
+        args = parser.parse_args(argv)
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides, args.config = [args.config, *args.overrides], None
+    return args.func(args)
+
+
+def main_jobs(argv=None, prog="adm jobs") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog=prog, description="the jobs of a run: state, requeues, progress, logs")
+    parser.add_argument("action", nargs="?", default="list", choices=["list", "logs", "cancel"])
+    parser.add_argument("target", nargs="?", help="list: RUN_DIR (default .); logs/cancel: JOB id")
+    parser.add_argument("--run-dir", dest="run_dirs", action="append", help="where to look for the job's record")
+    parser.add_argument("--tail", type=int, default=4000, help="characters of each log to show")
+    if argv and argv[0] not in ("list", "logs", "cancel", "-h", "--help"):
+        argv = ["list", *argv]
+    args = parser.parse_args(argv)
+    return cmd_jobs(args)

@@ -1,0 +1,135 @@
+"""Training through submitit on a real single-node Slurm (started by slurm/local_cluster.sh)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from imagenet_fixture import make_imagenet
+
+pytestmark = pytest.mark.slow
+BASE = ["preset=tiny-32", "model.num_classes=11", "batch=16", "num_slots=4", "data_workers=1", "status_kimg=0.064",
+        "grid=false"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if os.geteuid() != 0 and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode != 0:
+        pytest.skip("the local Slurm needs root (or passwordless sudo) to install and run its daemons")
+    base = "/tmp/adm-slurm-tests"
+    env = dict(os.environ, ADM_SLURM_BASE=base, ADM_SLURM_DB_PORT="3317", ADM_SLURM_CTLD_PORT="6827",
+               ADM_SLURM_SLURMD_PORT="6828", ADM_SLURM_DBD_PORT="6829")
+    subprocess.run(["bash", "slurm/local_cluster.sh", "start"], cwd=REPO, env=env, check=True)
+    os.environ["SLURM_CONF"] = f"{base}/slurm.conf"
+    yield env
+    subprocess.run(["bash", "slurm/local_cluster.sh", "stop"], cwd=REPO, env=env, check=False)
+    os.environ.pop("SLURM_CONF", None)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from data_pipeline.sources import read_source
+    from data_pipeline.writer import write_dataset
+
+    root = tmp_path_factory.mktemp("digits")
+    make_imagenet(root, per_class=40)
+    out = tmp_path_factory.mktemp("shards") / "train"
+    write_dataset(read_source(root, "imagenet", "train"), out, shard_size=16, preprocess="center-crop:32",
+                  image_format="npy", progress=False)
+    return out
+
+
+def adm(*args, check=True, timeout=600):
+    proc = subprocess.run([sys.executable, "-m", "adm", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=os.environ)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"adm {' '.join(args)}: {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return proc
+
+
+def job_id(run: Path) -> str:
+    return str(json.loads((run / "jobs.jsonl").read_text().splitlines()[-1])["job_id"])
+
+
+def wait_state(run: Path, states: set[str], timeout=240) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = adm("jobs", str(run)).stdout.splitlines()[1].split()
+        if out[2] in states:
+            return out[2]
+        time.sleep(1)
+    raise AssertionError(f"job not in {states} after {timeout} s: {out}")
+
+
+def submit(shards, run, *extra):
+    return adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, *extra, "--gpus-per-node", "2", "--cpu",
+               "--time", "00:10:00")
+
+
+def test_two_task_training_job_finishes_with_snapshots(cluster, shards, tmp_path):
+    run = tmp_path / "run"
+    proc = submit(shards, run, "total_kimg=0.128", "--wait")
+    assert "submitted job" in proc.stdout
+    assert (run / "snapshots" / "img000000000128" / "model.safetensors").is_file()
+    assert wait_state(run, {"COMPLETED"}) == "COMPLETED"
+    logs = adm("jobs", "logs", job_id(run), "--run-dir", str(run)).stdout
+    assert "[train]" in logs
+
+
+def test_preemption_requeues_and_resumes_bit_identically(cluster, shards, tmp_path):
+    ref = tmp_path / "ref"
+    submit(shards, ref, "total_kimg=0.384", "--wait")
+    run = tmp_path / "run"
+    submit(shards, run, "total_kimg=0.384")
+    jid = job_id(run)
+    log = run / "slurm" / jid / f"{jid}_0_log.out"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and "[train]" in log.read_text()):
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", jid], check=True)
+    assert wait_state(run, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
+    row = adm("jobs", str(run)).stdout.splitlines()[1].split()
+    assert int(row[3]) >= 1  # requeued at least once
+    errors = "".join(p.read_text() for p in (run / "slurm" / jid).glob("*_0_log.err"))
+    assert "preemption signal (SIGUSR2)" in errors
+    a = load_file(str(run / "snapshots" / "img000000000384" / "raw.safetensors"))
+    b = load_file(str(ref / "snapshots" / "img000000000384" / "raw.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_crashing_job_is_reported_failed(cluster, shards, tmp_path):
+    run = tmp_path / "run"
+    submit(shards, run, "total_kimg=0.128", "lr=1e30", "max_bad_steps=2", "precision=fp32")
+    assert wait_state(run, {"COMPLETED", "FAILED"}) == "FAILED"
+    assert "non-finite steps in a row" in adm("jobs", "logs", job_id(run), "--run-dir", str(run)).stdout
+
+
+def test_dry_run_and_bad_input(cluster, shards, tmp_path):
+    run = tmp_path / "run"
+    out = adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "--gpus-per-node", "2", "--cpu",
+              "--time", "01:00:00", "--partition", "debug", "--signal-delay", "300", "--dry-run").stdout
+    for line in ("#SBATCH --ntasks-per-node=2", "#SBATCH --signal=USR2@300", "#SBATCH --time=60",
+                 "#SBATCH --partition=debug", "srun --unbuffered"):
+        assert line in out
+    assert not (run / "jobs.jsonl").exists()
+    for extra, expected in [(["--partition", "gpu-huge"], "--partition 'gpu-huge': Slurm knows debug, urgent"),
+                            (["--time", "00:02:00"], "leaves no room"),
+                            (["batch=15"], "not divisible by the world size 2")]:
+        proc = adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "--gpus-per-node", "2", "--cpu",
+                   *extra, check=False)
+        assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-1000:]
+    proc = adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "--gpus-per-node", "2", check=False)
+    assert proc.returncode == 2 and "no GPUs" in proc.stderr
+    submit(shards, run, "total_kimg=2.0")
+    proc = adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "--gpus-per-node", "2", "--cpu",
+               check=False)
+    assert proc.returncode == 2 and f"in use by job {job_id(run)}" in proc.stderr
+    adm("jobs", "cancel", job_id(run), "--run-dir", str(run))
+    assert wait_state(run, {"CANCELLED", "CANCELLED+"}) .startswith("CANCELLED")
