@@ -36,3 +36,21 @@ def run_cli(*args: str, check: bool = True, cwd=None) -> subprocess.CompletedPro
     if check and proc.returncode != 0:
         raise AssertionError(f"adm {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def digit_shards(tmp_path_factory) -> Path:
+    """Real handwritten digits (+ two photographs), 11 classes, as shards: `train` (center-crop 32,
+    402 images), `train64` (center-crop 64) and `val` (30 held-out digits), in one directory."""
+    from imagenet_fixture import make_imagenet
+
+    from data_pipeline.sources import read_source
+    from data_pipeline.writer import write_dataset
+
+    root = tmp_path_factory.mktemp("digits")
+    make_imagenet(root, per_class=40)
+    out = tmp_path_factory.mktemp("digit_shards")
+    for name, split, size, shard in (("train", "train", 32, 16), ("train64", "train", 64, 16), ("val", "val", 32, 8)):
+        write_dataset(read_source(root, "imagenet", split), out / name, shard_size=shard,
+                      preprocess=f"center-crop:{size}", image_format="npy", progress=False)
+    return out

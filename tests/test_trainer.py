@@ -15,26 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
-from imagenet_fixture import make_imagenet
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from data_pipeline.sources import read_source
-    from data_pipeline.writer import write_dataset
-
-    root = tmp_path_factory.mktemp("digits")
-    make_imagenet(root, per_class=40)
-    out = tmp_path_factory.mktemp("shards") / "train"
-    write_dataset(read_source(root, "imagenet", "train"), out, shard_size=16, preprocess="center-crop:32",
-                  image_format="npy", progress=False)
-    write_dataset(read_source(root, "imagenet", "train"), out.parent / "train64", shard_size=16,
-                  preprocess="center-crop:64", image_format="npy", progress=False)
-    write_dataset(read_source(root, "imagenet", "val"), out.parent / "val", shard_size=8,
-                  preprocess="center-crop:32", image_format="npy", progress=False)
-    return out
+def shards(digit_shards):
+    return digit_shards / "train"
 
 
 BASE = ["preset=tiny-32", "model.num_classes=11", "batch=16", "num_slots=4", "data_workers=1", "status_kimg=0.064",
