@@ -1,84 +1,158 @@
-"""`adm demo`: show on this machine what the project does so far.
+"""`adm demo`: the whole system on this machine, on real data, in a few minutes.
 
-Today: build every model family at its tiny CPU preset, check each against the published layouts,
-run a forward and backward pass, and print a summary. Later stages (data, training, evaluation,
-report) join as they land.
+1. Data: the 1,797 handwritten digits scikit-learn ships (and its two photographs), written in
+   ImageNet's folder layout with a LOC_val_solution.csv validation split, converted to WebDataset
+   shards by `adm data write` (the ImageNet code path).
+2. Training through the real trainer (DeepSpeed ZeRO-2, 2 local processes, gloo on CPU): a tiny
+   class-conditional ADM, interrupted once on purpose by the preemption signal and resumed, and a
+   noisy classifier.
+3. Evaluation: samples from two snapshots (unguided and guided), FID / sFID / precision / recall
+   against held-out digits with the real Inception weights.
+4. A report (report.html) with the loss curve, sample grids and the metrics.
+Re-running reuses what is done.
 """
 
 import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-import torch
 from rich.console import Console
-from rich.table import Table
+
+console = Console(width=110)
+
+
+def adm(*args, check=True, capture=False) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "adm", *args], capture_output=capture, text=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"`adm {' '.join(args)}` failed with status {proc.returncode}"
+                           + (f":\n{proc.stderr[-2000:]}" if capture else ""))
+    return proc
+
+
+def make_digits(root: Path, size: int) -> None:
+    """The digits in ImageNet's layouts: train/<wnid>/..., flat val/ + LOC_val_solution.csv."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    (root / "val").mkdir(exist_ok=True)
+    (root / "LOC_synset_mapping.txt").write_text("".join(f"n{k:08d} digit {k}\n" for k in range(10)))
+    rows, per_class = ["ImageId,PredictionString"], {}
+    for i, (img, k) in enumerate(zip(digits.images, digits.target)):
+        k = int(k)
+        arr = (img / 16.0 * 255).astype(np.uint8)
+        pil = Image.fromarray(arr).resize((size, size), Image.BICUBIC).convert("RGB")
+        per_class[k] = per_class.get(k, 0) + 1
+        if per_class[k] <= 20:  # 200 held-out digits
+            name = f"ILSVRC2012_val_{i:08d}"
+            pil.save(root / "val" / f"{name}.JPEG", quality=95)
+            rows.append(f"{name},n{k:08d} 0 0 {size} {size}")
+        else:
+            d = root / "train" / f"n{k:08d}"
+            d.mkdir(exist_ok=True)
+            pil.save(d / f"n{k:08d}_{i}.JPEG", quality=95)
+    (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+
+
+def train_with_one_preemption(args: list[str], run: Path) -> bool:
+    """Start training, send the preemption signal after the first status line, then resume."""
+    state = run / "demo-state"
+    if state.is_file() and "DONE" in state.read_text():
+        return False
+    proc = subprocess.Popen([sys.executable, "-m", "adm", "train", *args], stdout=subprocess.PIPE, text=True)
+    interrupted = False
+    for line in proc.stdout:
+        print("   " + line.rstrip())
+        if line.startswith("[train]") and not interrupted and not (run / "demo-state").is_file():
+            console.print("   [yellow]sending the preemption signal (SIGUSR2) on purpose...[/yellow]")
+            proc.send_signal(signal.SIGUSR2)
+            interrupted = True
+    code = proc.wait()
+    if code == 75:
+        (run / "demo-state").write_text("preempted once\n")
+        console.print("   [yellow]the ranks saved together and exited (status 75): re-running the same command "
+                      "resumes[/yellow]")
+        adm("train", *args)
+    elif code != 0:
+        raise RuntimeError(f"training failed with status {code}")
+    (run / "demo-state").write_text("DONE\n")
+    return True
 
 
 def main(argv: list[str] | None = None, prog: str = "adm demo") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=4, help="images per forward/backward")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="demo_out", help="where everything goes")
+    parser.add_argument("--kimg", type=float, default=8.0, help="thousands of images to train the diffusion model")
+    parser.add_argument("--samples", type=int, default=100, help="samples per evaluated snapshot")
     args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    console.rule("[bold]ADM at scale: the demo")
 
-    from models.config import build_model, count_parameters
-    from models.presets import PRESETS
+    console.print("[bold]1. Data[/bold]: scikit-learn's real handwritten digits in ImageNet's layout -> shards")
+    if not (out / "digits" / "LOC_val_solution.csv").is_file():
+        make_digits(out / "digits", 32)
+    for split in ("train", "val"):
+        if not (out / "shards" / split / "manifest.json").is_file():
+            adm("data", "write", str(out / "digits"), str(out / "shards" / split), "--layout", "imagenet",
+                "--split", split, "--shard-size", "64", "--preprocess", "center-crop:32", "--image-format", "npy",
+                "--workers", "2", "--quiet")
+    info = json.loads(adm("data", "info", str(out / "shards" / "train"), "--json", capture=True).stdout)
+    console.print(f"   {info['samples']} training images in {info['shards']} shards, {info['classes']} classes")
 
-    console = Console(width=110)
-    console.rule("[bold]ADM at scale: demo")
-    console.print("1. Published models: parameter counts from the layouts (meta device, no memory used)")
-    table = Table()
-    for col in ("preset", "params", "paper"):
-        table.add_column(col, justify="right" if col != "preset" else "left")
-    for name, p in PRESETS.items():
-        if p.paper_params_m:
-            table.add_row(name, f"{count_parameters(p.config()) / 1e6:.1f}M", f"{p.paper_params_m}M")
-    console.print(table)
+    console.print("[bold]2. Training[/bold] (DeepSpeed ZeRO-2, 2 processes, bf16 on CPU)")
+    common = ["batch=32", "num_slots=4", "data_workers=1", "--nproc", "2"]
+    diff_run = out / "runs" / "diffusion"
+    half = args.kimg / 2
+    train_with_one_preemption(
+        [f"preset=tiny-32", f"data={out / 'shards' / 'train'}", f"run_dir={diff_run}", f"total_kimg={args.kimg}",
+         f"status_kimg={args.kimg / 8:.3f}", f"snapshot_kimg={half}", f"checkpoint_kimg={half}", "lr=2e-4",
+         "ema_rates=[0.99]", *common], diff_run)
+    clf_run = out / "runs" / "classifier"
+    if not (clf_run / "snapshots").is_dir():
+        adm("train", "preset=tiny-classifier-32", f"data={out / 'shards' / 'train'}",
+            f"val_data={out / 'shards' / 'val'}", f"run_dir={clf_run}", "total_kimg=1.5", "status_kimg=0.5",
+            "snapshot_kimg=1.5", "lr=1e-3", "model.num_classes=10", *common)
 
-    console.print("2. Tiny models on the CPU: one forward + backward pass each")
-    gen = torch.Generator().manual_seed(args.seed)
-    torch.manual_seed(args.seed)
-    table = Table()
-    for col in ("preset", "input", "output", "loss", "grad norm", "ms"):
-        table.add_column(col)
-    for name in ("tiny-32", "tiny-classifier-32", "tiny-upsampler-32-64"):
-        cfg = PRESETS[name].config()
-        model = build_model(cfg)
-        n, s = args.batch, cfg.image_size
-        x = torch.randn(n, cfg.in_channels, s, s, generator=gen)
-        t = torch.randint(0, 1000, (n,), generator=gen)
-        y = torch.randint(0, cfg.num_classes, (n,), generator=gen)
-        start = time.perf_counter()
-        if cfg.arch == "classifier":
-            out = model(x, t)
-            loss = torch.nn.functional.cross_entropy(out, y)
-        else:
-            kw = {"low_res": torch.randn(n, 3, cfg.small_size, cfg.small_size, generator=gen)} if cfg.arch == "upsampler" else {}
-            out = model(x, t, y=y, **kw)
-            noise = torch.randn(x.shape, generator=gen)  # an epsilon-prediction target
-            loss = torch.nn.functional.mse_loss(out[:, :cfg.in_channels], noise)
-        loss.backward()
-        ms = (time.perf_counter() - start) * 1e3
-        grad = torch.sqrt(sum(p.grad.square().sum() for p in model.parameters() if p.grad is not None))
-        table.add_row(name, str(tuple(x.shape)), str(tuple(out.shape)), f"{loss.item():.4f}", f"{grad.item():.3g}", f"{ms:.0f}")
-    console.print(table)
+    console.print("[bold]3. Evaluation[/bold]: samples vs held-out digits with the real FID Inception network")
+    ref = out / "eval" / "heldout.npz"
+    if not ref.is_file():
+        import numpy as np
+        from data_pipeline.loader import StreamLoader
+        loader = StreamLoader(out / "shards" / "val", 32, 200, flip=False, num_slots=1)
+        batch = next(iter(loader))
+        images = ((batch["image"] + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(ref, arr_0=images, arr_1=batch["label"].numpy())
+    snaps = sorted(p for p in (diff_run / "snapshots").iterdir() if "-" not in p.name)
+    clf_snap = sorted((clf_run / "snapshots").iterdir())[-1]
+    metrics = {}
+    for snap in snaps[-2:]:
+        for label, extra in (("unguided", []), ("guided x2", ["--classifier", str(clf_snap), "--scale", "2"])):
+            key = f"{snap.name} {label}"
+            target = out / "eval" / snap.name / label.replace(" ", "-")
+            adm("sample", str(snap), "--num", str(args.samples), "--steps", "ddim25", "--out", str(target),
+                "--merge", "--batch-size", "50", *extra, capture=True)
+            if not (target / "metrics.json").is_file():
+                adm("eval", "compare", str(ref), str(target / "samples.npz"), "--json", str(target / "metrics.json"),
+                    capture=True)
+            metrics[key] = json.loads((target / "metrics.json").read_text())
+            m = metrics[key]
+            console.print(f"   {key:<28} FID {m['fid']:7.2f}  sFID {m['sfid']:7.2f}  precision {m['precision']:.3f}"
+                          f"  recall {m['recall']:.3f}")
 
-    console.print("3. The diffusion: hybrid loss terms, then 10-step DDIM samples seeded per image")
-    from models.adm_compat import diffusion_from_preset
-    from models.sampling import sample_images
-
-    preset = PRESETS["tiny-32"]
-    model = build_model(preset.config()).eval()
-    diffusion = diffusion_from_preset(preset.diffusion, learn_sigma=True)
-    x0 = torch.rand(args.batch, 3, 32, 32, generator=gen) * 2 - 1
-    t = torch.randint(0, diffusion.num_timesteps, (args.batch,), generator=gen)
-    terms = diffusion.training_losses(model, x0, t, model_kwargs={"y": torch.zeros(args.batch, dtype=torch.long)},
-                                      generator=gen)
-    console.print("   per-sample loss = mse + vb: " + ", ".join(
-        f"t={int(ti)}: {m:.3f} + {v:.3f}" for ti, m, v in zip(t, terms["mse"].tolist(), terms["vb"].tolist())))
-    fast = diffusion_from_preset(preset.diffusion, learn_sigma=True, timestep_respacing="ddim10")
-    seeds = list(range(args.batch))
-    together, labels = sample_images(model, fast, seeds, 32, num_classes=10, use_ddim=True)
-    alone = torch.cat([sample_images(model, fast, [s], 32, num_classes=10, use_ddim=True)[0] for s in seeds])
-    console.print(f"   {len(seeds)} samples, labels {labels.tolist()}; sampled one at a time they differ by at most "
-                  f"{(together - alone).abs().max().item():.1e} (image i depends only on seed i)")
-    console.print("Next: `adm models list`, `adm models describe adm-64`, `adm models convert CKPT.pt SNAPSHOT/`.")
+    console.print("[bold]4. Report[/bold]")
+    from adm.report import write_report
+    report = write_report(out, diff_run, clf_run, metrics)
+    console.rule()
+    console.print(f"Done in {time.time() - start:.0f} s. Open [bold]{report}[/bold]")
+    console.print(f"   shards: {out / 'shards'}   runs: {out / 'runs'}   samples and metrics: {out / 'eval'}")
     return 0

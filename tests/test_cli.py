@@ -2,6 +2,9 @@
 
 import subprocess
 import sys
+import time
+
+import pytest
 
 from conftest import REPO, run_cli
 
@@ -43,6 +46,14 @@ def test_user_errors_are_one_clear_line():
     assert proc.returncode == 2 and "unknown command" in proc.stderr
 
 
-def test_demo_runs():
-    out = run_cli("demo").stdout
-    assert "tiny-upsampler-32-64" in out and "(4, 6, 64, 64)" in out
+@pytest.mark.slow
+def test_demo_runs_the_whole_pipeline_and_reuses_its_work(tmp_path):
+    out = run_cli("demo", "--out", str(tmp_path / "demo"), "--kimg", "0.512", "--samples", "16").stdout
+    assert "preemption signal" in out and "resumed from" in out.replace("\n", " ") or "resumes" in out
+    report = (tmp_path / "demo" / "report.html").read_text()
+    assert "FID" in report and "data:image/png;base64" in report
+    metrics = list((tmp_path / "demo" / "eval").rglob("metrics.json"))
+    assert len(metrics) == 4
+    start = time.time()
+    again = run_cli("demo", "--out", str(tmp_path / "demo"), "--kimg", "0.512", "--samples", "16").stdout
+    assert "Open" in again and time.time() - start < 60  # everything reused

@@ -26,7 +26,7 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     port = _free_port()
     procs = []
     for rank in range(nproc):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), ADM_LOCAL_CHILD="1",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=os.environ.get(
                        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))))
         procs.append(subprocess.Popen([sys.executable, "-m", "trainer", *argv], env=env))
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m trainer") -> int:
     else:
         from .loop import training_loop
         code = training_loop(cfg)
-    if code == EXIT_REQUEUE:
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if code == EXIT_REQUEUE and rank == 0 and not os.environ.get("ADM_LOCAL_CHILD"):  # said once, by the launcher
         print("preempted: the state was saved; run the same command again to resume", file=sys.stderr)
     return code
