@@ -298,8 +298,8 @@ def training_loop(cfg: TrainConfig) -> int:
         else:
             bad_in_row = 0
             ema.update()  # only after steps that were taken
-        stats.grad_norm = engine.get_global_grad_norm()
         if images >= next_status or images >= total_images:
+            stats.grad_norm = engine.get_global_grad_norm()
             next_status = _next_multiple(images, cfg.status_kimg)
             elapsed = time.perf_counter() - start
             line = stats.flush(writer, images, lr, engine, (images - start_images) / max(elapsed, 1e-9), device)
@@ -339,30 +339,34 @@ class _Stats:
         self.sums: dict[str, torch.Tensor] = {}
 
     def _add(self, key, value: torch.Tensor):
-        v = torch.stack([value.float().sum().cpu(), torch.tensor(float(value.numel()))])
-        self.sums[key] = self.sums.get(key, torch.zeros(2)) + v
+        # accumulate on the device: no host sync in the training step, only at flush
+        v = torch.stack([value.float().sum(), torch.tensor(float(value.numel()), device=value.device)])
+        self.sums[key] = self.sums[key] + v if key in self.sums else v
+
+    def _add_masked(self, key, value: torch.Tensor, mask: torch.Tensor):
+        v = torch.stack([(value.float() * mask).sum(), mask.sum()])
+        self.sums[key] = self.sums[key] + v if key in self.sums else v
 
     def add_diffusion(self, t, terms):
         for k, v in terms.items():
             self._add(k, v)
-            for q in range(4):  # quartiles of the timestep range
-                sel = (t * 4 // self.T) == q
-                if sel.any():
-                    self._add(f"{k}_q{q}", v[sel])
+            quartile = t * 4 // self.T
+            for q in range(4):  # quartiles of the timestep range (masked sums: no data-dependent shapes)
+                sel = (quartile == q).float()
+                self._add_masked(f"{k}_q{q}", v, sel)
 
     def add_classifier(self, t, losses, logits, y):
         self._add("loss", losses)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        quartile = t * 4 // self.T
         for name, hit in (("acc1", (top5[:, 0] == y).float()), ("acc5", (top5 == y[:, None]).any(1).float())):
             self._add(name, hit)
             for q in range(4):
-                sel = (t * 4 // self.T) == q
-                if sel.any():
-                    self._add(f"{name}_q{q}", hit[sel])
+                self._add_masked(f"{name}_q{q}", hit, (quartile == q).float())
 
     def means(self) -> dict[str, float]:
         keys = sorted(self.sums)
-        gathered = dist_util.gather_objects({k: self.sums[k] for k in keys})
+        gathered = dist_util.gather_objects({k: self.sums[k].cpu() for k in keys})
         total = {k: sum(g[k] for g in gathered if k in g) for k in keys}
         return {k: (v[0] / v[1]).item() for k, v in total.items() if v[1] > 0}
 
