@@ -24,3 +24,13 @@ def resolve(a: argparse.Namespace, cpu_cases: list, gpu_cases: list):
     if a.cases:
         cases = [c for c in cases if c[0] in a.cases]
     return device, dtype, [(*c[:-2], c[-1] if gpu else c[-2]) for c in cases]
+
+
+def write_result(result: dict, out) -> None:
+    """Print the result as JSON and, with --out, write it there too."""
+    import json
+
+    print(json.dumps(result, indent=2))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")

@@ -21,6 +21,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import write_result  # noqa: E402
 from data_pipeline.bench import measure  # noqa: E402
 from data_pipeline.sources import read_source  # noqa: E402
 from data_pipeline.writer import write_dataset  # noqa: E402
@@ -89,10 +90,7 @@ def main():
               "images_per_s_one_process": rates,
               "speedup_vs_reference": {k: v / rates["reference"] for k, v in rates.items() if k != "reference"},
               "write_images_per_s_per_worker": write_rate}
-    print(json.dumps(result, indent=2))
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, a.out)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import write_result  # noqa: E402
+
 
 def disk_write_mib_s(directory: Path, mib: int = 256) -> float:
     """Sequential write + fsync of `mib` MiB: the bandwidth a checkpoint save can hope for."""
@@ -88,10 +90,7 @@ def main():
     result = {"preset": a.preset, "nproc": a.nproc, "disk_write_mib_s": disk, "rows": rows,
               "resume_to_first_step_s": first,
               "zero2_vs_zero1_throughput": rows[1]["images_per_s"] / rows[0]["images_per_s"]}
-    print(json.dumps(result, indent=2))
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, a.out)
 
 
 if __name__ == "__main__":
