@@ -10,7 +10,6 @@ Builds ImageNet-like JPEGs (about 500x375, quality 90) from the photographs scik
 """
 
 import argparse
-import json
 import sys
 import tempfile
 import time

@@ -6,7 +6,6 @@ process start to the first step after a resume. Runs the real `adm train` (2 loc
 """
 
 import argparse
-import json
 import os
 import re
 import statistics

@@ -124,3 +124,18 @@ def test_dry_run_and_bad_input(cluster, shards, tmp_path):
     assert proc.returncode == 2 and f"in use by job {job_id(run)}" in proc.stderr
     adm("jobs", "cancel", job_id(run), "--run-dir", str(run))
     assert wait_state(run, {"CANCELLED", "CANCELLED+"}) .startswith("CANCELLED")
+
+
+def test_time_limit_signal_requeues_and_the_run_finishes(cluster, shards, tmp_path):
+    """A 2-minute job whose training needs longer: signalled before the limit, it saves, requeues
+    (as a timeout, in submitit's terms) and finishes in a later allocation."""
+    run = tmp_path / "run"
+    adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "total_kimg=12", "status_kimg=1",
+        "checkpoint_kimg=4", "snapshot_kimg=12", "--gpus-per-node", "2", "--cpu", "--time", "00:02:00",
+        "--signal-delay", "50")
+    assert wait_state(run, {"COMPLETED", "FAILED"}, timeout=420) == "COMPLETED"
+    row = adm("jobs", str(run)).stdout.splitlines()[1].split()
+    assert int(row[3]) >= 1
+    assert (run / "snapshots" / "img000000012000" / "model.safetensors").is_file()
+    errors = "".join(p.read_text() for p in (run / "slurm").rglob("*_0_log.err"))
+    assert "this job is timed-out" in errors

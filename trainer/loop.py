@@ -317,6 +317,7 @@ def training_loop(cfg: TrainConfig) -> int:
         writer.close()
     if audit is not None:
         audit.close()
+    preempt.ignore_further()
     return 0
 
 

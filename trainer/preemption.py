@@ -11,8 +11,14 @@ class PreemptionFlag:
     def __init__(self, signals=(signal.SIGUSR2, signal.SIGTERM)):
         self.requested = False
         self.signal_name = None
+        self.signals = signals
         for s in signals:
             signal.signal(s, self._handle)
+
+    def ignore_further(self) -> None:
+        """After the last save a late signal (Slurm's tick can be late) must not kill a finished run."""
+        for s in self.signals:
+            signal.signal(s, signal.SIG_IGN)
 
     def _handle(self, signum, frame):
         self.requested = True
