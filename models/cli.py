@@ -27,8 +27,7 @@ def resolve_config(spec: str, overrides: list[str]):
         layers = [("preset", preset.model)] if preset else []
         layers += [(spec, data), ("command line", parse_overrides(overrides))]
         return name or spec, preset, build(ModelConfig, *layers)
-    get_preset(spec)  # raises with the list of presets
-    raise AssertionError
+    return spec, get_preset(spec), None  # get_preset raises, naming the known presets
 
 
 def cmd_list(args) -> int:

@@ -21,7 +21,7 @@ class DistEnv:
 
 def expand_nodelist(nodelist: str) -> list[str]:
     """Slurm's compact host list ("gpu[01-03,07],cpu1") -> hostnames, without calling scontrol."""
-    hosts, i = [], 0
+    hosts = []
     parts = re.findall(r"[^,\[]+(?:\[[^\]]*\])?", nodelist)
     for part in parts:
         m = re.match(r"^(.*)\[(.*)\]$", part)
@@ -35,7 +35,6 @@ def expand_nodelist(nodelist: str) -> list[str]:
                 hosts += [f"{prefix}{n:0{len(a)}d}" for n in range(int(a), int(b) + 1)]
             else:
                 hosts.append(prefix + r)
-        i += 1
     return hosts
 
 
