@@ -12,7 +12,8 @@ COMMANDS = {
     "submit": ("slurm.submit:main_submit", "submit training to Slurm through submitit (or run it locally)"),
     "jobs": ("slurm.submit:main_jobs", "a run's jobs: state, requeues, progress, logs; cancel"),
     "sample": ("eval.sample", "sample a snapshot (guided, cascaded) into ADM-format npz shards, per-seed"),
-    "eval": ("eval.compare", "evaluation: FID, sFID, precision, recall (ADM's evaluator interface)"),
+    "eval": ("eval.cli", "evaluation: compare (ADM's evaluator), ref, run, schedule, results"),
+    "report": ("eval.report", "a run's report: metric curves, tables, grids, losses (HTML + markdown + JSON)"),
     "posthoc": ("trainer.posthoc", "synthesise the EMA of any width from a run's power-EMA profiles (EDM2)"),
     "demo": ("adm.demo", "run the demo on this machine"),
 }

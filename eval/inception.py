@@ -60,12 +60,32 @@ class InceptionFeatures(torch.nn.Module):
         return {"pool": x.reshape(x.shape[0], 2048).float(), "spatial": spatial.float()}
 
 
-def extract(images: np.ndarray, batch_size: int = 64, device=None, progress: bool = False) -> dict[str, np.ndarray]:
+_NETS: dict[str, InceptionFeatures] = {}
+
+
+def network(device) -> InceptionFeatures:
+    """The network for a device, loaded once per process."""
+    key = str(torch.device(device))
+    if key not in _NETS:
+        _NETS[key] = InceptionFeatures(device)
+    return _NETS[key]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_batch_size(device) -> int:
+    return 200 if torch.device(device).type == "cuda" else 32
+
+
+def extract(images: np.ndarray, batch_size: int | None = None, device=None, progress: bool = False) -> dict[str, np.ndarray]:
     """Features of a whole uint8 NHWC array, batch by batch (TF32 off: ADM's numbers are fp32)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or default_device())
+    batch_size = batch_size or default_batch_size(device)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    net = InceptionFeatures(device)
+    net = network(device)
     out = {"pool": [], "spatial": []}
     starts = range(0, len(images), batch_size)
     if progress:
@@ -77,3 +97,21 @@ def extract(images: np.ndarray, batch_size: int = 64, device=None, progress: boo
             out[k].append(feats[k].cpu().numpy())
     return {k: np.concatenate(v) if v else np.zeros((0, 2048 if k == "pool" else 2023), np.float32)
             for k, v in out.items()}
+
+
+def logits_weight(path: str | Path) -> np.ndarray:
+    """The 1008 x 2048 logits layer from torch-fidelity's full Inception weights file
+    (weights-inception-2015-12-05-6726825d.pth): applied to pool_3 without its bias, it gives the
+    unbiased logits that the TF graph's softmax (and so Inception Score) uses."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--inception-weights {p}: no such file")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"--inception-weights {p}: not a PyTorch weights file ({e})") from None
+    w = state.get("fc.weight") if isinstance(state, dict) else None
+    if w is None or tuple(w.shape) != (1008, 2048):
+        raise ValueError(f"--inception-weights {p}: expected torch-fidelity's Inception weights with fc.weight "
+                         f"of shape (1008, 2048), got {None if w is None else tuple(w.shape)}")
+    return w.double().numpy()

@@ -2,70 +2,221 @@
 
 Squared Euclidean distances; the radius of a point is its distance to the k-th nearest point of its
 own set with itself included (k = 3: the 4th smallest, self being 0); a point is inside the other
-manifold if its distance to some point there is <= that point's radius. Blocked computation gives
-the same answer at any block size or worker count. `distance="fp16"` reproduces ADM's fp16 distance
-arithmetic (for matching published numbers); the default "fp32" computes distances in float64.
+manifold if its distance to some point there is <= that point's radius.
+
+`distance="fp32"` (the default) decides every comparison on the float64 distance sum((u - v)^2) of
+the pair, a function of the pair alone, so the result is the same at any block size and worker
+count. It runs at float32 speed: distances come from one float32 GEMM per block together with a
+rigorous bound on their rounding error, and only the pairs the bound cannot decide (a radius within
+the error of a distance: about one in a thousand) are recomputed in float64.
+`distance="fp16"` reproduces ADM's fp16 distance arithmetic, for matching published numbers.
 """
 
 import numpy as np
 import torch
 
-
-def _pairwise(u: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Squared distances. "fp32" mode computes in float64, so blocking (worker count, block size)
-    cannot move a comparison; fp16 is ADM's arithmetic, with its fallback to fp32 on overflow."""
-    work = torch.float64 if dtype == torch.float32 else dtype
-    u, v = u.to(work), v.to(work)
-    nu = (u * u).sum(1, keepdim=True)
-    nv = (v * v).sum(1, keepdim=True).T
-    d = (nu - 2 * (u @ v.T) + nv).clamp_min(0)
-    if dtype == torch.float16 and not torch.isfinite(d).all():
-        return _pairwise(u.float(), v.float(), torch.float32)
-    return d
+# |float32 distance - exact| <= GAMMA * (|u| + |v|)^2 <= 2 GAMMA (|u|^2 + |v|^2): the float32 dot product of
+# length K errs by at most K * eps * |u||v| (any summation order), the norms, the final sum and the
+# float32 comparisons with the margin folded in add a few eps more (16 covers them).
+EPS32 = 2.0 ** -24
 
 
-def radii(features: np.ndarray, k: int = 3, block: int = 10000, distance: str = "fp32", device="cpu") -> np.ndarray:
-    dtype = {"fp32": torch.float32, "fp16": torch.float16}[distance]
-    f = torch.as_tensor(features, dtype=torch.float32, device=device)
-    out = np.empty(len(f), np.float64)
-    for s in range(0, len(f), block):
-        d = _pairwise_mode(f[s:s + block], f, dtype, device)
-        out[s:s + block] = torch.kthvalue(d, k + 1, dim=1).values.cpu().numpy()
+def _gamma(dim: int) -> float:
+    return 1.01 * (dim + 16) * EPS32
+
+
+class _Points:
+    """A feature set on the device: float32 rows and norms, and each row's share of the error bound."""
+
+    def __init__(self, features, device):
+        self.f32 = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=device).contiguous()
+        norm2 = (self.f32.double() ** 2).sum(1)
+        self.n32 = norm2.float()
+        self.err = (2 * _gamma(self.f32.shape[1]) * norm2).float()  # bound(i, j) = err_i + err_j
+
+    def __len__(self):
+        return len(self.f32)
+
+
+def _approx(a: _Points, rows: slice, b: _Points, cols: slice) -> torch.Tensor:
+    """float32 distances of a[rows] x b[cols]; each within a.err[i] + b.err[j] of the exact one."""
+    return (a.n32[rows, None] + b.n32[None, cols] - 2 * (a.f32[rows] @ b.f32[cols].T)).clamp_min_(0)
+
+
+def _exact(a: _Points, i: torch.Tensor, b: _Points, j: torch.Tensor) -> torch.Tensor:
+    """float64 sum((u - v)^2) of the pairs (a[i], b[j]), row by row: a function of each pair only.
+    In chunks that stay in cache (this is memory-bound)."""
+    out = torch.empty(len(i), dtype=torch.float64, device=a.f32.device)
+    for s in range(0, len(i), 512):
+        diff = a.f32[i[s:s + 512]].double().sub_(b.f32[j[s:s + 512]].double())
+        out[s:s + 512] = (diff * diff).sum(1)
     return out
 
 
-def _pairwise_mode(u, v, dtype, device):
-    if dtype == torch.float16 and torch.device(device).type == "cpu":
+def _no_tf32():
+    torch.backends.cuda.matmul.allow_tf32 = False  # the error bound assumes true float32 products
+
+
+def radii(features: np.ndarray, k: int = 3, block: int = 2048, distance: str = "fp32", device="cpu",
+          rows: slice = slice(None)) -> np.ndarray:
+    """k-NN radius (squared) of each point in `rows` (all by default) against the whole set."""
+    if len(features) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} points per set, got {len(features)}")
+    if distance == "fp16":
+        return _radii_fp16(features, k, block, device, rows)
+    _no_tf32()
+    pts = _Points(features, device)
+    idx = range(*rows.indices(len(pts)))
+    if len(idx) == len(pts):
+        return _radii_symmetric(pts, k, block)
+    out = np.empty(len(idx), np.float64)
+    for s in range(0, len(idx), block):
+        mine = slice(idx.start + s, min(idx.start + s + block, idx.stop))
+        d = _approx(pts, mine, pts, slice(None))
+        t = torch.topk(d, k + 1, dim=1, largest=False).values[:, k]  # an approximate radius per row
+        r, c = _candidates(d, t, pts.err[mine], pts.err[None, :], pts.err.max())
+        out[s:s + d.shape[0]] = _kth_exact(pts, r + mine.start, c, d.shape[0], k, first=mine.start)
+    return out
+
+
+def _candidates(d, t, err_rows, err_cols, max_err):
+    """Pairs whose exact distance can be <= the row's exact radius: that radius is at most t + its
+    bound, and a pair's approximate distance is at most its bound below the exact one."""
+    limit = t + 2 * err_rows + max_err
+    return torch.nonzero(d - err_cols <= limit[:, None], as_tuple=True)
+
+
+def _kth_exact(pts: _Points, r: torch.Tensor, c: torch.Tensor, nrows: int, k: int, first: int = 0) -> np.ndarray:
+    """The (k+1)-th smallest exact distance per row among candidate pairs (rows r - first)."""
+    exact = _exact(pts, r, pts, c)
+    order = torch.argsort(exact, stable=True)
+    order = order[torch.argsort(r[order], stable=True)]  # by row, then by exact distance
+    starts = torch.searchsorted(r[order], torch.arange(first, first + nrows, device=r.device))
+    return exact[order][starts + k].cpu().numpy()
+
+
+def _radii_symmetric(pts: _Points, k: int, block: int) -> np.ndarray:
+    """All radii from the upper-triangle blocks only (distances are symmetric): half the GEMM work.
+    The running (k+1)-th smallest per row only falls, so pairs kept against it are a superset of the
+    final candidates; the final threshold then filters them."""
+    n = len(pts)
+    best = torch.full((n, k + 1), float("inf"), device=pts.f32.device)  # k+1 smallest so far, per row
+    kept_r, kept_c, kept_d = [], [], []
+    max_err = pts.err.max()
+    blocks = [slice(s, min(s + block, n)) for s in range(0, n, block)]
+    for bi, rows in enumerate(blocks):
+        for cols in blocks[bi:]:
+            d = _approx(pts, rows, pts, cols)
+            views = [(rows, cols, d)] + ([(cols, rows, d.T)] if cols != rows else [])
+            for rr, cc, dd in views:
+                top = torch.topk(dd, min(k + 1, dd.shape[1]), dim=1, largest=False).values
+                best[rr] = torch.topk(torch.cat([best[rr], top], 1), k + 1, dim=1, largest=False).values
+            for rr, cc, dd in views:
+                r, c = _candidates(dd, best[rr, k], pts.err[rr], pts.err[None, cc], max_err)
+                kept_r.append(r + rr.start)
+                kept_c.append(c + cc.start)
+                kept_d.append(dd[r, c])
+    r, c, d = torch.cat(kept_r), torch.cat(kept_c), torch.cat(kept_d)
+    t = best[:, k]
+    final = d - pts.err[c] <= (t + 2 * pts.err + max_err)[r]
+    return _kth_exact(pts, r[final], c[final], n, k)
+
+
+def _cross(a: _Points, a_rows: slice, b: _Points, r_a: torch.Tensor, r_b: torch.Tensor, block: int):
+    """For the rows of `a` given: is each inside b's manifold (some D(a_i, b_j) <= r_b[j])? And for every
+    point of b: is it inside the manifold of these rows of a (some D(a_i, b_j) <= r_a[i])? One pass over
+    the distance matrix answers both (precision and recall share it, as in ADM's evaluator)."""
+    idx = range(*a_rows.indices(len(a)))
+    r_a32, r_b32 = r_a.float(), r_b.float()
+    a_in = torch.zeros(len(idx), dtype=torch.bool, device=a.f32.device)
+    b_in = torch.zeros(len(b), dtype=torch.bool, device=a.f32.device)
+    for s in range(0, len(idx), block):
+        rows = slice(idx.start + s, min(idx.start + s + block, idx.stop))
+        for t in range(0, len(b), block):
+            cols = slice(t, min(t + block, len(b)))
+            d = _approx(a, rows, b, cols)
+            ea, eb = a.err[rows, None], b.err[None, cols]
+            ra, rb = r_a32[rows, None], r_b32[None, cols]
+            a_sure, b_sure = d + ea <= rb - eb, d + eb <= ra - ea  # certainly inside (float32 suffices)
+            a_in[s:s + d.shape[0]] |= a_sure.any(1)
+            b_in[cols] |= b_sure.any(0)
+            # undecided pairs: a radius within the error bound of the distance, the point not yet inside
+            undecided = ((d - ea <= rb + eb) & ~a_sure & ~a_in[s:s + d.shape[0], None]) | \
+                        ((d - eb <= ra + ea) & ~b_sure & ~b_in[None, cols])
+            i, j = torch.nonzero(undecided, as_tuple=True)
+            if len(i):
+                exact = _exact(a, i + rows.start, b, j + cols.start)
+                a_in[s:s + d.shape[0]].index_fill_(0, i[exact <= r_b[j + cols.start]], True)
+                b_in[cols].index_fill_(0, j[exact <= r_a[i + rows.start]], True)
+    return a_in.cpu().numpy(), b_in.cpu().numpy()
+
+
+def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = 3, block: int = 2048,
+                     distance: str = "fp32", device="cpu", comm=None) -> tuple[float, float]:
+    """comm (eval.comm): split the rows over workers; each computes its rows' radii and memberships
+    against the full sets and the pieces are gathered, so the result is the same at any worker count."""
+    if reference.shape[1:] != samples.shape[1:]:
+        raise ValueError(f"feature dimensions differ: reference {reference.shape[1:]} vs samples {samples.shape[1:]}")
+    if comm is None:
+        from .comm import Single
+        comm = Single()
+
+    def gathered(fn, n):
+        return np.concatenate(comm.allgather(fn(comm.rows(n))))
+
+    r_ref = gathered(lambda rows: radii(reference, k, block, distance, device, rows), len(reference))
+    r_sample = gathered(lambda rows: radii(samples, k, block, distance, device, rows), len(samples))
+    if distance == "fp16":
+        precision = gathered(lambda rows: _inside_fp16(samples[rows], reference, r_ref, block, device), len(samples))
+        recall = gathered(lambda rows: _inside_fp16(reference[rows], samples, r_sample, block, device), len(reference))
+        return float(precision.mean()), float(recall.mean())
+    _no_tf32()
+    ref, sam = _Points(reference, device), _Points(samples, device)
+    to = lambda x: torch.as_tensor(x, dtype=torch.float64, device=ref.f32.device)  # noqa: E731
+    ref_in, sam_in_part = _cross(ref, comm.rows(len(ref)), sam, to(r_ref), to(r_sample), block)
+    parts = comm.allgather((ref_in, sam_in_part))
+    recall = np.concatenate([p[0] for p in parts])
+    precision = np.logical_or.reduce([p[1] for p in parts])
+    return float(precision.mean()), float(recall.mean())
+
+
+# ---- ADM's fp16 arithmetic (for matching published numbers) --------------------------------------
+
+def _pairwise_fp16(u: torch.Tensor, v: torch.Tensor, device) -> torch.Tensor:
+    if torch.device(device).type == "cpu":
         # emulate fp16 distances on CPU: fp16-rounded inputs and norms, fp32 accumulation, fp16 result
         u16, v16 = u.half().float(), v.half().float()
         nu = (u16 * u16).sum(1, keepdim=True).half().float()
         nv = (v16 * v16).sum(1, keepdim=True).T.half().float()
         mm = (u16 @ v16.T).half().float()
-        return (nu - 2 * mm + nv).half().double().clamp_min(0)
-    return _pairwise(u, v, dtype)
+        d = (nu - 2 * mm + nv).half()
+    else:
+        uh, vh = u.half(), v.half()
+        d = ((uh * uh).sum(1, keepdim=True) - 2 * (uh @ vh.T) + (vh * vh).sum(1, keepdim=True).T)
+    if not torch.isfinite(d).all():  # ADM's fallback to fp32 on overflow
+        d = (u * u).sum(1, keepdim=True) - 2 * (u @ v.T) + (v * v).sum(1, keepdim=True).T
+    return d.double().clamp_min(0)
 
 
-def inside(points: np.ndarray, manifold: np.ndarray, manifold_radii: np.ndarray, block: int = 10000,
-           distance: str = "fp32", device="cpu") -> np.ndarray:
-    """For each point: is it within some manifold point's radius?"""
-    dtype = {"fp32": torch.float32, "fp16": torch.float16}[distance]
-    p = torch.as_tensor(points, dtype=torch.float32, device=device)
-    m = torch.as_tensor(manifold, dtype=torch.float32, device=device)
+def _radii_fp16(features, k, block, device, rows) -> np.ndarray:
+    f = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=device)
+    mine = f[rows]
+    out = np.empty(len(mine), np.float64)
+    for s in range(0, len(mine), block):
+        d = _pairwise_fp16(mine[s:s + block], f, device)
+        out[s:s + block] = torch.kthvalue(d, k + 1, dim=1).values.cpu().numpy()
+    return out
+
+
+def _inside_fp16(points, manifold, manifold_radii, block, device) -> np.ndarray:
+    p = torch.as_tensor(np.asarray(points), dtype=torch.float32, device=device)
+    m = torch.as_tensor(np.asarray(manifold), dtype=torch.float32, device=device)
     r = torch.as_tensor(manifold_radii, dtype=torch.float64, device=device)
     result = np.zeros(len(p), bool)
     for s in range(0, len(p), block):
         hit = torch.zeros(min(block, len(p) - s), dtype=torch.bool, device=device)
         for t in range(0, len(m), block):
-            d = _pairwise_mode(p[s:s + block], m[t:t + block], dtype, device)
-            hit |= (d.double() <= r[t:t + block][None, :]).any(1)
+            d = _pairwise_fp16(p[s:s + block], m[t:t + block], device)
+            hit |= (d <= r[t:t + block][None, :]).any(1)
         result[s:s + block] = hit.cpu().numpy()
     return result
-
-
-def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = 3, block: int = 10000,
-                     distance: str = "fp32", device="cpu") -> tuple[float, float]:
-    r_ref = radii(reference, k, block, distance, device)
-    r_sample = radii(samples, k, block, distance, device)
-    precision = inside(samples, reference, r_ref, block, distance, device).mean()
-    recall = inside(reference, samples, r_sample, block, distance, device).mean()
-    return float(precision), float(recall)

@@ -9,10 +9,13 @@ arr_1 labels) are written atomically; finished shards are skipped, so a rerun re
 import argparse
 import os
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .settings import EvalSetting
 
 
 def quantize(images: torch.Tensor) -> np.ndarray:
@@ -20,11 +23,111 @@ def quantize(images: torch.Tensor) -> np.ndarray:
     return ((images + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def load_model(path: str, device):
+def load_model(path: str, device, weights: str = "ema"):
     from models.snapshot import load_snapshot
 
-    snap = load_snapshot(path)
+    snap = load_snapshot(path, weights=weights)
     return snap.build(device), snap
+
+
+def _diffusion(snap, respacing: str):
+    from models.adm_compat import create_gaussian_diffusion
+
+    d = snap.meta.get("diffusion", {"steps": 1000, "noise_schedule": "linear"})
+    return create_gaussian_diffusion(steps=d["steps"], noise_schedule=d["noise_schedule"],
+                                     learn_sigma=snap.config.learn_sigma, timestep_respacing=respacing)
+
+
+def shard_path(out: Path, seeds: list[int]) -> Path:
+    return Path(out) / f"samples-{seeds[0]:08d}-{seeds[-1]:08d}.npz"
+
+
+def save_npz_atomic(path: Path, **arrays) -> None:
+    """Write to a temporary name of this process's own, then rename: readers never see a partial file,
+    and two writers of the same file (racing schedulers sharing a reference cache) do not collide."""
+    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+class Sampler:
+    """A snapshot (plus optional classifier and upsampler) loaded once, sampling any seed range."""
+
+    def __init__(self, snapshot: str, setting: EvalSetting, device=None):
+        self.setting = setting
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, self.snap = load_model(snapshot, self.device, setting.weights)
+        cfg = self.snap.config
+        if cfg.arch != "unet":
+            raise ValueError(f"{snapshot}: a {cfg.arch} snapshot; sampling starts from a diffusion model (unet)")
+        self.use_ddim = setting.steps.startswith("ddim")
+        self.diffusion = _diffusion(self.snap, setting.steps)
+        self.cond_fn, self.num_classes = None, cfg.num_classes
+        if setting.classifier and setting.scale:
+            from models.guidance import classifier_cond_fn
+
+            clf, clf_snap = load_model(setting.classifier, self.device)
+            if clf_snap.config.arch != "classifier":
+                raise ValueError(f"{setting.classifier}: a {clf_snap.config.arch} snapshot, expected a classifier")
+            self.cond_fn = classifier_cond_fn(clf, setting.scale)
+            self.num_classes = self.num_classes or clf_snap.config.num_classes
+        self.up = None
+        if setting.upsampler:
+            self.up, self.up_snap = load_model(setting.upsampler, self.device)
+            self.up_diffusion = _diffusion(self.up_snap, setting.upsampler_steps)
+
+    @property
+    def resolution(self) -> int:
+        return self.up_snap.config.image_size if self.up is not None else self.snap.config.image_size
+
+    def batch(self, seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        from models.sampling import draw_labels, sample_cascade, sample_images
+
+        y = draw_labels(seeds, self.num_classes, self.device) if self.num_classes else None
+        if self.up is not None:
+            x, _, _ = sample_cascade(self.model, self.diffusion, self.up, self.up_diffusion, seeds,
+                                     base_size=self.snap.config.image_size, large_size=self.resolution, labels=y,
+                                     cond_fn=self.cond_fn, use_ddim=self.use_ddim, device=self.device)
+        else:
+            x, _ = sample_images(self.model, self.diffusion, seeds, self.snap.config.image_size, labels=y,
+                                 cond_fn=self.cond_fn, use_ddim=self.use_ddim, device=self.device)
+        labels = y.cpu().numpy() if y is not None else np.zeros(len(seeds), np.int64)
+        return quantize(x), labels
+
+    def shard(self, seeds: list[int], out: Path, bar=None) -> Path:
+        """Sample one shard (skipped when it exists: resumable)."""
+        path = shard_path(out, seeds)
+        if path.is_file():
+            if bar is not None:
+                bar.update(len(seeds))
+            return path
+        images, labels = [], []
+        for i in range(0, len(seeds), self.setting.batch_size):
+            x, y = self.batch(seeds[i:i + self.setting.batch_size])
+            images.append(x)
+            labels.append(y)
+            if bar is not None:
+                bar.update(len(x))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        save_npz_atomic(path, arr_0=np.concatenate(images), arr_1=np.concatenate(labels))
+        return path
+
+    def progressive(self, seeds: list[int], frames: int = 8) -> np.ndarray:
+        """DDPM's progressive decoding: the predicted x_0 at `frames` evenly spaced steps, for a few
+        seeds, (frames, N, H, W, 3) uint8; the last frame is the sample itself."""
+        from models.noise import PerSampleNoise
+        from models.sampling import draw_labels
+
+        noise = PerSampleNoise(seeds, self.device)
+        size = self.snap.config.image_size
+        shape = (len(seeds), 3, size, size)
+        kwargs = {"y": draw_labels(seeds, self.num_classes, self.device)} if self.num_classes else {}
+        loop = self.diffusion.ddim_sample_loop_progressive if self.use_ddim else self.diffusion.p_sample_loop_progressive
+        steps = list(loop(self.model, shape, noise=noise.randn(shape), cond_fn=self.cond_fn, model_kwargs=kwargs,
+                          device=self.device, generator=noise))
+        picks = np.linspace(0, len(steps) - 1, frames).round().astype(int)
+        out = [quantize(steps[i]["pred_xstart"]) for i in picks[:-1]] + [quantize(steps[-1]["sample"])]
+        return np.stack(out)
 
 
 def main(argv=None, prog="adm sample") -> int:
@@ -38,74 +141,29 @@ def main(argv=None, prog="adm sample") -> int:
     p.add_argument("--scale", type=float, default=1.0, help="classifier guidance scale")
     p.add_argument("--upsampler", help="upsampler snapshot: sample the cascade")
     p.add_argument("--upsampler-steps", default="250")
+    p.add_argument("--weights", default="ema", help="ema (the snapshot's first EMA), raw, ema_<rate>, phema_<s>")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--shard-size", type=int, default=1000, help="images per npz shard")
     p.add_argument("--merge", action="store_true", help="also write DIR/samples.npz with every image, in seed order")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
-
-    from models.adm_compat import create_gaussian_diffusion
-    from models.guidance import classifier_cond_fn
-    from models.sampling import draw_labels, sample_cascade, sample_images
-
-    device = torch.device(a.device)
-    model, snap = load_model(a.snapshot, device)
-    cfg = snap.config
-    if cfg.arch != "unet":
-        raise ValueError(f"{a.snapshot}: a {cfg.arch} snapshot; sampling starts from a diffusion model (unet)")
-    d = snap.meta.get("diffusion", {"steps": 1000, "noise_schedule": "linear"})
-    use_ddim = a.steps.startswith("ddim")
-    diffusion = create_gaussian_diffusion(steps=d["steps"], noise_schedule=d["noise_schedule"],
-                                          learn_sigma=cfg.learn_sigma, timestep_respacing=a.steps)
-    cond_fn, num_classes = None, cfg.num_classes
-    if a.classifier:
-        clf, clf_snap = load_model(a.classifier, device)
-        cond_fn = classifier_cond_fn(clf, a.scale)
-        num_classes = num_classes or clf_snap.config.num_classes
-    up = None
-    if a.upsampler:
-        up, up_snap = load_model(a.upsampler, device)
-        ud = up_snap.meta.get("diffusion", {"steps": 1000, "noise_schedule": "linear"})
-        up_diffusion = create_gaussian_diffusion(steps=ud["steps"], noise_schedule=ud["noise_schedule"],
-                                                 learn_sigma=up_snap.config.learn_sigma,
-                                                 timestep_respacing=a.upsampler_steps)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    seeds = list(range(a.seed_start, a.seed_start + a.num))
-    shards = [seeds[i:i + a.shard_size] for i in range(0, len(seeds), a.shard_size)]
+    if a.num < 1:
+        raise ValueError(f"--num must be positive, got {a.num}")
+    setting = EvalSetting(name="cli", steps=a.steps, scale=a.scale if a.classifier else 0.0, classifier=a.classifier,
+                          upsampler=a.upsampler, upsampler_steps=a.upsampler_steps, weights=a.weights,
+                          num=max(a.num, 2), seed_start=a.seed_start, shard_size=a.shard_size,
+                          batch_size=a.batch_size)
+    setting.num = a.num
+    sampler = Sampler(a.snapshot, setting, a.device)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(seeds), unit="img", desc="sampling", disable=not sys.stderr.isatty())
-    paths = []
-    for shard in shards:
-        path = out / f"samples-{shard[0]:08d}-{shard[-1]:08d}.npz"
-        paths.append(path)
-        if path.is_file():  # finished earlier: resume
-            bar.update(len(shard))
-            continue
-        images, labels = [], []
-        for i in range(0, len(shard), a.batch_size):
-            batch = shard[i:i + a.batch_size]
-            y = draw_labels(batch, num_classes, device) if num_classes else None
-            if up is not None:
-                x, _, _ = sample_cascade(model, diffusion, up, up_diffusion, batch, base_size=cfg.image_size,
-                                         large_size=up_snap.config.image_size, labels=y, cond_fn=cond_fn,
-                                         use_ddim=use_ddim, device=device)
-            else:
-                x, _ = sample_images(model, diffusion, batch, cfg.image_size, labels=y, cond_fn=cond_fn,
-                                     use_ddim=use_ddim, device=device)
-            images.append(quantize(x))
-            labels.append(y.cpu().numpy() if y is not None else np.zeros(len(batch), np.int64))
-            bar.update(len(batch))
-        tmp = path.with_name(path.name + ".partial.npz")
-        np.savez(tmp, arr_0=np.concatenate(images), arr_1=np.concatenate(labels))
-        os.replace(tmp, path)
+    out = Path(a.out)
+    bar = tqdm(total=a.num, unit="img", desc="sampling", disable=not sys.stderr.isatty())
+    paths = [sampler.shard(setting.shard_seeds(i), out, bar) for i in range(setting.num_shards)]
     bar.close()
     if a.merge:
         arrays = [np.load(pth) for pth in paths]
-        tmp = out / "samples.partial.npz"
-        np.savez(tmp, arr_0=np.concatenate([x["arr_0"] for x in arrays]),
-                 arr_1=np.concatenate([x["arr_1"] for x in arrays]))
-        os.replace(tmp, out / "samples.npz")
-    print(f"{len(seeds)} samples in {len(paths)} shard(s) under {out}" + (" + samples.npz" if a.merge else ""))
+        save_npz_atomic(out / "samples.npz", arr_0=np.concatenate([x["arr_0"] for x in arrays]),
+                        arr_1=np.concatenate([x["arr_1"] for x in arrays]))
+    print(f"{a.num} samples in {len(paths)} shard(s) under {out}" + (" + samples.npz" if a.merge else ""))
     return 0

@@ -123,15 +123,27 @@ def verify_snapshot(directory: str | Path, hashes: bool = False) -> dict:
     return manifest
 
 
-def load_snapshot(directory: str | Path, hashes: bool = False) -> Snapshot:
+def weight_names(directory: str | Path) -> list[str]:
+    """The weights a snapshot holds: "ema" (the main file, the first EMA rate) and its extra files
+    ("raw", "ema_<rate>", "phema_<sigma_rel>")."""
+    files = read_manifest(directory)["files"]
+    return ["ema"] + sorted(n[:-len(".safetensors")] for n in files if n.endswith(".safetensors") and n != WEIGHTS)
+
+
+def load_snapshot(directory: str | Path, hashes: bool = False, weights: str = "ema") -> Snapshot:
+    """weights: "ema" (model.safetensors) or the name of an extra weights file (see weight_names)."""
     directory = Path(directory)
     verify_snapshot(directory, hashes=hashes)
+    if weights != "ema":
+        names = weight_names(directory)
+        if weights not in names:
+            raise SnapshotError(f"{directory}: no weights {weights!r}; it has {', '.join(names)}")
     meta = json.loads((directory / CONFIG).read_text())
     try:
         config = ModelConfig(**meta.pop("model"))
     except (KeyError, TypeError, ValueError) as e:
         raise SnapshotError(f"{directory / CONFIG}: bad model section: {e}") from None
-    tensors = load_file(str(directory / WEIGHTS))
+    tensors = load_file(str(directory / (WEIGHTS if weights == "ema" else f"{weights}.safetensors")))
     # safetensors stores keys sorted; give them back in the model's own (guided-diffusion) order
     order = [k for k in expected_layout(config) if k in tensors]
     state_dict = {k: tensors[k] for k in order} | {k: v for k, v in tensors.items() if k not in set(order)}

@@ -54,3 +54,18 @@ def digit_shards(tmp_path_factory) -> Path:
         write_dataset(read_source(root, "imagenet", split), out / name, shard_size=shard,
                       preprocess=f"center-crop:{size}", image_format="npy", progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The real single-node Slurm of slurm/local_cluster.sh, on ports of its own, for the whole session."""
+    if os.geteuid() != 0 and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode != 0:
+        pytest.skip("the local Slurm needs root (or passwordless sudo) to install and run its daemons")
+    base = "/tmp/adm-slurm-tests"
+    env = dict(os.environ, ADM_SLURM_BASE=base, ADM_SLURM_DB_PORT="3317", ADM_SLURM_CTLD_PORT="6827",
+               ADM_SLURM_SLURMD_PORT="6828", ADM_SLURM_DBD_PORT="6829")
+    subprocess.run(["bash", "slurm/local_cluster.sh", "start"], cwd=REPO, env=env, check=True)
+    os.environ["SLURM_CONF"] = f"{base}/slurm.conf"
+    yield env
+    subprocess.run(["bash", "slurm/local_cluster.sh", "stop"], cwd=REPO, env=env, check=False)
+    os.environ.pop("SLURM_CONF", None)

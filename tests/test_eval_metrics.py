@@ -62,8 +62,10 @@ def test_precision_recall_exact_at_any_block_size(block):
     bp, br = brute_pr(ref.astype(np.float64), sample.astype(np.float64))
     assert (p, r) == pytest.approx((bp, br), abs=1e-12)
     assert 0 < p < 1 and 0 < r < 1
-    # float64 distances: blocking moves a radius by at most an ulp, never across a comparison
-    np.testing.assert_allclose(radii(ref, block=block), radii(ref, block=1000), rtol=1e-13, atol=0)
+    # radii are float64 distances of the pair itself: identical at any block size
+    np.testing.assert_array_equal(radii(ref, block=block), radii(ref, block=1000))
+    d2 = ((ref[:, None, :].astype(np.float64) - ref[None, :, :]) ** 2).sum(-1)
+    np.testing.assert_allclose(radii(ref, block=block), np.sort(d2, axis=1)[:, 3], rtol=1e-12)
     p16, r16 = precision_recall(ref, sample, block=block, distance="fp16")
     assert abs(p16 - p) < 0.05 and abs(r16 - r) < 0.05
 
@@ -105,3 +107,21 @@ def test_compare_cli_on_real_digits(tmp_path):
     assert "fid:" in out and "precision" not in out  # no reference images: no precision/recall
     bad = run_cli("eval", "compare", str(tmp_path / "missing.npz"), str(tmp_path / "same.npz"), check=False)
     assert bad.returncode == 2 and "no such file" in bad.stderr
+
+
+def test_exact_radii_and_memberships_on_near_ties():
+    """Points placed so that many distances sit within float32 rounding of a radius: the float32 filter
+    must hand those to the float64 check, at any block size and for any row split (workers)."""
+    rng = np.random.default_rng(7)
+    base = np.abs(rng.normal(size=(60, 256))).astype(np.float32) * 4
+    ref = np.concatenate([base, base + np.float32(1e-3) * rng.normal(size=base.shape).astype(np.float32)])
+    sample = np.concatenate([ref[::2] + np.float32(2e-3), ref[1::3]]).astype(np.float32)
+    bp, br = brute_pr(ref.astype(np.float64), sample.astype(np.float64))
+    d2 = ((ref[:, None, :].astype(np.float64) - ref[None, :, :]) ** 2).sum(-1)
+    want = np.sort(d2, axis=1)[:, 3]
+    for block in (5, 17, 1000):
+        got = radii(ref, block=block)
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        split = np.concatenate([radii(ref, block=block, rows=slice(a, b)) for a, b in ((0, 50), (50, 77), (77, 120))])
+        np.testing.assert_array_equal(split, got)
+        assert precision_recall(ref, sample, block=block) == pytest.approx((bp, br), abs=1e-12)

@@ -19,17 +19,8 @@ BASE = ["preset=tiny-32", "model.num_classes=11", "batch=16", "num_slots=4", "da
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    if os.geteuid() != 0 and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode != 0:
-        pytest.skip("the local Slurm needs root (or passwordless sudo) to install and run its daemons")
-    base = "/tmp/adm-slurm-tests"
-    env = dict(os.environ, ADM_SLURM_BASE=base, ADM_SLURM_DB_PORT="3317", ADM_SLURM_CTLD_PORT="6827",
-               ADM_SLURM_SLURMD_PORT="6828", ADM_SLURM_DBD_PORT="6829")
-    subprocess.run(["bash", "slurm/local_cluster.sh", "start"], cwd=REPO, env=env, check=True)
-    os.environ["SLURM_CONF"] = f"{base}/slurm.conf"
-    yield env
-    subprocess.run(["bash", "slurm/local_cluster.sh", "stop"], cwd=REPO, env=env, check=False)
-    os.environ.pop("SLURM_CONF", None)
+def cluster(slurm_cluster):
+    return slurm_cluster
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +130,36 @@ def test_time_limit_signal_requeues_and_the_run_finishes(cluster, shards, tmp_pa
     assert (run / "snapshots" / "img000000012000" / "model.safetensors").is_file()
     errors = "".join(p.read_text() for p in (run / "slurm").rglob("*_0_log.err"))
     assert "this job is timed-out" in errors
+
+
+def test_evaluation_plan_runs_as_job_arrays_with_dependencies(cluster, digit_shards, tmp_path):
+    from test_eval_farm import SETTING, make_run
+
+    run = make_run(tmp_path / "run", kimgs=(1,))
+    snap = next((run / "snapshots").iterdir())
+    ref = tmp_path / "ref.npz"
+    adm("eval", "ref", str(digit_shards / "val"), "--out", str(ref), "--resolution", "32", "--pr-num", "20")
+    out = adm("eval", "run", str(snap), "--ref", str(ref), "--cluster", "slurm", *SETTING, "--cpus-per-task", "1",
+              "--wait").stdout
+    key_dir = next(p for p in (run / "eval").iterdir() if (p / "setting.json").is_file())
+    metrics = json.loads((key_dir / "metrics.json").read_text())["metrics"]
+    assert metrics["num_samples"] == 6 and f"{snap.name} fast: num_samples 6" in out
+    jobs = json.loads((key_dir / "attempt-1.json").read_text())["jobs"]
+    deadline = time.time() + 120
+    while True:  # the metrics job's result arrives a moment before Slurm records its end
+        rows = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ",".join(map(str, jobs)), "-o",
+                               "JobID,State,Start,End"], capture_output=True, text=True).stdout.split()
+        table = {r.split("|")[0]: r.split("|")[1:] for r in rows}
+        if all(v[0] not in ("RUNNING", "PENDING", "COMPLETING") for v in table.values()) or time.time() > deadline:
+            break
+        time.sleep(1)
+    sample_tasks = [k for k in table if k.startswith(f"{jobs[0]}_")]
+    feature_tasks = [k for k in table if k.startswith(f"{jobs[1]}_")]
+    assert len(sample_tasks) == 2 and len(feature_tasks) == 2  # 6 samples in shards of 4: two array tasks each
+    assert all(v[0] == "COMPLETED" for v in table.values()), table
+    # the dependencies held: features started after every sample task ended, metrics after the features
+    assert min(table[k][1] for k in feature_tasks) >= max(table[k][2] for k in sample_tasks)
+    assert table[str(jobs[2])][1] >= max(table[k][2] for k in feature_tasks)
+    # a second run finds the result in the registry and submits nothing
+    again = adm("eval", "run", str(snap), "--ref", str(ref), "--cluster", "slurm", *SETTING).stdout
+    assert "num_samples 6" in again and len(list(key_dir.glob("attempt-*.json"))) == 1

@@ -1,0 +1,272 @@
+"""`adm eval ...`: compare (ADM's evaluator), ref, run, schedule, results, and the farm's stages."""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from .settings import EvalSetting, load_settings
+
+
+def add_setting_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation setting (or --settings YAML with a list of them)")
+    g.add_argument("--settings", help="YAML list of settings (keys: the options below)")
+    defaults = EvalSetting()
+    for f in fields(EvalSetting):
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": float}.get(type(getattr(defaults, f.name)).__name__, str)
+        g.add_argument(flag, dest=f"setting_{f.name}", type=kind, default=None,
+                       help=f"default {getattr(defaults, f.name)!r}")
+
+
+def settings_from(args) -> list[EvalSetting]:
+    given = {f.name: getattr(args, f"setting_{f.name}") for f in fields(EvalSetting)}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.settings:
+        if given:
+            raise ValueError(f"--settings {args.settings} and setting options ({', '.join(given)}) both given: "
+                             "put everything in the YAML")
+        return load_settings(args.settings)
+    return [EvalSetting(**given)]
+
+
+def add_feature_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=None, help="Inception batch (default: automatic)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where the evaluation jobs run")
+    g.add_argument("--cluster", choices=["auto", "slurm", "local"], default="auto",
+                   help="auto: Slurm if found (job arrays with dependencies), else this machine")
+    g.add_argument("--partition")
+    g.add_argument("--account")
+    g.add_argument("--time", default="04:00:00", help="per task, HH:MM:SS")
+    g.add_argument("--gpus-per-task", type=int, default=None, help="default: 1 if the cluster has GPUs, else 0")
+    g.add_argument("--cpus-per-task", type=int, default=None)
+    g.add_argument("--array-parallelism", type=int, default=64, help="at most this many array tasks at once")
+    g.add_argument("--metric-workers", type=int, default=1, help="tasks of the metrics job (precision/recall rows)")
+    g.add_argument("--max-attempts", type=int, default=3, help="attempts per (snapshot, setting) before giving up")
+    g.add_argument("--inception-weights", help="torch-fidelity's full Inception weights file: adds Inception Score")
+
+
+def backend_for(args):
+    from .schedule import LocalBackend
+
+    cluster = args.cluster
+    if cluster == "auto":
+        import shutil
+        import subprocess
+        cluster = "slurm" if shutil.which("sbatch") and subprocess.run(
+            ["sinfo", "-h"], capture_output=True).returncode == 0 else "local"
+    if cluster == "local":
+        return LocalBackend(progress=sys.stderr.isatty())
+    from slurm.eval_jobs import SlurmBackend  # the submitter lives with the other Slurm code
+
+    return SlurmBackend.from_args(args)
+
+
+def cmd_compare(a) -> int:
+    from .compare import compare
+
+    result = compare(a.ref, a.sample, a.batch_size, a.device, a.pr_distance, a.inception_weights)
+    for k, v in result.items():
+        print(f"{k}: {v:.6f}")
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def cmd_ref(a) -> int:
+    from .reference import build_reference
+
+    meta = build_reference(a.shards, a.out, a.resolution, a.pr_num, a.limit, a.batch_size, a.device,
+                           progress=sys.stderr.isatty())
+    print(f"reference {a.out}: statistics of {meta['num_images']} images at {a.resolution}x{a.resolution}, "
+          f"{meta['num_pr']} kept for precision/recall" + (f", {meta['skipped']} skipped" if meta["skipped"] else ""))
+    return 0
+
+
+def _check_ref(ref: str) -> None:
+    if not Path(ref).is_file():
+        raise FileNotFoundError(f"--ref {ref}: no such file (build one with `adm eval ref SHARDS --out REF.npz`)")
+
+
+def cmd_run(a) -> int:
+    """Evaluate one snapshot now, for each setting (through the registry: done ones are reused)."""
+    from .farm import run_dir_of
+    from .registry import METRICS
+    from .schedule import schedule_pass
+
+    _check_ref(a.ref)
+    snap = Path(a.snapshot).resolve()
+    from models.snapshot import read_manifest
+    read_manifest(snap)
+    run_dir = run_dir_of(snap)
+    backend = backend_for(a)
+    settings = settings_from(a)
+    counts = schedule_pass(run_dir, settings, Path(a.ref), backend, a.max_attempts, a.inception_weights,
+                           a.metric_workers, only=[snap])
+    if backend.name == "slurm" and a.wait:
+        backend.wait_all()
+    for s in settings:
+        from .farm import prepare
+        key_dir = prepare(run_dir, snap, s, Path(a.ref), a.inception_weights, a.metric_workers)
+        if (key_dir / METRICS).is_file():
+            m = json.loads((key_dir / METRICS).read_text())["metrics"]
+            print(f"{snap.name} {s.name}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                        for k, v in m.items()))
+        else:
+            print(f"{snap.name} {s.name}: submitted ({key_dir})")
+    return 0 if counts["failed"] == 0 else 1
+
+
+def parse_every(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text and text[-1] in units and text[:-1].replace(".", "", 1).isdigit():
+        return float(text[:-1]) * units[text[-1]]
+    if text.replace(".", "", 1).isdigit():
+        return float(text)
+    raise ValueError(f"--every {text!r}: expected a duration such as 30m, 2h or 1d")
+
+
+def cmd_schedule(a) -> int:
+    from .report import write_report
+    from .schedule import schedule_pass
+
+    _check_ref(a.ref)
+    run_dir = Path(a.run_dir)
+    if not (run_dir / "snapshots").is_dir():
+        raise FileNotFoundError(f"{run_dir}: no snapshots/ directory (is it a training run directory?)")
+    every = parse_every(a.every)
+    settings = settings_from(a)
+    backend = backend_for(a)
+    while True:
+        counts = schedule_pass(run_dir, settings, Path(a.ref), backend, a.max_attempts, a.inception_weights,
+                               a.metric_workers)
+        report = write_report(run_dir)
+        print(f"[eval] {time.strftime('%H:%M:%S')} {run_dir}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+              + f"; report {report}", flush=True)
+        if a.once:
+            return 0 if counts["failed"] == 0 else 1
+        if backend.name == "slurm":  # the next pass is a Slurm job that begins later and resubmits itself
+            job = backend.submit_schedule(sys.argv[1:] if a.argv is None else a.argv, every, run_dir)
+            print(f"[eval] next pass: job {job} begins in {a.every}")
+            return 0
+        time.sleep(every)
+
+
+def cmd_results(a) -> int:
+    from .registry import failures, results
+
+    rows = [(r["snapshot_name"], r["setting"]["name"], str(r["metrics"]["num_samples"]),
+             *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "-"
+               for k in ("fid", "sfid", "precision", "recall", "inception_score"))) for r in results(Path(a.run_dir))]
+    head = ("snapshot", "setting", "N", "FID", "sFID", "precision", "recall", "IS")
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(results(Path(a.run_dir)), indent=2) + "\n")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for row in [head, *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    for f in failures(Path(a.run_dir)):
+        print(f"FAILED {f['snapshot_name']} {f['setting']['name']} after {f['attempts']} attempts: {f['last_error']}")
+    return 0
+
+
+def cmd_features(a) -> int:
+    from .features import featurize_dir
+
+    paths = featurize_dir(Path(a.samples), Path(a.out), a.index, a.count, batch_size=a.batch_size, device=a.device)
+    print(f"{len(paths)} feature shard(s) in {a.out}")
+    return 0
+
+
+def cmd_metrics(a) -> int:
+    from .comm import discover
+    from .features import load_features
+    from .inception import logits_weight
+    from .metrics import load_reference, reduce
+
+    comm = discover(a.workers)
+    w = logits_weight(a.inception_weights) if a.inception_weights else None
+    feats = load_features(Path(a.features))
+    ref = load_reference(a.ref)
+    result = reduce(feats, ref, a.ref, a.pr_distance, comm, w)
+    if comm.rank == 0:
+        result["workers"] = comm.size
+        for k, v in result.items():
+            print(f"{k}: {v:.6f}" if isinstance(v, float) else f"{k}: {v}")
+        if a.json_out:
+            Path(a.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def main(argv=None, prog="adm eval") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="evaluation: FID, sFID, precision, recall (and IS)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compare", help="ADM's evaluator: REF.npz vs SAMPLE.npz")
+    p.add_argument("ref")
+    p.add_argument("sample")
+    p.add_argument("--json", dest="json_out", help="write the metrics here")
+    p.add_argument("--pr-distance", choices=["fp32", "fp16"], default="fp32",
+                   help="distance arithmetic for precision/recall (fp16: ADM's, for published numbers)")
+    p.add_argument("--inception-weights", help="torch-fidelity's full Inception weights file: adds Inception Score")
+    add_feature_args(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("ref", help="a reference batch (ADM format) from WebDataset shards")
+    p.add_argument("shards")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resolution", type=int, required=True)
+    p.add_argument("--pr-num", type=int, default=10000, help="images kept for precision/recall")
+    p.add_argument("--limit", type=int, help="use only the first N images of the split")
+    add_feature_args(p)
+    p.set_defaults(func=cmd_ref)
+
+    p = sub.add_parser("run", help="evaluate one snapshot now (recorded in its run's registry)")
+    p.add_argument("snapshot")
+    p.add_argument("--ref", required=True)
+    p.add_argument("--wait", action="store_true", help="on Slurm: wait for the jobs")
+    add_setting_args(p)
+    add_cluster_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("schedule", help="evaluate every new snapshot of a run, now and every --every")
+    p.add_argument("run_dir")
+    p.add_argument("--ref", required=True)
+    p.add_argument("--every", default="2h", help="time between passes (30m, 2h, 1d)")
+    p.add_argument("--once", action="store_true", help="one pass, then exit")
+    add_setting_args(p)
+    add_cluster_args(p)
+    p.set_defaults(func=cmd_schedule, argv=None)
+
+    p = sub.add_parser("results", help="the registry of a run: metrics per snapshot and setting")
+    p.add_argument("run_dir")
+    p.add_argument("--json", dest="json_out")
+    p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("features", help="farm stage: sample shards -> feature shards (worker INDEX of COUNT)")
+    p.add_argument("samples")
+    p.add_argument("--out", required=True)
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--count", type=int, default=1)
+    add_feature_args(p)
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("metrics", help="farm stage: feature shards + reference -> metrics (MPI/torchrun workers)")
+    p.add_argument("features")
+    p.add_argument("--ref", required=True)
+    p.add_argument("--json", dest="json_out")
+    p.add_argument("--pr-distance", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--inception-weights")
+    p.add_argument("--workers", choices=["auto", "single", "mpi", "torch"], default="auto",
+                   help="auto: MPI ranks under mpiexec/srun --mpi, torch.distributed under torchrun")
+    p.set_defaults(func=cmd_metrics)
+
+    a = parser.parse_args(argv)
+    if a.command == "schedule":
+        a.argv = list(sys.argv[1:] if argv is None else argv)
+    return a.func(a)

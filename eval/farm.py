@@ -1,0 +1,120 @@
+"""One evaluation as a plan of tasks: a sampling array over seed ranges, a feature array over the
+sample shards, and a metrics task that merges them. The tasks only read RUN/eval/<key>/setting.json
+and files, so they run the same in this process (`--cluster local`) or as Slurm job arrays with
+dependencies (slurm/eval_jobs.py)."""
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from . import registry
+from .settings import EVALUATOR_VERSION, EvalSetting, eval_key
+
+
+def run_dir_of(snapshot: Path) -> Path:
+    """RUN/snapshots/<tag> -> RUN."""
+    snapshot = Path(snapshot).resolve()
+    if snapshot.parent.name != "snapshots":
+        raise ValueError(f"{snapshot}: not inside a run's snapshots/ directory")
+    return snapshot.parent.parent
+
+
+def prepare(run_dir: Path, snapshot: Path, setting: EvalSetting, ref: Path, inception_weights: str | None = None,
+            metric_workers: int = 1) -> Path:
+    """Create RUN/eval/<key>/setting.json (idempotent) and return the key directory."""
+    key = eval_key(snapshot, setting, ref)
+    key_dir = registry.eval_root(run_dir) / key
+    key_dir.mkdir(parents=True, exist_ok=True)
+    path = key_dir / registry.SETTING
+    if not path.is_file():
+        from models.snapshot import read_manifest
+
+        read_manifest(snapshot)
+        meta = json.loads((Path(snapshot) / "config.json").read_text())
+        spec = {"key": key, "run_dir": str(Path(run_dir).resolve()), "snapshot": str(Path(snapshot).resolve()),
+                "snapshot_name": Path(snapshot).name, "images": meta.get("images"), "setting": asdict(setting),
+                "ref": str(Path(ref).resolve()), "inception_weights": inception_weights,
+                "metric_workers": metric_workers, "evaluator": EVALUATOR_VERSION}
+        import os
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two schedulers may prepare at once
+        tmp.write_text(json.dumps(spec, indent=2) + "\n")
+        tmp.replace(path)
+    return key_dir
+
+
+def load_spec(key_dir: Path) -> tuple[dict, EvalSetting]:
+    spec = json.loads((Path(key_dir) / registry.SETTING).read_text())
+    return spec, EvalSetting(**spec["setting"])
+
+
+def sample_task(key_dir: str, index: int) -> str:
+    from .sample import Sampler
+
+    spec, setting = load_spec(Path(key_dir))
+    sampler = Sampler(spec["snapshot"], setting)
+    path = sampler.shard(setting.shard_seeds(index), Path(key_dir) / "samples")
+    if index == 0 and not (Path(key_dir) / "progressive.npz").is_file():
+        import numpy as np
+
+        from .sample import save_npz_atomic
+        frames = sampler.progressive(setting.shard_seeds(0)[:4])
+        save_npz_atomic(Path(key_dir) / "progressive.npz", arr_0=frames)
+    return str(path)
+
+
+def feature_task(key_dir: str, index: int) -> str:
+    from .features import featurize
+    from .sample import shard_path
+
+    _, setting = load_spec(Path(key_dir))
+    sample = shard_path(Path(key_dir) / "samples", setting.shard_seeds(index))
+    if not sample.is_file():
+        raise FileNotFoundError(f"{sample}: the sampling task {index} has not finished")
+    return str(featurize(sample, Path(key_dir) / "features"))
+
+
+def metrics_task(key_dir: str, backend: str = "auto") -> dict | None:
+    """Merge, compute, publish metrics.json once (rank 0), and log the numbers to TensorBoard."""
+    from .comm import discover
+    from .features import load_features
+    from .inception import logits_weight
+    from .metrics import load_reference, reduce
+
+    key_dir = Path(key_dir)
+    spec, setting = load_spec(key_dir)
+    comm = discover(backend)
+    feats = load_features(key_dir / "features", expected=setting.num)
+    ref = load_reference(spec["ref"], cache_dir=registry.eval_root(spec["run_dir"]) / "ref-cache")
+    w = logits_weight(spec["inception_weights"]) if spec.get("inception_weights") else None
+    metrics = reduce(feats, ref, spec["ref"], setting.pr_distance, comm, w)
+    if comm.rank != 0:
+        return None
+    record = {k: spec[k] for k in ("key", "snapshot", "snapshot_name", "images", "setting", "ref", "evaluator")}
+    record.update(metrics=metrics, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    if registry.publish(key_dir, record):
+        log_tensorboard(Path(spec["run_dir"]), record)
+    return record
+
+
+def log_tensorboard(run_dir: Path, record: dict) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tensorboard"), filename_suffix=f".eval-{record['key']}")
+    for name, value in record["metrics"].items():
+        if name != "num_samples":
+            writer.add_scalar(f"eval/{record['setting']['name']}/{name}", value, record.get("images") or 0)
+    writer.close()
+
+
+def run_local(key_dir: Path, progress: bool = False) -> dict:
+    """The whole plan in this process, in order (every task skips what is already done)."""
+    _, setting = load_spec(key_dir)
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(setting.num_shards), desc=f"sample {key_dir.name}", disable=not progress):
+        sample_task(str(key_dir), i)
+    for i in tqdm(range(setting.num_shards), desc="features", disable=not progress):
+        feature_task(str(key_dir), i)
+    metrics_task(str(key_dir), backend="single")
+    return json.loads((key_dir / registry.METRICS).read_text())

@@ -1,0 +1,76 @@
+"""Feature workers: sample shards -> per-shard Inception features and sufficient statistics.
+
+`samples-A-B.npz` becomes `features-A-B.npz` with the pool_3 features (float32, for precision/recall),
+the labels, and for pool_3 and the spatial features the count, sum and sum of outer products in
+float64 (mergeable exactly: eval.stats). Written atomically; existing files are skipped (resumable).
+Worker i of n takes shards i, i + n, ...; any split gives the same files.
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+from .inception import extract
+from .sample import save_npz_atomic
+from .stats import Statistics
+
+
+def check_images(path: Path, data) -> np.ndarray:
+    if "arr_0" not in data.files:
+        raise ValueError(f"{path}: no arr_0 (images); it has {sorted(data.files)}")
+    images = data["arr_0"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{path}: arr_0 must be uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
+    return images
+
+
+def feature_path(out_dir: Path, sample_path: Path) -> Path:
+    return Path(out_dir) / sample_path.name.replace("samples-", "features-", 1)
+
+
+def featurize(sample_path: Path, out_dir: Path, batch_size: int | None = None, device=None) -> Path:
+    path = feature_path(out_dir, sample_path)
+    if path.is_file():
+        return path
+    data = np.load(sample_path)
+    images = check_images(sample_path, data)
+    feats = extract(images, batch_size, device)
+    pool, spatial = Statistics.of(feats["pool"]), Statistics.of(feats["spatial"])
+    labels = data["arr_1"] if "arr_1" in data.files else np.zeros(len(images), np.int64)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_npz_atomic(path, pool=feats["pool"], labels=labels, resolution=np.array(images.shape[1]),
+                    **{f"pool_{k}": v for k, v in pool.to_npz().items()},
+                    **{f"spatial_{k}": v for k, v in spatial.to_npz().items()})
+    return path
+
+
+def sample_shards(samples_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(samples_dir).glob("samples-*.npz") if ".partial" not in p.name)
+
+
+def featurize_dir(samples_dir: Path, out_dir: Path, index: int = 0, count: int = 1, **kw) -> list[Path]:
+    return [featurize(p, out_dir, **kw) for i, p in enumerate(sample_shards(samples_dir)) if i % count == index]
+
+
+def load_features(feat_dir: Path, expected: int | None = None) -> dict:
+    """Merge every features-*.npz (in seed order): pool features, labels and exactly merged statistics."""
+    paths = sorted(p for p in Path(feat_dir).glob("features-*.npz") if ".partial" not in p.name)
+    if not paths:
+        raise FileNotFoundError(f"{feat_dir}: no features-*.npz (run the feature workers first)")
+    pool, labels, resolutions = [], [], set()
+    pool_stats = spatial_stats = None
+    for p in paths:
+        d = np.load(p)
+        pool.append(d["pool"])
+        labels.append(d["labels"])
+        resolutions.add(int(d["resolution"]))
+        ps = Statistics.from_npz({k[5:]: d[k] for k in d.files if k.startswith("pool_")})
+        ss = Statistics.from_npz({k[8:]: d[k] for k in d.files if k.startswith("spatial_")})
+        pool_stats = ps if pool_stats is None else pool_stats.merge(ps)
+        spatial_stats = ss if spatial_stats is None else spatial_stats.merge(ss)
+    if len(resolutions) != 1:
+        raise ValueError(f"{feat_dir}: shards of different resolutions {sorted(resolutions)}")
+    if expected is not None and pool_stats.n != expected:
+        raise ValueError(f"{feat_dir}: {pool_stats.n} samples featurized, expected {expected} (a shard is missing)")
+    return {"pool": np.concatenate(pool), "labels": np.concatenate(labels), "pool_stats": pool_stats,
+            "spatial_stats": spatial_stats, "resolution": resolutions.pop()}

@@ -1,0 +1,93 @@
+"""The reducer: merged statistics + reference -> FID, sFID, precision, recall (and Inception Score).
+
+The reference is ADM's format (arr_0 images for precision/recall, mu/sigma/mu_s/sigma_s statistics of
+the whole split). Its Inception features are computed once and cached by content digest.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .features import check_images
+from .inception import extract
+from .precision_recall import precision_recall
+from .stats import Statistics, frechet_distance
+
+
+def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
+    """ADM's evaluator: softmax of the unbiased logits, in sample order (never shuffled), splits of
+    split_size; the mean over splits of exp(mean KL(p(y|x) || p(y)))."""
+    logits = np.asarray(logits, np.float64)
+    z = logits - logits.max(1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+    scores = []
+    for s in range(0, len(log_p), split_size):
+        lp = log_p[s:s + split_size]
+        p = np.exp(lp)
+        kl = (p * (lp - np.log(p.mean(0, keepdims=True)))).sum(1).mean()
+        scores.append(np.exp(kl))
+    return float(np.mean(scores))
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def load_reference(path: str | Path, cache_dir: Path | None = None, batch_size=None, device=None) -> dict:
+    """{mu, sigma, mu_s, sigma_s, pool (if images), resolution (if images), meta}; clear errors by key."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such file")
+    try:
+        data = np.load(p)
+    except Exception as e:
+        raise ValueError(f"{p}: not an npz file ({e})") from None
+    out = {"meta": json.loads(str(data["meta"])) if "meta" in data.files else {}}
+    cached = Path(cache_dir) / f"ref-{_file_digest(p)}.npz" if cache_dir else None
+    if "arr_0" in data.files:
+        if cached is not None and cached.is_file():
+            c = np.load(cached)
+            out.update(pool=c["pool"], resolution=int(c["resolution"]))
+            stats = {k: c[k] for k in ("mu", "sigma", "mu_s", "sigma_s")}
+        else:
+            images = check_images(p, data)
+            feats = extract(images, batch_size, device)
+            pool, spatial = Statistics.of(feats["pool"]), Statistics.of(feats["spatial"])
+            stats = dict(mu=pool.mu, sigma=pool.sigma, mu_s=spatial.mu, sigma_s=spatial.sigma)
+            out.update(pool=feats["pool"], resolution=images.shape[1])
+            if cached is not None:
+                from .sample import save_npz_atomic
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                save_npz_atomic(cached, pool=feats["pool"], resolution=np.array(images.shape[1]), **stats)
+        out.update(stats)
+    for k in ("mu", "sigma", "mu_s", "sigma_s"):
+        if k in data.files:  # statistics of the whole split take precedence over those of arr_0
+            out[k] = data[k]
+    if "mu" not in out or "sigma" not in out:
+        raise ValueError(f"{p}: expected arr_0 (images) or mu and sigma (statistics); it has {sorted(data.files)}")
+    return out
+
+
+def reduce(features: dict, ref: dict, ref_name: str = "reference", pr_distance: str = "fp32", comm=None,
+           logits_w: np.ndarray | None = None, device="cpu") -> dict:
+    """Metrics of merged sample features against a loaded reference."""
+    pool, spatial = features["pool_stats"], features["spatial_stats"]
+    want = ref.get("meta", {}).get("resolution") or ref.get("resolution")
+    if want and features.get("resolution") and int(want) != int(features["resolution"]):
+        raise ValueError(f"{ref_name}: built at resolution {want}, but the samples are {features['resolution']}x"
+                         f"{features['resolution']} (evaluate against a reference of the samples' resolution)")
+    result = {"num_samples": pool.n, "fid": frechet_distance(pool.mu, pool.sigma, ref["mu"], ref["sigma"])}
+    if "mu_s" in ref:
+        result["sfid"] = frechet_distance(spatial.mu, spatial.sigma, ref["mu_s"], ref["sigma_s"])
+    if "pool" in ref:
+        result["precision"], result["recall"] = precision_recall(ref["pool"], features["pool"], distance=pr_distance,
+                                                                 comm=comm, device=device)
+    if logits_w is not None:
+        result["inception_score"] = inception_score(features["pool"].astype(np.float64) @ logits_w.T)
+    return result

@@ -1,0 +1,63 @@
+"""`adm eval ref SHARDS --out REF.npz`: a reference batch in ADM's format from WebDataset shards.
+
+One pass over the split (ADM's center crop at the given resolution, no flip): statistics of every
+image (mu, sigma, mu_s, sigma_s) plus `arr_0`/`arr_1`, a subset of 10k images for precision/recall
+(the first ones in the loader's seeded, class-mixed order), and `meta` (resolution, source, counts),
+so a reference built with other settings than the samples is refused with a clear message.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .inception import default_batch_size, default_device, network
+from .sample import save_npz_atomic
+from .stats import Statistics
+
+
+def build_reference(shards: str | Path, out: str | Path, resolution: int, pr_num: int = 10000,
+                    limit: int | None = None, batch_size: int | None = None, device=None,
+                    progress: bool = False) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+
+    from data_pipeline.loader import StreamLoader
+
+    device = torch.device(device or default_device())
+    batch_size = batch_size or default_batch_size(device)
+    manifest = json.loads((Path(shards) / "manifest.json").read_text()) if (Path(shards) / "manifest.json").is_file() \
+        else None
+    if manifest is None:
+        raise FileNotFoundError(f"{shards}: no manifest.json (write shards with `adm data write` first)")
+    total = sum(s["count"] for s in manifest["shards"])
+    want = min(total, limit) if limit else total
+    loader = StreamLoader(shards, resolution, batch_size, flip=False, num_slots=1)  # one slot: one ordered pass
+    net = network(device)
+    pool = spatial = None
+    keep, labels, seen = [], [], 0
+    bar = tqdm(total=want, unit="img", desc="reference", disable=not progress)
+    for batch in loader:
+        first_epoch = batch["pos"][:, 1] == 0
+        images = ((batch["image"][first_epoch] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        images = images.permute(0, 2, 3, 1).numpy()[: want - seen]
+        if len(images):
+            feats = net(images)
+            p, s = Statistics.of(feats["pool"].cpu().numpy()), Statistics.of(feats["spatial"].cpu().numpy())
+            pool, spatial = (p, s) if pool is None else (pool.merge(p), spatial.merge(s))
+            room = pr_num - sum(len(k) for k in keep)
+            if room > 0:
+                keep.append(images[:room])
+                labels.append(batch["label"][first_epoch].numpy()[:room])
+            seen += len(images)
+            bar.update(len(images))
+        if seen >= want or not bool(first_epoch.all()):
+            break
+    bar.close()
+    if seen < 2:
+        raise ValueError(f"{shards}: {seen} readable image(s); a reference needs at least 2")
+    meta = {"resolution": resolution, "crop": "center", "source": str(shards), "num_images": seen,
+            "num_pr": int(sum(len(k) for k in keep)), "skipped": loader.skipped}
+    save_npz_atomic(Path(out), arr_0=np.concatenate(keep), arr_1=np.concatenate(labels), mu=pool.mu,
+                    sigma=pool.sigma, mu_s=spatial.mu, sigma_s=spatial.sigma, meta=np.array(json.dumps(meta)))
+    return meta

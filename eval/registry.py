@@ -1,0 +1,95 @@
+"""The results registry of a run: RUN/eval/<key>/ per (snapshot, setting).
+
+    setting.json      what to evaluate (snapshot, setting, reference), written when first planned
+    attempt-<n>.json  a claim, created exclusively (O_EXCL): whoever creates attempt n runs attempt n
+    metrics.json      the result, published exactly once (hard link of a finished temporary file)
+    failed.json       written when the last allowed attempt failed
+
+Two schedulers racing both try to create the same attempt file and only one succeeds; a claim whose
+owner is gone (a killed local process, a failed or cancelled Slurm job) lets the next pass retry, up
+to a bounded number of attempts.
+"""
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+METRICS, FAILED, SETTING = "metrics.json", "failed.json", "setting.json"
+
+
+def eval_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "eval"
+
+
+def attempts(key_dir: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in Path(key_dir).glob("attempt-*.json"))
+
+
+def read_claim(key_dir: Path, n: int) -> dict:
+    try:
+        return json.loads((Path(key_dir) / f"attempt-{n}.json").read_text() or "{}")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def local_owner() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+
+
+def local_alive(owner: dict) -> bool:
+    """A local claim is alive while its process is (claims from other hosts count as alive)."""
+    if owner.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except (OSError, KeyError, ValueError):
+        return False
+    return True
+
+
+def try_claim(key_dir: Path, n: int) -> bool:
+    try:
+        fd = os.open(Path(key_dir) / f"attempt-{n}.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        json.dump(local_owner(), f)
+    return True
+
+
+def update_claim(key_dir: Path, n: int, owner: dict) -> None:
+    path = Path(key_dir) / f"attempt-{n}.json"
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(owner))
+    os.replace(tmp, path)
+
+
+def publish(key_dir: Path, record: dict) -> bool:
+    """Publish metrics.json exactly once; False if another attempt already did."""
+    final = Path(key_dir) / METRICS
+    tmp = final.with_name(f".{METRICS}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, final)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+
+
+def results(run_dir: Path) -> list[dict]:
+    out = []
+    for p in sorted(eval_root(run_dir).glob(f"*/{METRICS}")):
+        out.append(json.loads(p.read_text()))
+    return sorted(out, key=lambda r: (r["setting"]["name"], r.get("images", 0)))
+
+
+def failures(run_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(eval_root(run_dir).glob(f"*/{FAILED}"))]

@@ -1,0 +1,240 @@
+"""`adm report RUN_DIR`: a self-contained report of a run (HTML, plus markdown and JSON).
+
+Metric curves against training images with the paper's numbers as reference lines, a table per
+snapshot, sample grids per snapshot and setting, DDPM's progressive decoding, training-loss curves
+from TensorBoard, the run's configuration. Images are embedded, so the page opens offline; every
+value goes through jinja2's autoescaping.
+"""
+
+import argparse
+import base64
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import registry
+from .published import published_for
+
+METRICS = ("fid", "sfid", "precision", "recall", "inception_score")
+LABELS = {"fid": "FID", "sfid": "sFID", "precision": "precision", "recall": "recall", "inception_score": "IS"}
+
+TEMPLATE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{{ title }}</title>
+<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45;padding:0 1em}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
+td.l,th.l{text-align:left}img{image-rendering:pixelated;max-width:100%}pre{background:#f6f6f6;padding:1em;
+overflow:auto;font-size:85%}.fail{color:#b00}</style></head><body>
+<h1>{{ title }}</h1>
+<p>{{ intro }}</p>
+{% if failures %}<h2 class="fail">Failed evaluations</h2><ul>{% for f in failures %}<li class="fail">{{ f.snapshot_name }}
+ / {{ f.setting.name }}: {{ f.attempts }} attempts; last error: {{ f.last_error }}</li>{% endfor %}</ul>{% endif %}
+{% if curves %}<h2>Metrics against training progress</h2>
+<p>Lower FID and sFID are better; higher precision, recall and IS are better.{% if preset %} Dashed lines: the
+paper's numbers for {{ preset }} (50,000 samples; compare only when this run uses 50,000 samples and ADM's
+reference batch).{% endif %}</p><img src="data:image/png;base64,{{ curves }}">{% endif %}
+<h2>Results</h2>
+{% if rows %}<table><tr><th class="l">snapshot</th><th>kimg</th><th class="l">setting</th><th>N</th>
+{% for m in metric_names %}<th>{{ labels[m] }}</th>{% endfor %}</tr>
+{% for r in rows %}<tr><td class="l">{{ r.snapshot_name }}</td><td>{{ r.kimg }}</td><td class="l">{{ r.setting.name }}</td>
+<td>{{ r.metrics.num_samples }}</td>{% for m in metric_names %}<td>{{ r.fmt[m] }}</td>{% endfor %}</tr>{% endfor %}
+</table>{% else %}<p>No evaluation has finished yet.</p>{% endif %}
+{% if settings %}<h3>Settings</h3><table><tr><th class="l">name</th><th class="l">sampler</th><th>guidance scale</th>
+<th class="l">weights</th><th>samples</th><th>first seed</th><th class="l">upsampler</th></tr>
+{% for s in settings %}<tr><td class="l">{{ s.name }}</td><td class="l">{{ s.steps }}</td><td>{{ s.scale }}</td>
+<td class="l">{{ s.weights }}</td><td>{{ s.num }}</td><td>{{ s.seed_start }}</td><td class="l">{{ s.upsampler or "-" }}</td></tr>
+{% endfor %}</table>{% endif %}
+{% if loss %}<h2>Training loss</h2><img src="data:image/png;base64,{{ loss }}">{% endif %}
+{% if grids %}<h2>Samples by snapshot and setting</h2><p>The first images of each evaluation (seed order;
+labels drawn per seed).</p>{% for g in grids %}<p>{{ g.caption }}<br><img src="data:image/png;base64,{{ g.png }}"
+width="{{ g.width }}"></p>{% endfor %}{% endif %}
+{% if progressive %}<h2>Progressive decoding</h2><p>{{ progressive.caption }}: the model's prediction of the
+final image at evenly spaced steps of the reverse process, left (pure noise) to right (the sample), one row
+per seed, as in DDPM's figure.</p><img src="data:image/png;base64,{{ progressive.png }}" width="{{ progressive.width }}">{% endif %}
+{% if training_grids %}<h2>Training-time EMA grids</h2>{% for g in training_grids %}<p>{{ g.caption }}<br>
+<img src="data:image/png;base64,{{ g.png }}" width="256"></p>{% endfor %}{% endif %}
+<h2>Configuration</h2><pre>{{ config }}</pre>
+</body></html>"""
+
+
+def _png(array_or_fig, scale: int = 1) -> str:
+    buf = io.BytesIO()
+    if isinstance(array_or_fig, np.ndarray):
+        from PIL import Image
+        img = Image.fromarray(array_or_fig)
+        if scale > 1:
+            img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        img.save(buf, format="PNG")
+    else:
+        array_or_fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def tile(images: np.ndarray, cols: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one grid image, `cols` per row, 2-pixel white gaps."""
+    n, h, w, c = images.shape
+    rows = -(-n // cols)
+    out = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, c), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, cols)
+        out[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = im
+    return out
+
+
+def _metric_curves(rows: list[dict], published: dict):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [m for m in METRICS if any(m in r["metrics"] for r in rows)]
+    fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.0), squeeze=False)
+    by_setting: dict[str, list] = {}
+    for r in rows:
+        by_setting.setdefault(r["setting"]["name"], []).append(r)
+    for ax, m in zip(axes[0], present):
+        for name, rs in by_setting.items():
+            pts = sorted(((r.get("images") or 0) / 1000, r["metrics"][m]) for r in rs if m in r["metrics"])
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        for j, (label, vals) in enumerate(published.items()):
+            if m in vals:
+                ax.axhline(vals[m], ls="--", lw=1, color=f"C{j + 5}", label=f"paper: {label}")
+        ax.set_title(LABELS[m])
+        ax.set_xlabel("training kimg")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def _loss_curve(run_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = run_dir / "tensorboard"
+    if not tb.is_dir():
+        return None
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = [t for t in ("train/loss", "train/mse", "train/vb") if t in acc.Tags()["scalars"]]
+    if not tags:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for tag in tags:
+        ev = acc.Scalars(tag)
+        ax.plot([e.step / 1000 for e in ev], [e.value for e in ev], label=tag)
+    ax.set_xlabel("training kimg")
+    ax.set_yscale("log")
+    ax.legend()
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def _sample_grid(key_dir: Path, count: int = 16):
+    from .features import sample_shards
+
+    shards = sample_shards(key_dir / "samples")
+    if not shards:
+        return None
+    images = np.load(shards[0])["arr_0"][:count]
+    return tile(images, min(8, len(images)))
+
+
+def build(run_dir: Path) -> dict:
+    """Everything the report shows, as plain data (also written as report.json)."""
+    run_dir = Path(run_dir)
+    rows = registry.results(run_dir)
+    for r in rows:
+        r["kimg"] = f"{(r.get('images') or 0) / 1000:g}"
+        r["fmt"] = {m: (f"{r['metrics'][m]:.4f}" if m in r["metrics"] else "-") for m in METRICS}
+    options = run_dir / "training_options.json"
+    config = json.loads(options.read_text()) if options.is_file() else {}
+    preset, published = published_for(config.get("model", {})) if config else (None, {})
+    settings = list({r["setting"]["name"]: r["setting"] for r in rows}.values())
+    return {"run_dir": str(run_dir), "rows": rows, "failures": registry.failures(run_dir), "config": config,
+            "preset": preset, "published": published, "settings": settings}
+
+
+def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
+    import jinja2
+
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir or run_dir)
+    data = build(run_dir)
+    rows = data["rows"]
+    grids, progressive = [], None
+    for r in sorted(rows, key=lambda r: (r.get("images") or 0, r["setting"]["name"])):
+        key_dir = registry.eval_root(run_dir) / r["key"]
+        grid = _sample_grid(key_dir)
+        if grid is not None:
+            scale = max(1, 256 // grid.shape[0])
+            grids.append({"caption": f"{r['snapshot_name']} ({r['kimg']} kimg), {r['setting']['name']}",
+                          "png": _png(grid, scale), "width": grid.shape[1] * scale})
+        prog = key_dir / "progressive.npz"
+        if prog.is_file():  # keep the latest snapshot's
+            frames = np.load(prog)["arr_0"]  # (F, N, H, W, 3)
+            f, n = frames.shape[:2]
+            grid = tile(frames.transpose(1, 0, 2, 3, 4).reshape(f * n, *frames.shape[2:]), f)
+            scale = max(1, 384 // grid.shape[1])
+            progressive = {"caption": f"{r['snapshot_name']}, {r['setting']['name']}", "png": _png(grid, scale),
+                           "width": grid.shape[1] * scale}
+    training_grids = [{"caption": p.stem, "png": base64.b64encode(p.read_bytes()).decode()}
+                      for p in sorted((run_dir / "grids").glob("*.png"))[-4:]]
+    metric_names = [m for m in METRICS if any(m in r["metrics"] for r in rows)]
+    html = jinja2.Environment(autoescape=True).from_string(TEMPLATE).render(
+        title=f"ADM run report: {run_dir.name}",
+        intro=(f"Run directory {run_dir}. Each (snapshot, setting) was sampled from the snapshot's weights with "
+               "per-seed noise and evaluated with the FID Inception network (ADM's evaluator: FID and sFID against "
+               "the reference statistics, precision and recall with k=3 against the reference images)."),
+        failures=data["failures"], curves=_metric_curves(rows, data["published"]) if rows else None,
+        preset=data["preset"], rows=rows, metric_names=metric_names, labels=LABELS, settings=data["settings"],
+        loss=_loss_curve(run_dir), grids=grids, progressive=progressive, training_grids=training_grids,
+        config=json.dumps(data["config"], indent=2))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_dir / "report.html", html)
+    _atomic_write(out_dir / "report.json", json.dumps({k: v for k, v in data.items()}, indent=2, default=str) + "\n")
+    _atomic_write(out_dir / "report.md", _markdown(data, metric_names))
+    return out_dir / "report.html"
+
+
+def _markdown(data: dict, metric_names: list[str]) -> str:
+    lines = [f"# ADM run report: {Path(data['run_dir']).name}", ""]
+    if data["rows"]:
+        lines += ["| snapshot | kimg | setting | N | " + " | ".join(LABELS[m] for m in metric_names) + " |",
+                  "|---|---|---|---|" + "---|" * len(metric_names)]
+        lines += [f"| {r['snapshot_name']} | {r['kimg']} | {r['setting']['name']} | {r['metrics']['num_samples']} | "
+                  + " | ".join(r["fmt"][m] for m in metric_names) + " |" for r in data["rows"]]
+    else:
+        lines.append("No evaluation has finished yet.")
+    for f in data["failures"]:
+        lines.append(f"\nFAILED: {f['snapshot_name']} / {f['setting']['name']} after {f['attempts']} attempts: "
+                     f"{f['last_error']}")
+    if data["preset"]:
+        lines += ["", f"Paper ({data['preset']}, 50k samples): " + "; ".join(
+            f"{label}: " + ", ".join(f"{LABELS[k]} {v}" for k, v in vals.items())
+            for label, vals in data["published"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None, prog="adm report") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="directory for report.html/.md/.json (default: the run directory)")
+    a = p.parse_args(argv)
+    if not Path(a.run_dir).is_dir():
+        raise FileNotFoundError(f"{a.run_dir}: no such run directory")
+    print(write_report(Path(a.run_dir), Path(a.out) if a.out else None))
+    return 0

@@ -1,0 +1,104 @@
+"""Scheduled evaluation: find a run's snapshots not yet evaluated for each setting and evaluate them,
+each (snapshot, setting) exactly once (eval.registry's exclusive claims), retrying a failed attempt a
+bounded number of times. The backend runs a claimed evaluation: LocalBackend in this process, or the
+Slurm backend (slurm/eval_jobs.py) as job arrays with dependencies."""
+
+import json
+import traceback
+from pathlib import Path
+
+from . import registry
+from .farm import prepare, run_local
+from .settings import EvalSetting
+
+
+class LocalBackend:
+    """Runs the claimed evaluation here and now; the claim (this process) is alive while it runs."""
+
+    name = "local"
+
+    def __init__(self, progress: bool = False):
+        self.progress = progress
+
+    def start(self, key_dir: Path, attempt: int) -> dict:
+        run_local(key_dir, progress=self.progress)
+        return {**registry.local_owner(), "state": "done"}
+
+    def alive(self, owner: dict) -> bool:
+        return "jobs" in owner or registry.local_alive(owner)
+
+
+def find_snapshots(run_dir: Path) -> list[Path]:
+    """Complete diffusion-model snapshots of a run, oldest first (incomplete ones are not snapshots yet)."""
+    from models.snapshot import SnapshotError, read_manifest
+
+    out = []
+    for d in sorted((Path(run_dir) / "snapshots").glob("*")):
+        try:
+            read_manifest(d)
+            meta = json.loads((d / "config.json").read_text())
+        except (SnapshotError, OSError, json.JSONDecodeError):
+            continue
+        if meta.get("task", "diffusion") == "diffusion" and meta.get("model", {}).get("arch", "unet") == "unet":
+            out.append(d)
+    return out
+
+
+def schedule_pass(run_dir: Path, settings: list[EvalSetting], ref: Path, backend, max_attempts: int = 3,
+                  inception_weights: str | None = None, metric_workers: int = 1, log=print,
+                  only: list[Path] | None = None) -> dict:
+    """One pass over snapshots (or `only` these) x settings. Returns counts: done, started, running, failed."""
+    counts = {"done": 0, "started": 0, "running": 0, "failed": 0}
+    for snap in only or find_snapshots(run_dir):
+        for setting in settings:
+            key_dir = prepare(run_dir, snap, setting, ref, inception_weights, metric_workers)
+            state = _advance(key_dir, backend, max_attempts, log)
+            counts[state] += 1
+    return counts
+
+
+def _advance(key_dir: Path, backend, max_attempts: int, log) -> str:
+    if (key_dir / registry.METRICS).is_file():
+        return "done"
+    if (key_dir / registry.FAILED).is_file():
+        return "failed"
+    tried = registry.attempts(key_dir)
+    n = tried[-1] if tried else 0
+    if n:
+        owner = registry.read_claim(key_dir, n)
+        if owner.get("state") not in ("failed", "done") and backend.alive(owner):
+            return "running"
+        if (key_dir / registry.METRICS).is_file():
+            return "done"
+        if n >= max_attempts:
+            _give_up(key_dir, n, owner)
+            log(f"[eval] {key_dir.name}: failed {n} time(s); giving up (see {key_dir / registry.FAILED})")
+            return "failed"
+        log(f"[eval] {key_dir.name}: attempt {n} did not finish ({owner.get('error') or 'owner gone'}); retrying")
+    if not registry.try_claim(key_dir, n + 1):
+        return "running"  # another scheduler claimed it first
+    log(f"[eval] {key_dir.name}: attempt {n + 1} ({backend.name})")
+    try:
+        owner = backend.start(key_dir, n + 1)
+    except Exception as e:  # recorded on the claim: the next pass retries or gives up
+        registry.update_claim(key_dir, n + 1, {**registry.local_owner(), "state": "failed",
+                                               "error": f"{type(e).__name__}: {e}",
+                                               "traceback": traceback.format_exc()[-4000:]})
+        log(f"[eval] {key_dir.name}: attempt {n + 1} failed: {type(e).__name__}: {e}")
+        return "failed" if n + 1 >= max_attempts and _give_up(key_dir, n + 1, {"error": str(e)}) else "running"
+    registry.update_claim(key_dir, n + 1, owner)
+    return "done" if (key_dir / registry.METRICS).is_file() else "started"
+
+
+def _give_up(key_dir: Path, attempts: int, owner: dict) -> bool:
+    import os
+
+    try:
+        fd = os.open(key_dir / registry.FAILED, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return True
+    spec = json.loads((key_dir / registry.SETTING).read_text())
+    with os.fdopen(fd, "w") as f:
+        json.dump({**{k: spec[k] for k in ("key", "snapshot", "snapshot_name", "images", "setting")},
+                   "attempts": attempts, "last_error": owner.get("error")}, f, indent=2)
+    return True

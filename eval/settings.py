@@ -1,0 +1,99 @@
+"""What one evaluation is: a sampling setting applied to a snapshot, and the key that names it.
+
+The key covers everything that changes the numbers (snapshot contents, weights, sampler, steps,
+guidance, classifier, upsampler, N, seeds, reference, evaluator version) and nothing that does not
+(batch size, shard size, worker count: invariant 8), so each (snapshot, setting) is evaluated once.
+"""
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+EVALUATOR_VERSION = "adm-eval-1"  # bump when a change moves any metric
+
+
+@dataclass
+class EvalSetting:
+    name: str = "ddim25"  # short label used in reports and directory names
+    steps: str = "ddim25"  # timestep respacing: "250" (ancestral), "ddim25" (DDIM), ...
+    scale: float = 0.0  # classifier guidance scale; 0 = unguided
+    classifier: str | None = None  # noisy classifier snapshot (required when scale > 0)
+    upsampler: str | None = None  # upsampler snapshot: evaluate the cascade's output
+    upsampler_steps: str = "250"
+    weights: str = "ema"  # which weights of the snapshot: ema (first rate), raw, ema_<rate>, phema_<s>
+    num: int = 50000  # samples
+    seed_start: int = 0  # image i uses seed seed_start + i
+    shard_size: int = 1000  # images per sample shard = per task of the sampling and feature arrays
+    batch_size: int = 64  # per forward pass (never changes an image)
+    pr_distance: str = "fp32"  # precision/recall distance arithmetic: fp32 | fp16 (ADM's)
+
+    def __post_init__(self):
+        if self.num < 2:
+            raise ValueError(f"setting {self.name!r}: num must be >= 2 (covariances need 2 samples), got {self.num}")
+        if self.shard_size < 1 or self.batch_size < 1:
+            raise ValueError(f"setting {self.name!r}: shard_size and batch_size must be positive")
+        if self.scale and not self.classifier:
+            raise ValueError(f"setting {self.name!r}: scale {self.scale} needs a classifier snapshot (classifier=PATH)")
+        if self.pr_distance not in ("fp32", "fp16"):
+            raise ValueError(f"setting {self.name!r}: pr_distance must be fp32 or fp16, got {self.pr_distance!r}")
+        if not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ValueError(f"setting name {self.name!r}: use letters, digits, '-', '_' and '.' only")
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num // self.shard_size)
+
+    def shard_seeds(self, index: int) -> list[int]:
+        first = self.seed_start + index * self.shard_size
+        return list(range(first, min(first + self.shard_size, self.seed_start + self.num)))
+
+
+def _digest(path: str | None) -> str | None:
+    """Identity of a snapshot (its manifest: every file's sha256) or of a reference file (size + mtime)."""
+    if not path:
+        return None
+    p = Path(path)
+    manifest = p / "manifest.json"
+    if manifest.is_file():
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+    if p.is_file():
+        st = p.stat()
+        return f"{p.name}:{st.st_size}:{int(st.st_mtime)}"
+    raise FileNotFoundError(f"{p}: no such snapshot or file")
+
+
+def eval_key(snapshot: str | Path, setting: EvalSetting, ref: str | Path) -> str:
+    """<snapshot>--<setting>--<hash of everything that changes the numbers>."""
+    ident = {k: v for k, v in asdict(setting).items() if k not in ("name", "shard_size", "batch_size")}
+    ident.update(classifier=_digest(setting.classifier), upsampler=_digest(setting.upsampler),
+                 snapshot=_digest(str(snapshot)), ref=_digest(str(ref)), evaluator=EVALUATOR_VERSION)
+    h = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{Path(snapshot).name}--{setting.name}--{h}"
+
+
+def load_settings(path: str | Path) -> list[EvalSetting]:
+    """A YAML list of settings (or {settings: [...]}); each entry's keys are EvalSetting fields."""
+    from omegaconf import OmegaConf
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such settings file")
+    data = OmegaConf.to_container(OmegaConf.load(p), resolve=True)
+    if isinstance(data, dict):
+        data = data.get("settings")
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{p}: expected a list of settings (or settings: [...])")
+    known = {f.name for f in fields(EvalSetting)}
+    out = []
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{p}: settings[{i}] must be a mapping")
+        unknown = set(entry) - known
+        if unknown:
+            raise ValueError(f"{p}: settings[{i}] has unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+        out.append(EvalSetting(**entry))
+    names = [s.name for s in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{p}: setting names must be unique, got {names}")
+    return out

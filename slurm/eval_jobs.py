@@ -1,0 +1,114 @@
+"""The evaluation plan on Slurm: a sampling job array over seed ranges, a feature job array that
+starts after it (afterok), and a metrics job after that; plus the recurring scheduler job, which
+begins later (`--begin now+N`) and resubmits itself. Everything goes through submitit."""
+
+import subprocess
+import time
+from pathlib import Path
+
+from eval import registry
+from eval.farm import feature_task, load_spec, metrics_task, sample_task
+
+from . import records
+from .submit import parse_time, sacct, site_defaults
+
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "STAGE_OUT"}
+
+
+def _metrics_entry(key_dir: str) -> None:
+    """The metrics job: with several tasks, the workers find each other through Slurm's environment."""
+    import os
+
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        import submitit
+        submitit.helpers.TorchDistributedEnvironment().export()
+    metrics_task(key_dir, backend="auto")
+
+
+def _schedule_entry(argv: list[str]) -> int:
+    from eval.cli import main
+
+    return main(argv)
+
+
+class SlurmBackend:
+    name = "slurm"
+
+    def __init__(self, partition=None, account=None, minutes=240, gpus_per_task=None, cpus_per_task=None,
+                 array_parallelism=64, metric_workers=1):
+        site = site_defaults()
+        self.partition, self.account = partition or site.get("partition"), account or site.get("account")
+        self.setup = list(site.get("setup", []))
+        self.minutes, self.cpus_per_task = minutes, cpus_per_task or site.get("cpus_per_task")
+        self.array_parallelism, self.metric_workers = array_parallelism, metric_workers
+        if gpus_per_task is None:
+            gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True).stdout
+            gpus_per_task = 1 if "gpu" in gres else 0
+        self.gpus_per_task = gpus_per_task
+        self.submitted: list = []
+
+    @classmethod
+    def from_args(cls, a) -> "SlurmBackend":
+        from .submit import check_partition
+
+        check_partition(a.partition)
+        return cls(a.partition, a.account, parse_time(a.time), a.gpus_per_task, a.cpus_per_task,
+                   a.array_parallelism, a.metric_workers)
+
+    def _executor(self, folder: Path, name: str, **extra):
+        import submitit
+
+        ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+        params = dict(name=name, timeout_min=self.minutes, slurm_array_parallelism=self.array_parallelism,
+                      slurm_partition=self.partition, slurm_account=self.account,
+                      slurm_setup=self.setup or None, cpus_per_task=self.cpus_per_task,
+                      gpus_per_node=self.gpus_per_task or None)
+        params.update(extra)
+        ex.update_parameters(**{k: v for k, v in params.items() if v is not None})
+        return ex
+
+    def start(self, key_dir: Path, attempt: int) -> dict:
+        spec, setting = load_spec(key_dir)
+        folder = key_dir / "slurm" / "%j"
+        n = setting.num_shards
+        after = lambda job_id: {"dependency": f"afterok:{job_id}", "kill-on-invalid-dep": "yes"}  # noqa: E731
+        ex = self._executor(folder, f"eval-sample-{setting.name}")
+        sample_jobs = ex.map_array(sample_task, [str(key_dir)] * n, list(range(n)))
+        sample_id = sample_jobs[0].job_id.split("_")[0]
+        ex = self._executor(folder, f"eval-features-{setting.name}", slurm_additional_parameters=after(sample_id))
+        feature_jobs = ex.map_array(feature_task, [str(key_dir)] * n, list(range(n)))
+        feature_id = feature_jobs[0].job_id.split("_")[0]
+        ex = self._executor(folder, f"eval-metrics-{setting.name}", gpus_per_node=None,
+                            tasks_per_node=self.metric_workers, slurm_additional_parameters=after(feature_id))
+        metrics_job = ex.submit(_metrics_entry, str(key_dir))
+        jobs = [sample_id, feature_id, metrics_job.job_id]
+        self.submitted.append(metrics_job)
+        records.add(Path(spec["run_dir"]), {"job_id": metrics_job.job_id, "cluster": "slurm", "kind": "eval",
+                                            "key": key_dir.name, "jobs": jobs, "folder": str(key_dir / "slurm")})
+        return {**registry.local_owner(), "cluster": "slurm", "jobs": jobs, "state": "submitted"}
+
+    def alive(self, owner: dict) -> bool:
+        if "jobs" not in owner:
+            return registry.local_alive(owner)
+        states = sacct([str(j) for j in owner["jobs"]])
+        if not states:  # accounting not caught up yet: ask the queue
+            queued = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(map(str, owner["jobs"]))],
+                                    capture_output=True, text=True).stdout.split()
+            return bool(queued) or time.time() - owner.get("time", 0) < 60
+        return any(s["state"].split()[0] in ACTIVE for s in states.values())
+
+    def wait_all(self) -> None:
+        for job in self.submitted:
+            try:
+                job.wait()
+            except Exception:  # a failed job is reported by the registry, not here
+                pass
+
+    def submit_schedule(self, argv: list[str], every_s: float, run_dir: Path) -> str:
+        ex = self._executor(Path(run_dir) / "slurm" / "%j", f"eval-schedule-{Path(run_dir).name}",
+                            gpus_per_node=None, timeout_min=60,
+                            slurm_additional_parameters={"begin": f"now+{int(every_s)}"})
+        job = ex.submit(_schedule_entry, list(argv))
+        records.add(Path(run_dir), {"job_id": job.job_id, "cluster": "slurm", "kind": "eval-schedule",
+                                    "folder": str(Path(run_dir) / "slurm" / str(job.job_id))})
+        return job.job_id
