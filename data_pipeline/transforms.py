@@ -75,8 +75,8 @@ class Transform:
     crop: str = "center"  # center (ADM diffusion) | random-resized (ADM classifier)
     flip: bool = True  # random horizontal flip, p = 0.5
     small_size: int = 0  # > 0: also return the area-downsampled low-resolution image (upsampler)
-    jpeg_draft: bool = False  # faster: decode JPEGs at a reduced DCT scale (short side still >= 2x the target);
-    # not bit-exact with ADM: ~5 of 255 levels mean difference on a photograph (tests/test_data_loader.py)
+    jpeg_draft: bool = False  # faster: decode JPEGs at a reduced DCT scale instead of BOX-halving after a full decode;
+    # not bit-exact with ADM: ~7 of 255 levels mean difference on a photograph (tests/test_data_loader.py)
 
     def __post_init__(self):
         if self.crop not in CROPS:
@@ -91,9 +91,9 @@ class Transform:
             return np.load(io.BytesIO(data))
         image = Image.open(io.BytesIO(data))
         if self.jpeg_draft and image.format == "JPEG":
-            # the largest DCT scaling that keeps the short side >= 2x what the crop needs: the BOX
-            # halving that follows would have thrown the extra resolution away anyway
-            need = 2 * (math.ceil(self.resolution / 0.8) if self.crop == "random-resized" else self.resolution)
+            # DCT scaling in place of ADM's BOX halvings: the largest reduction (1/2, 1/4, 1/8) that keeps
+            # the short side >= what the crop needs, i.e. the same number of halvings ADM's loop does
+            need = math.ceil(self.resolution / 0.8) if self.crop == "random-resized" else self.resolution
             image.draft("RGB", (need * image.size[0] // min(image.size), need * image.size[1] // min(image.size)))
         return image.convert("RGB")
 

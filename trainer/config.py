@@ -45,6 +45,7 @@ class TrainConfig:
     seed: int = 0
     num_slots: int = 64  # canonical data slots (must be divisible by world size x workers)
     data_workers: int = 2  # DataLoader workers per rank
+    jpeg_draft: bool = False  # decode JPEG shards at a reduced DCT scale (2x faster, not ADM-exact pixels)
     channels_last: bool = True
     status_kimg: float = 1.0  # one status line (and TensorBoard scalars) per this many kimg
     checkpoint_kimg: float = 50.0  # training state for resuming

@@ -77,7 +77,8 @@ def training_loop(cfg: TrainConfig) -> int:
     m = cfg.model
     loader = StreamLoader(cfg.data, m.image_size, micro, crop="random-resized" if cfg.task == "classifier" else "center",
                           flip=True, small_size=m.small_size if cfg.task == "upsampler" else 0, seed=cfg.seed,
-                          num_slots=cfg.num_slots, rank=rank, world_size=world, num_workers=cfg.data_workers)
+                          num_slots=cfg.num_slots, rank=rank, world_size=world, num_workers=cfg.data_workers,
+                          jpeg_draft=cfg.jpeg_draft)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = build_model(m)  # weights stay contiguous (DeepSpeed flattens them); inputs go channels-last
     d = cfg.diffusion
