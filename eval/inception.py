@@ -33,7 +33,11 @@ class InceptionFeatures(torch.nn.Module):
 
     def __init__(self, device="cpu"):
         super().__init__()
-        scripted = torch.jit.load(str(weights_path()), map_location="cpu")
+        import warnings
+
+        with warnings.catch_warnings():  # torch announces jit.load's deprecation; the file is TorchScript
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.load(str(weights_path()), map_location="cpu")
         self.layers = scripted.net.layers
         self.names = [n for n, _ in self.layers.named_children()]
         self.device = torch.device(device)

@@ -162,7 +162,9 @@ def build(run_dir: Path) -> dict:
             "preset": preset, "published": published, "settings": settings}
 
 
-def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
+def write_report(run_dir: Path, out_dir: Path | None = None, intro: str | None = None) -> Path:
+    """Write report.html/.md/.json into out_dir (default: the run directory); `intro` replaces the
+    opening paragraph (the demo says what it did)."""
     import jinja2
 
     run_dir = Path(run_dir)
@@ -190,7 +192,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     metric_names = [m for m in METRICS if any(m in r["metrics"] for r in rows)]
     html = jinja2.Environment(autoescape=True).from_string(TEMPLATE).render(
         title=f"ADM run report: {run_dir.name}",
-        intro=(f"Run directory {run_dir}. Each (snapshot, setting) was sampled from the snapshot's weights with "
+        intro=intro or (f"Run directory {run_dir}. Each (snapshot, setting) was sampled from the snapshot's weights with "
                "per-seed noise and evaluated with the FID Inception network (ADM's evaluator: FID and sFID against "
                "the reference statistics, precision and recall with k=3 against the reference images)."),
         failures=data["failures"], curves=_metric_curves(rows, data["published"]) if rows else None,

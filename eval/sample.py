@@ -45,6 +45,8 @@ def shard_path(out: Path, seeds: list[int]) -> Path:
 def save_npz_atomic(path: Path, **arrays) -> None:
     """Write to a temporary name of this process's own, then rename: readers never see a partial file,
     and two writers of the same file (racing schedulers sharing a reference cache) do not collide."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)

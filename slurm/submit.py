@@ -113,6 +113,11 @@ def cmd_submit_train(args) -> int:
     args.name = args.name or f"adm-{run_dir.name}"
     folder = run_dir / "slurm" / "%j"
     executor, cluster = make_executor(args, folder, site)
+    if cluster == "debug":
+        if world != 1:
+            raise ValueError(f"--cluster debug runs one process in this one (for breakpoints): use --nodes 1 "
+                             f"--gpus-per-node 1, not a world of {world}")
+        args.wait = True  # submitit's debug executor runs the job in-process when its result is asked for
     if args.dry_run:
         if cluster != "slurm":
             print(f"(cluster {cluster}: no sbatch script; would run {world} local task(s))")

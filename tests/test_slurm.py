@@ -163,3 +163,25 @@ def test_evaluation_plan_runs_as_job_arrays_with_dependencies(cluster, digit_sha
     # a second run finds the result in the registry and submits nothing
     again = adm("eval", "run", str(snap), "--ref", str(ref), "--cluster", "slurm", *SETTING).stdout
     assert "num_samples 6" in again and len(list(key_dir.glob("attempt-*.json"))) == 1
+
+
+def test_srun_mpi_pmi2_gives_mpi_ranks_to_the_trainer_and_the_eval_workers(cluster):
+    """Jobs launched as MPI ranks (srun --mpi=pmi2, the mpich wheel's PMI client) find their ranks through MPI."""
+    code = ("from trainer.distributed import discover; from eval.comm import discover as workers; "
+            "e = discover(); c = workers(); print(e.source, e.rank, e.world_size, c.size, c.allgather(c.rank))")
+    proc = subprocess.run(["srun", "--mpi=pmi2", "-n", "2", sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("mpi"))
+    assert lines == ["mpi 0 2 2 [0, 1]", "mpi 1 2 2 [0, 1]"]
+
+
+def test_cluster_debug_runs_in_process(shards, tmp_path):
+    """--cluster debug: the same job, in this process (no Slurm needed), for breakpoints."""
+    run = tmp_path / "run"
+    out = adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "total_kimg=0.064", "--cluster", "debug",
+              "--gpus-per-node", "1", "--cpu").stdout
+    assert "finished" in out and (run / "snapshots" / "img000000000064" / "model.safetensors").is_file()
+    bad = adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "--cluster", "debug",
+              "--gpus-per-node", "2", "--cpu", check=False)
+    assert bad.returncode == 2 and "one process" in bad.stderr

@@ -48,11 +48,8 @@ def discover() -> DistEnv:
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, `adm train --nproc`, or set by hand
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
-        nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
-        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                       env.get("MASTER_ADDR", nodes[0]), _job_port(), "slurm")
-    if any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")):
+    # an MPI launcher (mpiexec, or srun --mpi=pmi2|pmix) before plain Slurm: the ranks are MPI's
+    if any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "MPI_LOCALNRANKS")):
         from mpi4py import MPI
 
         comm = MPI.COMM_WORLD
@@ -61,6 +58,10 @@ def discover() -> DistEnv:
             port = comm.bcast(_free_port() if comm.Get_rank() == 0 else None, root=0)
             local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
             return DistEnv(comm.Get_rank(), comm.Get_size(), local, addr, port, "mpi")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+        nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
+        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                       env.get("MASTER_ADDR", nodes[0]), _job_port(), "slurm")
     return DistEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
 
 
