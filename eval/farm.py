@@ -55,9 +55,8 @@ def sample_task(key_dir: str, index: int) -> str:
     sampler = Sampler(spec["snapshot"], setting)
     path = sampler.shard(setting.shard_seeds(index), Path(key_dir) / "samples")
     if index == 0 and not (Path(key_dir) / "progressive.npz").is_file():
-        import numpy as np
-
         from .sample import save_npz_atomic
+
         frames = sampler.progressive(setting.shard_seeds(0)[:4])
         save_npz_atomic(Path(key_dir) / "progressive.npz", arr_0=frames)
     return str(path)

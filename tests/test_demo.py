@@ -2,7 +2,6 @@
 against independent oracles (scikit-learn's SVC on the 8x8 digits, FID between real digit sets,
 the upsampler's round trip)."""
 
-import json
 import time
 
 import numpy as np
