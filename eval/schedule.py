@@ -47,8 +47,9 @@ def find_snapshots(run_dir: Path) -> list[Path]:
 def schedule_pass(run_dir: Path, settings: list[EvalSetting], ref: Path, backend, max_attempts: int = 3,
                   inception_weights: str | None = None, metric_workers: int = 1, log=print,
                   only: list[Path] | None = None) -> dict:
-    """One pass over snapshots (or `only` these) x settings. Returns counts: done, started, running, failed."""
-    counts = {"done": 0, "started": 0, "running": 0, "failed": 0}
+    """One pass over snapshots (or `only` these) x settings. Returns counts: done, started, running,
+    retrying (an attempt failed; the next pass tries again), failed (no attempts left)."""
+    counts = {"done": 0, "started": 0, "running": 0, "retrying": 0, "failed": 0}
     for snap in only or find_snapshots(run_dir):
         for setting in settings:
             key_dir = prepare(run_dir, snap, setting, ref, inception_weights, metric_workers)
@@ -85,7 +86,7 @@ def _advance(key_dir: Path, backend, max_attempts: int, log) -> str:
                                                "error": f"{type(e).__name__}: {e}",
                                                "traceback": traceback.format_exc()[-4000:]})
         log(f"[eval] {key_dir.name}: attempt {n + 1} failed: {type(e).__name__}: {e}")
-        return "failed" if n + 1 >= max_attempts and _give_up(key_dir, n + 1, {"error": str(e)}) else "running"
+        return "failed" if n + 1 >= max_attempts and _give_up(key_dir, n + 1, {"error": str(e)}) else "retrying"
     registry.update_claim(key_dir, n + 1, owner)
     return "done" if (key_dir / registry.METRICS).is_file() else "started"
 
