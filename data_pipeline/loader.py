@@ -154,11 +154,15 @@ class StreamLoader:
 
     def __init__(self, directory, resolution: int, batch_size: int, *, crop: str = "center", flip: bool = True,
                  small_size: int = 0, seed: int = 0, num_slots: int = 64, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, jpeg_draft: bool = False, prefetch_factor: int = 2):
+                 num_workers: int = 0, jpeg_draft: bool = False, prefetch_factor: int = 2,
+                 persistent_workers: bool = False):
         self.args = dict(directory=str(directory), batch_size=batch_size, seed=seed, num_slots=num_slots,
                          rank=rank, world_size=world_size)
         self.transform = Transform(resolution, crop, flip, small_size, jpeg_draft)
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        # the stream is infinite, so one iterator (and its workers) lives for the whole run either way;
+        # persistent workers only keep them across a second iter() over the same DataLoader
+        self.persistent_workers = persistent_workers and num_workers > 0
         self.slots: dict[str, dict] = {}  # slot -> {"pos": after the last consumed sample, "shards": started}
         self.batches = 0
         self.skipped = 0
@@ -170,7 +174,7 @@ class StreamLoader:
         dataset = ShardStream(transform=self.transform, state=self.slots, worker_rotation=rotation, **self.args)
         kwargs = dict(num_workers=self.num_workers, batch_size=None)
         if self.num_workers:
-            kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
+            kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=self.persistent_workers)
         order = Order([s["count"] for s in dataset.manifest["shards"]], self.args["num_slots"], self.args["seed"])
         # create the DataLoader iterator now (it draws its base seed from torch's global RNG), not at
         # the first next(): callers that restore RNG state after iter() rely on this

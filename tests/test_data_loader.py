@@ -46,6 +46,7 @@ def test_order_is_deterministic_and_resume_is_exact(data, workers):
     path = data[1] / "crop"
     full = take(loader(path, num_workers=workers), 20)
     assert full == take(loader(path, num_workers=workers), 20)
+    assert full == take(loader(path, num_workers=workers, persistent_workers=True), 20)
     for k in (0, 3, 7):
         first = loader(path, num_workers=workers)
         head = take(first, k)
