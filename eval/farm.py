@@ -3,6 +3,7 @@ sample shards, and a metrics task that merges them. The tasks only read RUN/eval
 and files, so they run the same in this process (`--cluster local`) or as Slurm job arrays with
 dependencies (slurm/eval_jobs.py)."""
 
+import functools
 import json
 import time
 from dataclasses import asdict
@@ -48,13 +49,26 @@ def load_spec(key_dir: Path) -> tuple[dict, EvalSetting]:
     return spec, EvalSetting(**spec["setting"])
 
 
-def sample_task(key_dir: str, index: int) -> str:
+@functools.lru_cache(maxsize=1)
+def _sampler(key_dir: str):
+    """The evaluation's models, loaded once per process (run_local calls every task in one process)."""
     from .sample import Sampler
 
     spec, setting = load_spec(Path(key_dir))
-    sampler = Sampler(spec["snapshot"], setting)
+    return Sampler(spec["snapshot"], setting)
+
+
+def sample_task(key_dir: str, index: int) -> str:
+    from .sample import shard_path
+
+    _, setting = load_spec(Path(key_dir))
+    path = shard_path(Path(key_dir) / "samples", setting.shard_seeds(index))
+    progressive = index == 0 and not (Path(key_dir) / "progressive.npz").is_file()
+    if path.is_file() and not progressive:  # done earlier (a retry or a requeue): load nothing
+        return str(path)
+    sampler = _sampler(str(key_dir))
     path = sampler.shard(setting.shard_seeds(index), Path(key_dir) / "samples")
-    if index == 0 and not (Path(key_dir) / "progressive.npz").is_file():
+    if progressive:
         from .sample import save_npz_atomic
 
         frames = sampler.progressive(setting.shard_seeds(0)[:4])
