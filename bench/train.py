@@ -21,19 +21,23 @@ sys.path.insert(0, str(REPO))
 from bench.common import write_result  # noqa: E402
 
 
-def disk_write_mib_s(directory: Path, mib: int = 256) -> float:
-    """Sequential write + fsync of `mib` MiB: the bandwidth a checkpoint save can hope for."""
-    path = directory / "disk-probe.bin"
+def disk_write_mib_s(directory: Path, mib: int = 256, fsync: bool = True, repeats: int = 3) -> float:
+    """Sequential write of `mib` MiB (then fsync, as a checkpoint save does): the bandwidth a save can hope
+    for. The median of a few runs, since a single one swings with the page cache."""
     block = os.urandom(1 << 20)
-    start = time.perf_counter()
-    with open(path, "wb") as f:
-        for _ in range(mib):
-            f.write(block)
-        f.flush()
-        os.fsync(f.fileno())
-    seconds = time.perf_counter() - start
-    path.unlink()
-    return mib / seconds
+    speeds = []
+    for i in range(repeats):
+        path = directory / f"disk-probe-{i}.bin"
+        start = time.perf_counter()
+        with open(path, "wb") as f:
+            for _ in range(mib):
+                f.write(block)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        speeds.append(mib / (time.perf_counter() - start))
+        path.unlink()
+    return statistics.median(speeds)
 
 
 def make_data(tmp: Path) -> Path:
@@ -72,6 +76,7 @@ def main():
         tmp = Path(tmp)
         a.data = a.data or str(make_data(tmp))
         disk = disk_write_mib_s(tmp)
+        buffered = disk_write_mib_s(tmp, fsync=False)
         rows = []
         for stage in (1, 2, 3):
             out = run(a, tmp / f"z{stage}", f"zero_stage={stage}", f"total_kimg={a.kimg}", f"status_kimg={a.kimg / 3}",
@@ -86,7 +91,9 @@ def main():
             print(rows[-1], flush=True)
         out = run(a, tmp / "z2", "zero_stage=2", f"total_kimg={a.kimg + 0.064}", f"status_kimg={a.kimg}", "grid=false")
         first = float(re.search(r"\[timing\] first step done ([\d.]+) s after process start \(resumed\)", out).group(1))
-    result = {"preset": a.preset, "nproc": a.nproc, "disk_write_mib_s": disk, "rows": rows,
+        load = re.search(r"\[ckpt\] loaded \S+ in ([\d.]+) s \(([\d.]+) MiB, ([\d.]+) MiB/s\)", out)
+    result = {"preset": a.preset, "nproc": a.nproc, "disk_write_mib_s": disk, "disk_write_buffered_mib_s": buffered,
+              "rows": rows, "checkpoint_load_s": float(load.group(1)), "checkpoint_load_mib_s": float(load.group(3)),
               "resume_to_first_step_s": first,
               "zero2_vs_zero1_throughput": rows[1]["images_per_s"] / rows[0]["images_per_s"]}
     write_result(result, a.out)

@@ -101,12 +101,14 @@ def training_loop(cfg: TrainConfig) -> int:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     param_dtype = next(engine.module.parameters()).dtype
     ema = ShardEMA(engine, cfg.ema_rates, cfg.zero_stage, cfg.power_ema)
+    ema_layout = ema.layout()
     gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + rank)  # timesteps and noise
 
     # ---- resume ----------------------------------------------------------------------------
     images, step = 0, 0
     rng_state = None
     if found:
+        load_start = time.perf_counter()
         tag, manifest = found
         client = json.loads((run_dir / ckpt.CKPT / tag / "client.json").read_text())
         if client["fixed_hash"] != cfg.fixed_hash():
@@ -116,13 +118,14 @@ def training_loop(cfg: TrainConfig) -> int:
         if elastic:
             engine.load_checkpoint(str(universal), tag="ds", load_optimizer_states=True,
                                    load_lr_scheduler_states=False)
-            from safetensors.torch import load_file
-            full = {k: load_file(str(run_dir / ckpt.CKPT / tag / f"{k}.safetensors")) for k in ema.all_shadows()}
-            ema.load_full(full)
+            old = [torch.load(f, map_location="cpu", weights_only=False)  # every old rank's EMA shards
+                   for f in [run_dir / ckpt.CKPT / tag / f"rank{r:05d}.pt" for r in range(manifest["world_size"])]]
+            ema.load_full({k: ShardEMA.assemble(client["ema_layout"], [ShardEMA.shards_of(o["ema"])[k] for o in old])
+                           for k in ema.all_shadows()})
             ema.updates = client["ema_updates"]
             if ema.power is not None:
                 ema.power.steps = client["ema_updates"]
-            own = torch.load(run_dir / ckpt.CKPT / tag / "rank00000.pt", weights_only=False)  # sampler: same on all
+            own = old[0]  # the timestep sampler's history: the same on every rank
             gen.manual_seed(cfg.seed * 1_000_003 + rank + 7919 * client["images"])
             torch.manual_seed(cfg.seed + 104_729 * rank + client["images"])
         else:
@@ -136,7 +139,11 @@ def training_loop(cfg: TrainConfig) -> int:
             sampler.load_state_dict(own["sampler"])
         loader.load_state_dict(client["loader"])
         images, step = client["images"], client["step"]
+        dist_util.barrier()
         if is_main:
+            size, seconds = sum(manifest["files"].values()), time.perf_counter() - load_start
+            print(f"[ckpt] loaded {tag} in {seconds:.2f} s ({size / 2 ** 20:.1f} MiB, "
+                  f"{size / 2 ** 20 / max(seconds, 1e-9):.1f} MiB/s)", flush=True)
             log.info("resumed from %s at %.1f kimg%s", tag, images / 1000,
                      f" (saved at world size {manifest['world_size']}, now {world}: universal checkpoint)"
                      if elastic else "")
@@ -159,14 +166,12 @@ def training_loop(cfg: TrainConfig) -> int:
                     "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None},
                    tmp / f"rank{rank:05d}.pt")
         loader_state = merge_states(dist_util.gather_objects(loader.state_dict()))
-        full_ema = ema.full_state_dicts(include_raw=False)  # collective: lets a resume change world size
-        if is_main:
-            from safetensors.torch import save_file
-            for name, sd in full_ema.items():
-                save_file(sd, str(tmp / f"{name}.safetensors"))
+        if is_main:  # the EMA layout lets a resume at another world size assemble the EMA from the rank files
             ckpt.write_json_atomic(tmp / "client.json", {"images": images, "step": step, "fixed_hash": cfg.fixed_hash(),
                                                          "loader": loader_state, "world_size": world,
-                                                         "ema_updates": ema.updates})
+                                                         "ema_updates": ema.updates, "ema_layout": ema_layout})
+        dist_util.barrier()  # every file is written: each rank flushes its share of them to the disk
+        ckpt.fsync_files(tmp, rank, world)
         dist_util.barrier()
         if is_main:
             final = ckpt.commit(run_dir, tag, world)

@@ -71,7 +71,7 @@ class PowerEMA:
 
     def state_dict(self) -> dict:
         return {"sigma_rels": self.sigma_rels, "steps": self.steps,
-                "shadows": {str(s): [t.clone() for t in v] for s, v in self.shadows.items()}}
+                "shadows": {str(s): list(v) for s, v in self.shadows.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         if [float(s) for s in state["sigma_rels"]] != self.sigma_rels:
