@@ -13,6 +13,7 @@ missing. Corrupt samples and truncated shards are skipped and counted, never fat
 import io
 import json
 import logging
+import signal
 import tarfile
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -145,6 +146,14 @@ def collate(samples: list[dict], skipped: int) -> dict:
     return out
 
 
+def _ignore_job_signals(_worker_id: int) -> None:
+    """Slurm signals every process of a step (SIGTERM on requeue/preemption/cancel, the --signal before a
+    time limit). A worker must not die of it while the training process saves: the worker outlives the
+    signal and exits with its parent, as DataLoader workers do."""
+    for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StreamLoader:
     """The training-side object: iterate for batches; state_dict() / load_state_dict() for resume.
 
@@ -174,7 +183,8 @@ class StreamLoader:
         dataset = ShardStream(transform=self.transform, state=self.slots, worker_rotation=rotation, **self.args)
         kwargs = dict(num_workers=self.num_workers, batch_size=None)
         if self.num_workers:
-            kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=self.persistent_workers)
+            kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=self.persistent_workers,
+                          worker_init_fn=_ignore_job_signals)
         order = Order([s["count"] for s in dataset.manifest["shards"]], self.args["num_slots"], self.args["seed"])
         # create the DataLoader iterator now (it draws its base seed from torch's global RNG), not at
         # the first next(): callers that restore RNG state after iter() rely on this

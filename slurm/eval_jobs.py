@@ -49,9 +49,10 @@ class SlurmBackend:
 
     @classmethod
     def from_args(cls, a) -> "SlurmBackend":
-        from .submit import check_partition
+        from .submit import check_account, check_partition
 
         check_partition(a.partition)
+        check_account(a.account)
         return cls(a.partition, a.account, parse_time(a.time), a.gpus_per_task, a.cpus_per_task,
                    a.array_parallelism, a.metric_workers)
 

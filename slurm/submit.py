@@ -1,6 +1,7 @@
 """`adm submit train ...` and `adm jobs ...`: training on Slurm through submitit (or locally)."""
 
 import argparse
+import getpass
 import json
 import os
 import re
@@ -49,6 +50,34 @@ def check_partition(partition: str | None) -> None:
     names = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True).stdout.split()
     if names and partition not in names:
         raise ValueError(f"--partition {partition!r}: Slurm knows {', '.join(sorted(set(names)))}")
+
+
+def _sacctmgr_names(*query: str) -> list[str]:
+    if not shutil.which("sacctmgr"):
+        return []
+    proc = subprocess.run(["sacctmgr", "-n", "-P", "show", *query], capture_output=True, text=True, timeout=30)
+    return sorted(set(proc.stdout.split())) if proc.returncode == 0 else []
+
+
+def check_account(account: str | None, qos: str | None = None) -> None:
+    """Slurm accepts an unknown account or QOS when accounting is not enforced: refuse them here instead."""
+    user = os.environ.get("USER") or getpass.getuser()
+    names = _sacctmgr_names("associations", f"user={user}", "format=account") if account else []
+    if names and account not in names:
+        raise ValueError(f"--account {account!r}: Slurm user {user!r} may use {', '.join(names)}")
+    names = _sacctmgr_names("qos", "format=name") if qos else []
+    if names and qos not in names:
+        raise ValueError(f"--qos {qos!r}: Slurm knows {', '.join(names)}")
+
+
+def submit_or_explain(submit):
+    """Run a submitit submission; sbatch's refusal becomes a one-line error instead of a traceback."""
+    from submitit.core.utils import FailedJobError
+
+    try:
+        return submit()
+    except FailedJobError as e:
+        raise ValueError(f"Slurm refused the job: {str(e).strip() or 'sbatch failed'}") from None
 
 
 def running_job_for(run_dir: Path) -> str | None:
@@ -110,6 +139,7 @@ def cmd_submit_train(args) -> int:
     if busy:
         raise ValueError(f"{run_dir} is in use by job {busy} (pending or running): wait for it or `adm jobs cancel {busy}`")
     check_partition(args.partition or site.get("partition"))
+    check_account(args.account or site.get("account"), args.qos or site.get("qos"))
     args.name = args.name or f"adm-{run_dir.name}"
     folder = run_dir / "slurm" / "%j"
     executor, cluster = make_executor(args, folder, site)
@@ -128,7 +158,7 @@ def cmd_submit_train(args) -> int:
         return 0
     from .jobs import TrainJob
 
-    job = executor.submit(TrainJob(args.config, args.overrides))
+    job = submit_or_explain(lambda: executor.submit(TrainJob(args.config, args.overrides)))
     records.add(run_dir, {"job_id": job.job_id, "cluster": cluster, "kind": "train", "config": args.config,
                           "overrides": args.overrides, "nodes": args.nodes, "tasks_per_node": args.gpus_per_node,
                           "folder": str(run_dir / "slurm" / str(job.job_id))})

@@ -65,25 +65,66 @@ def test_two_task_training_job_finishes_with_snapshots(cluster, shards, tmp_path
     assert "[train]" in logs
 
 
-def test_preemption_requeues_and_resumes_bit_identically(cluster, shards, tmp_path):
-    ref = tmp_path / "ref"
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, shards, tmp_path_factory):
+    """The final raw weights of the run the interrupted ones must reproduce bit for bit."""
+    ref = tmp_path_factory.mktemp("uninterrupted")
     submit(shards, ref, "total_kimg=0.384", "--wait")
-    run = tmp_path / "run"
-    submit(shards, run, "total_kimg=0.384")
+    return load_file(str(ref / "snapshots" / "img000000000384" / "raw.safetensors"))
+
+
+def submit_and_wait_for_training(shards, run, *extra) -> str:
+    submit(shards, run, "total_kimg=0.384", *extra)
     jid = job_id(run)
     log = run / "slurm" / jid / f"{jid}_0_log.out"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.is_file() and "[train]" in log.read_text()):
         time.sleep(0.5)
-    subprocess.run(["scancel", "--signal=USR2", jid], check=True)
+    assert log.is_file() and "[train]" in log.read_text(), "the job never started training"
+    return jid
+
+
+def assert_requeued_and_identical(run, jid, uninterrupted, signal_name):
     assert wait_state(run, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
     row = adm("jobs", str(run)).stdout.splitlines()[1].split()
     assert int(row[3]) >= 1  # requeued at least once
     errors = "".join(p.read_text() for p in (run / "slurm" / jid).glob("*_0_log.err"))
-    assert "preemption signal (SIGUSR2)" in errors
-    a = load_file(str(run / "snapshots" / "img000000000384" / "raw.safetensors"))
-    b = load_file(str(ref / "snapshots" / "img000000000384" / "raw.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert f"preemption signal ({signal_name})" in errors
+    final = load_file(str(run / "snapshots" / "img000000000384" / "raw.safetensors"))
+    assert final.keys() == uninterrupted.keys()
+    assert all(torch.equal(final[k], uninterrupted[k]) for k in final)
+
+
+def test_preemption_signal_requeues_and_resumes_bit_identically(cluster, shards, uninterrupted, tmp_path):
+    """submitit's path: our --signal (SIGUSR2) arrives, the ranks save, rank 0 lets submitit requeue."""
+    run = tmp_path / "run"
+    jid = submit_and_wait_for_training(shards, run)
+    subprocess.run(["scancel", "--signal=USR2", jid], check=True)
+    assert_requeued_and_identical(run, jid, uninterrupted, "SIGUSR2")
+
+
+def test_scontrol_requeue_saves_on_sigterm_and_resumes_bit_identically(cluster, shards, uninterrupted, tmp_path):
+    """Slurm's own requeue: SIGTERM, then SIGKILL after KillWait (5 s here). The ranks save in between and
+    leave the requeue to Slurm (a second requeue from submitit would be wrong)."""
+    run = tmp_path / "run"
+    jid = submit_and_wait_for_training(shards, run)
+    subprocess.run(["scontrol", "requeue", jid], check=True)
+    assert_requeued_and_identical(run, jid, uninterrupted, "SIGTERM")
+
+
+def test_a_higher_priority_partition_preempts_and_the_run_resumes_bit_identically(cluster, shards, uninterrupted,
+                                                                                    tmp_path):
+    """A real preemption: a job in `urgent` needs the whole node; Slurm sends the training job its --signal
+    (preempt_send_user_signal), the ranks save, the job is requeued, and it finishes after the urgent one."""
+    run = tmp_path / "run"
+    jid = submit_and_wait_for_training(shards, run)
+    urgent = subprocess.run(["sbatch", "--parsable", "--partition=urgent", "--exclusive", "--time=1",
+                             f"--output={tmp_path / 'urgent.out'}", "--wrap", "sleep 3"],
+                            capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    assert_requeued_and_identical(run, jid, uninterrupted, "SIGUSR2")
+    state = subprocess.run(["sacct", "-n", "-X", "-P", "-j", urgent, "-o", "State"], capture_output=True,
+                           text=True).stdout.split()
+    assert state == ["COMPLETED"], state
 
 
 def test_a_crashing_job_is_reported_failed(cluster, shards, tmp_path):
@@ -102,6 +143,9 @@ def test_dry_run_and_bad_input(cluster, shards, tmp_path):
         assert line in out
     assert not (run / "jobs.jsonl").exists()
     for extra, expected in [(["--partition", "gpu-huge"], "--partition 'gpu-huge': Slurm knows debug, urgent"),
+                            (["--account", "nosuch"], "--account 'nosuch': Slurm user"),  # sbatch would accept it
+                            (["--qos", "nosuch"], "--qos 'nosuch': Slurm knows normal"),
+                            (["--constraint", "nosuch"], "Slurm refused the job: sbatch: error: "),
                             (["--time", "00:02:00"], "leaves no room"),
                             (["batch=15"], "not divisible by the world size 2")]:
         proc = adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "--gpus-per-node", "2", "--cpu",
@@ -121,13 +165,13 @@ def test_time_limit_signal_requeues_and_the_run_finishes(cluster, shards, tmp_pa
     """A 2-minute job whose training needs longer: signalled before the limit, it saves, requeues
     (as a timeout, in submitit's terms) and finishes in a later allocation."""
     run = tmp_path / "run"
-    adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "total_kimg=12", "status_kimg=1",
-        "checkpoint_kimg=4", "snapshot_kimg=12", "--gpus-per-node", "2", "--cpu", "--time", "00:02:00",
+    adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "total_kimg=8", "status_kimg=1",
+        "checkpoint_kimg=4", "snapshot_kimg=8", "--gpus-per-node", "2", "--cpu", "--time", "00:02:00",
         "--signal-delay", "50")
     assert wait_state(run, {"COMPLETED", "FAILED"}, timeout=420) == "COMPLETED"
     row = adm("jobs", str(run)).stdout.splitlines()[1].split()
     assert int(row[3]) >= 1
-    assert (run / "snapshots" / "img000000012000" / "model.safetensors").is_file()
+    assert (run / "snapshots" / "img000000008000" / "model.safetensors").is_file()
     errors = "".join(p.read_text() for p in (run / "slurm").rglob("*_0_log.err"))
     assert "this job is timed-out" in errors
 

@@ -3,6 +3,7 @@
 import signal
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "saved after a preemption signal; run the same command again to resume"
+RECEIVED: set[str] = set()  # every signal this process got: SIGTERM means Slurm itself ends (and maybe requeues) the job
 
 
 class PreemptionFlag:
@@ -23,3 +24,4 @@ class PreemptionFlag:
     def _handle(self, signum, frame):
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+        RECEIVED.add(self.signal_name)
