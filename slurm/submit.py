@@ -105,6 +105,8 @@ def make_executor(args, folder: Path, site: dict):
                  slurm_account=args.account or site.get("account"), slurm_qos=args.qos or site.get("qos"),
                  slurm_constraint=args.constraint or site.get("constraint"),
                  slurm_signal_delay_s=args.signal_delay, slurm_mem=args.mem or site.get("mem"),
+                 # a task that dies (OOM killer, segfault) ends the step: the others would wait in a collective
+                 slurm_srun_args=["--kill-on-bad-exit=1"],
                  slurm_setup=list(site.get("setup", [])) or None,
                  slurm_additional_parameters={**({"exclusive": True} if args.exclusive else {}),
                                               **({"dependency": args.dependency} if args.dependency else {})} or None,

@@ -134,12 +134,35 @@ def test_a_crashing_job_is_reported_failed(cluster, shards, tmp_path):
     assert "non-finite steps in a row" in adm("jobs", "logs", job_id(run), "--run-dir", str(run)).stdout
 
 
+def test_a_killed_task_fails_the_job_at_once(cluster, shards, tmp_path):
+    """One rank SIGKILLed mid-training (as the OOM killer would): the job is reported FAILED with its log
+    folder, promptly, instead of the other rank waiting in a collective until a timeout."""
+    run = tmp_path / "run"
+    jid = submit_and_wait_for_training(shards, run, "total_kimg=4")
+    tasks = []
+    for pid in subprocess.run(["pgrep", "-f", f"submitit.core._submit {run}"], capture_output=True,
+                              text=True).stdout.split():
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            parent = Path(f"/proc/{Path(f'/proc/{pid}/stat').read_text().split()[3]}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"SLURM_PROCID=1" in environ and b"slurmstepd" in parent:  # the task itself, not a loader worker
+            tasks.append(int(pid))
+    assert len(tasks) == 1, tasks
+    os.kill(tasks[0], 9)
+    start = time.time()
+    assert wait_state(run, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=120) == "FAILED"
+    assert time.time() - start < 60
+    assert str(run / "slurm" / jid) in adm("jobs", str(run)).stdout
+
+
 def test_dry_run_and_bad_input(cluster, shards, tmp_path):
     run = tmp_path / "run"
     out = adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "--gpus-per-node", "2", "--cpu",
               "--time", "01:00:00", "--partition", "debug", "--signal-delay", "300", "--dry-run").stdout
     for line in ("#SBATCH --ntasks-per-node=2", "#SBATCH --signal=USR2@300", "#SBATCH --time=60",
-                 "#SBATCH --partition=debug", "srun --unbuffered"):
+                 "#SBATCH --partition=debug", "srun --unbuffered", "--kill-on-bad-exit=1"):
         assert line in out
     assert not (run / "jobs.jsonl").exists()
     for extra, expected in [(["--partition", "gpu-huge"], "--partition 'gpu-huge': Slurm knows debug, urgent"),
