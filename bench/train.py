@@ -40,7 +40,7 @@ def disk_write_mib_s(directory: Path, mib: int = 256, fsync: bool = True, repeat
     return statistics.median(speeds)
 
 
-def make_data(tmp: Path) -> Path:
+def make_data(tmp: Path, resolution: int = 32) -> Path:
     sys.path.insert(0, str(REPO / "tests"))
     from imagenet_fixture import make_imagenet
 
@@ -49,7 +49,7 @@ def make_data(tmp: Path) -> Path:
 
     make_imagenet(tmp / "digits", per_class=40)
     write_dataset(read_source(tmp / "digits", "imagenet", "train"), tmp / "shards", shard_size=16,
-                  preprocess="center-crop:32", image_format="npy", progress=False)
+                  preprocess=f"center-crop:{resolution}", image_format="npy", progress=False)
     return tmp / "shards"
 
 
@@ -67,6 +67,7 @@ def main():
     p.add_argument("--preset", default="tiny-32")
     p.add_argument("--data", help="shards (default: the digits, built here)")
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--resolution", type=int, default=32, help="of the digit shards built when --data is not given")
     p.add_argument("--kimg", type=float, default=0.768)
     p.add_argument("--overrides", nargs="*", default=["model.num_classes=11", "batch=32", "num_slots=4",
                                                       "data_workers=1"])
@@ -74,7 +75,7 @@ def main():
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        a.data = a.data or str(make_data(tmp))
+        a.data = a.data or str(make_data(tmp, a.resolution))
         disk = disk_write_mib_s(tmp)
         buffered = disk_write_mib_s(tmp, fsync=False)
         rows = []

@@ -133,3 +133,20 @@ def test_shipped_train_configs_load():
     assert files
     for f in files:
         load_train_config(str(f), [])
+
+
+def test_saves_skip_the_zip_crc_and_restore_the_setting(tmp_path):
+    """torch.load ignores the CRC, so checkpoints skip computing it; the global setting comes back after."""
+    import zipfile
+
+    from torch.utils.serialization import config
+
+    state = {"w": torch.arange(1000, dtype=torch.float32)}
+    with pytest.raises(KeyError), ckpt.without_zip_crc():
+        torch.save(state, tmp_path / "a.pt")
+        raise KeyError("a failing save")
+    assert config.save.compute_crc32 is True
+    assert torch.equal(torch.load(tmp_path / "a.pt")["w"], state["w"])
+    assert zipfile.ZipFile(tmp_path / "a.pt").testzip() is not None  # no CRC was written
+    torch.save(state, tmp_path / "b.pt")
+    assert zipfile.ZipFile(tmp_path / "b.pt").testzip() is None

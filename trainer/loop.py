@@ -160,11 +160,12 @@ def training_loop(cfg: TrainConfig) -> int:
         if is_main:
             tmp.mkdir(parents=True, exist_ok=True)
         dist_util.barrier()
-        engine.save_checkpoint(str(tmp), tag="ds", save_latest=False,
-                               client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
-        torch.save({"ema": ema.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                    "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None},
-                   tmp / f"rank{rank:05d}.pt")
+        with ckpt.without_zip_crc():
+            engine.save_checkpoint(str(tmp), tag="ds", save_latest=False,
+                                   client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
+            torch.save({"ema": ema.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                        "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None},
+                       tmp / f"rank{rank:05d}.pt")
         loader_state = merge_states(dist_util.gather_objects(loader.state_dict()))
         if is_main:  # the EMA layout lets a resume at another world size assemble the EMA from the rank files
             ckpt.write_json_atomic(tmp / "client.json", {"images": images, "step": step, "fixed_hash": cfg.fixed_hash(),
