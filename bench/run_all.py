@@ -2,9 +2,9 @@
 
 Runs bench/models.py, sampling.py, data.py, eval.py and train.py (CPU settings; with a GPU also the GPU
 rows: ADM-64/128/256 training and sampling steps with MFU, features/s, precision/recall at ADM's sizes,
-training per ZeRO stage), writes each one's JSON to --out-dir, and replaces the section between the
-markers in RESULTS.md with the machine, the library versions and the headline numbers. The prose
-around it (what the numbers mean) is kept.
+training per ZeRO stage), writes each one's JSON to --out-dir (bench/results/run_all/), and replaces
+the section between the markers in RESULTS.md with the machine, the library versions and the headline
+numbers. The prose around it (what the numbers mean) is kept.
 
     .venv/bin/python bench/run_all.py                 # about 20 minutes on 2 CPU cores
     .venv/bin/python bench/run_all.py --only eval data
@@ -76,13 +76,14 @@ def summary(all_results: dict[str, dict], info: dict) -> str:
     """Markdown for the generated section: one small table per benchmark that ran."""
     results = {k: v for k, v in all_results.items() if not v.get("failed")}
     out = [BEGIN, "", f"## Generated summary ({info['date']})", "",
-           f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB"
+           f"JSON: `bench/results/run_all/`. Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB"
            + (f", GPU {info['gpu']}" if info["gpu"] else ", no GPU") + f"; Python {info['python']}; "
            + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".", ""]
     for name in ("models-cpu", "models-gpu"):
         if r := results.get(name):
             out += [f"**{name}** ({r['device']}, {r['dtype']}, ours channels-last): images/s and ours/reference",
-                    "", "| case | batch | train img/s | x ref | forward img/s | x ref | train MFU |", "|---|---|---|---|---|---|---|"]
+                    "", "| case | batch | train img/s | x ref | forward img/s | x ref | train MFU |",
+                    "|---|---|---|---|---|---|---|"]
             out += [f"| {w['case']} | {w['batch']} | {_f(w['ours_train_img_s'], 1)} | {_f(w.get('train_speedup'))} "
                     f"| {_f(w['ours_forward_img_s'], 1)} | {_f(w.get('forward_speedup'))} "
                     f"| {_f(w.get('ours_train_mfu'), 3)} |" for w in r["rows"]]
@@ -90,7 +91,8 @@ def summary(all_results: dict[str, dict], info: dict) -> str:
     for name in ("sampling-cpu", "sampling-gpu"):
         if r := results.get(name):
             out += [f"**{name}** ({r['device']}, {r['dtype']})", "",
-                    "| case | setting | guided | batch | ours img/s | reference img/s | ratio |", "|---|---|---|---|---|---|---|"]
+                    "| case | setting | guided | batch | ours img/s | reference img/s | ratio |",
+                    "|---|---|---|---|---|---|---|"]
             out += [f"| {w['case']} | {w['setting']} | {'yes' if w['guided'] else 'no'} | {w['batch']} "
                     f"| {_f(w['ours_img_s'])} | {_f(w.get('reference_img_s'))} | {_f(w.get('speedup'))} |"
                     for w in r["rows"]]
@@ -139,7 +141,7 @@ def write_summary(path: Path, text: str) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results" / "run_all")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS.md")
     p.add_argument("--only", nargs="*", help="benchmark families to run (models sampling data eval train)")
     p.add_argument("--extra", nargs="*", default=[], metavar="NAME=ARGS",

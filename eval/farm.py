@@ -77,9 +77,11 @@ def sample_task(key_dir: str, index: int) -> str:
 
 
 def feature_task(key_dir: str, index: int) -> str:
-    from .features import featurize
+    from .features import MERGED, featurize
     from .sample import shard_path
 
+    if (Path(key_dir) / "features" / MERGED).is_file():  # a late duplicate: the evaluation is done
+        return str(Path(key_dir) / "features" / MERGED)
     _, setting = load_spec(Path(key_dir))
     sample = shard_path(Path(key_dir) / "samples", setting.shard_seeds(index))
     if not sample.is_file():
@@ -107,6 +109,9 @@ def metrics_task(key_dir: str, backend: str = "auto") -> dict | None:
     record.update(metrics=metrics, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     if registry.publish(key_dir, record):
         log_tensorboard(Path(spec["run_dir"]), record)
+    from .features import compact
+
+    compact(key_dir / "features")  # the per-shard sums of outer products are not needed any more
     return record
 
 

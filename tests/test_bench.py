@@ -45,13 +45,15 @@ def test_run_all_runs_the_benchmarks_and_rewrites_only_its_section(tmp_path):
                        "<!-- run_all: end -->\n\nMore prose.\n")
     extra = ["eval-cpu=--ref 300 --samples 700 --images 2", "data-cpu=--images 24 --seconds 0.5",
              "train-cpu=--kimg 0.096"]
-    proc = subprocess.run(["bash", "bench/run_all", "--only", "eval", "data", "train", "--out-dir", str(tmp_path / "out"),
-                           "--results", str(results), "--extra", *extra], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(["bash", "bench/run_all", "--only", "eval", "data", "train", "--out-dir",
+                           str(tmp_path / "out"), "--results", str(results), "--extra", *extra],
+                          cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ("eval-cpu", "data-cpu", "train-cpu"):
         json.loads((tmp_path / "out" / f"{name}.json").read_text())
     text = results.read_text()
-    assert text.startswith("# Benchmark results\n\nProse that explains the numbers.\n") and text.endswith("More prose.\n")
+    assert text.startswith("# Benchmark results\n\nProse that explains the numbers.\n")
+    assert text.endswith("More prose.\n")
     assert "old numbers" not in text and text.count("<!-- run_all: begin") == 1
     train = json.loads((tmp_path / "out" / "train-cpu.json").read_text())
     assert [r["zero_stage"] for r in train["rows"]] == [1, 2, 3] and train["checkpoint_load_mib_s"] > 0

@@ -64,7 +64,8 @@ def worker():
                 assert torch.equal(ours[name][k], v), (stage, name, k)
         # what a resume at another world size does: assemble from every rank's saved shards
         states = [None] * dist.get_world_size()
-        dist.all_gather_object(states, {k: [t.clone() for t in v] for k, v in ShardEMA.shards_of(ema.state_dict()).items()})
+        mine = {k: [t.clone() for t in v] for k, v in ShardEMA.shards_of(ema.state_dict()).items()}
+        dist.all_gather_object(states, mine)
         layout = ema.layout()
         for name in ("ema_0.5", "ema_0.9", "phema_0.1"):
             assembled = ShardEMA.assemble(layout, [s[name] for s in states])

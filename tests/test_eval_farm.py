@@ -122,6 +122,29 @@ def test_farm_result_equals_a_single_process_evaluation(evaluated, reference):
         assert (got["precision"], got["recall"]) == (want["precision"], want["recall"])
 
 
+def test_a_published_evaluation_keeps_one_merged_features_file(evaluated):
+    """The per-shard float64 sums of outer products go once the metrics are out; what is left (all pool
+    features and the merged statistics) still gives the published numbers."""
+    from eval.stats import Statistics
+
+    run, _, _ = evaluated
+    for key_dir in sorted(p for p in (run / "eval").iterdir() if (p / "metrics.json").is_file()):
+        assert sorted(p.name for p in (key_dir / "features").iterdir()) == ["features-merged.npz"]
+        d = np.load(key_dir / "features" / "features-merged.npz")
+        pool = d["pool"].astype(np.float64)
+        assert pool.shape == (6, 2048) and d["labels"].shape == (6,)
+        stats = Statistics.from_npz({k[5:]: d[k] for k in d.files if k.startswith("pool_")})
+        np.testing.assert_allclose(stats.mu, pool.mean(0), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(stats.sigma, np.cov(pool, rowvar=False), rtol=1e-8, atol=1e-10)
+        spec = json.loads((key_dir / "setting.json").read_text())
+        out = key_dir / "again.json"
+        run_cli("eval", "metrics", str(key_dir / "features"), "--ref", spec["ref"], "--json", str(out))
+        published = json.loads((key_dir / "metrics.json").read_text())["metrics"]
+        again = json.loads(out.read_text())
+        for k in ("fid", "sfid", "precision", "recall"):
+            assert again[k] == pytest.approx(published[k], rel=1e-12, abs=1e-12), k
+
+
 def test_tensorboard_and_report(evaluated):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

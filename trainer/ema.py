@@ -119,7 +119,8 @@ class ShardEMA:
         return out
 
     @staticmethod
-    def split(layout: dict, full: dict[str, torch.Tensor], rank: int, world: int, sizes: list[int]) -> list[torch.Tensor]:
+    def split(layout: dict, full: dict[str, torch.Tensor], rank: int, world: int,
+              sizes: list[int]) -> list[torch.Tensor]:
         """This rank's shards (of the given sizes) of a full state dict: the inverse of assemble."""
         if layout["stage"] == 3:
             out = []

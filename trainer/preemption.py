@@ -3,7 +3,8 @@
 import signal
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "saved after a preemption signal; run the same command again to resume"
-RECEIVED: set[str] = set()  # every signal this process got: SIGTERM means Slurm itself ends (and maybe requeues) the job
+# every signal this process got: SIGTERM means Slurm itself ends the job (and requeues it, or not)
+RECEIVED: set[str] = set()
 
 
 class PreemptionFlag:
