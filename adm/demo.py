@@ -3,9 +3,10 @@
 1. Data: the 1,797 handwritten digits scikit-learn ships, written in ImageNet's folder layout with a
    LOC_val_solution.csv validation split (200 held out), converted to WebDataset shards by
    `adm data write` (the ImageNet code path), at the base resolution and at twice it.
-2. Training through the real trainer (DeepSpeed ZeRO-2, 2 local processes, gloo on CPU): a small
-   class-conditional ADM, interrupted once on purpose by the preemption signal and resumed; a noisy
-   classifier; an upsampler to twice the resolution.
+2. Training through the real trainer (DeepSpeed ZeRO-2, 2 processes, gloo on CPU; 2-task Slurm jobs
+   through `adm submit train` when a Slurm answers): a small class-conditional ADM, interrupted once
+   on purpose by the preemption signal and resumed; a noisy classifier; an upsampler to twice the
+   resolution.
 3. Evaluation through the real evaluation farm (the local Slurm if one answers, else this machine):
    every snapshot unguided, the last two also guided at two scales and through the upsampler,
    FID / sFID / precision / recall against the held-out digits with the real Inception weights.
@@ -25,6 +26,7 @@ from pathlib import Path
 from rich.console import Console
 
 console = Console(width=110)
+STAGES = ("data", "train", "eval", "report")
 
 INTRO = """The 1,797 handwritten digits that scikit-learn ships were written in ImageNet's folder layout
 (200 held out as the validation split, with a LOC_val_solution.csv label file) and converted to
@@ -78,42 +80,86 @@ def make_digits(root: Path, size: int) -> None:
     (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
 
 
-def train_with_one_preemption(args: list[str], run: Path) -> bool:
-    """Start training, send the preemption signal after the first status line, then resume."""
+STATUS = ("[train]", "[ckpt]", "[timing]", "[resume]", "[preempt]")
+FINAL_FAILURES = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
+
+
+def slurm_answers() -> bool:
+    return bool(shutil.which("sinfo")) and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
+
+
+def train(args: list[str], run: Path, what: str, preempt: bool = False, slurm: bool = False) -> None:
+    """One training run to its end (skipped when already done): `adm train --nproc 2` here, or an
+    `adm submit train` job when a Slurm answers. With `preempt`, the preemption signal is sent once after
+    the first status line, and the run resumes from LATEST."""
     state = run / "demo-state"
     if state.is_file() and "DONE" in state.read_text():
-        return False
-    proc = subprocess.Popen([sys.executable, "-m", "adm", "train", *args], stdout=subprocess.PIPE, text=True)
-    interrupted = False
-    for line in proc.stdout:
-        if line.startswith(("[train]", "[ckpt]", "[timing]", "[resume]", "[preempt]")):
-            print("   " + line.rstrip())
-        if line.startswith("[train]") and not interrupted and not state.is_file():
-            console.print("   [yellow]sending the preemption signal (SIGUSR2) on purpose...[/yellow]")
-            proc.send_signal(signal.SIGUSR2)
-            interrupted = True
-    code = proc.wait()
-    if code == 75:
-        state.write_text("preempted once\n")
-        console.print("   [yellow]the ranks saved together and exited (status 75, requeue): re-running the same "
-                      "command resumes from LATEST[/yellow]")
-        proc = subprocess.Popen([sys.executable, "-m", "adm", "train", *args], stdout=subprocess.PIPE, text=True)
-        for line in proc.stdout:
-            if line.startswith(("[train]", "[ckpt]", "[timing]", "[resume]")):
-                print("   " + line.rstrip())
-        code = proc.wait()
-    if code != 0:
-        raise RuntimeError(f"training failed with status {code}")
-    state.write_text("DONE\n")
-    return True
-
-
-def train_once(args: list[str], run: Path, what: str) -> None:
-    if (run / "demo-state").is_file():
         return
     console.print(f"   {what}")
-    adm("train", *args, capture=True)
-    (run / "demo-state").write_text("DONE\n")
+    preempt = preempt and not state.is_file()
+    (train_on_slurm if slurm else train_here)(args, run, preempt)
+    state.write_text("DONE\n")
+
+
+def train_here(args: list[str], run: Path, preempt: bool) -> None:
+    cmd = [sys.executable, "-m", "adm", "train", *args, "--nproc", "2"]
+    run.mkdir(parents=True, exist_ok=True)
+    errors = open(run / "demo-train.err", "a")  # DeepSpeed's warnings stay out of the demo's output
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True)
+    for line in proc.stdout:
+        if preempt:
+            if line.startswith(STATUS):
+                print("   " + line.rstrip())
+            if line.startswith("[train]") and not (run / "demo-state").is_file():
+                console.print("   [yellow]sending the preemption signal (SIGUSR2) on purpose...[/yellow]")
+                proc.send_signal(signal.SIGUSR2)
+                (run / "demo-state").write_text("preempted once\n")
+    code = proc.wait()
+    if code == 75:
+        console.print("   [yellow]the ranks saved together and exited (status 75, requeue): re-running the same "
+                      "command resumes from LATEST[/yellow]")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True)
+        for line in proc.stdout:
+            if line.startswith(STATUS):
+                print("   " + line.rstrip())
+        code = proc.wait()
+    errors.close()
+    if code != 0:
+        tail = (run / "demo-train.err").read_text()[-2000:]
+        raise RuntimeError(f"training failed with status {code} ({' '.join(cmd)}):\n{tail}")
+
+
+def train_on_slurm(args: list[str], run: Path, preempt: bool) -> None:
+    """Submit, follow the job's log, send `scancel --signal=USR2` once (what Slurm sends before a
+    preemption or the time limit) and wait: submitit requeues the job, which resumes from LATEST."""
+    from slurm import records
+    from slurm.submit import sacct
+
+    adm("submit", "train", *args, "--gpus-per-node", "2", "--cpu", "--time", "01:00:00", capture=True)
+    job = str(records.read(run)[-1]["job_id"])
+    log = run / "slurm" / job / f"{job}_0_log.out"
+    console.print(f"   [cyan]submitted to Slurm as job {job} (2 tasks); logs in {log.parent}[/cyan]")
+    seen, signalled, deadline = 0, False, time.time() + 3600
+    while True:
+        state = sacct([job]).get(job, {}).get("state", "PENDING")
+        lines = log.read_text().splitlines() if log.is_file() else []
+        for line in lines[seen:]:
+            if preempt and line.startswith(STATUS):
+                print("   " + line)
+            if preempt and not signalled and line.startswith("[train]"):
+                console.print("   [yellow]sending the preemption signal (scancel --signal=USR2) on purpose...[/yellow]")
+                subprocess.run(["scancel", "--signal=USR2", job], check=True)
+                (run / "demo-state").write_text("preempted once\n")
+                signalled = True
+        seen = len(lines)
+        if state == "COMPLETED":
+            break
+        if state.split()[0] in FINAL_FAILURES or time.time() > deadline:
+            raise RuntimeError(f"training job {job} ended {state}: see `adm jobs logs {job} --run-dir {run}`")
+        time.sleep(1)
+    if signalled:
+        console.print("   [yellow]the ranks saved together on the signal; submitit requeued the job, which resumed "
+                      "from LATEST[/yellow]")
 
 
 def evaluate(diff_run: Path, ref: Path, ref2: Path, settings_small: list, settings_large: list, cascade: list):
@@ -121,7 +167,7 @@ def evaluate(diff_run: Path, ref: Path, ref2: Path, settings_small: list, settin
     from eval.schedule import LocalBackend, find_snapshots, schedule_pass
 
     backend = LocalBackend(progress=sys.stderr.isatty())
-    if shutil.which("sinfo") and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0:
+    if slurm_answers():
         from slurm.eval_jobs import SlurmBackend
         backend = SlurmBackend(minutes=30, gpus_per_task=0, cpus_per_task=1)
         console.print("   [cyan]a Slurm cluster answers: the farm submits job arrays there[/cyan]")
@@ -149,6 +195,7 @@ def main(argv: list[str] | None = None, prog: str = "adm demo") -> int:
     parser.add_argument("--upsampler-kimg", type=float, default=12.0)
     parser.add_argument("--scales", default="1,4", help="two classifier-guidance scales")
     parser.add_argument("--steps", default="50", help="sampling steps: 50 (ancestral), ddim25, ...")
+    parser.add_argument("--until", choices=STAGES, default="report", help="stop after this stage")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -171,29 +218,34 @@ def main(argv: list[str] | None = None, prog: str = "adm demo") -> int:
     info = json.loads(adm("data", "info", str(shards["train", res]), "--json", capture=True).stdout)
     console.print(f"   {info['samples']} training images in {info['shards']} shards, {info['classes']} classes, "
                   f"at {res}x{res} and {res2}x{res2}")
+    if args.until == "data":
+        return 0
 
-    console.print(f"[bold]2. Training[/bold] (DeepSpeed ZeRO-2, 2 processes, bf16 on CPU)")
-    common = ["zero_stage=2", "num_slots=4", "data_workers=1", "--nproc", "2"]
+    slurm = slurm_answers()
+    console.print(f"[bold]2. Training[/bold] (DeepSpeed ZeRO-2, 2 processes, bf16 on CPU"
+                  f"{', as Slurm jobs: a Slurm cluster answers' if slurm else ''})")
+    common = ["zero_stage=2", "num_slots=4", "data_workers=1"]
     diff_run = out / "runs" / "diffusion"
     every = args.kimg / args.snapshots
-    console.print(f"   the diffusion model: {args.kimg:g} kimg, a snapshot every {every:g} kimg")
-    train_with_one_preemption(
-        ["preset=tiny-32", f"model.image_size={res}", f"data={shards['train', res]}", f"run_dir={diff_run}",
-         f"total_kimg={args.kimg}", "batch=64", "lr=2e-3", "ema_rates=[0.995]", f"status_kimg={every / 2:g}",
-         f"snapshot_kimg={every:g}", f"checkpoint_kimg={every:g}", *common], diff_run)
+    train(["preset=tiny-32", f"model.image_size={res}", f"data={shards['train', res]}", f"run_dir={diff_run}",
+           f"total_kimg={args.kimg}", "batch=64", "lr=2e-3", "ema_rates=[0.995]", f"status_kimg={every / 2:g}",
+           f"snapshot_kimg={every:g}", f"checkpoint_kimg={every:g}", *common], diff_run,
+          f"the diffusion model: {args.kimg:g} kimg, a snapshot every {every:g} kimg", preempt=True, slurm=slurm)
     clf_run = out / "runs" / "classifier"
-    train_once(["preset=tiny-classifier-32", f"model.image_size={res}", "model.num_classes=10",
-                f"data={shards['train', res]}", f"val_data={shards['val', res]}", f"run_dir={clf_run}",
-                f"total_kimg={args.classifier_kimg}", "batch=64", "lr=1e-3", "ema_rates=[0.95]",
-                f"status_kimg={args.classifier_kimg}",
-                f"snapshot_kimg={args.classifier_kimg}", f"checkpoint_kimg={args.classifier_kimg}", *common],
-               clf_run, f"the noisy classifier: {args.classifier_kimg:g} kimg")
+    train(["preset=tiny-classifier-32", f"model.image_size={res}", "model.num_classes=10",
+           f"data={shards['train', res]}", f"val_data={shards['val', res]}", f"run_dir={clf_run}",
+           f"total_kimg={args.classifier_kimg}", "batch=64", "lr=1e-3", "ema_rates=[0.95]",
+           f"status_kimg={args.classifier_kimg}",
+           f"snapshot_kimg={args.classifier_kimg}", f"checkpoint_kimg={args.classifier_kimg}", *common],
+          clf_run, f"the noisy classifier: {args.classifier_kimg:g} kimg", slurm=slurm)
     up_run = out / "runs" / "upsampler"
-    train_once(["preset=tiny-upsampler-32-64", f"model.image_size={res2}", f"model.small_size={res}",
-                f"data={shards['train', res2]}", f"run_dir={up_run}", f"total_kimg={args.upsampler_kimg}",
-                "batch=32", "lr=1e-3", "ema_rates=[0.98]", f"status_kimg={args.upsampler_kimg}",
-                f"snapshot_kimg={args.upsampler_kimg}", f"checkpoint_kimg={args.upsampler_kimg}", *common],
-               up_run, f"the upsampler {res}->{res2}: {args.upsampler_kimg:g} kimg")
+    train(["preset=tiny-upsampler-32-64", f"model.image_size={res2}", f"model.small_size={res}",
+           f"data={shards['train', res2]}", f"run_dir={up_run}", f"total_kimg={args.upsampler_kimg}",
+           "batch=32", "lr=1e-3", "ema_rates=[0.98]", f"status_kimg={args.upsampler_kimg}",
+           f"snapshot_kimg={args.upsampler_kimg}", f"checkpoint_kimg={args.upsampler_kimg}", *common],
+          up_run, f"the upsampler {res}->{res2}: {args.upsampler_kimg:g} kimg", slurm=slurm)
+    if args.until == "train":
+        return 0
 
     console.print("[bold]3. Evaluation[/bold] through the farm, against the held-out digits (real FID Inception)")
     from eval.settings import EvalSetting
@@ -220,6 +272,8 @@ def main(argv: list[str] | None = None, prog: str = "adm demo") -> int:
                       f"  precision {m['precision']:.3f}  recall {m['recall']:.3f}")
     if counts["failed"]:
         console.print(f"   [red]{counts['failed']} evaluation(s) failed: see {diff_run / 'eval'}[/red]")
+    if args.until == "eval":
+        return 0 if counts["failed"] == 0 else 1
 
     console.print("[bold]4. Report[/bold]")
     from eval.report import write_report

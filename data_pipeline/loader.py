@@ -10,11 +10,13 @@ sample for sample; at another (S divisible by the new C) no sample of an epoch r
 missing. Corrupt samples and truncated shards are skipped and counted, never fatal.
 """
 
+import atexit
 import io
 import json
 import logging
 import signal
 import tarfile
+import weakref
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -149,9 +151,22 @@ def collate(samples: list[dict], skipped: int) -> dict:
 def _ignore_job_signals(_worker_id: int) -> None:
     """Slurm signals every process of a step (SIGTERM on requeue/preemption/cancel, the --signal before a
     time limit). A worker must not die of it while the training process saves: the worker outlives the
-    signal and exits with its parent, as DataLoader workers do."""
+    signal and exits with its parent (see _kill_workers_at_exit)."""
     for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _kill_workers_at_exit(iterator_ref) -> None:
+    """At interpreter exit (registered after multiprocessing's own hook, so it runs first): SIGKILL the
+    workers still alive. multiprocessing would SIGTERM them, which they ignore, and then wait forever,
+    e.g. when the training process exits on an exception that keeps the iterator alive."""
+    iterator = iterator_ref()
+    if iterator is None:
+        return
+    iterator._shutdown_workers()  # the DataLoader's orderly stop; it also stops watching them die
+    for worker in iterator._workers:
+        if worker.is_alive():
+            worker.kill()
 
 
 class StreamLoader:
@@ -188,7 +203,10 @@ class StreamLoader:
         order = Order([s["count"] for s in dataset.manifest["shards"]], self.args["num_slots"], self.args["seed"])
         # create the DataLoader iterator now (it draws its base seed from torch's global RNG), not at
         # the first next(): callers that restore RNG state after iter() rely on this
-        return self._consume(iter(DataLoader(dataset, **kwargs)), order)
+        batches = iter(DataLoader(dataset, **kwargs))
+        if self.num_workers:
+            atexit.register(_kill_workers_at_exit, weakref.ref(batches))
+        return self._consume(batches, order)
 
     def _consume(self, batches, order):
         for batch in batches:

@@ -133,7 +133,9 @@ start() {
     for _ in $(seq 100); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 0.1; done
     sacctmgr -n list cluster format=cluster 2>/dev/null | grep -qw "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
   fi
-  alive "$BASE/run/slurmctld.pid" || slurmctld -f "$BASE/slurm.conf"
+  # -c: start without saved job state. `stop` cancels every job anyway, and a job left COMPLETING by an
+  # unclean stop (a step that would not die) otherwise keeps the node from coming up for up to an hour.
+  alive "$BASE/run/slurmctld.pid" || slurmctld -c -f "$BASE/slurm.conf"
   alive "$BASE/run/slurmd.pid" || slurmd -f "$BASE/slurm.conf"
   for _ in $(seq 150); do
     sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)' && { log "up: $(sinfo -h -o '%P %t %c CPUs' | tr '\n' ' ')"; return 0; }

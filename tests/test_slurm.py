@@ -252,3 +252,21 @@ def test_cluster_debug_runs_in_process(shards, tmp_path):
     bad = adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "--cluster", "debug",
               "--gpus-per-node", "2", "--cpu", check=False)
     assert bad.returncode == 2 and "one process" in bad.stderr
+
+
+def test_the_demo_trains_as_slurm_jobs_when_a_slurm_answers(cluster, tmp_path):
+    """`adm demo` with a Slurm up: its three trainings are 2-task jobs, the diffusion one preempted once by
+    `scancel --signal=USR2`, requeued by submitit and finished (tiny settings, training stage only)."""
+    out = tmp_path / "demo"
+    stdout = adm("demo", "--out", str(out), "--until", "train", "--kimg", "1.536", "--snapshots", "1",
+                 "--classifier-kimg", "0.256", "--upsampler-kimg", "0.128", timeout=900).stdout
+    assert "as Slurm jobs" in stdout and stdout.count("submitted to Slurm as job") == 3
+    assert "scancel --signal=USR2" in stdout and "resumed from LATEST" in stdout.replace("\n", " ")
+    for name, images in (("diffusion", 1536), ("classifier", 256), ("upsampler", 128)):
+        run = out / "runs" / name
+        assert (run / "snapshots" / f"img{images:012d}" / "model.safetensors").is_file(), name
+        row = adm("jobs", str(run)).stdout.splitlines()[1].split()
+        assert row[2] == "COMPLETED" and (int(row[3]) >= 1) == (name == "diffusion"), row
+    errors = "".join(p.read_text() for p in (out / "runs" / "diffusion" / "slurm").rglob("*_0_log.err"))
+    assert "preemption signal (SIGUSR2)" in errors
+    assert not (out / "report.html").exists()  # --until train stops there
