@@ -40,10 +40,16 @@ def featurize(sample_path: Path, out_dir: Path, batch_size: int | None = None, d
     pool, spatial = Statistics.of(feats["pool"]), Statistics.of(feats["spatial"])
     labels = data["arr_1"] if "arr_1" in data.files else np.zeros(len(images), np.int64)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    save_npz_atomic(path, pool=feats["pool"], labels=labels, resolution=np.array(images.shape[1]),
-                    **{f"pool_{k}": v for k, v in pool.to_npz().items()},
-                    **{f"spatial_{k}": v for k, v in spatial.to_npz().items()})
+    write_features(path, feats["pool"], labels, images.shape[1], pool, spatial)
     return path
+
+
+def write_features(path: Path, pool: np.ndarray, labels: np.ndarray, resolution: int, pool_stats: Statistics,
+                   spatial_stats: Statistics) -> None:
+    """One features file (a shard's, or all shards' merged), atomically."""
+    save_npz_atomic(path, pool=pool, labels=labels, resolution=np.array(resolution),
+                    **{f"pool_{k}": v for k, v in pool_stats.to_npz().items()},
+                    **{f"spatial_{k}": v for k, v in spatial_stats.to_npz().items()})
 
 
 def sample_shards(samples_dir: Path) -> list[Path]:
@@ -93,9 +99,7 @@ def compact(feat_dir: Path) -> Path:
     if (feat_dir / MERGED).is_file() or not shards:
         return feat_dir / MERGED
     f = load_features(feat_dir)
-    save_npz_atomic(feat_dir / MERGED, pool=f["pool"], labels=f["labels"], resolution=np.array(f["resolution"]),
-                    **{f"pool_{k}": v for k, v in f["pool_stats"].to_npz().items()},
-                    **{f"spatial_{k}": v for k, v in f["spatial_stats"].to_npz().items()})
+    write_features(feat_dir / MERGED, f["pool"], f["labels"], f["resolution"], f["pool_stats"], f["spatial_stats"])
     for p in shards:
         p.unlink()
     return feat_dir / MERGED
