@@ -121,7 +121,7 @@ def cmd_convert(args) -> int:
 
     from .presets import get_preset
     from .snapshot import WEIGHTS, load_snapshot, save_snapshot
-    from .state_dict import check_state_dict, infer_preset
+    from .state_dict import check_state_dict, infer_config
 
     src, dst = Path(args.src), Path(args.dst)
     if src.is_dir():
@@ -145,13 +145,16 @@ def cmd_convert(args) -> int:
     if args.preset or args.config:
         name, preset, cfg = resolve_config(args.preset or args.config, args.overrides)
     else:
-        name = infer_preset(state_dict)
-        if name is None:
+        found = infer_config(state_dict)
+        if found is None:
             from .state_dict import rank_presets, layout_of
             best = ", ".join(f"{n} ({s:.0%})" for n, s in rank_presets(layout_of(state_dict))[:3])
             raise ValueError(f"{src}: its layout matches no preset exactly (closest: {best}); "
                              "pass --preset NAME or --config FILE.yaml with the flags it was trained with")
-        preset, cfg = get_preset(name), get_preset(name).config()
+        name, cfg = found
+        preset = get_preset(name)
+        if cfg.num_classes != preset.config().num_classes:
+            print(f"{src}: {name} with {cfg.num_classes} classes (the preset has {preset.config().num_classes})")
     check_state_dict(state_dict, cfg, source=str(src), described_as=f"{name}")
     meta = {"preset": name, "source": src.name}
     if preset:

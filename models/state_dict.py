@@ -36,10 +36,30 @@ def rank_presets(actual: Mapping[str, tuple]) -> list[tuple[str, float]]:
     return sorted(scores, key=lambda s: -s[1])
 
 
-def infer_preset(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """The preset whose layout the state dict has exactly, if any."""
-    best = rank_presets(layout_of(state_dict))
-    return best[0][0] if best and best[0][1] == 1.0 else None
+def infer_config(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, ModelConfig] | None:
+    """(preset, config) whose layout the state dict has exactly: a preset as it is, or a class-conditional
+    preset with another class count (a model trained or fine-tuned on other data), read off the shapes of
+    the class-dependent tensors (the label embedding, a classifier's output layer)."""
+    from dataclasses import replace
+
+    from .presets import get_preset
+
+    actual = layout_of(state_dict)
+    for name, _ in rank_presets(actual)[:3]:
+        cfg = get_preset(name).config()
+        if expected_layout(cfg) == actual:
+            return name, cfg
+        if cfg.num_classes is None:
+            continue
+        base, other = expected_layout(cfg), expected_layout(replace(cfg, num_classes=cfg.num_classes + 1))
+        key = next((k for k in base if other.get(k) != base[k]), None)
+        if key is None or key not in actual or len(actual[key]) != len(base[key]):
+            continue
+        dim = next(i for i, (a, b) in enumerate(zip(base[key], other[key])) if a != b)
+        guess = replace(cfg, num_classes=actual[key][dim])
+        if expected_layout(guess) == actual:
+            return name, guess
+    return None
 
 
 def _first(keys, shapes_exp=None, shapes_act=None, n=5):

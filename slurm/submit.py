@@ -80,11 +80,16 @@ def submit_or_explain(submit):
         raise ValueError(f"Slurm refused the job: {str(e).strip() or 'sbatch failed'}") from None
 
 
+def queued_jobs() -> set[str]:
+    """Jobs Slurm still holds: pending, running, or ending (a cancelled job's ranks may still be saving)."""
+    if not shutil.which("squeue"):
+        return set()
+    return set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split())
+
+
 def running_job_for(run_dir: Path) -> str | None:
     """A job of ours that is still pending or running in this run directory."""
-    if not shutil.which("squeue"):
-        return None
-    active = set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split())
+    active = queued_jobs()
     for rec in records.read(run_dir):
         if str(rec["job_id"]) in active:
             return str(rec["job_id"])
@@ -131,7 +136,7 @@ def cmd_submit_train(args) -> int:
     cfg = load_train_config(args.config, args.overrides)  # a bad config fails before anything is queued
     world = args.nodes * args.gpus_per_node
     cfg.batch_layout(world)
-    check_data(cfg)
+    check_data(cfg, world)
     if args.minutes * 60 <= args.signal_delay + 60:
         raise ValueError(f"--time {args.time} leaves no room: the preemption signal comes {args.signal_delay} s "
                          "before the limit and a save needs time too (raise --time or lower --signal-delay)")
@@ -216,8 +221,11 @@ def cmd_jobs(args) -> int:
         for run_dir in run_dirs:
             recs = records.read(run_dir)
             states = sacct([str(r["job_id"]) for r in recs if r.get("cluster") == "slurm"])
+            queued = queued_jobs() if states else set()
             for r in recs:
-                st = states.get(str(r["job_id"]), {})
+                st = dict(states.get(str(r["job_id"]), {}))
+                if st and st["state"].split()[0] not in ("PENDING", "RUNNING", "REQUEUED"):
+                    st["state"] = st["state"].split()[0] + ("(ending)" if str(r["job_id"]) in queued else "")
                 if r.get("cluster") == "local":
                     st = {"state": _local_state(r), "elapsed": "-", "restarts": "-"}
                 rows.append((str(r["job_id"]), r.get("kind", "?"), st.get("state", "UNKNOWN"), st.get("restarts", "-"),
@@ -241,11 +249,21 @@ def cmd_jobs(args) -> int:
             print(log.read_text()[-args.tail:])
         return 0
     if args.action == "cancel":
-        if rec.get("cluster") == "slurm":
-            subprocess.run(["scancel", str(rec["job_id"])], check=True)
-        else:
-            subprocess.run(["kill", str(rec["job_id"])], check=False)
-        print(f"cancelled {rec['job_id']}")
+        job = str(rec["job_id"])
+        if rec.get("cluster") != "slurm":
+            subprocess.run(["kill", job], check=False)
+            print(f"cancelled {job}")
+            return 0
+        subprocess.run(["scancel", job], check=True)
+        print(f"cancelled {job}" + ("" if args.no_wait else "; its ranks save a checkpoint on the way out, waiting "
+                                    "for the job to end"), flush=True)
+        deadline = time.time() + args.timeout
+        while not args.no_wait and job in queued_jobs():
+            if time.time() > deadline:
+                raise TimeoutError(f"job {job} is still ending after {args.timeout:.0f} s (squeue -j {job})")
+            time.sleep(1)
+        if not args.no_wait:
+            print(f"job {job} ended; checkpoint: {last_images(run_dir)}; the same submit command resumes it")
         return 0
     raise ValueError(f"unknown action {args.action}")
 
@@ -306,6 +324,9 @@ def main_jobs(argv=None, prog="adm jobs") -> int:
     parser.add_argument("target", nargs="?", help="list: RUN_DIR (default .); logs/cancel: JOB id")
     parser.add_argument("--run-dir", dest="run_dirs", action="append", help="where to look for the job's record")
     parser.add_argument("--tail", type=int, default=4000, help="characters of each log to show")
+    parser.add_argument("--no-wait", action="store_true", help="cancel: return at once, without waiting for the "
+                        "job to end (its ranks save a checkpoint on the way out)")
+    parser.add_argument("--timeout", type=float, default=600, help="cancel: longest wait for the job to end (s)")
     if argv and argv[0] not in ("list", "logs", "cancel", "-h", "--help"):
         argv = ["list", *argv]
     args = parser.parse_args(argv)

@@ -70,6 +70,28 @@ def test_published_classifier_layout_converts_with_inferred_preset(tmp_path):
         torch.testing.assert_close(model(x, t), ref.eval()(x, t), rtol=1e-5, atol=1e-5)
 
 
+def test_other_class_counts_convert_as_their_preset(tmp_path):
+    """A preset's architecture trained on data with another class count (guided-diffusion's own UNet and
+    classifier, 7 classes): the class count is read off the shapes, and the converted model gives the
+    reference's outputs."""
+    ref = gd_unet.UNetModel(image_size=32, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
+                            attention_resolutions=(4,), channel_mult=(1, 2, 2), num_classes=7,
+                            num_head_channels=32, use_scale_shift_norm=True, resblock_updown=True)
+    clf = gd_script.create_classifier(**dict(gd_script.classifier_defaults(), image_size=128))
+    clf.out[2].c_proj = torch.nn.Conv1d(clf.out[2].c_proj.in_channels, 7, 1)  # a 7-way head
+    for model, preset, size, kwargs in ((randomize_(ref, seed=3).eval(), "tiny-32", 32, {"y": torch.tensor([6])}),
+                                        (clf.eval(), "classifier-128", 128, {})):
+        pt = tmp_path / f"{preset}.pt"
+        torch.save(model.state_dict(), pt)
+        out = run_cli("models", "convert", str(pt), str(tmp_path / preset))
+        assert f"as {preset}" in out.stdout and "with 7 classes" in out.stdout
+        snap = load_snapshot(tmp_path / preset)
+        assert snap.config.num_classes == 7
+        x, t = torch.randn(1, 3, size, size), torch.tensor([10])
+        with torch.no_grad():
+            torch.testing.assert_close(snap.build()(x, t, **kwargs), model(x, t, **kwargs), rtol=1e-5, atol=1e-5)
+
+
 def test_mismatched_checkpoint_lists_keys_and_suggests(tmp_path, released_pt):
     ref, _ = released_pt
     sd = ref.state_dict()

@@ -1,8 +1,14 @@
 """docs/GUIDE.md cannot drift from the tool: every `adm` command line in it names a real subcommand,
 and every option it passes is one that subcommand accepts (read from its own --help)."""
 
+import json
+import os
 import re
 import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +43,139 @@ def test_guide_command_is_accepted(args):
     for token in args:
         if token.startswith("--"):
             assert token.split("=")[0] in text, f"adm {' '.join(args)}: {token} is not an option"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The guide, run: every `adm` line of docs/GUIDE.md in order, on the real local Slurm, with the
+# ImageNet-sized settings swapped for tiny ones. Each swap is listed here (what the guide says, what
+# runs instead) and must match some line, so this table cannot rot either.
+
+TINY_TRAIN = ("preset=tiny-32 model.num_classes=11 batch=16 num_slots=4 data_workers=1 precision=fp32 "
+              "total_kimg=0.384 status_kimg=0.032 checkpoint_kimg=0.064 snapshot_kimg=0.192 grid=false")
+TINY_CLASSIFIER = ("preset=tiny-classifier-32 model.num_classes=11 batch=16 num_slots=4 data_workers=1 "
+                   "precision=fp32 total_kimg=0.064 status_kimg=0.032 checkpoint_kimg=0.064 snapshot_kimg=0.064")
+TINY_EVAL = "settings:\n  - {name: tiny, steps: ddim5, num: 8, shard_size: 4, batch_size: 4}\n"
+SWAPS = [
+    ("/data/imagenet", "imagenet"),  # the digits in ImageNet's layout (tests/imagenet_fixture.py)
+    ("center-crop:64", "center-crop:32"),
+    ("max-side:80", "max-side:40"),
+    ("--workers 32", "--workers 1 --shard-size 8"),  # shards enough for 4 slots of tiny data
+    ("--workers 4", "--workers 1 --seconds 2"),
+    ("--resolution 64", "--resolution 32"),
+    ("configs/train/adm-64.yaml", f"configs/train/adm-64.yaml {TINY_TRAIN}"),
+    ("preset=classifier-64", TINY_CLASSIFIER),
+    ("--nodes 4 --gpus-per-node 8 --time 24:00:00", "--nodes 1 --gpus-per-node 2 --cpu --time 00:10:00"),
+    ("--nodes 1 --gpus-per-node 8", "--nodes 1 --gpus-per-node 2 --cpu --time 00:10:00"),
+    ("123456", "{train_job}"),  # the job the submit line above started
+    ("configs/eval/adm.yaml", "eval-tiny.yaml"),  # TINY_EVAL
+    ("--partition gpu", "--partition debug --cpus-per-task 1"),
+    ("img000100000000", "{last_snapshot}"),  # the run's newest snapshot
+    ("--num 10000", "--num 8 --shard-size 4 --batch-size 4"),
+    ("--num 50000 --steps 250", "--num 8 --steps ddim5"),
+    ("VIRTUAL_imagenet64_labeled.npz", "ref/in64-val.npz"),
+]
+
+
+class GuideRun:
+    """State and waits between the guide's lines: what a user would do by looking (wait for a job to
+    run or end) or by downloading (OpenAI's checkpoints: here ADM-layout .pt files exported from the
+    tiny runs the guide trained, with `adm models convert SNAPSHOT FILE.pt`)."""
+
+    def __init__(self, ws):
+        self.ws, self.jobs, self.log = ws, {}, []
+
+    def adm(self, args: list[str], timeout=600) -> str:
+        proc = subprocess.run([sys.executable, "-m", "adm", *args], cwd=self.ws, capture_output=True, text=True,
+                              timeout=timeout, env=os.environ)
+        self.log.append(f"$ adm {shlex.join(args)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        assert proc.returncode == 0, "\n".join(self.log[-3:])
+        return proc.stdout
+
+    def values(self) -> dict:
+        snaps = sorted((self.ws / "runs" / "adm-64" / "snapshots").glob("img*"))
+        return {"train_job": self.jobs.get("runs/adm-64", ""), "last_snapshot": snaps[-1].name if snaps else ""}
+
+    def state(self, job: str) -> str:
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job, "-o", "State"], capture_output=True,
+                             text=True).stdout.split()
+        return out[0] if out else "PENDING"
+
+    def wait(self, run: str, until, timeout=420):
+        deadline, job = time.time() + timeout, self.jobs[run]
+        while True:
+            ended = self.ended(job)
+            if until(job):
+                return
+            assert time.time() < deadline and not ended, f"{run}: job {job} {self.state(job)}\n" + "".join(
+                p.read_text()[-3000:] for p in (self.ws / run / "slurm" / job).glob("*_0_log.*"))
+            time.sleep(1)
+
+    def training_started(self, job):
+        logs = list((self.ws / "runs" / "adm-64" / "slurm" / job).glob("*_0_log.out"))
+        return any("[train]" in p.read_text() for p in logs)
+
+    def ended(self, job):  # gone from the queue, and its accounting says how (it lags a moment)
+        queued = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+        return job not in queued and self.state(job) not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED")
+
+    def before(self, args: list[str]):
+        if args[:2] == ["jobs", "logs"]:  # look at the log once the run is training
+            self.wait("runs/adm-64", self.training_started)
+        if args[:2] == ["eval", "ref"]:  # the trainings have ended
+            for run in ("runs/adm-64", "runs/clf-64"):
+                self.wait(run, self.ended)
+                assert self.state(self.jobs[run]) == "COMPLETED", f"{run}: {self.state(self.jobs[run])}"
+        if args[:2] == ["models", "convert"] and not (self.ws / "64x64_diffusion.pt").exists():
+            for run, pt in (("adm-64", "64x64_diffusion.pt"), ("clf-64", "64x64_classifier.pt")):
+                snap = sorted((self.ws / "runs" / run / "snapshots").glob("img*"))[-1]
+                self.adm(["models", "convert", str(snap), pt])
+
+
+    def after(self, args: list[str], out: str):
+        if args[:2] == ["submit", "train"] and "--dry-run" not in args:
+            job, run = re.search(r"submitted job (\d+) .*logs: (\S+)/slurm/", out).groups()
+            self.jobs[str(Path(run).relative_to(self.ws) if Path(run).is_absolute() else run)] = job
+
+
+def guide_lines() -> list[str]:
+    text = (REPO / "docs" / "GUIDE.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line.startswith("adm ")]
+
+
+@pytest.mark.slow
+def test_the_guide_runs_top_to_bottom_on_tiny_settings(slurm_cluster, tmp_path):
+    from imagenet_fixture import make_imagenet
+
+    ws = tmp_path
+    make_imagenet(ws / "imagenet", per_class=10, size=32, val_per_class=4)
+    (ws / "configs").symlink_to(REPO / "configs")
+    (ws / "eval-tiny.yaml").write_text(TINY_EVAL)
+    run = GuideRun(ws)
+    before_jobs = set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split())
+    used = set()
+    try:
+        for line in guide_lines():
+            for old, new in SWAPS:
+                if old in line:
+                    line, _ = line.replace(old, new), used.add(old)
+            args = shlex.split(line.format(**run.values()))[1:]
+            run.before(args)
+            run.after(args, run.adm(args))
+        assert used == {old for old, _ in SWAPS}, f"swaps that match no guide line: {({o for o, _ in SWAPS} - used)}"
+        # what the guide promised happened: the cancelled run resumed, the reports and metrics exist
+        logs = "".join(p.read_text() for p in (ws / "runs" / "adm-64" / "slurm").rglob("*_0_log.out"))
+        assert "resum" in logs, logs[-3000:]
+        assert (ws / "runs" / "adm-64" / "report.html").is_file()
+        metrics = json.loads((ws / "metrics.json").read_text())
+        assert {"fid", "sfid", "precision", "recall"} <= set(metrics)
+    finally:
+        print("\n".join(run.log))
+        left = set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split())
+        if left - before_jobs:  # the evaluation scheduler's next pass, and anything left running
+            subprocess.run(["scancel", *sorted(left - before_jobs)], capture_output=True)
+        deadline = time.time() + 120  # and gone, before the session's cluster stops under them
+        while left - before_jobs and time.time() < deadline:
+            time.sleep(1)
+            left = set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split())

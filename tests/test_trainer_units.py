@@ -150,3 +150,25 @@ def test_saves_skip_the_zip_crc_and_restore_the_setting(tmp_path):
     assert zipfile.ZipFile(tmp_path / "a.pt").testzip() is not None  # no CRC was written
     torch.save(state, tmp_path / "b.pt")
     assert zipfile.ZipFile(tmp_path / "b.pt").testzip() is None
+
+
+def test_data_that_cannot_feed_the_world_is_refused_before_start(digit_shards):
+    """Every slot needs a shard, and the slots must divide over ranks x loader workers: both checked
+    (naming the field and the numbers) before any process starts, by `adm train` and `adm submit train`."""
+    from conftest import run_cli
+
+    from data_pipeline.verify import read_manifest
+    from trainer.cli import check_data
+
+    data = digit_shards / "train"
+    shards = len(read_manifest(data)["shards"])
+    base = ["preset=tiny-32", "model.num_classes=11", f"data={data}"]
+    cfg = load_train_config(None, base + [f"num_slots={shards + 1}"])
+    with pytest.raises(ValueError, match=f"num_slots: {shards + 1} canonical slots but .* only {shards} shard"):
+        check_data(cfg, 1)
+    cfg = load_train_config(None, base + ["num_slots=2", "data_workers=2"])
+    check_data(cfg, 1)
+    with pytest.raises(ValueError, match=r"num_slots: 2 canonical slots do not divide over 2 rank\(s\) x 2 data_workers"):
+        check_data(cfg, 2)
+    proc = run_cli("train", *base, "num_slots=2", "data_workers=2", "--nproc", "2", check=False)
+    assert proc.returncode != 0 and "do not divide over 2 rank(s)" in proc.stderr and "[train]" not in proc.stdout

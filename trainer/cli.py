@@ -44,8 +44,9 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     return next((c for c in codes if c != 0), 0)
 
 
-def check_data(cfg) -> None:
-    """The data must exist and fit the model (class count), before any process starts."""
+def check_data(cfg, world: int = 1) -> None:
+    """The data must exist and fit the model (class count) and the world (every rank x loader worker reads
+    whole canonical slots, every slot at least one shard), before any process starts or a job is queued."""
     from data_pipeline.verify import read_manifest
 
     if not cfg.data:
@@ -55,6 +56,14 @@ def check_data(cfg) -> None:
     if cfg.model.num_classes is not None and cfg.model.num_classes < k:
         raise ValueError(f"model.num_classes: {cfg.data} has {k} classes but the model has {cfg.model.num_classes}; "
                          f"set model.num_classes={k}")
+    shards = len(manifest["shards"])
+    if cfg.num_slots > shards:
+        raise ValueError(f"num_slots: {cfg.num_slots} canonical slots but {cfg.data} has only {shards} shard(s); "
+                         f"every slot needs one (write smaller shards with --shard-size, or lower num_slots)")
+    readers = world * max(cfg.data_workers, 1)
+    if cfg.num_slots % readers:
+        raise ValueError(f"num_slots: {cfg.num_slots} canonical slots do not divide over {world} rank(s) x "
+                         f"{max(cfg.data_workers, 1)} data_workers = {readers} readers")
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m trainer") -> int:
@@ -72,8 +81,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m trainer") -> int:
     from .config import load_train_config
 
     cfg = load_train_config(config, overrides)  # bad configs fail here, before any process starts
-    check_data(cfg)
-    cfg.batch_layout(args.nproc if args.nproc > 1 else int(os.environ.get("WORLD_SIZE", "1")))
+    world = args.nproc if args.nproc > 1 else int(os.environ.get("WORLD_SIZE", "1"))
+    cfg.batch_layout(world)
+    check_data(cfg, world)
     _setup_logging()
     if args.nproc > 1 and "RANK" not in os.environ:
         rest = [a for a in argv if not a.startswith("--nproc")]
