@@ -1,13 +1,22 @@
 """Evaluation throughput: Inception features/s, precision/recall time (ours, fp32 and fp16 modes,
-against a NumPy port of ADM's evaluator's ManifoldEstimator on the same features and machine), and
-the time to merge per-shard statistics.
+against a NumPy port of ADM's evaluator's ManifoldEstimator on the same features and machine, and,
+with --adm-evaluator, against ADM's own evaluator code in TensorFlow), FID time and agreement, and the
+time to merge per-shard statistics.
 
     .venv/bin/python bench/eval.py --out bench/results/eval-cpu.json
     .venv/bin/python bench/eval.py --ref 10000 --samples 50000 --device cuda   # the real sizes, on a GPU
+    .venv/bin/python bench/eval.py --adm-evaluator evaluator.py --adm-python tfvenv/bin/python   # vs ADM's code
+
+ADM's evaluator (evaluations/evaluator.py of openai/guided-diffusion) is not shipped here: give a copy,
+and an interpreter with TensorFlow, numpy and scipy (for example a venv with `pip install tensorflow-cpu
+scipy`); bench/adm_evaluator_runner.py runs its ManifoldEstimator and FIDStatistics on our features.
 """
 
 import argparse
+import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import write_result  # noqa: E402
 from eval.inception import extract  # noqa: E402
 from eval.precision_recall import precision_recall  # noqa: E402
-from eval.stats import Statistics  # noqa: E402
+from eval.stats import Statistics, frechet_distance  # noqa: E402
 
 
 def adm_style_pr(ref: np.ndarray, samples: np.ndarray, k: int = 3, batch: int = 10000):
@@ -63,8 +72,12 @@ def main():
     p.add_argument("--samples", type=int, default=10000, help="sample points (ADM: 50000)")
     p.add_argument("--images", type=int, default=32, help="images for the features/s measurement")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--adm-evaluator", type=Path, help="a copy of ADM's evaluations/evaluator.py, to compare with")
+    p.add_argument("--adm-python", default=sys.executable, help="an interpreter with TensorFlow for it")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
+    if a.adm_evaluator and not a.adm_evaluator.is_file():
+        raise SystemExit(f"--adm-evaluator {a.adm_evaluator}: no such file")
     rng = np.random.default_rng(0)
     images = (rng.random((a.images, 64, 64, 3)) * 255).astype(np.uint8)
     extract(images[:2], device=a.device)  # load the network once
@@ -75,6 +88,8 @@ def main():
     t_ours32, pr32 = timed(lambda: precision_recall(ref, samples, device=a.device))
     t_ours16, pr16 = timed(lambda: precision_recall(ref, samples, distance="fp16", device=a.device))
     t_adm, pr_adm = timed(lambda: adm_style_pr(ref, samples))
+    t_fid, fid = timed(lambda: _fid(ref, samples))
+    adm = _run_adm(a, ref, samples) if a.adm_evaluator else None
     shards = [Statistics.of(samples[i::50]) for i in range(50)]
     t_merge, _ = timed(lambda: _merge_all(shards), repeats=3)
     result = {"device": a.device, "threads": torch.get_num_threads(),
@@ -83,8 +98,33 @@ def main():
                                    "ours_fp32_s": t_ours32, "ours_fp16_s": t_ours16, "adm_numpy_fp32_s": t_adm,
                                    "speedup_fp32_vs_adm": t_adm / t_ours32, "speedup_fp16_vs_adm": t_adm / t_ours16,
                                    "ours_fp32": pr32, "ours_fp16": pr16, "adm_numpy_fp32": pr_adm},
+              "fid": {"ours": fid, "ours_s": t_fid},
               "merge_50_shards_s": t_merge}
+    if adm:
+        result["adm_evaluator"] = adm | {
+            "pr_speedup_fp32": adm["pr_s"] / t_ours32, "pr_speedup_fp16": adm["pr_s"] / t_ours16,
+            "pr_fp16_identical": list(pr16) == [adm["precision"], adm["recall"]],
+            "pr_fp16_difference": [pr16[0] - adm["precision"], pr16[1] - adm["recall"]],
+            "fid_relative_difference": abs(fid - adm["fid"]) / abs(adm["fid"]), "fid_speedup": adm["fid_s"] / t_fid}
     write_result(result, a.out)
+
+
+def _fid(ref, samples) -> float:
+    s1, s2 = Statistics.of(ref), Statistics.of(samples)
+    return frechet_distance(s1.mu, s1.sigma, s2.mu, s2.sigma)
+
+
+def _run_adm(a, ref, samples) -> dict:
+    """ADM's own ManifoldEstimator and FIDStatistics on the same features (a separate interpreter: TensorFlow)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        feats, out = Path(tmp) / "features.npz", Path(tmp) / "adm.json"
+        np.savez(feats, ref=ref, samples=samples)
+        runner = Path(__file__).with_name("adm_evaluator_runner.py")
+        proc = subprocess.run([a.adm_python, str(runner), str(a.adm_evaluator), str(feats), str(out)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"ADM's evaluator failed ({a.adm_python} {runner}):\n{proc.stderr[-3000:]}")
+        return json.loads(out.read_text())
 
 
 def _merge_all(shards):

@@ -183,16 +183,27 @@ def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = 3, blo
 # ---- ADM's fp16 arithmetic (for matching published numbers) --------------------------------------
 
 def _pairwise_fp16(u: torch.Tensor, v: torch.Tensor, device) -> torch.Tensor:
-    if torch.device(device).type == "cpu":
-        # emulate fp16 distances on CPU: fp16-rounded inputs and norms, fp32 accumulation, fp16 result
-        u16, v16 = u.half().float(), v.half().float()
-        nu = (u16 * u16).sum(1, keepdim=True).half().float()
-        nv = (v16 * v16).sum(1, keepdim=True).T.half().float()
-        mm = (u16 @ v16.T).half().float()
-        d = (nu - 2 * mm + nv).half()
+    """ADM's graph in fp16: square (rounded to fp16), row sums (accumulated in fp32, as TensorFlow's GPU
+    reduction does, rounded to fp16), the fp16 GEMM (fp32 accumulation), then norm_u - 2 mm + norm_v
+    one fp16-rounded operation at a time, clamped at 0."""
+    if torch.device(device).type == "cpu":  # the same in float32 arithmetic, rounding where fp16 would
+        def r(x):
+            return x.half().float()
+
+        u16, v16 = r(u), r(v)
+        nu = r(r(u16 * u16).sum(1, keepdim=True))
+        nv = r(r(v16 * v16).sum(1, keepdim=True)).T
+        mm = r(u16 @ v16.T)
+        d = r(r(nu - r(2 * mm)) + nv).half()
     else:
         uh, vh = u.half(), v.half()
-        d = ((uh * uh).sum(1, keepdim=True) - 2 * (uh @ vh.T) + (vh * vh).sum(1, keepdim=True).T)
+        reduced = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False  # fp32 accumulation
+        try:
+            mm = uh @ vh.T
+        finally:
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = reduced
+        d = ((uh * uh).sum(1, keepdim=True) - 2 * mm) + (vh * vh).sum(1, keepdim=True).T
     if not torch.isfinite(d).all():  # ADM's fallback to fp32 on overflow
         d = (u * u).sum(1, keepdim=True) - 2 * (u @ v.T) + (v * v).sum(1, keepdim=True).T
     return d.double().clamp_min(0)

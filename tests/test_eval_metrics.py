@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
 
 from conftest import run_cli
 from eval.inception import SHA1, extract, weights_path
@@ -125,3 +126,25 @@ def test_exact_radii_and_memberships_on_near_ties():
         split = np.concatenate([radii(ref, block=block, rows=slice(a, b)) for a, b in ((0, 50), (50, 77), (77, 120))])
         np.testing.assert_array_equal(split, got)
         assert precision_recall(ref, sample, block=block) == pytest.approx((bp, br), abs=1e-12)
+
+
+def test_fp16_distances_follow_adms_graph_in_numpy_float16():
+    """distance="fp16" computes ADM's TensorFlow graph in fp16: squares rounded to fp16, row sums accumulated
+    in fp32 then rounded, the GEMM accumulated in fp32 then rounded, then norm_u - 2 mm + norm_v one
+    rounded fp16 operation at a time, clamped at 0. The oracle is that graph in NumPy's float16."""
+    from eval.precision_recall import _pairwise_fp16
+
+    rng = np.random.default_rng(5)
+    base = np.abs(rng.normal(size=(300, 16)) @ rng.normal(size=(16, 256))).astype(np.float32) / 20
+    u, v = base[:120], base[120:]
+    h, f = np.float16, np.float32
+    u16, v16 = u.astype(h), v.astype(h)
+    nu = np.sum((u16 * u16).astype(f), axis=1, dtype=f).astype(h)[:, None]
+    nv = np.sum((v16 * v16).astype(f), axis=1, dtype=f).astype(h)[None, :]
+    mm = (u16.astype(f) @ v16.astype(f).T).astype(h)
+    expected = np.maximum((nu - h(2) * mm) + nv, h(0)).astype(np.float64)
+    assert nu.dtype == mm.dtype == h and np.isfinite(expected).all()
+    got = _pairwise_fp16(torch.from_numpy(u), torch.from_numpy(v), "cpu").numpy()
+    ulp = np.spacing(expected.astype(h)).astype(np.float64)
+    # fp32 accumulation order (torch's GEMM vs NumPy's) may move a sum across an fp16 rounding boundary
+    assert (got == expected).mean() > 0.99 and (np.abs(got - expected) <= 2 * ulp).all()
