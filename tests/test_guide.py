@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_cli
+from slurm.submit import queued_jobs
 
 
 def guide_commands() -> list[list[str]]:
@@ -115,7 +116,7 @@ class GuideRun:
         return any("[train]" in p.read_text() for p in logs)
 
     def ended(self, job):  # gone from the queue, and its accounting says how (it lags a moment)
-        queued = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+        queued = queued_jobs()
         return job not in queued and self.state(job) not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED")
 
     def before(self, args: list[str]):
@@ -153,7 +154,7 @@ def test_the_guide_runs_top_to_bottom_on_tiny_settings(slurm_cluster, tmp_path):
     (ws / "configs").symlink_to(REPO / "configs")
     (ws / "eval-tiny.yaml").write_text(TINY_EVAL)
     run = GuideRun(ws)
-    before_jobs = set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split())
+    before_jobs = queued_jobs()
     used = set()
     try:
         for line in guide_lines():
@@ -172,10 +173,10 @@ def test_the_guide_runs_top_to_bottom_on_tiny_settings(slurm_cluster, tmp_path):
         assert {"fid", "sfid", "precision", "recall"} <= set(metrics)
     finally:
         print("\n".join(run.log))
-        left = set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split())
+        left = queued_jobs()
         if left - before_jobs:  # the evaluation scheduler's next pass, and anything left running
             subprocess.run(["scancel", *sorted(left - before_jobs)], capture_output=True)
         deadline = time.time() + 120  # and gone, before the session's cluster stops under them
         while left - before_jobs and time.time() < deadline:
             time.sleep(1)
-            left = set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split())
+            left = queued_jobs()
