@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None, prog: str = "adm demo") -> int:
     parser.add_argument("--out", default="demo_out", help="where everything goes")
     parser.add_argument("--resolution", type=int, default=16, help="base resolution (the upsampler doubles it)")
     parser.add_argument("--kimg", type=float, default=48.0, help="thousands of images to train the diffusion model")
-    parser.add_argument("--snapshots", type=int, default=4, help="snapshots of the diffusion model (evaluated)")
+    parser.add_argument("--snapshots", type=int, default=3, help="snapshots of the diffusion model (evaluated)")
     parser.add_argument("--samples", type=int, default=100, help="samples per evaluation")
     parser.add_argument("--classifier-kimg", type=float, default=24.0)
     parser.add_argument("--upsampler-kimg", type=float, default=12.0)
@@ -228,8 +228,10 @@ def main(argv: list[str] | None = None, prog: str = "adm demo") -> int:
     diff_run = out / "runs" / "diffusion"
     every = args.kimg / args.snapshots
     # 64 channels: at 32, ADM's GroupNorm32 has one channel per group, which removes the per-channel means the
-    # model must reproduce, and grey digits came out with colour casts (channel-mean spread 18/255 vs 2.5 at 24 kimg)
-    train(["preset=tiny-32", f"model.image_size={res}", "model.model_channels=64", f"data={shards['train', res]}",
+    # model must reproduce, and grey digits came out with colour casts (channel-mean spread 18/255 vs 2.5 at 24 kimg).
+    # Channel multipliers 1,1,2 rather than the preset's 1,2,2: 64 channels at 8x8 instead of 128, 1.8x faster.
+    train(["preset=tiny-32", f"model.image_size={res}", "model.model_channels=64", "model.channel_mult=[1,1,2]",
+           f"data={shards['train', res]}",
            f"run_dir={diff_run}",
            f"total_kimg={args.kimg}", "batch=64", "lr=2e-3", "ema_rates=[0.995]", f"status_kimg={every / 2:g}",
            f"snapshot_kimg={every:g}", f"checkpoint_kimg={every:g}", *common], diff_run,

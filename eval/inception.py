@@ -41,7 +41,7 @@ class InceptionFeatures(torch.nn.Module):
         self.layers = scripted.net.layers
         self.names = [n for n, _ in self.layers.named_children()]
         self.device = torch.device(device)
-        self.to(self.device).eval()
+        self.to(self.device, memory_format=torch.channels_last).eval()  # NHWC: ~10% faster convs and pools on CPU
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
@@ -53,7 +53,7 @@ class InceptionFeatures(torch.nn.Module):
         x = x.to(self.device).permute(0, 3, 1, 2).float()
         if x.shape[-2:] != (299, 299):
             x = interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False)
-        x = (x - 128.0) / 128.0
+        x = ((x - 128.0) / 128.0).contiguous(memory_format=torch.channels_last)
         spatial = None
         for name in self.names:
             layer = getattr(self.layers, name)

@@ -39,8 +39,10 @@ class _Points:
 
 
 def _approx(a: _Points, rows: slice, b: _Points, cols: slice) -> torch.Tensor:
-    """float32 distances of a[rows] x b[cols]; each within a.err[i] + b.err[j] of the exact one."""
-    return (a.n32[rows, None] + b.n32[None, cols] - 2 * (a.f32[rows] @ b.f32[cols].T)).clamp_min_(0)
+    """float32 distances of a[rows] x b[cols], each within a.err[i] + b.err[j] of the exact one (so they
+    may dip below 0; they are only ever compared with their bounds). One GEMM with the column norms as its
+    bias, then the row norms: two passes over the block."""
+    return torch.addmm(b.n32[None, cols], a.f32[rows], b.f32[cols].T, alpha=-2).add_(a.n32[rows, None])
 
 
 def _exact(a: _Points, i: torch.Tensor, b: _Points, j: torch.Tensor) -> torch.Tensor:
@@ -70,20 +72,23 @@ def radii(features: np.ndarray, k: int = 3, block: int = 2048, distance: str = "
     if len(idx) == len(pts):
         return _radii_symmetric(pts, k, block)
     out = np.empty(len(idx), np.float64)
+    max_err = pts.err.max()
     for s in range(0, len(idx), block):
         mine = slice(idx.start + s, min(idx.start + s + block, idx.stop))
         d = _approx(pts, mine, pts, slice(None))
         t = torch.topk(d, k + 1, dim=1, largest=False).values[:, k]  # an approximate radius per row
-        r, c = _candidates(d, t, pts.err[mine], pts.err[None, :], pts.err.max())
-        out[s:s + d.shape[0]] = _kth_exact(pts, r + mine.start, c, d.shape[0], k, first=mine.start)
+        r, c = torch.nonzero(d <= (t + 2 * pts.err[mine] + 2 * max_err)[:, None], as_tuple=True)
+        keep = _candidate(d[r, c], pts.err[c], (t + 2 * pts.err[mine] + max_err)[r])
+        out[s:s + d.shape[0]] = _kth_exact(pts, r[keep] + mine.start, c[keep], d.shape[0], k, first=mine.start)
     return out
 
 
-def _candidates(d, t, err_rows, err_cols, max_err):
-    """Pairs whose exact distance can be <= the row's exact radius: that radius is at most t + its
-    bound, and a pair's approximate distance is at most its bound below the exact one."""
-    limit = t + 2 * err_rows + max_err
-    return torch.nonzero(d - err_cols <= limit[:, None], as_tuple=True)
+def _candidate(d, err_col, limit):
+    """Can the pair's exact distance be <= its row's exact radius? That radius is at most t + err_row +
+    max_err (t: the row's (k+1)-th smallest approximate distance), and the pair's approximate distance is
+    at most err_row + err_col below its exact one; `limit` is t + 2 err_row + max_err. Selecting pairs
+    by d <= t + 2 err_row + 2 max_err first (one comparison per row) gives a superset of these."""
+    return d - err_col <= limit
 
 
 def _kth_exact(pts: _Points, r: torch.Tensor, c: torch.Tensor, nrows: int, k: int, first: int = 0) -> np.ndarray:
@@ -98,36 +103,47 @@ def _kth_exact(pts: _Points, r: torch.Tensor, c: torch.Tensor, nrows: int, k: in
 def _radii_symmetric(pts: _Points, k: int, block: int) -> np.ndarray:
     """All radii from the upper-triangle blocks only (distances are symmetric): half the GEMM work.
     The running (k+1)-th smallest per row only falls, so pairs kept against it are a superset of the
-    final candidates; the final threshold then filters them."""
+    final candidates; the final threshold then filters them. A pair of an off-diagonal block is a
+    candidate for its row and, swapped, for its column."""
     n = len(pts)
     best = torch.full((n, k + 1), float("inf"), device=pts.f32.device)  # k+1 smallest so far, per row
-    kept_r, kept_c, kept_d = [], [], []
     max_err = pts.err.max()
+    kept_r, kept_c, kept_d, kept_off = [], [], [], []
+
+    def merge(idx, top):
+        best[idx] = torch.topk(torch.cat([best[idx], top], 1), k + 1, dim=1, largest=False).values
+
     blocks = [slice(s, min(s + block, n)) for s in range(0, n, block)]
     for bi, rows in enumerate(blocks):
         for cols in blocks[bi:]:
             d = _approx(pts, rows, pts, cols)
-            views = [(rows, cols, d)] + ([(cols, rows, d.T)] if cols != rows else [])
-            for rr, cc, dd in views:
-                top = torch.topk(dd, min(k + 1, dd.shape[1]), dim=1, largest=False).values
-                best[rr] = torch.topk(torch.cat([best[rr], top], 1), k + 1, dim=1, largest=False).values
-            for rr, cc, dd in views:
-                r, c = _candidates(dd, best[rr, k], pts.err[rr], pts.err[None, cc], max_err)
-                kept_r.append(r + rr.start)
-                kept_c.append(c + cc.start)
-                kept_d.append(dd[r, c])
-    r, c, d = torch.cat(kept_r), torch.cat(kept_c), torch.cat(kept_d)
-    t = best[:, k]
-    final = d - pts.err[c] <= (t + 2 * pts.err + max_err)[r]
-    return _kth_exact(pts, r[final], c[final], n, k)
+            merge(rows, torch.topk(d, min(k + 1, d.shape[1]), dim=1, largest=False).values)
+            mask = d <= (best[rows, k] + 2 * pts.err[rows] + 2 * max_err)[:, None]
+            if cols != rows:
+                merge(cols, torch.topk(d, min(k + 1, d.shape[0]), dim=0, largest=False).values.T)
+                mask |= d <= (best[cols, k] + 2 * pts.err[cols] + 2 * max_err)[None, :]
+            r, c = torch.nonzero(mask, as_tuple=True)
+            kept_r.append(r + rows.start)
+            kept_c.append(c + cols.start)
+            kept_d.append(d[r, c])
+            kept_off.append(torch.full_like(r, cols != rows, dtype=torch.bool))
+    r, c, d, off = torch.cat(kept_r), torch.cat(kept_c), torch.cat(kept_d), torch.cat(kept_off)
+    limit = best[:, k] + 2 * pts.err + max_err
+    fwd = _candidate(d, pts.err[c], limit[r])
+    bwd = off & _candidate(d, pts.err[r], limit[c])
+    return _kth_exact(pts, torch.cat([r[fwd], c[bwd]]), torch.cat([c[fwd], r[bwd]]), n, k)
 
 
 def _cross(a: _Points, a_rows: slice, b: _Points, r_a: torch.Tensor, r_b: torch.Tensor, block: int):
     """For the rows of `a` given: is each inside b's manifold (some D(a_i, b_j) <= r_b[j])? And for every
     point of b: is it inside the manifold of these rows of a (some D(a_i, b_j) <= r_a[i])? One pass over
-    the distance matrix answers both (precision and recall share it, as in ADM's evaluator)."""
+    the distance matrix answers both (precision and recall share it, as in ADM's evaluator). Per block,
+    one comparison per row and per column picks the few pairs near or inside a ball; only those are
+    looked at pair by pair."""
     idx = range(*a_rows.indices(len(a)))
     r_a32, r_b32 = r_a.float(), r_b.float()
+    near_b = r_b32 + b.err + a.err.max()  # D(a_i, b_j) <= r_b[j] is possible only if d_ij <= near_b[j]
+    near_a = r_a32 + a.err + b.err.max()
     a_in = torch.zeros(len(idx), dtype=torch.bool, device=a.f32.device)
     b_in = torch.zeros(len(b), dtype=torch.bool, device=a.f32.device)
     for s in range(0, len(idx), block):
@@ -135,19 +151,21 @@ def _cross(a: _Points, a_rows: slice, b: _Points, r_a: torch.Tensor, r_b: torch.
         for t in range(0, len(b), block):
             cols = slice(t, min(t + block, len(b)))
             d = _approx(a, rows, b, cols)
-            ea, eb = a.err[rows, None], b.err[None, cols]
-            ra, rb = r_a32[rows, None], r_b32[None, cols]
-            a_sure, b_sure = d + ea <= rb - eb, d + eb <= ra - ea  # certainly inside (float32 suffices)
-            a_in[s:s + d.shape[0]] |= a_sure.any(1)
-            b_in[cols] |= b_sure.any(0)
+            i, j = torch.nonzero((d <= near_b[None, cols]) | (d <= near_a[rows, None]), as_tuple=True)
+            if not len(i):
+                continue
+            d, gi, gj = d[i, j], i + rows.start, j + cols.start
+            e = a.err[gi] + b.err[gj]
+            a_sure, b_sure = d + e <= r_b32[gj], d + e <= r_a32[gi]  # certainly inside (float32 suffices)
+            a_in[i[a_sure] + s] = True
+            b_in[gj[b_sure]] = True
             # undecided pairs: a radius within the error bound of the distance, the point not yet inside
-            undecided = ((d - ea <= rb + eb) & ~a_sure & ~a_in[s:s + d.shape[0], None]) | \
-                        ((d - eb <= ra + ea) & ~b_sure & ~b_in[None, cols])
-            i, j = torch.nonzero(undecided, as_tuple=True)
-            if len(i):
-                exact = _exact(a, i + rows.start, b, j + cols.start)
-                a_in[s:s + d.shape[0]].index_fill_(0, i[exact <= r_b[j + cols.start]], True)
-                b_in[cols].index_fill_(0, j[exact <= r_a[i + rows.start]], True)
+            undecided = ((d - e <= r_b32[gj]) & ~a_in[i + s]) | ((d - e <= r_a32[gi]) & ~b_in[gj])
+            if undecided.any():
+                i, gi, gj = i[undecided], gi[undecided], gj[undecided]
+                exact = _exact(a, gi, b, gj)
+                a_in[i[exact <= r_b[gj]] + s] = True
+                b_in[gj[exact <= r_a[gi]]] = True
     return a_in.cpu().numpy(), b_in.cpu().numpy()
 
 

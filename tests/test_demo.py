@@ -41,7 +41,7 @@ def test_demo_runs_everything_and_reuses_its_work(demo):
     for needle in ("Progressive decoding", "guided-s4", "cascade-32", "unguided", "data:image/png;base64,"):
         assert needle in html
     rows = results(out)
-    assert len(by(rows, "unguided")) == 4 and len(by(rows, "guided-s1")) == 2 and len(by(rows, "cascade-32")) == 2
+    assert len(by(rows, "unguided")) == 3 and len(by(rows, "guided-s1")) == 2 and len(by(rows, "cascade-32")) == 2
     start = time.time()
     again = run_cli("demo", "--out", str(out)).stdout
     assert "Open" in again and time.time() - start < 90  # everything reused

