@@ -1,4 +1,4 @@
-"""`adm demo`: the whole system on this machine, on real data, in about 17 minutes on a slow 2-core machine.
+"""`adm demo`: the whole system on this machine, on real data, in 17-19 minutes on a slow 2-core machine.
 
 1. Data: the 1,797 handwritten digits scikit-learn ships, written in ImageNet's folder layout with a
    LOC_val_solution.csv validation split (200 held out), converted to WebDataset shards by
