@@ -77,17 +77,23 @@ def radii(features: np.ndarray, k: int = 3, block: int = 2048, distance: str = "
         mine = slice(idx.start + s, min(idx.start + s + block, idx.stop))
         d = _approx(pts, mine, pts, slice(None))
         t = torch.topk(d, k + 1, dim=1, largest=False).values[:, k]  # an approximate radius per row
-        r, c = torch.nonzero(d <= (t + 2 * pts.err[mine] + 2 * max_err)[:, None], as_tuple=True)
-        keep = _candidate(d[r, c], pts.err[c], (t + 2 * pts.err[mine] + max_err)[r])
+        limit, loose = _limits(t, pts.err[mine], max_err)
+        r, c = torch.nonzero(d <= loose[:, None], as_tuple=True)
+        keep = _candidate(d[r, c], pts.err[c], limit[r])
         out[s:s + d.shape[0]] = _kth_exact(pts, r[keep] + mine.start, c[keep], d.shape[0], k, first=mine.start)
     return out
 
 
+def _limits(t, err_row, max_err):
+    """(limit, loose) per row, t being the row's (k+1)-th smallest approximate distance. The row's exact
+    radius is at most t + err_row + max_err, and a pair's approximate distance is at most err_row + err_col
+    below its exact one, so a pair can be within the radius only if d - err_col <= limit (_candidate),
+    and only if d <= loose: one comparison per row selects a superset first."""
+    limit = t + 2 * err_row + max_err
+    return limit, limit + max_err
+
+
 def _candidate(d, err_col, limit):
-    """Can the pair's exact distance be <= its row's exact radius? That radius is at most t + err_row +
-    max_err (t: the row's (k+1)-th smallest approximate distance), and the pair's approximate distance is
-    at most err_row + err_col below its exact one; `limit` is t + 2 err_row + max_err. Selecting pairs
-    by d <= t + 2 err_row + 2 max_err first (one comparison per row) gives a superset of these."""
     return d - err_col <= limit
 
 
@@ -118,17 +124,17 @@ def _radii_symmetric(pts: _Points, k: int, block: int) -> np.ndarray:
         for cols in blocks[bi:]:
             d = _approx(pts, rows, pts, cols)
             merge(rows, torch.topk(d, min(k + 1, d.shape[1]), dim=1, largest=False).values)
-            mask = d <= (best[rows, k] + 2 * pts.err[rows] + 2 * max_err)[:, None]
+            mask = d <= _limits(best[rows, k], pts.err[rows], max_err)[1][:, None]
             if cols != rows:
                 merge(cols, torch.topk(d, min(k + 1, d.shape[0]), dim=0, largest=False).values.T)
-                mask |= d <= (best[cols, k] + 2 * pts.err[cols] + 2 * max_err)[None, :]
+                mask |= d <= _limits(best[cols, k], pts.err[cols], max_err)[1][None, :]
             r, c = torch.nonzero(mask, as_tuple=True)
             kept_r.append(r + rows.start)
             kept_c.append(c + cols.start)
             kept_d.append(d[r, c])
             kept_off.append(torch.full_like(r, cols != rows, dtype=torch.bool))
     r, c, d, off = torch.cat(kept_r), torch.cat(kept_c), torch.cat(kept_d), torch.cat(kept_off)
-    limit = best[:, k] + 2 * pts.err + max_err
+    limit, _ = _limits(best[:, k], pts.err, max_err)
     fwd = _candidate(d, pts.err[c], limit[r])
     bwd = off & _candidate(d, pts.err[r], limit[c])
     return _kth_exact(pts, torch.cat([r[fwd], c[bwd]]), torch.cat([c[fwd], r[bwd]]), n, k)
