@@ -222,7 +222,11 @@ def main(argv: list[str] | None = None, prog: str = "adm demo") -> int:
         return 0
 
     slurm = slurm_answers()
-    console.print(f"[bold]2. Training[/bold] (DeepSpeed ZeRO-2, 2 processes, bf16 on CPU"
+    import torch
+
+    from trainer.config import resolve_precision
+    precision = resolve_precision("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    console.print(f"[bold]2. Training[/bold] (DeepSpeed ZeRO-2, 2 processes, {precision}"
                   f"{', as Slurm jobs: a Slurm cluster answers' if slurm else ''})")
     common = ["zero_stage=2", "num_slots=4", "data_workers=1"]
     diff_run = out / "runs" / "diffusion"

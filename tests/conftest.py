@@ -69,3 +69,9 @@ def slurm_cluster():
     yield env
     subprocess.run(["bash", "slurm/local_cluster.sh", "stop"], cwd=REPO, env=env, check=False)
     os.environ.pop("SLURM_CONF", None)
+
+
+def native_cpu_bf16() -> bool:
+    """The CPU's own flags (the kernel's list), independent of torch: AVX512-BF16 or AMX-BF16."""
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, native_cpu_bf16
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,10 @@ def test_training_runs_logs_and_writes_artifacts(reference_run):
     assert len(lines) == 6 and "img/s" in lines[0] and "s/kimg" in lines[0] and "loss by t quartile" in lines[0]
     losses = [float(line.split("loss ")[1].split()[0]) for line in lines]
     assert losses[-1] < losses[0]  # it learns
-    assert json.loads((run / "training_options.json").read_text())["batch"] == 16
+    options = json.loads((run / "training_options.json").read_text())
+    assert options["batch"] == 16
+    assert options["precision"] == ("bf16" if native_cpu_bf16() else "fp32")  # `auto`, resolved on the rank
+    assert options["channels_last"] is torch.cuda.is_available()
     assert (run / "checkpoints" / "LATEST").read_text().strip() == "img000000000384"
     from models.snapshot import load_snapshot
 

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
+from conftest import native_cpu_bf16
 from trainer import checkpoint as ckpt
-from trainer.config import TRAIN_PRESETS, load_train_config
+from trainer.config import TRAIN_PRESETS, load_train_config, resolve_precision
 from trainer.distributed import discover, expand_nodelist
 from trainer.ema import ShardEMA
 
@@ -41,6 +42,18 @@ def test_fixed_hash_ignores_memory_knobs_only():
     a = load_train_config(None, ["preset=tiny-32"])
     assert a.fixed_hash() == load_train_config(None, ["preset=tiny-32", "model.use_checkpoint=true", "lr=1"]).fixed_hash()
     assert a.fixed_hash() != load_train_config(None, ["preset=tiny-32", "model.model_channels=64"]).fixed_hash()
+
+
+def test_precision_and_channels_last_follow_the_device():
+    assert load_train_config(None, ["preset=tiny-32"]).precision == "auto"
+    expected = "bf16" if native_cpu_bf16() else "fp32"
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    for p in ("fp32", "bf16", "fp16"):
+        assert resolve_precision(p, torch.device("cpu")) == p
+    with pytest.raises(ValueError, match="precision"):
+        load_train_config(None, ["preset=tiny-32", "precision=bfloat16"])
+    assert load_train_config(None, ["preset=tiny-32"]).channels_last is None  # resolved by the device
+    assert load_train_config(None, ["preset=tiny-32", "channels_last=true"]).channels_last is True
 
 
 class FakeEngine:

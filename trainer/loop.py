@@ -23,7 +23,7 @@ from models.resample import LossAwareSamplerMixin, create_named_schedule_sampler
 
 from . import checkpoint as ckpt
 from . import distributed as dist_util
-from .config import TrainConfig
+from .config import TrainConfig, resolve_precision
 from .ema import ShardEMA
 from .preemption import EXIT_REQUEUE, PreemptionFlag
 
@@ -64,12 +64,17 @@ def training_loop(cfg: TrainConfig) -> int:
 
     env = dist_util.discover()
     device = dist_util.init(env)
+    cfg.precision = resolve_precision(cfg.precision, device)  # written resolved to training_options.json
+    if cfg.channels_last is None:
+        cfg.channels_last = device.type == "cuda"
     rank, world = env.rank, env.world_size
     micro, accum = cfg.batch_layout(world)  # clear errors before any heavy work
     run_dir = Path(cfg.run_dir)
     total_images = int(cfg.total_kimg * 1000)
     preempt = PreemptionFlag()
     is_main = rank == 0
+    if is_main:
+        log.info("precision %s%s on %s", cfg.precision, ", channels-last" if cfg.channels_last else "", device)
     if is_main:
         (run_dir / ckpt.CKPT).mkdir(parents=True, exist_ok=True)
 
