@@ -135,7 +135,8 @@ def resolve_precision(precision: str, device) -> str:
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # a private torch helper
+    return "bf16" if native() else "fp32"
 
 
 def expand(raw: dict) -> dict:

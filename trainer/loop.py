@@ -75,7 +75,6 @@ def training_loop(cfg: TrainConfig) -> int:
     is_main = rank == 0
     if is_main:
         log.info("precision %s%s on %s", cfg.precision, ", channels-last" if cfg.channels_last else "", device)
-    if is_main:
         (run_dir / ckpt.CKPT).mkdir(parents=True, exist_ok=True)
 
     # ---- data, model, diffusion ------------------------------------------------------------
