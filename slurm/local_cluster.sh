@@ -102,7 +102,21 @@ CONF
   chmod 600 "$BASE/slurmdbd.conf"
 }
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A pid file names our daemon only while that pid runs the expected program and is not a zombie: after a
+# crash, or on a machine restored from a snapshot, the file outlives the daemon and its pid may belong to anything.
+alive() {
+  local want pid; want=$(basename "$1" .pid); [ "$want" = mariadb ] && want=mariadbd
+  [ -f "$1" ] || return 1
+  pid=$(cat "$1")
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$want" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null
+}
+
+# Wait up to $1 seconds for the command after it to succeed.
+wait_for() {
+  local tries=$(( $1 * 10 )); shift
+  for _ in $(seq "$tries"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  return 1
+}
 
 start() {
   install_packages
@@ -120,24 +134,28 @@ start() {
       mariadb-install-db --user=root --datadir="$BASE/db" --auth-root-authentication-method=normal >/dev/null 2>&1
       local init=1
     fi
+    rm -f "$BASE/run/mysqld.sock"  # a dead server's socket would look ready and refuse connections
     (mariadbd --user=root --datadir="$BASE/db" --port="$DB_PORT" --bind-address=127.0.0.1 \
        --socket="$BASE/run/mysqld.sock" --pid-file="$BASE/run/mariadb.pid" \
        --log-error="$BASE/log/mariadb.log" >/dev/null 2>&1 &)
-    for _ in $(seq 100); do [ -S "$BASE/run/mysqld.sock" ] && break; sleep 0.1; done
+    wait_for 60 mariadb-admin --socket="$BASE/run/mysqld.sock" -uroot ping \
+      || { log "mariadb did not start; the end of $BASE/log/mariadb.log:"; tail -n 20 "$BASE/log/mariadb.log" >&2; return 1; }
     mariadb --socket="$BASE/run/mysqld.sock" -uroot -e \
       "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm';
        GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;" >/dev/null
   fi
   if ! alive "$BASE/run/slurmdbd.pid"; then
     slurmdbd  # reads slurmdbd.conf beside $SLURM_CONF
-    for _ in $(seq 100); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 0.1; done
+    wait_for 30 sacctmgr -n list cluster \
+      || { log "slurmdbd did not answer; the end of $BASE/log/slurmdbd.log:"; tail -n 20 "$BASE/log/slurmdbd.log" >&2; return 1; }
     sacctmgr -n list cluster format=cluster 2>/dev/null | grep -qw "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
   fi
   # -c: start without saved job state. `stop` cancels every job anyway, and a job left COMPLETING by an
   # unclean stop (a step that would not die) otherwise keeps the node from coming up for up to an hour.
   alive "$BASE/run/slurmctld.pid" || slurmctld -c -f "$BASE/slurm.conf"
   alive "$BASE/run/slurmd.pid" || slurmd -f "$BASE/slurm.conf"
-  for _ in $(seq 150); do
+  local deadline=$(( SECONDS + 60 ))
+  while [ $SECONDS -lt $deadline ]; do
     sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)' && { log "up: $(sinfo -h -o '%P %t %c CPUs' | tr '\n' ' ')"; return 0; }
     scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true
     sleep 0.2
