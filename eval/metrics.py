@@ -13,7 +13,7 @@ import numpy as np
 from .features import check_images
 from .inception import extract
 from .precision_recall import precision_recall
-from .stats import Statistics, frechet_distance
+from .stats import Statistics, frechet_distance, sqrtm_psd
 
 
 def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
@@ -71,7 +71,22 @@ def load_reference(path: str | Path, cache_dir: Path | None = None, batch_size=N
             out[k] = data[k]
     if "mu" not in out or "sigma" not in out:
         raise ValueError(f"{p}: expected arr_0 (images) or mu and sigma (statistics); it has {sorted(data.files)}")
+    if cached is not None:
+        out.update(_reference_roots(out, cached.with_name(cached.stem + "-sqrt.npz")))
     return out
+
+
+def _reference_roots(ref: dict, path: Path) -> dict:
+    """sqrt(sigma) and sqrt(sigma_s) of a reference, computed once per reference file: an eigh of a
+    2048x2048 matrix each, otherwise repeated by every evaluation against it."""
+    if path.is_file():
+        c = np.load(path)
+        return {k: c[k] for k in c.files}
+    roots = {f"sqrt_{k}": sqrtm_psd(np.asarray(ref[k], np.float64)) for k in ("sigma", "sigma_s") if k in ref}
+    from .sample import save_npz_atomic
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_npz_atomic(path, **roots)
+    return roots
 
 
 def reduce(features: dict, ref: dict, ref_name: str = "reference", pr_distance: str = "fp32", comm=None,
@@ -82,9 +97,11 @@ def reduce(features: dict, ref: dict, ref_name: str = "reference", pr_distance: 
     if want and features.get("resolution") and int(want) != int(features["resolution"]):
         raise ValueError(f"{ref_name}: built at resolution {want}, but the samples are {features['resolution']}x"
                          f"{features['resolution']} (evaluate against a reference of the samples' resolution)")
-    result = {"num_samples": pool.n, "fid": frechet_distance(pool.mu, pool.sigma, ref["mu"], ref["sigma"])}
+    result = {"num_samples": pool.n,
+              "fid": frechet_distance(pool.mu, pool.sigma, ref["mu"], ref["sigma"], ref.get("sqrt_sigma"))}
     if "mu_s" in ref:
-        result["sfid"] = frechet_distance(spatial.mu, spatial.sigma, ref["mu_s"], ref["sigma_s"])
+        result["sfid"] = frechet_distance(spatial.mu, spatial.sigma, ref["mu_s"], ref["sigma_s"],
+                                          ref.get("sqrt_sigma_s"))
     if "pool" in ref:
         result["precision"], result["recall"] = precision_recall(ref["pool"], features["pool"], distance=pr_distance,
                                                                  comm=comm, device=device)

@@ -54,18 +54,21 @@ def sqrtm_psd(a: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+def frechet_distance(mu1, sigma1, mu2, sigma2, sqrt_sigma2=None) -> float:
     """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), in float64.
 
-    tr sqrt(S1 S2) = tr sqrt(A S2 A) with A = sqrt(S1) symmetric PSD: a symmetric eigenproblem, so no
+    tr sqrt(S1 S2) = tr sqrt(B S1 B) with B = sqrt(S2) symmetric PSD: a symmetric eigenproblem, so no
     complex parts to discard (ADM's evaluator takes the real part of scipy's sqrtm and fails above 1e-3).
+    S2 is the reference's: pass its square root when it is known (cached per reference file), and the
+    Frechet distance costs one eigvalsh instead of an eigh and an eigvalsh.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape:
         raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
-    a = sqrtm_psd(s1)
-    w = np.linalg.eigvalsh((a @ s2 @ a + (a @ s2 @ a).T) / 2)
+    b = sqrtm_psd(s2) if sqrt_sigma2 is None else np.asarray(sqrt_sigma2, np.float64)
+    m = b @ s1 @ b
+    w = np.linalg.eigvalsh((m + m.T) / 2)
     tr_covmean = np.sqrt(np.clip(w, 0, None)).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)

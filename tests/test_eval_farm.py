@@ -120,6 +120,14 @@ def test_farm_result_equals_a_single_process_evaluation(evaluated, reference):
         assert got["fid"] == pytest.approx(want["fid"], rel=1e-6)
         assert got["sfid"] == pytest.approx(want["sfid"], rel=1e-6)
         assert (got["precision"], got["recall"]) == (want["precision"], want["recall"])
+    # the farm took the reference's covariance roots from its cache, computed once: roots of those covariances
+    from eval.metrics import load_reference
+
+    [cached] = (run / "eval" / "ref-cache").glob("*-sqrt.npz")
+    roots, ref = np.load(cached), load_reference(reference)
+    for k in ("sigma", "sigma_s"):
+        np.testing.assert_allclose(roots[f"sqrt_{k}"] @ roots[f"sqrt_{k}"], ref[k], rtol=0,
+                                   atol=1e-9 * np.abs(ref[k]).max())
 
 
 def test_a_published_evaluation_keeps_one_merged_features_file(evaluated):

@@ -27,7 +27,18 @@ def test_frechet_distance_matches_adm_sqrtm_formula():
         covmean = scipy.linalg.sqrtm(s1 @ s2).real  # ADM's evaluator's method
         expected = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
         assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+        # the reference's square root given (as cached per reference file): scipy's root, an independent one
+        root = scipy.linalg.sqrtm(s2).real
+        assert frechet_distance(mu1, s1, mu2, s2, sqrt_sigma2=root) == pytest.approx(expected, rel=1e-9, abs=1e-9)
     assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-8)
+    # the evaluation's case: few samples in many dimensions, so the samples' covariance is singular
+    d, n = 96, 20
+    x = rng.normal(size=(n, d)) * 2 + 1
+    s1, mu1 = np.cov(x, rowvar=False), x.mean(0)
+    mu2, s2 = rng.normal(size=d), random_cov(d, rng)
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    expected = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-7)
 
 
 def test_statistics_merge_exactly():
