@@ -14,6 +14,40 @@ LAYOUTS = Path(__file__).parent / "data" / "adm-state-dict-layouts.json"
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+SLOW_LIST = Path(__file__).parent / "slow_in_ci.txt"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", choices=("all", "listed", "none"), default="all",
+                     help="which tests marked slow to run: all (plain pytest), those named in tests/slow_in_ci.txt "
+                          "(the README's test command, so CI stays within its time), or none")
+
+
+def listed_slow_tests(path: Path) -> list[str]:
+    """Test files or node ids, one per line; '#' starts a comment."""
+    return [line.split("#", 1)[0].strip() for line in path.read_text().splitlines() if line.split("#", 1)[0].strip()]
+
+
+def pytest_collection_modifyitems(config, items):
+    mode = config.getoption("--slow")
+    if mode == "all":
+        return
+    path = Path(os.environ.get("ADM_SLOW_LIST", SLOW_LIST))
+    listed = listed_slow_tests(path) if mode == "listed" else []
+    slow = [item for item in items if item.get_closest_marker("slow")]
+
+    def named(item, entry):
+        return item.nodeid == entry or item.nodeid.startswith((entry + "::", entry + "["))
+
+    for entry in listed:
+        if not any(named(item, entry) for item in slow):
+            raise pytest.UsageError(f"{path}: {entry!r} names no collected test marked slow")
+    drop = [item for item in slow if not any(named(item, entry) for entry in listed)]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = [item for item in items if item not in set(drop)]
+
+
 @pytest.fixture(scope="session")
 def released_layouts() -> dict:
     """Keys, shapes, flags and parameter counts of OpenAI's released ADM checkpoints."""
