@@ -45,7 +45,8 @@ def pytest_collection_modifyitems(config, items):
     drop = [item for item in slow if not any(named(item, entry) for entry in listed)]
     if drop:
         config.hook.pytest_deselected(items=drop)
-        items[:] = [item for item in items if item not in set(drop)]
+        dropped = set(drop)
+        items[:] = [item for item in items if item not in dropped]
 
 
 @pytest.fixture(scope="session")
