@@ -111,6 +111,9 @@ alive() {
   [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$want" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null
 }
 
+# Say that a daemon did not come up, with the end of its log, and fail.
+failed() { log "$1 did not answer; the end of $BASE/log/$1.log:"; tail -n 20 "$BASE/log/$1.log" >&2; return 1; }
+
 # Wait up to $1 seconds for the command after it to succeed.
 wait_for() {
   local tries=$(( $1 * 10 )); shift
@@ -139,7 +142,7 @@ start() {
        --socket="$BASE/run/mysqld.sock" --pid-file="$BASE/run/mariadb.pid" \
        --log-error="$BASE/log/mariadb.log" >/dev/null 2>&1 &)
     wait_for 60 mariadb-admin --socket="$BASE/run/mysqld.sock" -uroot ping \
-      || { log "mariadb did not start; the end of $BASE/log/mariadb.log:"; tail -n 20 "$BASE/log/mariadb.log" >&2; return 1; }
+      || failed mariadb
     mariadb --socket="$BASE/run/mysqld.sock" -uroot -e \
       "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm';
        GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;" >/dev/null
@@ -147,7 +150,7 @@ start() {
   if ! alive "$BASE/run/slurmdbd.pid"; then
     slurmdbd  # reads slurmdbd.conf beside $SLURM_CONF
     wait_for 30 sacctmgr -n list cluster \
-      || { log "slurmdbd did not answer; the end of $BASE/log/slurmdbd.log:"; tail -n 20 "$BASE/log/slurmdbd.log" >&2; return 1; }
+      || failed slurmdbd
     sacctmgr -n list cluster format=cluster 2>/dev/null | grep -qw "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
   fi
   # -c: start without saved job state. `stop` cancels every job anyway, and a job left COMPLETING by an
