@@ -51,7 +51,10 @@ def load_reference(path: str | Path, cache_dir: Path | None = None, batch_size=N
     out = {"meta": json.loads(str(data["meta"])) if "meta" in data.files else {}}
     cached = Path(cache_dir) / f"ref-{_file_digest(p)}.npz" if cache_dir else None
     if "arr_0" in data.files:
-        if cached is not None and cached.is_file():
+        if _own_pool_features(data, out["meta"]):  # `adm eval ref` stored them: no Inception pass here
+            out.update(pool=data["pool"], resolution=int(data["arr_0"].shape[1]))
+            stats = {}
+        elif cached is not None and cached.is_file():
             c = np.load(cached)
             out.update(pool=c["pool"], resolution=int(c["resolution"]))
             stats = {k: c[k] for k in ("mu", "sigma", "mu_s", "sigma_s")}
@@ -74,6 +77,15 @@ def load_reference(path: str | Path, cache_dir: Path | None = None, batch_size=N
     if cached is not None:
         out.update(_reference_roots(out, cached.with_name(cached.stem + "-sqrt.npz")))
     return out
+
+
+def _own_pool_features(data, meta: dict) -> bool:
+    """True when the file carries arr_0's pool_3 features from this very network (our references do)."""
+    from .inception import SHA1
+
+    if meta.get("pool_features") != SHA1 or not {"pool", "mu", "sigma", "mu_s", "sigma_s"} <= set(data.files):
+        return False
+    return data["pool"].shape == (data["arr_0"].shape[0], 2048)
 
 
 def _reference_roots(ref: dict, path: Path) -> dict:

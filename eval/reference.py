@@ -4,6 +4,8 @@ One pass over the split (ADM's center crop at the given resolution, no flip): st
 image (mu, sigma, mu_s, sigma_s) plus `arr_0`/`arr_1`, a subset of 10k images for precision/recall
 (the first ones in the loader's seeded, class-mixed order), and `meta` (resolution, source, counts),
 so a reference built with other settings than the samples is refused with a clear message.
+Beyond ADM's keys, `pool` holds arr_0's pool_3 features (tagged in `meta` with the network's SHA-1),
+computed in the same pass, so evaluations against this file do not run Inception on arr_0 again.
 """
 
 import json
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .inception import default_batch_size, default_device, network
+from .inception import SHA1, default_batch_size, default_device, network
 from .sample import save_npz_atomic
 from .stats import Statistics
 
@@ -35,7 +37,7 @@ def build_reference(shards: str | Path, out: str | Path, resolution: int, pr_num
     loader = StreamLoader(shards, resolution, batch_size, flip=False, num_slots=1)  # one slot: one ordered pass
     net = network(device)
     pool = spatial = None
-    keep, labels, seen = [], [], 0
+    keep, keep_pool, labels, seen = [], [], [], 0
     bar = tqdm(total=want, unit="img", desc="reference", disable=not progress)
     for batch in loader:
         first_epoch = batch["pos"][:, 1] == 0
@@ -48,6 +50,7 @@ def build_reference(shards: str | Path, out: str | Path, resolution: int, pr_num
             room = pr_num - sum(len(k) for k in keep)
             if room > 0:
                 keep.append(images[:room])
+                keep_pool.append(feats["pool"][:room].cpu().numpy())
                 labels.append(batch["label"][first_epoch].numpy()[:room])
             seen += len(images)
             bar.update(len(images))
@@ -57,7 +60,8 @@ def build_reference(shards: str | Path, out: str | Path, resolution: int, pr_num
     if seen < 2:
         raise ValueError(f"{shards}: {seen} readable image(s); a reference needs at least 2")
     meta = {"resolution": resolution, "crop": "center", "source": str(shards), "num_images": seen,
-            "num_pr": int(sum(len(k) for k in keep)), "skipped": loader.skipped}
-    save_npz_atomic(Path(out), arr_0=np.concatenate(keep), arr_1=np.concatenate(labels), mu=pool.mu,
+            "num_pr": int(sum(len(k) for k in keep)), "skipped": loader.skipped, "pool_features": SHA1}
+    save_npz_atomic(Path(out), arr_0=np.concatenate(keep), arr_1=np.concatenate(labels),
+                    pool=np.concatenate(keep_pool).astype(np.float32), mu=pool.mu,
                     sigma=pool.sigma, mu_s=spatial.mu, sigma_s=spatial.sigma, meta=np.array(json.dumps(meta)))
     return meta

@@ -59,6 +59,32 @@ def test_reference_batch_from_shards(reference, digit_shards):
                                atol=1e-6)
     np.testing.assert_allclose(ref["mu_s"], feats["spatial"].astype(np.float64).mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(ref["arr_0"], images[:20])  # the subset: the first images of the order
+    np.testing.assert_allclose(ref["pool"], feats["pool"][:20], rtol=1e-5, atol=1e-5)  # the subset's features
+
+
+def test_a_reference_with_its_own_features_is_not_featurized_again(reference, tmp_path, monkeypatch):
+    """`adm eval ref` stores arr_0's pool_3 features (tagged with the network's SHA-1): loading uses them
+    without running Inception. Without the tag (another network, or a file edited by hand) or without
+    the features (ADM's own reference batches), they are computed from arr_0, as before."""
+    import eval.metrics as metrics
+
+    ref = dict(np.load(reference))
+    meta = json.loads(str(ref["meta"]))
+    calls = []
+    real_extract = metrics.extract
+    monkeypatch.setattr(metrics, "extract", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
+    loaded = metrics.load_reference(reference)
+    assert calls == [] and loaded["resolution"] == 32
+    np.testing.assert_array_equal(loaded["pool"], ref["pool"])
+    np.testing.assert_array_equal(loaded["sigma"], ref["sigma"])  # the whole split's statistics, not arr_0's
+    for name, changed in (("other-net", dict(meta=np.array(json.dumps({**meta, "pool_features": "0" * 40})))),
+                          ("adm-format", {})):
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, **{**{k: v for k, v in ref.items() if name != "adm-format" or k not in ("pool", "meta")},
+                          **changed})
+        again = metrics.load_reference(path)
+        np.testing.assert_allclose(again["pool"], ref["pool"], rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2
 
 
 @pytest.fixture(scope="module")
