@@ -82,6 +82,7 @@ def main():
     images = (rng.random((a.images, 64, 64, 3)) * 255).astype(np.uint8)
     extract(images[:2], device=a.device)  # load the network once
     t_feat, feats = timed(lambda: extract(images, device=a.device))
+    t_script = _torchscript_as_shipped(images, a.device)
     # realistic features: pool_3 of real-looking images are non-negative, ~2048-d, correlated
     base = np.abs(rng.normal(size=(a.ref + a.samples, 64)) @ rng.normal(size=(64, 2048))).astype(np.float32) / 8
     ref, samples = base[:a.ref], base[a.ref:] * 1.05
@@ -94,6 +95,8 @@ def main():
     t_merge, _ = timed(lambda: _merge_all(shards), repeats=3)
     result = {"device": a.device, "threads": torch.get_num_threads(),
               "features_per_s": a.images / t_feat,
+              "features_torchscript_as_shipped_per_s": a.images / t_script,  # the wheel's module, its own forward
+              "features_speedup_vs_torchscript": t_script / t_feat,
               "precision_recall": {"ref": a.ref, "samples": a.samples, "dim": 2048,
                                    "ours_fp32_s": t_ours32, "ours_fp16_s": t_ours16, "adm_numpy_fp32_s": t_adm,
                                    "speedup_fp32_vs_adm": t_adm / t_ours32, "speedup_fp16_vs_adm": t_adm / t_ours16,
@@ -107,6 +110,31 @@ def main():
             "pr_fp16_difference": [pr16[0] - adm["precision"], pr16[1] - adm["recall"]],
             "fid_relative_difference": abs(fid - adm["fid"]) / abs(adm["fid"]), "fid_speedup": adm["fid_s"] / t_fid}
     write_result(result, a.out)
+
+
+def _torchscript_as_shipped(images: np.ndarray, device) -> float:
+    """Seconds for pool_3 through the wheel's TorchScript module called whole (unfolded batch norms,
+    contiguous branches), after the same resize, in batches of the same size as extract()'s."""
+    import warnings
+
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    from eval.inception import default_batch_size, weights_path
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        whole = torch.jit.load(str(weights_path()), map_location=device).eval()
+    bs = default_batch_size(device)
+
+    def run():
+        with torch.no_grad():
+            for s in range(0, len(images), bs):
+                x = torch.from_numpy(images[s:s + bs]).to(device).permute(0, 3, 1, 2).float()
+                x = (interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False) - 128) / 128
+                whole(x).cpu()
+
+    run()  # warm-up, as extract() was
+    return timed(run)[0]
 
 
 def _fid(ref, samples) -> float:

@@ -113,7 +113,10 @@ def summary(all_results: dict[str, dict], info: dict) -> str:
     for name in ("eval-cpu", "eval-gpu"):
         if r := results.get(name):
             pr = r["precision_recall"]
-            out += [f"**{name}** ({r['device']}): features {_f(r['features_per_s'], 1)} images/s; precision/recall "
+            shipped = r.get("features_torchscript_as_shipped_per_s")
+            out += [f"**{name}** ({r['device']}): features {_f(r['features_per_s'], 1)} images/s"
+                    + (f" (the wheel's TorchScript module as shipped: {_f(shipped, 1)}, x"
+                       f"{_f(r['features_speedup_vs_torchscript'])})" if shipped else "") + "; precision/recall "
                     f"{pr['ref']} x {pr['samples']} x {pr['dim']}: ours {_f(pr['ours_fp32_s'])} s (fp16 mode "
                     f"{_f(pr['ours_fp16_s'])} s), ADM's algorithm {_f(pr.get('adm_numpy_fp32_s'))} s "
                     f"(x{_f(pr.get('speedup_fp32_vs_adm'))}); merging 50 shards {_f(r['merge_50_shards_s'])} s.", ""]

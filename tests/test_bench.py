@@ -30,7 +30,9 @@ def test_eval_bench_writes_json_and_agrees_with_the_adm_algorithm(tmp_path):
     proc = subprocess.run([sys.executable, "bench/eval.py", "--ref", "300", "--samples", "700", "--images", "2",
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    pr = json.loads(out.read_text())["precision_recall"]
+    result = json.loads(out.read_text())
+    assert result["features_per_s"] > 0 and result["features_torchscript_as_shipped_per_s"] > 0
+    pr = result["precision_recall"]
     assert pr["ours_fp32"] == pr["adm_numpy_fp32"]  # the port of ADM's algorithm is an independent check
     assert pr["ours_fp32_s"] > 0 and pr["adm_numpy_fp32_s"] > 0
 
