@@ -82,7 +82,16 @@ class Sampler:
     def resolution(self) -> int:
         return self.up_snap.config.image_size if self.up is not None else self.snap.config.image_size
 
+    def autocast(self):
+        """bf16 autocast for the networks when the setting asks for it (the diffusion arithmetic between
+        them stays float32: bf16 outputs times float32 coefficients promote)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.setting.precision == "bf16")
+
     def batch(self, seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        with self.autocast():
+            return self._batch(seeds)
+
+    def _batch(self, seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
         from models.sampling import draw_labels, sample_cascade, sample_images
 
         y = draw_labels(seeds, self.num_classes, self.device) if self.num_classes else None
@@ -125,8 +134,9 @@ class Sampler:
         shape = (len(seeds), 3, size, size)
         kwargs = {"y": draw_labels(seeds, self.num_classes, self.device)} if self.num_classes else {}
         loop = self.diffusion.ddim_sample_loop_progressive if self.use_ddim else self.diffusion.p_sample_loop_progressive
-        steps = list(loop(self.model, shape, noise=noise.randn(shape), cond_fn=self.cond_fn, model_kwargs=kwargs,
-                          device=self.device, generator=noise))
+        with self.autocast():
+            steps = list(loop(self.model, shape, noise=noise.randn(shape), cond_fn=self.cond_fn, model_kwargs=kwargs,
+                              device=self.device, generator=noise))
         picks = np.linspace(0, len(steps) - 1, frames).round().astype(int)
         out = [quantize(steps[i]["pred_xstart"]) for i in picks[:-1]] + [quantize(steps[-1]["sample"])]
         return np.stack(out)
@@ -144,6 +154,7 @@ def main(argv=None, prog="adm sample") -> int:
     p.add_argument("--upsampler", help="upsampler snapshot: sample the cascade")
     p.add_argument("--upsampler-steps", default="250")
     p.add_argument("--weights", default="ema", help="ema (the snapshot's first EMA), raw, ema_<rate>, phema_<s>")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="sampling arithmetic (bf16: autocast)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--shard-size", type=int, default=1000, help="images per npz shard")
     p.add_argument("--merge", action="store_true", help="also write DIR/samples.npz with every image, in seed order")
@@ -154,7 +165,7 @@ def main(argv=None, prog="adm sample") -> int:
     setting = EvalSetting(name="cli", steps=a.steps, scale=a.scale if a.classifier else 0.0, classifier=a.classifier,
                           upsampler=a.upsampler, upsampler_steps=a.upsampler_steps, weights=a.weights,
                           num=max(a.num, 2), seed_start=a.seed_start, shard_size=a.shard_size,
-                          batch_size=a.batch_size)
+                          batch_size=a.batch_size, precision=a.precision)
     setting.num = a.num
     sampler = Sampler(a.snapshot, setting, a.device)
     from tqdm.auto import tqdm

@@ -27,6 +27,7 @@ class EvalSetting:
     shard_size: int = 1000  # images per sample shard = per task of the sampling and feature arrays
     batch_size: int = 64  # per forward pass (never changes an image)
     pr_distance: str = "fp32"  # precision/recall distance arithmetic: fp32 | fp16 (ADM's)
+    precision: str = "fp32"  # sampling arithmetic: fp32 | bf16 (autocast; ADM sampled in fp16 on GPUs)
 
     def __post_init__(self):
         if self.num < 2:
@@ -37,6 +38,8 @@ class EvalSetting:
             raise ValueError(f"setting {self.name!r}: scale {self.scale} needs a classifier snapshot (classifier=PATH)")
         if self.pr_distance not in ("fp32", "fp16"):
             raise ValueError(f"setting {self.name!r}: pr_distance must be fp32 or fp16, got {self.pr_distance!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"setting {self.name!r}: precision must be fp32 or bf16, got {self.precision!r}")
         if not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ValueError(f"setting name {self.name!r}: use letters, digits, '-', '_' and '.' only")
 
@@ -66,6 +69,8 @@ def _digest(path: str | None) -> str | None:
 def eval_key(snapshot: str | Path, setting: EvalSetting, ref: str | Path) -> str:
     """<snapshot>--<setting>--<hash of everything that changes the numbers>."""
     ident = {k: v for k, v in asdict(setting).items() if k not in ("name", "shard_size", "batch_size")}
+    if ident["precision"] == "fp32":
+        del ident["precision"]  # keys from before the field existed stay valid
     ident.update(classifier=_digest(setting.classifier), upsampler=_digest(setting.upsampler),
                  snapshot=_digest(str(snapshot)), ref=_digest(str(ref)), evaluator=EVALUATOR_VERSION)
     h = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]

@@ -1,6 +1,7 @@
 """`adm sample`: ADM-format npz shards, per-seed determinism, resumability, guidance and cascades."""
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import randomize_, run_cli
@@ -45,3 +46,35 @@ def test_guided_and_cascaded_sampling(tmp_path):
     assert arr.shape == (2, 64, 64, 3)
     bad = run_cli("sample", str(clf), "--num", "1", "--out", str(tmp_path / "d"), check=False)
     assert bad.returncode == 2 and "classifier snapshot" in bad.stderr
+
+
+def test_bf16_sampling_is_per_seed_close_to_fp32_and_keyed_apart(tmp_path):
+    """precision=bf16 runs the networks under bf16 autocast: still a function of the seed alone (a batch of
+    one gives the batch of three's images), close to the fp32 images but not them, and an evaluation key
+    of its own. fp32 keeps the key it had before the field existed (computed here the old way)."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from eval.sample import Sampler
+    from eval.settings import EVALUATOR_VERSION, EvalSetting, _digest, eval_key
+
+    snap = snapshot(tmp_path, "base", "tiny-32", 1)
+    images = {}
+    for precision in ("fp32", "bf16"):
+        sampler = Sampler(str(snap), EvalSetting(name="x", steps="ddim4", num=3, precision=precision), "cpu")
+        images[precision], labels = sampler.batch([7, 8, 9])
+        one, _ = sampler.batch([8])
+        np.testing.assert_array_equal(one[0], images[precision][1])
+    diff = np.abs(images["bf16"].astype(int) - images["fp32"])
+    assert 0 < diff.max() and diff.mean() < 4, (diff.max(), diff.mean())
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2))
+    fp32, bf16 = EvalSetting(name="x", num=8), EvalSetting(name="x", num=8, precision="bf16")
+    old = {k: v for k, v in asdict(fp32).items() if k not in ("name", "shard_size", "batch_size", "precision")}
+    old.update(classifier=None, upsampler=None, snapshot=_digest(str(snap)), ref=_digest(str(ref)),
+               evaluator=EVALUATOR_VERSION)
+    old_key = f"{snap.name}--x--{hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:10]}"
+    assert eval_key(snap, fp32, ref) == old_key != eval_key(snap, bf16, ref)
+    with pytest.raises(ValueError, match="precision must be fp32 or bf16"):
+        EvalSetting(name="x", precision="fp16")
