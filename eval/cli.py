@@ -194,6 +194,7 @@ def cmd_metrics(a) -> int:
     feats = load_features(Path(a.features))
     ref = load_reference(a.ref)
     result = reduce(feats, ref, a.ref, a.pr_distance, comm, w)
+    comm.close()
     if comm.rank == 0:
         result["workers"] = comm.size
         for k, v in result.items():

@@ -17,6 +17,9 @@ class Single:
     def barrier(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 class MPIComm(Single):
     def __init__(self):
@@ -36,7 +39,8 @@ class TorchComm(Single):
     def __init__(self):
         import torch.distributed as dist
 
-        if not dist.is_initialized():
+        self.owned = not dist.is_initialized()
+        if self.owned:
             dist.init_process_group("gloo")
         self.dist = dist
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
@@ -48,6 +52,13 @@ class TorchComm(Single):
 
     def barrier(self) -> None:
         self.dist.barrier()
+
+    def close(self) -> None:
+        """Together, then tear the group down: a process that exits with gloo's threads still running can
+        abort in their destructors ("terminate called without an active exception") after its work is done."""
+        if self.owned and self.dist.is_initialized():
+            self.dist.barrier()
+            self.dist.destroy_process_group()
 
 
 MPI_ENV = ("PMI_SIZE", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")

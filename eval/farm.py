@@ -103,6 +103,7 @@ def metrics_task(key_dir: str, backend: str = "auto") -> dict | None:
     ref = load_reference(spec["ref"], cache_dir=registry.eval_root(spec["run_dir"]) / "ref-cache")
     w = logits_weight(spec["inception_weights"]) if spec.get("inception_weights") else None
     metrics = reduce(feats, ref, spec["ref"], setting.pr_distance, comm, w)
+    comm.close()
     if comm.rank != 0:
         return None
     record = {k: spec[k] for k in ("key", "snapshot", "snapshot_name", "images", "setting", "ref", "evaluator")}
