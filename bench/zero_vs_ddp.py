@@ -2,7 +2,9 @@
 optimiser step of `adm train` (trainer.loop.deepspeed_config: AdamW, clipping, accumulation) against torch's
 DistributedDataParallel with torch's AdamW, clipping and accumulation written out here. Same model, same
 per-rank micro-batches, timesteps and noise, the hybrid diffusion loss. Reports images/s per variant and
-ZeRO-k / DDP ratios (target: ZeRO-2 within 5%); `--check` also compares the final weights of every stage
+ZeRO-k / DDP ratios (target: ZeRO-2 within 5%). All variants live side by side and their steps alternate,
+so drift on a shared machine falls on all of them alike. `--zero JSON` merges DeepSpeed settings into the
+zero_optimization section (e.g. '{"overlap_comm": true}'), for tuning on a cluster. `--check` also compares the final weights of every stage
 with DDP's (fp32 only), which is how tests/test_zero_vs_ddp.py uses it.
 
     .venv/bin/python bench/zero_vs_ddp.py --out bench/results/zero_vs_ddp.json          # 2 gloo ranks, CPU
@@ -59,17 +61,14 @@ def loss_of(diffusion, net, batch, cast):
     return diffusion.training_losses(model, x, t, model_kwargs={"y": y}, noise=noise)["loss"].mean()
 
 
-def timed_steps(a, step) -> list[float]:
-    times = []
-    for i in range(a.steps):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step(i)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
+def timed(step, i) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step(i)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def run_ddp(cfg, diffusion, init, data, a, device):
@@ -98,8 +97,10 @@ def run_ddp(cfg, diffusion, init, data, a, device):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = timed_steps(a, step)
-    return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}, times, norms
+    def weights():
+        return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+
+    return step, weights, norms
 
 
 def run_zero(cfg, diffusion, init, data, a, stage):
@@ -112,8 +113,9 @@ def run_zero(cfg, diffusion, init, data, a, stage):
     cfg.zero_stage = stage
     model = build_model(cfg.model)
     model.load_state_dict(init)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                      config=deepspeed_config(cfg, a.micro, a.accum))
+    config = deepspeed_config(cfg, a.micro, a.accum)
+    config["zero_optimization"].update(json.loads(a.zero))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     cast = next(engine.module.parameters()).dtype
     norms = []
 
@@ -123,9 +125,10 @@ def run_zero(cfg, diffusion, init, data, a, stage):
             engine.step()
         norms.append(float(engine.get_global_grad_norm() or 0.0))
 
-    times = timed_steps(a, step)
-    weights = {n: safe_get_full_fp32_param(p).detach().cpu().clone() for n, p in engine.module.named_parameters()}
-    return weights, times, norms
+    def weights():
+        return {n: safe_get_full_fp32_param(p).detach().cpu().clone() for n, p in engine.module.named_parameters()}
+
+    return step, weights, norms
 
 
 @torch.no_grad()
@@ -167,12 +170,23 @@ def worker(a):
     torch.manual_seed(0)
     init = build_model(cfg.model).state_dict()
     images_per_step = a.micro * a.accum * world
-    expected, times, ddp_norms = run_ddp(cfg, diffusion, init, data, a, device)
-    rows = [{"variant": "ddp", "images_per_s": images_per_step / statistics.median(times[a.warmup:])}]
+    # every variant lives side by side and their steps alternate (ddp, zero1, zero2, ... then the next step), so
+    # a slow spell of a shared machine hits all of them alike instead of whichever ran in it
+    variants = {"ddp": run_ddp(cfg, diffusion, init, data, a, device)}
     for stage in a.stages:
-        weights, times, norms = run_zero(cfg, diffusion, init, data, a, stage)
-        rows.append({"variant": f"zero{stage}", "images_per_s": images_per_step / statistics.median(times[a.warmup:])})
+        variants[f"zero{stage}"] = run_zero(cfg, diffusion, init, data, a, stage)
+    times = {name: [] for name in variants}
+    for i in range(a.steps):
+        for name, (step, _, _) in variants.items():
+            times[name].append(timed(step, i))
+    rows = [{"variant": name, "images_per_s": images_per_step / statistics.median(t[a.warmup:])}
+            for name, t in times.items()]
+    _, ddp_weights, ddp_norms = variants.pop("ddp")
+    expected = ddp_weights()
+    for stage in a.stages:
+        _, get_weights, norms = variants[f"zero{stage}"]
         if a.check:
+            weights = get_weights()
             moved, apart = output_change(cfg, init, expected, weights)
             worst = max((weights[n] - expected[n]).abs().max().item() for n in weights)
             # the gradient norm before clipping, step by step: scale-sensitive where Adam and clipping are not
@@ -187,7 +201,6 @@ def worker(a):
             if apart > a.rtol * moved:
                 raise SystemExit(f"stage {stage}: outputs {apart:.3e} apart from DDP's, more than {a.rtol} x the "
                                  f"change training made ({moved:.3e})")
-        torch.cuda.empty_cache() if device.type == "cuda" else None
     if rank == 0:
         ddp = rows[0]["images_per_s"]
         for r in rows[1:]:
@@ -213,6 +226,7 @@ def main():
     p.add_argument("--check", action="store_true", help="compare every stage's final weights with DDP's")
     p.add_argument("--rtol", type=float, default=1e-3, help="--check: outputs may differ by this fraction of "
                    "the change training made to them")
+    p.add_argument("--zero", default="{}", help="JSON merged into DeepSpeed's zero_optimization section")
     p.add_argument("--port", type=int, default=29641)
     p.add_argument("--out", type=Path)
     a = p.parse_args()
