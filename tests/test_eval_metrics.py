@@ -172,10 +172,60 @@ def test_exact_radii_and_memberships_on_near_ties():
         assert precision_recall(ref, sample, block=block) == pytest.approx((bp, br), abs=1e-12)
 
 
+def _eigen_half_sum_scalar(values: np.ndarray) -> np.float16:
+    """TensorFlow's CPU fp16 row sum, one value at a time in NumPy's float16 (a second implementation of
+    eval.precision_recall._eigen_half_row_sum): split rows over 1600 values in two at a multiple of 8; in a
+    leaf, four 8-lane accumulators over chunks of 32, then single packets into the first, then the other
+    three into it, every add rounded to fp16; the 8 lanes summed in float32 as Eigen's predux pairs them,
+    rounded; the leftover values summed in fp16 and added last."""
+    h, f, n = np.float16, np.float32, len(values)
+    if n > 1600:
+        split = int(np.ceil(np.ceil(n / 2) / 8)) * 8
+        return h(f(_eigen_half_sum_scalar(values[:split])) + f(_eigen_half_sum_scalar(values[split:])))
+    acc = [[h(0)] * 8 for _ in range(4)]
+    vec4, vec = n // 32 * 32, n // 8 * 8
+    for j in range(0, vec4, 32):
+        for q in range(4):
+            for lane in range(8):
+                acc[q][lane] = h(f(acc[q][lane]) + f(values[j + 8 * q + lane]))
+    for j in range(vec4, vec, 8):
+        for lane in range(8):
+            acc[0][lane] = h(f(acc[0][lane]) + f(values[j + lane]))
+    for q in (1, 2, 3):
+        for lane in range(8):
+            acc[0][lane] = h(f(acc[0][lane]) + f(acc[q][lane]))
+    p = [f(x) for x in acc[0]]
+    lanes = [f(p[i] + p[i + 4]) for i in range(4)]
+    packet = h(f(f(lanes[0] + lanes[2]) + f(lanes[1] + lanes[3])))
+    rest = h(0)
+    for j in range(vec, n):
+        rest = h(f(rest) + f(values[j]))
+    return h(f(rest) + f(packet))
+
+
+@pytest.mark.parametrize("dim", [2048, 2050, 256, 100, 7])
+def test_fp16_row_sums_follow_tensorflows_cpu_kernel(dim):
+    """The fp16 mode's row sums on a CPU, against the scalar float16 emulation above (that loop order was
+    checked against TensorFlow 2.21's own output on 2048-wide rows: all 2,000 rows equal; bench/eval.py
+    --adm-evaluator compares the whole result with TensorFlow's)."""
+    from eval.precision_recall import _eigen_half_row_sum
+
+    rng = np.random.default_rng(dim)
+    rows = 48 if dim == 2048 else 6
+    x = (np.abs(rng.normal(size=(rows, dim))) * rng.uniform(0.01, 3, size=(rows, 1))).astype(np.float16)
+    squares = (x * x).astype(np.float16)
+    got = _eigen_half_row_sum(torch.from_numpy(squares.astype(np.float32))).numpy().astype(np.float16)
+    expected = np.array([_eigen_half_sum_scalar(row) for row in squares])
+    np.testing.assert_array_equal(got, expected)
+    if dim == 2048:  # the order matters: a float32 sum rounded once differs in some rows
+        assert (squares.astype(np.float32).sum(1).astype(np.float16) != expected).any()
+
+
 def test_fp16_distances_follow_adms_graph_in_numpy_float16():
-    """distance="fp16" computes ADM's TensorFlow graph in fp16: squares rounded to fp16, row sums accumulated
-    in fp32 then rounded, the GEMM accumulated in fp32 then rounded, then norm_u - 2 mm + norm_v one
-    rounded fp16 operation at a time, clamped at 0. The oracle is that graph in NumPy's float16."""
+    """distance="fp16" computes ADM's TensorFlow graph in fp16: squares rounded to fp16, row sums as
+    TensorFlow's CPU kernel computes them (the scalar emulation above), the GEMM accumulated in fp32 then
+    rounded, then norm_u - 2 mm + norm_v one rounded fp16 operation at a time, clamped at 0. The oracle is
+    that graph in NumPy's float16."""
     from eval.precision_recall import _pairwise_fp16
 
     rng = np.random.default_rng(5)
@@ -183,29 +233,24 @@ def test_fp16_distances_follow_adms_graph_in_numpy_float16():
     u, v = base[:120], base[120:]
     h, f = np.float16, np.float32
     u16, v16 = u.astype(h), v.astype(h)
-    nu = np.sum((u16 * u16).astype(f), axis=1, dtype=f).astype(h)[:, None]
-    nv = np.sum((v16 * v16).astype(f), axis=1, dtype=f).astype(h)[None, :]
+    nu = np.array([_eigen_half_sum_scalar(row) for row in (u16 * u16)])[:, None]
+    nv = np.array([_eigen_half_sum_scalar(row) for row in (v16 * v16)])[None, :]
     mm = (u16.astype(f) @ v16.astype(f).T).astype(h)
     expected = np.maximum((nu - h(2) * mm) + nv, h(0)).astype(np.float64)
     assert nu.dtype == mm.dtype == h and np.isfinite(expected).all()
     got = _pairwise_fp16(torch.from_numpy(u), torch.from_numpy(v), "cpu").numpy()
     assert (got == expected).mean() > 0.99
-    # fp32 accumulation order (torch's GEMM vs NumPy's, which differs between CPUs) may move a sum across an
-    # fp16 rounding boundary. Any order's fp32 sum of n terms lies within n * 2^-24 * sum|terms| of the exact
-    # (float64) sum; the graph is monotone in each sum, so every order's result lies between the graph run on
-    # the fp16 roundings of those bounds.
+    # fp32 accumulation order (torch's GEMM vs NumPy's, which differs between CPUs) may move a GEMM entry
+    # across an fp16 rounding boundary. Any order's fp32 sum of n terms lies within n * 2^-24 * sum|terms| of
+    # the exact (float64) sum; the graph is monotone in each entry, so every order's result lies between the
+    # graph run on the fp16 roundings of those bounds.
     u64, v64 = u16.astype(np.float64), v16.astype(np.float64)
     n, unit = u.shape[1], 2.0 ** -24
-
-    def ends(exact, err):
-        return (exact - n * unit * err).astype(h), (exact + n * unit * err).astype(h)
-
-    su, sv = (u16 * u16).astype(np.float64).sum(1), (v16 * v16).astype(np.float64).sum(1)  # squares in fp16
-    nu_lo, nu_hi = ends(su[:, None], su[:, None])
-    nv_lo, nv_hi = ends(sv[None, :], sv[None, :])
-    mm_lo, mm_hi = ends(u64 @ v64.T, np.abs(u64) @ np.abs(v64).T)
-    low = np.maximum((nu_lo - h(2) * mm_hi) + nv_lo, h(0)).astype(np.float64)
-    high = np.maximum((nu_hi - h(2) * mm_lo) + nv_hi, h(0)).astype(np.float64)
+    exact = u64 @ v64.T
+    mm_lo, mm_hi = (exact - n * unit * (np.abs(u64) @ np.abs(v64).T)).astype(h), \
+        (exact + n * unit * (np.abs(u64) @ np.abs(v64).T)).astype(h)
+    low = np.maximum((nu - h(2) * mm_hi) + nv, h(0)).astype(np.float64)
+    high = np.maximum((nu - h(2) * mm_lo) + nv, h(0)).astype(np.float64)
     assert (low <= expected).all() and (expected <= high).all()  # the bounds hold NumPy's order too
     assert (low <= got).all() and (got <= high).all()
     assert ((high - low) <= 8 * np.spacing(expected.astype(h))).all()  # and are tight: a few fp16 ulps
