@@ -206,19 +206,29 @@ def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = 3, blo
 
 # ---- ADM's fp16 arithmetic (for matching published numbers) --------------------------------------
 
-def _pairwise_fp16(u: torch.Tensor, v: torch.Tensor, device) -> torch.Tensor:
+def _norms_fp16(x: torch.Tensor) -> torch.Tensor:
+    """ADM's row norms in fp16 (squares rounded to fp16, then summed as TensorFlow sums them on this kind of
+    device): float32 holding fp16 values on a CPU, fp16 on a GPU."""
+    if x.device.type == "cpu":
+        x16 = x.half().float()
+        return _eigen_half_row_sum((x16 * x16).half().float())
+    xh = x.half()
+    return (xh * xh).sum(1)
+
+
+def _pairwise_fp16(u: torch.Tensor, v: torch.Tensor, device, nu=None, nv=None) -> torch.Tensor:
     """ADM's graph in fp16 as TensorFlow computes it on the same kind of device: square (rounded to fp16),
     row sums (on a CPU, Eigen's fp16 accumulation as TensorFlow's CPU kernel does it; on a GPU accumulated in
     fp32, as its GPU reduction does, and rounded to fp16), the fp16 GEMM (fp32 accumulation, rounded once, on
-    both), then norm_u - 2 mm + norm_v one fp16-rounded operation at a time, clamped at 0."""
+    both), then norm_u - 2 mm + norm_v one fp16-rounded operation at a time, clamped at 0. nu, nv: the rows'
+    _norms_fp16, when the caller has them already. Returned in float32, which holds every fp16 value exactly."""
+    nu = (_norms_fp16(u) if nu is None else nu)[:, None]
+    nv = (_norms_fp16(v) if nv is None else nv)[None, :]
     if torch.device(device).type == "cpu":  # the same in float32 arithmetic, rounding where fp16 would
         def r(x):
             return x.half().float()
 
-        u16, v16 = r(u), r(v)
-        nu = _eigen_half_row_sum(r(u16 * u16))[:, None]
-        nv = _eigen_half_row_sum(r(v16 * v16))[None, :]
-        mm = r(u16 @ v16.T)
+        mm = r(r(u) @ r(v).T)
         d = r(r(nu - r(2 * mm)) + nv).half()
     else:
         uh, vh = u.half(), v.half()
@@ -228,10 +238,10 @@ def _pairwise_fp16(u: torch.Tensor, v: torch.Tensor, device) -> torch.Tensor:
             mm = uh @ vh.T
         finally:
             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = reduced
-        d = ((uh * uh).sum(1, keepdim=True) - 2 * mm) + (vh * vh).sum(1, keepdim=True).T
+        d = (nu - 2 * mm) + nv
     if not torch.isfinite(d).all():  # ADM's fallback to fp32 on overflow
         d = (u * u).sum(1, keepdim=True) - 2 * (u @ v.T) + (v * v).sum(1, keepdim=True).T
-    return d.double().clamp_min(0)
+    return d.float().clamp_min(0)
 
 
 # TensorFlow's CPU kernel sums fp16 rows with Eigen's vectorised inner-most reduction (8-lane fp16 packets as
@@ -273,10 +283,12 @@ def _eigen_half_row_sum(x: torch.Tensor) -> torch.Tensor:
 
 def _radii_fp16(features, k, block, device, rows) -> np.ndarray:
     f = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=device)
-    mine = f[rows]
-    out = np.empty(len(mine), np.float64)
-    for s in range(0, len(mine), block):
-        d = _pairwise_fp16(mine[s:s + block], f, device)
+    norms = _norms_fp16(f)
+    idx = range(*rows.indices(len(f)))
+    out = np.empty(len(idx), np.float64)
+    for s in range(0, len(idx), block):
+        mine = slice(idx.start + s, min(idx.start + s + block, idx.stop))
+        d = _pairwise_fp16(f[mine], f, device, norms[mine], norms)
         out[s:s + block] = torch.kthvalue(d, k + 1, dim=1).values.cpu().numpy()
     return out
 
@@ -284,12 +296,13 @@ def _radii_fp16(features, k, block, device, rows) -> np.ndarray:
 def _inside_fp16(points, manifold, manifold_radii, block, device) -> np.ndarray:
     p = torch.as_tensor(np.asarray(points), dtype=torch.float32, device=device)
     m = torch.as_tensor(np.asarray(manifold), dtype=torch.float32, device=device)
-    r = torch.as_tensor(manifold_radii, dtype=torch.float64, device=device)
+    r = torch.as_tensor(manifold_radii, dtype=torch.float32, device=device)  # float32 values: exact
+    norms_p, norms_m = _norms_fp16(p), _norms_fp16(m)
     result = np.zeros(len(p), bool)
     for s in range(0, len(p), block):
         hit = torch.zeros(min(block, len(p) - s), dtype=torch.bool, device=device)
         for t in range(0, len(m), block):
-            d = _pairwise_fp16(p[s:s + block], m[t:t + block], device)
+            d = _pairwise_fp16(p[s:s + block], m[t:t + block], device, norms_p[s:s + block], norms_m[t:t + block])
             hit |= (d <= r[t:t + block][None, :]).any(1)
         result[s:s + block] = hit.cpu().numpy()
     return result
