@@ -118,8 +118,8 @@ def main():
             ours_s = timed(lambda: precision_recall(ref, samples, device=a.device))[0]
             rounds.append({"adm_pr_s": adm_s, "ours_fp32_s": ours_s, "speedup": adm_s / ours_s})
         if rounds:
-            result["adm_evaluator"]["pr_rounds"] = rounds
-            result["adm_evaluator"]["pr_speedup_fp32_median_of_rounds"] = float(np.median([r["speedup"] for r in rounds]))
+            median = float(np.median([r["speedup"] for r in rounds]))
+            result["adm_evaluator"] |= {"pr_rounds": rounds, "pr_speedup_fp32_median_of_rounds": median}
     write_result(result, a.out)
 
 

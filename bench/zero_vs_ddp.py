@@ -4,8 +4,9 @@ DistributedDataParallel with torch's AdamW, clipping and accumulation written ou
 per-rank micro-batches, timesteps and noise, the hybrid diffusion loss. Reports images/s per variant and
 ZeRO-k / DDP ratios (target: ZeRO-2 within 5%). All variants live side by side and their steps alternate,
 so drift on a shared machine falls on all of them alike. `--zero JSON` merges DeepSpeed settings into the
-zero_optimization section (e.g. '{"overlap_comm": true}'), for tuning on a cluster. `--check` also compares the final weights of every stage
-with DDP's (fp32 only), which is how tests/test_zero_vs_ddp.py uses it.
+zero_optimization section (e.g. '{"overlap_comm": true}'), for tuning on a cluster. `--check` also
+compares the final weights of every stage with DDP's (fp32 only), which is how tests/test_zero_vs_ddp.py
+uses it.
 
     .venv/bin/python bench/zero_vs_ddp.py --out bench/results/zero_vs_ddp.json          # 2 gloo ranks, CPU
     .venv/bin/python bench/zero_vs_ddp.py --nproc 8 --preset adm-64 --micro 32 --precision bf16   # a GPU node
