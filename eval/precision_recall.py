@@ -12,6 +12,8 @@ the error of a distance: about one in a thousand) are recomputed in float64.
 `distance="fp16"` reproduces ADM's fp16 distance arithmetic, for matching published numbers.
 """
 
+import functools
+
 import numpy as np
 import torch
 
@@ -30,8 +32,9 @@ class _Points:
 
     def __init__(self, features, device):
         self.f32 = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=device).contiguous()
-        norm2 = (self.f32.double() ** 2).sum(1)
+        norm2 = torch.cat([(c.double() ** 2).sum(1) for c in self.f32.split(512)])  # in cache-sized pieces
         self.n32 = norm2.float()
+        self.half_n32 = self.n32 * -0.5  # exact: the GEMM's bias (see _approx)
         self.err = (2 * _gamma(self.f32.shape[1]) * norm2).float()  # bound(i, j) = err_i + err_j
 
     def __len__(self):
@@ -40,9 +43,30 @@ class _Points:
 
 def _approx(a: _Points, rows: slice, b: _Points, cols: slice) -> torch.Tensor:
     """float32 distances of a[rows] x b[cols], each within a.err[i] + b.err[j] of the exact one (so they
-    may dip below 0; they are only ever compared with their bounds). One GEMM with the column norms as its
-    bias, then the row norms: two passes over the block."""
-    return torch.addmm(b.n32[None, cols], a.f32[rows], b.f32[cols].T, alpha=-2).add_(a.n32[rows, None])
+    may dip below 0; they are only ever compared with their bounds). One GEMM with -|v|^2 / 2 as its bias,
+    then |u|^2 - 2 x that, one pass: the same rounding as |u|^2 + (|v|^2 - 2 u.v), scaling by 2 being exact."""
+    g = _gemm_bias(a.f32[rows], b.f32[cols], b.half_n32[cols])
+    return torch.add(a.n32[rows, None], g, alpha=-2, out=g)
+
+
+def _gemm_bias(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x @ y.T + bias in true float32 (no TF32, no bf16). On a CPU through oneDNN when it computes in float32
+    there (checked once): 15-35% faster than the default BLAS on the CPUs we measured (bench/RESULTS.md)."""
+    if x.device.type == "cpu" and _onednn_float32():
+        return torch.ops.mkldnn._linear_pointwise(x, y, bias, "none", [], "")
+    return torch.addmm(bias[None], x, y.T)
+
+
+@functools.cache
+def _onednn_float32() -> bool:
+    """Does oneDNN's linear exist here and keep float32 products? 1 + 2^-13 survives float32 but not the
+    bf16 or TF32 inputs some builds switch to; 64 of them sum exactly (20 bits) in any order."""
+    try:
+        x = torch.full((64, 64), 1 + 2.0 ** -13)
+        out = torch.ops.mkldnn._linear_pointwise(x, torch.ones(64, 64), torch.zeros(64), "none", [], "")
+    except (AttributeError, RuntimeError):
+        return False
+    return bool((out == 64 * (1 + 2.0 ** -13)).all())
 
 
 def _exact(a: _Points, i: torch.Tensor, b: _Points, j: torch.Tensor) -> torch.Tensor:
@@ -62,12 +86,19 @@ def _no_tf32():
 def radii(features: np.ndarray, k: int = 3, block: int = 2048, distance: str = "fp32", device="cpu",
           rows: slice = slice(None)) -> np.ndarray:
     """k-NN radius (squared) of each point in `rows` (all by default) against the whole set."""
-    if len(features) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} points per set, got {len(features)}")
+    _check_size(features, k)
     if distance == "fp16":
         return _radii_fp16(features, k, block, device, rows)
     _no_tf32()
-    pts = _Points(features, device)
+    return _radii(_Points(features, device), k, block, rows)
+
+
+def _check_size(features, k):
+    if len(features) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} points per set, got {len(features)}")
+
+
+def _radii(pts: _Points, k: int, block: int, rows: slice) -> np.ndarray:
     idx = range(*rows.indices(len(pts)))
     if len(idx) == len(pts):
         return _radii_symmetric(pts, k, block)
@@ -108,36 +139,56 @@ def _kth_exact(pts: _Points, r: torch.Tensor, c: torch.Tensor, nrows: int, k: in
 
 def _radii_symmetric(pts: _Points, k: int, block: int) -> np.ndarray:
     """All radii from the upper-triangle blocks only (distances are symmetric): half the GEMM work.
-    The running (k+1)-th smallest per row only falls, so pairs kept against it are a superset of the
-    final candidates; the final threshold then filters them. A pair of an off-diagonal block is a
-    candidate for its row and, swapped, for its column."""
+    Each row's k+1 smallest approximate distances so far (`best`) start from its own diagonal block and only
+    fall. A block's pairs within the loose limit of their row's or their column's `best` are kept; they hold
+    every value that can still enter `best` (so it is updated from them alone, with no pass over the block)
+    and a superset of the final candidates, which the final limit then filters. A pair of an off-diagonal
+    block is a candidate for its row and, swapped, for its column."""
     n = len(pts)
-    best = torch.full((n, k + 1), float("inf"), device=pts.f32.device)  # k+1 smallest so far, per row
+    best = torch.full((n, k + 1), float("inf"), device=pts.f32.device)
     max_err = pts.err.max()
     kept_r, kept_c, kept_d, kept_off = [], [], [], []
 
-    def merge(idx, top):
-        best[idx] = torch.topk(torch.cat([best[idx], top], 1), k + 1, dim=1, largest=False).values
+    def loose(idx):
+        return _limits(best[idx, k], pts.err[idx], max_err)[1]
+
+    def keep(r, c, d, off):
+        kept_r.append(r), kept_c.append(c), kept_d.append(d)
+        kept_off.append(torch.full_like(r, off, dtype=torch.bool))
 
     blocks = [slice(s, min(s + block, n)) for s in range(0, n, block)]
+    for rows in blocks:
+        d = _approx(pts, rows, pts, rows)
+        m = min(k + 1, d.shape[1])
+        best[rows, :m] = torch.topk(d, m, dim=1, largest=False).values
+        r, c = torch.nonzero(d <= loose(rows)[:, None], as_tuple=True)  # both orders of each pair
+        keep(r + rows.start, c + rows.start, d[r, c], False)
     for bi, rows in enumerate(blocks):
-        for cols in blocks[bi:]:
+        for cols in blocks[bi + 1:]:
             d = _approx(pts, rows, pts, cols)
-            merge(rows, torch.topk(d, min(k + 1, d.shape[1]), dim=1, largest=False).values)
-            mask = d <= _limits(best[rows, k], pts.err[rows], max_err)[1][:, None]
-            if cols != rows:
-                merge(cols, torch.topk(d, min(k + 1, d.shape[0]), dim=0, largest=False).values.T)
-                mask |= d <= _limits(best[cols, k], pts.err[cols], max_err)[1][None, :]
-            r, c = torch.nonzero(mask, as_tuple=True)
-            kept_r.append(r + rows.start)
-            kept_c.append(c + cols.start)
-            kept_d.append(d[r, c])
-            kept_off.append(torch.full_like(r, cols != rows, dtype=torch.bool))
+            r, c = torch.nonzero((d <= loose(rows)[:, None]) | (d <= loose(cols)[None, :]), as_tuple=True)
+            r, c, v = r + rows.start, c + cols.start, d[r, c]
+            _merge_smallest(best, torch.cat([r, c]), torch.cat([v, v]))
+            keep(r, c, v, True)
     r, c, d, off = torch.cat(kept_r), torch.cat(kept_c), torch.cat(kept_d), torch.cat(kept_off)
     limit, _ = _limits(best[:, k], pts.err, max_err)
     fwd = _candidate(d, pts.err[c], limit[r])
     bwd = off & _candidate(d, pts.err[r], limit[c])
     return _kth_exact(pts, torch.cat([r[fwd], c[bwd]]), torch.cat([c[fwd], r[bwd]]), n, k)
+
+
+def _merge_smallest(best: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
+    """best[i] <- the best.shape[1] smallest of best[i] and the values given for row i (idx)."""
+    if not len(idx):
+        return
+    rows, inv = torch.unique(idx, return_inverse=True)
+    m = best.shape[1]
+    ids = torch.cat([torch.arange(len(rows), device=idx.device).repeat_interleave(m), inv])
+    vals = torch.cat([best[rows].flatten(), values])
+    order = torch.argsort(vals, stable=True)
+    order = order[torch.argsort(ids[order], stable=True)]  # by row, then by value; each row has >= m
+    starts = torch.searchsorted(ids[order], torch.arange(len(rows), device=idx.device))
+    best[rows] = vals[order][starts[:, None] + torch.arange(m, device=idx.device)]
 
 
 def _cross(a: _Points, a_rows: slice, b: _Points, r_a: torch.Tensor, r_b: torch.Tensor, block: int):
@@ -188,14 +239,17 @@ def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = 3, blo
     def gathered(fn, n):
         return np.concatenate(comm.allgather(fn(comm.rows(n))))
 
-    r_ref = gathered(lambda rows: radii(reference, k, block, distance, device, rows), len(reference))
-    r_sample = gathered(lambda rows: radii(samples, k, block, distance, device, rows), len(samples))
     if distance == "fp16":
+        r_ref = gathered(lambda rows: radii(reference, k, block, distance, device, rows), len(reference))
+        r_sample = gathered(lambda rows: radii(samples, k, block, distance, device, rows), len(samples))
         precision = gathered(lambda rows: _inside_fp16(samples[rows], reference, r_ref, block, device), len(samples))
         recall = gathered(lambda rows: _inside_fp16(reference[rows], samples, r_sample, block, device), len(reference))
         return float(precision.mean()), float(recall.mean())
+    _check_size(reference, k), _check_size(samples, k)
     _no_tf32()
     ref, sam = _Points(reference, device), _Points(samples, device)
+    r_ref = gathered(lambda rows: _radii(ref, k, block, rows), len(ref))
+    r_sample = gathered(lambda rows: _radii(sam, k, block, rows), len(sam))
     to = lambda x: torch.as_tensor(x, dtype=torch.float64, device=ref.f32.device)  # noqa: E731
     ref_in, sam_in_part = _cross(ref, comm.rows(len(ref)), sam, to(r_ref), to(r_sample), block)
     parts = comm.allgather((ref_in, sam_in_part))

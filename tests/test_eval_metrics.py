@@ -172,6 +172,50 @@ def test_exact_radii_and_memberships_on_near_ties():
         assert precision_recall(ref, sample, block=block) == pytest.approx((bp, br), abs=1e-12)
 
 
+@pytest.mark.parametrize("onednn", [True, False])
+def test_distance_gemm_is_true_float32_within_the_bound(onednn, monkeypatch):
+    """The float32 distances come from oneDNN's linear on a CPU (BLAS's addmm otherwise): either must keep
+    float32 products (no bf16 / TF32 inputs), so that every distance lies within the error bound the float64
+    check relies on; and the exact results are the same whichever GEMM ran."""
+    import eval.precision_recall as pr
+    monkeypatch.setattr(pr, "_onednn_float32", lambda: onednn)
+    rng = np.random.default_rng(3)
+    a = np.abs(rng.normal(size=(300, 2048))).astype(np.float32)
+    b = (a[:200] + rng.normal(size=(200, 2048)).astype(np.float32) * 0.3).astype(np.float32)
+    a[:5] = b[:5] = 1 + 3 * 2.0 ** -10  # bf16 rounds it to 1: those distances would come out 24 instead of 0
+    pa, pb = pr._Points(a, "cpu"), pr._Points(b, "cpu")
+    got = pr._approx(pa, slice(None), pb, slice(None)).double().numpy()
+    want = ((a[:, None, :].astype(np.float64) - b[None, :, :]) ** 2).sum(-1)
+    bound = pa.err.double().numpy()[:, None] + pb.err.double().numpy()[None, :]
+    assert (np.abs(got - want) <= bound).all()
+    assert bound[:5, :5].max() < 2 and want[:5, :5].max() == 0
+    rng = np.random.default_rng(7)
+    base = np.abs(rng.normal(size=(60, 256))).astype(np.float32) * 4
+    ref = np.concatenate([base, base + np.float32(1e-3) * rng.normal(size=base.shape).astype(np.float32)])
+    sample = np.concatenate([ref[::2] + np.float32(2e-3), ref[1::3]]).astype(np.float32)
+    bp, br = brute_pr(ref.astype(np.float64), sample.astype(np.float64))
+    assert precision_recall(ref, sample, block=17) == pytest.approx((bp, br), abs=1e-12)
+
+
+def test_onednn_check_rejects_reduced_precision(monkeypatch):
+    """The one-time check that guards the oneDNN path fails when the linear rounds its inputs to bf16."""
+    import eval.precision_recall as pr
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def bf16_linear(x, w, bias, *args):
+        return real(x.bfloat16().float(), w.bfloat16().float(), bias, *args)
+
+    pr._onednn_float32.cache_clear()
+    try:
+        assert pr._onednn_float32()  # this CPU's torch has a true float32 oneDNN linear
+        pr._onednn_float32.cache_clear()
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", bf16_linear)
+        assert not pr._onednn_float32()
+    finally:
+        monkeypatch.undo()
+        pr._onednn_float32.cache_clear()
+
+
 def _eigen_half_sum_scalar(values: np.ndarray) -> np.float16:
     """TensorFlow's CPU fp16 row sum, one value at a time in NumPy's float16 (a second implementation of
     eval.precision_recall._eigen_half_row_sum): split rows over 1600 values in two at a multiple of 8; in a
