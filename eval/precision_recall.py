@@ -49,12 +49,12 @@ def _approx(a: _Points, rows: slice, b: _Points, cols: slice) -> torch.Tensor:
     return torch.add(a.n32[rows, None], g, alpha=-2, out=g)
 
 
-def _gemm_bias(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def _gemm_bias(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ y.T + bias in true float32 (no TF32, no bf16). On a CPU through oneDNN when it computes in float32
     there (checked once): 15-35% faster than the default BLAS on the CPUs we measured (bench/RESULTS.md)."""
     if x.device.type == "cpu" and _onednn_float32():
         return torch.ops.mkldnn._linear_pointwise(x, y, bias, "none", [], "")
-    return torch.addmm(bias[None], x, y.T)
+    return x @ y.T if bias is None else torch.addmm(bias[None], x, y.T)
 
 
 @functools.cache
@@ -270,20 +270,20 @@ def _norms_fp16(x: torch.Tensor) -> torch.Tensor:
     return (xh * xh).sum(1)
 
 
-def _pairwise_fp16(u: torch.Tensor, v: torch.Tensor, device, nu=None, nv=None) -> torch.Tensor:
+def _pairwise_fp16(u: torch.Tensor, v: torch.Tensor, device, nu=None, nv=None, u16=None, v16=None) -> torch.Tensor:
     """ADM's graph in fp16 as TensorFlow computes it on the same kind of device: square (rounded to fp16),
     row sums (on a CPU, Eigen's fp16 accumulation as TensorFlow's CPU kernel does it; on a GPU accumulated in
     fp32, as its GPU reduction does, and rounded to fp16), the fp16 GEMM (fp32 accumulation, rounded once, on
     both), then norm_u - 2 mm + norm_v one fp16-rounded operation at a time, clamped at 0. nu, nv: the rows'
-    _norms_fp16, when the caller has them already. Returned in float32, which holds every fp16 value exactly."""
+    _norms_fp16, when the caller has them already; u16, v16: on a CPU, the rows rounded to fp16 and held in
+    float32 (the GEMM's inputs). Returned in float32, which holds every fp16 value exactly."""
     nu = (_norms_fp16(u) if nu is None else nu)[:, None]
     nv = (_norms_fp16(v) if nv is None else nv)[None, :]
-    if torch.device(device).type == "cpu":  # the same in float32 arithmetic, rounding where fp16 would
-        def r(x):
-            return x.half().float()
-
-        mm = r(r(u) @ r(v).T)
-        d = r(r(nu - r(2 * mm)) + nv).half()
+    if torch.device(device).type == "cpu":  # a float32 GEMM of the fp16 values; torch's CPU fp16 ops then compute
+        u16 = u.half().float() if u16 is None else u16  # each step in float32 and round it to fp16, as Eigen does
+        v16 = v.half().float() if v16 is None else v16
+        # BLAS's GEMM, not oneDNN's: rounded to fp16 it equals TensorFlow's in 65,527 of 65,536 entries, oneDNN's 65,517
+        d = (nu.half() - (u16 @ v16.T).half().mul_(2)).add_(nv.half())
     else:
         uh, vh = u.half(), v.half()
         reduced = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
@@ -335,28 +335,40 @@ def _eigen_half_row_sum(x: torch.Tensor) -> torch.Tensor:
     return r(rest + packet_sum)
 
 
+class _HalfSet:
+    """A feature set for ADM's fp16 arithmetic: the float32 rows (for ADM's float32 fallback), on a CPU their
+    fp16 rounding held in float32 (the GEMM's inputs, rounded once rather than per block), the fp16 norms."""
+
+    def __init__(self, features, device):
+        self.f = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=device)
+        self.f16 = self.f.half().float() if self.f.device.type == "cpu" else None
+        self.norms = _norms_fp16(self.f)
+
+    def pairwise(self, rows: slice, other: "_HalfSet", cols: slice) -> torch.Tensor:
+        u16 = None if self.f16 is None else self.f16[rows]
+        v16 = None if other.f16 is None else other.f16[cols]
+        return _pairwise_fp16(self.f[rows], other.f[cols], self.f.device, self.norms[rows], other.norms[cols], u16, v16)
+
+
 def _radii_fp16(features, k, block, device, rows) -> np.ndarray:
-    f = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=device)
-    norms = _norms_fp16(f)
-    idx = range(*rows.indices(len(f)))
+    pts = _HalfSet(features, device)
+    idx = range(*rows.indices(len(pts.f)))
     out = np.empty(len(idx), np.float64)
     for s in range(0, len(idx), block):
         mine = slice(idx.start + s, min(idx.start + s + block, idx.stop))
-        d = _pairwise_fp16(f[mine], f, device, norms[mine], norms)
-        out[s:s + block] = torch.kthvalue(d, k + 1, dim=1).values.cpu().numpy()
+        d = pts.pairwise(mine, pts, slice(None))
+        out[s:s + block] = torch.topk(d, k + 1, dim=1, largest=False).values[:, k].cpu().numpy()
     return out
 
 
 def _inside_fp16(points, manifold, manifold_radii, block, device) -> np.ndarray:
-    p = torch.as_tensor(np.asarray(points), dtype=torch.float32, device=device)
-    m = torch.as_tensor(np.asarray(manifold), dtype=torch.float32, device=device)
+    p, m = _HalfSet(points, device), _HalfSet(manifold, device)
     r = torch.as_tensor(manifold_radii, dtype=torch.float32, device=device)  # float32 values: exact
-    norms_p, norms_m = _norms_fp16(p), _norms_fp16(m)
-    result = np.zeros(len(p), bool)
-    for s in range(0, len(p), block):
-        hit = torch.zeros(min(block, len(p) - s), dtype=torch.bool, device=device)
-        for t in range(0, len(m), block):
-            d = _pairwise_fp16(p[s:s + block], m[t:t + block], device, norms_p[s:s + block], norms_m[t:t + block])
+    result = np.zeros(len(p.f), bool)
+    for s in range(0, len(p.f), block):
+        hit = torch.zeros(min(block, len(p.f) - s), dtype=torch.bool, device=device)
+        for t in range(0, len(m.f), block):
+            d = p.pairwise(slice(s, s + block), m, slice(t, t + block))
             hit |= (d <= r[t:t + block][None, :]).any(1)
         result[s:s + block] = hit.cpu().numpy()
     return result
