@@ -99,6 +99,9 @@ def _check_size(features, k):
 
 
 def _radii(pts: _Points, k: int, block: int, rows: slice) -> np.ndarray:
+    """The radii of some rows (one worker's share) against the whole set, one block of columns at a time,
+    the running k+1 smallest per row seeded from the first block and then updated from candidate pairs
+    only, as in _radii_symmetric."""
     idx = range(*rows.indices(len(pts)))
     if len(idx) == len(pts):
         return _radii_symmetric(pts, k, block)
@@ -106,12 +109,23 @@ def _radii(pts: _Points, k: int, block: int, rows: slice) -> np.ndarray:
     max_err = pts.err.max()
     for s in range(0, len(idx), block):
         mine = slice(idx.start + s, min(idx.start + s + block, idx.stop))
-        d = _approx(pts, mine, pts, slice(None))
-        t = torch.topk(d, k + 1, dim=1, largest=False).values[:, k]  # an approximate radius per row
-        limit, loose = _limits(t, pts.err[mine], max_err)
-        r, c = torch.nonzero(d <= loose[:, None], as_tuple=True)
-        keep = _candidate(d[r, c], pts.err[c], limit[r])
-        out[s:s + d.shape[0]] = _kth_exact(pts, r[keep] + mine.start, c[keep], d.shape[0], k, first=mine.start)
+        n = mine.stop - mine.start
+        best = torch.full((n, k + 1), float("inf"), device=pts.f32.device)
+        kept_r, kept_c, kept_d = [], [], []
+        for t in range(0, len(pts), block):
+            cols = slice(t, min(t + block, len(pts)))
+            d = _approx(pts, mine, pts, cols)
+            if t == 0:
+                m = min(k + 1, d.shape[1])
+                best[:, :m] = torch.topk(d, m, dim=1, largest=False).values
+            r, c = torch.nonzero(d <= _limits(best[:, k], pts.err[mine], max_err)[1][:, None], as_tuple=True)
+            v = d[r, c]
+            if t:
+                _merge_smallest(best, r, v)
+            kept_r.append(r), kept_c.append(c + t), kept_d.append(v)
+        r, c, v = torch.cat(kept_r), torch.cat(kept_c), torch.cat(kept_d)
+        keep = _candidate(v, pts.err[c], _limits(best[:, k], pts.err[mine], max_err)[0][r])
+        out[s:s + n] = _kth_exact(pts, r[keep] + mine.start, c[keep], n, k, first=mine.start)
     return out
 
 
