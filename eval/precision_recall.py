@@ -49,12 +49,12 @@ def _approx(a: _Points, rows: slice, b: _Points, cols: slice) -> torch.Tensor:
     return torch.add(a.n32[rows, None], g, alpha=-2, out=g)
 
 
-def _gemm_bias(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _gemm_bias(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x @ y.T + bias in true float32 (no TF32, no bf16). On a CPU through oneDNN when it computes in float32
     there (checked once): 15-35% faster than the default BLAS on the CPUs we measured (bench/RESULTS.md)."""
     if x.device.type == "cpu" and _onednn_float32():
         return torch.ops.mkldnn._linear_pointwise(x, y, bias, "none", [], "")
-    return x @ y.T if bias is None else torch.addmm(bias[None], x, y.T)
+    return torch.addmm(bias[None], x, y.T)
 
 
 @functools.cache
