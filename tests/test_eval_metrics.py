@@ -154,13 +154,18 @@ def test_compare_cli_on_real_digits(tmp_path):
     assert bad.returncode == 2 and "no such file" in bad.stderr
 
 
-def test_exact_radii_and_memberships_on_near_ties():
-    """Points placed so that many distances sit within float32 rounding of a radius: the float32 filter
-    must hand those to the float64 check, at any block size and for any row split (workers)."""
+def near_ties():
+    """Points placed so that many distances sit within float32 rounding of a radius."""
     rng = np.random.default_rng(7)
     base = np.abs(rng.normal(size=(60, 256))).astype(np.float32) * 4
     ref = np.concatenate([base, base + np.float32(1e-3) * rng.normal(size=base.shape).astype(np.float32)])
-    sample = np.concatenate([ref[::2] + np.float32(2e-3), ref[1::3]]).astype(np.float32)
+    return ref, np.concatenate([ref[::2] + np.float32(2e-3), ref[1::3]]).astype(np.float32)
+
+
+def test_exact_radii_and_memberships_on_near_ties():
+    """Points placed so that many distances sit within float32 rounding of a radius: the float32 filter
+    must hand those to the float64 check, at any block size and for any row split (workers)."""
+    ref, sample = near_ties()
     bp, br = brute_pr(ref.astype(np.float64), sample.astype(np.float64))
     d2 = ((ref[:, None, :].astype(np.float64) - ref[None, :, :]) ** 2).sum(-1)
     want = np.sort(d2, axis=1)[:, 3]
@@ -189,10 +194,7 @@ def test_distance_gemm_is_true_float32_within_the_bound(onednn, monkeypatch):
     bound = pa.err.double().numpy()[:, None] + pb.err.double().numpy()[None, :]
     assert (np.abs(got - want) <= bound).all()
     assert bound[:5, :5].max() < 2 and want[:5, :5].max() == 0
-    rng = np.random.default_rng(7)
-    base = np.abs(rng.normal(size=(60, 256))).astype(np.float32) * 4
-    ref = np.concatenate([base, base + np.float32(1e-3) * rng.normal(size=base.shape).astype(np.float32)])
-    sample = np.concatenate([ref[::2] + np.float32(2e-3), ref[1::3]]).astype(np.float32)
+    ref, sample = near_ties()
     bp, br = brute_pr(ref.astype(np.float64), sample.astype(np.float64))
     assert precision_recall(ref, sample, block=17) == pytest.approx((bp, br), abs=1e-12)
 
