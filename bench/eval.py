@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import write_result  # noqa: E402
+from bench.pr_workers import realistic_features  # noqa: E402
 from eval.inception import extract  # noqa: E402
 from eval.precision_recall import precision_recall  # noqa: E402
 from eval.stats import Statistics, frechet_distance  # noqa: E402
@@ -86,9 +87,7 @@ def main():
     extract(images[:2], device=a.device)  # load the network once
     t_feat, feats = timed(lambda: extract(images, device=a.device))
     t_script = _torchscript_as_shipped(images, a.device)
-    # realistic features: pool_3 of real-looking images are non-negative, ~2048-d, correlated
-    base = np.abs(rng.normal(size=(a.ref + a.samples, 64)) @ rng.normal(size=(64, 2048))).astype(np.float32) / 8
-    ref, samples = base[:a.ref], base[a.ref:] * 1.05
+    ref, samples = realistic_features(a.ref, a.samples, rng)
     t_ours32, pr32 = timed(lambda: precision_recall(ref, samples, device=a.device))
     t_ours16, pr16 = timed(lambda: precision_recall(ref, samples, distance="fp16", device=a.device))
     t_adm, pr_adm = timed(lambda: adm_style_pr(ref, samples))

@@ -1,6 +1,6 @@
 """Every benchmark at this machine's settings, then a generated summary in bench/RESULTS.md.
 
-Runs bench/models.py, sampling.py, data.py, eval.py, train.py and zero_vs_ddp.py (CPU settings; with a GPU also the GPU
+Runs bench/models.py, sampling.py, data.py, eval.py, pr_workers.py, train.py and zero_vs_ddp.py (CPU settings; with a GPU also the GPU
 rows: ADM-64/128/256 training and sampling steps with MFU, features/s, precision/recall at ADM's sizes,
 training per ZeRO stage), writes each one's JSON to --out-dir (bench/results/run_all/), and replaces
 the section between the markers in RESULTS.md with the machine, the library versions and the headline
@@ -39,6 +39,7 @@ def plan(gpu: bool) -> dict[str, list[str]]:
         "sampling-cpu": ["bench/sampling.py", "--device", "cpu"],
         "data-cpu": ["bench/data.py"],
         "eval-cpu": ["bench/eval.py", "--device", "cpu"],
+        "eval-workers-cpu": ["bench/pr_workers.py", "--workers", "1", "2"],
         "train-cpu": ["bench/train.py"],
         "ddp-cpu": ["bench/zero_vs_ddp.py", "--micro", "32", "--steps", "8"],
     }
@@ -120,6 +121,13 @@ def summary(all_results: dict[str, dict], info: dict) -> str:
                     f"{pr['ref']} x {pr['samples']} x {pr['dim']}: ours {_f(pr['ours_fp32_s'])} s (fp16 mode "
                     f"{_f(pr['ours_fp16_s'])} s), ADM's algorithm {_f(pr.get('adm_numpy_fp32_s'))} s "
                     f"(x{_f(pr.get('speedup_fp32_vs_adm'))}); merging 50 shards {_f(r['merge_50_shards_s'])} s.", ""]
+    if r := results.get("eval-workers-cpu"):
+        out += [f"**eval-workers-cpu** (precision/recall {r['ref']} x {r['samples']} split over MPI workers, "
+                f"{r['cores']} cores shared out)", "", "| workers | threads each | s | vs one | same result |",
+                "|---|---|---|---|---|"]
+        out += [f"| {w['workers']} | {w['threads_per_worker']} | {_f(w['seconds'])} | {_f(w['time_vs_first'])} "
+                f"| {'yes' if w['identical_to_first'] else 'NO'} |" for w in r["runs"]]
+        out.append("")
     for name in ("train-cpu", "train-gpu"):
         if r := results.get(name):
             out += [f"**{name}** ({r['preset']}, {r['nproc']} ranks; disk {_f(r['disk_write_mib_s'], 0)} MiB/s "

@@ -84,13 +84,21 @@ def _no_tf32():
 
 
 def radii(features: np.ndarray, k: int = 3, block: int = 2048, distance: str = "fp32", device="cpu",
-          rows: slice = slice(None)) -> np.ndarray:
-    """k-NN radius (squared) of each point in `rows` (all by default) against the whole set."""
+          comm=None) -> np.ndarray:
+    """k-NN radius (squared) of every point against its own set; comm (eval.comm) splits the work over
+    workers, each of which returns all the radii."""
     _check_size(features, k)
+    comm = comm or _single()
     if distance == "fp16":
-        return _radii_fp16(features, k, block, device, rows)
+        rows = comm.rows(len(features))
+        return np.concatenate(comm.allgather(_radii_fp16(features, k, block, device, rows)))
     _no_tf32()
-    return _radii(_Points(features, device), k, block, rows)
+    return _radii(_Points(features, device), k, block, comm)
+
+
+def _single():
+    from .comm import Single
+    return Single()
 
 
 def _check_size(features, k):
@@ -98,42 +106,11 @@ def _check_size(features, k):
         raise ValueError(f"precision/recall with k={k} needs more than {k} points per set, got {len(features)}")
 
 
-def _radii(pts: _Points, k: int, block: int, rows: slice) -> np.ndarray:
-    """The radii of some rows (one worker's share) against the whole set, one block of columns at a time,
-    the running k+1 smallest per row seeded from the first block and then updated from candidate pairs
-    only, as in _radii_symmetric."""
-    idx = range(*rows.indices(len(pts)))
-    if len(idx) == len(pts):
-        return _radii_symmetric(pts, k, block)
-    out = np.empty(len(idx), np.float64)
-    max_err = pts.err.max()
-    for s in range(0, len(idx), block):
-        mine = slice(idx.start + s, min(idx.start + s + block, idx.stop))
-        n = mine.stop - mine.start
-        best = torch.full((n, k + 1), float("inf"), device=pts.f32.device)
-        kept_r, kept_c, kept_d = [], [], []
-        for t in range(0, len(pts), block):
-            cols = slice(t, min(t + block, len(pts)))
-            d = _approx(pts, mine, pts, cols)
-            if t == 0:
-                m = min(k + 1, d.shape[1])
-                best[:, :m] = torch.topk(d, m, dim=1, largest=False).values
-            r, c = torch.nonzero(d <= _limits(best[:, k], pts.err[mine], max_err)[1][:, None], as_tuple=True)
-            v = d[r, c]
-            if t:
-                _merge_smallest(best, r, v)
-            kept_r.append(r), kept_c.append(c + t), kept_d.append(v)
-        r, c, v = torch.cat(kept_r), torch.cat(kept_c), torch.cat(kept_d)
-        keep = _candidate(v, pts.err[c], _limits(best[:, k], pts.err[mine], max_err)[0][r])
-        out[s:s + n] = _kth_exact(pts, r[keep] + mine.start, c[keep], n, k, first=mine.start)
-    return out
-
-
 def _limits(t, err_row, max_err):
-    """(limit, loose) per row, t being the row's (k+1)-th smallest approximate distance. The row's exact
-    radius is at most t + err_row + max_err, and a pair's approximate distance is at most err_row + err_col
-    below its exact one, so a pair can be within the radius only if d - err_col <= limit (_candidate),
-    and only if d <= loose: one comparison per row selects a superset first."""
+    """(limit, loose) per row, t being the (k+1)-th smallest approximate distance of k+1 of the row's pairs.
+    The row's exact radius is at most t + err_row + max_err, and a pair's approximate distance is at most
+    err_row + err_col below its exact one, so a pair can be within the radius only if d - err_col <= limit
+    (_candidate), and only if d <= loose: one comparison per row selects a superset first."""
     limit = t + 2 * err_row + max_err
     return limit, limit + max_err
 
@@ -142,24 +119,24 @@ def _candidate(d, err_col, limit):
     return d - err_col <= limit
 
 
-def _kth_exact(pts: _Points, r: torch.Tensor, c: torch.Tensor, nrows: int, k: int, first: int = 0) -> np.ndarray:
-    """The (k+1)-th smallest exact distance per row among candidate pairs (rows r - first)."""
-    exact = _exact(pts, r, pts, c)
+def _kth(r: torch.Tensor, exact: torch.Tensor, nrows: int, k: int) -> np.ndarray:
+    """The (k+1)-th smallest exact distance per row among candidate pairs (row indices r)."""
     order = torch.argsort(exact, stable=True)
     order = order[torch.argsort(r[order], stable=True)]  # by row, then by exact distance
-    starts = torch.searchsorted(r[order], torch.arange(first, first + nrows, device=r.device))
+    starts = torch.searchsorted(r[order], torch.arange(nrows, device=r.device))
     return exact[order][starts + k].cpu().numpy()
 
 
-def _radii_symmetric(pts: _Points, k: int, block: int) -> np.ndarray:
-    """All radii from the upper-triangle blocks only (distances are symmetric): half the GEMM work.
-    Each row's k+1 smallest approximate distances so far (`best`) start from its own diagonal block and only
-    fall. A block's pairs within the loose limit of their row's or their column's `best` are kept; they hold
-    every value that can still enter `best` (so it is updated from them alone, with no pass over the block)
-    and a superset of the final candidates, which the final limit then filters. A pair of an off-diagonal
-    block is a candidate for its row and, swapped, for its column."""
-    n = len(pts)
-    best = torch.full((n, k + 1), float("inf"), device=pts.f32.device)
+def _radii(pts: _Points, k: int, block: int, comm) -> np.ndarray:
+    """All radii from the upper-triangle blocks only (distances are symmetric): half the GEMM work, the blocks
+    dealt out over the workers. Each row's k+1 smallest approximate distances so far (`best`) start from its
+    own diagonal block (shared by all workers) and only fall. A block's pairs within the loose limit of their
+    row's or their column's `best` are kept; they hold every value that can still enter `best` (so it is
+    updated from them alone, with no pass over the block) and a superset of the final candidates, which the
+    final limit then filters. A pair of an off-diagonal block is a candidate for its row and, swapped, for its
+    column. Every worker's `best` bounds the radii from above; the smallest bound is the final limit."""
+    n, dev = len(pts), pts.f32.device
+    best = torch.full((n, k + 1), float("inf"), device=dev)
     max_err = pts.err.max()
     kept_r, kept_c, kept_d, kept_off = [], [], [], []
 
@@ -170,25 +147,40 @@ def _radii_symmetric(pts: _Points, k: int, block: int) -> np.ndarray:
         kept_r.append(r), kept_c.append(c), kept_d.append(d)
         kept_off.append(torch.full_like(r, off, dtype=torch.bool))
 
+    nothing = torch.empty(0, dtype=torch.long, device=dev)
+    keep(nothing, nothing, best[:0, 0], False)  # a worker may get no block at all
     blocks = [slice(s, min(s + block, n)) for s in range(0, n, block)]
-    for rows in blocks:
+    for rows in blocks[comm.rank::comm.size]:
         d = _approx(pts, rows, pts, rows)
         m = min(k + 1, d.shape[1])
         best[rows, :m] = torch.topk(d, m, dim=1, largest=False).values
         r, c = torch.nonzero(d <= loose(rows)[:, None], as_tuple=True)  # both orders of each pair
         keep(r + rows.start, c + rows.start, d[r, c], False)
-    for bi, rows in enumerate(blocks):
-        for cols in blocks[bi + 1:]:
-            d = _approx(pts, rows, pts, cols)
-            r, c = torch.nonzero((d <= loose(rows)[:, None]) | (d <= loose(cols)[None, :]), as_tuple=True)
-            r, c, v = r + rows.start, c + cols.start, d[r, c]
-            _merge_smallest(best, torch.cat([r, c]), torch.cat([v, v]))
-            keep(r, c, v, True)
+    if comm.size > 1:  # every worker starts from every diagonal block's k+1 smallest
+        parts = comm.allgather([best[rows].cpu() for rows in blocks[comm.rank::comm.size]])
+        for w, part in enumerate(parts):
+            for rows, seed in zip(blocks[w::comm.size], part):
+                best[rows] = seed.to(dev)
+    pairs = [(rows, cols) for i, rows in enumerate(blocks) for cols in blocks[i + 1:]]
+    for rows, cols in pairs[comm.rank::comm.size]:
+        d = _approx(pts, rows, pts, cols)
+        r, c = torch.nonzero((d <= loose(rows)[:, None]) | (d <= loose(cols)[None, :]), as_tuple=True)
+        r, c, v = r + rows.start, c + cols.start, d[r, c]
+        _merge_smallest(best, torch.cat([r, c]), torch.cat([v, v]))
+        keep(r, c, v, True)
+    t = best[:, k]
+    if comm.size > 1:
+        t = torch.as_tensor(np.min(comm.allgather(t.cpu().numpy()), axis=0), device=dev)
     r, c, d, off = torch.cat(kept_r), torch.cat(kept_c), torch.cat(kept_d), torch.cat(kept_off)
-    limit, _ = _limits(best[:, k], pts.err, max_err)
+    limit, _ = _limits(t, pts.err, max_err)
     fwd = _candidate(d, pts.err[c], limit[r])
     bwd = off & _candidate(d, pts.err[r], limit[c])
-    return _kth_exact(pts, torch.cat([r[fwd], c[bwd]]), torch.cat([c[fwd], r[bwd]]), n, k)
+    r, c = torch.cat([r[fwd], c[bwd]]), torch.cat([c[fwd], r[bwd]])
+    exact = _exact(pts, r, pts, c)
+    if comm.size > 1:  # each pair was a candidate on one worker only
+        parts = comm.allgather((r.cpu(), exact.cpu()))
+        r, exact = (torch.cat([p[i] for p in parts]).to(dev) for i in (0, 1))
+    return _kth(r, exact, n, k)
 
 
 def _merge_smallest(best: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
@@ -242,28 +234,25 @@ def _cross(a: _Points, a_rows: slice, b: _Points, r_a: torch.Tensor, r_b: torch.
 
 def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = 3, block: int = 2048,
                      distance: str = "fp32", device="cpu", comm=None) -> tuple[float, float]:
-    """comm (eval.comm): split the rows over workers; each computes its rows' radii and memberships
-    against the full sets and the pieces are gathered, so the result is the same at any worker count."""
+    """comm (eval.comm): the work split over workers (the radii's blocks, the memberships' rows), the pieces
+    gathered, so that the result is the same at any worker count."""
     if reference.shape[1:] != samples.shape[1:]:
         raise ValueError(f"feature dimensions differ: reference {reference.shape[1:]} vs samples {samples.shape[1:]}")
-    if comm is None:
-        from .comm import Single
-        comm = Single()
+    comm = comm or _single()
 
     def gathered(fn, n):
         return np.concatenate(comm.allgather(fn(comm.rows(n))))
 
     if distance == "fp16":
-        r_ref = gathered(lambda rows: radii(reference, k, block, distance, device, rows), len(reference))
-        r_sample = gathered(lambda rows: radii(samples, k, block, distance, device, rows), len(samples))
+        r_ref = radii(reference, k, block, distance, device, comm)
+        r_sample = radii(samples, k, block, distance, device, comm)
         precision = gathered(lambda rows: _inside_fp16(samples[rows], reference, r_ref, block, device), len(samples))
         recall = gathered(lambda rows: _inside_fp16(reference[rows], samples, r_sample, block, device), len(reference))
         return float(precision.mean()), float(recall.mean())
     _check_size(reference, k), _check_size(samples, k)
     _no_tf32()
     ref, sam = _Points(reference, device), _Points(samples, device)
-    r_ref = gathered(lambda rows: _radii(ref, k, block, rows), len(ref))
-    r_sample = gathered(lambda rows: _radii(sam, k, block, rows), len(sam))
+    r_ref, r_sample = _radii(ref, k, block, comm), _radii(sam, k, block, comm)
     to = lambda x: torch.as_tensor(x, dtype=torch.float64, device=ref.f32.device)  # noqa: E731
     ref_in, sam_in_part = _cross(ref, comm.rows(len(ref)), sam, to(r_ref), to(r_sample), block)
     parts = comm.allgather((ref_in, sam_in_part))

@@ -1,7 +1,9 @@
 """FID / sFID / precision / recall: formulas against independent computations, exact merging."""
 
+import concurrent.futures
 import hashlib
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import scipy.linalg
 import torch
 
 from conftest import run_cli
+from eval.comm import Single
 from eval.inception import SHA1, extract, weights_path
 from eval.precision_recall import precision_recall, radii
 from eval.stats import Statistics, frechet_distance
@@ -55,6 +58,27 @@ def test_statistics_merge_exactly():
     assert back.n == 1000
 
 
+class ThreadComm(Single):
+    """A worker of a group of threads in this process: rows and all-gather as eval.comm's workers do them."""
+
+    def __init__(self, rank, size, slots, barrier):
+        self.rank, self.size, self.slots, self.barrier = rank, size, slots, barrier
+
+    def allgather(self, obj) -> list:
+        self.slots[self.rank] = obj
+        self.barrier.wait()
+        out = list(self.slots)
+        self.barrier.wait()  # nobody overwrites a slot before everyone has read it
+        return out
+
+
+def as_workers(size, fn) -> list:
+    """fn(comm) run by `size` workers at once; their results, by rank."""
+    slots, barrier = [None] * size, threading.Barrier(size, timeout=120)
+    with concurrent.futures.ThreadPoolExecutor(size) as pool:
+        return list(pool.map(lambda rank: fn(ThreadComm(rank, size, slots, barrier)), range(size)))
+
+
 def brute_pr(ref, sample, k=3):
     def d2(a, b):
         return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
@@ -80,6 +104,8 @@ def test_precision_recall_exact_at_any_block_size(block):
     np.testing.assert_allclose(radii(ref, block=block), np.sort(d2, axis=1)[:, 3], rtol=1e-12)
     p16, r16 = precision_recall(ref, sample, block=block, distance="fp16")
     assert abs(p16 - p) < 0.05 and abs(r16 - r) < 0.05
+    assert as_workers(3, lambda comm: precision_recall(ref, sample, block=block, distance="fp16", comm=comm)) == \
+        [(p16, r16)] * 3
 
 
 def test_inception_weights_and_features():
@@ -172,9 +198,12 @@ def test_exact_radii_and_memberships_on_near_ties():
     for block in (5, 17, 1000):
         got = radii(ref, block=block)
         np.testing.assert_allclose(got, want, rtol=1e-12)
-        split = np.concatenate([radii(ref, block=block, rows=slice(a, b)) for a, b in ((0, 50), (50, 77), (77, 120))])
-        np.testing.assert_array_equal(split, got)
         assert precision_recall(ref, sample, block=block) == pytest.approx((bp, br), abs=1e-12)
+        for workers in (2, 3, 7):  # 1000: one diagonal block, so all but one worker get no block at all
+            for split in as_workers(workers, lambda comm: radii(ref, block=block, comm=comm)):
+                np.testing.assert_array_equal(split, got)
+            for pr in as_workers(workers, lambda comm: precision_recall(ref, sample, block=block, comm=comm)):
+                assert pr == pytest.approx((bp, br), abs=1e-12)
 
 
 @pytest.mark.parametrize("onednn", [True, False])
