@@ -16,6 +16,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -164,6 +165,17 @@ def write_summary(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def run(name: str, cmd: list[str], timeout: float | None) -> int | None:
+    """Its exit code, or None when it ran past `timeout` (then it and its children are stopped)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results" / "run_all")
@@ -171,8 +183,12 @@ def main():
     p.add_argument("--only", nargs="*", help="benchmark families to run (models sampling data eval train ddp)")
     p.add_argument("--extra", nargs="*", default=[], metavar="NAME=ARGS",
                    help='extra arguments for one run, e.g. "eval-cpu=--images 4" (for quick checks)')
+    p.add_argument("--gpu-only", action="store_true", help="only the GPU rows (a GPU machine lent for minutes)")
+    p.add_argument("--timeout", type=float, help="seconds one run may take; then it is stopped and marked failed")
     a = p.parse_args()
     runs = plan(torch.cuda.is_available())
+    if a.gpu_only:
+        runs = {k: v for k, v in runs.items() if k.endswith("-gpu")}
     if a.only:
         runs = {k: v for k, v in runs.items() if k.split("-")[0] in a.only}
     extra = {k: v.split() for k, v in (e.split("=", 1) for e in a.extra)}
@@ -182,9 +198,9 @@ def main():
         out = a.out_dir / f"{name}.json"
         print(f"[run_all] {name}: {' '.join(args + extra.get(name, []))}", flush=True)
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, *args, *extra.get(name, []), "--out", str(out)], cwd=REPO)
-        if proc.returncode != 0 or not out.is_file():
-            print(f"[run_all] {name} failed (exit {proc.returncode})", flush=True)
+        code = run(name, [sys.executable, *args, *extra.get(name, []), "--out", str(out)], a.timeout)
+        if code != 0 or not out.is_file():
+            print(f"[run_all] {name} failed ({'timed out' if code is None else f'exit {code}'})", flush=True)
             results[name] = {"failed": True}
             continue
         results[name] = json.loads(out.read_text())

@@ -3,8 +3,10 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -64,3 +66,34 @@ def test_run_all_runs_the_benchmarks_and_rewrites_only_its_section(tmp_path):
     for needle in ("Machine: ", "deepspeed ", "**eval-cpu**", "**data-cpu**", "| 2 | ", "resume to first step",
                    "**ddp-cpu**", "| zero2 | ", "**eval-workers-cpu**"):
         assert needle in text, needle
+
+
+def test_run_all_stops_a_run_past_its_timeout(tmp_path):
+    """--timeout (for a GPU machine lent for minutes): a run that overruns is stopped, children and all, and
+    reported as failed in the output and in RESULTS.md; --gpu-only on a machine without a GPU runs nothing."""
+    results = tmp_path / "RESULTS.md"
+    start = time.monotonic()
+    proc = subprocess.run(["bash", "bench/run_all", "--only", "data", "--timeout", "5", "--out-dir", str(tmp_path / "out"),
+                           "--results", str(results), "--extra", "data-cpu=--images 24 --seconds 60"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert time.monotonic() - start < 60
+    assert proc.returncode == 1 and "[run_all] data-cpu failed (timed out)" in proc.stdout, proc.stdout + proc.stderr
+    assert "Failed this time: data-cpu" in results.read_text()
+    if not torch.cuda.is_available():
+        proc = subprocess.run(["bash", "bench/run_all", "--gpu-only", "--out-dir", str(tmp_path / "gpu"),
+                               "--results", str(tmp_path / "gpu.md")], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0 and "[run_all] " not in proc.stdout.replace("[run_all] wrote", ""), proc.stdout
+
+
+def test_device_checks_run_and_compare_with_the_cpu(tmp_path):
+    """bench/device_checks.py (run first on a lent GPU machine) runs end to end; here the 'device' is the CPU
+    itself, so everything it compares must agree exactly."""
+    out = tmp_path / "checks.json"
+    proc = subprocess.run([sys.executable, "bench/device_checks.py", "--device", "cpu", "--images", "2", "--ref", "300",
+                           "--samples", "700", "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["features"]["pool"]["max_abs_diff"] == 0.0
+    pr = result["precision_recall"]
+    assert pr["identical"] and pr["radii_identical"] and 0 < pr["cpu"][0] < 1
+    assert abs(pr["fp16_device"][0] - pr["cpu"][0]) < 0.05

@@ -1,0 +1,67 @@
+"""Checks that need a GPU, against this machine's CPU, in under a minute (bench/device_run.sh runs it first):
+
+- Inception features on the GPU (TF32 off) against the CPU's on the same images: largest differences;
+- exact precision/recall: the radii and memberships are decided on float64 distances of the pairs, so the GPU
+  must give the same radii, bit for bit, and the same precision and recall as the CPU;
+- ADM's fp16 distance arithmetic on the GPU (as TensorFlow's GPU kernels compute it), next to the exact values.
+
+    python bench/device_checks.py --out checks.json
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import write_result  # noqa: E402
+from bench.pr_workers import realistic_features  # noqa: E402
+from eval.inception import extract  # noqa: E402
+from eval.precision_recall import precision_recall, radii  # noqa: E402
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--images", type=int, default=32)
+    p.add_argument("--ref", type=int, default=2000)
+    p.add_argument("--samples", type=int, default=6000)
+    p.add_argument("--out", type=Path)
+    a = p.parse_args()
+    rng = np.random.default_rng(0)
+    images = (rng.random((a.images, 64, 64, 3)) * 255).astype(np.uint8)
+    on_cpu = extract(images, device="cpu")
+    extract(images[:2], device=a.device)  # load and warm up
+    t_feat, on_dev = timed(lambda: extract(images, device=a.device))
+    features = {k: {"max_abs_diff": float(np.abs(on_dev[k] - on_cpu[k]).max()),
+                    "max_rel_diff": float((np.abs(on_dev[k] - on_cpu[k]) / (np.abs(on_cpu[k]) + 1e-3)).max())}
+                for k in ("pool", "spatial")}
+    ref, samples = realistic_features(a.ref, a.samples, rng)
+    t_cpu, pr_cpu = timed(lambda: precision_recall(ref, samples, device="cpu"))
+    t_dev, pr_dev = timed(lambda: precision_recall(ref, samples, device=a.device))
+    r_cpu, r_dev = radii(samples, device="cpu"), radii(samples, device=a.device)
+    t16, pr16 = timed(lambda: precision_recall(ref, samples, distance="fp16", device=a.device))
+    write_result({
+        "device": torch.cuda.get_device_name(0) if torch.device(a.device).type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "features": features | {"images": a.images, "device_s": t_feat},
+        "precision_recall": {"ref": a.ref, "samples": a.samples, "cpu": pr_cpu, "device": pr_dev,
+                             "identical": pr_cpu == pr_dev, "radii_identical": bool((r_cpu == r_dev).all()),
+                             "cpu_s": t_cpu, "device_s": t_dev, "fp16_device": pr16, "fp16_device_s": t16},
+    }, a.out)
+
+
+if __name__ == "__main__":
+    main()

