@@ -52,7 +52,7 @@ def load_reference(path: str | Path, cache_dir: Path | None = None, batch_size=N
     cached = Path(cache_dir) / f"ref-{_file_digest(p)}.npz" if cache_dir else None
     if "arr_0" in data.files:
         if _own_pool_features(data, out["meta"]):  # `adm eval ref` stored them: no Inception pass here
-            out.update(pool=data["pool"], resolution=int(data["arr_0"].shape[1]))
+            out.update(pool=data["pool"], resolution=int(stored_shape(data, "arr_0")[1]))
             stats = {}
         elif cached is not None and cached.is_file():
             c = np.load(cached)
@@ -85,7 +85,16 @@ def _own_pool_features(data, meta: dict) -> bool:
 
     if meta.get("pool_features") != SHA1 or not {"pool", "mu", "sigma", "mu_s", "sigma_s"} <= set(data.files):
         return False
-    return data["pool"].shape == (data["arr_0"].shape[0], 2048)
+    return stored_shape(data, "pool") == (stored_shape(data, "arr_0")[0], 2048)
+
+
+def stored_shape(data: np.lib.npyio.NpzFile, key: str) -> tuple[int, ...]:
+    """An array's shape from its .npy header, without reading the array (a 10k-image 256x256 reference's
+    arr_0 is 2 GB, and np.load reads all of it to give its shape)."""
+    with data.zip.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return tuple(read(f)[0])
 
 
 def _reference_roots(ref: dict, path: Path) -> dict:

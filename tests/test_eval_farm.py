@@ -73,8 +73,16 @@ def test_a_reference_with_its_own_features_is_not_featurized_again(reference, tm
     calls = []
     real_extract = metrics.extract
     monkeypatch.setattr(metrics, "extract", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
+    read = []
+    real_getitem = np.lib.npyio.NpzFile.__getitem__
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", lambda self, k: read.append(k) or real_getitem(self, k))
     loaded = metrics.load_reference(reference)
     assert calls == [] and loaded["resolution"] == 32
+    assert "arr_0" not in read  # its shape comes from the .npy header: the images are not read at all
+    with np.load(reference) as data:
+        assert metrics.stored_shape(data, "arr_0") == ref["arr_0"].shape
+        assert metrics.stored_shape(data, "pool") == ref["pool"].shape
+        assert metrics.stored_shape(data, "meta") == ()
     np.testing.assert_array_equal(loaded["pool"], ref["pool"])
     np.testing.assert_array_equal(loaded["sigma"], ref["sigma"])  # the whole split's statistics, not arr_0's
     for name, changed in (("other-net", dict(meta=np.array(json.dumps({**meta, "pool_features": "0" * 40})))),

@@ -329,3 +329,21 @@ def test_fp16_distances_follow_adms_graph_in_numpy_float16():
     assert (low <= expected).all() and (expected <= high).all()  # the bounds hold NumPy's order too
     assert (low <= got).all() and (got <= high).all()
     assert ((high - low) <= 8 * np.spacing(expected.astype(h))).all()  # and are tight: a few fp16 ulps
+
+
+def test_stored_shape_reads_npy_headers_of_either_version(tmp_path):
+    """A reference's array shapes come from the .npy headers inside the npz (version 1.0 as np.savez writes
+    them, 2.0 as numpy writes very long headers), equal to the shapes of the arrays numpy reads back."""
+    import zipfile
+
+    from eval.metrics import stored_shape
+
+    path = tmp_path / "ref.npz"
+    arrays = {"a": np.zeros((3, 5, 7), np.uint8), "b": np.ones((4, 2048), np.float32), "c": np.array(7)}
+    with zipfile.ZipFile(path, "w") as z:
+        for (name, arr), version in zip(arrays.items(), [(1, 0), (2, 0), (2, 0)]):
+            with z.open(f"{name}.npy", "w") as f:
+                np.lib.format.write_array(f, arr, version=version)
+    with np.load(path) as data:
+        for name, arr in arrays.items():
+            assert stored_shape(data, name) == arr.shape == data[name].shape
