@@ -90,8 +90,7 @@ def radii(features: np.ndarray, k: int = 3, block: int = 2048, distance: str = "
     _check_size(features, k)
     comm = comm or _single()
     if distance == "fp16":
-        rows = comm.rows(len(features))
-        return np.concatenate(comm.allgather(_radii_fp16(features, k, block, device, rows)))
+        return _gathered(comm, lambda rows: _radii_fp16(features, k, block, device, rows), len(features))
     _no_tf32()
     return _radii(_Points(features, device), k, block, comm)
 
@@ -99,6 +98,11 @@ def radii(features: np.ndarray, k: int = 3, block: int = 2048, distance: str = "
 def _single():
     from .comm import Single
     return Single()
+
+
+def _gathered(comm, fn, n: int) -> np.ndarray:
+    """fn(rows) of each worker's share of n rows, concatenated in row order on every worker."""
+    return np.concatenate(comm.allgather(fn(comm.rows(n))))
 
 
 def _check_size(features, k):
@@ -239,15 +243,13 @@ def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = 3, blo
     if reference.shape[1:] != samples.shape[1:]:
         raise ValueError(f"feature dimensions differ: reference {reference.shape[1:]} vs samples {samples.shape[1:]}")
     comm = comm or _single()
-
-    def gathered(fn, n):
-        return np.concatenate(comm.allgather(fn(comm.rows(n))))
-
     if distance == "fp16":
         r_ref = radii(reference, k, block, distance, device, comm)
         r_sample = radii(samples, k, block, distance, device, comm)
-        precision = gathered(lambda rows: _inside_fp16(samples[rows], reference, r_ref, block, device), len(samples))
-        recall = gathered(lambda rows: _inside_fp16(reference[rows], samples, r_sample, block, device), len(reference))
+        precision = _gathered(comm, lambda rows: _inside_fp16(samples[rows], reference, r_ref, block, device),
+                              len(samples))
+        recall = _gathered(comm, lambda rows: _inside_fp16(reference[rows], samples, r_sample, block, device),
+                           len(reference))
         return float(precision.mean()), float(recall.mean())
     _check_size(reference, k), _check_size(samples, k)
     _no_tf32()
