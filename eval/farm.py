@@ -67,12 +67,15 @@ def sample_task(key_dir: str, index: int) -> str:
     if path.is_file() and not progressive:  # done earlier (a retry or a requeue): load nothing
         return str(path)
     sampler = _sampler(str(key_dir))
-    path = sampler.shard(setting.shard_seeds(index), Path(key_dir) / "samples")
+    watch = sampler.watcher(min(4, setting.batch_size, len(setting.shard_seeds(0)))) if progressive else None
+    if not path.is_file():  # the progressive decoding of its first seeds is recorded while sampling them
+        path = sampler.shard(setting.shard_seeds(index), Path(key_dir) / "samples", watch=watch)
     if progressive:
         from .sample import save_npz_atomic
 
-        frames = sampler.progressive(setting.shard_seeds(0)[:4])
-        save_npz_atomic(Path(key_dir) / "progressive.npz", arr_0=frames)
+        if watch.seen == 0:  # the shard was there already (sampled before progressive decodings were kept)
+            sampler.batch(setting.shard_seeds(0)[:watch.n], watch)
+        save_npz_atomic(Path(key_dir) / "progressive.npz", arr_0=watch.array())
     return str(path)
 
 

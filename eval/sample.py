@@ -52,6 +52,29 @@ def save_npz_atomic(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
+class ProgressiveFrames:
+    """DDPM's progressive decoding, watched during a batch's own sampling (sample_images' on_step): the
+    predicted x_0 of the batch's first `n` samples at `frames` evenly spaced steps of `steps`; the last
+    frame is the sample itself. Only the picked steps are kept."""
+
+    def __init__(self, n: int, steps: int, frames: int = 8):
+        self.n, self.steps, self.seen = n, steps, 0
+        self.picks = set(np.linspace(0, steps - 1, frames).round().astype(int).tolist())
+        self.kept: list[np.ndarray] = []
+
+    def __call__(self, out: dict) -> None:
+        if self.seen in self.picks:
+            x = out["sample"] if self.seen == self.steps - 1 else out["pred_xstart"]
+            self.kept.append(quantize(x[:self.n].float()))
+        self.seen += 1
+
+    def array(self) -> np.ndarray:
+        """(frames, n, H, W, 3) uint8."""
+        if self.seen != self.steps:
+            raise RuntimeError(f"progressive decoding watched {self.seen} of {self.steps} steps")
+        return np.stack(self.kept)
+
+
 class Sampler:
     """A snapshot (plus optional classifier and upsampler) loaded once, sampling any seed range."""
 
@@ -87,26 +110,30 @@ class Sampler:
         them stays float32: bf16 outputs times float32 coefficients promote)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.setting.precision == "bf16")
 
-    def batch(self, seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def batch(self, seeds: list[int], watch: ProgressiveFrames | None = None) -> tuple[np.ndarray, np.ndarray]:
         with self.autocast():
-            return self._batch(seeds)
+            return self._batch(seeds, watch)
 
-    def _batch(self, seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def _batch(self, seeds: list[int], watch: ProgressiveFrames | None = None) -> tuple[np.ndarray, np.ndarray]:
         from models.sampling import draw_labels, sample_cascade, sample_images
 
         y = draw_labels(seeds, self.num_classes, self.device) if self.num_classes else None
         if self.up is not None:
             x, _, _ = sample_cascade(self.model, self.diffusion, self.up, self.up_diffusion, seeds,
                                      base_size=self.snap.config.image_size, large_size=self.resolution, labels=y,
-                                     cond_fn=self.cond_fn, use_ddim=self.use_ddim, device=self.device)
+                                     cond_fn=self.cond_fn, use_ddim=self.use_ddim, device=self.device, on_step=watch)
         else:
             x, _ = sample_images(self.model, self.diffusion, seeds, self.snap.config.image_size, labels=y,
-                                 cond_fn=self.cond_fn, use_ddim=self.use_ddim, device=self.device)
+                                 cond_fn=self.cond_fn, use_ddim=self.use_ddim, device=self.device, on_step=watch)
         labels = y.cpu().numpy() if y is not None else np.zeros(len(seeds), np.int64)
         return quantize(x), labels
 
-    def shard(self, seeds: list[int], out: Path, bar=None) -> Path:
-        """Sample one shard (skipped when it exists: resumable)."""
+    def watcher(self, n: int = 4, frames: int = 8) -> ProgressiveFrames:
+        """A progressive decoding of a batch's first n samples (of the base model, in a cascade)."""
+        return ProgressiveFrames(n, self.diffusion.num_timesteps, frames)
+
+    def shard(self, seeds: list[int], out: Path, bar=None, watch: ProgressiveFrames | None = None) -> Path:
+        """Sample one shard (skipped when it exists: resumable); `watch` watches its first batch."""
         path = shard_path(out, seeds)
         if path.is_file():
             if bar is not None:
@@ -114,7 +141,7 @@ class Sampler:
             return path
         images, labels = [], []
         for i in range(0, len(seeds), self.setting.batch_size):
-            x, y = self.batch(seeds[i:i + self.setting.batch_size])
+            x, y = self.batch(seeds[i:i + self.setting.batch_size], watch if i == 0 else None)
             images.append(x)
             labels.append(y)
             if bar is not None:
@@ -124,22 +151,12 @@ class Sampler:
         return path
 
     def progressive(self, seeds: list[int], frames: int = 8) -> np.ndarray:
-        """DDPM's progressive decoding: the predicted x_0 at `frames` evenly spaced steps, for a few
-        seeds, (frames, N, H, W, 3) uint8; the last frame is the sample itself."""
-        from models.noise import PerSampleNoise
-        from models.sampling import draw_labels
-
-        noise = PerSampleNoise(seeds, self.device)
-        size = self.snap.config.image_size
-        shape = (len(seeds), 3, size, size)
-        kwargs = {"y": draw_labels(seeds, self.num_classes, self.device)} if self.num_classes else {}
-        loop = self.diffusion.ddim_sample_loop_progressive if self.use_ddim else self.diffusion.p_sample_loop_progressive
-        with self.autocast():
-            steps = list(loop(self.model, shape, noise=noise.randn(shape), cond_fn=self.cond_fn, model_kwargs=kwargs,
-                              device=self.device, generator=noise))
-        picks = np.linspace(0, len(steps) - 1, frames).round().astype(int)
-        out = [quantize(steps[i]["pred_xstart"]) for i in picks[:-1]] + [quantize(steps[-1]["sample"])]
-        return np.stack(out)
+        """DDPM's progressive decoding of these seeds on their own: (frames, N, H, W, 3) uint8, the predicted
+        x_0 at evenly spaced steps, the last frame the sample itself. The farm records it while sampling
+        a shard instead (Sampler.shard's watch), which costs nothing extra."""
+        watch = self.watcher(len(seeds), frames)
+        self.batch(seeds, watch)
+        return watch.array()
 
 
 def main(argv=None, prog="adm sample") -> int:

@@ -126,9 +126,9 @@ def cmd_convert(args) -> int:
     src, dst = Path(args.src), Path(args.dst)
     if src.is_dir():
         snap = load_snapshot(src, hashes=True)
-        snap.build()  # proves the weights fit the config before writing anything
+        weights = snap.ordered()  # proves the weights fit the config before writing anything
         tmp = dst.with_name(f".{dst.name}.partial")
-        torch.save(snap.state_dict, tmp)
+        torch.save(weights, tmp)
         tmp.replace(dst)
         print(f"wrote {dst} ({len(snap.state_dict)} tensors, ADM layout) from snapshot {src}")
         return 0

@@ -21,10 +21,13 @@ def draw_labels(seeds: Sequence[int], num_classes: int, device="cpu") -> torch.T
 def sample_images(model, diffusion, seeds: Sequence[int], image_size: int, *, channels: int = 3, labels=None,
                   num_classes: int | None = None, cond_fn=None, use_ddim: bool = False, eta: float = 0.0,
                   clip_denoised: bool = True, model_kwargs: dict | None = None, device="cpu",
-                  noise: PerSampleNoise | None = None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  noise: PerSampleNoise | None = None, progress: bool = False,
+                  on_step=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sample len(seeds) images in [-1, 1], (N, C, H, W). Returns (images, labels).
 
     labels: given, or drawn per seed when num_classes is set (class-conditional model or guidance).
+    on_step: called with every step's {"sample", "pred_xstart", "t"} (DDPM's progressive decoding, recorded
+    from the batch itself rather than from a second run).
     """
     device = torch.device(device)
     noise = noise or PerSampleNoise(seeds, device)
@@ -39,24 +42,29 @@ def sample_images(model, diffusion, seeds: Sequence[int], image_size: int, *, ch
     elif cond_fn is not None:
         raise ValueError("classifier guidance needs labels: pass labels or num_classes")
     shape = (len(seeds), channels, image_size, image_size)
-    loop = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
+    loop = diffusion.ddim_sample_loop_progressive if use_ddim else diffusion.p_sample_loop_progressive
     extra = {"eta": eta} if use_ddim else {}
-    images = loop(model, shape, noise=noise.randn(shape), clip_denoised=clip_denoised, cond_fn=cond_fn,
-                  model_kwargs=kwargs, device=device, progress=progress, generator=noise, **extra)
-    return images, labels
+    out = None
+    for out in loop(model, shape, noise=noise.randn(shape), clip_denoised=clip_denoised, cond_fn=cond_fn,
+                    model_kwargs=kwargs, device=device, progress=progress, generator=noise, **extra):
+        if on_step is not None:
+            on_step(out)
+    return out["sample"], labels
 
 
 def sample_cascade(base, base_diffusion, upsampler, upsampler_diffusion, seeds: Sequence[int], *, base_size: int,
                    large_size: int, labels=None, num_classes: int | None = None, cond_fn=None,
-                   use_ddim: bool = False, device="cpu", progress: bool = False):
+                   use_ddim: bool = False, device="cpu", progress: bool = False, on_step=None):
     """Base model at base_size (guided if cond_fn), then the upsampler to large_size conditioned on it.
 
     Only the base model is guided (as in the paper's guided stacks); the upsampler sees the same labels.
+    on_step watches the base model's steps (see sample_images).
     Returns (large images, base images, labels).
     """
     noise = PerSampleNoise(seeds, device)
     low, labels = sample_images(base, base_diffusion, seeds, base_size, labels=labels, num_classes=num_classes,
-                                cond_fn=cond_fn, use_ddim=use_ddim, device=device, noise=noise, progress=progress)
+                                cond_fn=cond_fn, use_ddim=use_ddim, device=device, noise=noise, progress=progress,
+                                on_step=on_step)
     kwargs = {"low_res": low}
     if labels is not None and getattr(upsampler, "num_classes", None) is not None:
         kwargs["y"] = labels

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig, build_model, expected_layout
+from .config import ModelConfig, build_model
 from .state_dict import load_checked
 
 FORMAT = "adm-snapshot"
@@ -40,6 +40,11 @@ class Snapshot:
         load_checked(model, self.state_dict, self.config, source=str(self.path / WEIGHTS),
                      described_as="the model its config.json describes")
         return model.to(device).eval()
+
+    def ordered(self) -> dict[str, torch.Tensor]:
+        """The weights in the model's own key order (guided-diffusion's, as in OpenAI's .pt files);
+        the snapshot's config must describe them (checked)."""
+        return {k: self.state_dict[k] for k in self.build().state_dict()}
 
 
 def _sha256(path: Path) -> str:
@@ -143,8 +148,6 @@ def load_snapshot(directory: str | Path, hashes: bool = False, weights: str = "e
         config = ModelConfig(**meta.pop("model"))
     except (KeyError, TypeError, ValueError) as e:
         raise SnapshotError(f"{directory / CONFIG}: bad model section: {e}") from None
+    # safetensors stores keys sorted: Snapshot.ordered() gives the model's own (guided-diffusion) order
     tensors = load_file(str(directory / (WEIGHTS if weights == "ema" else f"{weights}.safetensors")))
-    # safetensors stores keys sorted; give them back in the model's own (guided-diffusion) order
-    order = [k for k in expected_layout(config) if k in tensors]
-    state_dict = {k: tensors[k] for k in order} | {k: v for k, v in tensors.items() if k not in set(order)}
-    return Snapshot(directory, config, state_dict, meta)
+    return Snapshot(directory, config, tensors, meta)

@@ -74,9 +74,10 @@ def _first(keys, shapes_exp=None, shapes_act=None, n=5):
 
 
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, source: str = "checkpoint",
-                     described_as: str = "the model") -> None:
-    """Raise CheckpointMismatch, listing the first differences and the presets that would fit."""
-    expected = expected_layout(cfg)
+                     described_as: str = "the model", expected: Mapping[str, tuple] | None = None) -> None:
+    """Raise CheckpointMismatch, listing the first differences and the presets that would fit.
+    expected: cfg's layout when already known (from a built model); otherwise built on the meta device."""
+    expected = expected_layout(cfg) if expected is None else expected
     actual = layout_of(state_dict)
     missing, unexpected, wrong = compare_layouts(expected, actual)
     if not (missing or unexpected or wrong):
@@ -99,6 +100,6 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, s
 
 def load_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig,
                  source: str = "checkpoint", described_as: str = "the model") -> nn.Module:
-    check_state_dict(state_dict, cfg, source, described_as)
+    check_state_dict(state_dict, cfg, source, described_as, expected=layout_of(model.state_dict()))
     model.load_state_dict(state_dict, strict=True)
     return model

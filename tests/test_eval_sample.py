@@ -78,3 +78,38 @@ def test_bf16_sampling_is_per_seed_close_to_fp32_and_keyed_apart(tmp_path):
     assert eval_key(snap, fp32, ref) == old_key != eval_key(snap, bf16, ref)
     with pytest.raises(ValueError, match="precision must be fp32 or bf16"):
         EvalSetting(name="x", precision="fp16")
+
+
+@pytest.mark.parametrize("steps", ["6", "ddim5"])
+def test_progressive_decoding_is_recorded_from_the_shard_itself(tmp_path, steps):
+    """The frames watched while a shard is sampled equal the predicted x_0 of the diffusion's own
+    progressive loop run separately on the first seeds (picked at evenly spaced steps), and the last
+    frame is the shard's own first images."""
+    from eval.sample import Sampler
+    from eval.settings import EvalSetting
+    from models.noise import PerSampleNoise
+    from models.sampling import draw_labels
+
+    snap = snapshot(tmp_path, "base", "tiny-32", 1)
+    sampler = Sampler(str(snap), EvalSetting(name="x", steps=steps, num=5, batch_size=5), "cpu")
+    watch = sampler.watcher(3, frames=4)
+    path = sampler.shard([10, 11, 12, 13, 14], tmp_path / "s", watch=watch)
+    frames = watch.array()
+    assert frames.shape == (4, 3, 32, 32, 3) and frames.dtype == np.uint8
+    np.testing.assert_array_equal(frames[-1], np.load(path)["arr_0"][:3])
+
+    seeds = [10, 11, 12]
+    noise = PerSampleNoise(seeds, "cpu")
+    loop = sampler.diffusion.ddim_sample_loop_progressive if steps.startswith("ddim") else \
+        sampler.diffusion.p_sample_loop_progressive
+    alone = list(loop(sampler.model, (3, 3, 32, 32), noise=noise.randn((3, 3, 32, 32)), generator=noise,
+                      model_kwargs={"y": draw_labels(seeds, 10)}))
+    last = len(alone) - 1
+    picks = [0, round(last / 3), round(2 * last / 3)]
+    expect = [((alone[i]["pred_xstart"] + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+              for i in picks]
+    for got, want in zip(frames[:-1], expect):
+        assert np.abs(got.astype(int) - want).max() <= 1  # the same values (a batch of 5 against one of 3)
+    assert not np.array_equal(frames[0], frames[-1])
+    with pytest.raises(RuntimeError, match="watched 0 of"):
+        sampler.watcher(3).array()
