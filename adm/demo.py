@@ -273,12 +273,17 @@ def main(argv: list[str] | None = None, prog: str = "adm demo") -> int:
     from eval.settings import EvalSetting
     from eval.schedule import find_snapshots
 
+    import contextlib
+    import io
+
+    from eval.cli import main as adm_eval
     refs = {}
     for size in (res, res2):
         refs[size] = out / "eval" / f"heldout{size}.npz"
-        if not refs[size].is_file():
-            adm("eval", "ref", str(shards["val", size]), "--out", str(refs[size]), "--resolution", str(size),
-                "--pr-num", "200", capture=True)
+        if not refs[size].is_file():  # `adm eval ref`, in this process: the Inception network stays loaded for step 3
+            with contextlib.redirect_stdout(io.StringIO()):
+                adm_eval(["ref", str(shards["val", size]), "--out", str(refs[size]), "--resolution", str(size),
+                          "--pr-num", "200"])
     lap("references")
     clf_snap = str(find_snapshots_any(clf_run)[-1])
     up_snap = str(find_snapshots_any(up_run)[-1])
