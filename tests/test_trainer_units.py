@@ -1,6 +1,7 @@
 """Trainer pieces without processes: config, batch layout, EMA formula, checkpoint discovery, rank discovery."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,3 +186,35 @@ def test_data_that_cannot_feed_the_world_is_refused_before_start(digit_shards):
         check_data(cfg, 2)
     proc = run_cli("train", *base, "num_slots=2", "data_workers=2", "--nproc", "2", check=False)
     assert proc.returncode != 0 and "do not divide over 2 rank(s)" in proc.stderr and "[train]" not in proc.stdout
+
+
+def test_deepspeed_ops_are_built_inside_this_environment(tmp_path, monkeypatch):
+    """DeepSpeed's just-in-time ops go to sys.prefix/torch_extensions (built there by scripts/setup.sh), not to
+    the user-wide ~/.cache shared with other environments; a TORCH_EXTENSIONS_DIR already set wins, and
+    an environment that cannot be written keeps torch's default."""
+    import os
+    import subprocess
+    import sys
+
+    from trainer.distributed import ops_dir
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    assert ops_dir() == str(tmp_path / "torch_extensions") == os.environ["TORCH_EXTENSIONS_DIR"]
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/elsewhere")
+    assert ops_dir() == "/elsewhere"
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    tmp_path.chmod(0o500)
+    try:
+        if not os.access(tmp_path, os.W_OK):  # root writes anywhere: nothing to check then
+            assert ops_dir() is None and "TORCH_EXTENSIONS_DIR" not in os.environ
+    finally:
+        tmp_path.chmod(0o700)
+    monkeypatch.undo()
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    code = "from trainer.distributed import build_cpu_ops, ops_dir; print(build_cpu_ops(), ops_dir())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    name, where = out.stdout.split()[-2:]
+    assert where == os.path.join(sys.prefix, "torch_extensions")
+    assert list(Path(where).glob(f"{name}/*.so")), f"no {name}/*.so in {where}"

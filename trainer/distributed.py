@@ -3,7 +3,9 @@
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -71,6 +73,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def ops_dir() -> str | None:
+    """Where DeepSpeed builds its just-in-time ops (on CPU, its shared-memory all-reduce): in this Python
+    environment (sys.prefix/torch_extensions) when it is writable. torch's default, ~/.cache/torch_extensions,
+    is shared by every environment of the user: one with DeepSpeed elsewhere makes the next run rebuild
+    (about 50 s on 2 cores), and a build killed half-way leaves a lock there. A TORCH_EXTENSIONS_DIR
+    already set wins."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+    return os.environ.get("TORCH_EXTENSIONS_DIR")
+
+
+def build_cpu_ops() -> str | None:
+    """Build DeepSpeed's CPU shared-memory op now (scripts/setup.sh does, so that the first training run
+    does not); returns the op's name, or None where this DeepSpeed has no such op."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    ops_dir()
+    from deepspeed.comm.torch import build_shm_op
+
+    op = build_shm_op()
+    return None if op is None else op.__name__
+
+
 def init(env: DistEnv) -> torch.device:
     """Start the process group (NCCL on GPUs, gloo on CPU) through DeepSpeed; returns this rank's device."""
     import deepspeed
@@ -83,6 +107,7 @@ def init(env: DistEnv) -> torch.device:
         backend = "nccl"
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        ops_dir()
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
