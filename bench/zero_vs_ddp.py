@@ -159,7 +159,9 @@ def worker(a):
     import torch.distributed as dist
 
     from models.config import build_model
+    from trainer.distributed import ops_dir
 
+    ops_dir()  # the trainer's (and scripts/setup.sh's) build of DeepSpeed's CPU op
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \

@@ -39,8 +39,10 @@ def worker():
     from torch import nn
 
     sys.path.insert(0, str(REPO))
+    from trainer.distributed import ops_dir
     from trainer.ema import ShardEMA
 
+    ops_dir()  # the trainer's (and scripts/setup.sh's) build of DeepSpeed's CPU op
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
     for stage in (1, 2, 3):
