@@ -98,6 +98,9 @@ def compact(feat_dir: Path) -> Path:
     shards = shard_feature_files(feat_dir)
     if (feat_dir / MERGED).is_file() or not shards:
         return feat_dir / MERGED
+    if len(shards) == 1:  # already what the merged file would hold
+        shards[0].replace(feat_dir / MERGED)
+        return feat_dir / MERGED
     f = load_features(feat_dir)
     write_features(feat_dir / MERGED, f["pool"], f["labels"], f["resolution"], f["pool_stats"], f["spatial_stats"])
     for p in shards:

@@ -58,6 +58,29 @@ def test_statistics_merge_exactly():
     assert back.n == 1000
 
 
+@pytest.mark.parametrize("shards", [1, 3])
+def test_compacted_features_hold_what_the_shards_held(tmp_path, shards):
+    """After the metrics, the shards' feature files become one merged file: the same pool features (in seed
+    order), labels and statistics as numpy computes them from all the features, and nothing else is left."""
+    from eval.features import MERGED, compact, load_features, write_features
+
+    rng = np.random.default_rng(2)
+    pool, spatial = rng.normal(size=(10, 2048)).astype(np.float32), rng.normal(size=(10, 2023)).astype(np.float32)
+    labels = rng.integers(0, 10, 10)
+    for i, rows in enumerate(np.array_split(np.arange(10), shards)):
+        write_features(tmp_path / f"features-{i:08d}-{i:08d}.npz", pool[rows], labels[rows], 16,
+                       Statistics.of(pool[rows]), Statistics.of(spatial[rows]))
+    compact(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [MERGED]
+    f = load_features(tmp_path, expected=10)
+    np.testing.assert_array_equal(f["pool"], pool)
+    np.testing.assert_array_equal(f["labels"], labels)
+    assert f["resolution"] == 16
+    for stats, x in ((f["pool_stats"], pool), (f["spatial_stats"], spatial)):
+        np.testing.assert_allclose(stats.mu, x.astype(np.float64).mean(0), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(stats.sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-10, atol=1e-12)
+
+
 class ThreadComm(Single):
     """A worker of a group of threads in this process: rows and all-gather as eval.comm's workers do them."""
 
