@@ -15,6 +15,8 @@ Re-running reuses what is done.
 """
 
 import argparse
+import contextlib
+import io
 import json
 import shutil
 import signal
@@ -270,13 +272,10 @@ def main(argv: list[str] | None = None, prog: str = "adm demo") -> int:
     sampling = "bf16" if precision == "bf16" else "fp32"
     console.print(f"[bold]3. Evaluation[/bold] through the farm, against the held-out digits (real FID Inception; "
                   f"sampling in {sampling})")
-    from eval.settings import EvalSetting
-    from eval.schedule import find_snapshots
-
-    import contextlib
-    import io
-
     from eval.cli import main as adm_eval
+    from eval.schedule import find_snapshots
+    from eval.settings import EvalSetting
+
     refs = {}
     for size in (res, res2):
         refs[size] = out / "eval" / f"heldout{size}.npz"

@@ -77,8 +77,8 @@ def ops_dir() -> str | None:
     """Where DeepSpeed builds its just-in-time ops (on CPU, its shared-memory all-reduce): in this Python
     environment (sys.prefix/torch_extensions) when it is writable. torch's default, ~/.cache/torch_extensions,
     is shared by every environment of the user: one with DeepSpeed elsewhere makes the next run rebuild
-    (about 50 s on 2 cores), and a build killed half-way leaves a lock there. A TORCH_EXTENSIONS_DIR
-    already set wins."""
+    (about 50 s on 2 cores), and under torch 2.11 a build killed half-way leaves a lock file that every later
+    build waits on. A TORCH_EXTENSIONS_DIR already set wins."""
     if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
         os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
     return os.environ.get("TORCH_EXTENSIONS_DIR")
@@ -101,13 +101,13 @@ def init(env: DistEnv) -> torch.device:
 
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    ops_dir()
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
         device = torch.device("cuda", env.local_rank)
         backend = "nccl"
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        ops_dir()
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
