@@ -18,7 +18,8 @@ COMMANDS = {
     "demo": ("adm.demo", "run the demo on this machine"),
 }
 
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotImplementedError, RuntimeError)
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotImplementedError, RuntimeError,
+               FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)  # paths given by the user
 
 
 def run_guarded(main, argv, prog=None) -> int:

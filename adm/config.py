@@ -101,3 +101,16 @@ def load(schema: type[T], path: str | Path | None = None, overrides: list[str] |
 def to_dict(cfg: Any) -> dict:
     """A plain, JSON-able dict of a (nested) dataclass config."""
     return dataclasses.asdict(cfg)
+
+
+def at_least(low: int):
+    """argparse type: an integer >= low (argparse then says which flag, and why)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse

@@ -186,6 +186,30 @@ def evaluate(diff_run: Path, ref: Path, ref2: Path, settings_small: list, settin
         time.sleep(5)
 
 
+def check_options(args) -> list[float]:
+    """The demo's options, checked up front; returns the two guidance scales."""
+    from models.respace import space_timesteps
+
+    if args.resolution < 8 or args.resolution % 8:
+        raise ValueError(f"--resolution {args.resolution}: a multiple of 8 (the demo's UNet halves it twice)")
+    for flag, value in (("--kimg", args.kimg), ("--classifier-kimg", args.classifier_kimg),
+                        ("--upsampler-kimg", args.upsampler_kimg)):
+        if not value > 0:
+            raise ValueError(f"{flag} {value}: must be positive")
+    if args.snapshots < 2:
+        raise ValueError(f"--snapshots {args.snapshots}: at least 2 (the report compares snapshots)")
+    if args.samples < 4:
+        raise ValueError(f"--samples {args.samples}: at least 4 (precision/recall uses 3 nearest neighbours)")
+    try:
+        scales = [float(s) for s in args.scales.split(",")]
+    except ValueError:
+        scales = []
+    if len(scales) != 2:
+        raise ValueError(f"--scales {args.scales!r}: two classifier-guidance scales, e.g. 1,4")
+    space_timesteps(1000, args.steps)  # a clear error for a step count that does not fit
+    return scales
+
+
 def main(argv: list[str] | None = None, prog: str = "adm demo") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo_out", help="where everything goes")
@@ -199,10 +223,10 @@ def main(argv: list[str] | None = None, prog: str = "adm demo") -> int:
     parser.add_argument("--steps", default="50", help="sampling steps: 50 (ancestral), ddim25, ...")
     parser.add_argument("--until", choices=STAGES, default="report", help="stop after this stage")
     args = parser.parse_args(argv)
+    scales = check_options(args)  # before the data stage: every mistake here would surface minutes later
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     res, res2 = args.resolution, 2 * args.resolution
-    scales = [float(s) for s in args.scales.split(",")]
     start = time.time()
     took = {}  # minutes per stage, for the summary
 

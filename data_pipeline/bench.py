@@ -1,17 +1,15 @@
 """`adm data bench`: images/s of the streaming loader on a shard directory."""
 
-import json
 import time
-from pathlib import Path
 
 from .loader import StreamLoader
-from .writer import MANIFEST
+from .verify import read_manifest
 
 
 def measure(directory, resolution: int, workers: int = 0, seconds: float = 10.0, batch_size: int = 64,
             crop: str = "center", warmup_batches: int = 2, num_slots: int | None = None,
             jpeg_draft: bool = False) -> dict:
-    manifest = json.loads((Path(directory) / MANIFEST).read_text())
+    manifest = read_manifest(directory)
     consumers = max(1, workers)
     slots = num_slots or max(consumers, min(len(manifest["shards"]) // consumers * consumers, 64))
     loader = StreamLoader(directory, resolution, batch_size, crop=crop, num_workers=workers, num_slots=slots,

@@ -6,6 +6,17 @@ import numpy as np
 from PIL import Image
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """ADM's `convert("RGB")`, except for 16-bit greyscale (PIL mode I;16 or I), which PIL would clip to
+    white above 255: scaled to 8 bits first (value / 257, so 65535 -> 255)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        arr = np.asarray(image, dtype=np.int64)
+        if image.mode.startswith("I;16") or arr.max(initial=0) > 255:
+            arr = (np.clip(arr, 0, 65535) + 128) // 257
+        image = Image.fromarray(arr.astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
 def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
     """ADM's center crop: BOX halving while the short side >= 2 size, BICUBIC so the short side is
     `size`, then the central size x size crop. uint8 HWC RGB."""

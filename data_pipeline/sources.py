@@ -137,6 +137,9 @@ def read_source(source: str | Path, layout: str, split: str = "train", labels_cs
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such file or directory")
+    if layout in ("imagenet", "folder") and not source.is_dir():
+        raise ValueError(f"{source}: --layout {layout} reads a directory, this is a file (--layout list reads "
+                         "a file of 'path<TAB>label' lines)")
     if layout == "imagenet":
         return imagenet(source, split, Path(labels_csv) if labels_csv else None)
     if layout == "folder":

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .preprocess import center_crop_arr
+from .preprocess import center_crop_arr, to_rgb
 
 CROPS = ("center", "random-resized")
 
@@ -95,7 +95,7 @@ class Transform:
             # the short side >= what the crop needs, i.e. the same number of halvings ADM's loop does
             need = math.ceil(self.resolution / 0.8) if self.crop == "random-resized" else self.resolution
             image.draft("RGB", (need * image.size[0] // min(image.size), need * image.size[1] // min(image.size)))
-        return image.convert("RGB")
+        return to_rgb(image)
 
     def __call__(self, data: bytes, rng) -> dict:
         """uint8 CHW `image` (and float32 0..255 CHW `low_res`); the loader scales batches to [-1, 1]."""

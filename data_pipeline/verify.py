@@ -19,10 +19,27 @@ def read_manifest(directory: str | Path) -> dict:
         extra = " (an interrupted write: `adm data write ... --resume` completes it)" if directory.is_dir() and any(
             directory.glob("shard-*.tar")) else ""
         raise FileNotFoundError(f"{directory}: no {MANIFEST}; not a complete dataset{extra}")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); an incomplete copy? `adm data verify` checks the shards "
+                         "once it is restored") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{path}: format {got!r}, expected {FORMAT!r}")
     return manifest
+
+
+def check_resolution(directory: str | Path, manifest: dict, resolution: int, field: str) -> None:
+    """Shards preprocessed at write time to a size below `resolution` would have every image upscaled:
+    refused, naming `field` (the model's image size, the reference's --resolution)."""
+    from .preprocess import parse_preprocess
+
+    kind, size = parse_preprocess(manifest.get("preprocess", "none"))
+    if kind != "none" and size < resolution:
+        what = f"center-cropped to {size}x{size}" if kind == "center-crop" else f"with short sides of at most {size}"
+        raise ValueError(f"{directory} holds images {what} ({manifest['preprocess']}), smaller than {field}="
+                         f"{resolution}; write the shards at that size or larger")
 
 
 def verify(directory: str | Path, decode: bool = True) -> dict:

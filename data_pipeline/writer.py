@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .preprocess import center_crop_arr, encode, limit_side, parse_preprocess
+from .preprocess import center_crop_arr, encode, limit_side, parse_preprocess, to_rgb
 from .sources import Item, Source
 
 FORMAT = "adm-webdataset"
@@ -69,8 +69,8 @@ def _image_sample(item: Item, kind: str, size: int, image_format: str = "png") -
             ext = {"JPEG": "jpg", "PNG": "png"}.get(fmt)
             if ext:
                 return ext, data, original
-            return "png", encode(im.convert("RGB"), "png"), original
-        rgb = im.convert("RGB")
+            return "png", encode(to_rgb(im), "png"), original
+        rgb = to_rgb(im)
     if kind == "center-crop":  # lossless, so the loader gets exactly these pixels
         crop = center_crop_arr(rgb, size)
         if image_format == "npy":  # raw uint8: larger than PNG, but read with no decoding at all
@@ -156,6 +156,11 @@ def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, worke
     kind, _ = parse_preprocess(preprocess)
     if shard_size <= 0 or workers <= 0:
         raise ValueError("--shard-size and --workers must be positive")
+    if image_format == "npy" and kind != "center-crop":
+        raise ValueError(f"--image-format npy stores center-cropped pixels: it needs --preprocess center-crop:R, "
+                         f"got --preprocess {preprocess}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: OUT is a file, expected a new or empty directory")
     if (out / MANIFEST).exists():
         raise ValueError(f"{out} already holds a complete dataset ({MANIFEST}); choose another OUT")
     if out.exists() and any(out.iterdir()) and not resume:

@@ -7,6 +7,8 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from adm.config import at_least
+
 from .settings import EvalSetting, load_settings
 
 
@@ -32,8 +34,29 @@ def settings_from(args) -> list[EvalSetting]:
     return [EvalSetting(**given)]
 
 
+def json_target(path: str | None) -> Path | None:
+    """A --json destination, checked (and its folder made) before any work, so the metrics are not lost."""
+    if path is None:
+        return None
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"--json {target}: a directory; give a file name, e.g. {target / 'metrics.json'}")
+    folder = next((p for p in target.parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise ValueError(f"--json {target}: {folder} is a file, not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def write_json(target: Path | None, data) -> None:
+    if target is not None:
+        tmp = target.with_name(f".{target.name}.partial")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(target)
+
+
 def add_feature_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=None, help="Inception batch (default: automatic)")
+    p.add_argument("--batch-size", type=at_least(1), default=None, help="Inception batch (default: automatic)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
@@ -46,9 +69,9 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--time", default="04:00:00", help="per task, HH:MM:SS")
     g.add_argument("--gpus-per-task", type=int, default=None, help="default: 1 if the cluster has GPUs, else 0")
     g.add_argument("--cpus-per-task", type=int, default=None)
-    g.add_argument("--array-parallelism", type=int, default=64, help="at most this many array tasks at once")
-    g.add_argument("--metric-workers", type=int, default=1, help="tasks of the metrics job (precision/recall rows)")
-    g.add_argument("--max-attempts", type=int, default=3, help="attempts per (snapshot, setting) before giving up")
+    g.add_argument("--array-parallelism", type=at_least(1), default=64, help="at most this many array tasks at once")
+    g.add_argument("--metric-workers", type=at_least(1), default=1, help="tasks of the metrics job (precision/recall rows)")
+    g.add_argument("--max-attempts", type=at_least(1), default=3, help="attempts per (snapshot, setting) before giving up")
     g.add_argument("--inception-weights", help="torch-fidelity's full Inception weights file: adds Inception Score")
 
 
@@ -63,6 +86,12 @@ def backend_for(args):
             ["sinfo", "-h"], capture_output=True).returncode == 0 else "local"
     if cluster == "local":
         return LocalBackend(progress=sys.stderr.isatty())
+    import shutil
+    import subprocess
+
+    if not shutil.which("sbatch") or subprocess.run(["sinfo", "-h"], capture_output=True).returncode != 0:
+        raise ValueError("--cluster slurm: no Slurm answers here (sbatch missing or sinfo failing); "
+                         "use --cluster local to run on this machine")
     from slurm.eval_jobs import SlurmBackend  # the submitter lives with the other Slurm code
 
     return SlurmBackend.from_args(args)
@@ -71,11 +100,11 @@ def backend_for(args):
 def cmd_compare(a) -> int:
     from .compare import compare
 
+    target = json_target(a.json_out)
     result = compare(a.ref, a.sample, a.batch_size, a.device, a.pr_distance, a.inception_weights)
     for k, v in result.items():
         print(f"{k}: {v:.6f}")
-    if a.json_out:
-        Path(a.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(target, result)
     return 0
 
 
@@ -100,13 +129,14 @@ def cmd_run(a) -> int:
     from .registry import METRICS
     from .schedule import schedule_pass
 
+    from .preflight import check
+
     _check_ref(a.ref)
     snap = Path(a.snapshot).resolve()
-    from models.snapshot import read_manifest
-    read_manifest(snap)
+    settings = settings_from(a)
+    check(snap, settings, a.ref, a.inception_weights)  # before anything is claimed or queued
     run_dir = run_dir_of(snap)
     backend = backend_for(a)
-    settings = settings_from(a)
     counts = schedule_pass(run_dir, settings, Path(a.ref), backend, a.max_attempts, a.inception_weights,
                            a.metric_workers, only=[snap])
     if backend.name == "slurm" and a.wait:
@@ -124,12 +154,17 @@ def cmd_run(a) -> int:
 
 
 def parse_every(text: str) -> float:
+    """A pass interval: 30m, 2h, 1d, or seconds; between a minute and a year."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     if text and text[-1] in units and text[:-1].replace(".", "", 1).isdigit():
-        return float(text[:-1]) * units[text[-1]]
-    if text.replace(".", "", 1).isdigit():
-        return float(text)
-    raise ValueError(f"--every {text!r}: expected a duration such as 30m, 2h or 1d")
+        seconds = float(text[:-1]) * units[text[-1]]
+    elif text.replace(".", "", 1).isdigit():
+        seconds = float(text)
+    else:
+        raise ValueError(f"--every {text!r}: expected a duration such as 30m, 2h or 1d")
+    if not 60 <= seconds <= 365 * 86400:
+        raise ValueError(f"--every {text!r}: between 1m and 365d, please (each pass rewrites the report)")
+    return seconds
 
 
 def cmd_schedule(a) -> int:
@@ -142,6 +177,12 @@ def cmd_schedule(a) -> int:
         raise FileNotFoundError(f"{run_dir}: no snapshots/ directory (is it a training run directory?)")
     every = parse_every(a.every)
     settings = settings_from(a)
+    from .schedule import find_snapshots
+    from .preflight import check
+
+    newest = find_snapshots(run_dir)[-1:]
+    if newest:  # each setting against the newest diffusion snapshot, before any job
+        check(newest[0], settings, a.ref, a.inception_weights)
     backend = backend_for(a)
     while True:
         counts = schedule_pass(run_dir, settings, Path(a.ref), backend, a.max_attempts, a.inception_weights,
@@ -161,12 +202,13 @@ def cmd_schedule(a) -> int:
 def cmd_results(a) -> int:
     from .registry import failures, results
 
+    if not Path(a.run_dir).is_dir():
+        raise FileNotFoundError(f"{a.run_dir}: no such run directory")
     rows = [(r["snapshot_name"], r["setting"]["name"], str(r["metrics"]["num_samples"]),
              *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "-"
                for k in ("fid", "sfid", "precision", "recall", "inception_score"))) for r in results(Path(a.run_dir))]
     head = ("snapshot", "setting", "N", "FID", "sFID", "precision", "recall", "IS")
-    if a.json_out:
-        Path(a.json_out).write_text(json.dumps(results(Path(a.run_dir)), indent=2) + "\n")
+    write_json(json_target(a.json_out), results(Path(a.run_dir)))
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for row in [head, *rows]:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
@@ -189,6 +231,7 @@ def cmd_metrics(a) -> int:
     from .inception import logits_weight
     from .metrics import load_reference, reduce
 
+    target = json_target(a.json_out)
     comm = discover(a.workers)
     w = logits_weight(a.inception_weights) if a.inception_weights else None
     feats = load_features(Path(a.features))
@@ -199,8 +242,7 @@ def cmd_metrics(a) -> int:
         result["workers"] = comm.size
         for k, v in result.items():
             print(f"{k}: {v:.6f}" if isinstance(v, float) else f"{k}: {v}")
-        if a.json_out:
-            Path(a.json_out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(target, result)
     return 0
 
 
@@ -222,8 +264,8 @@ def main(argv=None, prog="adm eval") -> int:
     p.add_argument("shards")
     p.add_argument("--out", required=True)
     p.add_argument("--resolution", type=int, required=True)
-    p.add_argument("--pr-num", type=int, default=10000, help="images kept for precision/recall")
-    p.add_argument("--limit", type=int, help="use only the first N images of the split")
+    p.add_argument("--pr-num", type=at_least(4), default=10000, help="images kept for precision/recall")
+    p.add_argument("--limit", type=at_least(2), help="use only the first N images of the split")
     add_feature_args(p)
     p.set_defaults(func=cmd_ref)
 
@@ -252,8 +294,8 @@ def main(argv=None, prog="adm eval") -> int:
     p = sub.add_parser("features", help="farm stage: sample shards -> feature shards (worker INDEX of COUNT)")
     p.add_argument("samples")
     p.add_argument("--out", required=True)
-    p.add_argument("--index", type=int, default=0)
-    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--index", type=at_least(0), default=0)
+    p.add_argument("--count", type=at_least(1), default=1)
     add_feature_args(p)
     p.set_defaults(func=cmd_features)
 

@@ -9,18 +9,17 @@ import numpy as np
 
 from .inception import logits_weight
 from .metrics import inception_score, load_reference
-from .precision_recall import precision_recall
+from .npzfile import FEATURE_DIMS, NpzInfo, describe
+from .precision_recall import K_NEAREST as K, precision_recall
 from .stats import frechet_distance
 
 
 def compare(ref_path: str, sample_path: str, batch_size: int | None = None, device=None, pr_distance: str = "fp32",
             inception_weights: str | None = None) -> dict:
     w = logits_weight(inception_weights) if inception_weights else None  # a bad path fails before any work
+    check_pair(describe(ref_path), describe(sample_path))  # both files, before any image is featurized
     ref = load_reference(ref_path, batch_size=batch_size, device=device)
     sample = load_reference(sample_path, batch_size=batch_size, device=device)
-    if "resolution" in ref and "resolution" in sample and ref["resolution"] != sample["resolution"]:
-        raise ValueError(f"{ref_path}: images are {ref['resolution']}x{ref['resolution']} but {sample_path} has "
-                         f"{sample['resolution']}x{sample['resolution']} (compare at the same resolution)")
     result = {"fid": frechet_distance(sample["mu"], sample["sigma"], ref["mu"], ref["sigma"])}
     if "mu_s" in ref and "mu_s" in sample:
         result["sfid"] = frechet_distance(sample["mu_s"], sample["sigma_s"], ref["mu_s"], ref["sigma_s"])
@@ -29,3 +28,20 @@ def compare(ref_path: str, sample_path: str, batch_size: int | None = None, devi
     if w is not None and "pool" in sample:
         result["inception_score"] = inception_score(sample["pool"].astype(np.float64) @ w.T)
     return result
+
+
+def check_pair(ref: NpzInfo, sample: NpzInfo) -> None:
+    """What two files must agree on to be compared, known from their headers."""
+    if ref.images and sample.images and ref.images[1:3] != sample.images[1:3]:
+        (rh, rw), (sh, sw) = ref.images[1:3], sample.images[1:3]
+        raise ValueError(f"{ref.path}: images are {rh}x{rw} but {sample.path} has {sh}x{sw} "
+                         "(compare at the same resolution)")
+    for key in ("mu", "mu_s"):
+        a, b = ref.feature_dim(key), sample.feature_dim(key)
+        if a and b and a != b:
+            raise ValueError(f"{ref.path}: {key} has {a} dimensions, {sample.path}'s {b} dimensions "
+                             f"(ADM's statistics: mu {FEATURE_DIMS['mu']}, mu_s {FEATURE_DIMS['mu_s']})")
+    if ref.images and sample.images and min(ref.images[0], sample.images[0]) <= K:
+        small = ref if ref.images[0] <= K else sample
+        raise ValueError(f"{small.path}: arr_0 holds {small.images[0]} images; precision/recall (k={K}) needs "
+                         f"more than {K} in each file")

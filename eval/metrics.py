@@ -5,13 +5,14 @@ the whole split). Its Inception features are computed once and cached by content
 """
 
 import hashlib
-import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from .features import check_images
 from .inception import extract
+from .npzfile import READ_ERRORS, STAT_PAIRS, check_statistics, describe, open_npz, stored_shape
 from .precision_recall import precision_recall
 from .stats import Statistics, frechet_distance, sqrtm_psd
 
@@ -39,20 +40,40 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _remembered_digest(path: Path, cache_dir: Path) -> str:
+    """The content digest of a reference, hashed once per version of the file: remembered in cache_dir
+    under its path, size, mtime and inode (a 10k-image 256x256 reference is 2 GB, about 4 s of sha256,
+    otherwise paid by every metrics job). Rewriting or replacing the file changes the key."""
+    st = path.stat()
+    ident = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    memo = cache_dir / f"digest-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.txt"
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = _file_digest(path)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f"{memo.name}.partial-{os.getpid()}")
+    tmp.write_text(digest + "\n")
+    os.replace(tmp, memo)
+    return digest
+
+
 def load_reference(path: str | Path, cache_dir: Path | None = None, batch_size=None, device=None) -> dict:
     """{mu, sigma, mu_s, sigma_s, pool (if images), resolution (if images), meta}; clear errors by key."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such file")
+    data = open_npz(p)
+    info = describe(p, data)  # every header check before any image is read
     try:
-        data = np.load(p)
-    except Exception as e:
-        raise ValueError(f"{p}: not an npz file ({e})") from None
-    out = {"meta": json.loads(str(data["meta"])) if "meta" in data.files else {}}
-    cached = Path(cache_dir) / f"ref-{_file_digest(p)}.npz" if cache_dir else None
-    if "arr_0" in data.files:
+        return _load(p, data, info, cache_dir, batch_size, device)
+    except READ_ERRORS as e:  # a damaged member met while reading it
+        raise ValueError(f"{p}: damaged npz ({type(e).__name__}: {e})") from None
+
+
+def _load(p: Path, data, info, cache_dir, batch_size, device) -> dict:
+    out = {"meta": info.meta}
+    cached = Path(cache_dir) / f"ref-{_remembered_digest(p, Path(cache_dir))}.npz" if cache_dir else None
+    if info.images is not None:
         if _own_pool_features(data, out["meta"]):  # `adm eval ref` stored them: no Inception pass here
-            out.update(pool=data["pool"], resolution=int(stored_shape(data, "arr_0")[1]))
+            out.update(pool=data["pool"], resolution=int(info.images[1]))
             stats = {}
         elif cached is not None and cached.is_file():
             c = np.load(cached)
@@ -69,11 +90,10 @@ def load_reference(path: str | Path, cache_dir: Path | None = None, batch_size=N
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 save_npz_atomic(cached, pool=feats["pool"], resolution=np.array(images.shape[1]), **stats)
         out.update(stats)
-    for k in ("mu", "sigma", "mu_s", "sigma_s"):
-        if k in data.files:  # statistics of the whole split take precedence over those of arr_0
-            out[k] = data[k]
-    if "mu" not in out or "sigma" not in out:
-        raise ValueError(f"{p}: expected arr_0 (images) or mu and sigma (statistics); it has {sorted(data.files)}")
+    for mu, sigma in STAT_PAIRS:
+        if mu in info.dims:  # statistics of the whole split take precedence over those of arr_0
+            out[mu], out[sigma] = data[mu], data[sigma]
+            check_statistics(p, out[mu], out[sigma], (mu, sigma))
     if cached is not None:
         out.update(_reference_roots(out, cached.with_name(cached.stem + "-sqrt.npz")))
     return out
@@ -86,15 +106,6 @@ def _own_pool_features(data, meta: dict) -> bool:
     if meta.get("pool_features") != SHA1 or not {"pool", "mu", "sigma", "mu_s", "sigma_s"} <= set(data.files):
         return False
     return stored_shape(data, "pool") == (stored_shape(data, "arr_0")[0], 2048)
-
-
-def stored_shape(data: np.lib.npyio.NpzFile, key: str) -> tuple[int, ...]:
-    """An array's shape from its .npy header, without reading the array (a 10k-image 256x256 reference's
-    arr_0 is 2 GB, and np.load reads all of it to give its shape)."""
-    with data.zip.open(f"{key}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        return tuple(read(f)[0])
 
 
 def _reference_roots(ref: dict, path: Path) -> dict:

@@ -21,6 +21,7 @@ import torch
 # length K errs by at most K * eps * |u||v| (any summation order), the norms, the final sum and the
 # float32 comparisons with the margin folded in add a few eps more (16 covers them).
 EPS32 = 2.0 ** -24
+K_NEAREST = 3  # ADM's evaluator's k: a radius is the 4th smallest distance in its set, self (0) included
 
 
 def _gamma(dim: int) -> float:
@@ -236,7 +237,7 @@ def _cross(a: _Points, a_rows: slice, b: _Points, r_a: torch.Tensor, r_b: torch.
     return a_in.cpu().numpy(), b_in.cpu().numpy()
 
 
-def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = 3, block: int = 2048,
+def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = K_NEAREST, block: int = 2048,
                      distance: str = "fp32", device="cpu", comm=None) -> tuple[float, float]:
     """comm (eval.comm): the work split over workers (the radii's blocks, the memberships' rows), the pieces
     gathered, so that the result is the same at any worker count."""

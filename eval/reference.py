@@ -28,10 +28,10 @@ def build_reference(shards: str | Path, out: str | Path, resolution: int, pr_num
 
     device = torch.device(device or default_device())
     batch_size = batch_size or default_batch_size(device)
-    manifest = json.loads((Path(shards) / "manifest.json").read_text()) if (Path(shards) / "manifest.json").is_file() \
-        else None
-    if manifest is None:
-        raise FileNotFoundError(f"{shards}: no manifest.json (write shards with `adm data write` first)")
+    from data_pipeline.verify import check_resolution, read_manifest
+
+    manifest = read_manifest(shards)
+    check_resolution(shards, manifest, resolution, "--resolution")
     total = sum(s["count"] for s in manifest["shards"])
     want = min(total, limit) if limit else total
     loader = StreamLoader(shards, resolution, batch_size, flip=False, num_slots=1)  # one slot: one ordered pass

@@ -236,7 +236,12 @@ def main(argv=None, prog="adm report") -> int:
     p.add_argument("run_dir")
     p.add_argument("--out", help="directory for report.html/.md/.json (default: the run directory)")
     a = p.parse_args(argv)
-    if not Path(a.run_dir).is_dir():
-        raise FileNotFoundError(f"{a.run_dir}: no such run directory")
+    run = Path(a.run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such run directory")
+    if not any((run / name).exists() for name in ("training_options.json", "snapshots", "eval")):
+        raise ValueError(f"{run}: not a run directory (no training_options.json, snapshots/ or eval/ in it)")
+    if a.out and Path(a.out).exists() and not Path(a.out).is_dir():
+        raise ValueError(f"--out {a.out}: a file; expected a directory for report.html, report.md and report.json")
     print(write_report(Path(a.run_dir), Path(a.out) if a.out else None))
     return 0

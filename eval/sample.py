@@ -7,6 +7,7 @@ arr_1 labels) are written atomically; finished shards are skipped, so a rerun re
 """
 
 import argparse
+import json
 import os
 import sys
 import uuid
@@ -99,6 +100,8 @@ class Sampler:
         self.up = None
         if setting.upsampler:
             self.up, self.up_snap = load_model(setting.upsampler, self.device)
+            if self.up_snap.config.arch != "upsampler":
+                raise ValueError(f"{setting.upsampler}: a {self.up_snap.config.arch} snapshot, expected an upsampler")
             self.up_diffusion = _diffusion(self.up_snap, setting.upsampler_steps)
 
     @property
@@ -159,6 +162,33 @@ class Sampler:
         return watch.array()
 
 
+def claim_out_dir(out: Path, snapshot: str, setting: EvalSetting) -> None:
+    """An --out directory holds the samples of one snapshot and setting (recorded in sampling.json), so
+    that its finished shards can be reused; another snapshot or setting there is refused, naming what
+    differs, instead of passing old shards off as new ones."""
+    from .settings import _digest
+
+    record = {"snapshot": str(Path(snapshot).resolve()), "snapshot_digest": _digest(snapshot),
+              "classifier_digest": _digest(setting.classifier), "upsampler_digest": _digest(setting.upsampler),
+              **{k: getattr(setting, k) for k in ("steps", "classifier", "scale", "upsampler", "upsampler_steps",
+                                                 "weights", "precision")}}
+    path = out / "sampling.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in record.items()
+                   if old.get(k) != v and k != "snapshot"]
+        if changed:
+            raise ValueError(f"--out {out} holds samples of another snapshot or setting ({'; '.join(changed)}); "
+                             "give another --out")
+        return
+    if out.is_dir() and any(out.glob("samples-*.npz")):
+        raise ValueError(f"--out {out} holds samples without a sampling.json (of what, unknown); give another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".sampling.json.partial")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def main(argv=None, prog="adm sample") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("snapshot")
@@ -167,7 +197,7 @@ def main(argv=None, prog="adm sample") -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--steps", default="250", help="timestep respacing: 250 (ancestral), ddim25 (DDIM), ...")
     p.add_argument("--classifier", help="noisy classifier snapshot for guidance")
-    p.add_argument("--scale", type=float, default=1.0, help="classifier guidance scale")
+    p.add_argument("--scale", type=float, default=None, help="classifier guidance scale (default 1 with --classifier)")
     p.add_argument("--upsampler", help="upsampler snapshot: sample the cascade")
     p.add_argument("--upsampler-steps", default="250")
     p.add_argument("--weights", default="ema", help="ema (the snapshot's first EMA), raw, ema_<rate>, phema_<s>")
@@ -179,15 +209,23 @@ def main(argv=None, prog="adm sample") -> int:
     a = p.parse_args(argv)
     if a.num < 1:
         raise ValueError(f"--num must be positive, got {a.num}")
-    setting = EvalSetting(name="cli", steps=a.steps, scale=a.scale if a.classifier else 0.0, classifier=a.classifier,
+    if a.seed_start < 0:
+        raise ValueError(f"--seed-start must be 0 or more, got {a.seed_start}")
+    if a.scale is not None and not a.classifier:
+        raise ValueError("--scale is the classifier-guidance scale: give the classifier with --classifier SNAPSHOT")
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file; expected a directory (new, or one this command filled before)")
+    scale = 1.0 if a.scale is None else a.scale
+    setting = EvalSetting(name="cli", steps=a.steps, scale=scale if a.classifier else 0.0, classifier=a.classifier,
                           upsampler=a.upsampler, upsampler_steps=a.upsampler_steps, weights=a.weights,
                           num=max(a.num, 2), seed_start=a.seed_start, shard_size=a.shard_size,
                           batch_size=a.batch_size, precision=a.precision)
     setting.num = a.num
     sampler = Sampler(a.snapshot, setting, a.device)
+    claim_out_dir(out, a.snapshot, setting)
     from tqdm.auto import tqdm
 
-    out = Path(a.out)
     bar = tqdm(total=a.num, unit="img", desc="sampling", disable=not sys.stderr.isatty())
     paths = [sampler.shard(setting.shard_seeds(i), out, bar) for i in range(setting.num_shards)]
     bar.close()

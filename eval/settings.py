@@ -18,7 +18,7 @@ EVALUATOR_VERSION = "adm-eval-2"
 
 @dataclass
 class EvalSetting:
-    name: str = "ddim25"  # short label used in reports and directory names
+    name: str = ""  # short label used in reports and directory names; default: from steps, scale, upsampler
     steps: str = "ddim25"  # timestep respacing: "250" (ancestral), "ddim25" (DDIM), ...
     scale: float = 0.0  # classifier guidance scale; 0 = unguided
     classifier: str | None = None  # noisy classifier snapshot (required when scale > 0)
@@ -33,6 +33,9 @@ class EvalSetting:
     precision: str = "fp32"  # sampling arithmetic: fp32 | bf16 (autocast; ADM sampled in fp16 on GPUs)
 
     def __post_init__(self):
+        self._check_types()
+        if not self.name:
+            self.name = self.steps + (f"-s{self.scale:g}" if self.scale else "") + ("-cascade" if self.upsampler else "")
         if self.num < 2:
             raise ValueError(f"setting {self.name!r}: num must be >= 2 (covariances need 2 samples), got {self.num}")
         if self.shard_size < 1 or self.batch_size < 1:
@@ -45,6 +48,19 @@ class EvalSetting:
             raise ValueError(f"setting {self.name!r}: precision must be fp32 or bf16, got {self.precision!r}")
         if not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ValueError(f"setting name {self.name!r}: use letters, digits, '-', '_' and '.' only")
+
+    def _check_types(self):
+        """YAML gives strings where numbers were meant (num: many): refused by field, before any use."""
+        kinds = {int: ((int,), "an integer"), float: ((int, float), "a number"), str: ((str,), "a string"),
+                 str | None: ((str, type(None)), "a path or null")}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            ok, what = kinds[f.type]
+            if isinstance(value, bool) or not isinstance(value, ok):
+                label = self.name if isinstance(self.name, str) and self.name else "(unnamed)"
+                raise ValueError(f"setting {label!r}: {f.name} must be {what}, got {value!r}")
+            if f.type is float:
+                setattr(self, f.name, float(value))
 
     @property
     def num_shards(self) -> int:
@@ -87,7 +103,10 @@ def load_settings(path: str | Path) -> list[EvalSetting]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such settings file")
-    data = OmegaConf.to_container(OmegaConf.load(p), resolve=True)
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(p), resolve=True)
+    except Exception as e:  # yaml's scanner and parser errors, OmegaConf's interpolation errors
+        raise ValueError(f"{p}: not a readable YAML settings file ({type(e).__name__}: {e})") from None
     if isinstance(data, dict):
         data = data.get("settings")
     if not isinstance(data, list) or not data:

@@ -65,7 +65,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, sqrt_sigma2=None) -> float:
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape:
-        raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+        raise ValueError(f"statistics of different dimensions: mu {mu1.shape} and sigma {s1.shape} vs mu {mu2.shape} "
+                         f"and sigma {s2.shape}")
     b = sqrtm_psd(s2) if sqrt_sigma2 is None else np.asarray(sqrt_sigma2, np.float64)
     m = b @ s1 @ b
     w = np.linalg.eigvalsh((m + m.T) / 2)

@@ -124,6 +124,8 @@ def cmd_convert(args) -> int:
     from .state_dict import check_state_dict, infer_config
 
     src, dst = Path(args.src), Path(args.dst)
+    if dst.exists() and not args.overwrite:
+        raise ValueError(f"{dst} already exists (pass --overwrite to replace it)")
     if src.is_dir():
         snap = load_snapshot(src, hashes=True)
         weights = snap.ordered()  # proves the weights fit the config before writing anything
@@ -141,7 +143,12 @@ def cmd_convert(args) -> int:
     if isinstance(state_dict, dict) and "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
         state_dict = state_dict["state_dict"]
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"{src}: expected a state dict (name -> tensor), got {type(state_dict).__name__}")
+        got = type(state_dict).__name__
+        if isinstance(state_dict, dict):
+            k, v = next((k, v) for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+            got = f"a dict whose {k!r} is a {type(v).__name__}" + (
+                " (training state? convert a run's snapshot directory instead)" if k in ("ema", "gen", "module") else "")
+        raise ValueError(f"{src}: expected a state dict (name -> tensor), got {got}")
     if args.preset or args.config:
         name, preset, cfg = resolve_config(args.preset or args.config, args.overrides)
     else:

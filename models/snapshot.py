@@ -63,6 +63,16 @@ def _write_json(path: Path, data: dict) -> None:
         os.fsync(f.fileno())
 
 
+def _usual_modes(directory: Path, names: list[str]) -> None:
+    """The modes of a plain mkdir and open under the user's umask (mkdtemp makes 0700, safetensors 0600):
+    evaluation jobs and colleagues running as other users must be able to read a snapshot."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for name in names:
+        os.chmod(directory / name, 0o666 & ~umask)
+
+
 def save_snapshot(directory: str | Path, state_dict: dict[str, torch.Tensor], config: ModelConfig,
                   meta: dict | None = None, overwrite: bool = False,
                   extra_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
@@ -84,6 +94,7 @@ def save_snapshot(directory: str | Path, state_dict: dict[str, torch.Tensor], co
         _write_json(tmp / CONFIG, {"format": FORMAT, "version": VERSION, **(meta or {}), "model": config.to_dict()})
         files = {name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in names}
         _write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "files": files})
+        _usual_modes(tmp, [*names, MANIFEST])
         if directory.exists():  # overwrite: move the old one aside first, so a crash leaves one of the two
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
             os.replace(directory, old / "x")

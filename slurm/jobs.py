@@ -21,6 +21,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         import torch
 
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        local_tasks = int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1"))  # --cluster local: tasks share this machine
+        if not cpus and local_tasks > 1:
+            cpus = str(max(1, (os.cpu_count() or 1) // local_tasks))
         if cpus:  # one task per device: each uses only its own CPUs (no oversubscription)
             torch.set_num_threads(int(cpus))
         submitit_handler = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue

@@ -6,10 +6,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from adm.config import at_least
 
 from . import records
 
@@ -128,15 +131,19 @@ def make_executor(args, folder: Path, site: dict):
 
 
 def cmd_submit_train(args) -> int:
-    from trainer.cli import check_data
+    from trainer.cli import check_data, check_resume
     from trainer.config import load_train_config
 
     site = site_defaults()
     args.minutes = parse_time(args.time)
+    for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
+        if value < 1:
+            raise ValueError(f"{flag}: need at least 1, got {value}")
     cfg = load_train_config(args.config, args.overrides)  # a bad config fails before anything is queued
     world = args.nodes * args.gpus_per_node
     cfg.batch_layout(world)
     check_data(cfg, world)
+    check_resume(cfg)
     if args.minutes * 60 <= args.signal_delay + 60:
         raise ValueError(f"--time {args.time} leaves no room: the preemption signal comes {args.signal_delay} s "
                          "before the limit and a save needs time too (raise --time or lower --signal-delay)")
@@ -166,7 +173,8 @@ def cmd_submit_train(args) -> int:
     from .jobs import TrainJob
 
     job = submit_or_explain(lambda: executor.submit(TrainJob(args.config, args.overrides)))
-    records.add(run_dir, {"job_id": job.job_id, "cluster": cluster, "kind": "train", "config": args.config,
+    started = {"started": process_start(int(job.job_id))} if cluster == "local" else {}  # pids get reused
+    records.add(run_dir, {"job_id": job.job_id, "cluster": cluster, "kind": "train", "config": args.config, **started,
                           "overrides": args.overrides, "nodes": args.nodes, "tasks_per_node": args.gpus_per_node,
                           "folder": str(run_dir / "slurm" / str(job.job_id))})
     print(f"submitted job {job.job_id} ({cluster}); logs: {run_dir / 'slurm' / str(job.job_id)}; "
@@ -217,6 +225,8 @@ def last_images(run_dir: Path) -> str:
 def cmd_jobs(args) -> int:
     if args.action == "list":
         run_dirs = [Path(args.target or ".")]
+        if not run_dirs[0].is_dir():
+            raise FileNotFoundError(f"{run_dirs[0]}: no such run directory")
         rows = []
         for run_dir in run_dirs:
             recs = records.read(run_dir)
@@ -238,6 +248,8 @@ def cmd_jobs(args) -> int:
         for row in [("job", "kind", "state", "requeues", "elapsed", "progress", "logs")] + rows:
             print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
         return 0
+    if not args.target:
+        raise ValueError(f"adm jobs {args.action} JOB: give the job id (adm jobs RUN_DIR lists them)")
     found = records.find(args.target, [Path(p) for p in (args.run_dirs or ["."])])
     if found is None:
         raise ValueError(f"job {args.target}: not in any jobs.jsonl of {args.run_dirs or ['.']} (pass --run-dir)")
@@ -251,7 +263,11 @@ def cmd_jobs(args) -> int:
     if args.action == "cancel":
         job = str(rec["job_id"])
         if rec.get("cluster") != "slurm":
-            subprocess.run(["kill", job], check=False)
+            state = _local_state(rec)
+            if state != "RUNNING":
+                print(f"job {job} is not running ({state}): nothing to cancel")
+                return 0
+            os.kill(int(job), signal.SIGTERM)  # submitit's local controller: it stops its tasks
             print(f"cancelled {job}")
             return 0
         subprocess.run(["scancel", job], check=True)
@@ -268,13 +284,45 @@ def cmd_jobs(args) -> int:
     raise ValueError(f"unknown action {args.action}")
 
 
-def _local_state(rec) -> str:
+def process_start(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (/proc/PID/stat field 22): with the pid, it names
+    the process; a pid alone may have been reused since."""
     try:
-        os.kill(int(rec["job_id"]), 0)
-        return "RUNNING"
-    except (OSError, ValueError):
-        folder = Path(rec["folder"])
-        return "COMPLETED" if any(folder.glob("*_result.pkl")) else "FINISHED"
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _local_state(rec) -> str:
+    """A --cluster local job: RUNNING while its submitit controller lives (the same process, not a reuse of
+    its pid); then FAILED if a task's result holds an error, COMPLETED if every task returned."""
+    pid = int(rec["job_id"])
+    start = process_start(pid)
+    if start is not None:
+        if rec.get("started") == start:
+            return "RUNNING"
+        if rec.get("started") is None:  # a record from before start times were kept: trust the command line
+            if b"submitit" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return "RUNNING"
+    import pickle
+
+    outcomes = []
+    for result in Path(rec["folder"]).glob("*_result.pkl"):
+        try:
+            outcomes.append(pickle.loads(result.read_bytes())[0])
+        except Exception:  # unreadable: counted as a failure
+            outcomes.append("error")
+    if not outcomes:
+        return "ENDED"  # killed, or ended without a result
+    return "FAILED" if "error" in outcomes else "COMPLETED"
+
+
+def slurm_mem(text: str) -> str:
+    """argparse type: Slurm's --mem (an integer with an optional K/M/G/T unit)."""
+    if not re.fullmatch(r"\d+[KMGT]?", text):
+        raise argparse.ArgumentTypeError(f"expected Slurm's form, e.g. 64G or 500M, got {text!r}")
+    return text
 
 
 def register_submit(parser: argparse.ArgumentParser) -> None:
@@ -290,11 +338,11 @@ def register_submit(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--account")
     p.add_argument("--qos")
     p.add_argument("--constraint")
-    p.add_argument("--mem")
-    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--mem", type=slurm_mem, help="memory per node, Slurm's form: 64G, 500M, 0 (all)")
+    p.add_argument("--cpus-per-task", type=at_least(1))
     p.add_argument("--exclusive", action="store_true")
-    p.add_argument("--signal-delay", type=int, default=120, help="seconds between the signal and the time limit")
-    p.add_argument("--max-timeouts", type=int, default=1000, help="requeues after a timeout before giving up")
+    p.add_argument("--signal-delay", type=at_least(0), default=120, help="seconds between the signal and the time limit")
+    p.add_argument("--max-timeouts", type=at_least(0), default=1000, help="requeues after a timeout before giving up")
     p.add_argument("--dependency")
     p.add_argument("--name")
     p.add_argument("--cluster", choices=CLUSTERS, default="auto", help="auto: Slurm if found, else local")

@@ -55,6 +55,13 @@ def test_pt_to_snapshot_and_back(tmp_path, released_pt):
     assert all(torch.equal(reloaded[k], original[k]) for k in original)
     fresh = build_model(get_preset("tiny-32").config())
     fresh.load_state_dict(reloaded, strict=True)
+    for src, dst in ((snap_dir, back), (pt, snap_dir)):  # an existing destination: the same rule both ways
+        before = sorted((p.name, p.stat().st_mtime_ns) for p in [dst, *dst.rglob("*")])
+        proc = run_cli("models", "convert", str(src), str(dst), check=False)
+        assert proc.returncode == 2 and f"{dst} already exists (pass --overwrite to replace it)" in proc.stderr
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in [dst, *dst.rglob("*")]) == before
+        run_cli("models", "convert", str(src), str(dst), "--overwrite")
+    assert all(torch.equal(torch.load(back, weights_only=True)[k], original[k]) for k in original)
 
 
 def test_published_classifier_layout_converts_with_inferred_preset(tmp_path):
@@ -121,6 +128,10 @@ def test_not_a_checkpoint(tmp_path):
     assert proc.returncode == 2 and "not a loadable PyTorch checkpoint" in proc.stderr
     proc = run_cli("models", "convert", str(tmp_path / "nope.pt"), str(tmp_path / "s"), check=False)
     assert proc.returncode == 2 and "no such checkpoint" in proc.stderr
+    state = tmp_path / "rank00000.pt"  # a training-state file: tensors nested under "ema", "gen", ...
+    torch.save({"ema": {0.9999: [torch.zeros(2)]}, "gen": torch.zeros(3, dtype=torch.uint8)}, state)
+    proc = run_cli("models", "convert", str(state), str(tmp_path / "s"), check=False)
+    assert proc.returncode == 2 and "got a dict whose 'ema' is a dict (training state?" in proc.stderr
 
 
 def test_incomplete_or_corrupt_snapshots_are_refused(tmp_path):
@@ -154,3 +165,22 @@ def test_overwrite_replaces_atomically(tmp_path):
     loaded = load_snapshot(tmp_path / "s", hashes=True).state_dict
     assert all(torch.equal(loaded[k], v) for k, v in b.state_dict().items())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_snapshots_get_the_modes_of_the_users_umask(tmp_path, umask):
+    """A snapshot is built in a mkdtemp directory (0700) with safetensors files (0600); once committed it
+    has the modes a plain mkdir/open would give, so eval jobs running as another user can read it."""
+    import os
+    import stat
+
+    cfg = get_preset("tiny-classifier-32").config()
+    old = os.umask(umask)
+    try:
+        snap = save_snapshot(tmp_path / "snap", build_model(cfg).state_dict(), cfg,
+                             extra_weights={"raw": build_model(cfg).state_dict()})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(snap.stat().st_mode) == 0o777 & ~umask
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in snap.iterdir()} == {
+        name: 0o666 & ~umask for name in ("model.safetensors", "raw.safetensors", "config.json", "manifest.json")}

@@ -41,3 +41,17 @@ def test_user_errors_are_one_clear_line():
         assert expected in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("frobnicate", check=False)
     assert proc.returncode == 2 and "unknown command" in proc.stderr
+
+
+def test_demo_options_are_checked_before_anything_is_written(tmp_path, capsys):
+    from adm.cli import main as adm
+
+    for args, expected in [(["--resolution", "17"], "--resolution 17: a multiple of 8"),
+                           (["--snapshots", "0"], "--snapshots 0: at least 2"),
+                           (["--kimg", "-1"], "--kimg -1.0: must be positive"),
+                           (["--samples", "1"], "--samples 1: at least 4"),
+                           (["--scales", "1"], "--scales '1': two classifier-guidance scales"),
+                           (["--steps", "ddim0"], "timestep respacing 'ddim0'")]:
+        assert adm(["demo", "--out", str(tmp_path / "demo"), *args]) == 2
+        assert expected in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

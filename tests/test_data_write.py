@@ -165,13 +165,30 @@ def test_list_layout_and_input_errors(imagenet, tmp_path):
     lst.write_text("".join(f"{root / p}\t{k}\n" for p, k in entries))
     manifest = write_dataset(read_source(lst, "list"), tmp_path / "l", shard_size=7, progress=False)
     assert manifest["num_samples"] == 20
+    (tmp_path / "afile").write_text("")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / MANIFEST).write_text('{"format": ')  # cut short
+    one_image = next((root / "train").rglob("*.JPEG"))
     for args, expected in [
         (("data", "write", str(root), str(tmp_path / "x"), "--preprocess", "resize:3"), "expected none, max-side:N"),
         (("data", "write", str(tmp_path / "nope"), str(tmp_path / "x")), "no such file or directory"),
         (("data", "write", str(root / "val"), str(tmp_path / "x"), "--layout", "folder"), "one sub-folder per class"),
+        (("data", "write", str(root / "train"), str(tmp_path / "afile"), "--layout", "folder"),
+         f"{tmp_path / 'afile'}: OUT is a file"),
+        (("data", "write", str(one_image), str(tmp_path / "x"), "--layout", "folder"),
+         "--layout folder reads a directory, this is a file"),
+        (("data", "write", str(root / "train"), str(tmp_path / "x"), "--layout", "folder", "--image-format", "npy"),
+         "--image-format npy stores center-cropped pixels: it needs --preprocess center-crop:R"),
+        (("data", "info", str(broken)), f"{broken / MANIFEST}: not valid JSON"),
+        (("data", "bench", str(broken), "--resolution", "32"), f"{broken / MANIFEST}: not valid JSON"),
+        (("data", "bench", str(tmp_path / "nope"), "--resolution", "32"), "no manifest.json"),
     ]:
         proc = run_cli(*args, check=False)
-        assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr
+        assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr, (expected, proc.stderr)
+    assert not (tmp_path / "x").exists()
+    proc = run_cli("data", "verify", str(broken), check=False)
+    assert proc.returncode == 1 and f"{broken / MANIFEST}: not valid JSON" in proc.stdout
     bad = tmp_path / "bad.tsv"
     bad.write_text("only-a-path\n")
     with pytest.raises(ValueError, match=r"bad.tsv:1: expected 'path<TAB>label'"):
@@ -198,3 +215,28 @@ def test_val_in_class_folders_and_max_side(imagenet, tmp_path):
     assert manifest["num_samples"] == 30 and manifest["source"]["layout"] == "imagenet-val"
     for s in read_with_webdataset(tmp_path / "v"):
         assert min(s["jpg"].size) == 16 and s["cls"] == labels["val/" + s["json"]["source"].split("/")[1]]
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    """PIL's convert("RGB") clips 16-bit greyscale (mode I;16 / I) to white above 255; the writer and the
+    loader scale it to 8 bits (v / 257), at every preprocessing."""
+    from data_pipeline.transforms import Transform
+
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 ... 65520
+    for k in range(2):
+        (tmp_path / "src" / f"c{k}").mkdir(parents=True)
+        Image.fromarray(ramp).save(tmp_path / "src" / f"c{k}" / "g.png")
+    with Image.open(tmp_path / "src" / "c0" / "g.png") as im:
+        assert im.mode in ("I;16", "I") and np.asarray(im).max() == 65520  # really 16-bit on disk
+    want = np.round(ramp / 257.0).astype(np.uint8)
+    source = read_source(tmp_path / "src", "folder")
+    for preprocess in ("center-crop:64", "none"):  # stored as 8-bit RGB / as the original file, decoded by the loader
+        out = tmp_path / preprocess.replace(":", "")
+        write_dataset(source, out, shard_size=4, preprocess=preprocess, progress=False)
+        with tarfile.open(out / "shard-000000.tar") as tar:
+            payloads = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png")]
+        assert len(payloads) == 2
+        for data in payloads:
+            got = np.asarray(Transform(64).decode(data))
+            assert got.shape == (64, 64, 3) and np.array_equal(got[..., 0], want), preprocess
+            assert np.array_equal(got[..., 0], got[..., 2])

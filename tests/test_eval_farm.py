@@ -95,6 +95,40 @@ def test_a_reference_with_its_own_features_is_not_featurized_again(reference, tm
     assert len(calls) == 2
 
 
+
+def test_a_reference_is_hashed_once_per_version_of_the_file(reference, tmp_path, monkeypatch):
+    """The feature cache is keyed by the reference's sha256; the digest is remembered per (path, size,
+    mtime, inode), so the next metrics job does not hash the file again, and a rewritten file is hashed
+    (and featurized) anew."""
+    import hashlib
+
+    import eval.metrics as metrics
+
+    hashed = []
+    real_digest = metrics._file_digest
+    monkeypatch.setattr(metrics, "_file_digest", lambda p: hashed.append(p) or real_digest(p))
+    ref = dict(np.load(reference))
+    path, cache = tmp_path / "adm-format.npz", tmp_path / "cache"
+    np.savez(path, arr_0=ref["arr_0"])  # ADM's format: images only, so features are cached by digest
+
+    def sha(p):
+        return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+
+    first = metrics.load_reference(path, cache_dir=cache)
+    again = metrics.load_reference(path, cache_dir=cache)
+    assert len(hashed) == 1 and (cache / f"ref-{sha(path)}.npz").is_file()
+    np.testing.assert_array_equal(again["pool"], first["pool"])
+    os.utime(path, ns=(1, 1))  # touched: hashed again, same digest, so the cached features are used
+    monkeypatch.setattr(metrics, "extract", lambda *a, **k: pytest.fail("features recomputed for the same content"))
+    np.testing.assert_array_equal(metrics.load_reference(path, cache_dir=cache)["pool"], first["pool"])
+    assert len(hashed) == 2
+    monkeypatch.undo()
+    np.savez(path, arr_0=ref["arr_0"][::-1].copy())  # rewritten with other content: new digest, new features
+    changed = metrics.load_reference(path, cache_dir=cache)
+    assert (cache / f"ref-{sha(path)}.npz").is_file() and len(list(cache.glob("ref-*[0-9a-f].npz"))) == 2
+    np.testing.assert_allclose(changed["pool"], first["pool"][::-1], rtol=1e-5, atol=1e-5)
+    assert not list(cache.glob("*partial*"))
+
 @pytest.fixture(scope="module")
 def evaluated(reference, tmp_path_factory):
     """Three snapshots evaluated by the scheduler: one scheduler killed mid-evaluation, then two started
@@ -277,26 +311,39 @@ def test_inception_score_matches_torch_fidelity_and_reads_its_weights_file(evalu
 
 
 def test_failed_evaluations_are_retried_then_reported(reference, tmp_path):
-    """A setting that cannot run (its classifier snapshot is a diffusion model) fails every attempt;
-    after --max-attempts the registry says so and the report shows it."""
+    """A setting that cannot run fails every attempt; after --max-attempts the registry says so and the
+    report shows it. (What the files' headers show, a classifier that is a diffusion model say, is
+    refused before any attempt: test_bad_input_is_named. Here the classifier's weights file is damaged
+    inside, at its full size, which only loading it reveals.)"""
     run = make_run(tmp_path / "run", kimgs=(1,))
-    wrong = str(next((run / "snapshots").iterdir()))
+    cfg = get_preset("tiny-classifier-32").config()
+    clf = save_snapshot(tmp_path / "clf", build_model(cfg).state_dict(), cfg, meta={"task": "classifier"})
+    weights = bytearray((clf / "model.safetensors").read_bytes())
+    weights[8:12] = b"\xff\xff\xff\xff"  # the JSON header's first bytes: no longer UTF-8
+    (clf / "model.safetensors").write_bytes(bytes(weights))
     args = ["eval", "schedule", str(run), "--ref", str(reference), "--once", "--cluster", "local", *SETTING,
-            "--scale", "1", "--classifier", wrong, "--max-attempts", "2"]
+            "--scale", "1", "--classifier", str(clf), "--max-attempts", "2"]
     for _ in range(3):
         run_cli(*args, check=False)
     key_dir = next(p for p in (run / "eval").iterdir() if p.name != "ref-cache")
     assert sorted(p.name for p in key_dir.glob("attempt-*.json")) == ["attempt-1.json", "attempt-2.json"]
     failed = json.loads((key_dir / "failed.json").read_text())
-    assert failed["attempts"] == 2 and "expected a classifier" in failed["last_error"]
+    assert failed["attempts"] == 2 and "invalid UTF-8 in header" in failed["last_error"]
     assert "FAILED" in run_cli("eval", "results", str(run)).stdout
-    assert "expected a classifier" in (run / "report.html").read_text()
+    assert "invalid UTF-8 in header" in (run / "report.html").read_text()
 
 
-def test_bad_input_is_named(reference, tmp_path):
+def test_bad_input_is_named(reference, digit_shards, tmp_path):
     run = make_run(tmp_path / "run", kimgs=(1,))
     snap = str(next((run / "snapshots").iterdir()))
+    (tmp_path / "empty").mkdir()
     cases = [
+        (["eval", "ref", str(digit_shards / "val"), "--out", str(tmp_path / "r.npz"), "--resolution", "64"],
+         "(center-crop:32), smaller than --resolution=64"),
+        (["eval", "ref", str(digit_shards / "val"), "--out", str(tmp_path / "r.npz"), "--resolution", "32",
+          "--pr-num", "-1"], "argument --pr-num: must be at least 4, got -1"),
+        (["report", str(tmp_path / "empty")], "not a run directory (no training_options.json, snapshots/ or eval/"),
+        (["report", str(run), "--out", str(tmp_path / "settings.yaml")], "settings.yaml: a file; expected a directory"),
         (["eval", "run", snap, "--ref", str(tmp_path / "nope.npz")], "nope.npz: no such file"),
         (["eval", "run", snap, "--ref", str(reference), "--num", "1"], "num must be >= 2"),
         (["eval", "run", snap, "--ref", str(reference), "--scale", "2"], "needs a classifier"),
@@ -313,11 +360,102 @@ def test_bad_input_is_named(reference, tmp_path):
         (["eval", "compare", str(reference), str(tmp_path / "img64.npz")], "compare at the same resolution"),
         (["eval", "run", snap, "--ref", str(reference), "--settings", str(tmp_path / "settings.yaml")],
          "unknown key(s) ['stepz']"),
+        # refused before anything is claimed or sampled (the run's eval/ directory stays empty)
+        (["eval", "run", snap, "--ref", str(reference), "--steps", "ddim0"],
+         "setting 'ddim0': steps 'ddim0' does not fit the snapshot's 1000-step diffusion"),
+        (["eval", "run", snap, "--ref", str(reference), "--weights", "bogus"], "has no weights 'bogus'; it has ema"),
+        (["eval", "run", snap, "--ref", str(reference), "--upsampler", snap], "a unet snapshot, expected an upsampler"),
+        (["eval", "run", snap, "--ref", str(reference), "--num", "3"], "precision/recall against"),
+        (["eval", "run", snap, "--ref", str(tmp_path / "img64.npz")],
+         "a reference of 64x64 images, but setting 'ddim25' samples 32x32"),
+        (["eval", "run", snap, "--ref", str(reference), "--settings", str(tmp_path / "typed.yaml")],
+         "setting 'a': num must be an integer, got 'many'"),
+        (["eval", "run", snap, "--ref", str(reference), "--settings", str(tmp_path / "broken.yaml")],
+         "broken.yaml: not a readable YAML settings file"),
+        (["eval", "schedule", str(run), "--ref", str(reference), "--every", "0m"], "between 1m and 365d"),
+        (["eval", "results", str(tmp_path / "nope")], "nope: no such run directory"),
+        (["eval", "results", str(run), "--json", str(tmp_path / "settings.yaml" / "r.json")],
+         "settings.yaml is a file, not a directory"),
     ]
+    (tmp_path / "typed.yaml").write_text("- name: a\n  num: many\n")
+    (tmp_path / "broken.yaml").write_text("- name: [a\n")
     for args, message in cases:
         proc = run_cli(*args, check=False)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+    assert not (tmp_path / "r.npz").exists() and not list((tmp_path / "empty").iterdir())
+    assert not (run / "eval").exists()
 
+
+
+def test_compare_refuses_bad_files_before_featurizing_anything(reference, tmp_path, monkeypatch, capsys):
+    """Every mistake that the files' headers show is refused, naming the file and key, before Inception
+    runs on either file (the reference is featurized first, and a real one takes minutes to hours)."""
+    import eval.metrics as metrics
+    from adm.cli import main as adm
+
+    monkeypatch.setattr(metrics, "extract", lambda *a, **k: pytest.fail("featurized before checking the files"))
+    rng = np.random.default_rng(0)
+
+    def images(n, h=32, w=32):
+        return rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+    t = tmp_path
+    np.savez(t / "a.npz", arr_0=images(20))  # ADM's format, featurized when loaded
+    with open(t / "npy.npz", "wb") as f:
+        np.save(f, images(4))
+    (t / "text.npz").write_text("mu, sigma\n")
+    np.savez(t / "one.npz", arr_0=images(1))
+    np.savez(t / "two.npz", arr_0=images(2))
+    np.savez(t / "rect.npz", arr_0=images(20, 32, 16))
+    np.savez(t / "mu100.npz", mu=np.zeros(100), sigma=np.eye(2048))
+    np.savez(t / "stats100.npz", mu=np.zeros(100), sigma=np.eye(100))
+    np.savez(t / "onlymu.npz", mu=np.zeros(2048))
+    np.savez(t / "meta.npz", arr_0=images(4), meta=np.array("{not json"))
+    np.savez(t / "objects.npz", arr_0=np.array([1, "a"], dtype=object))
+    cases = [
+        ("npy.npz", "a single .npy array, not an npz archive"),
+        ("text.npz", "not an npz file (not a zip archive)"),
+        ("one.npz", "arr_0 holds 1 image(s); a covariance needs at least 2"),
+        ("two.npz", "arr_0 holds 2 images; precision/recall (k=3) needs more than 3 in each file"),
+        ("rect.npz", "(compare at the same resolution)"),
+        ("mu100.npz", "mu is (100,) and sigma is (2048, 2048); expected mu (d,) and sigma (d, d)"),
+        ("stats100.npz", "dimensions (ADM's statistics: mu 2048, mu_s 2023)"),
+        ("onlymu.npz", "mu and sigma come together; it has only mu"),
+        ("meta.npz", "meta is not JSON"),
+        ("objects.npz", "arr_0 holds Python objects"),
+    ]
+    for name, message in cases:
+        for pair in ((t / "a.npz", t / name), (t / name, t / "a.npz")):
+            assert adm(["eval", "compare", *map(str, pair)]) == 2
+            err = capsys.readouterr().err
+            assert message in err and "Traceback" not in err, (name, err)
+            assert str(t / name) in err
+    raw = bytearray((t / "a.npz").read_bytes())
+    raw[5000:5100] = bytes(b ^ 0xFF for b in raw[5000:5100])  # inside arr_0's data: found when it is read
+    (t / "crc.npz").write_bytes(bytes(raw))
+    assert adm(["eval", "compare", str(t / "crc.npz"), str(reference)]) == 2
+    assert f"{t / 'crc.npz'}: damaged npz (BadZipFile: Bad CRC-32" in capsys.readouterr().err
+    assert adm(["eval", "compare", str(reference), str(t / "a.npz"), "--json", str(t)]) == 2
+    assert "a directory; give a file name" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        adm(["eval", "compare", str(reference), str(t / "a.npz"), "--batch-size", "-4"])
+    assert "argument --batch-size: must be at least 1, got -4" in capsys.readouterr().err
+
+
+def test_stored_statistics_must_be_finite_covariances(tmp_path):
+    """Statistics files are checked once read (cheap next to featurizing): NaN or a matrix that is not a
+    covariance would give FID nan or 0 without a word."""
+    from eval.metrics import load_reference
+
+    good = np.cov(np.random.default_rng(0).standard_normal((50, 8)), rowvar=False)
+    for name, mu, sigma, message in [("nan", np.full(8, np.nan), good, "mu has non-finite values"),
+                                     ("neg", np.zeros(8), -np.eye(8), "sigma is not a covariance matrix"),
+                                     ("asym", np.zeros(8), good + np.triu(np.ones((8, 8)), 1), "sigma is not a covariance")]:
+        np.savez(tmp_path / f"{name}.npz", mu=mu, sigma=sigma)
+        with pytest.raises(ValueError, match=f"{name}.npz: {message}"):
+            load_reference(tmp_path / f"{name}.npz")
+    np.savez(tmp_path / "ok.npz", mu=np.zeros(8), sigma=good)
+    np.testing.assert_array_equal(load_reference(tmp_path / "ok.npz")["sigma"], good)
 
 def test_shipped_settings_files_load():
     from eval.settings import load_settings

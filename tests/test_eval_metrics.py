@@ -190,8 +190,9 @@ def test_compare_cli_on_real_digits(tmp_path):
     noise = (np.random.default_rng(4).random((32, 32, 32, 3)) * 255).astype(np.uint8)
     np.savez(tmp_path / "noise.npz", arr_0=noise)
     run_cli("eval", "compare", str(tmp_path / "ref.npz"), str(tmp_path / "same.npz"), "--json", str(tmp_path / "a.json"))
-    run_cli("eval", "compare", str(tmp_path / "ref.npz"), str(tmp_path / "noise.npz"), "--json", str(tmp_path / "b.json"))
-    same, noisy = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b.json").read_text())
+    run_cli("eval", "compare", str(tmp_path / "ref.npz"), str(tmp_path / "noise.npz"), "--json",
+            str(tmp_path / "new" / "dir" / "b.json"))  # its folder is made
+    same, noisy = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "new/dir/b.json").read_text())
     assert set(same) == {"fid", "sfid", "precision", "recall"}
     assert same["fid"] < noisy["fid"] / 5 and same["sfid"] < noisy["sfid"]
     assert same["precision"] > 0.5 and noisy["precision"] < 0.1

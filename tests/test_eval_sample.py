@@ -23,7 +23,7 @@ def test_sample_shards_are_per_seed_and_resumable(tmp_path):
     common = ["sample", str(snap), "--num", "6", "--seed-start", "100", "--steps", "ddim4"]
     run_cli(*common, "--out", str(tmp_path / "a"), "--batch-size", "4", "--shard-size", "4", "--merge")
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert files == ["samples-00000100-00000103.npz", "samples-00000104-00000105.npz", "samples.npz"]
+    assert files == ["samples-00000100-00000103.npz", "samples-00000104-00000105.npz", "samples.npz", "sampling.json"]
     merged = np.load(tmp_path / "a" / "samples.npz")
     assert merged["arr_0"].shape == (6, 32, 32, 3) and merged["arr_0"].dtype == np.uint8
     assert merged["arr_1"].tolist() == draw_labels(range(100, 106), 10).tolist()
@@ -34,6 +34,18 @@ def test_sample_shards_are_per_seed_and_resumable(tmp_path):
     before = first.stat().st_mtime_ns
     out = run_cli(*common, "--out", str(tmp_path / "a"), "--batch-size", "4", "--shard-size", "4").stdout
     assert first.stat().st_mtime_ns == before and "6 samples" in out  # finished shards are skipped
+    (tmp_path / "afile").write_text("")
+    for extra, expected in [  # refused before sampling: nothing in "a" changes
+        (["--out", str(tmp_path / "a"), "--precision", "bf16"],  # another setting: the old shards are not its samples
+         f"--out {tmp_path / 'a'} holds samples of another snapshot or setting (precision: 'fp32' there, 'bf16' now)"),
+        (["--out", str(tmp_path / "afile")], f"--out {tmp_path / 'afile'}: a file"),
+        (["--out", str(tmp_path / "e"), "--scale", "3"], "--scale is the classifier-guidance scale: give the classifier"),
+    ]:
+        proc = run_cli(*common, *extra, check=False)
+        assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = run_cli("sample", str(snap), "--num", "2", "--seed-start", "-1", "--out", str(tmp_path / "e"), check=False)
+    assert proc.returncode == 2 and "--seed-start must be 0 or more" in proc.stderr
+    assert first.stat().st_mtime_ns == before and not (tmp_path / "e").exists()
 
 
 def test_guided_and_cascaded_sampling(tmp_path):
@@ -46,6 +58,8 @@ def test_guided_and_cascaded_sampling(tmp_path):
     assert arr.shape == (2, 64, 64, 3)
     bad = run_cli("sample", str(clf), "--num", "1", "--out", str(tmp_path / "d"), check=False)
     assert bad.returncode == 2 and "classifier snapshot" in bad.stderr
+    bad = run_cli("sample", str(base), "--num", "1", "--upsampler", str(base), "--out", str(tmp_path / "d"), check=False)
+    assert bad.returncode == 2 and f"{base}: a unet snapshot, expected an upsampler" in bad.stderr
 
 
 def test_bf16_sampling_is_per_seed_close_to_fp32_and_keyed_apart(tmp_path):

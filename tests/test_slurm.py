@@ -202,12 +202,17 @@ def test_dry_run_and_bad_input(cluster, shards, tmp_path):
                             (["--qos", "nosuch"], "--qos 'nosuch': Slurm knows normal"),
                             (["--constraint", "nosuch"], "Slurm refused the job: sbatch: error: "),
                             (["--time", "00:02:00"], "leaves no room"),
+                            (["--nodes", "0"], "--nodes: need at least 1, got 0"),
                             (["batch=15"], "not divisible by the world size 2")]:
         proc = adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "--gpus-per-node", "2", "--cpu",
                    *extra, check=False)
         assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-1000:]
     proc = adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "--gpus-per-node", "2", check=False)
     assert proc.returncode == 2 and "no GPUs" in proc.stderr
+    proc = adm("jobs", str(tmp_path / "nope"), check=False)
+    assert proc.returncode == 2 and f"{tmp_path / 'nope'}: no such run directory" in proc.stderr
+    proc = adm("jobs", "logs", check=False)
+    assert proc.returncode == 2 and "adm jobs logs JOB: give the job id" in proc.stderr
     submit(shards, run, "total_kimg=2.0")
     proc = adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "--gpus-per-node", "2", "--cpu",
                check=False)
@@ -292,6 +297,38 @@ def test_cluster_debug_runs_in_process(shards, tmp_path):
               "--gpus-per-node", "2", "--cpu", check=False)
     assert bad.returncode == 2 and "one process" in bad.stderr
 
+
+
+def test_cluster_local_runs_the_tasks_as_one_world(shards, tmp_path):
+    """--cluster local (submitit's local executor, the default without Slurm): 2 tasks are the 2 ranks of one
+    training, not two one-rank trainings racing on one run directory; its state and cancel know the job's
+    own process (a pid alone may have been reused)."""
+    run = tmp_path / "run"
+    adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "total_kimg=0.064", "--cluster", "local",
+        "--gpus-per-node", "2", "--cpu", "--wait")
+    [tag] = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("img")]
+    manifest = json.loads((run / "checkpoints" / tag / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and {"rank00000.pt", "rank00001.pt"} <= set(manifest["files"])
+    assert (run / "snapshots" / "img000000000064" / "model.safetensors").is_file()
+    assert adm("jobs", str(run)).stdout.splitlines()[1].split()[2] == "COMPLETED"
+    assert "is not running (COMPLETED): nothing to cancel" in adm("jobs", "cancel", job_id(run), "--run-dir",
+                                                                  str(run)).stdout
+    # a record whose pid now belongs to another process: neither RUNNING nor cancelled
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        record = json.loads((run / "jobs.jsonl").read_text().splitlines()[-1])
+        with open(run / "jobs.jsonl", "a") as f:
+            f.write(json.dumps({**record, "job_id": other.pid, "folder": str(tmp_path / "none")}) + "\n")
+        assert "is not running (ENDED)" in adm("jobs", "cancel", str(other.pid), "--run-dir", str(run)).stdout
+        assert other.poll() is None
+    finally:
+        other.kill()
+    failed = tmp_path / "failed"  # a task that raised: FAILED, not COMPLETED
+    proc = adm("submit", "train", f"data={shards}", f"run_dir={failed}", *BASE, "total_kimg=0.064", "lr=1e30",
+               "max_bad_steps=1", "precision=fp32", "--cluster", "local", "--gpus-per-node", "2", "--cpu", "--wait",
+               check=False)
+    assert proc.returncode != 0
+    assert adm("jobs", str(failed)).stdout.splitlines()[1].split()[2] == "FAILED"
 
 def test_the_demo_trains_as_slurm_jobs_when_a_slurm_answers(cluster, tmp_path):
     """`adm demo` with a Slurm up: its three trainings are 2-task jobs, the diffusion one preempted once by

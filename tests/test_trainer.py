@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, native_cpu_bf16
+from conftest import REPO, native_cpu_bf16, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -212,6 +212,18 @@ def test_power_ema_profiles_and_posthoc_reconstruction(shards, tmp_path):
     for k, v in stored.items():  # a stored width is reproduced by the least-squares weights
         torch.testing.assert_close(synth.state_dict[k], v, rtol=1e-4, atol=1e-5)
     synth.build()
+    run_cli("posthoc", str(run), "--sigma-rel", "0.0704")  # a width that 3 decimals would merge with 0.070
+    assert (run / "snapshots" / "img000000000256-posthoc-0.0704").is_dir()
+    (run / "snapshots" / "img000000000320").mkdir()  # a snapshot being written: ignored unless asked for
+    for args, message in [(["--at", "img000000000320"], "img000000000320 is not a complete snapshot"),
+                          ([], "phema_0.15.safetensors: size 1000 != "),  # a damaged one: refused
+                          (["--run", "x"], "unrecognized arguments")]:
+        if not args:
+            os.truncate(run / "snapshots" / "img000000000128" / "phema_0.15.safetensors", 1000)
+        proc = run_cli("posthoc", str(run), "--sigma-rel", "0.1", *args, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = run_cli("posthoc", str(tmp_path / "nope"), "--sigma-rel", "0.1", check=False)
+    assert proc.returncode == 2 and "nope: no such run directory" in proc.stderr
 
 
 def test_checkpoints_load_with_deepspeeds_zero_to_fp32(reference_run, tmp_path):
@@ -238,20 +250,36 @@ def test_mpiexec_launch_matches_the_local_launcher(shards, reference_run, tmp_pa
 
 
 def test_bad_inputs_fail_fast_with_clear_errors(shards, reference_run, tmp_path):
+    run, _ = reference_run
+    (tmp_path / "afile").write_text("")
+    broken = tmp_path / "broken" / "checkpoints" / "img000000000064"
+    broken.mkdir(parents=True)  # a save that never committed, and nothing complete beside it
+    fits = [f"data={shards}", *BASE[2:]]  # every other setting fits the data and the world
     cases = [
         (["data=" + str(tmp_path), "run_dir=" + str(tmp_path / "r")], "no manifest.json"),
         ([f"data={shards}", f"run_dir={tmp_path / 'r'}", "batch=15"], "not divisible by the world size 2"),
         ([f"data={shards}", f"run_dir={tmp_path / 'r'}", "preset=tiny-32"], "set model.num_classes=11"),
+        ([*fits, f"run_dir={tmp_path / 'afile'}"], f"run_dir: {tmp_path / 'afile'} is a file"),
+        ([*fits, f"run_dir={tmp_path / 'r'}", "num_slots=0"], "num_slots must be at least 1"),
+        ([*fits, f"run_dir={tmp_path / 'r'}", "model.image_size=64"],
+         "images center-cropped to 32x32 (center-crop:32), smaller than model.image_size=64"),
+        ([*fits, f"run_dir={tmp_path / 'broken'}"],
+         "no complete checkpoint to resume from (img000000000064: no manifest.json"),
+        ([*fits, f"run_dir={run}", "model.model_channels=64"],  # refused before ranks start
+         "(model.model_channels: 32 in the run, 64 now); these cannot change on resume"),
+        ([*fits, f"run_dir={tmp_path / 'r'}", "--nproc", "0"], "--nproc: need at least one process"),
     ]
     for args, expected in cases:
-        cmd = [sys.executable, "-m", "adm", "train", "preset=tiny-32", "model.num_classes=11", *args, "--nproc", "2"]
+        cmd = [sys.executable, "-m", "adm", "train", "preset=tiny-32", "model.num_classes=11", *args]
         if "preset=tiny-32" in args:
             cmd.remove("model.num_classes=11")
+        if "--nproc" not in args:
+            cmd += ["--nproc", "2"]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         assert proc.returncode == 2 and expected in proc.stderr, (expected, proc.stderr[-1500:])
-    run, _ = reference_run
-    proc = train(shards, run, "total_kimg=0.5", "model.model_channels=64", check=False)
-    assert proc.returncode != 0 and "different architecture or diffusion" in proc.stderr
+        assert "Traceback" not in proc.stderr and "[adm.train]" not in proc.stderr, proc.stderr[-1500:]
+    assert not (tmp_path / "r").exists() and sorted(p.name for p in (tmp_path / "broken").rglob("*")) == [
+        "checkpoints", "img000000000064"]  # nothing was started, nothing written
 
 
 def test_non_finite_steps_are_skipped_then_training_stops(shards, tmp_path):

@@ -124,8 +124,75 @@ def test_prune_keeps_last_and_every(tmp_path):
     assert json.loads((tmp_path / "checkpoints" / ckpt.tag_for(600) / "manifest.json").read_text())["images"] == 600
 
 
+
+def test_a_resume_says_what_it_skipped_and_refuses_when_nothing_is_complete(tmp_path):
+    """Skipped checkpoints are named with the reason; a run whose checkpoints are all incomplete is
+    refused (starting again from image 0 in their directory would mix two runs, and pruning by name
+    would then delete the new checkpoint and keep the broken ones)."""
+    run = tmp_path
+    first, second = make_ckpt(run, 100), make_ckpt(run, 200)
+    (run / "checkpoints" / second / "b.pt").write_bytes(b"short")
+    skipped = []
+    assert ckpt.resume_point(run, skipped)[0] == first
+    assert skipped == [f"{second}: b.pt is 5 bytes, manifest.json says 201 (LATEST named it)"]
+    (run / "checkpoints" / first / "a.pt").unlink()
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.resume_point(run)
+    assert f"{first}: a.pt missing" in str(e.value) and f"{second}: b.pt is 5 bytes" in str(e.value)
+    assert str(run / "checkpoints") in str(e.value)
+    empty = tmp_path / "fresh"
+    assert ckpt.resume_point(empty) is None  # a new run: nothing to resume, nothing to refuse
+
+
+def test_prune_never_deletes_the_new_checkpoint_for_broken_newer_ones(tmp_path):
+    """A run resumed from img300 because img500 and img600 are damaged: the saves that follow are kept
+    (only complete checkpoints count towards keep_last); the damaged ones stay for the user to inspect."""
+    for i in (1, 2, 3, 5, 6):
+        make_ckpt(tmp_path, i * 100)
+    for i in (5, 6):
+        (tmp_path / "checkpoints" / ckpt.tag_for(i * 100) / "manifest.json").unlink()
+    new = make_ckpt(tmp_path, 400)
+    ckpt.prune(tmp_path, keep_last=2, keep_every_images=0, keep=new)
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("img"))
+    assert left == [ckpt.tag_for(i) for i in (300, 400, 500, 600)]
+    assert ckpt.find_latest(tmp_path)[0] == new
+
+
+def test_a_resume_names_the_fields_it_cannot_change_and_records_those_it_may(tmp_path):
+    """The refusal names each changed field of the task, architecture or diffusion (from the checkpoint's
+    own record, or for older checkpoints from training_options.json); allowed changes (the learning
+    rate) are kept in training_options.changes.jsonl, so the original options are not lost."""
+    from dataclasses import asdict
+
+    from trainer.cli import check_resume
+    from trainer.loop import write_options
+
+    def config(*extra):
+        return load_train_config(None, ["preset=tiny-32", f"run_dir={tmp_path}", *extra])
+
+    cfg = config()
+    tag = make_ckpt(tmp_path, 100)
+    client = tmp_path / "checkpoints" / tag / "client.json"
+    want = "(diffusion.noise_schedule: 'cosine' in the run, 'linear' now; model.model_channels: 32 in the run, 64 now)"
+    for record in ({"fixed_hash": cfg.fixed_hash(), "fixed": cfg.fixed()}, {"fixed_hash": cfg.fixed_hash()}):
+        client.write_text(json.dumps(record))
+        write_options(tmp_path, asdict(cfg), None)
+        check_resume(cfg)
+        check_resume(config("lr=1", "model.use_checkpoint=true"))
+        with pytest.raises(ValueError) as e:
+            check_resume(config("model.model_channels=64", "diffusion.noise_schedule=linear"))
+        assert f"{tag} was trained with another task, architecture or diffusion {want}" in str(e.value)
+    changes = tmp_path / "training_options.changes.jsonl"
+    assert not changes.exists()
+    write_options(tmp_path, asdict(config("lr=1")), 100)
+    write_options(tmp_path, asdict(config("lr=1")), 200)  # nothing new: nothing recorded
+    [line] = changes.read_text().splitlines()
+    assert json.loads(line)["images"] == 100 and json.loads(line)["changes"] == {"lr": [2e-4, 1.0]}
+    assert json.loads((tmp_path / "training_options.json").read_text())["lr"] == 1.0
+
 def test_rank_discovery(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE",
+              "SUBMITIT_LOCAL_NTASKS", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
     assert discover().source == "single"
     monkeypatch.setenv("SLURM_PROCID", "3")
@@ -135,6 +202,15 @@ def test_rank_discovery(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-08]")
     env = discover()
     assert (env.source, env.rank, env.world_size, env.local_rank, env.master_addr) == ("slurm", 3, 8, 1, "gpu07")
+    for k in ("SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(k)
+    # submitit's local executor: N tasks of one job on this machine, a port from the job (controller pid)
+    for k, v in dict(SUBMITIT_LOCAL_NTASKS="2", SUBMITIT_LOCAL_GLOBALID="1", SUBMITIT_LOCAL_LOCALID="1",
+                     SUBMITIT_LOCAL_JOB_ID="4242").items():
+        monkeypatch.setenv(k, v)
+    env = discover()
+    assert (env.source, env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port) == (
+        "submitit-local", 1, 2, 1, "127.0.0.1", 24242)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert discover().source == "torchrun"

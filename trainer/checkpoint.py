@@ -94,22 +94,45 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def valid(run_dir: Path, tag: str) -> dict | None:
-    """The manifest of a complete checkpoint, or None."""
+class CheckpointError(ValueError):
+    """The run directory has checkpoints, but none can be resumed from."""
+
+
+def problem(run_dir: Path, tag: str) -> str | None:
+    """Why run/checkpoints/<tag> is not a complete checkpoint, or None when it is."""
     d = run_dir / CKPT / tag
+    if not d.is_dir():
+        return "missing"
     try:
         manifest = json.loads((d / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    for name, size in manifest["files"].items():
+        files = manifest["files"]
+    except OSError:
+        return f"no {MANIFEST} (an interrupted save)"
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"{MANIFEST} unreadable"
+    for name, size in files.items():
         f = d / name
-        if not f.is_file() or f.stat().st_size != size:
-            return None
-    return manifest
+        if not f.is_file():
+            return f"{name} missing"
+        if f.stat().st_size != size:
+            return f"{name} is {f.stat().st_size} bytes, {MANIFEST} says {size}"
+    return None
 
 
-def find_latest(run_dir: Path) -> tuple[str, dict] | None:
-    """LATEST if valid, else the newest valid checkpoint (a partial or corrupt one is skipped)."""
+def valid(run_dir: Path, tag: str) -> dict | None:
+    """The manifest of a complete checkpoint, or None."""
+    if problem(run_dir, tag) is not None:
+        return None
+    return json.loads((run_dir / CKPT / tag / MANIFEST).read_text())
+
+
+def _tags(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("img"))
+
+
+def find_latest(run_dir: Path, skipped: list[str] | None = None) -> tuple[str, dict] | None:
+    """LATEST if valid, else the newest valid checkpoint (a partial or corrupt one is skipped, and said
+    why in `skipped`)."""
     root = run_dir / CKPT
     if not root.is_dir():
         return None
@@ -117,26 +140,60 @@ def find_latest(run_dir: Path) -> tuple[str, dict] | None:
     latest = root / LATEST
     if latest.is_file():
         candidates.append(latest.read_text().strip())
-    candidates += sorted((p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("img")), reverse=True)
-    for tag in candidates:
-        manifest = valid(run_dir, tag)
-        if manifest is not None:
-            return tag, manifest
+    candidates += [t for t in reversed(_tags(root)) if t not in candidates]
+    for i, tag in enumerate(candidates):
+        why = problem(run_dir, tag)
+        if why is None:
+            return tag, valid(run_dir, tag)
+        if skipped is not None:
+            skipped.append(f"{tag}: {why}" + (f" ({LATEST} named it)" if i == 0 and latest.is_file() else ""))
     return None
 
 
-def prune(run_dir: Path, keep_last: int, keep_every_images: int) -> None:
-    """Delete old checkpoints, keeping the newest `keep_last` and every `keep_every_images` images."""
+def resume_point(run_dir: Path, skipped: list[str] | None = None) -> tuple[str, dict] | None:
+    """find_latest, or a clear error when the run has checkpoints and none is complete: starting again
+    from image 0 in their directory would mix two runs (and the old ones would be pruned as newest)."""
+    skipped = [] if skipped is None else skipped
+    found = find_latest(run_dir, skipped)
+    if found is None and skipped:
+        raise CheckpointError(f"{run_dir / CKPT}: no complete checkpoint to resume from ({'; '.join(skipped)}); "
+                              "restore one, or start again in a new run_dir")
+    return found
+
+
+def prune(run_dir: Path, keep_last: int, keep_every_images: int, keep: str | None = None) -> None:
+    """Delete old complete checkpoints, keeping the newest `keep_last`, every `keep_every_images` images
+    and `keep` (the one just written). Incomplete ones are left for the user to look at."""
     root = run_dir / CKPT
-    tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("img"))
+    tags = [t for t in _tags(root) if problem(run_dir, t) is None]
     for tag in tags[:-keep_last] if keep_last > 0 else []:
-        if keep_every_images and images_of(tag) % keep_every_images == 0:
+        if tag == keep or keep_every_images and images_of(tag) % keep_every_images == 0:
             continue
         shutil.rmtree(root / tag, ignore_errors=True)
         shutil.rmtree(root / f"universal-{tag}", ignore_errors=True)
     for p in root.iterdir():  # leftovers of interrupted saves
         if p.name.startswith(".tmp-") and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
+
+
+def refusal(run_dir: Path, tag: str, cfg) -> str | None:
+    """Why checkpoint `tag` cannot be resumed with TrainConfig `cfg` (its task, architecture or diffusion
+    differ, named field by field), or None."""
+    from .config import describe, differences
+
+    client = json.loads((run_dir / CKPT / tag / "client.json").read_text())
+    if client["fixed_hash"] == cfg.fixed_hash():
+        return None
+    was = client.get("fixed")
+    options = run_dir / "training_options.json"
+    if was is None and options.is_file():  # checkpoints written before client.json kept the fields
+        o = json.loads(options.read_text())
+        was = {"task": o.get("task"), "model": {k: v for k, v in o.get("model", {}).items() if k != "use_checkpoint"},
+               "diffusion": o.get("diffusion")}
+    changes = differences(was, cfg.fixed()) if was else {}
+    what = describe(changes) if changes else f"task/model/diffusion differ from {options}"
+    return (f"{run_dir}: {tag} was trained with another task, architecture or diffusion ({what}); these cannot "
+            "change on resume: use a new run_dir")
 
 
 def universal_dir(run_dir: Path, tag: str) -> Path:

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from .preemption import EXIT_REQUEUE
 
@@ -47,7 +48,7 @@ def launch_local(nproc: int, argv: list[str]) -> int:
 def check_data(cfg, world: int = 1) -> None:
     """The data must exist and fit the model (class count) and the world (every rank x loader worker reads
     whole canonical slots, every slot at least one shard), before any process starts or a job is queued."""
-    from data_pipeline.verify import read_manifest
+    from data_pipeline.verify import check_resolution, read_manifest
 
     if not cfg.data:
         raise ValueError("data: set the shard directory (adm data write ...)")
@@ -56,6 +57,7 @@ def check_data(cfg, world: int = 1) -> None:
     if cfg.model.num_classes is not None and cfg.model.num_classes < k:
         raise ValueError(f"model.num_classes: {cfg.data} has {k} classes but the model has {cfg.model.num_classes}; "
                          f"set model.num_classes={k}")
+    check_resolution(f"data: {cfg.data}", manifest, cfg.model.image_size, "model.image_size")
     shards = len(manifest["shards"])
     if cfg.num_slots > shards:
         raise ValueError(f"num_slots: {cfg.num_slots} canonical slots but {cfg.data} has only {shards} shard(s); "
@@ -64,6 +66,21 @@ def check_data(cfg, world: int = 1) -> None:
     if cfg.num_slots % readers:
         raise ValueError(f"num_slots: {cfg.num_slots} canonical slots do not divide over {world} rank(s) x "
                          f"{max(cfg.data_workers, 1)} data_workers = {readers} readers")
+
+
+def check_resume(cfg) -> None:
+    """Re-running resumes: the run directory must be a directory, and its newest complete checkpoint
+    must have this config's task, architecture and diffusion (named field by field otherwise); a run
+    whose checkpoints are all incomplete is refused. Checked before any process starts."""
+    from . import checkpoint as ckpt
+
+    run = Path(cfg.run_dir)
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"run_dir: {run} is a file, expected a directory")
+    found = ckpt.resume_point(run)
+    refused = found and ckpt.refusal(run, found[0], cfg)
+    if refused:
+        raise ValueError(refused)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m trainer") -> int:
@@ -80,10 +97,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m trainer") -> int:
 
     from .config import load_train_config
 
+    if args.nproc < 1:
+        parser.error(f"--nproc: need at least one process, got {args.nproc}")
     cfg = load_train_config(config, overrides)  # bad configs fail here, before any process starts
     world = args.nproc if args.nproc > 1 else int(os.environ.get("WORLD_SIZE", "1"))
     cfg.batch_layout(world)
     check_data(cfg, world)
+    check_resume(cfg)
     _setup_logging()
     if args.nproc > 1 and "RANK" not in os.environ:
         rest = [a for a in argv if not a.startswith("--nproc")]

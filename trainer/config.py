@@ -79,15 +79,23 @@ class TrainConfig:
             bad("ema_rates", f"give at least one rate, each in [0, 1), got {self.ema_rates}")
         if any(not 0.0 < s < 0.28 for s in self.power_ema):
             bad("power_ema", f"every sigma_rel must lie in (0, 0.28), got {self.power_ema}")
+        if self.num_slots < 1 or self.data_workers < 0:
+            bad("num_slots" if self.num_slots < 1 else "data_workers",
+                f"num_slots must be at least 1 and data_workers at least 0, got {self.num_slots} and {self.data_workers}")
 
-    def fixed_hash(self) -> str:
-        """Hash of what a resume may not change: the architecture and the diffusion."""
+    def fixed(self) -> dict:
+        """What a resume may not change: the task, the architecture and the diffusion."""
         fixed = {"task": self.task, "model": asdict(self.model), "diffusion": asdict(self.diffusion)}
         fixed["model"].pop("use_checkpoint")  # memory knobs may change on resume
-        return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
+        return fixed
+
+    def fixed_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.fixed(), sort_keys=True).encode()).hexdigest()[:16]
 
     def batch_layout(self, world_size: int) -> tuple[int, int]:
         """(micro batch per rank, gradient accumulation steps) for this world size, or a clear error."""
+        if world_size < 1:
+            raise ValueError(f"world size: need at least one process, got {world_size}")
         if self.batch % world_size:
             raise ValueError(f"batch: the global batch {self.batch} is not divisible by the world size {world_size}")
         per_rank = self.batch // world_size
@@ -188,3 +196,19 @@ def _deep_merge(a: dict, b: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
+    """{dotted key: (old value, new value)} for every leaf that differs between two option trees."""
+    out = {}
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(differences(a, b, f"{prefix}{k}."))
+        elif a != b:
+            out[f"{prefix}{k}"] = (a, b)
+    return out
+
+
+def describe(changes: dict[str, tuple], then: str = "in the run", now: str = "now") -> str:
+    return "; ".join(f"{k}: {a!r} {then}, {b!r} {now}" for k, (a, b) in changes.items())

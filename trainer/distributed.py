@@ -18,7 +18,7 @@ class DistEnv:
     local_rank: int
     master_addr: str
     master_port: int
-    source: str  # torchrun | slurm | mpi | single
+    source: str  # torchrun | slurm | mpi | submitit-local | single
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -60,6 +60,11 @@ def discover() -> DistEnv:
             port = comm.bcast(_free_port() if comm.Get_rank() == 0 else None, root=0)
             local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
             return DistEnv(comm.Get_rank(), comm.Get_size(), local, addr, port, "mpi")
+    if int(env.get("SUBMITIT_LOCAL_NTASKS", "1")) > 1:  # submitit's local executor (adm submit --cluster local)
+        job = int(env.get("SUBMITIT_LOCAL_JOB_ID", "0"))  # the controller's pid, the same for every task
+        return DistEnv(int(env["SUBMITIT_LOCAL_GLOBALID"]), int(env["SUBMITIT_LOCAL_NTASKS"]),
+                       int(env.get("SUBMITIT_LOCAL_LOCALID", 0)), "127.0.0.1",
+                       int(env.get("MASTER_PORT", 20000 + job % 20000)), "submitit-local")
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
         nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),

@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +22,7 @@ from models.resample import LossAwareSamplerMixin, create_named_schedule_sampler
 
 from . import checkpoint as ckpt
 from . import distributed as dist_util
-from .config import TrainConfig, resolve_precision
+from .config import TrainConfig, describe, differences, resolve_precision
 from .ema import ShardEMA
 from .preemption import EXIT_REQUEUE, PreemptionFlag
 
@@ -56,6 +55,23 @@ def lr_at(cfg: TrainConfig, images: int) -> float:
     if cfg.lr_decay:
         factor = min(factor, max(0.0, 1.0 - images / (cfg.total_kimg * 1000)))
     return cfg.lr * factor
+
+
+def write_options(run_dir: Path, options: dict, resumed_at: int | None) -> None:
+    """training_options.json: this launch's resolved options. On a resume, what changed since the last
+    launch (the learning rate, say) is said and kept in training_options.changes.jsonl."""
+    path = run_dir / "training_options.json"
+    if resumed_at is not None and path.is_file():
+        old = json.loads(path.read_text())
+        changes = {k: v for k, v in differences(old, options).items() if k != "run_dir"}
+        if changes:
+            log.info("changed since the last launch: %s", describe(changes, "then", "now"))
+            with open(run_dir / "training_options.changes.jsonl", "a") as f:
+                f.write(json.dumps({"images": resumed_at, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                    "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(options, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def training_loop(cfg: TrainConfig) -> int:
@@ -95,7 +111,18 @@ def training_loop(cfg: TrainConfig) -> int:
         return torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
 
     sampler = create_named_schedule_sampler(d.schedule_sampler, diffusion, sync=sync)
-    found = dist_util.broadcast_object(ckpt.find_latest(run_dir) if is_main else None)
+    skipped, refused = [], None
+    if is_main:
+        try:
+            found = ckpt.resume_point(run_dir, skipped)
+            refused = found and ckpt.refusal(run_dir, found[0], cfg)
+        except ckpt.CheckpointError as e:
+            found, refused = None, str(e)
+    found, refused = dist_util.broadcast_object((found, refused) if is_main else None)
+    if refused:  # `adm train` checked this before starting the ranks; launched otherwise, every rank stops here
+        raise TrainingStopped(refused)
+    if is_main and skipped:
+        log.warning("skipped incomplete checkpoints: %s", "; ".join(skipped))
     elastic = bool(found) and found[1]["world_size"] != world
     ds_config = deepspeed_config(cfg, micro, accum)
     if elastic:  # another world size: load through DeepSpeed's universal checkpoint
@@ -115,10 +142,6 @@ def training_loop(cfg: TrainConfig) -> int:
         load_start = time.perf_counter()
         tag, manifest = found
         client = json.loads((run_dir / ckpt.CKPT / tag / "client.json").read_text())
-        if client["fixed_hash"] != cfg.fixed_hash():
-            raise TrainingStopped(f"{run_dir}: the checkpoint was trained with a different architecture or diffusion "
-                                  f"(task/model/diffusion in {run_dir / 'training_options.json'} vs this config); "
-                                  "use a new run_dir")
         if elastic:
             engine.load_checkpoint(str(universal), tag="ds", load_optimizer_states=True,
                                    load_lr_scheduler_states=False)
@@ -151,8 +174,8 @@ def training_loop(cfg: TrainConfig) -> int:
             log.info("resumed from %s at %.1f kimg%s", tag, images / 1000,
                      f" (saved at world size {manifest['world_size']}, now {world}: universal checkpoint)"
                      if elastic else "")
-    if is_main:  # only now: a resume that was refused must not overwrite the run's options
-        (run_dir / "training_options.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    if is_main:
+        write_options(run_dir, asdict(cfg), images if found else None)
     batches = iter(loader)  # before restoring the RNG: creating the iterator draws from it
     if rng_state is not None:
         torch.set_rng_state(rng_state)
@@ -173,6 +196,7 @@ def training_loop(cfg: TrainConfig) -> int:
         loader_state = merge_states(dist_util.gather_objects(loader.state_dict()))
         if is_main:  # the EMA layout lets a resume at another world size assemble the EMA from the rank files
             ckpt.write_json_atomic(tmp / "client.json", {"images": images, "step": step, "fixed_hash": cfg.fixed_hash(),
+                                                         "fixed": cfg.fixed(),
                                                          "loader": loader_state, "world_size": world,
                                                          "ema_updates": ema.updates, "ema_layout": ema_layout})
         dist_util.barrier()  # every file is written: each rank flushes its share of them to the disk
@@ -184,7 +208,7 @@ def training_loop(cfg: TrainConfig) -> int:
             seconds = time.perf_counter() - save_start
             print(f"[ckpt] saved {tag} in {seconds:.2f} s ({size / 2 ** 20:.1f} MiB, "
                   f"{size / 2 ** 20 / max(seconds, 1e-9):.1f} MiB/s)", flush=True)
-            ckpt.prune(run_dir, cfg.keep_last, int(cfg.keep_every_kimg * 1000))
+            ckpt.prune(run_dir, cfg.keep_last, int(cfg.keep_every_kimg * 1000), keep=tag)
         dist_util.barrier()
 
     def save_snapshot():

@@ -18,14 +18,27 @@ def main(argv: list[str] | None = None, prog: str = "python -m trainer.posthoc")
     p.add_argument("--sigma-rel", type=float, required=True, help="relative EMA width to synthesise, e.g. 0.07")
     p.add_argument("--at", help="snapshot tag to reconstruct at (default: the latest)")
     a = p.parse_args(argv)
-    from models.snapshot import load_snapshot, save_snapshot
+    from models.snapshot import SnapshotError, load_snapshot, read_manifest, save_snapshot, verify_snapshot
 
     from .power_ema import reconstruct
 
-    snaps = sorted((Path(a.run_dir) / "snapshots").glob("img*"))
-    snaps = [s for s in snaps if "-" not in s.name]
+    if not Path(a.run_dir).is_dir():
+        raise FileNotFoundError(f"{a.run_dir}: no such run directory")
+    snaps, incomplete = [], {}
+    for s in sorted((Path(a.run_dir) / "snapshots").glob("img*")):
+        if "-" in s.name:
+            continue
+        try:
+            read_manifest(s)
+        except SnapshotError as e:  # still being written (no manifest yet): not a snapshot
+            incomplete[s.name] = str(e)
+            continue
+        verify_snapshot(s)  # listed files damaged since: refused, naming the file
+        snaps.append(s)
+    if a.at in incomplete:
+        raise ValueError(f"--at {a.at}: {incomplete[a.at]}")
     if not snaps:
-        raise FileNotFoundError(f"{a.run_dir}: no snapshots")
+        raise FileNotFoundError(f"{a.run_dir}: no complete snapshots in {a.run_dir}/snapshots")
     target = next((s for s in snaps if s.name == a.at), None) if a.at else snaps[-1]
     if target is None:
         raise ValueError(f"--at {a.at}: no such snapshot in {a.run_dir}/snapshots")
@@ -42,7 +55,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m trainer.posthoc")
     snap = load_snapshot(target)
     step = snap.meta["ema_updates"]
     weights = reconstruct(stored, step, a.sigma_rel)
-    out = target.with_name(f"{target.name}-posthoc-{a.sigma_rel:.3f}")
+    width = f"{a.sigma_rel:.3f}" if round(a.sigma_rel, 3) == a.sigma_rel else f"{a.sigma_rel:g}"  # names stay distinct
+    out = target.with_name(f"{target.name}-posthoc-{width}")
     meta = {k: v for k, v in snap.meta.items() if k not in ("format", "version")}
     meta.update(posthoc={"sigma_rel": a.sigma_rel, "profiles": len(stored)})
     save_snapshot(out, weights, snap.config, meta=meta, overwrite=True)

@@ -1,0 +1,64 @@
+"""What an evaluation needs, checked before anything is claimed or queued: each mistake found here
+would otherwise surface in a sampling or metrics job, after minutes of work, and use up an attempt.
+
+Only files' headers and JSON are read; no network weights are loaded.
+"""
+
+import json
+from pathlib import Path
+
+from models.config import ModelConfig
+from models.respace import space_timesteps
+from models.snapshot import CONFIG, verify_snapshot, weight_names
+
+from .npzfile import describe
+from .precision_recall import K_NEAREST
+from .settings import EvalSetting
+
+
+def _snapshot(path: str | Path, role: str, arch: str) -> tuple[ModelConfig, dict]:
+    verify_snapshot(path)  # complete, sizes as in its manifest
+    meta = json.loads((Path(path) / CONFIG).read_text())
+    config = ModelConfig(**meta["model"])
+    if config.arch != arch:
+        raise ValueError(f"{path}: a {config.arch} snapshot, expected {role} ({arch})")
+    return config, meta
+
+
+def _steps(spec: str, meta: dict, what: str, setting: EvalSetting) -> None:
+    steps = meta.get("diffusion", {}).get("steps", 1000)
+    try:
+        space_timesteps(steps, spec)
+    except ValueError as e:
+        raise ValueError(f"setting {setting.name!r}: {what} {spec!r} does not fit the snapshot's {steps}-step "
+                         f"diffusion: {e}") from None
+
+
+def check(snapshot: str | Path, settings: list[EvalSetting], ref: str | Path,
+          inception_weights: str | None = None) -> None:
+    """Every setting against this snapshot and reference: architectures, weights, step counts,
+    resolution, sample count; a clear error naming the setting and file otherwise."""
+    ref_info = describe(ref)
+    if inception_weights and not Path(inception_weights).is_file():
+        raise FileNotFoundError(f"--inception-weights {inception_weights}: no such file")
+    config, meta = _snapshot(snapshot, "a diffusion model", "unet")
+    for s in settings:
+        if s.weights not in weight_names(snapshot):
+            raise ValueError(f"setting {s.name!r}: {snapshot} has no weights {s.weights!r}; it has "
+                             f"{', '.join(weight_names(snapshot))}")
+        _steps(s.steps, meta, "steps", s)
+        if s.classifier and s.scale:
+            _snapshot(s.classifier, "a noisy classifier", "classifier")
+        size = config.image_size
+        if s.upsampler:
+            up, up_meta = _snapshot(s.upsampler, "an upsampler", "upsampler")
+            _steps(s.upsampler_steps, up_meta, "upsampler_steps", s)
+            size = up.image_size
+        if ref_info.images:
+            h, w = ref_info.images[1:3]
+            if (h, w) != (size, size):
+                raise ValueError(f"{ref}: a reference of {h}x{w} images, but setting {s.name!r} samples {size}x{size}"
+                                 " (build one at that resolution with `adm eval ref SHARDS --resolution R`)")
+            if s.num <= K_NEAREST:
+                raise ValueError(f"setting {s.name!r}: num {s.num}; precision/recall against {ref} needs more than "
+                                 f"{K_NEAREST} samples")
