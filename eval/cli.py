@@ -75,21 +75,22 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--inception-weights", help="torch-fidelity's full Inception weights file: adds Inception Score")
 
 
+def _slurm_answers() -> bool:
+    import shutil
+    import subprocess
+
+    return bool(shutil.which("sbatch")) and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
+
+
 def backend_for(args):
     from .schedule import LocalBackend
 
     cluster = args.cluster
     if cluster == "auto":
-        import shutil
-        import subprocess
-        cluster = "slurm" if shutil.which("sbatch") and subprocess.run(
-            ["sinfo", "-h"], capture_output=True).returncode == 0 else "local"
+        cluster = "slurm" if _slurm_answers() else "local"
     if cluster == "local":
         return LocalBackend(progress=sys.stderr.isatty())
-    import shutil
-    import subprocess
-
-    if not shutil.which("sbatch") or subprocess.run(["sinfo", "-h"], capture_output=True).returncode != 0:
+    if args.cluster == "slurm" and not _slurm_answers():
         raise ValueError("--cluster slurm: no Slurm answers here (sbatch missing or sinfo failing); "
                          "use --cluster local to run on this machine")
     from slurm.eval_jobs import SlurmBackend  # the submitter lives with the other Slurm code

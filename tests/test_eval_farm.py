@@ -463,3 +463,17 @@ def test_shipped_settings_files_load():
     for path in sorted((REPO / "configs" / "eval").glob("*.yaml")):
         settings = load_settings(path)
         assert settings and all(s.num >= 2 for s in settings), path
+
+
+def test_cluster_slurm_without_a_slurm_is_refused(monkeypatch):
+    """--cluster slurm where no Slurm answers: one clear error before any claim (each failed sbatch used to
+    cost an attempt); auto falls back to this machine."""
+    import argparse
+    import shutil
+
+    from eval.cli import backend_for
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="--cluster slurm: no Slurm answers here"):
+        backend_for(argparse.Namespace(cluster="slurm"))
+    assert backend_for(argparse.Namespace(cluster="auto")).name == "local"
