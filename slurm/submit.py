@@ -1,6 +1,7 @@
 """`adm submit train ...` and `adm jobs ...`: training on Slurm through submitit (or locally)."""
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
@@ -83,6 +84,28 @@ def submit_or_explain(submit):
         raise ValueError(f"Slurm refused the job: {str(e).strip() or 'sbatch failed'}") from None
 
 
+@contextlib.contextmanager
+def stdio_to(path: Path):
+    """File descriptors 1 and 2 go to `path` meanwhile. A process started now inherits them: submitit's
+    local controller, which runs the job after this command returns, would otherwise keep this command's
+    stdout open, so that `out=$(adm submit ...)` or a pipe waited for the whole job."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
+
+
 def queued_jobs() -> set[str]:
     """Jobs Slurm still holds: pending, running, or ending (a cancelled job's ranks may still be saving)."""
     if not shutil.which("squeue"):
@@ -127,6 +150,8 @@ def make_executor(args, folder: Path, site: dict):
     else:
         params = {}
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    if cluster == "local":  # submitit's local executor has the signal delay too (default 30 s), not via AutoExecutor
+        executor._executor.update_parameters(signal_delay_s=args.signal_delay)
     return executor, cluster
 
 
@@ -172,7 +197,12 @@ def cmd_submit_train(args) -> int:
         return 0
     from .jobs import TrainJob
 
-    job = submit_or_explain(lambda: executor.submit(TrainJob(args.config, args.overrides)))
+    if cluster == "local":  # its controller outlives this command: it must not hold our stdout/stderr
+        (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
+        with stdio_to(run_dir / "slurm" / "local-controller.log"):
+            job = executor.submit(TrainJob(args.config, args.overrides))
+    else:
+        job = submit_or_explain(lambda: executor.submit(TrainJob(args.config, args.overrides)))
     started = {"started": process_start(int(job.job_id))} if cluster == "local" else {}  # pids get reused
     records.add(run_dir, {"job_id": job.job_id, "cluster": cluster, "kind": "train", "config": args.config, **started,
                           "overrides": args.overrides, "nodes": args.nodes, "tasks_per_node": args.gpus_per_node,
@@ -188,10 +218,9 @@ def cmd_submit_train(args) -> int:
 def _gpus_requested(args) -> bool:
     if args.cpu:
         return False
-    if args.cluster == "local" or (args.cluster == "auto" and not slurm_available()):
-        import torch
-        if args.gpus_per_node and not torch.cuda.is_available() and not args.cpu:
-            return False
+    if args.cluster in ("local", "debug") or (args.cluster == "auto" and not slurm_available()):
+        import torch  # this machine runs the tasks: it has a GPU or they run on its CPU
+        return torch.cuda.is_available()
     gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True).stdout if shutil.which(
         "sinfo") else ""
     if "gpu" not in gres:
@@ -219,7 +248,9 @@ def sacct(job_ids: list[str]) -> dict[str, dict]:
 
 def last_images(run_dir: Path) -> str:
     latest = run_dir / "checkpoints" / "LATEST"
-    return f"{int(latest.read_text().strip()[3:]) / 1000:.1f} kimg" if latest.is_file() else "-"
+    tag = latest.read_text().strip() if latest.is_file() else ""
+    # :g keeps small runs readable (0.064 kimg, not 0.1) and large ones short (12345.7 kimg)
+    return f"{int(tag[3:]) / 1000:g} kimg" if tag[:3] == "img" and tag[3:].isdigit() else "-"
 
 
 def cmd_jobs(args) -> int:
@@ -268,7 +299,14 @@ def cmd_jobs(args) -> int:
                 print(f"job {job} is not running ({state}): nothing to cancel")
                 return 0
             os.kill(int(job), signal.SIGTERM)  # submitit's local controller: it stops its tasks
-            print(f"cancelled {job}")
+            print(f"cancelled {job}" + ("" if args.no_wait else "; waiting for it to end"), flush=True)
+            deadline = time.time() + args.timeout
+            while not args.no_wait and _local_state(rec) == "RUNNING":
+                if time.time() > deadline:
+                    raise TimeoutError(f"job {job} is still ending after {args.timeout:.0f} s (pid {job})")
+                time.sleep(0.5)
+            if not args.no_wait:
+                print(f"job {job} ended ({_local_state(rec)}); checkpoint: {last_images(run_dir)}")
             return 0
         subprocess.run(["scancel", job], check=True)
         print(f"cancelled {job}" + ("" if args.no_wait else "; its ranks save a checkpoint on the way out, waiting "

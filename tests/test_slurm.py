@@ -290,6 +290,9 @@ def test_srun_mpi_pmi2_gives_mpi_ranks_to_the_trainer_and_the_eval_workers(clust
 def test_cluster_debug_runs_in_process(shards, tmp_path):
     """--cluster debug: the same job, in this process (no Slurm needed), for breakpoints."""
     run = tmp_path / "run"
+    # without --cpu the machine's own GPU is asked for, or its CPU used (not a Slurm's gres, which is not involved)
+    dry = adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "--cluster", "debug", "--dry-run").stdout
+    assert "(cluster debug: no sbatch script; would run 1 local task(s))" in dry
     out = adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "total_kimg=0.064", "--cluster", "debug",
               "--gpus-per-node", "1", "--cpu").stdout
     assert "finished" in out and (run / "snapshots" / "img000000000064" / "model.safetensors").is_file()
@@ -310,7 +313,23 @@ def test_cluster_local_runs_the_tasks_as_one_world(shards, tmp_path):
     manifest = json.loads((run / "checkpoints" / tag / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and {"rank00000.pt", "rank00001.pt"} <= set(manifest["files"])
     assert (run / "snapshots" / "img000000000064" / "model.safetensors").is_file()
-    assert adm("jobs", str(run)).stdout.splitlines()[1].split()[2] == "COMPLETED"
+    row = adm("jobs", str(run)).stdout.splitlines()[1].split()
+    assert row[2] == "COMPLETED" and row[5:7] == ["0.064", "kimg"]  # the checkpoint's 64 images, not rounded to 0.1
+    # a running one: its tasks got --signal-delay, and cancel returns once it has ended
+    long = tmp_path / "long"
+    adm("submit", "train", f"data={shards}", f"run_dir={long}", *BASE, "total_kimg=20", "--cluster", "local",
+        "--gpus-per-node", "2", "--cpu", "--signal-delay", "45", timeout=120)  # returns though its job runs on
+    jid = job_id(long)
+    deadline = time.time() + 300
+    while not any("[train]" in p.read_text() for p in (long / "slurm" / jid).glob("*_log.out")):
+        assert time.time() < deadline, "the local job never started training"
+        time.sleep(0.5)
+    tasks = subprocess.run(["pgrep", "-P", jid], capture_output=True, text=True).stdout.split()
+    assert len(tasks) == 2, adm("jobs", str(long)).stdout  # still running: the submission returned at once
+    assert all("SUBMITIT_LOCAL_SIGNAL_DELAY_S=45" in Path(f"/proc/{t}/environ").read_bytes()
+                                   .decode(errors="replace").split("\0") for t in tasks)
+    out = adm("jobs", "cancel", jid, "--run-dir", str(long)).stdout
+    assert f"job {jid} ended" in out and adm("jobs", str(long)).stdout.splitlines()[1].split()[2] != "RUNNING"
     assert "is not running (COMPLETED): nothing to cancel" in adm("jobs", "cancel", job_id(run), "--run-dir",
                                                                   str(run)).stdout
     # a record whose pid now belongs to another process: neither RUNNING nor cancelled

@@ -64,6 +64,7 @@ def test_training_runs_logs_and_writes_artifacts(reference_run):
     run, proc = reference_run
     lines = [line for line in proc.stdout.splitlines() if line.startswith("[train]")]
     assert len(lines) == 6 and "img/s" in lines[0] and "s/kimg" in lines[0] and "loss by t quartile" in lines[0]
+    assert [line.split()[1:3] for line in lines] == [[f"0.{n:03d}", "kimg"] for n in range(64, 385, 64)]
     losses = [float(line.split("loss ")[1].split()[0]) for line in lines]
     assert losses[-1] < losses[0]  # it learns
     options = json.loads((run / "training_options.json").read_text())
@@ -105,9 +106,13 @@ def test_resume_is_bit_identical(shards, reference_run, tmp_path):
 
 def test_preemption_signal_saves_and_the_rerun_is_bit_identical(shards, reference_run, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(shards, run, "total_kimg=0.384"), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    # a checkpoint after every step: the signal always finds the state at that count saved already, and
+    # must not save it again (which replaced the directory LATEST names)
+    proc = subprocess.Popen(train_cmd(shards, run, "total_kimg=0.384", "checkpoint_kimg=0.016"), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    head = []
     for line in proc.stdout:  # wait until training is under way
+        head.append(line)
         if line.startswith("[train]"):
             break
     proc.send_signal(signal.SIGUSR2)
@@ -116,6 +121,7 @@ def test_preemption_signal_saves_and_the_rerun_is_bit_identical(shards, referenc
     assert "run the same command again to resume" in err
     saved = (run / "checkpoints" / "LATEST").read_text().strip()
     assert 64 <= int(saved[3:]) < 384
+    assert ("".join(head) + out).count(f"[ckpt] saved {saved} ") == 1
     train(shards, run, "total_kimg=0.384")
     assert_identical(final_weights(run)[0], final_weights(reference_run[0])[0])
 
@@ -197,6 +203,25 @@ def test_elastic_resume_from_2_ranks_to_1(shards, tmp_path):
     assert epoch0 == list(range(402))  # the whole first epoch, each sample once
 
 
+def test_resume_at_another_zero_stage_and_precision(shards, tmp_path):
+    """Saved at ZeRO-2 in fp32, resumed at ZeRO-1 in bf16 through the universal checkpoint: the fp32 master
+    weights, the optimizer state and the EMA carry over (one Adam step moves the weights by about the learning
+    rate; the EMA follows its formula)."""
+    run = tmp_path / "run"
+    extra = ["snapshot_kimg=0.128", "ema_rates=[0.9]", "grid=false"]
+    train(shards, run, "total_kimg=0.128", "zero_stage=2", "precision=fp32", *extra)
+    proc = train(shards, run, "total_kimg=0.144", "zero_stage=1", "precision=bf16", *extra)
+    assert "(saved at ZeRO stage 2, now 1; precision fp32, now bf16: universal checkpoint)" in proc.stderr
+    before = load_file(str(run / "snapshots" / "img000000000128" / "model.safetensors"))
+    raw_before = load_file(str(run / "snapshots" / "img000000000128" / "raw.safetensors"))
+    after = load_file(str(run / "snapshots" / "img000000000144" / "model.safetensors"))
+    raw = load_file(str(run / "snapshots" / "img000000000144" / "raw.safetensors"))
+    for k in before:
+        torch.testing.assert_close(after[k], 0.9 * before[k] + 0.1 * raw[k], rtol=1e-5, atol=1e-6)
+    moved = max((raw[k] - raw_before[k]).abs().max().item() for k in raw)
+    assert 0 < moved < 0.01  # one step at lr 2e-4 (here about 1 lr): continued from the saved weights, not new ones
+
+
 def test_power_ema_profiles_and_posthoc_reconstruction(shards, tmp_path):
     run = tmp_path / "run"
     train(shards, run, "total_kimg=0.256", "snapshot_kimg=0.064", "power_ema=[0.05,0.15]", "grid=false")
@@ -266,7 +291,7 @@ def test_bad_inputs_fail_fast_with_clear_errors(shards, reference_run, tmp_path)
         ([*fits, f"run_dir={tmp_path / 'broken'}"],
          "no complete checkpoint to resume from (img000000000064: no manifest.json"),
         ([*fits, f"run_dir={run}", "model.model_channels=64"],  # refused before ranks start
-         "(model.model_channels: 32 in the run, 64 now); these cannot change on resume"),
+         "(model.model_channels: 32 in the run, 64 now): the task, the architecture"),
         ([*fits, f"run_dir={tmp_path / 'r'}", "--nproc", "0"], "--nproc: need at least one process"),
     ]
     for args, expected in cases:

@@ -1,6 +1,7 @@
 """Trainer pieces without processes: config, batch layout, EMA formula, checkpoint discovery, rank discovery."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -39,9 +40,10 @@ def test_batch_layout_and_errors():
             load_train_config(None, bad)
 
 
-def test_fixed_hash_ignores_memory_knobs_only():
+def test_fixed_hash_ignores_memory_knobs_and_dropout_only():
     a = load_train_config(None, ["preset=tiny-32"])
-    assert a.fixed_hash() == load_train_config(None, ["preset=tiny-32", "model.use_checkpoint=true", "lr=1"]).fixed_hash()
+    assert a.fixed_hash() == load_train_config(None, ["preset=tiny-32", "model.use_checkpoint=true", "lr=1",
+                                                      "model.dropout=0.3"]).fixed_hash()
     assert a.fixed_hash() != load_train_config(None, ["preset=tiny-32", "model.model_channels=64"]).fixed_hash()
 
 
@@ -115,6 +117,23 @@ def test_checkpoint_discovery_skips_partial_and_corrupt(tmp_path):
     assert tag == first and manifest["world_size"] == 2 and set(manifest["files"]) == {"a.pt", "b.pt"}
 
 
+def test_a_count_committed_again_replaces_the_old_directory_whole(tmp_path, monkeypatch):
+    """A run rolled back to an older LATEST reaches a count it saved before: the new state replaces the
+    old one, which is moved aside (never deleted before the new one is in place) and then removed."""
+    tag = make_ckpt(tmp_path, 100, files=("a.pt",))
+    moves = []
+    real_replace = ckpt.os.replace
+    monkeypatch.setattr(ckpt.os, "replace", lambda a, b: (moves.append((Path(a).name, Path(b).name)),
+                                                           real_replace(a, b))[1])
+    tmp = ckpt.tmp_dir(tmp_path, tag)
+    tmp.mkdir()
+    (tmp / "c.pt").write_bytes(b"new")
+    ckpt.commit(tmp_path, tag, 1)
+    assert moves[1:3] == [(tag, f".tmp-old-{tag}"), (f".tmp-{tag}", tag)]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["LATEST", tag]
+    assert set(ckpt.valid(tmp_path, tag)["files"]) == {"c.pt"} and ckpt.find_latest(tmp_path)[0] == tag
+
+
 def test_prune_keeps_last_and_every(tmp_path):
     for i in range(1, 7):
         make_ckpt(tmp_path, i * 100)
@@ -181,7 +200,26 @@ def test_a_resume_names_the_fields_it_cannot_change_and_records_those_it_may(tmp
         check_resume(config("lr=1", "model.use_checkpoint=true"))
         with pytest.raises(ValueError) as e:
             check_resume(config("model.model_channels=64", "diffusion.noise_schedule=linear"))
-        assert f"{tag} was trained with another task, architecture or diffusion {want}" in str(e.value)
+        assert f"{tag} was trained with settings a resume cannot change {want}" in str(e.value)
+    # ZeRO stage 1 <-> 2 converts through the universal checkpoint; DeepSpeed's cannot reach or leave stage 3
+    client.write_text(json.dumps({"fixed_hash": cfg.fixed_hash(), "fixed": cfg.fixed(), "zero_stage": 2}))
+    check_resume(config("zero_stage=1", "precision=fp32"))
+    with pytest.raises(ValueError, match="saved at ZeRO stage 2: DeepSpeed's universal checkpoint converts between "
+                                         "stages 1 and 2 but not to or from stage 3"):
+        check_resume(config("zero_stage=3"))
+    # what the saved state is laid out by: refused before the ranks start, not by DeepSpeed or the loader
+    for extra, named in [("ema_rates=[0.9999,0.99]", "ema_rates: [0.9999] in the run, [0.9999, 0.99] now"),
+                         ("power_ema=[0.05]", "power_ema: [] in the run, [0.05] now"),
+                         ("num_slots=8", "num_slots: 64 in the run, 8 now"), ("seed=3", "seed: 0 in the run, 3 now")]:
+        with pytest.raises(ValueError, match=re.escape(named)):
+            check_resume(config(extra))
+    # a checkpoint recorded by an older version: fewer fields, and its hash covered dropout: compared field by field
+    old_fixed = {k: v for k, v in cfg.fixed().items() if k in ("task", "model", "diffusion")}
+    old_fixed["model"]["dropout"] = 0.0
+    client.write_text(json.dumps({"fixed_hash": "0123456789abcdef", "fixed": old_fixed}))
+    check_resume(config("model.dropout=0.1", "seed=3"))
+    with pytest.raises(ValueError, match="model.model_channels: 32 in the run, 64 now"):
+        check_resume(config("model.model_channels=64"))
     changes = tmp_path / "training_options.changes.jsonl"
     assert not changes.exists()
     write_options(tmp_path, asdict(config("lr=1")), 100)
@@ -289,8 +327,74 @@ def test_deepspeed_ops_are_built_inside_this_environment(tmp_path, monkeypatch):
     monkeypatch.undo()
 
     env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
-    code = "from trainer.distributed import build_cpu_ops, ops_dir; print(build_cpu_ops(), ops_dir())"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    name, where = out.stdout.split()[-2:]
-    assert where == os.path.join(sys.prefix, "torch_extensions")
-    assert list(Path(where).glob(f"{name}/*.so")), f"no {name}/*.so in {where}"
+    code = ("import shutil; from trainer.distributed import build_cpu_ops, ops_dir; "
+            "print(build_cpu_ops(), ops_dir(), shutil.which('ninja'))")
+    bindir = str(Path(sys.executable).parent)
+    plain = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != bindir)
+    built = []
+    # run as `.venv/bin/adm` (bin not on PATH: a system ninja may come first) and from an activated
+    # environment: the same ninja builds, so the second finds the op built and does not rebuild it
+    for path in (plain, os.pathsep.join([bindir, plain])):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, "PATH": path}, capture_output=True, text=True,
+                             check=True)
+        name, where, ninja = out.stdout.split()[-3:]
+        assert where == os.path.join(sys.prefix, "torch_extensions")
+        if (Path(bindir) / "ninja").is_file():
+            assert ninja == str(Path(bindir) / "ninja")
+        [so] = Path(where).glob(f"{name}/*.so")
+        built.append(so.stat().st_mtime_ns)
+    assert built[0] == built[1], "the op was rebuilt when only PATH changed"
+
+
+def test_the_local_launcher_stops_the_ranks_left_waiting_on_a_dead_one(capfd):
+    """`adm train --nproc N`: a rank that dies (here: exits 3 at once) would leave the others blocked in a
+    collective until the process group's timeout; they are stopped after a grace period instead."""
+    import subprocess
+    import sys
+    import time
+
+    from trainer.cli import wait_all
+
+    procs = [subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"]),
+             subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])]
+    start = time.monotonic()
+    codes = wait_all(procs, grace_s=1.0)
+    assert codes == [3, -9] and time.monotonic() - start < 60
+    assert "rank 0 exited with code 3; stopping rank(s) [1]" in capfd.readouterr().err
+    # ranks that all end (well or preempted) are simply waited for
+    procs = [subprocess.Popen([sys.executable, "-c", f"import sys, time; time.sleep(1.5); sys.exit({c})"]) for c in (0, 75)]
+    assert wait_all(procs, grace_s=0.1) == [0, 75]
+
+
+def test_one_training_per_run_directory(digit_shards, tmp_path):
+    """A second training into a run directory another process trains in is refused, naming the holder, by
+    the launcher of `--nproc 2` and by a single-process run; the lock ends with its process (here killed)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO, run_cli
+
+    from trainer.runlock import RunDirBusy, acquire
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from trainer.runlock import acquire; acquire(Path(sys.argv[1])); print('held', "
+                               "flush=True); time.sleep(600)", str(run)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirBusy, match=f"in use by another training \\(pid {holder.pid} on "
+                                             f"{re.escape(socket.gethostname())}, since "):
+            acquire(run)
+        base = ["preset=tiny-32", "model.num_classes=11", f"data={digit_shards / 'train'}", f"run_dir={run}",
+                "num_slots=2", "data_workers=1", "total_kimg=0.064"]
+        for nproc in ("2", "1"):
+            proc = run_cli("train", *base, "--nproc", nproc, check=False)
+            assert proc.returncode != 0 and f"is in use by another training (pid {holder.pid}" in proc.stderr, \
+                proc.stderr[-2000:]
+            assert "[train]" not in proc.stdout and not (run / "checkpoints" / "LATEST").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert acquire(run) and json.loads((run / "train.lock").read_text())["pid"] == os.getpid()

@@ -46,13 +46,18 @@ def commit(run_dir: Path, tag: str, world_size: int) -> Path:
     write_json_atomic(tmp / MANIFEST, {"tag": tag, "images": images_of(tag), "world_size": world_size,
                                        "files": files})
     final = run_dir / CKPT / tag
-    if final.exists():
-        shutil.rmtree(final)
+    old = None
+    if final.exists():  # the same count again (a run rolled back to an older LATEST): moved aside, not
+        old = run_dir / CKPT / f".tmp-old-{tag}"  # deleted first, so the tag is missing for two renames only
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
     tmp_latest = run_dir / CKPT / (LATEST + ".tmp")
     tmp_latest.write_text(tag + "\n")
     os.replace(tmp_latest, run_dir / CKPT / LATEST)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -177,23 +182,32 @@ def prune(run_dir: Path, keep_last: int, keep_every_images: int, keep: str | Non
 
 
 def refusal(run_dir: Path, tag: str, cfg) -> str | None:
-    """Why checkpoint `tag` cannot be resumed with TrainConfig `cfg` (its task, architecture or diffusion
-    differ, named field by field), or None."""
-    from .config import describe, differences
+    """Why checkpoint `tag` cannot be resumed with TrainConfig `cfg` (what TrainConfig.fixed names differs,
+    field by field), or None."""
+    from .config import CHANGEABLE_MODEL_FIELDS, describe, differences
 
     client = json.loads((run_dir / CKPT / tag / "client.json").read_text())
+    options = run_dir / "training_options.json"
+    stage = client.get("zero_stage") or (json.loads(options.read_text()).get("zero_stage") if options.is_file() else None)
+    if stage and (stage == 3) != (cfg.zero_stage == 3):
+        return (f"{run_dir}: {tag} was saved at ZeRO stage {stage}: DeepSpeed's universal checkpoint converts "
+                f"between stages 1 and 2 but not to or from stage 3 (zero_stage={cfg.zero_stage} now); keep "
+                f"zero_stage={stage}, or start a new run_dir")
     if client["fixed_hash"] == cfg.fixed_hash():
         return None
     was = client.get("fixed")
-    options = run_dir / "training_options.json"
     if was is None and options.is_file():  # checkpoints written before client.json kept the fields
         o = json.loads(options.read_text())
-        was = {"task": o.get("task"), "model": {k: v for k, v in o.get("model", {}).items() if k != "use_checkpoint"},
-               "diffusion": o.get("diffusion")}
-    changes = differences(was, cfg.fixed()) if was else {}
+        was = {"task": o.get("task"), "model": o.get("model", {}), "diffusion": o.get("diffusion")}
+    changes = {}
+    if was:  # recorded by an older version (fewer fixed fields, dropout among them): compare what it has
+        was = {**was, "model": {k: v for k, v in (was.get("model") or {}).items() if k not in CHANGEABLE_MODEL_FIELDS}}
+        changes = differences(was, {k: v for k, v in cfg.fixed().items() if k in was})
+        if not changes:
+            return None
     what = describe(changes) if changes else f"task/model/diffusion differ from {options}"
-    return (f"{run_dir}: {tag} was trained with another task, architecture or diffusion ({what}); these cannot "
-            "change on resume: use a new run_dir")
+    return (f"{run_dir}: {tag} was trained with settings a resume cannot change ({what}): the task, the "
+            "architecture, the diffusion, the data order (seed, num_slots) and the EMA rates stay; use a new run_dir")
 
 
 def universal_dir(run_dir: Path, tag: str) -> Path:

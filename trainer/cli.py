@@ -39,10 +39,31 @@ def launch_local(nproc: int, argv: list[str]) -> int:
 
     for s in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
         signal.signal(s, forward)
-    codes = [p.wait() for p in procs]
+    codes = wait_all(procs)
     if any(c == EXIT_REQUEUE for c in codes):
         return EXIT_REQUEUE
     return next((c for c in codes if c != 0), 0)
+
+
+def wait_all(procs: list, grace_s: float = 30.0) -> list[int]:
+    """Exit codes of every rank. When one fails (a crash, the OOM killer, a SIGKILL) the others would wait
+    in their next collective for as long as the process group's timeout: they get `grace_s` to end on
+    their own (a config error ends every rank), then are killed, and it is said which rank failed."""
+    import time
+
+    failed_at = None
+    while any(p.poll() is None for p in procs):
+        bad = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode not in (None, 0, EXIT_REQUEUE)]
+        if bad and failed_at is None:
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > grace_s:
+            alive = [r for r, p in enumerate(procs) if p.poll() is None]
+            print(f"rank {bad[0][0]} exited with code {bad[0][1]}; stopping rank(s) {alive}, which would wait on it "
+                  "forever", file=sys.stderr, flush=True)
+            for r in alive:
+                procs[r].kill()
+        time.sleep(0.2)
+    return [p.wait() for p in procs]
 
 
 def check_data(cfg, world: int = 1) -> None:
@@ -106,6 +127,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m trainer") -> int:
     check_resume(cfg)
     _setup_logging()
     if args.nproc > 1 and "RANK" not in os.environ:
+        from .runlock import acquire
+        acquire(Path(cfg.run_dir))  # held here for the ranks, which it starts
         rest = [a for a in argv if not a.startswith("--nproc")]
         if "--nproc" in argv:
             i = argv.index("--nproc")

@@ -22,6 +22,11 @@ class DiffusionConfig:
     predict_xstart: bool = False
 
 
+# model fields a resume may change: neither alters a weight's shape or meaning (gradient checkpointing is a
+# memory knob, dropout a regulariser: turning it on for a fine-tune is common)
+CHANGEABLE_MODEL_FIELDS = ("use_checkpoint", "dropout")
+
+
 @dataclass
 class TrainConfig:
     task: str = "diffusion"  # diffusion | classifier | upsampler
@@ -84,9 +89,13 @@ class TrainConfig:
                 f"num_slots must be at least 1 and data_workers at least 0, got {self.num_slots} and {self.data_workers}")
 
     def fixed(self) -> dict:
-        """What a resume may not change: the task, the architecture and the diffusion."""
-        fixed = {"task": self.task, "model": asdict(self.model), "diffusion": asdict(self.diffusion)}
-        fixed["model"].pop("use_checkpoint")  # memory knobs may change on resume
+        """What a resume may not change: the task, the architecture and the diffusion, and what the saved
+        state is laid out by: the data order (seed, canonical slots) and the EMA rates and widths."""
+        fixed = {"task": self.task, "model": asdict(self.model), "diffusion": asdict(self.diffusion),
+                 "seed": self.seed, "num_slots": self.num_slots, "ema_rates": [float(r) for r in self.ema_rates],
+                 "power_ema": [float(s) for s in self.power_ema]}
+        for name in CHANGEABLE_MODEL_FIELDS:
+            fixed["model"].pop(name)
         return fixed
 
     def fixed_hash(self) -> str:

@@ -22,6 +22,7 @@ from models.resample import LossAwareSamplerMixin, create_named_schedule_sampler
 
 from . import checkpoint as ckpt
 from . import distributed as dist_util
+from . import runlock
 from .config import TrainConfig, describe, differences, resolve_precision
 from .ema import ShardEMA
 from .preemption import EXIT_REQUEUE, PreemptionFlag
@@ -74,6 +75,18 @@ def write_options(run_dir: Path, options: dict, resumed_at: int | None) -> None:
     os.replace(tmp, path)
 
 
+def saved_layout(run_dir: Path, tag: str, manifest: dict) -> dict:
+    """The world size, ZeRO stage and precision checkpoint `tag` was saved at (DeepSpeed's files differ by
+    each; a resume that changes one loads through the universal checkpoint). Checkpoints from before
+    client.json kept the last two take them from the last launch's training_options.json."""
+    client = json.loads((run_dir / ckpt.CKPT / tag / "client.json").read_text())
+    if "zero_stage" not in client and (run_dir / "training_options.json").is_file():
+        client = {**json.loads((run_dir / "training_options.json").read_text()), **client}
+    return {"world size": manifest["world_size"], **{k: client[key] for k, key in
+                                                     (("ZeRO stage", "zero_stage"), ("precision", "precision"))
+                                                     if key in client}}
+
+
 def training_loop(cfg: TrainConfig) -> int:
     """Train until cfg.total_kimg; returns 0, or EXIT_REQUEUE after a preemption save."""
     import deepspeed
@@ -114,16 +127,20 @@ def training_loop(cfg: TrainConfig) -> int:
     skipped, refused = [], None
     if is_main:
         try:
+            if not os.environ.get("ADM_LOCAL_CHILD"):  # `adm train --nproc N` holds it in the launcher
+                runlock.acquire(run_dir)
             found = ckpt.resume_point(run_dir, skipped)
             refused = found and ckpt.refusal(run_dir, found[0], cfg)
-        except ckpt.CheckpointError as e:
+        except (ckpt.CheckpointError, runlock.RunDirBusy) as e:
             found, refused = None, str(e)
     found, refused = dist_util.broadcast_object((found, refused) if is_main else None)
     if refused:  # `adm train` checked this before starting the ranks; launched otherwise, every rank stops here
         raise TrainingStopped(refused)
     if is_main and skipped:
         log.warning("skipped incomplete checkpoints: %s", "; ".join(skipped))
-    elastic = bool(found) and found[1]["world_size"] != world
+    then = saved_layout(run_dir, found[0], found[1]) if found else None
+    now = {"world size": world, "ZeRO stage": cfg.zero_stage, "precision": cfg.precision}
+    elastic = bool(found) and any(then.get(k, v) != v for k, v in now.items())
     ds_config = deepspeed_config(cfg, micro, accum)
     if elastic:  # another world size: load through DeepSpeed's universal checkpoint
         universal = ckpt.universal_dir(run_dir, found[0]) if is_main else None
@@ -138,6 +155,7 @@ def training_loop(cfg: TrainConfig) -> int:
     # ---- resume ----------------------------------------------------------------------------
     images, step = 0, 0
     rng_state = None
+    saved_at = None  # the image count of the newest checkpoint on disk
     if found:
         load_start = time.perf_counter()
         tag, manifest = found
@@ -166,14 +184,15 @@ def training_loop(cfg: TrainConfig) -> int:
             sampler.load_state_dict(own["sampler"])
         loader.load_state_dict(client["loader"])
         images, step = client["images"], client["step"]
+        saved_at = images
         dist_util.barrier()
         if is_main:
             size, seconds = sum(manifest["files"].values()), time.perf_counter() - load_start
             print(f"[ckpt] loaded {tag} in {seconds:.2f} s ({size / 2 ** 20:.1f} MiB, "
                   f"{size / 2 ** 20 / max(seconds, 1e-9):.1f} MiB/s)", flush=True)
-            log.info("resumed from %s at %.1f kimg%s", tag, images / 1000,
-                     f" (saved at world size {manifest['world_size']}, now {world}: universal checkpoint)"
-                     if elastic else "")
+            changed = [f"{k} {then[k]}, now {v}" for k, v in now.items() if then.get(k, v) != v]
+            log.info("resumed from %s at %g kimg%s", tag, images / 1000,
+                     f" (saved at {'; '.join(changed)}: universal checkpoint)" if elastic else "")
     if is_main:
         write_options(run_dir, asdict(cfg), images if found else None)
     batches = iter(loader)  # before restoring the RNG: creating the iterator draws from it
@@ -181,6 +200,7 @@ def training_loop(cfg: TrainConfig) -> int:
         torch.set_rng_state(rng_state)
 
     def save_state():
+        nonlocal saved_at
         save_start = time.perf_counter()
         tag = ckpt.tag_for(images)
         tmp = ckpt.tmp_dir(run_dir, tag)
@@ -196,7 +216,8 @@ def training_loop(cfg: TrainConfig) -> int:
         loader_state = merge_states(dist_util.gather_objects(loader.state_dict()))
         if is_main:  # the EMA layout lets a resume at another world size assemble the EMA from the rank files
             ckpt.write_json_atomic(tmp / "client.json", {"images": images, "step": step, "fixed_hash": cfg.fixed_hash(),
-                                                         "fixed": cfg.fixed(),
+                                                         "fixed": cfg.fixed(), "zero_stage": cfg.zero_stage,
+                                                         "precision": cfg.precision,
                                                          "loader": loader_state, "world_size": world,
                                                          "ema_updates": ema.updates, "ema_layout": ema_layout})
         dist_util.barrier()  # every file is written: each rank flushes its share of them to the disk
@@ -210,6 +231,7 @@ def training_loop(cfg: TrainConfig) -> int:
                   f"{size / 2 ** 20 / max(seconds, 1e-9):.1f} MiB/s)", flush=True)
             ckpt.prune(run_dir, cfg.keep_last, int(cfg.keep_every_kimg * 1000), keep=tag)
         dist_util.barrier()
+        saved_at = images
 
     def save_snapshot():
         from models.snapshot import save_snapshot as write
@@ -273,9 +295,10 @@ def training_loop(cfg: TrainConfig) -> int:
     first_step = True
     while images < total_images:
         if dist_util.any_rank(preempt.requested, device):  # ranks agree at a step boundary
-            save_state()
+            if saved_at != images:  # not when the state at this count is on disk already (just saved or resumed)
+                save_state()
             if is_main:
-                log.warning("preemption signal (%s): saved at %.1f kimg; run the same command to resume",
+                log.warning("preemption signal (%s): saved at %g kimg; run the same command to resume",
                             preempt.signal_name or "on another rank", images / 1000)
             return EXIT_REQUEUE
         lr = lr_at(cfg, images)
@@ -327,7 +350,7 @@ def training_loop(cfg: TrainConfig) -> int:
             bad_in_row += 1
             if bad_in_row >= cfg.max_bad_steps:
                 last = ckpt.find_latest(run_dir)
-                raise TrainingStopped(f"{bad_in_row} non-finite steps in a row at {images / 1000:.1f} kimg; the last "
+                raise TrainingStopped(f"{bad_in_row} non-finite steps in a row at {images / 1000:g} kimg; the last "
                                       f"good checkpoint is {run_dir / ckpt.CKPT / last[0] if last else '(none)'}: "
                                       "lower the learning rate or use another precision, then resume")
         else:
@@ -341,7 +364,7 @@ def training_loop(cfg: TrainConfig) -> int:
             if val_batches is not None:
                 line += " | val " + validate().flush_val(writer, images)
             if is_main:
-                print(f"[train] {images / 1000:8.2f} kimg | {line}", flush=True)
+                print(f"[train] {images / 1000:9.3f} kimg | {line}", flush=True)
         if images >= next_ckpt or images >= total_images:
             next_ckpt = _next_multiple(images, cfg.checkpoint_kimg)
             save_state()

@@ -1,0 +1,61 @@
+"""One training per run directory: RUN/train.lock, held (flock) by the process that trains there.
+
+Re-running the command of a training that still runs (in another terminal, or a job submitted twice)
+would otherwise interleave two trainings' checkpoints in one directory. The lock is an advisory
+`flock` on the file, so it ends with its process however that ends (a SIGKILL included); the file
+also names the holder for the message. On a shared filesystem the lock of a node that died can outlive
+it until the server's lease expires (about 90 s on NFSv4): a holder on another host is waited for a
+while before the run is refused. Filesystems without flock (some Lustre mounts) run unlocked.
+"""
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+LOCK = "train.lock"
+_held: dict[str, int] = {}  # run directory -> the open file descriptor that holds its lock
+
+
+class RunDirBusy(ValueError):
+    pass
+
+
+def acquire(run_dir: Path, wait_other_host_s: float = 180.0) -> bool:
+    """Take run_dir's lock for the rest of this process's life; False where the filesystem has no
+    locks. Raises RunDirBusy, naming the holder, while another process holds it."""
+    run_dir = Path(run_dir)
+    if str(run_dir.resolve()) in _held:
+        return True
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait_other_host_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = _read(run_dir / LOCK)
+            if holder.get("host") == socket.gethostname() or time.monotonic() > deadline:
+                os.close(fd)
+                raise RunDirBusy(f"run_dir: {run_dir} is in use by another training (pid {holder.get('pid', '?')} "
+                                 f"on {holder.get('host', '?')}, since {holder.get('since', '?')}); two trainings "
+                                 "in one run directory would mix their checkpoints: wait for it, or stop it") from None
+            time.sleep(5)
+        except OSError:  # no flock on this filesystem
+            os.close(fd)
+            return False
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                              "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+    _held[str(run_dir.resolve())] = fd
+    return True
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, json.JSONDecodeError):
+        return {}
