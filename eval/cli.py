@@ -126,6 +126,7 @@ def _check_ref(ref: str) -> None:
 
 def cmd_run(a) -> int:
     """Evaluate one snapshot now, for each setting (through the registry: done ones are reused)."""
+    from . import registry
     from .farm import run_dir_of
     from .registry import METRICS
     from .schedule import schedule_pass
@@ -149,9 +150,19 @@ def cmd_run(a) -> int:
             m = json.loads((key_dir / METRICS).read_text())["metrics"]
             print(f"{snap.name} {s.name}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                         for k, v in m.items()))
+            continue
+        failed = key_dir / registry.FAILED
+        tried = registry.attempts(key_dir)
+        claim = registry.read_claim(key_dir, tried[-1]) if tried else {}
+        if failed.is_file():
+            f = json.loads(failed.read_text())
+            print(f"{snap.name} {s.name}: FAILED after {f['attempts']} attempt(s): {f['last_error']} ({key_dir})")
+        elif claim.get("state") == "failed":
+            print(f"{snap.name} {s.name}: attempt {tried[-1]} of {a.max_attempts} failed: {claim.get('error')}; "
+                  f"run the command again to retry ({key_dir})")
         else:
             print(f"{snap.name} {s.name}: submitted ({key_dir})")
-    return 0 if counts["failed"] == 0 else 1
+    return 0 if counts["failed"] == 0 and counts["retrying"] == 0 else 1
 
 
 def parse_every(text: str) -> float:
@@ -205,7 +216,7 @@ def cmd_results(a) -> int:
 
     if not Path(a.run_dir).is_dir():
         raise FileNotFoundError(f"{a.run_dir}: no such run directory")
-    rows = [(r["snapshot_name"], r["setting"]["name"], str(r["metrics"]["num_samples"]),
+    rows = [(r["snapshot_name"], r["label"], str(r["metrics"]["num_samples"]),
              *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "-"
                for k in ("fid", "sfid", "precision", "recall", "inception_score"))) for r in results(Path(a.run_dir))]
     head = ("snapshot", "setting", "N", "FID", "sFID", "precision", "recall", "IS")

@@ -23,9 +23,16 @@ def run_dir_of(snapshot: Path) -> Path:
 
 def prepare(run_dir: Path, snapshot: Path, setting: EvalSetting, ref: Path, inception_weights: str | None = None,
             metric_workers: int = 1) -> Path:
-    """Create RUN/eval/<key>/setting.json (idempotent) and return the key directory."""
-    key = eval_key(snapshot, setting, ref)
-    key_dir = registry.eval_root(run_dir) / key
+    """Create RUN/eval/<key>/setting.json (idempotent) and return the key directory. An evaluation
+    registered under the older key naming (the reference by name, size and mtime) keeps its directory."""
+    from .digest import remembered_digest
+
+    root = registry.eval_root(run_dir)
+    key = eval_key(snapshot, setting, ref, remembered_digest(Path(ref), root / "ref-cache"))
+    older = eval_key(snapshot, setting, ref)
+    if not (root / key).is_dir() and (root / older / registry.SETTING).is_file():
+        key = older
+    key_dir = root / key
     key_dir.mkdir(parents=True, exist_ok=True)
     path = key_dir / registry.SETTING
     if not path.is_file():
@@ -34,7 +41,9 @@ def prepare(run_dir: Path, snapshot: Path, setting: EvalSetting, ref: Path, ince
         read_manifest(snapshot)
         meta = json.loads((Path(snapshot) / "config.json").read_text())
         spec = {"key": key, "run_dir": str(Path(run_dir).resolve()), "snapshot": str(Path(snapshot).resolve()),
-                "snapshot_name": Path(snapshot).name, "images": meta.get("images"), "setting": asdict(setting),
+                "snapshot_name": Path(snapshot).name, "images": meta.get("images"),
+                "setting": {**asdict(setting), **{k: str(Path(v).resolve()) for k in ("classifier", "upsampler")
+                                                  if (v := getattr(setting, k))}},  # tasks run from anywhere
                 "ref": str(Path(ref).resolve()), "inception_weights": inception_weights,
                 "metric_workers": metric_workers, "evaluator": EVALUATOR_VERSION}
         import os

@@ -4,12 +4,11 @@ The reference is ADM's format (arr_0 images for precision/recall, mu/sigma/mu_s/
 the whole split). Its Inception features are computed once and cached by content digest.
 """
 
-import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 
+from .digest import remembered_digest
 from .features import check_images
 from .inception import extract
 from .npzfile import READ_ERRORS, STAT_PAIRS, check_statistics, describe, open_npz, stored_shape
@@ -32,31 +31,6 @@ def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
     return float(np.mean(scores))
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def _remembered_digest(path: Path, cache_dir: Path) -> str:
-    """The content digest of a reference, hashed once per version of the file: remembered in cache_dir
-    under its path, size, mtime and inode (a 10k-image 256x256 reference is 2 GB, about 4 s of sha256,
-    otherwise paid by every metrics job). Rewriting or replacing the file changes the key."""
-    st = path.stat()
-    ident = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
-    memo = cache_dir / f"digest-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.txt"
-    if memo.is_file():
-        return memo.read_text().strip()
-    digest = _file_digest(path)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_name(f"{memo.name}.partial-{os.getpid()}")
-    tmp.write_text(digest + "\n")
-    os.replace(tmp, memo)
-    return digest
-
-
 def load_reference(path: str | Path, cache_dir: Path | None = None, batch_size=None, device=None) -> dict:
     """{mu, sigma, mu_s, sigma_s, pool (if images), resolution (if images), meta}; clear errors by key."""
     p = Path(path)
@@ -70,7 +44,7 @@ def load_reference(path: str | Path, cache_dir: Path | None = None, batch_size=N
 
 def _load(p: Path, data, info, cache_dir, batch_size, device) -> dict:
     out = {"meta": info.meta}
-    cached = Path(cache_dir) / f"ref-{_remembered_digest(p, Path(cache_dir))}.npz" if cache_dir else None
+    cached = Path(cache_dir) / f"ref-{remembered_digest(p, Path(cache_dir))}.npz" if cache_dir else None
     if info.images is not None:
         if _own_pool_features(data, out["meta"]):  # `adm eval ref` stored them: no Inception pass here
             out.update(pool=data["pool"], resolution=int(info.images[1]))

@@ -34,6 +34,23 @@ def _steps(spec: str, meta: dict, what: str, setting: EvalSetting) -> None:
                          f"diffusion: {e}") from None
 
 
+def check_classes(base: ModelConfig, classifier: ModelConfig | None, upsampler: ModelConfig | None,
+                  paths: tuple) -> None:
+    """Labels are drawn over the base model's classes (or the classifier's, for an unconditional base):
+    a classifier and a class-conditional upsampler must know the same classes, or the first seed that
+    draws a label beyond theirs fails mid-way."""
+    labels = base.num_classes or (classifier.num_classes if classifier else None)
+    for cfg, path, role in ((classifier, paths[1], "classifier"), (upsampler, paths[2], "upsampler")):
+        if cfg is None or cfg.num_classes is None:
+            continue
+        if labels is None:
+            raise ValueError(f"{path}: a class-conditional {role} ({cfg.num_classes} classes) after the "
+                             f"unconditional {paths[0]}: there are no labels to give it")
+        if cfg.num_classes != labels:
+            raise ValueError(f"{path}: the {role} has {cfg.num_classes} classes, {paths[0]} samples {labels}; "
+                             "they must be the same classes")
+
+
 def check(snapshot: str | Path, settings: list[EvalSetting], ref: str | Path,
           inception_weights: str | None = None) -> None:
     """Every setting against this snapshot and reference: architectures, weights, step counts,
@@ -47,13 +64,15 @@ def check(snapshot: str | Path, settings: list[EvalSetting], ref: str | Path,
             raise ValueError(f"setting {s.name!r}: {snapshot} has no weights {s.weights!r}; it has "
                              f"{', '.join(weight_names(snapshot))}")
         _steps(s.steps, meta, "steps", s)
+        clf = up = None
         if s.classifier and s.scale:
-            _snapshot(s.classifier, "a noisy classifier", "classifier")
+            clf, _ = _snapshot(s.classifier, "a noisy classifier", "classifier")
         size = config.image_size
         if s.upsampler:
             up, up_meta = _snapshot(s.upsampler, "an upsampler", "upsampler")
             _steps(s.upsampler_steps, up_meta, "upsampler_steps", s)
             size = up.image_size
+        check_classes(config, clf, up, (snapshot, s.classifier, s.upsampler))
         if ref_info.images:
             h, w = ref_info.images[1:3]
             if (h, w) != (size, size):

@@ -34,6 +34,11 @@ def build_reference(shards: str | Path, out: str | Path, resolution: int, pr_num
     check_resolution(shards, manifest, resolution, "--resolution")
     total = sum(s["count"] for s in manifest["shards"])
     want = min(total, limit) if limit else total
+    from .precision_recall import K_NEAREST
+
+    if min(want, pr_num) <= K_NEAREST:  # the file would be refused by every comparison
+        raise ValueError(f"{shards}: {min(want, pr_num)} image(s) for precision/recall (of {total}"
+                         f"{f', --limit {limit}' if limit else ''}); k={K_NEAREST} needs more than {K_NEAREST}")
     loader = StreamLoader(shards, resolution, batch_size, flip=False, num_slots=1)  # one slot: one ordered pass
     net = network(device)
     pool = spatial = None

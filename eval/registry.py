@@ -10,6 +10,7 @@ owner is gone (a killed local process, a failed or cancelled Slurm job) lets the
 to a bounded number of attempts.
 """
 
+import hashlib
 import json
 import os
 import socket
@@ -85,10 +86,32 @@ def publish(key_dir: Path, record: dict) -> bool:
 
 
 def results(run_dir: Path) -> list[dict]:
-    out = []
-    for p in sorted(eval_root(run_dir).glob(f"*/{METRICS}")):
-        out.append(json.loads(p.read_text()))
-    return sorted(out, key=lambda r: (r["setting"]["name"], r.get("images", 0)))
+    """Every finished evaluation of this evaluator version (an older version's are evaluated again, not
+    mixed with these), one per (snapshot, setting, reference): of two keys for the same evaluation (an
+    older naming of the key) the newer counts. Each gets a `label`: the setting's name, plus the
+    reference's file name where the run has several references, plus a short hash of the setting where
+    one name stands for several (different steps, say)."""
+    from .settings import EVALUATOR_VERSION
+
+    found = []
+    for p in eval_root(run_dir).glob(f"*/{METRICS}"):
+        r = json.loads(p.read_text())
+        if r.get("evaluator") == EVALUATOR_VERSION:
+            found.append((p.stat().st_mtime, r))
+    latest = {}
+    for _, r in sorted(found, key=lambda x: x[0]):
+        latest[(r["snapshot_name"], json.dumps(r["setting"], sort_keys=True), r.get("ref"))] = r
+    out = list(latest.values())
+    refs = {r.get("ref") for r in out}
+    variants: dict[tuple, set] = {}
+    for r in out:
+        variants.setdefault((r["setting"]["name"], r.get("ref")), set()).add(json.dumps(r["setting"], sort_keys=True))
+    for r in out:
+        setting = json.dumps(r["setting"], sort_keys=True)
+        r["label"] = (r["setting"]["name"] + (f" vs {Path(r.get('ref') or '?').name}" if len(refs) > 1 else "")
+                      + (f" [{hashlib.sha256(setting.encode()).hexdigest()[:6]}]"
+                         if len(variants[(r["setting"]["name"], r.get("ref"))]) > 1 else ""))
+    return sorted(out, key=lambda r: (r["label"], r.get("images") or 0))
 
 
 def failures(run_dir: Path) -> list[dict]:

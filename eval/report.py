@@ -38,13 +38,16 @@ reference batch).{% endif %}</p><img src="data:image/png;base64,{{ curves }}">{%
 <h2>Results</h2>
 {% if rows %}<table><tr><th class="l">snapshot</th><th>kimg</th><th class="l">setting</th><th>N</th>
 {% for m in metric_names %}<th>{{ labels[m] }}</th>{% endfor %}</tr>
-{% for r in rows %}<tr><td class="l">{{ r.snapshot_name }}</td><td>{{ r.kimg }}</td><td class="l">{{ r.setting.name }}</td>
+{% for r in rows %}<tr><td class="l">{{ r.snapshot_name }}</td><td>{{ r.kimg }}</td><td class="l">{{ r.label }}</td>
 <td>{{ r.metrics.num_samples }}</td>{% for m in metric_names %}<td>{{ r.fmt[m] }}</td>{% endfor %}</tr>{% endfor %}
 </table>{% else %}<p>No evaluation has finished yet.</p>{% endif %}
 {% if settings %}<h3>Settings</h3><table><tr><th class="l">name</th><th class="l">sampler</th><th>guidance scale</th>
-<th class="l">weights</th><th>samples</th><th>first seed</th><th class="l">upsampler</th></tr>
+<th class="l">weights</th><th>samples</th><th>first seed</th><th class="l">classifier</th><th class="l">upsampler</th>
+<th class="l">arithmetic</th><th class="l">P/R distances</th><th class="l">reference</th></tr>
 {% for s in settings %}<tr><td class="l">{{ s.name }}</td><td class="l">{{ s.steps }}</td><td>{{ s.scale }}</td>
-<td class="l">{{ s.weights }}</td><td>{{ s.num }}</td><td>{{ s.seed_start }}</td><td class="l">{{ s.upsampler or "-" }}</td></tr>
+<td class="l">{{ s.weights }}</td><td>{{ s.num }}</td><td>{{ s.seed_start }}</td><td class="l">{{ s.classifier or "-" }}</td>
+<td class="l">{{ s.upsampler or "-" }}</td><td class="l">{{ s.precision }}</td><td class="l">{{ s.pr_distance }}</td>
+<td class="l">{{ s.ref }}</td></tr>
 {% endfor %}</table>{% endif %}
 {% if loss %}<h2>Training loss</h2><img src="data:image/png;base64,{{ loss }}">{% endif %}
 {% if grids %}<h2>Samples by snapshot and setting</h2><p>The first images of each evaluation (seed order;
@@ -92,7 +95,7 @@ def _metric_curves(rows: list[dict], published: dict):
     fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.0), squeeze=False)
     by_setting: dict[str, list] = {}
     for r in rows:
-        by_setting.setdefault(r["setting"]["name"], []).append(r)
+        by_setting.setdefault(r["label"], []).append(r)
     for ax, m in zip(axes[0], present):
         for name, rs in by_setting.items():
             pts = sorted(((r.get("images") or 0) / 1000, r["metrics"][m]) for r in rs if m in r["metrics"])
@@ -157,7 +160,7 @@ def build(run_dir: Path) -> dict:
     options = run_dir / "training_options.json"
     config = json.loads(options.read_text()) if options.is_file() else {}
     preset, published = published_for(config.get("model", {})) if config else (None, {})
-    settings = list({r["setting"]["name"]: r["setting"] for r in rows}.values())
+    settings = list({r["label"]: {**r["setting"], "name": r["label"], "ref": r.get("ref")} for r in rows}.values())
     return {"run_dir": str(run_dir), "rows": rows, "failures": registry.failures(run_dir), "config": config,
             "preset": preset, "published": published, "settings": settings}
 
@@ -172,12 +175,12 @@ def write_report(run_dir: Path, out_dir: Path | None = None, intro: str | None =
     data = build(run_dir)
     rows = data["rows"]
     grids, progressive = [], None
-    for r in sorted(rows, key=lambda r: (r.get("images") or 0, r["setting"]["name"])):
+    for r in sorted(rows, key=lambda r: (r.get("images") or 0, r["label"])):
         key_dir = registry.eval_root(run_dir) / r["key"]
         grid = _sample_grid(key_dir)
         if grid is not None:
             scale = max(1, 256 // grid.shape[0])
-            grids.append({"caption": f"{r['snapshot_name']} ({r['kimg']} kimg), {r['setting']['name']}",
+            grids.append({"caption": f"{r['snapshot_name']} ({r['kimg']} kimg), {r['label']}",
                           "png": _png(grid, scale), "width": grid.shape[1] * scale})
         prog = key_dir / "progressive.npz"
         if prog.is_file():  # keep the latest snapshot's
@@ -185,7 +188,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None, intro: str | None =
             f, n = frames.shape[:2]
             grid = tile(frames.transpose(1, 0, 2, 3, 4).reshape(f * n, *frames.shape[2:]), f)
             scale = max(1, 384 // grid.shape[1])
-            progressive = {"caption": f"{r['snapshot_name']}, {r['setting']['name']}", "png": _png(grid, scale),
+            progressive = {"caption": f"{r['snapshot_name']}, {r['label']}", "png": _png(grid, scale),
                            "width": grid.shape[1] * scale}
     training_grids = [{"caption": p.stem, "png": base64.b64encode(p.read_bytes()).decode()}
                       for p in sorted((run_dir / "grids").glob("*.png"))[-4:]]
@@ -211,7 +214,7 @@ def _markdown(data: dict, metric_names: list[str]) -> str:
     if data["rows"]:
         lines += ["| snapshot | kimg | setting | N | " + " | ".join(LABELS[m] for m in metric_names) + " |",
                   "|---|---|---|---|" + "---|" * len(metric_names)]
-        lines += [f"| {r['snapshot_name']} | {r['kimg']} | {r['setting']['name']} | {r['metrics']['num_samples']} | "
+        lines += [f"| {r['snapshot_name']} | {r['kimg']} | {r['label']} | {r['metrics']['num_samples']} | "
                   + " | ".join(r["fmt"][m] for m in metric_names) + " |" for r in data["rows"]]
     else:
         lines.append("No evaluation has finished yet.")

@@ -103,6 +103,10 @@ class Sampler:
             if self.up_snap.config.arch != "upsampler":
                 raise ValueError(f"{setting.upsampler}: a {self.up_snap.config.arch} snapshot, expected an upsampler")
             self.up_diffusion = _diffusion(self.up_snap, setting.upsampler_steps)
+        from .preflight import check_classes
+
+        check_classes(cfg, clf_snap.config if self.cond_fn else None, self.up_snap.config if self.up else None,
+                      (snapshot, setting.classifier, setting.upsampler))
 
     @property
     def resolution(self) -> int:

@@ -38,6 +38,8 @@ class EvalSetting:
             self.name = self.steps + (f"-s{self.scale:g}" if self.scale else "") + ("-cascade" if self.upsampler else "")
         if self.num < 2:
             raise ValueError(f"setting {self.name!r}: num must be >= 2 (covariances need 2 samples), got {self.num}")
+        if self.seed_start < 0:
+            raise ValueError(f"setting {self.name!r}: seed_start must be 0 or more, got {self.seed_start}")
         if self.shard_size < 1 or self.batch_size < 1:
             raise ValueError(f"setting {self.name!r}: shard_size and batch_size must be positive")
         if self.scale and not self.classifier:
@@ -85,13 +87,16 @@ def _digest(path: str | None) -> str | None:
     raise FileNotFoundError(f"{p}: no such snapshot or file")
 
 
-def eval_key(snapshot: str | Path, setting: EvalSetting, ref: str | Path) -> str:
-    """<snapshot>--<setting>--<hash of everything that changes the numbers>."""
+def eval_key(snapshot: str | Path, setting: EvalSetting, ref: str | Path, ref_digest: str | None = None) -> str:
+    """<snapshot>--<setting>--<hash of everything that changes the numbers>. The reference counts by its
+    content (`ref_digest`: a copy or a touched file is the same reference); without it, by its name,
+    size and mtime, as keys were named before."""
     ident = {k: v for k, v in asdict(setting).items() if k not in ("name", "shard_size", "batch_size")}
     if ident["precision"] == "fp32":
         del ident["precision"]  # keys from before the field existed stay valid
     ident.update(classifier=_digest(setting.classifier), upsampler=_digest(setting.upsampler),
-                 snapshot=_digest(str(snapshot)), ref=_digest(str(ref)), evaluator=EVALUATOR_VERSION)
+                 snapshot=_digest(str(snapshot)), ref=f"sha256:{ref_digest}" if ref_digest else _digest(str(ref)),
+                 evaluator=EVALUATOR_VERSION)
     h = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
     return f"{Path(snapshot).name}--{setting.name}--{h}"
 

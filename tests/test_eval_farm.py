@@ -102,11 +102,12 @@ def test_a_reference_is_hashed_once_per_version_of_the_file(reference, tmp_path,
     (and featurized) anew."""
     import hashlib
 
+    import eval.digest as digest
     import eval.metrics as metrics
 
     hashed = []
-    real_digest = metrics._file_digest
-    monkeypatch.setattr(metrics, "_file_digest", lambda p: hashed.append(p) or real_digest(p))
+    real_digest = digest.file_digest
+    monkeypatch.setattr(digest, "file_digest", lambda p: hashed.append(p) or real_digest(p))
     ref = dict(np.load(reference))
     path, cache = tmp_path / "adm-format.npz", tmp_path / "cache"
     np.savez(path, arr_0=ref["arr_0"])  # ADM's format: images only, so features are cached by digest
@@ -321,10 +322,15 @@ def test_failed_evaluations_are_retried_then_reported(reference, tmp_path):
     weights = bytearray((clf / "model.safetensors").read_bytes())
     weights[8:12] = b"\xff\xff\xff\xff"  # the JSON header's first bytes: no longer UTF-8
     (clf / "model.safetensors").write_bytes(bytes(weights))
-    args = ["eval", "schedule", str(run), "--ref", str(reference), "--once", "--cluster", "local", *SETTING,
-            "--scale", "1", "--classifier", str(clf), "--max-attempts", "2"]
-    for _ in range(3):
-        run_cli(*args, check=False)
+    common = ["--ref", str(reference), "--cluster", "local", *SETTING, "--scale", "1", "--classifier", str(clf),
+              "--max-attempts", "2"]
+    snap = str(next((run / "snapshots").iterdir()))
+    first = run_cli("eval", "run", snap, *common, check=False)
+    assert first.returncode == 1 and "fast: attempt 1 of 2 failed: " in first.stdout, first.stdout
+    for _ in range(2):
+        run_cli("eval", "schedule", str(run), "--once", *common, check=False)
+    last = run_cli("eval", "run", snap, *common, check=False)
+    assert last.returncode == 1 and "fast: FAILED after 2 attempt(s): " in last.stdout and "submitted" not in last.stdout
     key_dir = next(p for p in (run / "eval").iterdir() if p.name != "ref-cache")
     assert sorted(p.name for p in key_dir.glob("attempt-*.json")) == ["attempt-1.json", "attempt-2.json"]
     failed = json.loads((key_dir / "failed.json").read_text())
@@ -346,6 +352,9 @@ def test_bad_input_is_named(reference, digit_shards, tmp_path):
         (["report", str(run), "--out", str(tmp_path / "settings.yaml")], "settings.yaml: a file; expected a directory"),
         (["eval", "run", snap, "--ref", str(tmp_path / "nope.npz")], "nope.npz: no such file"),
         (["eval", "run", snap, "--ref", str(reference), "--num", "1"], "num must be >= 2"),
+        (["eval", "run", snap, "--ref", str(reference), "--seed-start", "-5"], "seed_start must be 0 or more, got -5"),
+        (["eval", "ref", str(digit_shards / "val"), "--out", str(tmp_path / "r.npz"), "--resolution", "32",
+          "--limit", "3"], "3 image(s) for precision/recall (of 30, --limit 3); k=3 needs more than 3"),
         (["eval", "run", snap, "--ref", str(reference), "--scale", "2"], "needs a classifier"),
         (["eval", "schedule", str(tmp_path), "--ref", str(reference)], "no snapshots/"),
         (["eval", "schedule", str(run), "--ref", str(reference), "--every", "soon"], "--every 'soon'"),
@@ -477,3 +486,64 @@ def test_cluster_slurm_without_a_slurm_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="--cluster slurm: no Slurm answers here"):
         backend_for(argparse.Namespace(cluster="slurm"))
     assert backend_for(argparse.Namespace(cluster="auto")).name == "local"
+
+
+def test_an_evaluation_is_keyed_by_the_reference_content(tmp_path):
+    """A copied or touched reference is the same reference (its sha256, remembered per file version): the
+    evaluation keeps its key; another content gets another; a key named the older way (the reference
+    by name, size and mtime) keeps its directory."""
+    import shutil
+
+    from eval.farm import prepare
+    from eval.settings import EvalSetting, eval_key
+
+    run = make_run(tmp_path / "run", kimgs=(1,))
+    snap = run / "snapshots" / "img000000001000"
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(4))
+    setting = EvalSetting(name="fast", steps="ddim2", num=6)
+    first = prepare(run, snap, setting, ref)
+    copy = tmp_path / "elsewhere" / "copy.npz"
+    copy.parent.mkdir()
+    shutil.copy(ref, copy)
+    os.utime(ref, (time.time() + 100, time.time() + 100))
+    assert prepare(run, snap, setting, copy) == first == prepare(run, snap, setting, ref)
+    np.savez(copy, mu=np.ones(4))
+    assert prepare(run, snap, setting, copy) != first
+    older = run / "eval" / eval_key(snap, setting, ref)  # as keys were named before
+    older.mkdir()
+    (older / "setting.json").write_text("{}")
+    shutil.rmtree(first)
+    assert prepare(run, snap, setting, ref) == older
+
+
+def test_results_are_current_distinct_and_labelled(tmp_path):
+    """`adm eval results` and the report list this evaluator version's results only, one per (snapshot,
+    setting, reference), labelled apart when one setting name met two references or two samplers."""
+    from eval.report import build
+    from eval.settings import EVALUATOR_VERSION, EvalSetting
+    from dataclasses import asdict
+
+    run = tmp_path / "run"
+    fast, slower = asdict(EvalSetting(name="fast", steps="ddim2", num=6)), asdict(EvalSetting(name="fast", num=6))
+
+    def record(key, setting, ref, fid, evaluator=EVALUATOR_VERSION, age=0.0):
+        d = run / "eval" / key
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({
+            "key": key, "snapshot": "s", "snapshot_name": "img000000001000", "images": 1000, "setting": setting,
+            "ref": f"/refs/{ref}", "evaluator": evaluator, "metrics": {"fid": fid, "num_samples": 6}}))
+        os.utime(d / "metrics.json", (time.time() - age, time.time() - age))
+
+    record("a-new", fast, "val.npz", 10.0)
+    record("a-old", fast, "val.npz", 99.0, age=60)  # the same evaluation under an older key: the newer counts
+    record("b", fast, "other.npz", 20.0)
+    record("c", slower, "val.npz", 30.0)
+    record("d", fast, "val.npz", 40.0, evaluator="adm-eval-1")  # evaluated again by this version, not mixed
+    rows = build(run)["rows"]
+    labels = {r["label"]: r["metrics"]["fid"] for r in rows}
+    h = lambda s: __import__("hashlib").sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:6]  # noqa: E731
+    assert labels == {f"fast vs val.npz [{h(fast)}]": 10.0, "fast vs other.npz": 20.0,
+                      f"fast vs val.npz [{h(slower)}]": 30.0}
+    out = run_cli("eval", "results", str(run)).stdout
+    assert "fast vs other.npz" in out and "99.0000" not in out and "40.0000" not in out and out.count("\n") == 4

@@ -1,5 +1,7 @@
 """`adm sample`: ADM-format npz shards, per-seed determinism, resumability, guidance and cascades."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +62,21 @@ def test_guided_and_cascaded_sampling(tmp_path):
     assert bad.returncode == 2 and "classifier snapshot" in bad.stderr
     bad = run_cli("sample", str(base), "--num", "1", "--upsampler", str(base), "--out", str(tmp_path / "d"), check=False)
     assert bad.returncode == 2 and f"{base}: a unet snapshot, expected an upsampler" in bad.stderr
+    # a base of 11 classes with the 10-class classifier and upsampler: refused before the first seed, not
+    # at the first seed whose label is 10
+    cfg = dataclasses.replace(get_preset("tiny-32").config(), num_classes=11)
+    base11 = save_snapshot(tmp_path / "base11", build_model(cfg).state_dict(), cfg,
+                           meta={"diffusion": get_preset("tiny-32").diffusion})
+    for extra, role in ((["--classifier", str(clf), "--scale", "2"], "classifier"), (["--upsampler", str(up)], "upsampler")):
+        bad = run_cli("sample", str(base11), "--num", "1", *extra, "--out", str(tmp_path / f"e{role}"), check=False)
+        assert bad.returncode == 2 and f"the {role} has 10 classes, {base11} samples 11" in bad.stderr, bad.stderr
+    from eval.preflight import check
+    from eval.settings import EvalSetting
+
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    with pytest.raises(ValueError, match="the classifier has 10 classes"):
+        check(base11, [EvalSetting(name="g", num=8, scale=1.0, classifier=str(clf))], ref)
 
 
 def test_bf16_sampling_is_per_seed_close_to_fp32_and_keyed_apart(tmp_path):
