@@ -114,3 +114,14 @@ def at_least(low: int):
         return value
     parse.__name__ = f"integer >= {low}"
     return parse
+
+
+def load_error(e: Exception) -> str:
+    """One line for a torch.load that failed: torch's weights-only refusal is paragraphs that advise
+    loading the file unsafely, wrong advice for a file that is simply not a tensor checkpoint."""
+    import pickle
+
+    if isinstance(e, pickle.UnpicklingError):
+        return "unpickling failed: not a PyTorch file of tensors"
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"

@@ -208,6 +208,9 @@ def cmd_schedule(a) -> int:
             job = backend.submit_schedule(sys.argv[1:] if a.argv is None else a.argv, every, run_dir)
             print(f"[eval] next pass: job {job} begins in {a.every}")
             return 0
+        print(f"[eval] next pass at {time.strftime('%H:%M', time.localtime(time.time() + every))} (in {a.every}; "
+              "no Slurm, so this command stays in the foreground: Ctrl-C stops it, --once runs one pass for cron)",
+              flush=True)
         time.sleep(every)
 
 

@@ -114,9 +114,10 @@ def logits_weight(path: str | Path) -> np.ndarray:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"--inception-weights {p}: not a PyTorch weights file ({e})") from None
+        from adm.config import load_error
+        raise ValueError(f"--inception-weights {p}: not a PyTorch weights file ({load_error(e)})") from None
     w = state.get("fc.weight") if isinstance(state, dict) else None
     if w is None or tuple(w.shape) != (1008, 2048):
         raise ValueError(f"--inception-weights {p}: expected torch-fidelity's Inception weights with fc.weight "
-                         f"of shape (1008, 2048), got {None if w is None else tuple(w.shape)}")
+                         f"of shape (1008, 2048), got " + ("no fc.weight" if w is None else f"{tuple(w.shape)}"))
     return w.double().numpy()

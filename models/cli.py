@@ -2,6 +2,7 @@
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -137,9 +138,12 @@ def cmd_convert(args) -> int:
     if not src.is_file():
         raise FileNotFoundError(f"{src}: no such checkpoint file or snapshot directory")
     try:
-        state_dict = torch.load(src, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a file's pickle protocol before refusing it
+            warnings.simplefilter("ignore")
+            state_dict = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a non-checkpoint file
-        raise ValueError(f"{src}: not a loadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        from adm.config import load_error
+        raise ValueError(f"{src}: not a loadable PyTorch checkpoint ({load_error(e)})") from None
     if isinstance(state_dict, dict) and "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
         state_dict = state_dict["state_dict"]
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):

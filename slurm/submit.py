@@ -114,12 +114,16 @@ def queued_jobs() -> set[str]:
 
 
 def running_job_for(run_dir: Path) -> str | None:
-    """A job of ours that is still pending or running in this run directory."""
+    """A job of ours that is still pending or running in this run directory (Slurm's, or a local one), or
+    another training holding it (`adm train` by hand)."""
+    from trainer.runlock import holder
+
     active = queued_jobs()
     for rec in records.read(run_dir):
-        if str(rec["job_id"]) in active:
+        if str(rec["job_id"]) in active or (rec.get("cluster") == "local" and _local_state(rec) == "RUNNING"):
             return str(rec["job_id"])
-    return None
+    held = holder(run_dir)
+    return f"pid {held.get('pid')} on {held.get('host')} (a training outside these jobs)" if held else None
 
 
 def make_executor(args, folder: Path, site: dict):
@@ -156,7 +160,7 @@ def make_executor(args, folder: Path, site: dict):
 
 
 def cmd_submit_train(args) -> int:
-    from trainer.cli import check_data, check_resume
+    from trainer.cli import already_done, check_data, check_resume
     from trainer.config import load_train_config
 
     site = site_defaults()
@@ -165,16 +169,25 @@ def cmd_submit_train(args) -> int:
         if value < 1:
             raise ValueError(f"{flag}: need at least 1, got {value}")
     cfg = load_train_config(args.config, args.overrides)  # a bad config fails before anything is queued
+    if args.nodes > 1 and (args.cluster in ("local", "debug") or (args.cluster == "auto" and not slurm_available())):
+        raise ValueError(f"--nodes {args.nodes}: --cluster {args.cluster} runs on this one machine; use --nodes 1 "
+                         "(and --gpus-per-node for its processes)")
     world = args.nodes * args.gpus_per_node
     cfg.batch_layout(world)
     check_data(cfg, world)
     check_resume(cfg)
+    done = already_done(cfg)
+    if done:
+        print(done)
+        return 0
     if args.minutes * 60 <= args.signal_delay + 60:
         raise ValueError(f"--time {args.time} leaves no room: the preemption signal comes {args.signal_delay} s "
                          "before the limit and a save needs time too (raise --time or lower --signal-delay)")
     args.gpus = bool(args.gpus_per_node and _gpus_requested(args))
     run_dir = Path(cfg.run_dir)
     busy = running_job_for(run_dir)
+    if busy and busy.startswith("pid "):
+        raise ValueError(f"{run_dir} is in use by another training, {busy}: wait for it, or stop it")
     if busy:
         raise ValueError(f"{run_dir} is in use by job {busy} (pending or running): wait for it or `adm jobs cancel {busy}`")
     check_partition(args.partition or site.get("partition"))
@@ -188,12 +201,13 @@ def cmd_submit_train(args) -> int:
                              f"--gpus-per-node 1, not a world of {world}")
         args.wait = True  # submitit's debug executor runs the job in-process when its result is asked for
     if args.dry_run:
+        from dataclasses import asdict
+
         if cluster != "slurm":
             print(f"(cluster {cluster}: no sbatch script; would run {world} local task(s))")
-            return 0
-        script = executor._executor._make_submission_file_text("<command>", "<uid>")
-        print(script)
-        print(json.dumps({"config": args.config, "overrides": args.overrides}, indent=2))
+        else:
+            print(executor._executor._make_submission_file_text("<command>", "<uid>"))
+        print(json.dumps({"config": args.config, "overrides": args.overrides, "resolved": asdict(cfg)}, indent=2))
         return 0
     from .jobs import TrainJob
 
@@ -283,7 +297,9 @@ def cmd_jobs(args) -> int:
         raise ValueError(f"adm jobs {args.action} JOB: give the job id (adm jobs RUN_DIR lists them)")
     found = records.find(args.target, [Path(p) for p in (args.run_dirs or ["."])])
     if found is None:
-        raise ValueError(f"job {args.target}: not in any jobs.jsonl of {args.run_dirs or ['.']} (pass --run-dir)")
+        where = ", ".join(f"{d}/jobs.jsonl" for d in (args.run_dirs or ["."]))
+        raise ValueError(f"job {args.target}: not in {where}" + ("" if args.run_dirs else
+                                                                  " (pass --run-dir RUN, the run it trained)"))
     run_dir, rec = found
     if args.action == "logs":
         folder = Path(rec["folder"])

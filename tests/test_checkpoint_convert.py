@@ -128,6 +128,13 @@ def test_not_a_checkpoint(tmp_path):
     assert proc.returncode == 2 and "not a loadable PyTorch checkpoint" in proc.stderr
     proc = run_cli("models", "convert", str(tmp_path / "nope.pt"), str(tmp_path / "s"), check=False)
     assert proc.returncode == 2 and "no such checkpoint" in proc.stderr
+    import pickle
+
+    with open(tmp_path / "objects.pt", "wb") as f:  # a pickle of objects: torch's weights-only loader refuses it
+        pickle.dump({"w": object()}, f)
+    proc = run_cli("models", "convert", str(tmp_path / "objects.pt"), str(tmp_path / "s"), check=False)
+    assert proc.returncode == 2 and "unpickling failed: not a PyTorch file of tensors" in proc.stderr
+    assert "weights_only" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1  # no unsafe advice
     state = tmp_path / "rank00000.pt"  # a training-state file: tensors nested under "ema", "gen", ...
     torch.save({"ema": {0.9999: [torch.zeros(2)]}, "gen": torch.zeros(3, dtype=torch.uint8)}, state)
     proc = run_cli("models", "convert", str(state), str(tmp_path / "s"), check=False)

@@ -293,6 +293,11 @@ def test_cluster_debug_runs_in_process(shards, tmp_path):
     # without --cpu the machine's own GPU is asked for, or its CPU used (not a Slurm's gres, which is not involved)
     dry = adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "--cluster", "debug", "--dry-run").stdout
     assert "(cluster debug: no sbatch script; would run 1 local task(s))" in dry
+    resolved = json.loads(dry[dry.index("{"):])["resolved"]  # the merged config, not only what was typed
+    assert resolved["batch"] == 16 and resolved["model"]["model_channels"] == 32 and resolved["run_dir"] == str(run)
+    bad = adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "--cluster", "local", "--nodes", "2",
+              "--cpu", "--dry-run", check=False)
+    assert bad.returncode == 2 and "--nodes 2: --cluster local runs on this one machine" in bad.stderr
     out = adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "total_kimg=0.064", "--cluster", "debug",
               "--gpus-per-node", "1", "--cpu").stdout
     assert "finished" in out and (run / "snapshots" / "img000000000064" / "model.safetensors").is_file()

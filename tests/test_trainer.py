@@ -102,6 +102,9 @@ def test_resume_is_bit_identical(shards, reference_run, tmp_path):
     proc = train(shards, run, "total_kimg=0.384", "snapshot_kimg=0.064")  # a later end: resumes
     assert "resumed from img000000000192" in proc.stderr
     assert_identical(final_weights(run)[0], final_weights(reference_run[0])[0])
+    again = train(shards, run, "total_kimg=0.384", "snapshot_kimg=0.064")  # finished: starts no rank
+    assert "already trained to 0.384 kimg (img000000000384), total_kimg=0.384: nothing to do" in again.stderr
+    assert "[adm.train]" not in again.stderr
 
 
 def test_preemption_signal_saves_and_the_rerun_is_bit_identical(shards, reference_run, tmp_path):

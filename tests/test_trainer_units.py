@@ -377,6 +377,7 @@ def test_one_training_per_run_directory(digit_shards, tmp_path):
     from conftest import REPO, run_cli
 
     from trainer.runlock import RunDirBusy, acquire
+    from trainer.runlock import holder as held_by
 
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
@@ -394,7 +395,11 @@ def test_one_training_per_run_directory(digit_shards, tmp_path):
             assert proc.returncode != 0 and f"is in use by another training (pid {holder.pid}" in proc.stderr, \
                 proc.stderr[-2000:]
             assert "[train]" not in proc.stdout and not (run / "checkpoints" / "LATEST").exists()
+        assert held_by(run)["pid"] == holder.pid  # a look that takes nothing: `adm submit train` refuses too
+        proc = run_cli("submit", "train", *base, "--cluster", "local", "--cpu", "--dry-run", check=False)
+        assert proc.returncode == 2 and f"is in use by another training, pid {holder.pid} on" in proc.stderr
     finally:
         holder.kill()
         holder.wait()
+    assert held_by(run) is None
     assert acquire(run) and json.loads((run / "train.lock").read_text())["pid"] == os.getpid()

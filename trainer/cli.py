@@ -104,6 +104,18 @@ def check_resume(cfg) -> None:
         raise ValueError(refused)
 
 
+def already_done(cfg) -> str | None:
+    """A message when the run's newest complete checkpoint has reached total_kimg already: re-running a
+    finished command would otherwise start every rank and DeepSpeed to do nothing."""
+    from . import checkpoint as ckpt
+
+    found = ckpt.find_latest(Path(cfg.run_dir))
+    if found and found[1]["images"] >= int(cfg.total_kimg * 1000):
+        return (f"{cfg.run_dir}: already trained to {found[1]['images'] / 1000:g} kimg ({found[0]}), "
+                f"total_kimg={cfg.total_kimg:g}: nothing to do (raise total_kimg to train on)")
+    return None
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m trainer") -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog=prog, description="train an ADM diffusion model, noisy classifier or "
@@ -125,6 +137,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m trainer") -> int:
     cfg.batch_layout(world)
     check_data(cfg, world)
     check_resume(cfg)
+    done = already_done(cfg) if not os.environ.get("ADM_LOCAL_CHILD") else None
+    if done:
+        print(done, file=sys.stderr)
+        return 0
     _setup_logging()
     if args.nproc > 1 and "RANK" not in os.environ:
         from .runlock import acquire

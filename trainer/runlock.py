@@ -59,3 +59,21 @@ def _read(path: Path) -> dict:
         return json.loads(path.read_text() or "{}")
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+def holder(run_dir: Path) -> dict | None:
+    """Who holds run_dir's lock now ({host, pid, since}), or None; takes nothing (for checks before a
+    job is queued)."""
+    path = Path(run_dir) / LOCK
+    if not path.is_file() or str(Path(run_dir).resolve()) in _held:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return _read(path) or {"pid": "?", "host": "?"}
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
