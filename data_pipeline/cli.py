@@ -17,7 +17,7 @@ def cmd_write(args) -> int:
     manifest = write_dataset(source, args.out, shard_size=args.shard_size, workers=args.workers,
                              preprocess=args.preprocess, resume=args.resume, seed=args.seed,
                              progress=not args.quiet, tool_version=__version__, image_format=args.image_format)
-    print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.out}; "
+    print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shard{'s' * (len(manifest['shards']) != 1)} to {args.out}; "
           f"skipped {manifest['skipped_count']}" + (" (listed in manifest.json)" if manifest["skipped_count"] else ""))
     return 0
 

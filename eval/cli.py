@@ -105,6 +105,12 @@ def cmd_compare(a) -> int:
     result = compare(a.ref, a.sample, a.batch_size, a.device, a.pr_distance, a.inception_weights)
     for k, v in result.items():
         print(f"{k}: {v:.6f}")
+    missing = {"sfid": "spatial statistics (mu_s, sigma_s) or images", "precision": "images (arr_0)",
+               "recall": "images (arr_0)", "inception_score": "the sample's images and --inception-weights"}
+    for k, need in missing.items():
+        if k not in result and (k != "inception_score" or a.inception_weights):
+            print(f"{k}: not computed (needs {need} in both files)" if k != "inception_score" else
+                  f"{k}: not computed (needs {need})")
     write_json(target, result)
     return 0
 
@@ -200,7 +206,8 @@ def cmd_schedule(a) -> int:
         counts = schedule_pass(run_dir, settings, Path(a.ref), backend, a.max_attempts, a.inception_weights,
                                a.metric_workers)
         report = write_report(run_dir)
-        print(f"[eval] {time.strftime('%H:%M:%S')} {run_dir}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+        print(f"[eval] {time.strftime('%H:%M:%S')} {run_dir}: {counts['done']} done ({counts['now']} in this pass), "
+              + ", ".join(f"{v} {k}" for k, v in counts.items() if k not in ("done", "now"))
               + f"; report {report}", flush=True)
         if a.once:
             return 0 if counts["failed"] == 0 else 1
@@ -219,6 +226,8 @@ def cmd_results(a) -> int:
 
     if not Path(a.run_dir).is_dir():
         raise FileNotFoundError(f"{a.run_dir}: no such run directory")
+    if not any((Path(a.run_dir) / d).exists() for d in ("eval", "snapshots", "training_options.json")):
+        raise ValueError(f"{a.run_dir}: not a run directory (no eval/, snapshots/ or training_options.json)")
     rows = [(r["snapshot_name"], r["label"], str(r["metrics"]["num_samples"]),
              *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "-"
                for k in ("fid", "sfid", "precision", "recall", "inception_score"))) for r in results(Path(a.run_dir))]

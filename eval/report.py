@@ -8,6 +8,7 @@ value goes through jinja2's autoescaping.
 
 import argparse
 import base64
+import html
 import io
 import json
 import os
@@ -210,6 +211,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None, intro: str | None =
 
 
 def _markdown(data: dict, metric_names: list[str]) -> str:
+    """report.md, every value HTML-escaped (Markdown viewers render inline HTML)."""
     lines = [f"# ADM run report: {Path(data['run_dir']).name}", ""]
     if data["rows"]:
         lines += ["| snapshot | kimg | setting | N | " + " | ".join(LABELS[m] for m in metric_names) + " |",
@@ -225,7 +227,7 @@ def _markdown(data: dict, metric_names: list[str]) -> str:
         lines += ["", f"Paper ({data['preset']}, 50k samples): " + "; ".join(
             f"{label}: " + ", ".join(f"{LABELS[k]} {v}" for k, v in vals.items())
             for label, vals in data["published"].items())]
-    return "\n".join(lines) + "\n"
+    return html.escape("\n".join(lines) + "\n", quote=False)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -47,14 +47,16 @@ def find_snapshots(run_dir: Path) -> list[Path]:
 def schedule_pass(run_dir: Path, settings: list[EvalSetting], ref: Path, backend, max_attempts: int = 3,
                   inception_weights: str | None = None, metric_workers: int = 1, log=print,
                   only: list[Path] | None = None) -> dict:
-    """One pass over snapshots (or `only` these) x settings. Returns counts: done, started, running,
-    retrying (an attempt failed; the next pass tries again), failed (no attempts left)."""
-    counts = {"done": 0, "started": 0, "running": 0, "retrying": 0, "failed": 0}
+    """One pass over snapshots (or `only` these) x settings. Returns counts: done (of which `now` were
+    evaluated in this pass, by a backend that runs them at once), started, running, retrying (an
+    attempt failed; the next pass tries again), failed (no attempts left)."""
+    counts = {"done": 0, "started": 0, "running": 0, "retrying": 0, "failed": 0, "now": 0}
     for snap in only or find_snapshots(run_dir):
         for setting in settings:
             key_dir = prepare(run_dir, snap, setting, ref, inception_weights, metric_workers)
             state = _advance(key_dir, backend, max_attempts, log)
-            counts[state] += 1
+            counts["now"] += state == "evaluated"
+            counts["done" if state == "evaluated" else state] += 1
     return counts
 
 
@@ -88,7 +90,7 @@ def _advance(key_dir: Path, backend, max_attempts: int, log) -> str:
         log(f"[eval] {key_dir.name}: attempt {n + 1} failed: {type(e).__name__}: {e}")
         return "failed" if n + 1 >= max_attempts and _give_up(key_dir, n + 1, {"error": str(e)}) else "retrying"
     registry.update_claim(key_dir, n + 1, owner)
-    return "done" if (key_dir / registry.METRICS).is_file() else "started"
+    return "evaluated" if (key_dir / registry.METRICS).is_file() else "started"
 
 
 def _give_up(key_dir: Path, attempts: int, owner: dict) -> bool:

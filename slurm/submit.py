@@ -20,6 +20,9 @@ from . import records
 CLUSTERS = ("auto", "slurm", "local", "debug")
 
 
+SITE_KEYS = ("partition", "account", "qos", "constraint", "mem", "cpus_per_task", "setup")
+
+
 def site_defaults() -> dict:
     """Cluster defaults (partition, account, qos, setup lines, ...) from $ADM_SITE or ~/.config/adm/site.yaml."""
     import yaml
@@ -29,6 +32,11 @@ def site_defaults() -> dict:
             data = yaml.safe_load(Path(path).read_text()) or {}
             if not isinstance(data, dict):
                 raise ValueError(f"{path}: expected a mapping of option: value")
+            unknown = sorted(set(map(str, data)) - set(SITE_KEYS))
+            if unknown:  # a typo (partitoin:) would otherwise be ignored, and jobs land on the default partition
+                raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(SITE_KEYS)}")
+            if not isinstance(data.get("setup", []), list):
+                raise ValueError(f"{path}: setup must be a list of shell lines")
             return data
     return {}
 

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, run_cli
 
 
@@ -55,3 +57,19 @@ def test_demo_options_are_checked_before_anything_is_written(tmp_path, capsys):
         assert adm(["demo", "--out", str(tmp_path / "demo"), *args]) == 2
         assert expected in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_the_site_file_is_checked(tmp_path, monkeypatch):
+    """The site file's keys are known ones: a typo would send every job to the default partition."""
+    from slurm.submit import site_defaults
+
+    site = tmp_path / "site.yaml"
+    site.write_text("partition: gpu\naccount: my-project\nsetup:\n  - module load cuda/12.4\n")  # the guide's
+    monkeypatch.setenv("ADM_SITE", str(site))
+    assert site_defaults() == {"partition": "gpu", "account": "my-project", "setup": ["module load cuda/12.4"]}
+    site.write_text("partitoin: gpu\n")
+    proc = run_cli("submit", "train", "preset=tiny-32", "--cluster", "local", "--dry-run", check=False)
+    assert proc.returncode == 2 and f"{site}: unknown option(s) partitoin; known: partition, account" in proc.stderr
+    site.write_text("setup: module load cuda\n")
+    with pytest.raises(ValueError, match="setup must be a list of shell lines"):
+        site_defaults()

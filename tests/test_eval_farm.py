@@ -4,6 +4,7 @@ racing schedulers and a killed evaluation), Inception Score, reports."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -168,6 +169,8 @@ def test_scheduler_evaluates_each_snapshot_exactly_once(evaluated):
         assert len(list((run / "tensorboard").glob(f"*.eval-{key}"))) == 1
     log = "".join(o for o, _ in outs)
     assert f"{killed_key}: attempt 1 did not finish" in log
+    now = [int(n) for n in re.findall(r" done \((\d+) in this pass\)", log)]
+    assert len(now) == 2 and sum(now) == 3  # each evaluation run by one of the two racing schedulers
     results = json.loads(run_cli("eval", "results", str(run), "--json", str(run / "r.json")).stdout and
                          (run / "r.json").read_text())
     assert sorted(r["images"] for r in results) == [1000, 2000, 3000]
@@ -252,6 +255,8 @@ def test_report_escapes_every_value(tmp_path):
     html = write_report(run).read_text()
     assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "&lt;b&gt;boom&lt;/b&gt;" in html
+    md = (run / "report.md").read_text()  # Markdown viewers render HTML too
+    assert "<script>" not in md and "<b>" not in md and "&lt;script&gt;alert(1)&lt;/script&gt;" in md
 
 
 def _metrics(evaluated, launcher):
@@ -349,6 +354,7 @@ def test_bad_input_is_named(reference, digit_shards, tmp_path):
         (["eval", "ref", str(digit_shards / "val"), "--out", str(tmp_path / "r.npz"), "--resolution", "32",
           "--pr-num", "-1"], "argument --pr-num: must be at least 4, got -1"),
         (["report", str(tmp_path / "empty")], "not a run directory (no training_options.json, snapshots/ or eval/"),
+        (["eval", "results", str(tmp_path / "empty")], "not a run directory (no eval/, snapshots/ or training_options"),
         (["report", str(run), "--out", str(tmp_path / "settings.yaml")], "settings.yaml: a file; expected a directory"),
         (["eval", "run", snap, "--ref", str(tmp_path / "nope.npz")], "nope.npz: no such file"),
         (["eval", "run", snap, "--ref", str(reference), "--num", "1"], "num must be >= 2"),

@@ -199,7 +199,8 @@ def test_compare_cli_on_real_digits(tmp_path):
     stats = {"mu": np.zeros(2048), "sigma": np.eye(2048)}
     np.savez(tmp_path / "stats.npz", **stats)
     out = run_cli("eval", "compare", str(tmp_path / "stats.npz"), str(tmp_path / "same.npz")).stdout
-    assert "fid:" in out and "precision" not in out  # no reference images: no precision/recall
+    assert "fid:" in out and "precision: not computed (needs images (arr_0) in both files)" in out  # and said why
+    assert "sfid: not computed" in out and "inception_score" not in out  # IS was not asked for
     bad = run_cli("eval", "compare", str(tmp_path / "missing.npz"), str(tmp_path / "same.npz"), check=False)
     assert bad.returncode == 2 and "no such file" in bad.stderr
 
