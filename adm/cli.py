@@ -7,7 +7,7 @@ import sys
 # command -> (module with main(argv, prog), one-line help). Modules are imported only when used.
 COMMANDS = {
     "models": ("models.cli", "ADM networks: list presets, describe layouts, convert released checkpoints"),
-    "data": ("data_pipeline.cli", "WebDataset shards: write ImageNet (or any labelled images), verify, info"),
+    "data": ("data_pipeline.cli", "WebDataset shards: write ImageNet (or any labelled images), verify, info, bench"),
     "train": ("trainer.cli", "train with DeepSpeed ZeRO (diffusion, classifier, upsampler); re-running resumes"),
     "submit": ("slurm.submit:main_submit", "submit training to Slurm through submitit (or run it locally)"),
     "jobs": ("slurm.submit:main_jobs", "a run's jobs: state, requeues, progress, logs; cancel"),

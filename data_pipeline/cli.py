@@ -96,7 +96,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m data_pipeline") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description="WebDataset shards: write, verify, info")
+    parser = argparse.ArgumentParser(prog=prog, description="WebDataset shards: write, verify, info, bench")
     register(parser)
     args = parser.parse_args(argv)
     return args.func(args)

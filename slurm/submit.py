@@ -296,9 +296,9 @@ def cmd_jobs(args) -> int:
         if not rows:
             print(f"no jobs recorded in {run_dirs[0]}/jobs.jsonl")
             return 0
-        widths = [max(len(x[i]) for x in rows + [("job", "kind", "state", "requeues", "elapsed", "progress", "logs")])
-                  for i in range(7)]
-        for row in [("job", "kind", "state", "requeues", "elapsed", "progress", "logs")] + rows:
+        head = ("job", "kind", "state", "requeues", "elapsed", "run at", "logs")  # the run's newest checkpoint
+        widths = [max(len(x[i]) for x in rows + [head]) for i in range(7)]
+        for row in [head] + rows:
             print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
         return 0
     if not args.target:
