@@ -89,7 +89,7 @@ def results(run_dir: Path) -> list[dict]:
     """Every finished evaluation of this evaluator version (an older version's are evaluated again, not
     mixed with these), one per (snapshot, setting, reference): of two keys for the same evaluation (an
     older naming of the key) the newer counts. Each gets a `label`: the setting's name, plus the
-    reference's file name where the run has several references, plus a short hash of the setting where
+    reference's file name where that name met several references, plus a short hash of the setting where
     one name stands for several (different steps, say)."""
     from .settings import EVALUATOR_VERSION
 
@@ -102,13 +102,15 @@ def results(run_dir: Path) -> list[dict]:
     for _, r in sorted(found, key=lambda x: x[0]):
         latest[(r["snapshot_name"], json.dumps(r["setting"], sort_keys=True), r.get("ref"))] = r
     out = list(latest.values())
-    refs = {r.get("ref") for r in out}
+    refs: dict[str, set] = {}
     variants: dict[tuple, set] = {}
     for r in out:
+        refs.setdefault(r["setting"]["name"], set()).add(r.get("ref"))
         variants.setdefault((r["setting"]["name"], r.get("ref")), set()).add(json.dumps(r["setting"], sort_keys=True))
     for r in out:
         setting = json.dumps(r["setting"], sort_keys=True)
-        r["label"] = (r["setting"]["name"] + (f" vs {Path(r.get('ref') or '?').name}" if len(refs) > 1 else "")
+        r["label"] = (r["setting"]["name"]
+                      + (f" vs {Path(r.get('ref') or '?').name}" if len(refs[r["setting"]["name"]]) > 1 else "")
                       + (f" [{hashlib.sha256(setting.encode()).hexdigest()[:6]}]"
                          if len(variants[(r["setting"]["name"], r.get("ref"))]) > 1 else ""))
     return sorted(out, key=lambda r: (r["label"], r.get("images") or 0))

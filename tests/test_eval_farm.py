@@ -546,10 +546,11 @@ def test_results_are_current_distinct_and_labelled(tmp_path):
     record("b", fast, "other.npz", 20.0)
     record("c", slower, "val.npz", 30.0)
     record("d", fast, "val.npz", 40.0, evaluator="adm-eval-1")  # evaluated again by this version, not mixed
+    record("e", asdict(EvalSetting(name="cascade", num=6)), "val32.npz", 50.0)  # its own reference: no suffix
     rows = build(run)["rows"]
     labels = {r["label"]: r["metrics"]["fid"] for r in rows}
     h = lambda s: __import__("hashlib").sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:6]  # noqa: E731
     assert labels == {f"fast vs val.npz [{h(fast)}]": 10.0, "fast vs other.npz": 20.0,
-                      f"fast vs val.npz [{h(slower)}]": 30.0}
+                      f"fast vs val.npz [{h(slower)}]": 30.0, "cascade": 50.0}
     out = run_cli("eval", "results", str(run)).stdout
-    assert "fast vs other.npz" in out and "99.0000" not in out and "40.0000" not in out and out.count("\n") == 4
+    assert "fast vs other.npz" in out and "99.0000" not in out and "40.0000" not in out and out.count("\n") == 5
