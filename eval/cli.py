@@ -105,12 +105,12 @@ def cmd_compare(a) -> int:
     result = compare(a.ref, a.sample, a.batch_size, a.device, a.pr_distance, a.inception_weights)
     for k, v in result.items():
         print(f"{k}: {v:.6f}")
-    missing = {"sfid": "spatial statistics (mu_s, sigma_s) or images", "precision": "images (arr_0)",
-               "recall": "images (arr_0)", "inception_score": "the sample's images and --inception-weights"}
-    for k, need in missing.items():
-        if k not in result and (k != "inception_score" or a.inception_weights):
-            print(f"{k}: not computed (needs {need} in both files)" if k != "inception_score" else
-                  f"{k}: not computed (needs {need})")
+    needs = {"sfid": "spatial statistics (mu_s, sigma_s) or images in both files",
+             "precision": "images (arr_0) in both files", "recall": "images (arr_0) in both files",
+             "inception_score": "the sample's images and --inception-weights"}
+    for k, need in needs.items():
+        if k not in result and (k != "inception_score" or a.inception_weights):  # IS only when asked for
+            print(f"{k}: not computed (needs {need})")
     write_json(target, result)
     return 0
 
@@ -134,7 +134,6 @@ def cmd_run(a) -> int:
     """Evaluate one snapshot now, for each setting (through the registry: done ones are reused)."""
     from . import registry
     from .farm import run_dir_of
-    from .registry import METRICS
     from .schedule import schedule_pass
 
     from .preflight import check
@@ -152,8 +151,8 @@ def cmd_run(a) -> int:
     for s in settings:
         from .farm import prepare
         key_dir = prepare(run_dir, snap, s, Path(a.ref), a.inception_weights, a.metric_workers)
-        if (key_dir / METRICS).is_file():
-            m = json.loads((key_dir / METRICS).read_text())["metrics"]
+        if (key_dir / registry.METRICS).is_file():
+            m = json.loads((key_dir / registry.METRICS).read_text())["metrics"]
             print(f"{snap.name} {s.name}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                         for k, v in m.items()))
             continue

@@ -131,7 +131,7 @@ def running_job_for(run_dir: Path) -> str | None:
         if str(rec["job_id"]) in active or (rec.get("cluster") == "local" and _local_state(rec) == "RUNNING"):
             return str(rec["job_id"])
     held = holder(run_dir)
-    return f"pid {held.get('pid')} on {held.get('host')} (a training outside these jobs)" if held else None
+    return f"pid {held.get('pid')} on {held.get('host')}" if held else None
 
 
 def make_executor(args, folder: Path, site: dict):

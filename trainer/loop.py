@@ -142,7 +142,7 @@ def training_loop(cfg: TrainConfig) -> int:
     now = {"world size": world, "ZeRO stage": cfg.zero_stage, "precision": cfg.precision}
     elastic = bool(found) and any(then.get(k, v) != v for k, v in now.items())
     ds_config = deepspeed_config(cfg, micro, accum)
-    if elastic:  # another world size: load through DeepSpeed's universal checkpoint
+    if elastic:  # another world size, ZeRO stage or precision: load through DeepSpeed's universal checkpoint
         universal = ckpt.universal_dir(run_dir, found[0]) if is_main else None
         universal = dist_util.broadcast_object(universal)
         ds_config["checkpoint"] = {"load_universal": True}
