@@ -181,6 +181,20 @@ def prune(run_dir: Path, keep_last: int, keep_every_images: int, keep: str | Non
             shutil.rmtree(p, ignore_errors=True)
 
 
+def saved_layout(run_dir: Path, tag: str) -> dict:
+    """The world size, ZeRO stage and precision checkpoint `tag` was saved at (DeepSpeed's files differ by
+    each; a resume that changes one loads through the universal checkpoint). Checkpoints from before
+    client.json kept the last two take them from the last launch's training_options.json."""
+    client = json.loads((run_dir / CKPT / tag / "client.json").read_text())
+    options = run_dir / "training_options.json"
+    if "zero_stage" not in client and options.is_file():
+        client = {**json.loads(options.read_text()), **client}
+    manifest = json.loads((run_dir / CKPT / tag / MANIFEST).read_text())
+    return {"world size": manifest["world_size"], **{k: client[key] for k, key in
+                                                     (("ZeRO stage", "zero_stage"), ("precision", "precision"))
+                                                     if key in client}}
+
+
 def refusal(run_dir: Path, tag: str, cfg) -> str | None:
     """Why checkpoint `tag` cannot be resumed with TrainConfig `cfg` (what TrainConfig.fixed names differs,
     field by field), or None."""
@@ -188,7 +202,7 @@ def refusal(run_dir: Path, tag: str, cfg) -> str | None:
 
     client = json.loads((run_dir / CKPT / tag / "client.json").read_text())
     options = run_dir / "training_options.json"
-    stage = client.get("zero_stage") or (json.loads(options.read_text()).get("zero_stage") if options.is_file() else None)
+    stage = saved_layout(run_dir, tag).get("ZeRO stage")
     if stage and (stage == 3) != (cfg.zero_stage == 3):
         return (f"{run_dir}: {tag} was saved at ZeRO stage {stage}: DeepSpeed's universal checkpoint converts "
                 f"between stages 1 and 2 but not to or from stage 3 (zero_stage={cfg.zero_stage} now); keep "

@@ -75,18 +75,6 @@ def write_options(run_dir: Path, options: dict, resumed_at: int | None) -> None:
     os.replace(tmp, path)
 
 
-def saved_layout(run_dir: Path, tag: str, manifest: dict) -> dict:
-    """The world size, ZeRO stage and precision checkpoint `tag` was saved at (DeepSpeed's files differ by
-    each; a resume that changes one loads through the universal checkpoint). Checkpoints from before
-    client.json kept the last two take them from the last launch's training_options.json."""
-    client = json.loads((run_dir / ckpt.CKPT / tag / "client.json").read_text())
-    if "zero_stage" not in client and (run_dir / "training_options.json").is_file():
-        client = {**json.loads((run_dir / "training_options.json").read_text()), **client}
-    return {"world size": manifest["world_size"], **{k: client[key] for k, key in
-                                                     (("ZeRO stage", "zero_stage"), ("precision", "precision"))
-                                                     if key in client}}
-
-
 def training_loop(cfg: TrainConfig) -> int:
     """Train until cfg.total_kimg; returns 0, or EXIT_REQUEUE after a preemption save."""
     import deepspeed
@@ -138,7 +126,7 @@ def training_loop(cfg: TrainConfig) -> int:
         raise TrainingStopped(refused)
     if is_main and skipped:
         log.warning("skipped incomplete checkpoints: %s", "; ".join(skipped))
-    then = saved_layout(run_dir, found[0], found[1]) if found else None
+    then = ckpt.saved_layout(run_dir, found[0]) if found else None
     now = {"world size": world, "ZeRO stage": cfg.zero_stage, "precision": cfg.precision}
     elastic = bool(found) and any(then.get(k, v) != v for k, v in now.items())
     ds_config = deepspeed_config(cfg, micro, accum)
