@@ -33,6 +33,12 @@ def run_guarded(main, argv, prog=None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (what was done, how to go on), not a traceback
+        print(f"\ninterrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `adm ... | head`: the reader has gone; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def usage() -> str:

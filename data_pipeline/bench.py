@@ -3,13 +3,14 @@
 import time
 
 from .loader import StreamLoader
-from .verify import read_manifest
+from .verify import check_resolution, read_manifest
 
 
 def measure(directory, resolution: int, workers: int = 0, seconds: float = 10.0, batch_size: int = 64,
             crop: str = "center", warmup_batches: int = 2, num_slots: int | None = None,
             jpeg_draft: bool = False) -> dict:
     manifest = read_manifest(directory)
+    check_resolution(directory, manifest, resolution, "--resolution")
     consumers = max(1, workers)
     slots = num_slots or max(consumers, min(len(manifest["shards"]) // consumers * consumers, 64))
     loader = StreamLoader(directory, resolution, batch_size, crop=crop, num_workers=workers, num_slots=slots,

@@ -86,16 +86,17 @@ class ShardStream(IterableDataset):
         if error:
             log.warning("shard %s is damaged (%s): %d of %d samples readable", info["name"], error,
                         len(samples), info["count"])
-        first = int(info["first_key"]) if info["first_key"] is not None else 0
+        # member i is the i-th sample in the tar: keys are the source positions, with gaps where the writer
+        # skipped an unreadable image; a damaged tar reads as a prefix, so the order still holds
+        keys = list(samples)
         order = self.order.sample_order(shard, pos.epoch)
         for offset in range(pos.offset, len(order)):
             member = int(order[offset])
-            key = f"{first + member:09d}"
             here = Position(pos.epoch, pos.shard, offset)
-            parts = samples.get(key)
-            sample = None if parts is None else self.decode(parts, key, shard, member, slot, here)
+            key = keys[member] if member < len(keys) else None
+            sample = None if key is None else self.decode(samples[key], key, shard, member, slot, here)
             if sample is None:
-                log.warning("skipping sample %s of %s", key, info["name"])
+                log.warning("skipping sample %s of %s", key or f"#{member}", info["name"])
             yield sample, here
 
     def decode(self, parts, key, shard, member, slot, pos):
@@ -219,8 +220,16 @@ class StreamLoader:
             self.skipped += int(batch["skipped"])
             yield batch
 
+    def owns(self, slot: int) -> bool:
+        """Whether this rank reads `slot` (ShardStream.consumer: slot s goes to consumer s mod ranks x workers)."""
+        workers = max(1, self.num_workers)
+        return (slot % (self.args["world_size"] * workers)) // workers == self.args["rank"]
+
     def state_dict(self) -> dict:
-        return {"slots": json.loads(json.dumps(self.slots)), "batches": self.batches, "skipped": self.skipped,
+        """This rank's slots only: after a resume it also holds the other ranks' loaded (now old) positions,
+        which must not overwrite theirs when the trainer merges every rank's state."""
+        slots = {k: v for k, v in self.slots.items() if self.owns(int(k))}
+        return {"slots": json.loads(json.dumps(slots)), "batches": self.batches, "skipped": self.skipped,
                 "num_workers": self.num_workers, "world_size": self.args["world_size"],
                 "num_slots": self.args["num_slots"], "seed": self.args["seed"]}
 
@@ -230,7 +239,8 @@ class StreamLoader:
                 raise ValueError(f"loader state has {key}={state[key]} but this loader uses {self.args[key]}: "
                                  "the sample order would change")
         self.slots = json.loads(json.dumps(state["slots"]))
-        self.batches, self.skipped = state["batches"], state["skipped"]
+        # the merged count is every rank's: rank 0 carries it on, so that the next merge sums to it again
+        self.batches, self.skipped = state["batches"], state["skipped"] if self.args["rank"] == 0 else 0
         same = state["num_workers"] == self.num_workers and state["world_size"] == self.args["world_size"]
         self._resume_workers = self.num_workers if same else -1
 

@@ -15,6 +15,9 @@ import os
 import random
 import tarfile
 from dataclasses import dataclass
+import signal
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -126,6 +129,11 @@ def write_shard(task: ShardTask) -> dict:
     return stats
 
 
+def _writer_init() -> None:
+    """Writer processes leave Ctrl-C to the parent, which stops them all and says how to resume."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def plan_shards(source: Source, shard_size: int, seed: int) -> list[list[tuple[str, Item]]]:
     """Seeded global shuffle (class-mixed), keyed by position, cut into shards."""
     order = list(range(len(source.items)))
@@ -189,21 +197,28 @@ def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, worke
         from tqdm.auto import tqdm
         bar = tqdm(total=len(source.items), initial=sum(len(plan[i]) for i in done), unit="img",
                    desc=f"writing {len(plan)} shards")
-    if workers == 1:
-        iterator = map(write_shard, tasks)
-        pool = None
-    else:
-        pool = get_context("fork").Pool(workers)
-        iterator = pool.imap_unordered(write_shard, tasks)
+    pool = None if workers == 1 else ProcessPoolExecutor(workers, get_context("fork"), initializer=_writer_init)
     try:
+        if pool is None:
+            iterator = map(write_shard, tasks)
+        else:
+            iterator = (f.result() for f in as_completed([pool.submit(write_shard, t) for t in tasks]))
         for stats in iterator:
             results[int(stats["name"][6:12])] = stats
             if bar:
                 bar.update(stats["count"] + len(stats["skipped"]))
+    except BrokenProcessPool:
+        raise RuntimeError(f"{out}: a writer process died (killed: out of memory?) with {len(plan) - len(results)} of "
+                           f"{len(plan)} shards unwritten; rerun the same command with --resume") from None
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{len(results)} of {len(plan)} shards written to {out}; rerun the same command "
+                                "with --resume to complete it") from None
     finally:
-        if pool:
-            pool.close()
-            pool.join()
+        if pool:  # on an error, stop the shards in flight (they stay .partial; --resume rewrites them)
+            if len(results) < len(plan):
+                for proc in list((pool._processes or {}).values()):  # no public kill before Python 3.14
+                    proc.kill()
+            pool.shutdown(wait=True, cancel_futures=True)
         if bar:
             bar.close()
     shards = [results[i] for i in range(len(plan))]

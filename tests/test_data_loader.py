@@ -95,6 +95,27 @@ def test_resume_at_another_world_size_neither_repeats_nor_skips(data):
     assert len(seen) == 40 and sorted(seen + rest) == list(range(N))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_twice_at_the_same_world_size_is_exact(data, workers):
+    """Each resume loads the merged state of every rank; the next save must still carry each rank's own,
+    current positions (not another rank's copy of them from the last resume), and count skips once."""
+    path = data[1] / "crop"
+    make = lambda r: loader(path, rank=r, world_size=2, num_slots=8, num_workers=workers)  # noqa: E731
+    full = [take(make(r), 12) for r in range(2)]
+    got, loaders, state = [[], []], [make(r) for r in range(2)], None
+    for n in (3, 4, 5):  # interrupted twice
+        for r, ld in enumerate(loaders):
+            if state is not None:
+                ld.load_state_dict(json.loads(json.dumps(state)))
+            got[r] += take(ld, n)
+        state = merge_states([ld.state_dict() for ld in loaders])
+        loaders = [make(r) for r in range(2)]
+    assert got == full and sorted(map(int, state["slots"])) == list(range(8))
+    for ld in loaders:
+        ld.load_state_dict({**state, "skipped": 5})  # 5 bad samples met by the ranks together so far
+    assert merge_states([ld.state_dict() for ld in loaders])["skipped"] == 5
+
+
 def test_state_from_other_settings_is_refused(data):
     ld = loader(data[1] / "crop")
     state = ld.state_dict()

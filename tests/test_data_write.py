@@ -2,8 +2,11 @@
 
 import io
 import json
+import os
+import signal
 import subprocess
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ from PIL import Image
 from conftest import run_cli
 from data_pipeline.sources import read_source
 from data_pipeline.verify import verify
-from data_pipeline.writer import MANIFEST, write_dataset
+from data_pipeline.writer import MANIFEST, write_dataset, write_shard
 from imagenet_fixture import make_imagenet, wnid
 
 
@@ -100,6 +103,15 @@ def test_bad_images_are_skipped_counted_and_listed(imagenet, tmp_path):
     assert set(reasons) == {"zero.JPEG", "garbage.JPEG", "truncated.JPEG"}
     assert "zero-byte" in reasons["zero.JPEG"] and manifest["skipped_count"] == 3
     assert manifest["num_samples"] == 122
+    # the skipped images leave gaps in the keys; the loader serves every written sample once an epoch
+    from data_pipeline.loader import StreamLoader
+
+    keys = sorted(int(s["__key__"]) for s in read_with_webdataset(tmp_path / "out"))
+    assert len(keys) == 122 and keys[-1] - keys[0] == 124  # the gaps are inside the key range
+    loader = StreamLoader(tmp_path / "out", 16, batch_size=1, num_slots=1, flip=False)
+    it = iter(loader)
+    served = sorted(int(next(it)["id"][0]) for _ in range(122))
+    assert served == keys and loader.skipped == 0
 
 
 def test_center_crop_at_write_time_equals_adm_reference(imagenet, tmp_path):
@@ -147,6 +159,65 @@ def test_interrupted_write_resumes_to_the_same_shards(imagenet, tmp_path, monkey
     assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in reference["shards"]]
     with pytest.raises(ValueError, match="already holds a complete dataset"):
         write_dataset(source, tmp_path / "w", shard_size=16, progress=False)
+
+
+def killed_at_shard_2(task):  # (module level: the writer processes unpickle these by name)
+    if task.index == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
+    return write_shard(task)
+
+
+def ctrl_c_during_shard_3(task):
+    if task.index == 3:
+        os.kill(os.getppid(), signal.SIGINT)
+        time.sleep(60)  # a long shard in flight: stopped, not waited for
+    return write_shard(task)
+
+
+def _write_with(fake, source, out, results):
+    """In a forked process of its own group (a hang is killed from outside): the write with `fake` as the
+    shard writer; reports (exception type, message, seconds, writer processes left)."""
+    import multiprocessing
+
+    from data_pipeline import writer
+
+    os.setpgid(0, 0)
+    writer.write_shard = fake
+    start = time.monotonic()
+    try:
+        write_dataset(source, out, shard_size=16, workers=2, progress=False)
+        outcome = ("finished", "")
+    except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt is one of the outcomes
+        outcome = (type(e).__name__, str(e))
+    results.put((*outcome, time.monotonic() - start, len(multiprocessing.active_children())))
+
+
+def test_parallel_write_stops_cleanly_when_a_worker_dies_or_on_ctrl_c(imagenet, tmp_path):
+    """A writer process killed (the OOM killer) or Ctrl-C in the parent: the write stops at once with a
+    message saying how to go on, leaves no process behind, and --resume completes it to the same shards."""
+    import queue
+    from multiprocessing import get_context
+
+    root, _ = imagenet
+    source = read_source(root, "imagenet", "train")
+    reference = write_dataset(source, tmp_path / "ref", shard_size=16, progress=False)
+    ctx = get_context("fork")
+    for name, fake, error, match in [("killed", killed_at_shard_2, "RuntimeError", "a writer process died"),
+                                     ("ctrl-c", ctrl_c_during_shard_3, "KeyboardInterrupt", "shards written to")]:
+        results = ctx.Queue()
+        proc = ctx.Process(target=_write_with, args=(fake, source, tmp_path / name, results))
+        proc.start()
+        try:
+            kind, message, seconds, left = results.get(timeout=120)
+        except queue.Empty:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"{name}: the write hangs")
+        finally:
+            proc.join()
+        assert kind == error and match in message and "rerun the same command with --resume" in message, message
+        assert seconds < 30 and left == 0 and not (tmp_path / name / MANIFEST).exists()
+        resumed = write_dataset(source, tmp_path / name, shard_size=16, workers=2, resume=True, progress=False)
+        assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in reference["shards"]]
 
 
 def test_verify_reports_a_truncated_shard(imagenet, tmp_path):
@@ -240,3 +311,15 @@ def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
             got = np.asarray(Transform(64).decode(data))
             assert got.shape == (64, 64, 3) and np.array_equal(got[..., 0], want), preprocess
             assert np.array_equal(got[..., 0], got[..., 2])
+
+
+def test_data_bench_refuses_to_upscale_preprocessed_shards(tmp_path):
+    """Like training and `eval ref`: shards center-cropped below --resolution would be measured upscaled."""
+    from data_pipeline.bench import measure
+
+    (tmp_path / "src" / "c0").mkdir(parents=True)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "src" / "c0" / "a.png")
+    write_dataset(read_source(tmp_path / "src", "folder"), tmp_path / "s", preprocess="center-crop:32", progress=False)
+    with pytest.raises(ValueError, match=r"center-cropped to 32x32 \(center-crop:32\), smaller than --resolution=64"):
+        measure(tmp_path / "s", 64, seconds=0.1)
+    assert measure(tmp_path / "s", 32, seconds=0.1, batch_size=1)["images"] > 0

@@ -99,8 +99,11 @@ def test_resume_is_bit_identical(shards, reference_run, tmp_path):
     run = tmp_path / "run"
     # snapshots (and their sample grids) at other times than the reference's must not perturb training
     train(shards, run, "total_kimg=0.192", "snapshot_kimg=0.064")
-    proc = train(shards, run, "total_kimg=0.384", "snapshot_kimg=0.064")  # a later end: resumes
+    proc = train(shards, run, "total_kimg=0.288", "snapshot_kimg=0.064")  # a later end: resumes
     assert "resumed from img000000000192" in proc.stderr
+    # resumed twice: the second resume reads the data positions the first resumed run saved
+    proc = train(shards, run, "total_kimg=0.384", "snapshot_kimg=0.064")
+    assert "resumed from img000000000288" in proc.stderr
     assert_identical(final_weights(run)[0], final_weights(reference_run[0])[0])
     again = train(shards, run, "total_kimg=0.384", "snapshot_kimg=0.064")  # finished: starts no rank
     assert "already trained to 0.384 kimg (img000000000384), total_kimg=0.384: nothing to do" in again.stderr
