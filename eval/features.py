@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .inception import extract
-from .sample import save_npz_atomic
+from .sample import overlapping_shards, save_npz_atomic
 from .stats import Statistics
 
 MERGED = "features-merged.npz"  # all shards' features and statistics, after the metrics are published
@@ -53,7 +53,13 @@ def write_features(path: Path, pool: np.ndarray, labels: np.ndarray, resolution:
 
 
 def sample_shards(samples_dir: Path) -> list[Path]:
-    return sorted(p for p in Path(samples_dir).glob("samples-*.npz") if ".partial" not in p.name)
+    """The sample shards of a directory, refused when two of them share seeds (they would count twice)."""
+    paths = sorted(p for p in Path(samples_dir).glob("samples-*.npz") if ".partial" not in p.name)
+    clash = overlapping_shards(paths)
+    if clash:
+        raise ValueError(f"{samples_dir}: {clash[0].name} and {clash[1].name} share seeds (sampled there with two "
+                         "--shard-size or --seed-start splits); remove one split's shards")
+    return paths
 
 
 def featurize_dir(samples_dir: Path, out_dir: Path, index: int = 0, count: int = 1, **kw) -> list[Path]:

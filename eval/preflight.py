@@ -34,11 +34,20 @@ def _steps(spec: str, meta: dict, what: str, setting: EvalSetting) -> None:
                          f"diffusion: {e}") from None
 
 
-def check_classes(base: ModelConfig, classifier: ModelConfig | None, upsampler: ModelConfig | None,
-                  paths: tuple) -> None:
-    """Labels are drawn over the base model's classes (or the classifier's, for an unconditional base):
-    a classifier and a class-conditional upsampler must know the same classes, or the first seed that
-    draws a label beyond theirs fails mid-way."""
+def check_stack(base: ModelConfig, classifier: ModelConfig | None, upsampler: ModelConfig | None,
+                paths: tuple) -> None:
+    """A base model with its classifier and upsampler, before any sampling. Sizes: the classifier guides
+    the base model's images, the upsampler takes them as its low resolution. Classes: labels are drawn
+    over the base model's classes (or the classifier's, for an unconditional base); a classifier and a
+    class-conditional upsampler must know the same classes, or the first seed that draws a label beyond
+    theirs fails mid-way."""
+    size = base.image_size
+    if classifier is not None and classifier.image_size != size:
+        raise ValueError(f"{paths[1]}: the classifier reads {classifier.image_size}x{classifier.image_size} images, "
+                         f"{paths[0]} samples {size}x{size}; they must be the same size")
+    if upsampler is not None and upsampler.small_size != size:
+        raise ValueError(f"{paths[2]}: the upsampler takes {upsampler.small_size}x{upsampler.small_size} inputs, "
+                         f"{paths[0]} samples {size}x{size}; they must be the same size")
     labels = base.num_classes or (classifier.num_classes if classifier else None)
     for cfg, path, role in ((classifier, paths[1], "classifier"), (upsampler, paths[2], "upsampler")):
         if cfg is None or cfg.num_classes is None:
@@ -72,7 +81,7 @@ def check(snapshot: str | Path, settings: list[EvalSetting], ref: str | Path,
             up, up_meta = _snapshot(s.upsampler, "an upsampler", "upsampler")
             _steps(s.upsampler_steps, up_meta, "upsampler_steps", s)
             size = up.image_size
-        check_classes(config, clf, up, (snapshot, s.classifier, s.upsampler))
+        check_stack(config, clf, up, (snapshot, s.classifier, s.upsampler))
         if ref_info.images:
             h, w = ref_info.images[1:3]
             if (h, w) != (size, size):

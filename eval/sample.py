@@ -43,6 +43,24 @@ def shard_path(out: Path, seeds: list[int]) -> Path:
     return Path(out) / f"samples-{seeds[0]:08d}-{seeds[-1]:08d}.npz"
 
 
+def shard_seed_range(path: Path) -> tuple[int, int] | None:
+    """(first, last) seed of a `samples-<first>-<last>.npz` shard; None for other names."""
+    parts = Path(path).name.removesuffix(".npz").split("-")
+    if len(parts) != 3 or parts[0] != "samples" or not (parts[1].isdigit() and parts[2].isdigit()):
+        return None
+    return int(parts[1]), int(parts[2])
+
+
+def overlapping_shards(paths: list[Path]) -> tuple[Path, Path] | None:
+    """Two shards whose seed ranges overlap (one directory filled with two --shard-size or --seed-start
+    splits), or None: counting both would count those images twice."""
+    ranged = sorted((r, p) for p in paths if (r := shard_seed_range(p)) is not None)
+    for (r0, p0), (r1, p1) in zip(ranged, ranged[1:]):
+        if r1[0] <= r0[1]:
+            return p0, p1
+    return None
+
+
 def save_npz_atomic(path: Path, **arrays) -> None:
     """Write to a temporary name of this process's own, then rename: readers never see a partial file,
     and two writers of the same file (racing schedulers sharing a reference cache) do not collide."""
@@ -103,9 +121,9 @@ class Sampler:
             if self.up_snap.config.arch != "upsampler":
                 raise ValueError(f"{setting.upsampler}: a {self.up_snap.config.arch} snapshot, expected an upsampler")
             self.up_diffusion = _diffusion(self.up_snap, setting.upsampler_steps)
-        from .preflight import check_classes
+        from .preflight import check_stack
 
-        check_classes(cfg, clf_snap.config if self.cond_fn else None, self.up_snap.config if self.up else None,
+        check_stack(cfg, clf_snap.config if self.cond_fn else None, self.up_snap.config if self.up else None,
                       (snapshot, setting.classifier, setting.upsampler))
 
     @property
@@ -117,23 +135,24 @@ class Sampler:
         them stays float32: bf16 outputs times float32 coefficients promote)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.setting.precision == "bf16")
 
-    def batch(self, seeds: list[int], watch: ProgressiveFrames | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def batch(self, seeds: list[int], watch: ProgressiveFrames | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 NHWC images and their labels (None for an unconditional, unguided model)."""
         with self.autocast():
             return self._batch(seeds, watch)
 
-    def _batch(self, seeds: list[int], watch: ProgressiveFrames | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _batch(self, seeds: list[int], watch: ProgressiveFrames | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         from models.sampling import draw_labels, sample_cascade, sample_images
 
         y = draw_labels(seeds, self.num_classes, self.device) if self.num_classes else None
         if self.up is not None:
             x, _, _ = sample_cascade(self.model, self.diffusion, self.up, self.up_diffusion, seeds,
                                      base_size=self.snap.config.image_size, large_size=self.resolution, labels=y,
-                                     cond_fn=self.cond_fn, use_ddim=self.use_ddim, device=self.device, on_step=watch)
+                                     cond_fn=self.cond_fn, use_ddim=self.use_ddim, device=self.device, on_step=watch,
+                                     upsampler_ddim=self.setting.upsampler_steps.startswith("ddim"))
         else:
             x, _ = sample_images(self.model, self.diffusion, seeds, self.snap.config.image_size, labels=y,
                                  cond_fn=self.cond_fn, use_ddim=self.use_ddim, device=self.device, on_step=watch)
-        labels = y.cpu().numpy() if y is not None else np.zeros(len(seeds), np.int64)
-        return quantize(x), labels
+        return quantize(x), (y.cpu().numpy() if y is not None else None)
 
     def watcher(self, n: int = 4, frames: int = 8) -> ProgressiveFrames:
         """A progressive decoding of a batch's first n samples (of the base model, in a cascade)."""
@@ -154,7 +173,9 @@ class Sampler:
             if bar is not None:
                 bar.update(len(x))
         Path(out).mkdir(parents=True, exist_ok=True)
-        save_npz_atomic(path, arr_0=np.concatenate(images), arr_1=np.concatenate(labels))
+        # ADM's sample files: arr_1 (labels) only when there are labels, as its image_sample.py writes them
+        save_npz_atomic(path, arr_0=np.concatenate(images),
+                        **({"arr_1": np.concatenate(labels)} if labels[0] is not None else {}))
         return path
 
     def progressive(self, seeds: list[int], frames: int = 8) -> np.ndarray:
@@ -177,7 +198,7 @@ def claim_out_dir(out: Path, snapshot: str, setting: EvalSetting) -> None:
               **{k: getattr(setting, k) for k in ("steps", "classifier", "scale", "upsampler", "upsampler_steps",
                                                  "weights", "precision")}}
     path = out / "sampling.json"
-    if path.is_file():
+    if path.is_file() and any(out.glob("samples-*.npz")):  # (no shard yet: nothing to protect, claimed anew)
         old = json.loads(path.read_text())
         changed = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in record.items()
                    if old.get(k) != v and k != "snapshot"]
@@ -230,12 +251,18 @@ def main(argv=None, prog="adm sample") -> int:
     claim_out_dir(out, a.snapshot, setting)
     from tqdm.auto import tqdm
 
+    planned = [shard_path(out, setting.shard_seeds(i)) for i in range(setting.num_shards)]
+    clash = overlapping_shards(sorted(set(planned) | {p for p in out.glob("samples-*.npz") if ".partial" not in p.name}))
+    if clash:
+        raise ValueError(f"--out {out}: {clash[0].name} (there or planned) and {clash[1].name} share seeds: the "
+                         "directory was filled with another --shard-size or --seed-start split; give the same "
+                         "split again or another --out")
     bar = tqdm(total=a.num, unit="img", desc="sampling", disable=not sys.stderr.isatty())
     paths = [sampler.shard(setting.shard_seeds(i), out, bar) for i in range(setting.num_shards)]
     bar.close()
     if a.merge:
         arrays = [np.load(pth) for pth in paths]
-        save_npz_atomic(out / "samples.npz", arr_0=np.concatenate([x["arr_0"] for x in arrays]),
-                        arr_1=np.concatenate([x["arr_1"] for x in arrays]))
+        labels = {"arr_1": np.concatenate([x["arr_1"] for x in arrays])} if "arr_1" in arrays[0].files else {}
+        save_npz_atomic(out / "samples.npz", arr_0=np.concatenate([x["arr_0"] for x in arrays]), **labels)
     print(f"{a.num} samples in {len(paths)} shard(s) under {out}" + (" + samples.npz" if a.merge else ""))
     return 0

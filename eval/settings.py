@@ -7,6 +7,7 @@ guidance, classifier, upsampler, N, seeds, reference, evaluator version) and not
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -42,6 +43,8 @@ class EvalSetting:
             raise ValueError(f"setting {self.name!r}: seed_start must be 0 or more, got {self.seed_start}")
         if self.shard_size < 1 or self.batch_size < 1:
             raise ValueError(f"setting {self.name!r}: shard_size and batch_size must be positive")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"setting {self.name!r}: scale must be a finite number, got {self.scale}")
         if self.scale and not self.classifier:
             raise ValueError(f"setting {self.name!r}: scale {self.scale} needs a classifier snapshot (classifier=PATH)")
         if self.pr_distance not in ("fp32", "fp16"):

@@ -38,7 +38,9 @@ def sample_images(model, diffusion, seeds: Sequence[int], image_size: int, *, ch
         labels = torch.as_tensor(labels, device=device)
         if labels.shape != (len(seeds),):
             raise ValueError(f"labels must have shape ({len(seeds)},), got {tuple(labels.shape)}")
-        kwargs["y"] = labels
+        kwargs["y"] = labels  # for the model if class-conditional, and for the classifier (cond_fn)
+        if getattr(model, "num_classes", None) is None:
+            model = _without_labels(model)  # an unconditional model guided by a classifier
     elif cond_fn is not None:
         raise ValueError("classifier guidance needs labels: pass labels or num_classes")
     shape = (len(seeds), channels, image_size, image_size)
@@ -52,9 +54,18 @@ def sample_images(model, diffusion, seeds: Sequence[int], image_size: int, *, ch
     return out["sample"], labels
 
 
+def _without_labels(model):
+    """guided-diffusion's model_fn for an unconditional model under guidance: the labels in the model
+    kwargs are the classifier's, not passed to the model."""
+    def model_fn(x, t, y=None, **kwargs):
+        return model(x, t, **kwargs)
+    return model_fn
+
+
 def sample_cascade(base, base_diffusion, upsampler, upsampler_diffusion, seeds: Sequence[int], *, base_size: int,
                    large_size: int, labels=None, num_classes: int | None = None, cond_fn=None,
-                   use_ddim: bool = False, device="cpu", progress: bool = False, on_step=None):
+                   use_ddim: bool = False, upsampler_ddim: bool = False, device="cpu", progress: bool = False,
+                   on_step=None):
     """Base model at base_size (guided if cond_fn), then the upsampler to large_size conditioned on it.
 
     Only the base model is guided (as in the paper's guided stacks); the upsampler sees the same labels.
@@ -69,6 +80,7 @@ def sample_cascade(base, base_diffusion, upsampler, upsampler_diffusion, seeds: 
     if labels is not None and getattr(upsampler, "num_classes", None) is not None:
         kwargs["y"] = labels
     shape = (len(seeds), low.shape[1], large_size, large_size)
-    high = upsampler_diffusion.p_sample_loop(upsampler, shape, noise=noise.randn(shape), model_kwargs=kwargs,
-                                             device=device, progress=progress, generator=noise)
+    loop = upsampler_diffusion.ddim_sample_loop if upsampler_ddim else upsampler_diffusion.p_sample_loop
+    high = loop(upsampler, shape, noise=noise.randn(shape), model_kwargs=kwargs, device=device, progress=progress,
+                generator=noise)
     return high, low, labels

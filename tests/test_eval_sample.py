@@ -1,6 +1,7 @@
 """`adm sample`: ADM-format npz shards, per-seed determinism, resumability, guidance and cascades."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -41,6 +42,8 @@ def test_sample_shards_are_per_seed_and_resumable(tmp_path):
         (["--out", str(tmp_path / "a"), "--precision", "bf16"],  # another setting: the old shards are not its samples
          f"--out {tmp_path / 'a'} holds samples of another snapshot or setting (precision: 'fp32' there, 'bf16' now)"),
         (["--out", str(tmp_path / "afile")], f"--out {tmp_path / 'afile'}: a file"),
+        (["--out", str(tmp_path / "a"), "--shard-size", "3"],  # another split: features would count seeds twice
+         "samples-00000100-00000102.npz (there or planned) and samples-00000100-00000103.npz share seeds"),
         (["--out", str(tmp_path / "e"), "--scale", "3"], "--scale is the classifier-guidance scale: give the classifier"),
     ]:
         proc = run_cli(*common, *extra, check=False)
@@ -48,6 +51,16 @@ def test_sample_shards_are_per_seed_and_resumable(tmp_path):
     proc = run_cli("sample", str(snap), "--num", "2", "--seed-start", "-1", "--out", str(tmp_path / "e"), check=False)
     assert proc.returncode == 2 and "--seed-start must be 0 or more" in proc.stderr
     assert first.stat().st_mtime_ns == before and not (tmp_path / "e").exists()
+    from eval.features import sample_shards
+
+    for name in ("samples-00000000-00000003.npz", "samples-00000004-00000005.npz", "samples-00000004-00000004.npz"):
+        (tmp_path / "mixed" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "mixed" / name).write_bytes(b"")
+    with pytest.raises(ValueError, match="samples-00000004-00000004.npz and samples-00000004-00000005.npz share seeds"):
+        sample_shards(tmp_path / "mixed")
+    (tmp_path / "mixed" / "samples-00000004-00000004.npz").unlink()
+    assert [p.name for p in sample_shards(tmp_path / "mixed")] == ["samples-00000000-00000003.npz",
+                                                                   "samples-00000004-00000005.npz"]
 
 
 def test_guided_and_cascaded_sampling(tmp_path):
@@ -58,6 +71,15 @@ def test_guided_and_cascaded_sampling(tmp_path):
             "--upsampler", str(up), "--upsampler-steps", "3", "--out", str(tmp_path / "c"), "--merge")
     arr = np.load(tmp_path / "c" / "samples.npz")["arr_0"]
     assert arr.shape == (2, 64, 64, 3)
+    from eval.sample import Sampler
+    from eval.settings import EvalSetting
+
+    for steps, loop in (("ddim2", "ddim_sample_loop"), ("2", "p_sample_loop")):  # the upsampler's sampler follows its steps
+        sampler = Sampler(str(base), EvalSetting(name="c", steps="ddim2", upsampler=str(up), upsampler_steps=steps), "cpu")
+        calls = []
+        real = getattr(sampler.up_diffusion, loop)
+        setattr(sampler.up_diffusion, loop, lambda *a, **k: calls.append(1) or real(*a, **k))
+        assert sampler.batch([0])[0].shape == (1, 64, 64, 3) and calls == [1], steps
     bad = run_cli("sample", str(clf), "--num", "1", "--out", str(tmp_path / "d"), check=False)
     assert bad.returncode == 2 and "classifier snapshot" in bad.stderr
     bad = run_cli("sample", str(base), "--num", "1", "--upsampler", str(base), "--out", str(tmp_path / "d"), check=False)
@@ -77,6 +99,66 @@ def test_guided_and_cascaded_sampling(tmp_path):
     np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
     with pytest.raises(ValueError, match="the classifier has 10 classes"):
         check(base11, [EvalSetting(name="g", num=8, scale=1.0, classifier=str(clf))], ref)
+
+
+def test_unconditional_model_guided_by_a_classifier(tmp_path):
+    """ADM's unconditional 256 model + classifier: the labels go to the classifier only (guided-diffusion's
+    model_fn drops y), checked against the diffusion loop run here that way; unguided unconditional samples
+    carry no labels (no arr_1, as ADM's image_sample.py writes them)."""
+    from models.adm_compat import create_gaussian_diffusion
+    from models.guidance import classifier_cond_fn
+    from models.noise import PerSampleNoise
+    from models.snapshot import load_snapshot
+
+    preset = get_preset("tiny-32")
+    cfg = dataclasses.replace(preset.config(), num_classes=None)
+    uncond = save_snapshot(tmp_path / "uncond", randomize_(build_model(cfg), seed=4, scale=0.05).state_dict(), cfg,
+                           meta={"diffusion": preset.diffusion})
+    clf_cfg = get_preset("tiny-classifier-32").config()  # weights large enough for gradients that show
+    clf = save_snapshot(tmp_path / "clf", randomize_(build_model(clf_cfg), seed=2, scale=0.5).state_dict(), clf_cfg,
+                        meta={"diffusion": preset.diffusion})
+    run_cli("sample", str(uncond), "--num", "2", "--steps", "ddim3", "--out", str(tmp_path / "a"), "--merge")
+    plain = np.load(tmp_path / "a" / "samples.npz")
+    assert plain.files == ["arr_0"] and np.load(tmp_path / "a" / "samples-00000000-00000001.npz").files == ["arr_0"]
+    run_cli("sample", str(uncond), "--num", "2", "--steps", "ddim3", "--classifier", str(clf), "--scale", "30",
+            "--out", str(tmp_path / "b"), "--merge")
+    guided = np.load(tmp_path / "b" / "samples.npz")
+    labels = draw_labels(range(2), 10)
+    assert guided["arr_1"].tolist() == labels.tolist()
+    model, classifier = load_snapshot(uncond).build(), load_snapshot(clf).build()
+    diffusion = create_gaussian_diffusion(steps=preset.diffusion["steps"], noise_schedule=preset.diffusion["noise_schedule"],
+                                          learn_sigma=True, timestep_respacing="ddim3")
+    noise = PerSampleNoise([0, 1])
+    x = diffusion.ddim_sample_loop(lambda x, t, y=None: model(x, t), (2, 3, 32, 32), noise=noise.randn((2, 3, 32, 32)),
+                                   cond_fn=classifier_cond_fn(classifier, 30.0), model_kwargs={"y": labels},
+                                   generator=noise)
+    expected = ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(guided["arr_0"].astype(int) - expected).max() <= 1
+    assert np.abs(guided["arr_0"].astype(int) - plain["arr_0"]).max() > 8  # the guidance acted
+
+
+def test_a_stack_of_mismatched_sizes_is_refused_before_sampling(tmp_path):
+    base = snapshot(tmp_path, "base", "tiny-32", 1)
+    for name, preset, change, expected in [
+        ("clf64", "tiny-classifier-32", {"image_size": 64}, "the classifier reads 64x64 images, {base} samples 32x32"),
+        ("up16", "tiny-upsampler-32-64", {"small_size": 16}, "the upsampler takes 16x16 inputs, {base} samples 32x32"),
+    ]:
+        cfg = dataclasses.replace(get_preset(preset).config(), **change)
+        other = save_snapshot(tmp_path / name, build_model(cfg).state_dict(), cfg,
+                              meta={"diffusion": get_preset(preset).diffusion})
+        flag = "--classifier" if name.startswith("clf") else "--upsampler"
+        bad = run_cli("sample", str(base), "--num", "1", "--steps", "ddim2", flag, str(other),
+                      "--out", str(tmp_path / "o"), check=False)
+        assert bad.returncode == 2 and expected.format(base=base) in bad.stderr, bad.stderr
+        assert not (tmp_path / "o").exists()
+    bad = run_cli("sample", str(base), "--num", "1", "--classifier", str(tmp_path / "clf64"), "--scale", "nan",
+                  "--out", str(tmp_path / "o"), check=False)
+    assert bad.returncode == 2 and "scale must be a finite number, got nan" in bad.stderr
+    # a claim whose sampling failed before its first shard does not block the directory
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "sampling.json").write_text('{"steps": "ddim9"}')
+    run_cli("sample", str(base), "--num", "1", "--steps", "ddim2", "--out", str(tmp_path / "o"))
+    assert json.loads((tmp_path / "o" / "sampling.json").read_text())["steps"] == "ddim2"
 
 
 def test_bf16_sampling_is_per_seed_close_to_fp32_and_keyed_apart(tmp_path):
