@@ -72,6 +72,7 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--array-parallelism", type=at_least(1), default=64, help="at most this many array tasks at once")
     g.add_argument("--metric-workers", type=at_least(1), default=1, help="tasks of the metrics job (precision/recall rows)")
     g.add_argument("--max-attempts", type=at_least(1), default=3, help="attempts per (snapshot, setting) before giving up")
+    g.add_argument("--retry-failed", action="store_true", help="evaluations that gave up get --max-attempts more")
     g.add_argument("--inception-weights", help="torch-fidelity's full Inception weights file: adds Inception Score")
 
 
@@ -134,7 +135,7 @@ def cmd_run(a) -> int:
     """Evaluate one snapshot now, for each setting (through the registry: done ones are reused)."""
     from . import registry
     from .farm import run_dir_of
-    from .schedule import schedule_pass
+    from .schedule import attempts_spent, schedule_pass
 
     from .preflight import check
 
@@ -145,7 +146,7 @@ def cmd_run(a) -> int:
     run_dir = run_dir_of(snap)
     backend = backend_for(a)
     counts = schedule_pass(run_dir, settings, Path(a.ref), backend, a.max_attempts, a.inception_weights,
-                           a.metric_workers, only=[snap])
+                           a.metric_workers, only=[snap], retry_failed=a.retry_failed)
     if backend.name == "slurm" and a.wait:
         backend.wait_all()
     for s in settings:
@@ -161,9 +162,10 @@ def cmd_run(a) -> int:
         claim = registry.read_claim(key_dir, tried[-1]) if tried else {}
         if failed.is_file():
             f = json.loads(failed.read_text())
-            print(f"{snap.name} {s.name}: FAILED after {f['attempts']} attempt(s): {f['last_error']} ({key_dir})")
+            print(f"{snap.name} {s.name}: FAILED after {f['attempts']} attempt(s): {f['last_error']} ({key_dir}); "
+                  "--retry-failed tries again")
         elif claim.get("state") == "failed":
-            print(f"{snap.name} {s.name}: attempt {tried[-1]} of {a.max_attempts} failed: {claim.get('error')}; "
+            print(f"{snap.name} {s.name}: attempt {attempts_spent(key_dir)} of {a.max_attempts} failed: {claim.get('error')}; "
                   f"run the command again to retry ({key_dir})")
         else:
             print(f"{snap.name} {s.name}: submitted ({key_dir})")
@@ -201,9 +203,13 @@ def cmd_schedule(a) -> int:
     if newest:  # each setting against the newest diffusion snapshot, before any job
         check(newest[0], settings, a.ref, a.inception_weights)
     backend = backend_for(a)
+    if backend.name == "slurm" and (other := backend.scheduled_elsewhere(run_dir)):
+        raise ValueError(f"{run_dir} is already scheduled: job {other} is its next pass (one schedule per run; "
+                         f"`adm jobs cancel {other} --run-dir {run_dir}` first to change it)")
     while True:
         counts = schedule_pass(run_dir, settings, Path(a.ref), backend, a.max_attempts, a.inception_weights,
-                               a.metric_workers)
+                               a.metric_workers, retry_failed=a.retry_failed)
+        a.retry_failed = False  # once: the later passes give up on what fails again
         report = write_report(run_dir)
         print(f"[eval] {time.strftime('%H:%M:%S')} {run_dir}: {counts['done']} done ({counts['now']} in this pass), "
               + ", ".join(f"{v} {k}" for k, v in counts.items() if k not in ("done", "now"))

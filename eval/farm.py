@@ -32,6 +32,10 @@ def prepare(run_dir: Path, snapshot: Path, setting: EvalSetting, ref: Path, ince
     older = eval_key(snapshot, setting, ref)
     if not (root / key).is_dir() and (root / older / registry.SETTING).is_file():
         key = older
+    if not (root / key).is_dir():  # the same setting under another name: evaluated once, under its first name
+        same = sorted(d.name for d in root.glob(f"{Path(snapshot).name}--*--{key.rsplit('--', 1)[1]}")
+                      if (d / registry.SETTING).is_file())
+        key = same[0] if same else key
     key_dir = root / key
     key_dir.mkdir(parents=True, exist_ok=True)
     path = key_dir / registry.SETTING

@@ -12,6 +12,10 @@ from .farm import prepare, run_local
 from .settings import EvalSetting
 
 
+class NotSubmitted(ValueError):
+    """A backend's submission was refused before anything ran (sbatch's error): not an attempt."""
+
+
 class LocalBackend:
     """Runs the claimed evaluation here and now; the claim (this process) is alive while it runs."""
 
@@ -46,34 +50,48 @@ def find_snapshots(run_dir: Path) -> list[Path]:
 
 def schedule_pass(run_dir: Path, settings: list[EvalSetting], ref: Path, backend, max_attempts: int = 3,
                   inception_weights: str | None = None, metric_workers: int = 1, log=print,
-                  only: list[Path] | None = None) -> dict:
+                  only: list[Path] | None = None, retry_failed: bool = False) -> dict:
     """One pass over snapshots (or `only` these) x settings. Returns counts: done (of which `now` were
     evaluated in this pass, by a backend that runs them at once), started, running, retrying (an
-    attempt failed; the next pass tries again), failed (no attempts left)."""
+    attempt failed; the next pass tries again), failed (no attempts left). retry_failed: evaluations that
+    ran out of attempts get max_attempts more."""
     counts = {"done": 0, "started": 0, "running": 0, "retrying": 0, "failed": 0, "now": 0}
     for snap in only or find_snapshots(run_dir):
         for setting in settings:
             key_dir = prepare(run_dir, snap, setting, ref, inception_weights, metric_workers)
-            state = _advance(key_dir, backend, max_attempts, log)
+            state = _advance(key_dir, backend, max_attempts, log, retry_failed)
             counts["now"] += state == "evaluated"
             counts["done" if state == "evaluated" else state] += 1
     return counts
 
 
-def _advance(key_dir: Path, backend, max_attempts: int, log) -> str:
+def attempts_spent(key_dir: Path) -> int:
+    """Attempts that count against max_attempts: those since the last --retry-failed."""
+    tried = registry.attempts(key_dir)
+    retried = max((int(p.stem.rsplit("-", 1)[1]) for p in Path(key_dir).glob("failed-after-*.json")), default=0)
+    return (tried[-1] if tried else 0) - retried
+
+
+def _advance(key_dir: Path, backend, max_attempts: int, log, retry_failed: bool = False) -> str:
     if (key_dir / registry.METRICS).is_file():
         return "done"
-    if (key_dir / registry.FAILED).is_file():
-        return "failed"
     tried = registry.attempts(key_dir)
     n = tried[-1] if tried else 0
+    if (key_dir / registry.FAILED).is_file():
+        if not retry_failed:
+            return "failed"
+        try:  # kept as failed-after-<n>.json: the attempts before it no longer count
+            (key_dir / registry.FAILED).rename(key_dir / f"failed-after-{n}.json")
+        except FileNotFoundError:
+            pass  # another scheduler retries it too
+    spent = attempts_spent(key_dir)
     if n:
         owner = registry.read_claim(key_dir, n)
         if owner.get("state") not in ("failed", "done") and backend.alive(owner):
             return "running"
         if (key_dir / registry.METRICS).is_file():
             return "done"
-        if n >= max_attempts:
+        if spent >= max_attempts:
             _give_up(key_dir, n, owner)
             log(f"[eval] {key_dir.name}: failed {n} time(s); giving up (see {key_dir / registry.FAILED})")
             return "failed"
@@ -83,12 +101,15 @@ def _advance(key_dir: Path, backend, max_attempts: int, log) -> str:
     log(f"[eval] {key_dir.name}: attempt {n + 1} ({backend.name})")
     try:
         owner = backend.start(key_dir, n + 1)
+    except NotSubmitted:  # nothing ran (a bad flag, say): the claim is withdrawn and the user told
+        (key_dir / f"attempt-{n + 1}.json").unlink(missing_ok=True)
+        raise
     except Exception as e:  # recorded on the claim: the next pass retries or gives up
         registry.update_claim(key_dir, n + 1, {**registry.local_owner(), "state": "failed",
                                                "error": f"{type(e).__name__}: {e}",
                                                "traceback": traceback.format_exc()[-4000:]})
         log(f"[eval] {key_dir.name}: attempt {n + 1} failed: {type(e).__name__}: {e}")
-        return "failed" if n + 1 >= max_attempts and _give_up(key_dir, n + 1, {"error": str(e)}) else "retrying"
+        return "failed" if spent + 1 >= max_attempts and _give_up(key_dir, n + 1, {"error": str(e)}) else "retrying"
     registry.update_claim(key_dir, n + 1, owner)
     return "evaluated" if (key_dir / registry.METRICS).is_file() else "started"
 

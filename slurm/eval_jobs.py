@@ -2,23 +2,25 @@
 starts after it (afterok), and a metrics job after that; plus the recurring scheduler job, which
 begins later (`--begin now+N`) and resubmits itself. Everything goes through submitit."""
 
+import os
 import subprocess
 import time
 from pathlib import Path
 
+from submitit.core.utils import FailedJobError
+
 from eval import registry
 from eval.farm import feature_task, load_spec, metrics_task, sample_task
+from eval.schedule import NotSubmitted
 
 from . import records
-from .submit import parse_time, sacct, site_defaults
+from .submit import parse_time, sacct, sbatch_error, site_defaults
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "STAGE_OUT"}
 
 
 def _metrics_entry(key_dir: str) -> None:
     """The metrics job: with several tasks, the workers find each other through Slurm's environment."""
-    import os
-
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         import submitit
         submitit.helpers.TorchDistributedEnvironment().export()
@@ -41,9 +43,12 @@ class SlurmBackend:
         self.setup = list(site.get("setup", []))
         self.minutes, self.cpus_per_task = minutes, cpus_per_task or site.get("cpus_per_task")
         self.array_parallelism, self.metric_workers = array_parallelism, metric_workers
+        gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True).stdout
         if gpus_per_task is None:
-            gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True).stdout
             gpus_per_task = 1 if "gpu" in gres else 0
+        elif gpus_per_task > 0 and "gpu" not in gres:  # sbatch would refuse every job of the plan
+            raise ValueError(f"--gpus-per-task {gpus_per_task}: this cluster has no GPUs (sinfo shows no gres/gpu); "
+                             "use --gpus-per-task 0")
         self.gpus_per_task = gpus_per_task
         self.submitted: list = []
 
@@ -74,7 +79,10 @@ class SlurmBackend:
         n = setting.num_shards
         after = lambda job_id: {"dependency": f"afterok:{job_id}", "kill-on-invalid-dep": "yes"}  # noqa: E731
         ex = self._executor(folder, f"eval-sample-{setting.name}")
-        sample_jobs = ex.map_array(sample_task, [str(key_dir)] * n, list(range(n)))
+        try:
+            sample_jobs = ex.map_array(sample_task, [str(key_dir)] * n, list(range(n)))
+        except FailedJobError as e:  # nothing is queued: not an attempt at the evaluation
+            raise NotSubmitted(f"Slurm refused the sampling array: {sbatch_error(str(e))}") from None
         sample_id = sample_jobs[0].job_id.split("_")[0]
         ex = self._executor(folder, f"eval-features-{setting.name}", slurm_additional_parameters=after(sample_id))
         feature_jobs = ex.map_array(feature_task, [str(key_dir)] * n, list(range(n)))
@@ -104,6 +112,12 @@ class SlurmBackend:
                 job.wait()
             except Exception:  # a failed job is reported by the registry, not here
                 pass
+
+    def scheduled_elsewhere(self, run_dir: Path) -> str | None:
+        """Another pending or running scheduler pass of this run (not this job's own): its job id."""
+        from .submit import running_job_for
+
+        return running_job_for(Path(run_dir), kinds=("eval-schedule",), exclude=os.environ.get("SLURM_JOB_ID"))
 
     def submit_schedule(self, argv: list[str], every_s: float, run_dir: Path) -> str:
         ex = self._executor(Path(run_dir) / "slurm" / "%j", f"eval-schedule-{Path(run_dir).name}",

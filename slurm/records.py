@@ -21,8 +21,12 @@ def read(run_dir: Path) -> list[dict]:
 
 
 def find(job_id: str, run_dirs: list[Path]) -> tuple[Path, dict] | None:
+    """The record of a job: a training's, or an evaluation's by any of its stages (sampling and feature
+    arrays, their tasks as ARRAY_TASK, the metrics job)."""
+    job_id = str(job_id)
     for run_dir in run_dirs:
         for rec in read(run_dir):
-            if str(rec["job_id"]) == str(job_id):
+            ids = {str(rec["job_id"]), *map(str, rec.get("jobs", []))}
+            if job_id in ids or job_id.split("_")[0] in ids:
                 return run_dir, rec
     return None

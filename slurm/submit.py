@@ -64,6 +64,22 @@ def check_partition(partition: str | None) -> None:
         raise ValueError(f"--partition {partition!r}: Slurm knows {', '.join(sorted(set(names)))}")
 
 
+def check_nodes(nodes: int, partition: str | None) -> None:
+    """More nodes than the partition has would pend forever (Reason=PartitionConfig): refused here."""
+    if not shutil.which("sinfo"):
+        return
+    rows = subprocess.run(["sinfo", "-h", "-o", "%P %D"], capture_output=True, text=True).stdout.split("\n")
+    counts: dict[str, int] = {}
+    default = None
+    for row in filter(None, (r.split() for r in rows)):
+        name = row[0].rstrip("*")
+        counts[name] = counts.get(name, 0) + int(row[1])  # one row per node state
+        default = default or (name if row[0].endswith("*") else None)
+    name = partition or default
+    if name in counts and nodes > counts[name]:
+        raise ValueError(f"--nodes {nodes}: partition {name!r} has {counts[name]} node(s); the job would pend forever")
+
+
 def _sacctmgr_names(*query: str) -> list[str]:
     if not shutil.which("sacctmgr"):
         return []
@@ -89,7 +105,14 @@ def submit_or_explain(submit):
     try:
         return submit()
     except FailedJobError as e:
-        raise ValueError(f"Slurm refused the job: {str(e).strip() or 'sbatch failed'}") from None
+        raise ValueError(f"Slurm refused the job: {sbatch_error(str(e))}") from None
+
+
+def sbatch_error(text: str) -> str:
+    """sbatch's own error lines (submitit wraps them in its command and output), joined on one line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln.split("error:", 1)[1].strip() for ln in lines if "error:" in ln]
+    return "; ".join(dict.fromkeys(errors)) or (lines[-1] if lines else "sbatch failed")
 
 
 @contextlib.contextmanager
@@ -118,19 +141,23 @@ def queued_jobs() -> set[str]:
     """Jobs Slurm still holds: pending, running, or ending (a cancelled job's ranks may still be saving)."""
     if not shutil.which("squeue"):
         return set()
-    return set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split())
+    ids = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    return set(ids) | {i.split("_")[0] for i in ids}  # an array's tasks show as JOB_TASK or JOB_[range]
 
 
-def running_job_for(run_dir: Path) -> str | None:
-    """A job of ours that is still pending or running in this run directory (Slurm's, or a local one), or
-    another training holding it (`adm train` by hand)."""
+def running_job_for(run_dir: Path, kinds: tuple[str, ...] = ("train",), exclude: str | None = None) -> str | None:
+    """A job of ours of these kinds that is still pending or running in this run directory (Slurm's, or a
+    local one), or for trainings, another training holding it (`adm train` by hand). Evaluation jobs do
+    not keep a training from resuming, nor the other way round."""
     from trainer.runlock import holder
 
     active = queued_jobs()
     for rec in records.read(run_dir):
+        if rec.get("kind", "train") not in kinds or str(rec["job_id"]) == exclude:
+            continue
         if str(rec["job_id"]) in active or (rec.get("cluster") == "local" and _local_state(rec) == "RUNNING"):
             return str(rec["job_id"])
-    held = holder(run_dir)
+    held = holder(run_dir) if "train" in kinds else None
     return f"pid {held.get('pid')} on {held.get('host')}" if held else None
 
 
@@ -199,6 +226,8 @@ def cmd_submit_train(args) -> int:
     if busy:
         raise ValueError(f"{run_dir} is in use by job {busy} (pending or running): wait for it or `adm jobs cancel {busy}`")
     check_partition(args.partition or site.get("partition"))
+    if (args.cluster == "slurm" or (args.cluster == "auto" and slurm_available())):
+        check_nodes(args.nodes, args.partition or site.get("partition"))
     check_account(args.account or site.get("account"), args.qos or site.get("qos"))
     args.name = args.name or f"adm-{run_dir.name}"
     folder = run_dir / "slurm" / "%j"
@@ -268,6 +297,22 @@ def sacct(job_ids: list[str]) -> dict[str, dict]:
     return info
 
 
+def eval_stage(jobs: list, states: dict[str, dict]) -> str:
+    """An evaluation's state from its three jobs (array tasks appear in sacct as ARRAY_TASK or
+    ARRAY_[range]): the first stage not completed, as "RUNNING(sampling)" or "FAILED(metrics)"."""
+    for stage, job in zip(("sampling", "features", "metrics"), map(str, jobs)):
+        rows = [v["state"].split()[0] for k, v in states.items() if k == job or k.startswith(job + "_")]
+        if not rows:
+            return f"UNKNOWN({stage})"
+        for state in ("RUNNING", "REQUEUED", "PENDING", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY",
+                      "NODE_FAIL"):
+            if state in rows:
+                return f"{state}({stage})"
+        if any(r != "COMPLETED" for r in rows):
+            return f"{next(r for r in rows if r != 'COMPLETED')}({stage})"
+    return "COMPLETED"
+
+
 def last_images(run_dir: Path) -> str:
     latest = run_dir / "checkpoints" / "LATEST"
     tag = latest.read_text().strip() if latest.is_file() else ""
@@ -283,12 +328,14 @@ def cmd_jobs(args) -> int:
         rows = []
         for run_dir in run_dirs:
             recs = records.read(run_dir)
-            states = sacct([str(r["job_id"]) for r in recs if r.get("cluster") == "slurm"])
+            states = sacct([str(j) for r in recs if r.get("cluster") == "slurm" for j in r.get("jobs", [r["job_id"]])])
             queued = queued_jobs() if states else set()
             for r in recs:
                 st = dict(states.get(str(r["job_id"]), {}))
                 if st and st["state"].split()[0] not in ("PENDING", "RUNNING", "REQUEUED"):
                     st["state"] = st["state"].split()[0] + ("(ending)" if str(r["job_id"]) in queued else "")
+                if r.get("jobs"):  # an evaluation: its state at the stage it is at (sampling, features, metrics)
+                    st["state"] = eval_stage(r["jobs"], states)
                 if r.get("cluster") == "local":
                     st = {"state": _local_state(r), "elapsed": "-", "restarts": "-"}
                 rows.append((str(r["job_id"]), r.get("kind", "?"), st.get("state", "UNKNOWN"), st.get("restarts", "-"),
@@ -310,8 +357,14 @@ def cmd_jobs(args) -> int:
                                                                   " (pass --run-dir RUN, the run it trained)"))
     run_dir, rec = found
     if args.action == "logs":
-        folder = Path(rec["folder"])
-        for log in sorted(folder.glob("*_log.*")):
+        folder, job = Path(rec["folder"]), str(args.target)
+        # an evaluation's folder holds one folder per job and array task (JOB/, ARRAY_TASK/)
+        logs = sorted(folder.glob("*_log.*")) if not rec.get("jobs") else sorted(
+            p for p in folder.glob("*/*_log.*") if job == str(rec["job_id"]) or p.parent.name.split("_")[0] == job
+            or p.parent.name == job)
+        if not logs:
+            print(f"job {job}: no logs yet under {folder}")
+        for log in logs:
             print(f"==> {log} <==")
             print(log.read_text()[-args.tail:])
         return 0
@@ -332,16 +385,23 @@ def cmd_jobs(args) -> int:
             if not args.no_wait:
                 print(f"job {job} ended ({_local_state(rec)}); checkpoint: {last_images(run_dir)}")
             return 0
-        subprocess.run(["scancel", job], check=True)
-        print(f"cancelled {job}" + ("" if args.no_wait else "; its ranks save a checkpoint on the way out, waiting "
-                                    "for the job to end"), flush=True)
+        jobs = [str(j) for j in rec.get("jobs", [job])]  # an evaluation: its sampling, feature and metrics jobs
+        if not set(jobs) & queued_jobs():
+            state = (sacct([job]).get(job) or {}).get("state", "not in the queue")
+            print(f"job {job} is not pending or running ({state}): nothing to cancel")
+            return 0
+        training = rec.get("kind", "train") == "train"
+        subprocess.run(["scancel", *jobs], check=True)
+        print(f"cancelled {' '.join(jobs)}" + ("" if args.no_wait else "; its ranks save a checkpoint on the way out, "
+              "waiting for the job to end" if training else "; waiting for the jobs to end"), flush=True)
         deadline = time.time() + args.timeout
-        while not args.no_wait and job in queued_jobs():
+        while not args.no_wait and set(jobs) & queued_jobs():
             if time.time() > deadline:
                 raise TimeoutError(f"job {job} is still ending after {args.timeout:.0f} s (squeue -j {job})")
             time.sleep(1)
         if not args.no_wait:
-            print(f"job {job} ended; checkpoint: {last_images(run_dir)}; the same submit command resumes it")
+            print(f"job {job} ended" + (f"; checkpoint: {last_images(run_dir)}; the same submit command resumes it"
+                                        if training else ""))
         return 0
     raise ValueError(f"unknown action {args.action}")
 

@@ -324,7 +324,8 @@ def test_failed_evaluations_are_retried_then_reported(reference, tmp_path):
     run = make_run(tmp_path / "run", kimgs=(1,))
     cfg = get_preset("tiny-classifier-32").config()
     clf = save_snapshot(tmp_path / "clf", build_model(cfg).state_dict(), cfg, meta={"task": "classifier"})
-    weights = bytearray((clf / "model.safetensors").read_bytes())
+    good = (clf / "model.safetensors").read_bytes()
+    weights = bytearray(good)
     weights[8:12] = b"\xff\xff\xff\xff"  # the JSON header's first bytes: no longer UTF-8
     (clf / "model.safetensors").write_bytes(bytes(weights))
     common = ["--ref", str(reference), "--cluster", "local", *SETTING, "--scale", "1", "--classifier", str(clf),
@@ -342,6 +343,51 @@ def test_failed_evaluations_are_retried_then_reported(reference, tmp_path):
     assert failed["attempts"] == 2 and "invalid UTF-8 in header" in failed["last_error"]
     assert "FAILED" in run_cli("eval", "results", str(run)).stdout
     assert "invalid UTF-8 in header" in (run / "report.html").read_text()
+    assert "--retry-failed tries again" in last.stdout
+    # the cause fixed, --retry-failed gives it --max-attempts more (the failure is kept, renamed)
+    (clf / "model.safetensors").write_bytes(good)
+    fixed = run_cli("eval", "run", snap, *common, "--retry-failed")
+    assert "fast: num_samples 6" in fixed.stdout and (key_dir / "metrics.json").is_file()
+    assert (key_dir / "failed-after-2.json").is_file() and not (key_dir / "failed.json").exists()
+    assert "FAILED" not in run_cli("eval", "results", str(run)).stdout
+
+
+def test_the_same_setting_under_another_name_is_the_same_evaluation(tmp_path):
+    from eval.farm import prepare
+    from eval.settings import EvalSetting
+
+    run = make_run(tmp_path / "run", kimgs=(1,))
+    snap = next((run / "snapshots").iterdir())
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    first = prepare(run, snap, EvalSetting(name="ddim5", steps="ddim5", num=4), ref)
+    assert prepare(run, snap, EvalSetting(name="tiny", steps="ddim5", num=4), ref) == first
+    assert prepare(run, snap, EvalSetting(name="tiny", steps="ddim6", num=4), ref) != first
+
+
+def test_a_refused_submission_is_not_an_attempt(tmp_path):
+    """sbatch refusing the plan (a flag this cluster does not take): nothing ran, so the claim is withdrawn
+    and the error reaches the user, instead of using up an attempt per pass."""
+    from eval.farm import prepare
+    from eval.schedule import NotSubmitted, _advance
+    from eval.settings import EvalSetting
+
+    run = make_run(tmp_path / "run", kimgs=(1,))
+    snap = next((run / "snapshots").iterdir())
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    key_dir = prepare(run, snap, EvalSetting(name="x", num=4), ref)
+
+    class Refusing:
+        name = "slurm"
+
+        def start(self, key_dir, attempt):
+            raise NotSubmitted("Slurm refused the sampling array: Invalid generic resource (gres) specification")
+
+    for _ in range(4):
+        with pytest.raises(NotSubmitted, match="Invalid generic resource"):
+            _advance(key_dir, Refusing(), 3, print)
+    assert not list(key_dir.glob("attempt-*.json")) and not (key_dir / "failed.json").exists()
 
 
 def test_bad_input_is_named(reference, digit_shards, tmp_path):

@@ -200,7 +200,8 @@ def test_dry_run_and_bad_input(cluster, shards, tmp_path):
     for extra, expected in [(["--partition", "gpu-huge"], "--partition 'gpu-huge': Slurm knows debug, urgent"),
                             (["--account", "nosuch"], "--account 'nosuch': Slurm user"),  # sbatch would accept it
                             (["--qos", "nosuch"], "--qos 'nosuch': Slurm knows normal"),
-                            (["--constraint", "nosuch"], "Slurm refused the job: sbatch: error: "),
+                            (["--constraint", "nosuch"], "Slurm refused the job: Batch job submission failed"),
+                            (["--nodes", "2", "--gpus-per-node", "1"], "--nodes 2: partition 'debug' has 1 node(s)"),
                             (["--time", "00:02:00"], "leaves no room"),
                             (["--nodes", "0"], "--nodes: need at least 1, got 0"),
                             (["batch=15"], "not divisible by the world size 2")]:
@@ -274,6 +275,25 @@ def test_evaluation_plan_runs_as_job_arrays_with_dependencies(cluster, digit_sha
     # a second run finds the result in the registry and submits nothing
     again = adm("eval", "run", str(snap), "--ref", str(ref), "--cluster", "slurm", *SETTING).stdout
     assert "num_samples 6" in again and len(list(key_dir.glob("attempt-*.json"))) == 1
+    # adm jobs: the evaluation's row and every stage's logs (the array tasks' too)
+    row = next(r.split() for r in adm("jobs", str(run)).stdout.splitlines() if r.split()[0] == str(jobs[2]))
+    assert row[1:3] == ["eval", "COMPLETED"], row
+    logs = adm("jobs", "logs", str(jobs[0]), "--run-dir", str(run)).stdout
+    assert logs.count("==> ") == 4 and f"/{jobs[0]}_1/" in logs  # two sampling tasks, .out and .err each
+    proc = adm("eval", "run", str(snap), "--ref", str(ref), "--cluster", "slurm", *SETTING, "--name", "g",
+               "--gpus-per-task", "1", check=False)  # refused before a claim: sbatch would refuse every job
+    assert proc.returncode == 2 and "--gpus-per-task 1: this cluster has no GPUs" in proc.stderr, proc.stderr
+    # one schedule per run: a second chain of self-resubmitting passes is refused; trainings are not blocked
+    adm("eval", "schedule", str(run), "--ref", str(ref), "--cluster", "slurm", *SETTING, "--every", "1h")
+    pending = job_id(run)
+    proc = adm("eval", "schedule", str(run), "--ref", str(ref), "--cluster", "slurm", *SETTING, "--every", "1h",
+               check=False)
+    assert proc.returncode == 2 and f"is already scheduled: job {pending} is its next pass" in proc.stderr
+    from slurm.submit import running_job_for
+
+    assert running_job_for(run) is None
+    assert f"cancelled {pending}" in adm("jobs", "cancel", pending, "--run-dir", str(run)).stdout
+    assert "nothing to cancel" in adm("jobs", "cancel", pending, "--run-dir", str(run)).stdout
 
 
 def test_srun_mpi_pmi2_gives_mpi_ranks_to_the_trainer_and_the_eval_workers(cluster):

@@ -1,0 +1,62 @@
+"""The Slurm front end's bookkeeping without a cluster: which jobs block a run directory, an evaluation's
+stage from its three jobs, sbatch's errors on one line, job lookup by any stage. (tests/test_slurm.py runs
+the same code against the real local Slurm.)"""
+
+import subprocess
+
+import pytest
+
+from slurm import records, submit
+
+
+def test_only_trainings_keep_a_training_from_resuming(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    for job, kind in (("11", "eval"), ("12", "eval-schedule"), ("13", "train")):
+        records.add(run, {"job_id": job, "cluster": "slurm", "kind": kind})
+    records.add(run, {"job_id": "14", "cluster": "slurm"})  # a record from before kinds were written: a training
+    monkeypatch.setattr(submit, "queued_jobs", lambda: {"11", "12"})
+    assert submit.running_job_for(run) is None  # a pending scheduler pass does not block the resume
+    assert submit.running_job_for(run, kinds=("eval-schedule",)) == "12"
+    assert submit.running_job_for(run, kinds=("eval-schedule",), exclude="12") is None  # the pass itself
+    monkeypatch.setattr(submit, "queued_jobs", lambda: {"14"})
+    assert submit.running_job_for(run) == "14"
+
+
+def test_an_evaluation_shows_the_stage_it_is_at(tmp_path):
+    jobs = [5, 6, 7]
+    done = {"state": "COMPLETED"}
+    states = {"5_0": {"state": "RUNNING"}, "5_[1-3]": {"state": "PENDING"}, "6_[0-3]": {"state": "PENDING"},
+              "7": {"state": "PENDING"}}
+    assert submit.eval_stage(jobs, states) == "RUNNING(sampling)"
+    states = {"5_0": done, "5_1": done, "6_0": done, "6_1": {"state": "FAILED"}, "7": {"state": "CANCELLED by 0"}}
+    assert submit.eval_stage(jobs, states) == "FAILED(features)"
+    states = {"5_0": done, "6_0": done, "7": done}
+    assert submit.eval_stage(jobs, states) == "COMPLETED"
+    assert submit.eval_stage(jobs, {}) == "UNKNOWN(sampling)"  # accounting has not caught up yet
+    run = tmp_path / "run"
+    records.add(run, {"job_id": "7", "cluster": "slurm", "kind": "eval", "jobs": jobs, "folder": "f"})
+    for job in ("7", "5", "6", "5_1"):  # any stage, or an array task, finds the evaluation's record
+        assert records.find(job, [run])[1]["job_id"] == "7"
+    assert records.find("8", [run]) is None
+
+
+def test_sbatch_errors_come_on_one_line():
+    text = ("Command '['sbatch', '/x/submission_file.sh']' returned non-zero exit status 1.\n"
+            "sbatch: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host\n"
+            "sbatch: error: fetch_config: DNS SRV lookup failed\n"
+            "sbatch: error: _establish_config_source: failed to fetch config\n"
+            "sbatch: fatal: Could not establish a configuration source\n")
+    assert submit.sbatch_error(text) == ("resolve_ctls_from_dns_srv: res_nsearch error: Unknown host; fetch_config: "
+                                         "DNS SRV lookup failed; _establish_config_source: failed to fetch config")
+    assert submit.sbatch_error("weird\n") == "weird" and submit.sbatch_error("") == "sbatch failed"
+
+
+def test_more_nodes_than_the_partition_has_is_refused(monkeypatch):
+    rows = "debug* 1\ndebug* 2\nurgent 1\n"  # sinfo -o '%P %D': a row per node state
+    monkeypatch.setattr(submit.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, rows, ""))
+    submit.check_nodes(3, None)
+    with pytest.raises(ValueError, match="--nodes 4: partition 'debug' has 3 node"):
+        submit.check_nodes(4, None)
+    with pytest.raises(ValueError, match="--nodes 2: partition 'urgent' has 1 node"):
+        submit.check_nodes(2, "urgent")
