@@ -9,8 +9,9 @@ def cmd_write(args) -> int:
     from adm import __version__
 
     from .sources import read_source
-    from .writer import write_dataset
+    from .writer import check_write_options, write_dataset
 
+    check_write_options(args.out, args.shard_size, args.workers, args.preprocess, args.image_format, args.resume)
     source = read_source(args.source, args.layout, args.split, args.labels)
     print(f"{len(source.items)} images in {len(source.classes)} classes ({source.layout}) from {args.source}",
           file=sys.stderr)

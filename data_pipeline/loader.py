@@ -28,7 +28,6 @@ from webdataset.tariterators import tar_file_iterator
 
 from .order import Order, Position
 from .transforms import SampleRandom, Transform
-from .writer import MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +52,12 @@ class ShardStream(IterableDataset):
 
     def __init__(self, directory, transform: Transform, batch_size: int, seed: int = 0, num_slots: int = 64,
                  rank: int = 0, world_size: int = 1, state: dict | None = None, worker_rotation: int = 0):
+        from .verify import read_manifest
+
         self.dir = Path(directory)
-        manifest_path = self.dir / MANIFEST
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{self.dir}: no {MANIFEST}; not a complete dataset")
-        self.manifest = json.loads(manifest_path.read_text())
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        self.manifest = read_manifest(self.dir)  # a clear error for a missing, broken or empty manifest
         missing = [s["name"] for s in self.manifest["shards"] if not (self.dir / s["name"]).is_file()]
         if missing:
             raise FileNotFoundError(f"{self.dir}: shards named in the manifest are missing: {', '.join(missing[:5])}"

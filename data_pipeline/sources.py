@@ -28,8 +28,18 @@ class Source:
     notes: list[str] = field(default_factory=list)
 
 
+def _hidden(path: Path) -> bool:
+    """Dot-entries (.ipynb_checkpoints, macOS's ._x.JPEG) and __MACOSX: not classes, not images."""
+    return path.name.startswith(".") or path.name == "__MACOSX"
+
+
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not _hidden(p))
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(d for d in root.iterdir() if d.is_dir() and not _hidden(d))
 
 
 def _find_upwards(start: Path, name: str, levels: int = 4) -> Path | None:
@@ -56,14 +66,19 @@ def _class_table(ids: list[str], names: dict[str, str]) -> list[dict]:
     return [{"index": i, "id": c, "name": names.get(c, c)} for i, c in enumerate(ids)]
 
 
-def folder_per_class(root: Path, layout: str = "folder") -> Source:
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir())
+def folder_per_class(root: Path, layout: str = "folder", train_ids: list[str] | None = None) -> Source:
+    """train_ids: for ImageNet's val split without LOC_synset_mapping.txt, the train split's classes, so
+    that both splits number them alike."""
+    class_dirs = _class_dirs(root)
     if not class_dirs:
         raise ValueError(f"{root}: expected one sub-folder per class, found none")
     names = _synset_names(root)
     ids = [d.name for d in class_dirs]
     if names:  # the canonical 1000-class table, so train and val agree even if a folder is absent
         ids = sorted(set(ids) | set(names))
+    elif train_ids:
+        _only_train_classes(root, ids, train_ids)
+        ids = train_ids
     index = {c: i for i, c in enumerate(ids)}
     items = [Item(str(p.resolve()), index[d.name]) for d in class_dirs for p in _images(d)]
     if not items:
@@ -71,22 +86,51 @@ def folder_per_class(root: Path, layout: str = "folder") -> Source:
     return Source(items, _class_table(ids, names), layout, str(root))
 
 
-def imagenet_val_flat(root: Path, labels_csv: Path | None) -> Source:
+def _only_train_classes(where, ids, train_ids: list[str]) -> None:
+    extra = sorted(set(ids) - set(train_ids))
+    if extra:
+        raise ValueError(f"{where}: classes the train split does not have: {', '.join(extra[:5])}"
+                         + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+                         + " (their class numbers would shift every other; add LOC_synset_mapping.txt, the "
+                           "table both splits then use)")
+
+
+def _train_ids(root: Path) -> list[str] | None:
+    """The class folders of the train split beside a val split (ImageNet's layouts), if there is one."""
+    for candidate in (root / "train", root / "Data" / "CLS-LOC" / "train", root.parent / "train"):
+        if candidate.is_dir():
+            ids = [d.name for d in _class_dirs(candidate)]
+            if ids and all(WNID.match(c) for c in ids):
+                return ids
+    return None
+
+
+def imagenet_val_flat(root: Path, labels_csv: Path | None, train_ids: list[str] | None = None) -> Source:
     """ILSVRC val as one folder of images with LOC_val_solution.csv (ImageId, PredictionString)."""
     labels_csv = labels_csv or _find_upwards(root, "LOC_val_solution.csv")
     if labels_csv is None:
         raise ValueError(f"{root}: a flat ImageNet validation folder needs LOC_val_solution.csv (pass --labels PATH)")
     wnid_of = {}
-    with open(labels_csv, newline="") as f:
+    with open(labels_csv, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
             raise ValueError(f"{labels_csv}: expected columns ImageId,PredictionString, got {reader.fieldnames}")
-        for row in reader:
-            tokens = row["PredictionString"].split()
+        for n, row in enumerate(reader, 2):
+            tokens = (row["PredictionString"] or "").split()
             if tokens:
+                if wnid_of.get(row["ImageId"], tokens[0]) != tokens[0]:
+                    raise ValueError(f"{labels_csv}:{n}: {row['ImageId']} labelled again, as {tokens[0]} "
+                                     f"(before: {wnid_of[row['ImageId']]})")
                 wnid_of[row["ImageId"]] = tokens[0]
     names = _synset_names(root)
-    ids = sorted(set(names) | set(wnid_of.values()))
+    used = {wnid_of[p.stem] for p in _images(root) if p.stem in wnid_of}
+    if names:
+        ids = sorted(set(names) | used)
+    elif train_ids:
+        _only_train_classes(labels_csv, used, train_ids)
+        ids = train_ids
+    else:
+        ids = sorted(set(wnid_of.values()))
     index = {c: i for i, c in enumerate(ids)}
     items = [Item(str(p.resolve()), index[wnid_of[p.stem]] if p.stem in wnid_of else -1) for p in _images(root)]
     if not items:
@@ -98,21 +142,27 @@ def imagenet(root: Path, split: str, labels_csv: Path | None = None) -> Source:
     """train/<wnid>/<wnid>_<n>.JPEG, or val flat (+ LOC_val_solution.csv) or val/<wnid>/..."""
     if split not in ("train", "val"):
         raise ValueError(f"--split must be train or val, got {split!r}")
+    train_ids = _train_ids(root) if split == "val" else None
     for candidate in (root / split, root / "Data" / "CLS-LOC" / split, root):
         if candidate.is_dir():
-            sub = [d for d in candidate.iterdir() if d.is_dir()]
+            sub = _class_dirs(candidate)
             if sub and all(WNID.match(d.name) for d in sub):
-                return folder_per_class(candidate, f"imagenet-{split}")
+                return folder_per_class(candidate, f"imagenet-{split}", train_ids)
             if split == "val" and any(p.suffix.lower() in IMAGE_SUFFIXES for p in candidate.iterdir()):
-                return imagenet_val_flat(candidate, labels_csv)
+                return imagenet_val_flat(candidate, labels_csv, train_ids)
+    kaggle = " (Kaggle's download: give its ILSVRC/ folder)" if (root / "ILSVRC").is_dir() else ""
     raise ValueError(f"{root}: no ImageNet {split} split found (expected {split}/<wnid>/ folders"
-                     + (" or a flat val folder with LOC_val_solution.csv)" if split == "val" else ")"))
+                     + (" or a flat val folder with LOC_val_solution.csv)" if split == "val" else ")") + kaggle)
 
 
 def list_file(path: Path) -> Source:
     """Lines `path<TAB>label`; label an integer or a class name; relative paths are relative to the file."""
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
         parts = line.split("\t")
@@ -122,7 +172,11 @@ def list_file(path: Path) -> Source:
     if not rows:
         raise ValueError(f"{path}: no entries")
     labels = [lab for _, lab in rows]
-    if all(re.fullmatch(r"-?\d+", lab) for lab in labels if lab):
+    numeric = [bool(re.fullmatch(r"-?\d+", lab)) for lab in labels if lab]
+    if any(numeric) and not all(numeric):
+        n, lab = next((n, lab) for n, lab in enumerate(labels, 1) if lab and not re.fullmatch(r"-?\d+", lab))
+        raise ValueError(f"{path}: labels mix integers and names (entry {n}: {lab!r}); use one kind")
+    if all(numeric):
         k = max(int(lab) for lab in labels if lab) + 1
         ids = [str(i) for i in range(k)]
         to_index = {str(i): i for i in range(k)}

@@ -12,6 +12,10 @@ from PIL import Image
 from .writer import FORMAT, MANIFEST
 
 
+REQUIRED = ("num_samples", "num_classes", "classes", "shards", "preprocess", "image_format", "skipped_count", "source",
+            "tool_version")
+
+
 def read_manifest(directory: str | Path) -> dict:
     directory = Path(directory)
     path = directory / MANIFEST
@@ -27,6 +31,11 @@ def read_manifest(directory: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise ValueError(f"{path}: format {got!r}, expected {FORMAT!r}")
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise ValueError(f"{path}: lacks {', '.join(missing)}; an edited or foreign manifest? rewrite the dataset")
+    if not manifest["num_samples"]:
+        raise ValueError(f"{path}: a dataset of 0 samples; nothing to read")
     return manifest
 
 
@@ -52,6 +61,11 @@ def verify(directory: str | Path, decode: bool = True) -> dict:
         return {"ok": False, "shards": 0, "samples_checked": 0, "num_samples": 0, "problems": [str(e)]}
     problems, checked = [], 0
     k = manifest["num_classes"]
+    if sum(s["count"] for s in manifest["shards"]) != manifest["num_samples"]:
+        problems.append(f"manifest: num_samples {manifest['num_samples']}, its shards count "
+                        f"{sum(s['count'] for s in manifest['shards'])}")
+    if len(manifest["classes"]) != k:
+        problems.append(f"manifest: num_classes {k}, its class table has {len(manifest['classes'])}")
     for shard in manifest["shards"]:
         path = directory / shard["name"]
         if not path.is_file():

@@ -13,11 +13,12 @@ import io
 import json
 import os
 import random
-import tarfile
-from dataclasses import dataclass
+import re
 import signal
+import tarfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from .sources import Item, Source
 FORMAT = "adm-webdataset"
 VERSION = 1
 MANIFEST = "manifest.json"
+MAX_SCALED_PIXELS = 1 << 28  # ADM's center crop scales the short side first: a 1x100000 strip would need GBs
 
 
 def shard_name(i: int) -> str:
@@ -73,6 +75,9 @@ def _image_sample(item: Item, kind: str, size: int, image_format: str = "png") -
             if ext:
                 return ext, data, original
             return "png", encode(to_rgb(im), "png"), original
+        if kind == "center-crop" and original[0] * original[1] * (size / min(original)) ** 2 > MAX_SCALED_PIXELS:
+            raise ValueError(f"aspect ratio of {original[0]}x{original[1]}: the crop to {size} would first scale it "
+                             f"to over {MAX_SCALED_PIXELS:,} pixels")
         rgb = to_rgb(im)
     if kind == "center-crop":  # lossless, so the loader gets exactly these pixels
         crop = center_crop_arr(rgb, size)
@@ -109,7 +114,8 @@ def write_shard(task: ShardTask) -> dict:
             try:
                 ext, payload, original = _image_sample(item, kind, size, task.image_format)
             except Exception as e:  # any decoder failure: skip and report, never stop the write
-                skipped.append({"path": rel, "reason": f"{type(e).__name__}: {e}"})
+                reason = re.sub(r"<[^<>]* at 0x[0-9a-f]+>", "it", f"{type(e).__name__}: {e}")  # no addresses:
+                skipped.append({"path": rel, "reason": reason})  # the same write gives the same manifest
                 continue
             offsets.append(tar.offset)
             keys.append(key)
@@ -154,10 +160,9 @@ def _valid_done(out: Path, i: int) -> dict | None:
     return stats if stats.get("bytes") == tar.stat().st_size else None
 
 
-def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, workers: int = 1, preprocess: str = "none",
-                  resume: bool = False, seed: int = 0, progress: bool = True, tool_version: str = "",
-                  image_format: str = "png") -> dict:
-    """image_format applies to center-crop: png (lossless, compact) or npy (raw uint8, fastest to load)."""
+def check_write_options(out: str | Path, shard_size: int, workers: int, preprocess: str, image_format: str,
+                        resume: bool) -> None:
+    """Everything about a write that can be refused before the source tree is read (minutes on ImageNet)."""
     if image_format not in ("png", "npy"):
         raise ValueError(f"--image-format must be png or npy, got {image_format!r}")
     out = Path(out)
@@ -171,25 +176,48 @@ def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, worke
         raise ValueError(f"{out}: OUT is a file, expected a new or empty directory")
     if (out / MANIFEST).exists():
         raise ValueError(f"{out} already holds a complete dataset ({MANIFEST}); choose another OUT")
-    if out.exists() and any(out.iterdir()) and not resume:
+    interrupted = (out / "write-settings.json").exists()
+    if out.exists() and any(out.iterdir()) and not (resume and interrupted):
         raise ValueError(f"{out} holds an interrupted write (shards without {MANIFEST}): rerun with --resume to "
-                         "complete it, or choose an empty OUT")
+                         "complete it, or choose an empty OUT" if interrupted else
+                         f"{out} is not empty and holds no write of ours; choose a new or empty OUT")
+
+
+def source_digest(source: Source) -> str:
+    """The sample list and class table: a --resume must read the same images with the same labels."""
+    root = Path(source.root).resolve()
+    rel = [(os.path.relpath(i.path, root if root.is_dir() else root.parent), i.label) for i in source.items]
+    return hashlib.sha256(json.dumps([rel, [c["id"] for c in source.classes]]).encode()).hexdigest()
+
+
+def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, workers: int = 1, preprocess: str = "none",
+                  resume: bool = False, seed: int = 0, progress: bool = True, tool_version: str = "",
+                  image_format: str = "png") -> dict:
+    """image_format applies to center-crop: png (lossless, compact) or npy (raw uint8, fastest to load)."""
+    check_write_options(out, shard_size, workers, preprocess, image_format, resume)
+    out, (kind, _) = Path(out), parse_preprocess(preprocess)
     out.mkdir(parents=True, exist_ok=True)
     plan = plan_shards(source, shard_size, seed)
     settings = {"seed": seed, "shard_size": shard_size, "preprocess": preprocess, "num_source_items": len(source.items),
-                "image_format": image_format}
+                "image_format": image_format, "source_sha256": source_digest(source)}
     settings_path = out / "write-settings.json"
     if settings_path.exists():
         previous = json.loads(settings_path.read_text())
+        if previous.get("source_sha256", settings["source_sha256"]) != settings["source_sha256"]:
+            raise ValueError(f"{out}: --resume with another source than the interrupted write (other images, labels "
+                             "or classes); give the same source, or write to a new OUT")
+        previous.setdefault("source_sha256", settings["source_sha256"])  # written before the digest was kept
         if previous != settings:
-            raise ValueError(f"{out}: --resume with different settings than the interrupted write "
-                             f"({previous} vs {settings})")
+            changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+            raise ValueError(f"{out}: --resume with different settings than the interrupted write ("
+                             + ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items()) + ")")
     else:
         atomic_write_json(settings_path, settings)
     class_ids = [c["id"] for c in source.classes]
     done = {i: s for i in range(len(plan)) if (s := _valid_done(out, i))}
-    tasks = [ShardTask(str(out), i, entries, preprocess, source.root if Path(source.root).is_dir()
-                       else str(Path(source.root).parent), class_ids, image_format)
+    root = Path(source.root).resolve()  # as the items' paths are: a symlinked root names images alike
+    tasks = [ShardTask(str(out), i, entries, preprocess, str(root if root.is_dir() else root.parent), class_ids,
+                       image_format)
              for i, entries in enumerate(plan) if i not in done]
     results = dict(done)
     bar = None
@@ -223,6 +251,9 @@ def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, worke
             bar.close()
     shards = [results[i] for i in range(len(plan))]
     skipped = [s for st in shards for s in st["skipped"]]
+    if not any(st["count"] for st in shards):  # no manifest: an empty dataset would stall every reader
+        raise ValueError(f"{source.root}: none of its {len(source.items)} images could be read (first: "
+                         f"{skipped[0]['path']}: {skipped[0]['reason']}); no dataset written to {out}")
     manifest = {
         "format": FORMAT, "version": VERSION, "tool_version": tool_version,
         "source": {"layout": source.layout, "root": source.root, "items": len(source.items)},

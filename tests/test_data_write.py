@@ -323,3 +323,127 @@ def test_data_bench_refuses_to_upscale_preprocessed_shards(tmp_path):
     with pytest.raises(ValueError, match=r"center-cropped to 32x32 \(center-crop:32\), smaller than --resolution=64"):
         measure(tmp_path / "s", 64, seconds=0.1)
     assert measure(tmp_path / "s", 32, seconds=0.1, batch_size=1)["images"] > 0
+
+
+def _tree(root, classes=("n00000001", "n00000002"), per_class=3, size=(40, 30)):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(root / c / f"{c}_{i}.JPEG")
+    return root
+
+
+def test_layout_quirks_real_trees_have(tmp_path):
+    """What real copies of ImageNet hold besides images: hidden folders and files, a val split without
+    the synset table, Kaggle's top folder, spreadsheet-saved label files; each either works or is named."""
+    root = tmp_path / "in"
+    _tree(root / "train")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (root / "train" / "__MACOSX").mkdir()
+    (root / "train" / "n00000001" / "._n00000001_0.JPEG").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    train = read_source(root, "imagenet", "train")
+    assert [c["id"] for c in train.classes] == ["n00000001", "n00000002"] and len(train.items) == 6
+    # val without LOC_synset_mapping.txt: numbered by the train split's classes, not its own folders
+    _tree(root / "val", classes=("n00000002",), per_class=2)
+    val = read_source(root, "imagenet", "val")
+    assert [c["id"] for c in val.classes] == ["n00000001", "n00000002"] and {i.label for i in val.items} == {1}
+    _tree(root / "val", classes=("n00000009",), per_class=1)
+    with pytest.raises(ValueError, match="classes the train split does not have: n00000009"):
+        read_source(root, "imagenet", "val")
+    # a flat val folder whose label file came from a spreadsheet (byte-order mark), one id labelled twice
+    flat = tmp_path / "flat"
+    _tree(tmp_path / "flatsrc", classes=("val",), per_class=2)
+    (flat / "val").mkdir(parents=True)
+    for i, p in enumerate(sorted((tmp_path / "flatsrc" / "val").iterdir())):
+        p.rename(flat / "val" / f"ILSVRC2012_val_{i:08d}.JPEG")
+    csv_rows = ["ImageId,PredictionString", "ILSVRC2012_val_00000000,n00000001 1 2 3 4",
+                "ILSVRC2012_val_00000001,n00000002 1 2 3 4"]
+    (flat / "LOC_val_solution.csv").write_bytes(("\ufeff" + "\r\n".join(csv_rows) + "\r\n").encode())
+    assert sorted(i.label for i in read_source(flat, "imagenet", "val").items) == [0, 1]
+    (flat / "LOC_val_solution.csv").write_text("\n".join([*csv_rows, "ILSVRC2012_val_00000000,n00000002 1 2 3 4"]))
+    with pytest.raises(ValueError, match=r"LOC_val_solution.csv:4: ILSVRC2012_val_00000000 labelled again"):
+        read_source(flat, "imagenet", "val")
+    kaggle = tmp_path / "kaggle"
+    (kaggle / "ILSVRC" / "Data" / "CLS-LOC").mkdir(parents=True)
+    (root / "train").rename(kaggle / "ILSVRC" / "Data" / "CLS-LOC" / "train")
+    with pytest.raises(ValueError, match=r"Kaggle's download: give its ILSVRC/ folder"):
+        read_source(kaggle, "imagenet", "train")
+    assert len(read_source(kaggle / "ILSVRC", "imagenet", "train").items) == 6
+    lst = tmp_path / "l.tsv"
+    lst.write_bytes(f"{kaggle}/ILSVRC/Data/CLS-LOC/train/n00000001/n00000001_1.JPEG\t1\ncaf\xe9.jpg\t2\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"l.tsv: not UTF-8 text"):
+        read_source(lst, "list")
+    lst.write_text("a.jpg\t2\nb.jpg\t10\nc.jpg\tcat\n")
+    with pytest.raises(ValueError, match=r"l.tsv: labels mix integers and names \(entry 3: 'cat'\)"):
+        read_source(lst, "list")
+
+
+def test_write_refusals_and_outcomes_users_meet(tmp_path):
+    src = _tree(tmp_path / "src")
+    for args, expected in [  # refused before the source is read (minutes on ImageNet): even a missing one
+        ((str(tmp_path / "nope"), str(tmp_path / "o"), "--shard-size", "0"), "--shard-size and --workers must be positive"),
+        ((str(tmp_path / "nope"), str(tmp_path / "o"), "--preprocess", "max-side"), "expected none, max-side:N"),
+    ]:
+        proc = run_cli("data", "write", *args, "--layout", "folder", check=False)
+        assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
+    for resume in (False, True):  # a directory of someone else's files is never written into
+        with pytest.raises(ValueError, match="is not empty and holds no write of ours"):
+            write_dataset(read_source(src, "folder"), tmp_path / "notes", resume=resume, progress=False)
+    # no image readable at all: an error, and no manifest (readers of an empty dataset would wait forever)
+    bad = tmp_path / "bad" / "c0"
+    bad.mkdir(parents=True)
+    for name in ("a.JPEG", "b.JPEG"):
+        (bad / name).write_bytes(b"<html>not an image</html>")
+    with pytest.raises(ValueError, match=r"none of its 2 images could be read \(first: c0/a.JPEG: "
+                                         r"UnidentifiedImageError: cannot identify image file it\)"):
+        write_dataset(read_source(bad.parent, "folder"), tmp_path / "empty", progress=False)
+    assert not (tmp_path / "empty" / MANIFEST).exists()
+    # a strip too long to center-crop (its short side would be scaled up first): skipped, named
+    Image.fromarray(np.zeros((1, 100000, 3), np.uint8)).save(src / "n00000001" / "strip.png")
+    manifest = write_dataset(read_source(src, "folder"), tmp_path / "c", preprocess="center-crop:64", progress=False)
+    assert manifest["num_samples"] == 6 and "aspect ratio of 100000x1" in manifest["skipped"][0]["reason"]
+    # the same images through a symlinked root: the same shards
+    (tmp_path / "link").symlink_to(src)
+    again = write_dataset(read_source(tmp_path / "link", "folder"), tmp_path / "c2", preprocess="center-crop:64",
+                          progress=False)
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in manifest["shards"]]
+
+
+def test_resume_needs_the_same_source(tmp_path, monkeypatch):
+    from data_pipeline import writer
+
+    a, b = _tree(tmp_path / "a"), _tree(tmp_path / "b", size=(30, 40))  # same names and count, other images
+
+    def stop(task):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "write_shard", stop)
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset(read_source(a, "folder"), tmp_path / "w", shard_size=2, progress=False)
+    monkeypatch.undo()
+    (b / "n00000001" / "n00000001_0.JPEG").rename(b / "n00000001" / "other.JPEG")
+    with pytest.raises(ValueError, match="--resume with another source than the interrupted write"):
+        write_dataset(read_source(b, "folder"), tmp_path / "w", shard_size=2, resume=True, progress=False)
+    assert write_dataset(read_source(a, "folder"), tmp_path / "w", shard_size=2, resume=True,
+                         progress=False)["num_samples"] == 6
+
+
+def test_manifest_damage_is_named(tmp_path):
+    src = _tree(tmp_path / "src")
+    write_dataset(read_source(src, "folder"), tmp_path / "d", shard_size=4, progress=False)
+    manifest = json.loads((tmp_path / "d" / MANIFEST).read_text())
+    (tmp_path / "d" / MANIFEST).write_text(json.dumps({**manifest, "num_samples": 999}))
+    report = verify(tmp_path / "d")
+    assert not report["ok"] and "manifest: num_samples 999, its shards count 6" in report["problems"]
+    del manifest["num_classes"]
+    (tmp_path / "d" / MANIFEST).write_text(json.dumps(manifest))
+    proc = run_cli("data", "info", str(tmp_path / "d"), check=False)
+    assert proc.returncode == 2 and "manifest.json: lacks num_classes" in proc.stderr, proc.stderr
+    from data_pipeline.loader import StreamLoader
+
+    (tmp_path / "d" / MANIFEST).write_text(json.dumps({**manifest, "num_classes": 2, "num_samples": 0}))
+    with pytest.raises(ValueError, match="a dataset of 0 samples"):
+        StreamLoader(tmp_path / "d", 16, 4)
