@@ -31,6 +31,25 @@ def resolve_config(spec: str, overrides: list[str]):
     return spec, get_preset(spec), None  # get_preset raises, naming the known presets
 
 
+def yaml_diffusion(spec: str | None) -> dict | None:
+    """A YAML config's top-level `diffusion:` section ({steps, noise_schedule}), checked; None without one."""
+    if not spec or not spec.endswith((".yaml", ".yml")):
+        return None
+    from adm.config import read_yaml
+
+    d = read_yaml(spec).get("diffusion")
+    if d is None:
+        return None
+    unknown = sorted(set(d) - {"steps", "noise_schedule"}) if isinstance(d, dict) else ["(not a mapping)"]
+    if unknown:
+        raise ValueError(f"{spec}: diffusion: {', '.join(unknown)}: a snapshot records steps and noise_schedule only")
+    out = {"steps": d.get("steps", 1000), "noise_schedule": d.get("noise_schedule", "linear")}
+    if out["noise_schedule"] not in ("linear", "cosine") or not (isinstance(out["steps"], int) and out["steps"] > 0):
+        raise ValueError(f"{spec}: diffusion: expected steps a positive integer and noise_schedule linear or cosine, "
+                         f"got {d}")
+    return out
+
+
 def cmd_list(args) -> int:
     from .config import count_parameters
     from .presets import PRESETS
@@ -153,26 +172,64 @@ def cmd_convert(args) -> int:
             got = f"a dict whose {k!r} is a {type(v).__name__}" + (
                 " (training state? convert a run's snapshot directory instead)" if k in ("ema", "gen", "module") else "")
         raise ValueError(f"{src}: expected a state dict (name -> tensor), got {got}")
+    if args.preset and args.config:
+        raise ValueError("--preset and --config both name the architecture: give one")
     if args.preset or args.config:
         name, preset, cfg = resolve_config(args.preset or args.config, args.overrides)
     else:
         found = infer_config(state_dict)
         if found is None:
-            from .state_dict import rank_presets, layout_of
-            best = ", ".join(f"{n} ({s:.0%})" for n, s in rank_presets(layout_of(state_dict))[:3])
-            raise ValueError(f"{src}: its layout matches no preset exactly (closest: {best}); "
-                             "pass --preset NAME or --config FILE.yaml with the flags it was trained with")
+            from .config import expected_layout
+            from .state_dict import layout_of, mismatches, percent, rank_presets
+            actual = layout_of(state_dict)
+            ranked = rank_presets(actual)[:3]
+            best = ", ".join(f"{n} ({percent(s)} of keys agree)" for n, s in ranked)
+            diff = "; ".join(mismatches(expected_layout(get_preset(ranked[0][0]).config()), actual))
+            raise ValueError(f"{src}: its layout matches no preset exactly (closest: {best}); against {ranked[0][0]}: "
+                             f"{diff}; pass --preset NAME or --config FILE.yaml with the flags it was trained with")
         name, cfg = found
         preset = get_preset(name)
         if cfg.num_classes != preset.config().num_classes:
             print(f"{src}: {name} with {cfg.num_classes} classes (the preset has {preset.config().num_classes})")
-    check_state_dict(state_dict, cfg, source=str(src), described_as=f"{name}")
+        twins = [n for n in same_layout(name) if n != name]
+        if twins:
+            print(f"{src}: the layout of {name}, and of {', '.join(twins)} too (same shapes, other training): "
+                  f"recorded as {name}; pass --preset to say which")
+        if args.overrides:  # dropout=0.1 for a fine-tune, say: on top of what the layout told
+            from dataclasses import asdict
+
+            from adm.config import build, parse_overrides
+
+            from .config import ModelConfig
+            cfg = build(ModelConfig, ("inferred", asdict(cfg)), ("command line", parse_overrides(args.overrides)))
+    check_state_dict(state_dict, cfg, source=str(src),
+                     described_as=f"{name}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
     meta = {"preset": name, "source": src.name}
-    if preset:
-        meta["diffusion"] = preset.diffusion
+    diffusion = yaml_diffusion(args.config) or (preset.diffusion if preset else None)
+    if diffusion is None:
+        diffusion = {"steps": 1000, "noise_schedule": "linear"}
+        print(f"{src}: recorded ADM's diffusion, {diffusion} (a diffusion: section in {args.config} says otherwise)")
+    meta["diffusion"] = diffusion
     save_snapshot(dst, state_dict, cfg, meta=meta, overwrite=args.overwrite)
     print(f"wrote snapshot {dst} ({WEIGHTS}, config.json, manifest.json) from {src} as {name}")
     return 0
+
+
+def same_layout(name: str) -> list[str]:
+    """Presets whose state dicts have exactly the keys and shapes of this one's (ADM's LSUN models and its
+    unconditional 256 model, say)."""
+    from .presets import PRESETS
+    from .state_dict import expected_layout
+
+    cfg = get_preset_config(name)
+    alike = [n for n in PRESETS if (get_preset_config(n).arch, get_preset_config(n).image_size) == (cfg.arch, cfg.image_size)]
+    return [n for n in alike if expected_layout(get_preset_config(n)) == expected_layout(cfg)]
+
+
+def get_preset_config(name: str):
+    from .presets import get_preset
+
+    return get_preset(name).config()
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -198,7 +255,11 @@ def register(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None, prog: str = "python -m models") -> int:
     parser = argparse.ArgumentParser(prog=prog, description="ADM networks: presets, layouts, checkpoint conversion")
     register(parser)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "overrides", None) is not None and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides += extra  # key=value after an option (--preset NAME dropout=0.1)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

@@ -1,5 +1,6 @@
 """Checking a state dict against a model layout, with errors that say what would fit."""
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -79,23 +80,35 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, s
     expected: cfg's layout when already known (from a built model); otherwise built on the meta device."""
     expected = expected_layout(cfg) if expected is None else expected
     actual = layout_of(state_dict)
-    missing, unexpected, wrong = compare_layouts(expected, actual)
-    if not (missing or unexpected or wrong):
+    differences = mismatches(expected, actual)
+    if not differences:
         return
-    lines = [f"{source} does not fit {described_as}:"]
-    if missing:
-        lines.append(f"  missing keys ({len(missing)}): {_first(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): {_first(unexpected)}")
-    if wrong:
-        lines.append(f"  shape mismatches ({len(wrong)}): {_first(wrong, expected, actual)}")
+    lines = [f"{source} does not fit {described_as}:", *(f"  {d}" for d in differences)]
     ranked = rank_presets(actual)
     exact = [n for n, s in ranked if s == 1.0]
     if exact:
         lines.append(f"  it is exactly the layout of preset {', '.join(exact)}: use --preset {exact[0]}")
     elif ranked:
-        lines.append("  closest presets: " + ", ".join(f"{n} ({s:.0%} of keys agree)" for n, s in ranked[:3]))
+        lines.append("  closest presets: " + ", ".join(f"{n} ({percent(s)} of keys agree)" for n, s in ranked[:3]))
     raise CheckpointMismatch("\n".join(lines))
+
+
+def percent(share: float) -> str:
+    """Rounded down: 306 of 307 keys is 99.6%, never "100%"."""
+    return f"{math.floor(share * 1000) / 10:g}%"
+
+
+def mismatches(expected: Mapping[str, tuple], actual: Mapping[str, tuple]) -> list[str]:
+    """The differences of two layouts, one line per kind (the first few keys of each)."""
+    missing, unexpected, wrong = compare_layouts(expected, actual)
+    lines = []
+    if missing:
+        lines.append(f"missing keys ({len(missing)}): {_first(missing)}")
+    if unexpected:
+        lines.append(f"unexpected keys ({len(unexpected)}): {_first(unexpected)}")
+    if wrong:
+        lines.append(f"shape mismatches ({len(wrong)}): {_first(wrong, expected, actual)}")
+    return lines
 
 
 def load_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig,

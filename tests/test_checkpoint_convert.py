@@ -121,6 +121,42 @@ def test_mismatched_checkpoint_lists_keys_and_suggests(tmp_path, released_pt):
     assert proc.returncode == 2 and "exactly the layout of preset tiny-32" in proc.stderr
 
 
+def test_conversion_options_and_what_it_records(tmp_path, released_pt):
+    """Overrides apply wherever they stand (and unknown keys are refused); a checkpoint that fits no preset
+    is told how it differs from the closest; a YAML config's diffusion section is what the snapshot
+    records (without one, ADM's linear 1000 steps, said out loud); same-layout presets are named."""
+    ref, pt = released_pt
+    out = run_cli("models", "convert", str(pt), str(tmp_path / "a"), "dropout=0.3")  # inferred, then overridden
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["model"]["dropout"] == 0.3
+    run_cli("models", "convert", str(pt), str(tmp_path / "b"), "--preset", "tiny-32", "dropout=0.2")
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["model"]["dropout"] == 0.2
+    proc = run_cli("models", "convert", str(pt), str(tmp_path / "c"), "foo=1", check=False)
+    assert proc.returncode == 2 and "foo" in proc.stderr and not (tmp_path / "c").exists()
+    proc = run_cli("models", "convert", str(pt), str(tmp_path / "c"), "--preset", "tiny-32", "num_res_blocks=2",
+                   check=False)
+    assert proc.returncode == 2 and "does not fit tiny-32 with num_res_blocks=2" in proc.stderr
+    sd = ref.state_dict()
+    del sd["out.2.bias"]
+    torch.save(sd, tmp_path / "cut.pt")
+    proc = run_cli("models", "convert", str(tmp_path / "cut.pt"), str(tmp_path / "c"), check=False)
+    assert proc.returncode == 2 and "matches no preset exactly (closest: tiny-32 (99." in proc.stderr, proc.stderr
+    assert "against tiny-32: missing keys (1): out.2.bias" in proc.stderr
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())["model"]  # (JSON is YAML)
+    (tmp_path / "m.yaml").write_text(json.dumps({"model": cfg, "diffusion": {"noise_schedule": "cosine", "steps": 4000}}))
+    run_cli("models", "convert", str(pt), str(tmp_path / "d"), "--config", str(tmp_path / "m.yaml"))
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["diffusion"] == {"steps": 4000,
+                                                                                       "noise_schedule": "cosine"}
+    (tmp_path / "n.yaml").write_text(json.dumps({"model": cfg}))
+    out = run_cli("models", "convert", str(pt), str(tmp_path / "e"), "--config", str(tmp_path / "n.yaml")).stdout
+    assert "recorded ADM's diffusion, {'steps': 1000, 'noise_schedule': 'linear'}" in out
+    (tmp_path / "x.yaml").write_text(json.dumps({"model": cfg, "diffusion": {"noise_schedule": "sigmoid"}}))
+    proc = run_cli("models", "convert", str(pt), str(tmp_path / "f"), "--config", str(tmp_path / "x.yaml"), check=False)
+    assert proc.returncode == 2 and "noise_schedule linear or cosine" in proc.stderr
+    from models.cli import same_layout
+
+    assert same_layout("adm-256-uncond") == ["adm-256-uncond", "adm-lsun"] and same_layout("tiny-32") == ["tiny-32"]
+
+
 def test_not_a_checkpoint(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"definitely not a checkpoint")
