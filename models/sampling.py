@@ -76,7 +76,8 @@ def sample_cascade(base, base_diffusion, upsampler, upsampler_diffusion, seeds: 
     low, labels = sample_images(base, base_diffusion, seeds, base_size, labels=labels, num_classes=num_classes,
                                 cond_fn=cond_fn, use_ddim=use_ddim, device=device, noise=noise, progress=progress,
                                 on_step=on_step)
-    kwargs = {"low_res": low}
+    # ADM's super_res_sample.py reads the base samples back from their uint8 npz: condition on those pixels
+    kwargs = {"low_res": ((low + 1) * 127.5).clamp(0, 255).to(torch.uint8).float() / 127.5 - 1}
     if labels is not None and getattr(upsampler, "num_classes", None) is not None:
         kwargs["y"] = labels
     shape = (len(seeds), low.shape[1], large_size, large_size)

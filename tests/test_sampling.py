@@ -74,7 +74,10 @@ def test_cascade_feeds_the_base_output_and_labels_to_the_upsampler(tiny):
         base, diffusion_from_preset(preset.diffusion, True, "3"), Spy(),
         diffusion_from_preset(up_preset.diffusion, True, "3"), [5, 6], base_size=32, large_size=64, num_classes=10)
     assert high.shape == (2, 3, 64, 64) and low.shape == (2, 3, 32, 32)
-    assert torch.equal(seen["low_res"], low) and torch.equal(seen["y"], labels)
+    # the upsampler sees the base samples as ADM's super_res_sample.py does: read back from their uint8 npz
+    pixels = ((low + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+    assert torch.equal(seen["low_res"], torch.from_numpy(pixels.astype("float32") / 127.5 - 1))
+    assert not torch.equal(seen["low_res"], low) and torch.equal(seen["y"], labels)
     assert high.abs().max() <= 1.0 + 1e-6
     with pytest.raises(ValueError, match="low-resolution conditioning"):
         upsampler(high, torch.zeros(2, dtype=torch.long), y=labels)
