@@ -34,8 +34,14 @@ def _hidden(path: Path) -> bool:
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    # a broken symlink is kept: the writer skips it with its reason, so that no file goes uncounted
+    return sorted(p for p in folder.iterdir() if (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_SUFFIXES
                   and not _hidden(p))
+
+
+def _absolute(path: Path) -> str:
+    """The image's own path (symlinks followed); a broken link keeps its name, which its skip then reports."""
+    return str(path.resolve() if path.exists() else path.parent.resolve() / path.name)
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -80,7 +86,7 @@ def folder_per_class(root: Path, layout: str = "folder", train_ids: list[str] | 
         _only_train_classes(root, ids, train_ids)
         ids = train_ids
     index = {c: i for i, c in enumerate(ids)}
-    items = [Item(str(p.resolve()), index[d.name]) for d in class_dirs for p in _images(d)]
+    items = [Item(_absolute(p), index[d.name]) for d in class_dirs for p in _images(d)]
     if not items:
         raise ValueError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class folders")
     return Source(items, _class_table(ids, names), layout, str(root))
@@ -132,7 +138,7 @@ def imagenet_val_flat(root: Path, labels_csv: Path | None, train_ids: list[str] 
     else:
         ids = sorted(set(wnid_of.values()))
     index = {c: i for i, c in enumerate(ids)}
-    items = [Item(str(p.resolve()), index[wnid_of[p.stem]] if p.stem in wnid_of else -1) for p in _images(root)]
+    items = [Item(_absolute(p), index[wnid_of[p.stem]] if p.stem in wnid_of else -1) for p in _images(root)]
     if not items:
         raise ValueError(f"{root}: no images found")
     return Source(items, _class_table(ids, names), "imagenet-val", str(root))

@@ -410,6 +410,10 @@ def test_write_refusals_and_outcomes_users_meet(tmp_path):
     again = write_dataset(read_source(tmp_path / "link", "folder"), tmp_path / "c2", preprocess="center-crop:64",
                           progress=False)
     assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in manifest["shards"]]
+    (src / "n00000002" / "gone.JPEG").symlink_to(tmp_path / "nowhere.JPEG")  # a broken link: skipped, counted
+    manifest = write_dataset(read_source(src, "folder"), tmp_path / "g", progress=False)
+    reasons = {s["path"]: s["reason"] for s in manifest["skipped"]}
+    assert manifest["num_samples"] == 7 and reasons["n00000002/gone.JPEG"].startswith("FileNotFoundError")
 
 
 def test_resume_needs_the_same_source(tmp_path, monkeypatch):
