@@ -180,7 +180,7 @@ def evaluate(diff_run: Path, ref: Path, ref2: Path, settings_small: list, settin
         counts = {"done": 0, "started": 0, "running": 0, "retrying": 0, "failed": 0}
         for settings, r, only in plan:
             c = schedule_pass(diff_run, settings, r, backend, only=only, log=lambda m: console.print("   " + m))
-            counts = {k: counts[k] + c[k] for k in counts}
+            counts = {k: counts[k] + c[k] + (c["refused"] if k == "failed" else 0) for k in counts}
         if counts["running"] + counts["started"] + counts["retrying"] == 0 or time.time() > deadline:
             return counts
         time.sleep(5)

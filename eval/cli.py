@@ -167,9 +167,11 @@ def cmd_run(a) -> int:
         elif claim.get("state") == "failed":
             print(f"{snap.name} {s.name}: attempt {attempts_spent(key_dir)} of {a.max_attempts} failed: {claim.get('error')}; "
                   f"run the command again to retry ({key_dir})")
+        elif not tried:
+            print(f"{snap.name} {s.name}: not submitted: Slurm refused it (above); no attempt counted ({key_dir})")
         else:
             print(f"{snap.name} {s.name}: submitted ({key_dir})")
-    return 0 if counts["failed"] == 0 and counts["retrying"] == 0 else 1
+    return 0 if counts["failed"] == counts["retrying"] == counts["refused"] == 0 else 1
 
 
 def parse_every(text: str) -> float:
@@ -203,7 +205,7 @@ def cmd_schedule(a) -> int:
     if newest:  # each setting against the newest diffusion snapshot, before any job
         check(newest[0], settings, a.ref, a.inception_weights)
     backend = backend_for(a)
-    if backend.name == "slurm" and (other := backend.scheduled_elsewhere(run_dir)):
+    if backend.name == "slurm" and not a.once and (other := backend.scheduled_elsewhere(run_dir)):
         raise ValueError(f"{run_dir} is already scheduled: job {other} is its next pass (one schedule per run; "
                          f"`adm jobs cancel {other} --run-dir {run_dir}` first to change it)")
     while True:
@@ -217,7 +219,8 @@ def cmd_schedule(a) -> int:
         if a.once:
             return 0 if counts["failed"] == 0 else 1
         if backend.name == "slurm":  # the next pass is a Slurm job that begins later and resubmits itself
-            job = backend.submit_schedule(sys.argv[1:] if a.argv is None else a.argv, every, run_dir)
+            argv = [x for x in (sys.argv[1:] if a.argv is None else a.argv) if x != "--retry-failed"]  # once only
+            job = backend.submit_schedule(argv, every, run_dir)
             print(f"[eval] next pass: job {job} begins in {a.every}")
             return 0
         print(f"[eval] next pass at {time.strftime('%H:%M', time.localtime(time.time() + every))} (in {a.every}; "

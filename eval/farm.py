@@ -33,9 +33,10 @@ def prepare(run_dir: Path, snapshot: Path, setting: EvalSetting, ref: Path, ince
     if not (root / key).is_dir() and (root / older / registry.SETTING).is_file():
         key = older
     if not (root / key).is_dir():  # the same setting under another name: evaluated once, under its first name
-        same = sorted(d.name for d in root.glob(f"{Path(snapshot).name}--*--{key.rsplit('--', 1)[1]}")
+        same = sorted(((d / registry.SETTING).stat().st_mtime_ns, d.name)
+                      for d in root.glob(f"{Path(snapshot).name}--*--{key.rsplit('--', 1)[1]}")
                       if (d / registry.SETTING).is_file())
-        key = same[0] if same else key
+        key = same[0][1] if same else key  # the earliest registered
     key_dir = root / key
     key_dir.mkdir(parents=True, exist_ok=True)
     path = key_dir / registry.SETTING

@@ -252,8 +252,14 @@ def main(argv=None, prog="adm sample") -> int:
     from tqdm.auto import tqdm
 
     planned = [shard_path(out, setting.shard_seeds(i)) for i in range(setting.num_shards)]
-    clash = overlapping_shards(sorted(set(planned) | {p for p in out.glob("samples-*.npz") if ".partial" not in p.name}))
+    there = {p for p in out.glob("samples-*.npz") if ".partial" not in p.name}
+    clash = overlapping_shards(sorted(set(planned) | there))
     if clash:
+        old, new = (clash if clash[0] in there and clash[0] not in planned else clash[::-1])
+        (a0, a1), (b0, b1) = shard_seed_range(old), shard_seed_range(new)
+        if old in there and new in planned and a0 == b0 and a1 < b1:  # the same split, extended: more seeds
+            raise ValueError(f"--out {out}: {old.name} is the short last shard of a smaller --num there; delete "
+                             "it to sample the larger --num (its seeds are sampled again, identically)")
         raise ValueError(f"--out {out}: {clash[0].name} (there or planned) and {clash[1].name} share seeds: the "
                          "directory was filled with another --shard-size or --seed-start split; give the same "
                          "split again or another --out")
@@ -262,7 +268,8 @@ def main(argv=None, prog="adm sample") -> int:
     bar.close()
     if a.merge:
         arrays = [np.load(pth) for pth in paths]
-        labels = {"arr_1": np.concatenate([x["arr_1"] for x in arrays])} if "arr_1" in arrays[0].files else {}
+        labels = ({"arr_1": np.concatenate([x["arr_1"] for x in arrays])} if all("arr_1" in x.files for x in arrays)
+                  else {})
         save_npz_atomic(out / "samples.npz", arr_0=np.concatenate([x["arr_0"] for x in arrays]), **labels)
     print(f"{a.num} samples in {len(paths)} shard(s) under {out}" + (" + samples.npz" if a.merge else ""))
     return 0

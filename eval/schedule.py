@@ -55,11 +55,15 @@ def schedule_pass(run_dir: Path, settings: list[EvalSetting], ref: Path, backend
     evaluated in this pass, by a backend that runs them at once), started, running, retrying (an
     attempt failed; the next pass tries again), failed (no attempts left). retry_failed: evaluations that
     ran out of attempts get max_attempts more."""
-    counts = {"done": 0, "started": 0, "running": 0, "retrying": 0, "failed": 0, "now": 0}
+    counts = {"done": 0, "started": 0, "running": 0, "retrying": 0, "failed": 0, "refused": 0, "now": 0}
     for snap in only or find_snapshots(run_dir):
         for setting in settings:
             key_dir = prepare(run_dir, snap, setting, ref, inception_weights, metric_workers)
-            state = _advance(key_dir, backend, max_attempts, log, retry_failed)
+            try:
+                state = _advance(key_dir, backend, max_attempts, log, retry_failed)
+            except NotSubmitted as e:  # (a submit limit, a flag): the next pass submits it again
+                log(f"[eval] {key_dir.name}: {e}; not counted as an attempt")
+                state = "refused"
             counts["now"] += state == "evaluated"
             counts["done" if state == "evaluated" else state] += 1
     return counts
@@ -101,7 +105,7 @@ def _advance(key_dir: Path, backend, max_attempts: int, log, retry_failed: bool 
     log(f"[eval] {key_dir.name}: attempt {n + 1} ({backend.name})")
     try:
         owner = backend.start(key_dir, n + 1)
-    except NotSubmitted:  # nothing ran (a bad flag, say): the claim is withdrawn and the user told
+    except NotSubmitted:  # nothing runs (a bad flag, a submit limit): the claim is withdrawn, the caller told
         (key_dir / f"attempt-{n + 1}.json").unlink(missing_ok=True)
         raise
     except Exception as e:  # recorded on the claim: the next pass retries or gives up

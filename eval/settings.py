@@ -15,6 +15,7 @@ from pathlib import Path
 # (precision/recall in that mode moved by up to 0.001), and the Inception network runs with its batch norms
 # folded into the convolutions (features moved by at most 7e-6)
 EVALUATOR_VERSION = "adm-eval-2"
+CASCADE_REVISION = 2  # 2: the upsampler conditioned on uint8 base pixels, as ADM's super_res_sample.py
 
 
 @dataclass
@@ -97,6 +98,8 @@ def eval_key(snapshot: str | Path, setting: EvalSetting, ref: str | Path, ref_di
     ident = {k: v for k, v in asdict(setting).items() if k not in ("name", "shard_size", "batch_size")}
     if ident["precision"] == "fp32":
         del ident["precision"]  # keys from before the field existed stay valid
+    if setting.upsampler:  # cascades now condition on the base samples' uint8 pixels (and ddimN is DDIM):
+        ident["cascade"] = CASCADE_REVISION  # their older evaluations are of other samples
     ident.update(classifier=_digest(setting.classifier), upsampler=_digest(setting.upsampler),
                  snapshot=_digest(str(snapshot)), ref=f"sha256:{ref_digest}" if ref_digest else _digest(str(ref)),
                  evaluator=EVALUATOR_VERSION)

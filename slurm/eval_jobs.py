@@ -3,6 +3,7 @@ starts after it (afterok), and a metrics job after that; plus the recurring sche
 begins later (`--begin now+N`) and resubmits itself. Everything goes through submitit."""
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -43,7 +44,8 @@ class SlurmBackend:
         self.setup = list(site.get("setup", []))
         self.minutes, self.cpus_per_task = minutes, cpus_per_task or site.get("cpus_per_task")
         self.array_parallelism, self.metric_workers = array_parallelism, metric_workers
-        gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True).stdout
+        gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True).stdout if shutil.which(
+            "sinfo") else ""
         if gpus_per_task is None:
             gpus_per_task = 1 if "gpu" in gres else 0
         elif gpus_per_task > 0 and "gpu" not in gres:  # sbatch would refuse every job of the plan
@@ -78,18 +80,26 @@ class SlurmBackend:
         folder = key_dir / "slurm" / "%j"
         n = setting.num_shards
         after = lambda job_id: {"dependency": f"afterok:{job_id}", "kill-on-invalid-dep": "yes"}  # noqa: E731
+        queued: list[str] = []
+
+        def submit(stage, call):  # a refusal at any stage withdraws the stages queued before it
+            try:
+                jobs = call()
+            except FailedJobError as e:  # nothing of this evaluation stays queued: not an attempt
+                if queued:
+                    subprocess.run(["scancel", *queued], capture_output=True)
+                raise NotSubmitted(f"Slurm refused the {stage}: {sbatch_error(str(e))}") from None
+            first = jobs[0] if isinstance(jobs, list) else jobs
+            queued.append(str(first.job_id).split("_")[0])  # an array's id, without its task
+            return queued[-1], first
+
         ex = self._executor(folder, f"eval-sample-{setting.name}")
-        try:
-            sample_jobs = ex.map_array(sample_task, [str(key_dir)] * n, list(range(n)))
-        except FailedJobError as e:  # nothing is queued: not an attempt at the evaluation
-            raise NotSubmitted(f"Slurm refused the sampling array: {sbatch_error(str(e))}") from None
-        sample_id = sample_jobs[0].job_id.split("_")[0]
+        sample_id, _ = submit("sampling array", lambda: ex.map_array(sample_task, [str(key_dir)] * n, list(range(n))))
         ex = self._executor(folder, f"eval-features-{setting.name}", slurm_additional_parameters=after(sample_id))
-        feature_jobs = ex.map_array(feature_task, [str(key_dir)] * n, list(range(n)))
-        feature_id = feature_jobs[0].job_id.split("_")[0]
+        feature_id, _ = submit("feature array", lambda: ex.map_array(feature_task, [str(key_dir)] * n, list(range(n))))
         ex = self._executor(folder, f"eval-metrics-{setting.name}", gpus_per_node=None,
                             tasks_per_node=self.metric_workers, slurm_additional_parameters=after(feature_id))
-        metrics_job = ex.submit(_metrics_entry, str(key_dir))
+        _, metrics_job = submit("metrics job", lambda: ex.submit(_metrics_entry, str(key_dir)))
         jobs = [sample_id, feature_id, metrics_job.job_id]
         self.submitted.append(metrics_job)
         records.add(Path(spec["run_dir"]), {"job_id": metrics_job.job_id, "cluster": "slurm", "kind": "eval",

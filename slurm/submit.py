@@ -111,7 +111,7 @@ def submit_or_explain(submit):
 def sbatch_error(text: str) -> str:
     """sbatch's own error lines (submitit wraps them in its command and output), joined on one line."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    errors = [ln.split("error:", 1)[1].strip() for ln in lines if "error:" in ln]
+    errors = [re.split(r"(?:error|fatal):", ln, maxsplit=1)[1].strip() for ln in lines if re.search(r"(error|fatal):", ln)]
     return "; ".join(dict.fromkeys(errors)) or (lines[-1] if lines else "sbatch failed")
 
 
@@ -359,9 +359,9 @@ def cmd_jobs(args) -> int:
     if args.action == "logs":
         folder, job = Path(rec["folder"]), str(args.target)
         # an evaluation's folder holds one folder per job and array task (JOB/, ARRAY_TASK/)
+        ids = {str(j) for j in rec.get("jobs", [])} if job == str(rec["job_id"]) else {job}  # (this attempt's)
         logs = sorted(folder.glob("*_log.*")) if not rec.get("jobs") else sorted(
-            p for p in folder.glob("*/*_log.*") if job == str(rec["job_id"]) or p.parent.name.split("_")[0] == job
-            or p.parent.name == job)
+            p for p in folder.glob("*/*_log.*") if p.parent.name in ids or p.parent.name.split("_")[0] in ids)
         if not logs:
             print(f"job {job}: no logs yet under {folder}")
         for log in logs:

@@ -365,18 +365,20 @@ def test_the_same_setting_under_another_name_is_the_same_evaluation(tmp_path):
     assert prepare(run, snap, EvalSetting(name="tiny", steps="ddim6", num=4), ref) != first
 
 
-def test_a_refused_submission_is_not_an_attempt(tmp_path):
-    """sbatch refusing the plan (a flag this cluster does not take): nothing ran, so the claim is withdrawn
-    and the error reaches the user, instead of using up an attempt per pass."""
+def test_a_refused_submission_is_not_an_attempt(tmp_path, monkeypatch, capsys):
+    """sbatch refusing the plan (a flag this cluster does not take, a submit limit): nothing runs, so the
+    claim is withdrawn and the pass goes on (the next one submits it again), instead of using up an attempt
+    per pass; `adm eval run` says so and exits 1. A scheduled pass does not hand --retry-failed on."""
+    import eval.cli
     from eval.farm import prepare
-    from eval.schedule import NotSubmitted, _advance
+    from eval.schedule import NotSubmitted, schedule_pass
     from eval.settings import EvalSetting
 
-    run = make_run(tmp_path / "run", kimgs=(1,))
-    snap = next((run / "snapshots").iterdir())
+    run = make_run(tmp_path / "run", kimgs=(1, 2))
     ref = tmp_path / "ref.npz"
-    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
-    key_dir = prepare(run, snap, EvalSetting(name="x", num=4), ref)
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    setting = EvalSetting(name="x", steps="ddim2", num=4)
+    submitted = []
 
     class Refusing:
         name = "slurm"
@@ -384,10 +386,51 @@ def test_a_refused_submission_is_not_an_attempt(tmp_path):
         def start(self, key_dir, attempt):
             raise NotSubmitted("Slurm refused the sampling array: Invalid generic resource (gres) specification")
 
+        def scheduled_elsewhere(self, run_dir):
+            return None
+
+        def submit_schedule(self, argv, every, run_dir):
+            submitted.append(argv)
+            return "42"
+
+    logged = []
     for _ in range(4):
-        with pytest.raises(NotSubmitted, match="Invalid generic resource"):
-            _advance(key_dir, Refusing(), 3, print)
-    assert not list(key_dir.glob("attempt-*.json")) and not (key_dir / "failed.json").exists()
+        counts = schedule_pass(run, [setting], ref, Refusing(), 3, log=logged.append)
+        assert counts["refused"] == 2 and counts["failed"] == 0  # both snapshots tried, every pass
+    assert "Invalid generic resource (gres) specification; not counted as an attempt" in logged[-1]
+    key_dirs = [prepare(run, snap, setting, ref) for snap in sorted((run / "snapshots").iterdir())]
+    assert not [p for d in key_dirs for p in d.glob("attempt-*.json")] and not (key_dirs[0] / "failed.json").exists()
+    monkeypatch.setattr(eval.cli, "backend_for", lambda a: Refusing())
+    snap = str(sorted((run / "snapshots").iterdir())[0])
+    common = ["--ref", str(ref), "--name", "x", "--steps", "ddim2", "--num", "4"]
+    assert eval.cli.main(["run", snap, *common]) == 1
+    assert "x: not submitted: Slurm refused it (above); no attempt counted" in capsys.readouterr().out
+    assert eval.cli.main(["schedule", str(run), *common, "--retry-failed", "--every", "1h"]) == 0
+    assert submitted and "--retry-failed" not in submitted[0] and "--every" in submitted[0]
+
+
+def test_cascade_keys_carry_the_sampler_revision(tmp_path):
+    """Cascades sample differently since the upsampler reads uint8 base pixels: their keys moved (computed
+    here the old way), other settings' keys did not."""
+    import hashlib
+    from dataclasses import asdict
+
+    from eval.settings import EVALUATOR_VERSION, EvalSetting, _digest, eval_key
+
+    run = make_run(tmp_path / "run", kimgs=(1,))
+    snap = next((run / "snapshots").iterdir())
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2))
+
+    def old_key(setting):
+        ident = {k: v for k, v in asdict(setting).items() if k not in ("name", "shard_size", "batch_size", "precision")}
+        ident.update(classifier=_digest(setting.classifier), upsampler=_digest(setting.upsampler),
+                     snapshot=_digest(str(snap)), ref=_digest(str(ref)), evaluator=EVALUATOR_VERSION)
+        return f"{snap.name}--{setting.name}--{hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]}"
+
+    plain, cascade = EvalSetting(name="p", num=4), EvalSetting(name="c", num=4, upsampler=str(snap))
+    assert eval_key(snap, plain, ref) == old_key(plain)
+    assert eval_key(snap, cascade, ref) != old_key(cascade)
 
 
 def test_bad_input_is_named(reference, digit_shards, tmp_path):

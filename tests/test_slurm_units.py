@@ -47,7 +47,8 @@ def test_sbatch_errors_come_on_one_line():
             "sbatch: error: _establish_config_source: failed to fetch config\n"
             "sbatch: fatal: Could not establish a configuration source\n")
     assert submit.sbatch_error(text) == ("resolve_ctls_from_dns_srv: res_nsearch error: Unknown host; fetch_config: "
-                                         "DNS SRV lookup failed; _establish_config_source: failed to fetch config")
+                                         "DNS SRV lookup failed; _establish_config_source: failed to fetch config; "
+                                         "Could not establish a configuration source")
     assert submit.sbatch_error("weird\n") == "weird" and submit.sbatch_error("") == "sbatch failed"
 
 
