@@ -183,10 +183,19 @@ def check_write_options(out: str | Path, shard_size: int, workers: int, preproce
                          f"{out} is not empty and holds no write of ours; choose a new or empty OUT")
 
 
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:  # a broken link: skipped when written
+        return -1
+
+
 def source_digest(source: Source) -> str:
-    """The sample list and class table: a --resume must read the same images with the same labels."""
+    """The sample list (names, labels, file sizes) and class table: a --resume must read the same images
+    with the same labels (a copy with other pixels at the same names differs in size, nearly always)."""
     root = Path(source.root).resolve()
-    rel = [(os.path.relpath(i.path, root if root.is_dir() else root.parent), i.label) for i in source.items]
+    rel = [(os.path.relpath(i.path, root if root.is_dir() else root.parent), i.label, _size(i.path))
+           for i in source.items]
     return hashlib.sha256(json.dumps([rel, [c["id"] for c in source.classes]]).encode()).hexdigest()
 
 
@@ -252,6 +261,10 @@ def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, worke
     shards = [results[i] for i in range(len(plan))]
     skipped = [s for st in shards for s in st["skipped"]]
     if not any(st["count"] for st in shards):  # no manifest: an empty dataset would stall every reader
+        for i in range(len(plan)):  # nor anything a rerun would take for work done, once the cause is fixed
+            for name in (shard_name(i), shard_name(i) + ".done.json"):
+                (out / name).unlink(missing_ok=True)
+        settings_path.unlink(missing_ok=True)
         raise ValueError(f"{source.root}: none of its {len(source.items)} images could be read (first: "
                          f"{skipped[0]['path']}: {skipped[0]['reason']}); no dataset written to {out}")
     manifest = {

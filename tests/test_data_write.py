@@ -397,10 +397,11 @@ def test_write_refusals_and_outcomes_users_meet(tmp_path):
     bad.mkdir(parents=True)
     for name in ("a.JPEG", "b.JPEG"):
         (bad / name).write_bytes(b"<html>not an image</html>")
-    with pytest.raises(ValueError, match=r"none of its 2 images could be read \(first: c0/a.JPEG: "
-                                         r"UnidentifiedImageError: cannot identify image file it\)"):
-        write_dataset(read_source(bad.parent, "folder"), tmp_path / "empty", progress=False)
-    assert not (tmp_path / "empty" / MANIFEST).exists()
+    for _ in range(2):  # nothing left behind that a rerun would take for work done
+        with pytest.raises(ValueError, match=r"none of its 2 images could be read \(first: c0/a.JPEG: "
+                                             r"UnidentifiedImageError: cannot identify image file it\)"):
+            write_dataset(read_source(bad.parent, "folder"), tmp_path / "empty", progress=False)
+        assert not any((tmp_path / "empty").iterdir())
     # a strip too long to center-crop (its short side would be scaled up first): skipped, named
     Image.fromarray(np.zeros((1, 100000, 3), np.uint8)).save(src / "n00000001" / "strip.png")
     manifest = write_dataset(read_source(src, "folder"), tmp_path / "c", preprocess="center-crop:64", progress=False)
@@ -428,9 +429,12 @@ def test_resume_needs_the_same_source(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_dataset(read_source(a, "folder"), tmp_path / "w", shard_size=2, progress=False)
     monkeypatch.undo()
-    (b / "n00000001" / "n00000001_0.JPEG").rename(b / "n00000001" / "other.JPEG")
     with pytest.raises(ValueError, match="--resume with another source than the interrupted write"):
         write_dataset(read_source(b, "folder"), tmp_path / "w", shard_size=2, resume=True, progress=False)
+    (a / "n00000001" / "n00000001_0.JPEG").rename(a / "n00000001" / "other.JPEG")
+    with pytest.raises(ValueError, match="--resume with another source than the interrupted write"):
+        write_dataset(read_source(a, "folder"), tmp_path / "w", shard_size=2, resume=True, progress=False)
+    (a / "n00000001" / "other.JPEG").rename(a / "n00000001" / "n00000001_0.JPEG")
     assert write_dataset(read_source(a, "folder"), tmp_path / "w", shard_size=2, resume=True,
                          progress=False)["num_samples"] == 6
 
