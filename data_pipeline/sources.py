@@ -177,6 +177,11 @@ def list_file(path: Path) -> Source:
         rows.append((parts[0].strip(), parts[1].strip()))
     if not rows:
         raise ValueError(f"{path}: no entries")
+    seen: dict[str, int] = {}
+    for n, (p, _) in enumerate(rows, 1):
+        if p in seen:  # it would be trained on twice an epoch, silently
+            raise ValueError(f"{path}: entry {n} lists {p} again (entry {seen[p]}); each image once, please")
+        seen[p] = n
     labels = [lab for _, lab in rows]
     numeric = [bool(re.fullmatch(r"-?\d+", lab)) for lab in labels if lab]
     if any(numeric) and not all(numeric):

@@ -119,9 +119,10 @@ def cmd_describe(args) -> int:
     rows, total = describe_lines(cfg)
     console = Console(width=140)
     console.print(f"[bold]{name}[/bold]: {preset.description if preset else 'custom configuration'}")
-    settings = ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items())
+    whole = lambda mult: [int(m) if float(m).is_integer() else m for m in mult]  # noqa: E731  (1, not 1.0)
+    settings = ", ".join(f"{k}={whole(v) if k == 'channel_mult' else v}" for k, v in cfg.to_dict().items())
     console.print(f"config: {settings}")
-    console.print(f"channel_mult: {list(cfg.resolved_channel_mult())}, output channels: {cfg.out_channels}")
+    console.print(f"channel_mult: {whole(cfg.resolved_channel_mult())}, output channels: {cfg.out_channels}")
     if preset:
         console.print(f"diffusion: {preset.diffusion}")
     table = Table()

@@ -25,6 +25,7 @@ def test_models_list_prints_presets_with_counts():
 def test_models_describe_preset_with_override():
     out = run_cli("models", "describe", "adm-64", "dropout=0.0").stdout
     assert "dropout=0.0" in out and "295,904,454" in out and "3 x 6 heads" in out
+    assert "channel_mult: [1, 2, 3, 4]," in out  # ADM's 64x64 multipliers, as its flags write them
 
 
 def test_python_dash_m_package_works():

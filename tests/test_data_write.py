@@ -377,6 +377,9 @@ def test_layout_quirks_real_trees_have(tmp_path):
     lst.write_text("a.jpg\t2\nb.jpg\t10\nc.jpg\tcat\n")
     with pytest.raises(ValueError, match=r"l.tsv: labels mix integers and names \(entry 3: 'cat'\)"):
         read_source(lst, "list")
+    lst.write_text("a.jpg\t2\nb.jpg\t1\na.jpg\t2\n")  # trained on twice an epoch, silently: refused
+    with pytest.raises(ValueError, match=r"l.tsv: entry 3 lists a.jpg again \(entry 1\)"):
+        read_source(lst, "list")
 
 
 def test_write_refusals_and_outcomes_users_meet(tmp_path):
