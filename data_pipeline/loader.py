@@ -28,6 +28,7 @@ from webdataset.tariterators import tar_file_iterator
 
 from .order import Order, Position
 from .transforms import SampleRandom, Transform
+from .verify import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,6 @@ class ShardStream(IterableDataset):
 
     def __init__(self, directory, transform: Transform, batch_size: int, seed: int = 0, num_slots: int = 64,
                  rank: int = 0, world_size: int = 1, state: dict | None = None, worker_rotation: int = 0):
-        from .verify import read_manifest
-
         self.dir = Path(directory)
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")

@@ -219,18 +219,13 @@ def cmd_convert(args) -> int:
 def same_layout(name: str) -> list[str]:
     """Presets whose state dicts have exactly the keys and shapes of this one's (ADM's LSUN models and its
     unconditional 256 model, say)."""
+    from .config import expected_layout
     from .presets import PRESETS
-    from .state_dict import expected_layout
 
-    cfg = get_preset_config(name)
-    alike = [n for n in PRESETS if (get_preset_config(n).arch, get_preset_config(n).image_size) == (cfg.arch, cfg.image_size)]
-    return [n for n in alike if expected_layout(get_preset_config(n)) == expected_layout(cfg)]
-
-
-def get_preset_config(name: str):
-    from .presets import get_preset
-
-    return get_preset(name).config()
+    configs = {n: p.config() for n, p in PRESETS.items()}
+    mine = configs[name]
+    alike = [n for n, c in configs.items() if (c.arch, c.image_size) == (mine.arch, mine.image_size)]
+    return [n for n in alike if expected_layout(configs[n]) == expected_layout(mine)]
 
 
 def register(parser: argparse.ArgumentParser) -> None:
