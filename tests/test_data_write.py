@@ -182,6 +182,7 @@ def _write_with(fake, source, out, results):
     from data_pipeline import writer
 
     os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal (a shell's `&` job ignores it)
     writer.write_shard = fake
     start = time.monotonic()
     try:
