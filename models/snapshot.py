@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, build_model
@@ -146,19 +147,31 @@ def weight_names(directory: str | Path) -> list[str]:
     return ["ema"] + sorted(n[:-len(".safetensors")] for n in files if n.endswith(".safetensors") and n != WEIGHTS)
 
 
+def _read_checked(path: Path, info: dict, hashes: bool) -> bytes:
+    data = path.read_bytes()
+    if hashes and hashlib.sha256(data).hexdigest() != info["sha256"]:
+        raise SnapshotError(f"{path}: sha256 differs from the manifest (corrupt)")
+    return data
+
+
 def load_snapshot(directory: str | Path, hashes: bool = False, weights: str = "ema") -> Snapshot:
-    """weights: "ema" (model.safetensors) or the name of an extra weights file (see weight_names)."""
+    """weights: "ema" (model.safetensors) or the name of an extra weights file (see weight_names).
+    hashes: the files read (config and those weights) must match the manifest's sha256; they are read
+    once, so this costs only the hashing (about 1 s per GB)."""
     directory = Path(directory)
-    verify_snapshot(directory, hashes=hashes)
+    manifest = verify_snapshot(directory)  # every listed file present, at its size
     if weights != "ema":
         names = weight_names(directory)
         if weights not in names:
             raise SnapshotError(f"{directory}: no weights {weights!r}; it has {', '.join(names)}")
-    meta = json.loads((directory / CONFIG).read_text())
+    files = manifest["files"]
+    meta = json.loads(_read_checked(directory / CONFIG, files[CONFIG], hashes))
     try:
         config = ModelConfig(**meta.pop("model"))
     except (KeyError, TypeError, ValueError) as e:
         raise SnapshotError(f"{directory / CONFIG}: bad model section: {e}") from None
     # safetensors stores keys sorted: Snapshot.ordered() gives the model's own (guided-diffusion) order
-    tensors = load_file(str(directory / (WEIGHTS if weights == "ema" else f"{weights}.safetensors")))
+    name = WEIGHTS if weights == "ema" else f"{weights}.safetensors"
+    path = directory / name
+    tensors = load_bytes(_read_checked(path, files[name], True)) if hashes else load_file(str(path))
     return Snapshot(directory, config, tensors, meta)

@@ -156,6 +156,17 @@ def test_a_stack_of_mismatched_sizes_is_refused_before_sampling(tmp_path):
     bad = run_cli("sample", str(base), "--num", "1", "--classifier", str(tmp_path / "clf64"), "--scale", "nan",
                   "--out", str(tmp_path / "o"), check=False)
     assert bad.returncode == 2 and "scale must be a finite number, got nan" in bad.stderr
+    # weights damaged in place (same size): refused, not sampled into plausible images
+    import shutil
+
+    shutil.copytree(base, tmp_path / "flipped")
+    weights = tmp_path / "flipped" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8] ^= 0x40
+    weights.write_bytes(bytes(data))
+    bad = run_cli("sample", str(tmp_path / "flipped"), "--num", "1", "--steps", "ddim2", "--out", str(tmp_path / "f"),
+                  check=False)
+    assert bad.returncode == 2 and f"{weights}: sha256 differs from the manifest (corrupt)" in bad.stderr, bad.stderr
     # a claim whose sampling failed before its first shard does not block the directory
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "sampling.json").write_text('{"steps": "ddim9"}')
