@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .strict_fp32 import strict_fp32
+
 SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 
 
@@ -48,6 +50,10 @@ class InceptionFeatures(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        with strict_fp32():  # TF32 off (ADM's numbers are float32), whoever calls
+            return self._features(images)
+
+    def _features(self, images: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
         from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
         x = torch.as_tensor(images)
@@ -85,11 +91,9 @@ def default_batch_size(device) -> int:
 
 
 def extract(images: np.ndarray, batch_size: int | None = None, device=None, progress: bool = False) -> dict[str, np.ndarray]:
-    """Features of a whole uint8 NHWC array, batch by batch (TF32 off: ADM's numbers are fp32)."""
+    """Features of a whole uint8 NHWC array, batch by batch."""
     device = torch.device(device or default_device())
     batch_size = batch_size or default_batch_size(device)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
     net = network(device)
     out = {"pool": [], "spatial": []}
     starts = range(0, len(images), batch_size)

@@ -17,6 +17,8 @@ import functools
 import numpy as np
 import torch
 
+from .strict_fp32 import strict_fp32
+
 # |float32 distance - exact| <= GAMMA * (|u| + |v|)^2 <= 2 GAMMA (|u|^2 + |v|^2): the float32 dot product of
 # length K errs by at most K * eps * |u||v| (any summation order), the norms, the final sum and the
 # float32 comparisons with the margin folded in add a few eps more (16 covers them).
@@ -29,11 +31,13 @@ def _gamma(dim: int) -> float:
 
 
 class _Points:
-    """A feature set on the device: float32 rows and norms, and each row's share of the error bound."""
+    """A feature set on the device: float32 rows and norms, and each row's share of the error bound; and
+    the rows on the CPU, where the undecided pairs' float64 distances are summed in one order on any device."""
 
     def __init__(self, features, device):
-        self.f32 = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=device).contiguous()
-        norm2 = torch.cat([(c.double() ** 2).sum(1) for c in self.f32.split(512)])  # in cache-sized pieces
+        self.host = torch.as_tensor(np.asarray(features), dtype=torch.float32).contiguous()
+        self.f32 = self.host.to(device)
+        norm2 = torch.cat([(c.double() ** 2).sum(1) for c in self.host.split(512)]).to(device)  # cache-sized pieces
         self.n32 = norm2.float()
         self.half_n32 = self.n32 * -0.5  # exact: the GEMM's bias (see _approx)
         self.err = (2 * _gamma(self.f32.shape[1]) * norm2).float()  # bound(i, j) = err_i + err_j
@@ -71,17 +75,14 @@ def _onednn_float32() -> bool:
 
 
 def _exact(a: _Points, i: torch.Tensor, b: _Points, j: torch.Tensor) -> torch.Tensor:
-    """float64 sum((u - v)^2) of the pairs (a[i], b[j]), row by row: a function of each pair only.
-    In chunks that stay in cache (this is memory-bound)."""
-    out = torch.empty(len(i), dtype=torch.float64, device=a.f32.device)
+    """float64 sum((u - v)^2) of the pairs (a[i], b[j]), row by row: a function of each pair only, on the
+    CPU (a GPU's reduction order depends on the launch shape). In chunks that stay in cache (memory-bound)."""
+    i, j = i.cpu(), j.cpu()
+    out = torch.empty(len(i), dtype=torch.float64)
     for s in range(0, len(i), 512):
-        diff = a.f32[i[s:s + 512]].double().sub_(b.f32[j[s:s + 512]].double())
+        diff = a.host[i[s:s + 512]].double().sub_(b.host[j[s:s + 512]].double())
         out[s:s + 512] = (diff * diff).sum(1)
-    return out
-
-
-def _no_tf32():
-    torch.backends.cuda.matmul.allow_tf32 = False  # the error bound assumes true float32 products
+    return out.to(a.f32.device)
 
 
 def radii(features: np.ndarray, k: int = 3, block: int = 2048, distance: str = "fp32", device="cpu",
@@ -92,8 +93,8 @@ def radii(features: np.ndarray, k: int = 3, block: int = 2048, distance: str = "
     comm = comm or _single()
     if distance == "fp16":
         return _gathered(comm, lambda rows: _radii_fp16(features, k, block, device, rows), len(features))
-    _no_tf32()
-    return _radii(_Points(features, device), k, block, comm)
+    with strict_fp32():  # the error bound assumes true float32 products
+        return _radii(_Points(features, device), k, block, comm)
 
 
 def _single():
@@ -253,11 +254,11 @@ def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = K_NEAR
                            len(reference))
         return float(precision.mean()), float(recall.mean())
     _check_size(reference, k), _check_size(samples, k)
-    _no_tf32()
-    ref, sam = _Points(reference, device), _Points(samples, device)
-    r_ref, r_sample = _radii(ref, k, block, comm), _radii(sam, k, block, comm)
-    to = lambda x: torch.as_tensor(x, dtype=torch.float64, device=ref.f32.device)  # noqa: E731
-    ref_in, sam_in_part = _cross(ref, comm.rows(len(ref)), sam, to(r_ref), to(r_sample), block)
+    with strict_fp32():  # the error bound assumes true float32 products
+        ref, sam = _Points(reference, device), _Points(samples, device)
+        r_ref, r_sample = _radii(ref, k, block, comm), _radii(sam, k, block, comm)
+        to = lambda x: torch.as_tensor(x, dtype=torch.float64, device=ref.f32.device)  # noqa: E731
+        ref_in, sam_in_part = _cross(ref, comm.rows(len(ref)), sam, to(r_ref), to(r_sample), block)
     parts = comm.allgather((ref_in, sam_in_part))
     recall = np.concatenate([p[0] for p in parts])
     precision = np.logical_or.reduce([p[1] for p in parts])

@@ -145,6 +145,34 @@ def test_inception_weights_and_features():
         extract(images.astype(np.float32))
 
 
+def test_features_and_distances_run_without_tf32_and_leave_the_callers_setting(monkeypatch):
+    """The network (called directly, as `adm eval ref` does, or through extract) and precision/recall run
+    with TF32 off; the caller's setting is back afterwards (the local farm samples on in the same process)."""
+    from eval import precision_recall as pr
+    from eval.inception import network
+
+    seen = []
+    net = network("cpu")
+    first = next(iter(net.layers.values()))
+    hook = first.register_forward_pre_hook(lambda *_: seen.append(
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)))
+    real_approx = pr._approx
+    monkeypatch.setattr(pr, "_approx", lambda *a: seen.append(
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)) or real_approx(*a))
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        images = np.zeros((2, 32, 32, 3), np.uint8)
+        net(images), extract(images, device="cpu")
+        feats = np.random.default_rng(0).random((8, 16)).astype(np.float32)
+        precision_recall(feats, feats[::-1].copy()), radii(feats)
+        after = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    finally:
+        hook.remove()
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    assert len(seen) > 4 and set(seen) == {(False, False)} and after == (True, True)
+
+
 def test_features_equal_the_whole_torchscript_module_and_spatial_is_nhwc():
     """pool_3 from extract() equals the wheel's TorchScript module called as a whole (its own forward) on
     the same TF1-style resize and (x - 128) / 128; the 2023 spatial features are mixed_6/conv's first 7
