@@ -26,6 +26,19 @@ def resolve(a: argparse.Namespace, cpu_cases: list, gpu_cases: list):
     return device, dtype, [(*c[:-2], c[-1] if gpu else c[-2]) for c in cases]
 
 
+def save_partial(result: dict, out) -> None:
+    """The rows so far, marked partial, written atomically after each row: a run stopped at its time limit
+    (bench/run_all.py --timeout, a lent GPU's minutes) still leaves what it measured."""
+    import json
+    import os
+
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps({**result, "partial": True}, indent=2) + "\n")
+        os.replace(tmp, out)
+
+
 def write_result(result: dict, out) -> None:
     """Print the result as JSON and, with --out, write it there too."""
     import json

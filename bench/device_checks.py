@@ -3,7 +3,8 @@
 - Inception features on the GPU (TF32 off) against the CPU's on the same images: largest differences;
 - exact precision/recall: the radii and memberships are decided on float64 distances of the pairs, so the GPU
   must give the same radii, bit for bit, and the same precision and recall as the CPU;
-- ADM's fp16 distance arithmetic on the GPU (as TensorFlow's GPU kernels compute it), next to the exact values.
+- ADM's fp16 distance arithmetic on the GPU (as TensorFlow's GPU kernels compute it), next to the exact values;
+- smoke checks of code paths only a GPU takes (each records "ok" or its error).
 
     python bench/device_checks.py --out checks.json
 """
@@ -22,6 +23,35 @@ from bench.eval import timed  # noqa: E402  (what it times returns NumPy: the GP
 from bench.pr_workers import realistic_features  # noqa: E402
 from eval.inception import extract  # noqa: E402
 from eval.precision_recall import precision_recall, radii  # noqa: E402
+
+
+def smoke(device: torch.device) -> dict:
+    """GPU-only paths the CPU test suite cannot reach."""
+    from models.adm_compat import create_gaussian_diffusion
+    from models.resample import create_named_schedule_sampler
+
+    def loss_aware_sampler():  # timesteps drawn with the trainer's CUDA generator
+        s = create_named_schedule_sampler("loss-second-moment", create_gaussian_diffusion(steps=100))
+        gen = torch.Generator(device).manual_seed(0)
+        for _ in range(12):
+            t, _ = s.sample(64, device, generator=gen)
+            s.update_with_local_losses(t, torch.rand(64, device=device))
+        t, w = s.sample(64, device, generator=gen)
+        assert t.device.type == w.device.type == "cuda" and s.weights().sum() > 0
+
+    def tf32_setting_restored():  # features in float32, the sampler's TF32 setting back after
+        torch.backends.cudnn.allow_tf32 = True
+        extract(np.zeros((2, 32, 32, 3), np.uint8), device=device)
+        assert torch.backends.cudnn.allow_tf32
+
+    out = {}
+    for check in (loss_aware_sampler, tf32_setting_restored):
+        try:
+            check()
+            out[check.__name__] = "ok"
+        except Exception as e:  # noqa: BLE001 - recorded, the other checks go on
+            out[check.__name__] = f"{type(e).__name__}: {e}"
+    return out
 
 
 def main():
@@ -45,7 +75,9 @@ def main():
     t_dev, pr_dev = timed(lambda: precision_recall(ref, samples, device=a.device))
     r_cpu, r_dev = radii(samples, device="cpu"), radii(samples, device=a.device)
     t16, pr16 = timed(lambda: precision_recall(ref, samples, distance="fp16", device=a.device))
+    checks = smoke(torch.device(a.device)) if torch.device(a.device).type == "cuda" else {}
     write_result({
+        "smoke": checks,
         "device": torch.cuda.get_device_name(0) if torch.device(a.device).type == "cuda" else "cpu",
         "torch": torch.__version__,
         "features": features | {"images": a.images, "device_s": t_feat},

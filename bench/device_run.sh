@@ -2,10 +2,12 @@
 # The GPU rows, on a machine whose python3 already has torch with CUDA but nothing else of ours and no network
 # (the GPU machine lent to some sessions for 15 minutes): installs the wheels that scripts/device_pack.sh put in
 # .device/, puts the Inception file where our code looks for it, runs bench/device_checks.py (GPU against CPU:
-# features, exact precision/recall) and bench/run_all.py --gpu-only, each run stopped after --timeout seconds.
+# features, exact precision/recall, GPU-only smoke checks) and bench/run_all.py --gpu-only within a time budget.
 #
-#   bash bench/device_run.sh OUT --only models sampling eval --timeout 150     # one call (about 8 minutes)
-#   bash bench/device_run.sh OUT --only train ddp --timeout 240                # the next call
+#   bash bench/device_run.sh OUT --budget 420      # one call: set its timeout_s to about 560
+#
+# Each benchmark saves its rows as it goes, and run_all gives each run an equal share of the budget left, so a run
+# stopped at its limit still leaves the rows it finished.
 #
 # REHEARSAL=1 runs the CPU rows instead (to try the set-up on a machine without a GPU, with PYTHON= an interpreter
 # that has only what the GPU machine has). Everything lands in OUT: device-checks.json, run_all/<name>.json, RESULTS.md (the generated section),

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import add_device_args, resolve  # noqa: E402
+from bench.common import add_device_args, resolve, save_partial, write_result  # noqa: E402
 from models.config import ModelConfig, build_model  # noqa: E402
 from models.presets import get_preset  # noqa: E402
 
@@ -123,9 +123,15 @@ def bench_case(label, preset, overrides, batch, args_ns, device, dtype, peak):
     if ref is not None:
         ref.load_state_dict(ours.state_dict(), strict=True)  # same weights
     cl = {"ours": args_ns.channels_last in ("both", "ours"), "reference": args_ns.channels_last == "both"}
+    layouts = {}  # name -> (model, channels-last inputs): ours in other memory layouts, same weights
+    if args_ns.layouts:  # NCHW throughout; and the trainer's (weights flat and contiguous, inputs channels-last)
+        import copy
+        layouts = {"ours_nchw": (copy.deepcopy(ours), False), "ours_cl_inputs": (copy.deepcopy(ours), True)}
     models = {"ours": ours.to(device, memory_format=torch.channels_last if cl["ours"] else torch.contiguous_format)}
     if ref is not None:
         models["reference"] = ref.to(device, memory_format=torch.channels_last if cl["reference"] else torch.contiguous_format)
+    for name, (model, cl_inputs) in layouts.items():
+        models[name], cl[name] = model.to(device), cl_inputs
     inputs = {k: make_inputs(cfg, batch, device, cl[k]) for k in models}
     row = {"case": label, "preset": preset, "overrides": overrides, "batch": batch,
            "params": sum(p.numel() for p in ours.parameters())}
@@ -159,6 +165,8 @@ def main():
     p.add_argument("--channels-last", choices=["none", "ours", "both"], default="none",
                    help="channels-last weights and activations for: neither model, ours only, or both")
     p.add_argument("--no-reference", dest="reference", action="store_false", help="skip guided-diffusion")
+    p.add_argument("--layouts", action="store_true", help="also time ours NCHW throughout and as the trainer runs it "
+                   "(contiguous weights, channels-last inputs): whether channels-last pays on this device")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=3, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
@@ -170,19 +178,17 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None) if device.type == "cuda" else None
     rows = []
-    for label, preset, overrides, batch in cases:
-        row = bench_case(label, preset, overrides, batch, a, device, dtype, peak)
-        rows.append(row)
-        sp = " ".join(f"{m}: x{row[m + '_speedup']:.2f}" for m in ("train", "forward") if m + "_speedup" in row)
-        print(f"{label:<24} batch {batch:>3}  train {row['ours_train_img_s']:8.1f} img/s  "
-              f"forward {row['ours_forward_img_s']:8.1f} img/s  vs reference {sp}", flush=True)
     result = {"device": name, "device_type": device.type, "dtype": str(dtype).replace("torch.", ""),
               "channels_last": a.channels_last, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "rows": rows}
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    for label, preset, overrides, batch in cases:
+        row = bench_case(label, preset, overrides, batch, a, device, dtype, peak)
+        rows.append(row)
+        save_partial(result, a.out)
+        sp = " ".join(f"{m}: x{row[m + '_speedup']:.2f}" for m in ("train", "forward") if m + "_speedup" in row)
+        print(f"{label:<24} batch {batch:>3}  train {row['ours_train_img_s']:8.1f} img/s  "
+              f"forward {row['ours_forward_img_s']:8.1f} img/s  vs reference {sp}", flush=True)
+    write_result(result, a.out)
 
 
 if __name__ == "__main__":

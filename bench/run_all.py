@@ -46,12 +46,14 @@ def plan(gpu: bool) -> dict[str, list[str]]:
     }
     if gpu:
         runs |= {
-            "models-gpu": ["bench/models.py", "--device", "cuda", "--dtype", "bf16", "--channels-last", "ours"],
+            "models-gpu": ["bench/models.py", "--device", "cuda", "--dtype", "bf16", "--channels-last", "ours",
+                           "--layouts", "--cases", "adm-64", "adm-128", "adm-256", "classifier-128", "upsampler-64-256"],
             "sampling-gpu": ["bench/sampling.py", "--device", "cuda"],
             "eval-gpu": ["bench/eval.py", "--device", "cuda", "--ref", "10000", "--samples", "50000",
                          "--images", "512"],
             "train-gpu": ["bench/train.py", "--preset", "adm-64", "--resolution", "64", "--nproc", "1",
-                          "--kimg", "2.048", "--overrides", "batch=64", "num_slots=4", "data_workers=4"],
+                          "--kimg", "1.024", "--stages", "2", "1", "3",  # ZeRO-2 first: the one compared with DDP
+                          "--overrides", "batch=64", "num_slots=4", "data_workers=4"],
             "ddp-gpu": ["bench/zero_vs_ddp.py", "--preset", "adm-64", "--micro", "32", "--precision", "bf16",
                         "--nproc", str(max(torch_gpus(), 1)), "--steps", "12"],
         }
@@ -96,6 +98,11 @@ def summary(all_results: dict[str, dict], info: dict) -> str:
             out += [f"| {w['case']} | {w['batch']} | {_f(w['ours_train_img_s'], 1)} | {_f(w.get('train_speedup'))} "
                     f"| {_f(w['ours_forward_img_s'], 1)} | {_f(w.get('forward_speedup'))} "
                     f"| {_f(w.get('ours_train_mfu'), 3)} |" for w in r["rows"]]
+            if any("ours_nchw_train_img_s" in w for w in r["rows"]):
+                out += ["", "Ours in other memory layouts, train img/s: channels-last (above) / NCHW throughout / as "
+                        "the trainer runs it (contiguous weights, channels-last inputs): "
+                        + "; ".join(f"{w['case']} {_f(w['ours_train_img_s'], 1)} / {_f(w.get('ours_nchw_train_img_s'), 1)}"
+                                    f" / {_f(w.get('ours_cl_inputs_train_img_s'), 1)}" for w in r["rows"]) + "."]
             out.append("")
     for name in ("sampling-cpu", "sampling-gpu"):
         if r := results.get(name):
@@ -137,9 +144,9 @@ def summary(all_results: dict[str, dict], info: dict) -> str:
             out += [f"| {w['zero_stage']} | {_f(w['images_per_s'], 1)} | {_f(w['s_per_kimg'], 1)} "
                     f"| {_f(w['checkpoint_s'])} s, {_f(w['checkpoint_mib'], 0)} MiB | {_f(w['checkpoint_mib_s'], 0)} "
                     f"| {w['checkpoint_fraction_of_disk']:.0%} |" for w in r["rows"]]
-            out += ["", f"ZeRO-2 / ZeRO-1 throughput {_f(r['zero2_vs_zero1_throughput'])}; load "
+            out += ["", f"ZeRO-2 / ZeRO-1 throughput {_f(r.get('zero2_vs_zero1_throughput'))}; load "
                     f"{_f(r.get('checkpoint_load_mib_s'), 0)} MiB/s; resume to first step "
-                    f"{_f(r['resume_to_first_step_s'], 1)} s.", ""]
+                    f"{_f(r.get('resume_to_first_step_s'), 1)} s.", ""]
     for name in ("ddp-cpu", "ddp-gpu"):
         if r := results.get(name):
             out += [f"**{name}** (plain data parallel vs ZeRO at the same batch: {r['preset']}, {r['precision']}, "
@@ -147,6 +154,9 @@ def summary(all_results: dict[str, dict], info: dict) -> str:
                     "", "| variant | images/s | vs DDP |", "|---|---|---|"]
             out += [f"| {w['variant']} | {_f(w['images_per_s'], 1)} | {_f(w.get('vs_ddp', 1.0))} |" for w in r["rows"]]
             out += [""]
+    partial = [k for k, v in results.items() if v.get("partial")]
+    if partial:
+        out += [f"Stopped at their time limit, the rows they finished kept: {', '.join(partial)}.", ""]
     failed = [k for k, v in all_results.items() if v.get("failed")]
     if failed:
         out += [f"Failed this time: {', '.join(failed)} (see the run's output).", ""]
@@ -184,8 +194,11 @@ def main():
     p.add_argument("--extra", nargs="*", default=[], metavar="NAME=ARGS",
                    help='extra arguments for one run, e.g. "eval-cpu=--images 4" (for quick checks)')
     p.add_argument("--gpu-only", action="store_true", help="only the GPU rows (a GPU machine lent for minutes)")
-    p.add_argument("--timeout", type=float, help="seconds one run may take; then it is stopped and marked failed")
+    p.add_argument("--timeout", type=float, help="seconds one run may take; then it is stopped (its finished rows kept)")
+    p.add_argument("--budget", type=float, help="seconds for all the runs together: each may take an equal share of "
+                   "what is left when it starts (a quick run leaves more to the next)")
     a = p.parse_args()
+    deadline = time.monotonic() + a.budget if a.budget else None
     runs = plan(torch.cuda.is_available())
     if a.gpu_only:
         runs = {k: v for k, v in runs.items() if k.endswith("-gpu")}
@@ -194,11 +207,21 @@ def main():
     extra = {k: v.split() for k, v in (e.split("=", 1) for e in a.extra)}
     a.out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name, args in runs.items():
+    for i, (name, args) in enumerate(runs.items()):
         out = a.out_dir / f"{name}.json"
+        timeout = a.timeout
+        if deadline is not None:
+            share = max(1.0, (deadline - time.monotonic()) / (len(runs) - i))
+            timeout = min(timeout or share, share)
         print(f"[run_all] {name}: {' '.join(args + extra.get(name, []))}", flush=True)
         start = time.perf_counter()
-        code = run(name, [sys.executable, *args, *extra.get(name, []), "--out", str(out)], a.timeout)
+        out.unlink(missing_ok=True)  # a result from an earlier run must not pass for this one's
+        code = run(name, [sys.executable, *args, *extra.get(name, []), "--out", str(out)], timeout)
+        if code is None and out.is_file():  # stopped at the time limit: keep the rows it wrote
+            results[name] = json.loads(out.read_text())
+            print(f"[run_all] {name} stopped at its time limit ({timeout:.0f} s); kept its "
+                  f"{len(results[name].get('rows', []))} finished row(s)", flush=True)
+            continue
         if code != 0 or not out.is_file():
             print(f"[run_all] {name} failed ({'timed out' if code is None else f'exit {code}'})", flush=True)
             results[name] = {"failed": True}

@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import write_result  # noqa: E402
+from bench.common import save_partial, write_result  # noqa: E402
 
 
 def disk_write_mib_s(directory: Path, mib: int = 256, fsync: bool = True, repeats: int = 3) -> float:
@@ -71,6 +71,7 @@ def main():
     p.add_argument("--kimg", type=float, default=0.768)
     p.add_argument("--overrides", nargs="*", default=["model.num_classes=11", "batch=32", "num_slots=4",
                                                       "data_workers=1"])
+    p.add_argument("--stages", type=int, nargs="*", default=[1, 2, 3], choices=[1, 2, 3], help="ZeRO stages to time")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,7 +80,9 @@ def main():
         disk = disk_write_mib_s(tmp)
         buffered = disk_write_mib_s(tmp, fsync=False)
         rows = []
-        for stage in (1, 2, 3):
+        result = {"preset": a.preset, "nproc": a.nproc, "disk_write_mib_s": disk, "disk_write_buffered_mib_s": buffered,
+                  "rows": rows}
+        for stage in a.stages:
             out = run(a, tmp / f"z{stage}", f"zero_stage={stage}", f"total_kimg={a.kimg}", f"status_kimg={a.kimg / 3}",
                       f"checkpoint_kimg={a.kimg}", f"snapshot_kimg={a.kimg}", "grid=false")
             rates = [float(x) for x in re.findall(r"\|\s+([\d.]+) img/s", out)]
@@ -90,13 +93,16 @@ def main():
                          "checkpoint_mib_s": float(save.group(3)),
                          "checkpoint_fraction_of_disk": float(save.group(3)) / disk})
             print(rows[-1], flush=True)
-        out = run(a, tmp / "z2", "zero_stage=2", f"total_kimg={a.kimg + 0.064}", f"status_kimg={a.kimg}", "grid=false")
+            save_partial(result, a.out)
+        last = a.stages[-1]
+        out = run(a, tmp / f"z{last}", f"zero_stage={last}", f"total_kimg={a.kimg + 0.064}", f"status_kimg={a.kimg}", "grid=false")
         first = float(re.search(r"\[timing\] first step done ([\d.]+) s after process start \(resumed\)", out).group(1))
         load = re.search(r"\[ckpt\] loaded \S+ in ([\d.]+) s \(([\d.]+) MiB, ([\d.]+) MiB/s\)", out)
-    result = {"preset": a.preset, "nproc": a.nproc, "disk_write_mib_s": disk, "disk_write_buffered_mib_s": buffered,
-              "rows": rows, "checkpoint_load_s": float(load.group(1)), "checkpoint_load_mib_s": float(load.group(3)),
-              "resume_to_first_step_s": first,
-              "zero2_vs_zero1_throughput": rows[1]["images_per_s"] / rows[0]["images_per_s"]}
+    by_stage = {r["zero_stage"]: r["images_per_s"] for r in rows}
+    result.update(checkpoint_load_s=float(load.group(1)), checkpoint_load_mib_s=float(load.group(3)),
+                  resume_to_first_step_s=first)
+    if 1 in by_stage and 2 in by_stage:
+        result["zero2_vs_zero1_throughput"] = by_stage[2] / by_stage[1]
     write_result(result, a.out)
 
 

@@ -97,3 +97,24 @@ def test_device_checks_run_and_compare_with_the_cpu(tmp_path):
     pr = result["precision_recall"]
     assert pr["identical"] and pr["radii_identical"] and 0 < pr["cpu"][0] < 1
     assert abs(pr["fp16_device"][0] - pr["cpu"][0]) < 0.05
+
+
+def test_run_all_keeps_the_rows_of_a_run_stopped_at_its_time_limit(tmp_path, monkeypatch):
+    """--budget shares the time left among the runs still to go; a run stopped at its limit keeps the rows it
+    wrote (the benchmarks save after every row), and RESULTS.md says it was stopped."""
+    from bench import run_all
+
+    slow, quick = tmp_path / "slow.py", tmp_path / "quick.py"
+    body = "import json, sys, time\nfrom pathlib import Path\nout = Path(sys.argv[sys.argv.index('--out') + 1])\n"
+    slow.write_text(body + "out.write_text(json.dumps({'rows': [{'n': 1}], 'partial': True}))\ntime.sleep(60)\n")
+    quick.write_text(body + "out.write_text(json.dumps({'rows': [{'n': 2}]}))\n")
+    monkeypatch.setattr(run_all, "plan", lambda gpu: {"slow-cpu": [str(slow)], "quick-cpu": [str(quick)]})
+    results = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(sys, "argv", ["run_all", "--budget", "8", "--out-dir", str(tmp_path / "out"),
+                                      "--results", str(results)])
+    start = time.monotonic()
+    assert run_all.main() == 0
+    assert time.monotonic() - start < 30  # slow got half of the 8 s, not its 60
+    assert json.loads((tmp_path / "out" / "slow-cpu.json").read_text())["rows"] == [{"n": 1}]
+    assert json.loads((tmp_path / "out" / "quick-cpu.json").read_text())["rows"] == [{"n": 2}]
+    assert "Stopped at their time limit, the rows they finished kept: slow-cpu." in results.read_text()
