@@ -137,9 +137,11 @@ def log_tensorboard(run_dir: Path, record: dict) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(run_dir / "tensorboard"), filename_suffix=f".eval-{record['key']}")
+    width = registry.posthoc_width(record["snapshot_name"])
+    series = record["setting"]["name"] + (f"-posthoc-{width}" if width else "")
     for name, value in record["metrics"].items():
         if name != "num_samples":
-            writer.add_scalar(f"eval/{record['setting']['name']}/{name}", value, record.get("images") or 0)
+            writer.add_scalar(f"eval/{series}/{name}", value, record.get("images") or 0)
     writer.close()
 
 

@@ -85,6 +85,12 @@ def publish(key_dir: Path, record: dict) -> bool:
         tmp.unlink()
 
 
+def posthoc_width(snapshot_name: str) -> str | None:
+    """The sigma_rel of a snapshot `adm posthoc` synthesised (img…-posthoc-0.070), else None: evaluated like
+    any snapshot, but at its training snapshot's image count, so curves keep it apart."""
+    return snapshot_name.split("-posthoc-", 1)[1] if "-posthoc-" in snapshot_name else None
+
+
 def results(run_dir: Path) -> list[dict]:
     """Every finished evaluation of this evaluator version (an older version's are evaluated again, not
     mixed with these), one per (snapshot, setting, reference): of two keys for the same evaluation (an

@@ -87,6 +87,18 @@ def tile(images: np.ndarray, cols: int) -> np.ndarray:
     return out
 
 
+def curve_series(rows: list[dict], metric: str) -> dict[str, tuple[list, bool]]:
+    """name -> (sorted (kimg, value) points, post-hoc?). A post-hoc EMA sits at its training snapshot's
+    image count: a series of its own per width (points, not a line), not a jump in the setting's curve."""
+    series: dict[str, tuple[list, bool]] = {}
+    for r in rows:
+        if metric in r["metrics"]:
+            width = registry.posthoc_width(r["snapshot_name"])
+            name = r["label"] + (f" (post-hoc EMA, sigma_rel {width})" if width else "")
+            series.setdefault(name, ([], bool(width)))[0].append(((r.get("images") or 0) / 1000, r["metrics"][metric]))
+    return {k: (sorted(pts), posthoc) for k, (pts, posthoc) in series.items()}
+
+
 def _metric_curves(rows: list[dict], published: dict):
     import matplotlib
     matplotlib.use("Agg")
@@ -94,14 +106,9 @@ def _metric_curves(rows: list[dict], published: dict):
 
     present = [m for m in METRICS if any(m in r["metrics"] for r in rows)]
     fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.0), squeeze=False)
-    by_setting: dict[str, list] = {}
-    for r in rows:
-        by_setting.setdefault(r["label"], []).append(r)
     for ax, m in zip(axes[0], present):
-        for name, rs in by_setting.items():
-            pts = sorted(((r.get("images") or 0) / 1000, r["metrics"][m]) for r in rs if m in r["metrics"])
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
+        for name, (pts, posthoc) in curve_series(rows, m).items():
+            ax.plot(*zip(*pts), marker="*" if posthoc else "o", ls="none" if posthoc else "-", label=name)
         for j, (label, vals) in enumerate(published.items()):
             if m in vals:
                 ax.axhline(vals[m], ls="--", lw=1, color=f"C{j + 5}", label=f"paper: {label}")

@@ -320,7 +320,7 @@ def test_failed_evaluations_are_retried_then_reported(reference, tmp_path):
     """A setting that cannot run fails every attempt; after --max-attempts the registry says so and the
     report shows it. (What the files' headers show, a classifier that is a diffusion model say, is
     refused before any attempt: test_bad_input_is_named. Here the classifier's weights file is damaged
-    inside, at its full size, which only loading it reveals.)"""
+    inside, at its full size, which only its sha256, checked when sampling loads it, reveals.)"""
     run = make_run(tmp_path / "run", kimgs=(1,))
     cfg = get_preset("tiny-classifier-32").config()
     clf = save_snapshot(tmp_path / "clf", build_model(cfg).state_dict(), cfg, meta={"task": "classifier"})
@@ -340,9 +340,9 @@ def test_failed_evaluations_are_retried_then_reported(reference, tmp_path):
     key_dir = next(p for p in (run / "eval").iterdir() if p.name != "ref-cache")
     assert sorted(p.name for p in key_dir.glob("attempt-*.json")) == ["attempt-1.json", "attempt-2.json"]
     failed = json.loads((key_dir / "failed.json").read_text())
-    assert failed["attempts"] == 2 and "invalid UTF-8 in header" in failed["last_error"]
+    assert failed["attempts"] == 2 and "model.safetensors: sha256 differs from the manifest (corrupt)" in failed["last_error"]
     assert "FAILED" in run_cli("eval", "results", str(run)).stdout
-    assert "invalid UTF-8 in header" in (run / "report.html").read_text()
+    assert "sha256 differs from the manifest (corrupt)" in (run / "report.html").read_text()
     assert "--retry-failed tries again" in last.stdout
     # the cause fixed, --retry-failed gives it --max-attempts more (the failure is kept, renamed)
     (clf / "model.safetensors").write_bytes(good)
@@ -643,3 +643,19 @@ def test_results_are_current_distinct_and_labelled(tmp_path):
                       f"fast vs val.npz [{h(slower)}]": 30.0, "cascade": 50.0}
     out = run_cli("eval", "results", str(run)).stdout
     assert "fast vs other.npz" in out and "99.0000" not in out and "40.0000" not in out and out.count("\n") == 5
+
+
+def test_posthoc_snapshots_are_series_of_their_own():
+    """A post-hoc EMA (`adm posthoc`) sits at its training snapshot's image count: its points form a series per
+    width in the report's curves instead of a vertical jump in the setting's line."""
+    from eval.report import curve_series
+
+    rows = [{"label": "fast", "snapshot_name": name, "images": images, "metrics": {"fid": fid}}
+            for name, images, fid in [("img000000002000", 2000, 30.0), ("img000000001000", 1000, 50.0),
+                                      ("img000000002000-posthoc-0.070", 2000, 25.0),
+                                      ("img000000002000-posthoc-0.100", 2000, 27.0)]]
+    assert curve_series(rows, "fid") == {
+        "fast": ([(1.0, 50.0), (2.0, 30.0)], False),
+        "fast (post-hoc EMA, sigma_rel 0.070)": ([(2.0, 25.0)], True),
+        "fast (post-hoc EMA, sigma_rel 0.100)": ([(2.0, 27.0)], True)}
+    assert curve_series(rows, "sfid") == {}
