@@ -104,7 +104,10 @@ def train(args: list[str], run: Path, what: str, preempt: bool = False, slurm: b
 
 
 def train_here(args: list[str], run: Path, preempt: bool) -> None:
-    cmd = [sys.executable, "-m", "adm", "train", *args, "--nproc", "2"]
+    import torch  # one rank per GPU where there are GPUs (NCCL); else 2 CPU ranks (gloo)
+
+    nproc = min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2
+    cmd = [sys.executable, "-m", "adm", "train", *args, "--nproc", str(nproc)]
     run.mkdir(parents=True, exist_ok=True)
     errors = open(run / "demo-train.err", "a")  # DeepSpeed's warnings stay out of the demo's output
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True)

@@ -179,11 +179,12 @@ class StreamLoader:
     def __init__(self, directory, resolution: int, batch_size: int, *, crop: str = "center", flip: bool = True,
                  small_size: int = 0, seed: int = 0, num_slots: int = 64, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, jpeg_draft: bool = False, prefetch_factor: int = 2,
-                 persistent_workers: bool = False):
+                 persistent_workers: bool = False, pin_memory: bool = False):
         self.args = dict(directory=str(directory), batch_size=batch_size, seed=seed, num_slots=num_slots,
                          rank=rank, world_size=world_size)
         self.transform = Transform(resolution, crop, flip, small_size, jpeg_draft)
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.pin_memory = pin_memory  # page-locked batches: asynchronous copies to a GPU
         # the stream is infinite, so one iterator (and its workers) lives for the whole run either way;
         # persistent workers only keep them across a second iter() over the same DataLoader
         self.persistent_workers = persistent_workers and num_workers > 0
@@ -196,7 +197,7 @@ class StreamLoader:
     def __iter__(self):
         rotation = self.batches % max(1, self.num_workers) if self._resume_workers == self.num_workers else 0
         dataset = ShardStream(transform=self.transform, state=self.slots, worker_rotation=rotation, **self.args)
-        kwargs = dict(num_workers=self.num_workers, batch_size=None)
+        kwargs = dict(num_workers=self.num_workers, batch_size=None, pin_memory=self.pin_memory)
         if self.num_workers:
             kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=self.persistent_workers,
                           worker_init_fn=_ignore_job_signals)

@@ -187,7 +187,7 @@ def list_file(path: Path) -> Source:
     if any(numeric) and not all(numeric):
         n, lab = next((n, lab) for n, lab in enumerate(labels, 1) if lab and not re.fullmatch(r"-?\d+", lab))
         raise ValueError(f"{path}: labels mix integers and names (entry {n}: {lab!r}); use one kind")
-    if all(numeric):
+    if numeric and all(numeric):
         k = max(int(lab) for lab in labels if lab) + 1
         ids = [str(i) for i in range(k)]
         to_index = {str(i): i for i in range(k)}

@@ -23,6 +23,8 @@ class ScheduleSampler:
     def sample(self, batch_size: int, device="cpu", generator: torch.Generator | None = None):
         w = self.weights()
         p = w / w.sum()
+        if generator is not None:  # multinomial draws on its generator's device (a CUDA one in training)
+            p = p.to(generator.device)
         t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
         weights = 1.0 / (len(p) * p[t])
         return t.to(device), weights.float().to(device)

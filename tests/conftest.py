@@ -5,7 +5,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# The suite tests the CPU path (gloo, bit-exact resume, 2 ranks on any machine), on a GPU machine too: there
+# `adm train --nproc 2` would need 2 GPUs and bit-exactness does not hold. bench/device_checks.py holds the GPU
+# checks. Set before torch initialises CUDA, and inherited by every process the tests start.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = Path(__file__).parent / "data" / "adm-state-dict-layouts.json"

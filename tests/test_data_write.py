@@ -381,6 +381,9 @@ def test_layout_quirks_real_trees_have(tmp_path):
     lst.write_text("a.jpg\t2\nb.jpg\t1\na.jpg\t2\n")  # trained on twice an epoch, silently: refused
     with pytest.raises(ValueError, match=r"l.tsv: entry 3 lists a.jpg again \(entry 1\)"):
         read_source(lst, "list")
+    lst.write_text("a.jpg\t\nb.jpg\t\n")  # no labels at all: an unlabelled source
+    unlabelled = read_source(lst, "list")
+    assert [i.label for i in unlabelled.items] == [-1, -1] and unlabelled.classes == []
 
 
 def test_write_refusals_and_outcomes_users_meet(tmp_path):

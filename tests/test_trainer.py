@@ -85,8 +85,12 @@ def test_training_runs_logs_and_writes_artifacts(reference_run):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for tag in ("train/loss", "train/mse", "train/vb", "train/loss_q0", "train/loss_q3", "train/lr",
-                "train/images_per_s", "train/skipped_steps", "train/grad_norm", "data/skipped_samples"):
+                "train/images_per_s", "train/skipped_steps", "train/grad_norm", "train/param_norm",
+                "train/maintenance_s", "data/skipped_samples"):
         assert tag in tags, tag
+    raw = load_file(str(run / "snapshots" / "img000000000384" / "raw.safetensors"))  # the fp32 masters at the end
+    norm = sum(v.double().square().sum() for v in raw.values()).sqrt().item()
+    assert acc.Scalars("train/param_norm")[-1].value == pytest.approx(norm, rel=1e-5)
     assert [e.step for e in acc.Scalars("train/loss")] == [64, 128, 192, 256, 320, 384]
     assert "samples/ema" in acc.Tags()["images"]
     from PIL import Image
@@ -176,6 +180,19 @@ def test_classifier_learns_and_beats_chance_on_held_out_digits(shards, tmp_path)
     val = lines[-1].split("| val ")[1]
     acc1, acc5 = float(val.split("acc1 ")[1].split()[0]), float(val.split("acc5 ")[1].split()[0])
     assert acc1 > 0.15 and acc5 > 0.6  # 11 classes: chance is 0.09 (top-1), 0.45 (top-5)
+    # the snapshot guides sampling with the trained weights (ADM's classifier keeps no EMA): its EMA at
+    # 0.9999 after 48 steps is still the initialisation, at chance
+    from data_pipeline.loader import StreamLoader
+    from models.snapshot import load_snapshot
+
+    snap = load_snapshot(tmp_path / "run" / "snapshots" / "img000000001536")
+    assert snap.meta["weights"] == "raw" and (snap.path / "ema_0.9999.safetensors").is_file()
+    batch = next(iter(StreamLoader(shards.parent / "val", 32, 30, crop="center", flip=False, num_slots=1)))
+    t = torch.zeros(len(batch["image"]), dtype=torch.long)
+    with torch.no_grad():
+        acc = {name: (load_snapshot(snap.path, weights=name).build()(batch["image"], t).argmax(1) == batch["label"])
+               .float().mean().item() for name in ("ema", "ema_0.9999")}
+    assert acc["ema"] > 0.2 and acc["ema"] > acc["ema_0.9999"] + 0.1, acc  # "ema": the main file
 
 
 def test_upsampler_learns(shards, tmp_path):

@@ -253,6 +253,37 @@ def test_rank_discovery(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert discover().source == "torchrun"
     assert expand_nodelist("a[01-03,10],b5,c[7]") == ["a01", "a02", "a03", "a10", "b5", "c7"]
+    assert expand_nodelist("rack[0-1]-n[08-09].x,gpu9") == ["rack0-n08.x", "rack0-n09.x", "rack1-n08.x",
+                                                           "rack1-n09.x", "gpu9"]
+
+
+def test_launch_world_gpu_choice_and_rank0_address(monkeypatch):
+    """The world size announced by each launcher (the checks before the ranks start use it), the GPU of a
+    rank (one GPU bound per task shows as cuda:0), and rank 0's address (not Debian's 127.0.1.1)."""
+    import socket
+
+    from trainer.distributed import gpu_index, host_address, launch_world
+
+    for k in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SUBMITIT_LOCAL_NTASKS", "SLURM_NTASKS", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    assert launch_world() == 1
+    for k in ("SLURM_NTASKS", "SUBMITIT_LOCAL_NTASKS", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.setenv(k, str(len(k)))  # each launcher's own variable wins over Slurm's
+        assert launch_world() == len(k)
+    assert [gpu_index(r, 8) for r in (0, 7)] == [0, 7] and gpu_index(5, 1) == 0
+    with pytest.raises(RuntimeError, match="local rank 4 but this node shows 2 GPU"):
+        gpu_index(4, 2)
+    from trainer.cli import check_gpus
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="--nproc 2: this machine shows 1 GPU"):
+        check_gpus(2)
+    check_gpus(1)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a: [(2, 1, 6, "", ("127.0.1.1", 0)), (2, 1, 6, "", ("10.1.2.3", 0))])
+    assert host_address() == "10.1.2.3"
+    monkeypatch.setenv("MASTER_ADDR", "head")
+    assert host_address() == "head"
 
 
 def test_shipped_train_configs_load():
@@ -403,3 +434,65 @@ def test_one_training_per_run_directory(digit_shards, tmp_path):
         holder.wait()
     assert held_by(run) is None
     assert acquire(run) and json.loads((run / "train.lock").read_text())["pid"] == os.getpid()
+
+
+def test_status_sums_data_skips_and_parameter_norm_over_ranks(monkeypatch):
+    """Means are over every rank's samples; skipped data samples and |params|^2 are summed over ranks."""
+    from trainer import distributed
+    from trainer.loop import _Stats
+
+    ranks = [_Stats(1000), _Stats(1000)]
+    for st, (loss, skipped, sq) in zip(ranks, [([1.0, 3.0], 2, 9.0), ([5.0], 3, 16.0)]):
+        st.add_classifier(torch.tensor([0] * len(loss)), torch.tensor(loss), torch.eye(11)[:len(loss)],
+                          torch.arange(len(loss)))
+        st.data_skipped, st.param_sq = skipped, torch.tensor(sq)
+    states = []
+    monkeypatch.setattr(distributed, "gather_objects", lambda obj: states.append(obj) or states)
+    ranks[1].means()  # what rank 1 contributes
+    means = ranks[0].means()
+    assert means["loss"] == pytest.approx(3.0) and means["loss_q0"] == pytest.approx(3.0)
+    assert means["acc1"] == pytest.approx(1.0) and means["data_skipped"] == 5 and means["param_norm"] == 5.0
+
+
+def test_settings_and_held_out_data_are_checked_before_start(digit_shards, tmp_path):
+    """Values that used to fail after the ranks started (or after training time was spent, or never),
+    refused up front naming the field; held-out data must match the training data's classes."""
+    import re
+    import shutil
+
+    from trainer.cli import check_data, check_precision
+
+    base = ["preset=tiny-classifier-32", "model.num_classes=11", f"data={digit_shards / 'train'}", "num_slots=8",
+            "data_workers=1"]
+    for override, expected in [
+        ("total_kimg=1e-9", "total_kimg: 1e-09 kimg is less than one global batch of 32 images"),
+        ("lr=-1e-3", "lr: must be positive, got -0.001"),
+        ("betas=[0.9]", "betas: AdamW takes two betas, each in [0, 1), got [0.9]"),
+        ("grad_clip=-1", "grad_clip: must be 0 or more"),
+        ("warmup_kimg=-1", "warmup_kimg: must be 0 or more"),
+        ("checkpoint_kimg=-1", "checkpoint_kimg: must be positive"),
+        ("grid_size=0", "grid_size: must be at least 1"),
+        ("val_batches=0", "val_batches: must be at least 1"),
+        ("diffusion.steps=0", "diffusion.steps: need at least 1 step"),
+        ("diffusion.schedule_sampler=loss-second-momnt", "diffusion.schedule_sampler: 'loss-second-momnt' is not one"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            load_train_config(None, base + [override])
+    with pytest.raises(ValueError, match="model.small_size: 24 does not divide image_size 64"):
+        load_train_config(None, ["preset=tiny-upsampler-32-64", "model.small_size=24"])
+    with pytest.raises(ValueError, match="precision: fp16 .* needs a GPU"):
+        check_precision("fp16")
+    val = digit_shards / "val"  # 30 held-out digits in 4 shards
+    check_data(load_train_config(None, base + [f"val_data={val}"]), 4)
+    with pytest.raises(ValueError, match=f"val_data: {val} has 4 shard\\(s\\) for 8 rank\\(s\\)"):
+        check_data(load_train_config(None, base + [f"val_data={val}"]), 8)
+    with pytest.raises(ValueError, match="val_data: only the classifier task validates"):
+        check_data(load_train_config(None, ["preset=tiny-32", *base[1:], f"val_data={val}"]), 1)
+    other = tmp_path / "other"
+    shutil.copytree(val, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["classes"] = manifest["classes"][1:]  # one class fewer: every index after it shifts
+    manifest["num_classes"] -= 1
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"val_data: .* has another class table than data .* \(10 classes vs 11\)"):
+        check_data(load_train_config(None, base + [f"val_data={other}"]), 1)

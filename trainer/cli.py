@@ -87,6 +87,45 @@ def check_data(cfg, world: int = 1) -> None:
     if cfg.num_slots % readers:
         raise ValueError(f"num_slots: {cfg.num_slots} canonical slots do not divide over {world} rank(s) x "
                          f"{max(cfg.data_workers, 1)} data_workers = {readers} readers")
+    if cfg.val_data:
+        check_val_data(cfg, manifest, world)
+
+
+def check_val_data(cfg, manifest: dict, world: int) -> None:
+    """Held-out shards for the classifier's validation: the training data's classes (the same label for the
+    same class), the model's resolution, and one shard per rank at least (each rank reads one slot)."""
+    from data_pipeline.verify import check_resolution, read_manifest
+
+    if cfg.task != "classifier":
+        raise ValueError(f"val_data: only the classifier task validates on held-out data; the {cfg.task} task "
+                         "would ignore it (remove val_data)")
+    val = read_manifest(cfg.val_data)
+    if [c["id"] for c in val["classes"]] != [c["id"] for c in manifest["classes"]]:
+        raise ValueError(f"val_data: {cfg.val_data} has another class table than data {cfg.data} ({val['num_classes']} "
+                         f"classes vs {manifest['num_classes']}): its labels would be scored against the wrong classes; "
+                         "write it with the training split's classes (adm data write --split val)")
+    check_resolution(f"val_data: {cfg.val_data}", val, cfg.model.image_size, "model.image_size")
+    if len(val["shards"]) < world:
+        raise ValueError(f"val_data: {cfg.val_data} has {len(val['shards'])} shard(s) for {world} rank(s); each rank "
+                         "reads one (write it with a smaller --shard-size)")
+
+
+def check_gpus(nproc: int) -> None:
+    """`--nproc N` on a machine with GPUs starts one rank per GPU: N of them must be visible."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if 0 < gpus < nproc:
+        raise ValueError(f"--nproc {nproc}: this machine shows {gpus} GPU(s), one per rank; use --nproc {gpus}, "
+                         "or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on the CPU")
+
+
+def check_precision(precision: str) -> None:
+    import torch
+
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("precision: fp16 (with its dynamic loss scale) needs a GPU; on a CPU use bf16 or fp32 "
+                         "(or auto)")
 
 
 def check_resume(cfg) -> None:
@@ -133,7 +172,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m trainer") -> int:
     if args.nproc < 1:
         parser.error(f"--nproc: need at least one process, got {args.nproc}")
     cfg = load_train_config(config, overrides)  # bad configs fail here, before any process starts
-    world = args.nproc if args.nproc > 1 else int(os.environ.get("WORLD_SIZE", "1"))
+    from .distributed import launch_world
+
+    world = args.nproc if args.nproc > 1 else launch_world()
+    if args.nproc > 1:
+        check_gpus(args.nproc)
+    check_precision(cfg.precision)
     cfg.batch_layout(world)
     check_data(cfg, world)
     check_resume(cfg)

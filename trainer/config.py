@@ -10,6 +10,8 @@ from models.presets import get_preset
 
 TASKS = ("diffusion", "classifier", "upsampler")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+NOISE_SCHEDULES = ("linear", "cosine")
+SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 
 
 @dataclass
@@ -20,6 +22,15 @@ class DiffusionConfig:
     use_kl: bool = False  # train on the (rescaled) VLB only
     rescale_learned_sigmas: bool = False  # lambda = 0.001 at any T (hybrid loss)
     predict_xstart: bool = False
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"diffusion.steps: need at least 1 step, got {self.steps}")
+        if self.noise_schedule not in NOISE_SCHEDULES:
+            raise ValueError(f"diffusion.noise_schedule: {self.noise_schedule!r} is not one of {', '.join(NOISE_SCHEDULES)}")
+        if self.schedule_sampler not in SCHEDULE_SAMPLERS:
+            raise ValueError(f"diffusion.schedule_sampler: {self.schedule_sampler!r} is not one of "
+                             f"{', '.join(SCHEDULE_SAMPLERS)}")
 
 
 # model fields a resume may change: neither alters a weight's shape or meaning (gradient checkpointing is a
@@ -84,6 +95,21 @@ class TrainConfig:
             bad("ema_rates", f"give at least one rate, each in [0, 1), got {self.ema_rates}")
         if any(not 0.0 < s < 0.28 for s in self.power_ema):
             bad("power_ema", f"every sigma_rel must lie in (0, 0.28), got {self.power_ema}")
+        if self.total_kimg * 1000 < self.batch:
+            bad("total_kimg", f"{self.total_kimg:g} kimg is less than one global batch of {self.batch} images")
+        if not self.lr > 0:
+            bad("lr", f"must be positive, got {self.lr}")
+        if len(self.betas) != 2 or any(not 0.0 <= b < 1.0 for b in self.betas):
+            bad("betas", f"AdamW takes two betas, each in [0, 1), got {self.betas}")
+        for key in ("weight_decay", "warmup_kimg", "grad_clip", "keep_every_kimg"):
+            if getattr(self, key) < 0:
+                bad(key, f"must be 0 or more, got {getattr(self, key)}")
+        for key in ("status_kimg", "checkpoint_kimg", "snapshot_kimg"):
+            if not getattr(self, key) > 0:
+                bad(key, f"must be positive, got {getattr(self, key)}")
+        for key in ("grid_size", "val_batches", "keep_last", "max_bad_steps"):
+            if getattr(self, key) < 1:
+                bad(key, f"must be at least 1, got {getattr(self, key)}")
         if self.num_slots < 1 or self.data_workers < 0:
             bad("num_slots" if self.num_slots < 1 else "data_workers",
                 f"num_slots must be at least 1 and data_workers at least 0, got {self.num_slots} and {self.data_workers}")

@@ -22,22 +22,34 @@ class DistEnv:
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
-    """Slurm's compact host list ("gpu[01-03,07],cpu1") -> hostnames, without calling scontrol."""
+    """Slurm's compact host list ("gpu[01-03,07],cpu1", "rack[0-1]-n[0-3]") -> hostnames, in scontrol's
+    order (the first bracket outermost), without calling scontrol."""
     hosts = []
-    parts = re.findall(r"[^,\[]+(?:\[[^\]]*\])?", nodelist)
-    for part in parts:
-        m = re.match(r"^(.*)\[(.*)\]$", part)
-        if not m:
-            hosts.append(part)
-            continue
-        prefix, ranges = m.groups()
-        for r in ranges.split(","):
-            if "-" in r:
-                a, b = r.split("-")
-                hosts += [f"{prefix}{n:0{len(a)}d}" for n in range(int(a), int(b) + 1)]
-            else:
-                hosts.append(prefix + r)
+    for expr in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist):
+        names = [""]
+        for piece in re.split(r"(\[[^\]]*\])", expr):
+            options = [piece]
+            if piece.startswith("["):
+                options = []
+                for r in piece[1:-1].split(","):
+                    a, _, b = r.partition("-")
+                    options += [f"{n:0{len(a)}d}" for n in range(int(a), int(b) + 1)] if b else [a]
+            names = [n + o for n in names for o in options]
+        hosts += names
     return hosts
+
+
+def host_address() -> str:
+    """This host's address for the other nodes to reach rank 0 at: MASTER_ADDR when set, else the first
+    address of the host name that is not loopback (Debian's /etc/hosts maps the name to 127.0.1.1)."""
+    if os.environ.get("MASTER_ADDR"):
+        return os.environ["MASTER_ADDR"]
+    name = socket.gethostname()
+    try:
+        found = [a[4][0] for a in socket.getaddrinfo(name, None, socket.AF_INET)]
+    except OSError:
+        found = []
+    return next((a for a in found if not a.startswith("127.")), found[0] if found else "127.0.0.1")
 
 
 def _job_port(default: int = 29500) -> int:
@@ -56,7 +68,7 @@ def discover() -> DistEnv:
 
         comm = MPI.COMM_WORLD
         if comm.Get_size() > 1:
-            addr = comm.bcast(socket.gethostbyname(socket.gethostname()) if comm.Get_rank() == 0 else None, root=0)
+            addr = comm.bcast(host_address() if comm.Get_rank() == 0 else None, root=0)
             port = comm.bcast(_free_port() if comm.Get_rank() == 0 else None, root=0)
             local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
             return DistEnv(comm.Get_rank(), comm.Get_size(), local, addr, port, "mpi")
@@ -120,8 +132,8 @@ def init(env: DistEnv) -> torch.device:
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
     ops_dir()
     if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
-        device = torch.device("cuda", env.local_rank)
+        device = torch.device("cuda", gpu_index(env.local_rank, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
         backend = "nccl"
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -130,6 +142,29 @@ def init(env: DistEnv) -> torch.device:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return device
+
+
+def gpu_index(local_rank: int, visible: int) -> int:
+    """This rank's GPU: its local rank, or the only GPU it sees (Slurm binding one GPU per task, as with
+    --gpus-per-task, shows each task its own GPU as cuda:0 whatever its SLURM_LOCALID)."""
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise RuntimeError(f"local rank {local_rank} but this node shows {visible} GPU(s): start one process per GPU "
+                           f"(--nproc / --gpus-per-node at most {visible}), or hide the GPUs (CUDA_VISIBLE_DEVICES=) "
+                           "to train on the CPU")
+    return local_rank
+
+
+def launch_world() -> int:
+    """The world size a launcher announced in the environment, before any process group exists (for the
+    checks made before the ranks start): torchrun, MPI (Open MPI, MPICH/Hydra), submitit's local executor, Slurm."""
+    env = os.environ
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SUBMITIT_LOCAL_NTASKS",
+                "SLURM_NTASKS"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    return 1
 
 
 def any_rank(flag: bool, device) -> bool:

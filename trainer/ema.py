@@ -78,11 +78,11 @@ class ShardEMA:
         out = {}
         if layout["stage"] == 3:
             for name, shape, (i,) in layout["params"]:
-                out[name] = torch.cat([s[i] for s in per_rank])[:math.prod(shape)].view(shape).cpu().clone()
+                out[name] = torch.cat([s[i] for s in per_rank])[:math.prod(shape)].view(shape).to("cpu", copy=True)
             return out
         flats = [torch.cat([s[g] for s in per_rank]) for g in range(len(per_rank[0]))]
         for name, shape, (g, offset) in layout["params"]:
-            out[name] = flats[g][offset:offset + math.prod(shape)].view(shape).cpu().clone()
+            out[name] = flats[g][offset:offset + math.prod(shape)].view(shape).to("cpu", copy=True)
         return out
 
     def load_state_dict(self, state: dict) -> None:
@@ -98,9 +98,10 @@ class ShardEMA:
             self.power.load_state_dict(state["power"])
 
     @torch.no_grad()
-    def full_state_dicts(self, include_raw: bool = True) -> dict[str, dict]:
-        """{"raw": ..., "ema_<rate>": ..., "phema_<sigma_rel>": ...} full fp32 state dicts on every rank
-        (collective: one all-gather of this rank's shards per name)."""
+    def full_state_dicts(self, include_raw: bool = True, dst: int = 0) -> dict[str, dict]:
+        """{"raw": ..., "ema_<rate>": ..., "phema_<sigma_rel>": ...} full fp32 state dicts (on the CPU) on rank
+        `dst`, {} on the others (collective: one gather of every rank's shards per name, so only the rank
+        that writes the snapshot holds full copies: ADM-256's raw weights and one EMA are 4.4 GB)."""
         import torch.distributed as dist
 
         layout = self.layout()
@@ -112,10 +113,12 @@ class ShardEMA:
                 out[name] = self.assemble(layout, [shards])
                 continue
             flat = torch.cat([s.detach().reshape(-1) for s in shards])  # the same length on every rank
-            gathered = [torch.empty_like(flat) for _ in range(world)]
-            dist.all_gather(gathered, flat)
-            sizes = [s.numel() for s in shards]
-            out[name] = self.assemble(layout, [list(g.split(sizes)) for g in gathered])
+            mine = dist.get_rank() == dst
+            gathered = [torch.empty_like(flat) for _ in range(world)] if mine else None
+            dist.gather(flat, gathered, dst=dst)
+            if mine:
+                sizes = [s.numel() for s in shards]
+                out[name] = self.assemble(layout, [list(g.split(sizes)) for g in gathered])
         return out
 
     @staticmethod

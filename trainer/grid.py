@@ -40,7 +40,8 @@ def _sample_grid(state_dict: dict, cfg, device) -> Image.Image:
     diffusion = create_gaussian_diffusion(steps=cfg.diffusion.steps, learn_sigma=m.learn_sigma,
                                           noise_schedule=cfg.diffusion.noise_schedule, timestep_respacing="ddim25")
     n = cfg.grid_size ** 2
-    labels = torch.arange(n) % m.num_classes if m.num_classes else None  # one class per column
+    # one class per column, spread over the classes (11 classes, 4 columns: 0, 2, 5, 8); rows are seeds
+    labels = (torch.arange(n) % cfg.grid_size) * m.num_classes // cfg.grid_size if m.num_classes else None
     images, _ = sample_images(model, diffusion, list(range(n)), m.image_size, labels=labels, use_ddim=True,
                               device=device)
     return tile(to_uint8(images), cfg.grid_size)

@@ -34,13 +34,16 @@ class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row); the message says why."""
 
 
-def deepspeed_config(cfg: TrainConfig, micro: int, accum: int) -> dict:
+def deepspeed_config(cfg: TrainConfig, micro: int, accum: int, cuda: bool = False) -> dict:
+    # on GPUs, ZeRO-1/2 overlap the gradient reduction with the backward pass (DeepSpeed does so by
+    # default for stage 3 only); on CPU (gloo) the plain order keeps runs bit-comparable
+    overlap = {"overlap_comm": True} if cuda and cfg.zero_stage in (1, 2) else {}
     return {
         "train_batch_size": cfg.batch, "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,  # DeepSpeed averages micro-batches (loss / accum)
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": list(cfg.betas), "eps": 1e-8,
                                                   "weight_decay": cfg.weight_decay, "torch_adam": True}},
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": cfg.zero_stage, **overlap},
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": 16 if cfg.task == "classifier" else 20,
                  "loss_scale_window": 1000, "hysteresis": 1, "min_loss_scale": 1},
@@ -84,6 +87,8 @@ def training_loop(cfg: TrainConfig) -> int:
     cfg.precision = resolve_precision(cfg.precision, device)  # written resolved to training_options.json
     if cfg.channels_last is None:
         cfg.channels_last = device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
     rank, world = env.rank, env.world_size
     micro, accum = cfg.batch_layout(world)  # clear errors before any heavy work
     run_dir = Path(cfg.run_dir)
@@ -99,9 +104,10 @@ def training_loop(cfg: TrainConfig) -> int:
     loader = StreamLoader(cfg.data, m.image_size, micro, crop="random-resized" if cfg.task == "classifier" else "center",
                           flip=True, small_size=m.small_size if cfg.task == "upsampler" else 0, seed=cfg.seed,
                           num_slots=cfg.num_slots, rank=rank, world_size=world, num_workers=cfg.data_workers,
-                          jpeg_draft=cfg.jpeg_draft)
+                          jpeg_draft=cfg.jpeg_draft, pin_memory=device.type == "cuda")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = build_model(m)  # weights stay contiguous (DeepSpeed flattens them); inputs go channels-last
+    torch.manual_seed(cfg.seed + 104_729 * rank)  # then dropout draws differ between ranks (CPU and CUDA)
     d = cfg.diffusion
     diffusion = create_gaussian_diffusion(steps=d.steps, learn_sigma=m.learn_sigma, noise_schedule=d.noise_schedule,
                                           use_kl=d.use_kl, predict_xstart=d.predict_xstart,
@@ -129,7 +135,7 @@ def training_loop(cfg: TrainConfig) -> int:
     then = ckpt.saved_layout(run_dir, found[0]) if found else None
     now = {"world size": world, "ZeRO stage": cfg.zero_stage, "precision": cfg.precision}
     elastic = bool(found) and any(then.get(k, v) != v for k, v in now.items())
-    ds_config = deepspeed_config(cfg, micro, accum)
+    ds_config = deepspeed_config(cfg, micro, accum, cuda=device.type == "cuda")
     if elastic:  # another world size, ZeRO stage or precision: load through DeepSpeed's universal checkpoint
         universal = ckpt.universal_dir(run_dir, found[0]) if is_main else None
         universal = dist_util.broadcast_object(universal)
@@ -142,7 +148,7 @@ def training_loop(cfg: TrainConfig) -> int:
 
     # ---- resume ----------------------------------------------------------------------------
     images, step = 0, 0
-    rng_state = None
+    rng_state = cuda_rng_state = None
     saved_at = None  # the image count of the newest checkpoint on disk
     if found:
         load_start = time.perf_counter()
@@ -164,10 +170,14 @@ def training_loop(cfg: TrainConfig) -> int:
         else:
             engine.load_checkpoint(str(run_dir / ckpt.CKPT / tag), tag="ds", load_optimizer_states=True,
                                    load_lr_scheduler_states=False)
-            own = torch.load(run_dir / ckpt.CKPT / tag / f"rank{rank:05d}.pt", weights_only=False)
+            own = torch.load(run_dir / ckpt.CKPT / tag / f"rank{rank:05d}.pt", map_location="cpu", weights_only=False)
             ema.load_state_dict(own["ema"])
-            gen.set_state(own["gen"])
-            rng_state = own["torch_rng"]
+            if own.get("device", "cpu") == device.type:
+                gen.set_state(own["gen"])
+                rng_state, cuda_rng_state = own["torch_rng"], own.get("cuda_rng")
+            else:  # saved on another kind of device: its generator states do not fit this one's
+                gen.manual_seed(cfg.seed * 1_000_003 + rank + 7919 * client["images"])
+                torch.manual_seed(cfg.seed + 104_729 * rank + client["images"])
         if hasattr(sampler, "load_state_dict") and own.get("sampler"):
             sampler.load_state_dict(own["sampler"])
         loader.load_state_dict(client["loader"])
@@ -186,6 +196,8 @@ def training_loop(cfg: TrainConfig) -> int:
     batches = iter(loader)  # before restoring the RNG: creating the iterator draws from it
     if rng_state is not None:
         torch.set_rng_state(rng_state)
+    if cuda_rng_state is not None:
+        torch.cuda.set_rng_state(cuda_rng_state, device)
 
     def save_state():
         nonlocal saved_at
@@ -199,6 +211,8 @@ def training_loop(cfg: TrainConfig) -> int:
             engine.save_checkpoint(str(tmp), tag="ds", save_latest=False,
                                    client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
             torch.save({"ema": ema.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                        "device": device.type,
                         "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None},
                        tmp / f"rank{rank:05d}.pt")
         loader_state = merge_states(dist_util.gather_objects(loader.state_dict()))
@@ -225,12 +239,13 @@ def training_loop(cfg: TrainConfig) -> int:
         from models.snapshot import save_snapshot as write
 
         weights = ema.full_state_dicts(include_raw=True)  # collective
-        if is_main:
-            first = f"ema_{cfg.ema_rates[0]}"
+        if is_main:  # the main weights: the first EMA; ADM's classifier keeps none (its EMA goes beside)
+            first = "raw" if cfg.task == "classifier" else f"ema_{cfg.ema_rates[0]}"
             extra = {k: v for k, v in weights.items() if k != first}
             path = write(run_dir / "snapshots" / ckpt.tag_for(images), weights[first], m, overwrite=True,
                          extra_weights=extra,
-                         meta={"task": cfg.task, "images": images, "step": step, "ema_rate": cfg.ema_rates[0],
+                         meta={"task": cfg.task, "images": images, "step": step, "weights": first,
+                               "ema_rate": None if first == "raw" else cfg.ema_rates[0],
                                "ema_updates": ema.updates,
                                "power_ema": {"sigma_rels": cfg.power_ema,
                                              "gammas": ema.power.gammas if ema.power else []},
@@ -256,7 +271,7 @@ def training_loop(cfg: TrainConfig) -> int:
     val_batches = None
     if cfg.val_data and cfg.task == "classifier":
         val_batches = iter(StreamLoader(cfg.val_data, m.image_size, micro, crop="center", flip=False, seed=cfg.seed,
-                                        num_slots=cfg.num_slots, rank=rank, world_size=world, num_workers=0))
+                                        num_slots=world, rank=rank, world_size=world, num_workers=0))  # a slot each
         val_gen = torch.Generator(device).manual_seed(10_007 + rank)
 
     def validate():
@@ -279,8 +294,16 @@ def training_loop(cfg: TrainConfig) -> int:
     next_status = _next_multiple(images, cfg.status_kimg)
     next_ckpt = _next_multiple(images, cfg.checkpoint_kimg)
     next_snap = _next_multiple(images, cfg.snapshot_kimg)
-    bad_in_row, start, start_images = 0, time.perf_counter(), images
+    bad_in_row = 0
+    interval = {"start": time.perf_counter(), "images": images, "paused": 0.0}  # the status line's window
     first_step = True
+
+    def paused(work):  # checkpoints, snapshots and validation: not counted in the training throughput
+        began = time.perf_counter()
+        result = work()
+        interval["paused"] += time.perf_counter() - began
+        return result
+
     while images < total_images:
         if dist_util.any_rank(preempt.requested, device):  # ranks agree at a step boundary
             if saved_at != images:  # not when the state at this count is on disk already (just saved or resumed)
@@ -295,10 +318,10 @@ def training_loop(cfg: TrainConfig) -> int:
         skipped_before = engine.skipped_steps
         for _ in range(accum):
             batch = next(batches)
-            x = batch["image"].to(device, non_blocking=True)
+            x = batch["image"].to(device, non_blocking=True)  # pinned on GPUs: an asynchronous copy
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = batch["label"].to(device)
+            y = batch["label"].to(device, non_blocking=True)
             stats.data_skipped += int(batch["skipped"])
             if audit is not None:
                 audit.write("".join(f"{p[1]} {i}\n" for p, i in zip(batch["pos"].tolist(), batch["id"].tolist())))
@@ -316,7 +339,7 @@ def training_loop(cfg: TrainConfig) -> int:
             else:
                 kwargs = {"y": y} if m.class_cond else {}
                 if cfg.task == "upsampler":
-                    kwargs["low_res"] = batch["low_res"].to(device)
+                    kwargs["low_res"] = batch["low_res"].to(device, non_blocking=True)
                 t, weights = sampler.sample(x.shape[0], device, generator=gen)
                 terms = diffusion.training_losses(net, x, t, model_kwargs=kwargs, generator=gen)
                 if isinstance(sampler, LossAwareSamplerMixin):
@@ -346,19 +369,22 @@ def training_loop(cfg: TrainConfig) -> int:
             ema.update()  # only after steps that were taken
         if images >= next_status or images >= total_images:
             stats.grad_norm = engine.get_global_grad_norm()
+            stats.param_sq = sum(m.float().square().sum() for m in ema.masters())  # this rank's shards
             next_status = _next_multiple(images, cfg.status_kimg)
-            elapsed = time.perf_counter() - start
-            line = stats.flush(writer, images, lr, engine, (images - start_images) / max(elapsed, 1e-9), device)
+            training_s = time.perf_counter() - interval["start"] - interval["paused"]
+            line = stats.flush(writer, images, lr, engine, (images - interval["images"]) / max(training_s, 1e-9),
+                               device, interval["paused"])
             if val_batches is not None:
                 line += " | val " + validate().flush_val(writer, images)
             if is_main:
                 print(f"[train] {images / 1000:9.3f} kimg | {line}", flush=True)
+            interval.update(start=time.perf_counter(), images=images, paused=0.0)
         if images >= next_ckpt or images >= total_images:
             next_ckpt = _next_multiple(images, cfg.checkpoint_kimg)
-            save_state()
+            paused(save_state)
         if images >= next_snap or images >= total_images:
             next_snap = _next_multiple(images, cfg.snapshot_kimg)
-            save_snapshot()
+            paused(save_snapshot)
     if writer:
         writer.close()
     if audit is not None:
@@ -379,15 +405,16 @@ class _Stats:
         self.T = num_timesteps
         self.reset()
         self.skipped_steps = 0
-        self.data_skipped = 0
+        self.data_skipped = 0  # this rank's; the status line and TensorBoard show the sum over ranks
         self.grad_norm = None
+        self.param_sq = None  # this rank's share of |params|^2 (fp32 master shards)
 
     def reset(self):
         self.sums: dict[str, torch.Tensor] = {}
 
     def _add(self, key, value: torch.Tensor):
         # accumulate on the device: no host sync in the training step, only at flush
-        v = torch.stack([value.float().sum(), torch.tensor(float(value.numel()), device=value.device)])
+        v = torch.stack([value.float().sum(), value.new_full((), value.numel(), dtype=torch.float32)])
         self.sums[key] = self.sums[key] + v if key in self.sums else v
 
     def _add_masked(self, key, value: torch.Tensor, mask: torch.Tensor):
@@ -406,27 +433,42 @@ class _Stats:
         self._add("loss", losses)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         quartile = t * 4 // self.T
+        for q in range(4):
+            self._add_masked(f"loss_q{q}", losses, (quartile == q).float())
         for name, hit in (("acc1", (top5[:, 0] == y).float()), ("acc5", (top5 == y[:, None]).any(1).float())):
             self._add(name, hit)
             for q in range(4):
                 self._add_masked(f"{name}_q{q}", hit, (quartile == q).float())
 
     def means(self) -> dict[str, float]:
+        """Means over every rank; also the sums over ranks of data_skipped (as "data_skipped") and of
+        param_sq (as "param_norm", its square root) when set."""
         keys = sorted(self.sums)
-        gathered = dist_util.gather_objects({k: self.sums[k].cpu() for k in keys})
-        total = {k: sum(g[k] for g in gathered if k in g) for k in keys}
-        return {k: (v[0] / v[1]).item() for k, v in total.items() if v[1] > 0}
+        mine = {k: self.sums[k].cpu() for k in keys}
+        mine["data_skipped"] = torch.tensor([float(self.data_skipped), 1.0])
+        if self.param_sq is not None:
+            mine["param_sq"] = torch.stack([self.param_sq.double().cpu(), torch.ones((), dtype=torch.float64)])
+        gathered = dist_util.gather_objects(mine)
+        total = {k: sum(g[k] for g in gathered if k in g) for k in mine}
+        out = {k: (v[0] / v[1]).item() for k, v in total.items() if k in self.sums and v[1] > 0}
+        out["data_skipped"] = int(total["data_skipped"][0])
+        if "param_sq" in total:
+            out["param_norm"] = math.sqrt(total["param_sq"][0].item())
+        return out
 
     def flush_val(self, writer, images) -> str:
         means = self.means()
+        means.pop("data_skipped")
         if writer:
             for k, v in means.items():
                 writer.add_scalar(f"val/{k}", v, images)
         quart = "/".join(f"{means[f'acc1_q{q}']:.3g}" for q in range(4) if f"acc1_q{q}" in means)
         return f"acc1 {means['acc1']:.3f} acc5 {means['acc5']:.3f} (acc1 by t quartile {quart})"
 
-    def flush(self, writer, images, lr, engine, img_per_s, device) -> str:
+    def flush(self, writer, images, lr, engine, img_per_s, device, paused_s: float = 0.0) -> str:
+        """img_per_s: training throughput over the interval, without paused_s (checkpoints, snapshots, validation)."""
         means = self.means()
+        data_skipped, param_norm = means.pop("data_skipped"), means.pop("param_norm", None)
         scale = getattr(engine.optimizer, "cur_scale", None)
         mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30) if device.type == "cuda" else _rss_gb()
         if writer:
@@ -434,10 +476,13 @@ class _Stats:
                 writer.add_scalar(f"train/{k}", v, images)
             writer.add_scalar("train/lr", lr, images)
             writer.add_scalar("train/images_per_s", img_per_s, images)
+            writer.add_scalar("train/maintenance_s", paused_s, images)
             writer.add_scalar("train/skipped_steps", self.skipped_steps, images)
-            writer.add_scalar("data/skipped_samples", self.data_skipped, images)
+            writer.add_scalar("data/skipped_samples", data_skipped, images)
             if self.grad_norm is not None:
                 writer.add_scalar("train/grad_norm", float(self.grad_norm), images)
+            if param_norm is not None:
+                writer.add_scalar("train/param_norm", param_norm, images)
             if scale is not None:
                 writer.add_scalar("train/loss_scale", float(scale), images)
             writer.flush()
@@ -448,7 +493,8 @@ class _Stats:
         self.reset()
         return (f"loss {means.get('loss', float('nan')):.4f} ({quart}){extra} | {img_per_s:7.1f} img/s | "
                 f"{1000 / max(img_per_s, 1e-9):6.2f} s/kimg | lr {lr:.2e} | mem {mem:.2f} GB | "
-                f"skipped steps {self.skipped_steps}, samples {self.data_skipped}")
+                f"skipped steps {self.skipped_steps}, samples {data_skipped}"
+                + (f" | ckpt/snapshot {paused_s:.1f} s" if paused_s >= 0.05 else ""))
 
 
 def _rss_gb() -> float:
