@@ -3,7 +3,8 @@
 1. Data: the 1,797 handwritten digits scikit-learn ships, written in ImageNet's folder layout with a
    LOC_val_solution.csv validation split (200 held out), converted to WebDataset shards by
    `adm data write` (the ImageNet code path), at the base resolution and at twice it.
-2. Training through the real trainer (DeepSpeed ZeRO-2, 2 processes, gloo on CPU; 2-task Slurm jobs
+2. Training through the real trainer (DeepSpeed ZeRO-2, 2 processes, gloo on CPU, one per GPU where there are
+   GPUs, at most 2; 2-task Slurm jobs
    through `adm submit train` when a Slurm answers): a small class-conditional ADM, interrupted once
    on purpose by the preemption signal and resumed; a noisy classifier; an upsampler to twice the
    resolution.
@@ -33,7 +34,7 @@ STAGES = ("data", "train", "eval", "report")
 INTRO = """The 1,797 handwritten digits that scikit-learn ships were written in ImageNet's folder layout
 (200 held out as the validation split, with a LOC_val_solution.csv label file) and converted to
 WebDataset shards with adm data write. A small class-conditional ADM was trained on them at {res}x{res}
-for {kimg:g} thousand images with DeepSpeed ZeRO-2 in two processes; it was interrupted once by the
+for {kimg:g} thousand images with DeepSpeed ZeRO-2 in {procs}; it was interrupted once by the
 preemption signal, saved, and resumed exactly where it stopped. A noisy classifier (for guidance) and an
 upsampler ({res} to {res2}) were trained the same way. The evaluation farm then sampled every snapshot
 ({steps} sampling steps, {n} samples per evaluation, each image a function of its seed), guided the last two
@@ -103,11 +104,15 @@ def train(args: list[str], run: Path, what: str, preempt: bool = False, slurm: b
     state.write_text("DONE\n")
 
 
-def train_here(args: list[str], run: Path, preempt: bool) -> None:
-    import torch  # one rank per GPU where there are GPUs (NCCL); else 2 CPU ranks (gloo)
+def local_ranks() -> int:
+    """One rank per GPU where there are GPUs (NCCL), at most 2; else 2 CPU ranks (gloo)."""
+    import torch
 
-    nproc = min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2
-    cmd = [sys.executable, "-m", "adm", "train", *args, "--nproc", str(nproc)]
+    return min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2
+
+
+def train_here(args: list[str], run: Path, preempt: bool) -> None:
+    cmd = [sys.executable, "-m", "adm", "train", *args, "--nproc", str(local_ranks())]
     run.mkdir(parents=True, exist_ok=True)
     errors = open(run / "demo-train.err", "a")  # DeepSpeed's warnings stay out of the demo's output
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True)
@@ -261,7 +266,8 @@ def main(argv: list[str] | None = None, prog: str = "adm demo") -> int:
 
     from trainer.config import resolve_precision
     precision = resolve_precision("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    console.print(f"[bold]2. Training[/bold] (DeepSpeed ZeRO-2, 2 processes, {precision}"
+    ranks = 2 if slurm else local_ranks()
+    console.print(f"[bold]2. Training[/bold] (DeepSpeed ZeRO-2, {ranks} process{'es' if ranks > 1 else ''}, {precision}"
                   f"{', as Slurm jobs: a Slurm cluster answers' if slurm else ''})")
     common = ["zero_stage=2", "num_slots=4", "data_workers=1"]
     diff_run = out / "runs" / "diffusion"
@@ -332,7 +338,10 @@ def main(argv: list[str] | None = None, prog: str = "adm demo") -> int:
 
     console.print("[bold]4. Report[/bold]")
     from eval.report import write_report
+    ranks = 2 if slurm else local_ranks()
+    procs = "two processes" if ranks == 2 else "one process on the GPU"
     report = write_report(diff_run, out, intro=INTRO.format(res=res, res2=res2, kimg=args.kimg, n=n, steps=args.steps,
+                                                            procs=procs,
                                                             scales=" and ".join(f"{s:g}" for s in scales)))
     lap("report")
     console.rule()

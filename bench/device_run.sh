@@ -6,8 +6,8 @@
 #
 #   bash bench/device_run.sh OUT --budget 420      # one call: set its timeout_s to about 560
 #
-# Each benchmark saves its rows as it goes, and run_all gives each run an equal share of the budget left, so a run
-# stopped at its limit still leaves the rows it finished.
+# run_all gives each run an equal share of the budget left; the models, sampling and training benchmarks save their
+# rows as they go, so one stopped at its limit still leaves the rows it finished.
 #
 # REHEARSAL=1 runs the CPU rows instead (to try the set-up on a machine without a GPU, with PYTHON= an interpreter
 # that has only what the GPU machine has). Everything lands in OUT: device-checks.json, run_all/<name>.json, RESULTS.md (the generated section),

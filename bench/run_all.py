@@ -145,7 +145,7 @@ def summary(all_results: dict[str, dict], info: dict) -> str:
                     f"| {_f(w['checkpoint_s'])} s, {_f(w['checkpoint_mib'], 0)} MiB | {_f(w['checkpoint_mib_s'], 0)} "
                     f"| {w['checkpoint_fraction_of_disk']:.0%} |" for w in r["rows"]]
             out += ["", f"ZeRO-2 / ZeRO-1 throughput {_f(r.get('zero2_vs_zero1_throughput'))}; load "
-                    f"{_f(r.get('checkpoint_load_mib_s'), 0)} MiB/s; resume to first step "
+                    f"{_f(r.get('checkpoint_load_mib_s'), 0)} MiB/s; resume (ZeRO-{r.get('resume_zero_stage', 2)}) to first step "
                     f"{_f(r.get('resume_to_first_step_s'), 1)} s.", ""]
     for name in ("ddp-cpu", "ddp-gpu"):
         if r := results.get(name):

@@ -114,7 +114,7 @@ def run_zero(cfg, diffusion, init, data, a, stage):
     cfg.zero_stage = stage
     model = build_model(cfg.model)
     model.load_state_dict(init)
-    config = deepspeed_config(cfg, a.micro, a.accum)
+    config = deepspeed_config(cfg, a.micro, a.accum, cuda=torch.cuda.is_available())  # as the trainer
     config["zero_optimization"].update(json.loads(a.zero))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     cast = next(engine.module.parameters()).dtype

@@ -225,7 +225,8 @@ def main(argv=None, prog="adm sample") -> int:
     p.add_argument("--scale", type=float, default=None, help="classifier guidance scale (default 1 with --classifier)")
     p.add_argument("--upsampler", help="upsampler snapshot: sample the cascade")
     p.add_argument("--upsampler-steps", default="250")
-    p.add_argument("--weights", default="ema", help="ema (the snapshot's first EMA), raw, ema_<rate>, phema_<s>")
+    p.add_argument("--weights", default="ema", help="ema (the snapshot's main weights: its first EMA; a classifier's "
+                   "raw weights), raw, ema_<rate>, phema_<s>")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="sampling arithmetic (bf16: autocast)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--shard-size", type=int, default=1000, help="images per npz shard")

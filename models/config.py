@@ -93,8 +93,6 @@ class ModelConfig:
         if self.arch == "upsampler":
             if self.small_size <= 0 or self.small_size >= self.image_size:
                 bad("small_size", f"the upsampler needs 0 < small_size < image_size, got {self.small_size}")
-            if self.image_size % self.small_size:  # the low resolution is an area downsampling by a whole factor
-                bad("small_size", f"{self.small_size} does not divide image_size {self.image_size}")
         if self.arch == "classifier" and not self.num_classes:
             bad("num_classes", "a classifier needs the number of classes it predicts")
         if self.num_classes is not None and self.num_classes <= 0:

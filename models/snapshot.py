@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, build_model
@@ -141,23 +140,21 @@ def verify_snapshot(directory: str | Path, hashes: bool = False) -> dict:
 
 
 def weight_names(directory: str | Path) -> list[str]:
-    """The weights a snapshot holds: "ema" (the main file, the first EMA rate) and its extra files
-    ("raw", "ema_<rate>", "phema_<sigma_rel>")."""
+    """The weights a snapshot holds: "ema" (the main file: the first EMA rate; a classifier's raw weights, as
+    config.json's "weights" says) and its extra files ("raw", "ema_<rate>", "phema_<sigma_rel>")."""
     files = read_manifest(directory)["files"]
     return ["ema"] + sorted(n[:-len(".safetensors")] for n in files if n.endswith(".safetensors") and n != WEIGHTS)
 
 
-def _read_checked(path: Path, info: dict, hashes: bool) -> bytes:
-    data = path.read_bytes()
-    if hashes and hashlib.sha256(data).hexdigest() != info["sha256"]:
+def _check_hash(path: Path, info: dict) -> None:
+    if _sha256(path) != info["sha256"]:
         raise SnapshotError(f"{path}: sha256 differs from the manifest (corrupt)")
-    return data
 
 
 def load_snapshot(directory: str | Path, hashes: bool = False, weights: str = "ema") -> Snapshot:
     """weights: "ema" (model.safetensors) or the name of an extra weights file (see weight_names).
-    hashes: the files read (config and those weights) must match the manifest's sha256; they are read
-    once, so this costs only the hashing (about 1 s per GB)."""
+    hashes: the files read (config and those weights) must match the manifest's sha256 (streamed, about 1 s
+    per GB; the weights are then memory-mapped as without it)."""
     directory = Path(directory)
     manifest = verify_snapshot(directory)  # every listed file present, at its size
     if weights != "ema":
@@ -165,13 +162,15 @@ def load_snapshot(directory: str | Path, hashes: bool = False, weights: str = "e
         if weights not in names:
             raise SnapshotError(f"{directory}: no weights {weights!r}; it has {', '.join(names)}")
     files = manifest["files"]
-    meta = json.loads(_read_checked(directory / CONFIG, files[CONFIG], hashes))
+    name = WEIGHTS if weights == "ema" else f"{weights}.safetensors"
+    if hashes:
+        for checked in (CONFIG, name):
+            _check_hash(directory / checked, files[checked])
+    meta = json.loads((directory / CONFIG).read_text())
     try:
         config = ModelConfig(**meta.pop("model"))
     except (KeyError, TypeError, ValueError) as e:
         raise SnapshotError(f"{directory / CONFIG}: bad model section: {e}") from None
     # safetensors stores keys sorted: Snapshot.ordered() gives the model's own (guided-diffusion) order
-    name = WEIGHTS if weights == "ema" else f"{weights}.safetensors"
-    path = directory / name
-    tensors = load_bytes(_read_checked(path, files[name], True)) if hashes else load_file(str(path))
+    tensors = load_file(str(directory / name))
     return Snapshot(directory, config, tensors, meta)

@@ -245,3 +245,9 @@ def universal_dir(run_dir: Path, tag: str) -> Path:
     (tmp / "latest").write_text("ds")
     os.replace(tmp, final)
     return final
+
+
+def saved_device(rank_state: dict) -> str:
+    """The kind of device ("cpu" or "cuda") a rank file was saved on: recorded since 2026-12-04; before,
+    told by its generator's state (a CUDA generator's is 16 bytes, a CPU one's 5056)."""
+    return rank_state.get("device") or ("cuda" if rank_state["gen"].numel() == 16 else "cpu")

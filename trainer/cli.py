@@ -97,8 +97,9 @@ def check_val_data(cfg, manifest: dict, world: int) -> None:
     from data_pipeline.verify import check_resolution, read_manifest
 
     if cfg.task != "classifier":
-        raise ValueError(f"val_data: only the classifier task validates on held-out data; the {cfg.task} task "
-                         "would ignore it (remove val_data)")
+        print(f"warning: val_data: only the classifier task validates on held-out data; the {cfg.task} task "
+              "ignores it", file=sys.stderr)
+        return
     val = read_manifest(cfg.val_data)
     if [c["id"] for c in val["classes"]] != [c["id"] for c in manifest["classes"]]:
         raise ValueError(f"val_data: {cfg.val_data} has another class table than data {cfg.data} ({val['num_classes']} "

@@ -70,7 +70,7 @@ class TrainConfig:
     grid: bool = True  # with every snapshot, an image grid sampled from the EMA weights (diffusion task)
     grid_size: int = 4  # grid of grid_size x grid_size images, 25-step DDIM, fixed seeds and labels
     val_batches: int = 4  # held-out batches per rank at every status line (classifier with val_data)
-    keep_last: int = 2  # training states to keep (plus every keep_every_kimg)
+    keep_last: int = 2  # training states to keep (plus every keep_every_kimg); 0: keep them all
     keep_every_kimg: float = 0.0
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
     log_sample_ids: bool = False  # write "epoch id" of every consumed sample to RUN/sample_ids/ (audit)
@@ -91,6 +91,9 @@ class TrainConfig:
         want = {"diffusion": "unet", "classifier": "classifier", "upsampler": "upsampler"}[self.task]
         if self.model.arch != want:
             bad("model.arch", f"task {self.task} trains a {want}, the model is a {self.model.arch}")
+        m = self.model
+        if self.task == "upsampler" and m.image_size % m.small_size:  # the loader area-downsamples by a whole factor
+            bad("model.small_size", f"{m.small_size} does not divide image_size {m.image_size}")
         if not self.ema_rates or any(not 0.0 <= r < 1.0 for r in self.ema_rates):
             bad("ema_rates", f"give at least one rate, each in [0, 1), got {self.ema_rates}")
         if any(not 0.0 < s < 0.28 for s in self.power_ema):
@@ -107,9 +110,11 @@ class TrainConfig:
         for key in ("status_kimg", "checkpoint_kimg", "snapshot_kimg"):
             if not getattr(self, key) > 0:
                 bad(key, f"must be positive, got {getattr(self, key)}")
-        for key in ("grid_size", "val_batches", "keep_last", "max_bad_steps"):
+        for key in ("grid_size", "val_batches", "max_bad_steps"):
             if getattr(self, key) < 1:
                 bad(key, f"must be at least 1, got {getattr(self, key)}")
+        if self.keep_last < 0:
+            bad("keep_last", f"must be 0 (keep every checkpoint) or more, got {self.keep_last}")
         if self.num_slots < 1 or self.data_workers < 0:
             bad("num_slots" if self.num_slots < 1 else "data_workers",
                 f"num_slots must be at least 1 and data_workers at least 0, got {self.num_slots} and {self.data_workers}")

@@ -132,7 +132,11 @@ def init(env: DistEnv) -> torch.device:
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
     ops_dir()
     if torch.cuda.is_available():
-        device = torch.device("cuda", gpu_index(env.local_rank, torch.cuda.device_count()))
+        index = gpu_index(env.local_rank, torch.cuda.device_count(), bound_one_gpu_per_task())
+        os.environ["LOCAL_RANK"] = str(index)  # DeepSpeed picks its device by LOCAL_RANK
+        if "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ:  # and asserts that Open MPI's agrees
+            os.environ["OMPI_COMM_WORLD_LOCAL_RANK"] = str(index)
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
@@ -144,10 +148,16 @@ def init(env: DistEnv) -> torch.device:
     return device
 
 
-def gpu_index(local_rank: int, visible: int) -> int:
-    """This rank's GPU: its local rank, or the only GPU it sees (Slurm binding one GPU per task, as with
-    --gpus-per-task, shows each task its own GPU as cuda:0 whatever its SLURM_LOCALID)."""
-    if visible == 1:
+def bound_one_gpu_per_task() -> bool:
+    """Slurm gave each task a GPU of its own (--gpus-per-task, or a site's binding): a task then sees it as
+    cuda:0 whatever its SLURM_LOCALID."""
+    return "SLURM_PROCID" in os.environ and ("SLURM_GPUS_PER_TASK" in os.environ or
+                                             len(os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")) == 1)
+
+
+def gpu_index(local_rank: int, visible: int, bound: bool = False) -> int:
+    """This rank's GPU: its local rank, or cuda:0 where each task was bound to a GPU of its own."""
+    if visible == 1 and bound:
         return 0
     if local_rank >= visible:
         raise RuntimeError(f"local rank {local_rank} but this node shows {visible} GPU(s): start one process per GPU "
@@ -159,11 +169,14 @@ def gpu_index(local_rank: int, visible: int) -> int:
 def launch_world() -> int:
     """The world size a launcher announced in the environment, before any process group exists (for the
     checks made before the ranks start): torchrun, MPI (Open MPI, MPICH/Hydra), submitit's local executor, Slurm."""
-    env = os.environ
-    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SUBMITIT_LOCAL_NTASKS",
-                "SLURM_NTASKS"):
+    env = os.environ  # the order and conditions of discover(), without starting MPI
+    if "RANK" in env and env.get("WORLD_SIZE", "").isdigit():
+        return int(env["WORLD_SIZE"])
+    for key in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SUBMITIT_LOCAL_NTASKS"):
         if env.get(key, "").isdigit():
             return int(env[key])
+    if "SLURM_PROCID" in env and env.get("SLURM_NTASKS", "").isdigit():  # a task of srun, not a shell in salloc
+        return int(env["SLURM_NTASKS"])
     return 1
 
 

@@ -172,7 +172,7 @@ def training_loop(cfg: TrainConfig) -> int:
                                    load_lr_scheduler_states=False)
             own = torch.load(run_dir / ckpt.CKPT / tag / f"rank{rank:05d}.pt", map_location="cpu", weights_only=False)
             ema.load_state_dict(own["ema"])
-            if own.get("device", "cpu") == device.type:
+            if ckpt.saved_device(own) == device.type:
                 gen.set_state(own["gen"])
                 rng_state, cuda_rng_state = own["torch_rng"], own.get("cuda_rng")
             else:  # saved on another kind of device: its generator states do not fit this one's

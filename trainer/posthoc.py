@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m trainer.posthoc")
     width = f"{a.sigma_rel:.3f}" if round(a.sigma_rel, 3) == a.sigma_rel else f"{a.sigma_rel:g}"  # names stay distinct
     out = target.with_name(f"{target.name}-posthoc-{width}")
     meta = {k: v for k, v in snap.meta.items() if k not in ("format", "version")}
-    meta.update(posthoc={"sigma_rel": a.sigma_rel, "profiles": len(stored)})
+    meta.update(posthoc={"sigma_rel": a.sigma_rel, "profiles": len(stored)}, weights=f"posthoc-{width}")
     save_snapshot(out, weights, snap.config, meta=meta, overwrite=True)
     print(f"wrote {out} (EMA sigma_rel {a.sigma_rel} from {len(stored)} stored profiles)")
     return 0
