@@ -338,7 +338,6 @@ def main(argv: list[str] | None = None, prog: str = "adm demo") -> int:
 
     console.print("[bold]4. Report[/bold]")
     from eval.report import write_report
-    ranks = 2 if slurm else local_ranks()
     procs = "two processes" if ranks == 2 else "one process on the GPU"
     report = write_report(diff_run, out, intro=INTRO.format(res=res, res2=res2, kimg=args.kimg, n=n, steps=args.steps,
                                                             procs=procs,

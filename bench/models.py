@@ -11,7 +11,6 @@ in one run under the same conditions. Absolute CPU numbers depend on the machine
 """
 
 import argparse
-import json
 import platform
 import statistics
 import sys

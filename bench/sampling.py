@@ -9,7 +9,6 @@ ours and the reference alternate, medians of `--rounds`.
 """
 
 import argparse
-import json
 import statistics
 import sys
 import time

@@ -52,6 +52,10 @@ def host_address() -> str:
     return next((a for a in found if not a.startswith("127.")), found[0] if found else "127.0.0.1")
 
 
+# what an MPI launcher (mpiexec, or srun --mpi=pmi2|pmix) leaves in each rank's environment
+MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+
 def _job_port(default: int = 29500) -> int:
     job = os.environ.get("SLURM_JOB_ID")
     return int(os.environ.get("MASTER_PORT", 20000 + int(job) % 20000 if job else default))
@@ -63,7 +67,7 @@ def discover() -> DistEnv:
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
     # an MPI launcher (mpiexec, or srun --mpi=pmi2|pmix) before plain Slurm: the ranks are MPI's
-    if any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "MPI_LOCALNRANKS")):
+    if any(k in env for k in MPI_MARKERS):
         from mpi4py import MPI
 
         comm = MPI.COMM_WORLD
