@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import write_result  # noqa: E402
+from bench.common import save_partial, write_result  # noqa: E402
 from bench.pr_workers import realistic_features  # noqa: E402
 from eval.inception import extract  # noqa: E402
 from eval.precision_recall import precision_recall  # noqa: E402
@@ -87,24 +87,27 @@ def main():
     extract(images[:2], device=a.device)  # load the network once
     t_feat, feats = timed(lambda: extract(images, device=a.device))
     t_script = _torchscript_as_shipped(images, a.device)
-    ref, samples = realistic_features(a.ref, a.samples, rng)
-    t_ours32, pr32 = timed(lambda: precision_recall(ref, samples, device=a.device))
-    t_ours16, pr16 = timed(lambda: precision_recall(ref, samples, distance="fp16", device=a.device))
-    t_adm, pr_adm = timed(lambda: adm_style_pr(ref, samples))
-    t_fid, fid = timed(lambda: _fid(ref, samples))
-    adm = _run_adm(a, ref, samples) if a.adm_evaluator else None
-    shards = [Statistics.of(samples[i::50]) for i in range(50)]
-    t_merge, _ = timed(lambda: _merge_all(shards), repeats=3)
     result = {"device": a.device, "threads": torch.get_num_threads(),
               "features_per_s": a.images / t_feat,
               "features_torchscript_as_shipped_per_s": a.images / t_script,  # the wheel's module, its own forward
-              "features_speedup_vs_torchscript": t_script / t_feat,
-              "precision_recall": {"ref": a.ref, "samples": a.samples, "dim": 2048,
-                                   "ours_fp32_s": t_ours32, "ours_fp16_s": t_ours16, "adm_numpy_fp32_s": t_adm,
-                                   "speedup_fp32_vs_adm": t_adm / t_ours32, "speedup_fp16_vs_adm": t_adm / t_ours16,
-                                   "ours_fp32": pr32, "ours_fp16": pr16, "adm_numpy_fp32": pr_adm},
-              "fid": {"ours": fid, "ours_s": t_fid},
-              "merge_50_shards_s": t_merge}
+              "features_speedup_vs_torchscript": t_script / t_feat}
+    save_partial(result, a.out)  # each stage's numbers kept if a time limit stops the next
+    ref, samples = realistic_features(a.ref, a.samples, rng)
+    t_ours32, pr32 = timed(lambda: precision_recall(ref, samples, device=a.device))
+    t_ours16, pr16 = timed(lambda: precision_recall(ref, samples, distance="fp16", device=a.device))
+    pr = result["precision_recall"] = {"ref": a.ref, "samples": a.samples, "dim": 2048,
+                                       "ours_fp32_s": t_ours32, "ours_fp16_s": t_ours16,
+                                       "ours_fp32": pr32, "ours_fp16": pr16}
+    save_partial(result, a.out)
+    t_fid, fid = timed(lambda: _fid(ref, samples))
+    result["fid"] = {"ours": fid, "ours_s": t_fid}
+    shards = [Statistics.of(samples[i::50]) for i in range(50)]
+    result["merge_50_shards_s"] = timed(lambda: _merge_all(shards), repeats=3)[0]
+    save_partial(result, a.out)
+    t_adm, pr_adm = timed(lambda: adm_style_pr(ref, samples))  # the slowest stage last
+    pr |= {"adm_numpy_fp32_s": t_adm, "speedup_fp32_vs_adm": t_adm / t_ours32, "speedup_fp16_vs_adm": t_adm / t_ours16,
+           "adm_numpy_fp32": pr_adm}
+    adm = _run_adm(a, ref, samples) if a.adm_evaluator else None
     if adm:
         result["adm_evaluator"] = adm | {
             "pr_speedup_fp32": adm["pr_s"] / t_ours32, "pr_speedup_fp16": adm["pr_s"] / t_ours16,

@@ -121,14 +121,14 @@ def summary(all_results: dict[str, dict], info: dict) -> str:
         out += ["", f"Shard writer: {_f(r['write_images_per_s_per_worker'], 0)} images/s per worker.", ""]
     for name in ("eval-cpu", "eval-gpu"):
         if r := results.get(name):
-            pr = r["precision_recall"]
+            pr = r.get("precision_recall", {})  # absent when a time limit stopped the run after the features
             shipped = r.get("features_torchscript_as_shipped_per_s")
             out += [f"**{name}** ({r['device']}): features {_f(r['features_per_s'], 1)} images/s"
                     + (f" (the wheel's TorchScript module as shipped: {_f(shipped, 1)}, x"
                        f"{_f(r['features_speedup_vs_torchscript'])})" if shipped else "") + "; precision/recall "
-                    f"{pr['ref']} x {pr['samples']} x {pr['dim']}: ours {_f(pr['ours_fp32_s'])} s (fp16 mode "
-                    f"{_f(pr['ours_fp16_s'])} s), ADM's algorithm {_f(pr.get('adm_numpy_fp32_s'))} s "
-                    f"(x{_f(pr.get('speedup_fp32_vs_adm'))}); merging 50 shards {_f(r['merge_50_shards_s'])} s.", ""]
+                    f"{pr.get('ref')} x {pr.get('samples')} x {pr.get('dim')}: ours {_f(pr.get('ours_fp32_s'))} s "
+                    f"(fp16 mode {_f(pr.get('ours_fp16_s'))} s), ADM's algorithm {_f(pr.get('adm_numpy_fp32_s'))} s "
+                    f"(x{_f(pr.get('speedup_fp32_vs_adm'))}); merging 50 shards {_f(r.get('merge_50_shards_s'))} s.", ""]
     if r := results.get("eval-workers-cpu"):
         out += [f"**eval-workers-cpu** (precision/recall {r['ref']} x {r['samples']} split over MPI workers, "
                 f"{r['cores']} cores shared out)", "", "| workers | threads each | s | vs one | same result |",

@@ -118,3 +118,21 @@ def test_run_all_keeps_the_rows_of_a_run_stopped_at_its_time_limit(tmp_path, mon
     assert json.loads((tmp_path / "out" / "slow-cpu.json").read_text())["rows"] == [{"n": 1}]
     assert json.loads((tmp_path / "out" / "quick-cpu.json").read_text())["rows"] == [{"n": 2}]
     assert "Stopped at their time limit, the rows they finished kept: slow-cpu." in results.read_text()
+
+
+def test_summary_of_an_eval_run_stopped_after_its_features(tmp_path):
+    """bench/eval.py saves each stage as it goes; the summary of one stopped after the features (a lent GPU's
+    minutes ran out during precision/recall) quotes what it has and marks the rest missing."""
+    from bench import run_all
+
+    out = tmp_path / "eval.json"
+    stop_at_pr = ("import sys\nimport bench.eval as e\n"
+                  "e.realistic_features = lambda *a: sys.exit(3)  # the time limit, as precision/recall begins\n"
+                  "sys.argv[1:] = ['--ref', '300', '--samples', '700', '--images', '2', '--out', sys.argv[1]]\ne.main()")
+    proc = subprocess.run([sys.executable, "-c", stop_at_pr, str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stderr
+    partial = json.loads(out.read_text())
+    assert partial["partial"] and partial["features_per_s"] > 0 and "precision_recall" not in partial
+    text = run_all.summary({"eval-gpu": partial}, run_all.machine())
+    assert "**eval-gpu** (cpu): features " in text and "ours - s" in text
+    assert "Stopped at their time limit, the rows they finished kept: eval-gpu." in text
