@@ -514,3 +514,39 @@ def test_settings_and_held_out_data_are_checked_before_start(digit_shards, tmp_p
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"val_data: .* has another class table than data .* \(10 classes vs 11\)"):
         check_data(load_train_config(None, base + [f"val_data={other}"]), 1)
+
+
+def test_ranks_wait_for_the_universal_conversion_on_disk(tmp_path):
+    """While rank 0 converts a checkpoint for a resume at another world size, the other ranks wait on the shared
+    disk (no collective to time out): they go on when the converted directory appears, stop with rank 0's
+    message when its conversion failed, and an earlier attempt's failure is cleared before the next one."""
+    import threading
+
+    root = tmp_path / ckpt.CKPT
+    root.mkdir()
+    threading.Timer(0.3, lambda: (root / "universal-img1" / "ds").mkdir(parents=True)).start()
+    assert ckpt.wait_universal(tmp_path, "img1", poll_s=0.05, limit_s=30) == root / "universal-img1"
+    (root / ".failed-universal-img2").write_text("converting img2 failed: disk full")
+    with pytest.raises(RuntimeError, match="converting img2 failed: disk full"):
+        ckpt.wait_universal(tmp_path, "img2", poll_s=0.05, limit_s=30)
+    ckpt.clear_failed_conversions(tmp_path)
+    with pytest.raises(RuntimeError, match="has not appeared after 0 s"):
+        ckpt.wait_universal(tmp_path, "img2", poll_s=0.05, limit_s=0.2)
+
+
+def test_a_filesystem_without_flock_is_said_not_locked(tmp_path, monkeypatch, caplog):
+    """Some cluster filesystems refuse flock: training goes on unlocked, and says so once (a second training in the
+    same directory would not be refused there)."""
+    import errno
+    import fcntl
+    import logging
+
+    from trainer import runlock
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with caplog.at_level(logging.WARNING, logger="trainer.runlock"):
+        assert runlock.acquire(tmp_path / "run") is False
+    assert "refuses flock (No locks available): the run directory is not locked" in caplog.text

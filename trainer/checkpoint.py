@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 CKPT = "checkpoints"
@@ -226,24 +227,51 @@ def refusal(run_dir: Path, tag: str, cfg) -> str | None:
 
 def universal_dir(run_dir: Path, tag: str) -> Path:
     """DeepSpeed's universal checkpoint of `tag` (converted once, atomically; rank 0 only), for a resume
-    at another world size: `python -m deepspeed.checkpoint.ds_to_universal`."""
+    at another world size: `python -m deepspeed.checkpoint.ds_to_universal`, with a worker per core (up to 8).
+    A failure leaves its message in `.failed-universal-TAG` for the ranks waiting in wait_universal()."""
     import subprocess
     import sys
 
     final = run_dir / CKPT / f"universal-{tag}"
+    failed = run_dir / CKPT / f".failed-universal-{tag}"  # an earlier attempt's: cleared by clear_failed_conversions
     if (final / "ds").is_dir():
         return final
     tmp = run_dir / CKPT / f".tmp-universal-{tag}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "ds").parent.mkdir(parents=True, exist_ok=True)
+    workers = str(max(1, min(8, len(os.sched_getaffinity(0)))))
     proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
                            "--input_folder", str(run_dir / CKPT / tag / "ds"), "--output_folder", str(tmp / "ds"),
-                           "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                           "--num_extract_workers", workers, "--num_merge_workers", workers],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"converting {run_dir / CKPT / tag} to a universal checkpoint failed:\n{proc.stderr[-2000:]}")
+        message = f"converting {run_dir / CKPT / tag} to a universal checkpoint failed:\n{proc.stderr[-2000:]}"
+        failed.write_text(message)
+        raise RuntimeError(message)
     (tmp / "latest").write_text("ds")
     os.replace(tmp, final)
+    return final
+
+
+def clear_failed_conversions(run_dir: Path) -> None:
+    """Rank 0, before the ranks learn the resume point: an earlier attempt's failure must not stop this one."""
+    for marker in (run_dir / CKPT).glob(".failed-universal-*"):
+        marker.unlink(missing_ok=True)
+
+
+def wait_universal(run_dir: Path, tag: str, poll_s: float = 1.0, limit_s: float = 6 * 3600) -> Path:
+    """The other ranks' side of universal_dir(): wait on the shared disk, not in a collective, so that a long
+    conversion (minutes for a published model) does not run into the process group's timeout (DeepSpeed's
+    default is 10 minutes)."""
+    final = run_dir / CKPT / f"universal-{tag}"
+    failed = run_dir / CKPT / f".failed-universal-{tag}"
+    deadline = time.monotonic() + limit_s
+    while not (final / "ds").is_dir():
+        if failed.is_file():
+            raise RuntimeError(failed.read_text())
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{final}: rank 0's universal conversion has not appeared after {limit_s:.0f} s")
+        time.sleep(poll_s)
     return final
 
 

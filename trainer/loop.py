@@ -124,6 +124,7 @@ def training_loop(cfg: TrainConfig) -> int:
             if not os.environ.get("ADM_LOCAL_CHILD"):  # `adm train --nproc N` holds it in the launcher
                 runlock.acquire(run_dir)
             found = ckpt.resume_point(run_dir, skipped)
+            ckpt.clear_failed_conversions(run_dir)
             refused = found and ckpt.refusal(run_dir, found[0], cfg)
         except (ckpt.CheckpointError, runlock.RunDirBusy) as e:
             found, refused = None, str(e)
@@ -137,8 +138,7 @@ def training_loop(cfg: TrainConfig) -> int:
     elastic = bool(found) and any(then.get(k, v) != v for k, v in now.items())
     ds_config = deepspeed_config(cfg, micro, accum, cuda=device.type == "cuda")
     if elastic:  # another world size, ZeRO stage or precision: load through DeepSpeed's universal checkpoint
-        universal = ckpt.universal_dir(run_dir, found[0]) if is_main else None
-        universal = dist_util.broadcast_object(universal)
+        universal = ckpt.universal_dir(run_dir, found[0]) if is_main else ckpt.wait_universal(run_dir, found[0])
         ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     param_dtype = next(engine.module.parameters()).dtype

@@ -10,6 +10,7 @@ while before the run is refused. Filesystems without flock (some Lustre mounts) 
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -44,8 +45,11 @@ def acquire(run_dir: Path, wait_other_host_s: float = 180.0) -> bool:
                                  f"on {holder.get('host', '?')}, since {holder.get('since', '?')}); two trainings "
                                  "in one run directory would mix their checkpoints: wait for it, or stop it") from None
             time.sleep(5)
-        except OSError:  # no flock on this filesystem
+        except OSError as e:  # no flock on this filesystem
             os.close(fd)
+            logging.getLogger(__name__).warning(
+                "%s: this filesystem refuses flock (%s): the run directory is not locked, so a second training "
+                "started in it would not be refused; make sure only one runs", run_dir, e.strerror or e)
             return False
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
