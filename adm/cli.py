@@ -19,7 +19,8 @@ COMMANDS = {
 }
 
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotImplementedError, RuntimeError,
-               FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)  # paths given by the user
+               FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,  # paths given by the user
+               TimeoutError)  # a wait the user bounded (adm jobs cancel --timeout)
 
 
 def run_guarded(main, argv, prog=None) -> int:
@@ -45,7 +46,8 @@ def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: adm COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Each command also runs as `python -m <package> ...`; `adm COMMAND --help` for its options."]
+    lines += ["", "Each command also runs as `python -m adm COMMAND ...` or from its package (`python -m eval sample`, "
+              "`python -m trainer ...`); `adm COMMAND --help` for its options."]
     return "\n".join(lines)
 
 

@@ -116,6 +116,16 @@ def at_least(low: int):
     return parse
 
 
+def slurm_mem(text: str) -> str:
+    """argparse type: Slurm's --mem (an integer with an optional K/M/G/T unit)."""
+    import argparse
+    import re
+
+    if not re.fullmatch(r"\d+[KMGT]?", text):
+        raise argparse.ArgumentTypeError(f"expected Slurm's form, e.g. 64G or 500M, got {text!r}")
+    return text
+
+
 def load_error(e: Exception) -> str:
     """One line for a torch.load that failed: torch's weights-only refusal is paragraphs that advise
     loading the file unsafely, wrong advice for a file that is simply not a tensor checkpoint."""

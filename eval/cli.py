@@ -7,7 +7,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from adm.config import at_least
+from adm.config import at_least, slurm_mem
 
 from .settings import EvalSetting, load_settings
 
@@ -66,6 +66,9 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
                    help="auto: Slurm if found (job arrays with dependencies), else this machine")
     g.add_argument("--partition")
     g.add_argument("--account")
+    g.add_argument("--qos")
+    g.add_argument("--constraint", help="node features, Slurm's --constraint")
+    g.add_argument("--mem", type=slurm_mem, help="memory per node, Slurm's form: 64G, 500M, 0 (all)")
     g.add_argument("--time", default="04:00:00", help="per task, HH:MM:SS")
     g.add_argument("--gpus-per-task", type=int, default=None, help="default: 1 if the cluster has GPUs, else 0")
     g.add_argument("--cpus-per-task", type=int, default=None)

@@ -38,9 +38,11 @@ class SlurmBackend:
     name = "slurm"
 
     def __init__(self, partition=None, account=None, minutes=240, gpus_per_task=None, cpus_per_task=None,
-                 array_parallelism=64, metric_workers=1):
-        site = site_defaults()
+                 array_parallelism=64, metric_workers=1, qos=None, constraint=None, mem=None):
+        site = site_defaults()  # every key of the site file applies, as for training jobs; flags win
         self.partition, self.account = partition or site.get("partition"), account or site.get("account")
+        self.qos, self.constraint, self.mem = qos or site.get("qos"), constraint or site.get("constraint"), \
+            mem or site.get("mem")
         self.setup = list(site.get("setup", []))
         self.minutes, self.cpus_per_task = minutes, cpus_per_task or site.get("cpus_per_task")
         self.array_parallelism, self.metric_workers = array_parallelism, metric_workers
@@ -58,17 +60,19 @@ class SlurmBackend:
     def from_args(cls, a) -> "SlurmBackend":
         from .submit import check_account, check_partition
 
-        check_partition(a.partition)
-        check_account(a.account)
+        site = site_defaults()
+        check_partition(a.partition or site.get("partition"))
+        check_account(a.account or site.get("account"), a.qos or site.get("qos"))
         return cls(a.partition, a.account, parse_time(a.time), a.gpus_per_task, a.cpus_per_task,
-                   a.array_parallelism, a.metric_workers)
+                   a.array_parallelism, a.metric_workers, a.qos, a.constraint, a.mem)
 
     def _executor(self, folder: Path, name: str, **extra):
         import submitit
 
         ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
         params = dict(name=name, timeout_min=self.minutes, slurm_array_parallelism=self.array_parallelism,
-                      slurm_partition=self.partition, slurm_account=self.account,
+                      slurm_partition=self.partition, slurm_account=self.account, slurm_qos=self.qos,
+                      slurm_constraint=self.constraint, slurm_mem=self.mem,
                       slurm_setup=self.setup or None, cpus_per_task=self.cpus_per_task,
                       gpus_per_node=self.gpus_per_task or None)
         params.update(extra)

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from adm.config import at_least
+from adm.config import at_least, slurm_mem
 
 from . import records
 
@@ -438,13 +438,6 @@ def _local_state(rec) -> str:
     if not outcomes:
         return "ENDED"  # killed, or ended without a result
     return "FAILED" if "error" in outcomes else "COMPLETED"
-
-
-def slurm_mem(text: str) -> str:
-    """argparse type: Slurm's --mem (an integer with an optional K/M/G/T unit)."""
-    if not re.fullmatch(r"\d+[KMGT]?", text):
-        raise argparse.ArgumentTypeError(f"expected Slurm's form, e.g. 64G or 500M, got {text!r}")
-    return text
 
 
 def register_submit(parser: argparse.ArgumentParser) -> None:

@@ -34,6 +34,19 @@ def test_python_dash_m_package_works():
     assert proc.returncode == 0 and "tiny-32" in proc.stdout
 
 
+def test_every_command_runs_as_python_dash_m():
+    """What `adm --help` and the README promise: each command also runs from its package with `python -m`."""
+    from adm.cli import COMMANDS
+
+    forms = {"models": ["models"], "data": ["data_pipeline"], "train": ["trainer"], "submit": ["slurm", "submit"],
+             "jobs": ["slurm", "jobs"], "sample": ["eval", "sample"], "eval": ["eval"], "report": ["eval", "report"],
+             "posthoc": ["trainer.posthoc"], "demo": ["adm", "demo"]}
+    assert set(forms) == set(COMMANDS)
+    for command, form in forms.items():
+        proc = subprocess.run([sys.executable, "-m", *form, "--help"], capture_output=True, text=True, cwd=REPO)
+        assert proc.returncode == 0 and proc.stdout.startswith("usage: "), (command, proc.stdout[:300], proc.stderr)
+
+
 def test_user_errors_are_one_clear_line():
     for args, expected in [(("models", "describe", "adm-1024"), "unknown model preset 'adm-1024'"),
                            (("models", "describe", "tiny-32", "heads=3"), "unknown key 'heads'"),

@@ -61,3 +61,45 @@ def test_more_nodes_than_the_partition_has_is_refused(monkeypatch):
         submit.check_nodes(4, None)
     with pytest.raises(ValueError, match="--nodes 2: partition 'urgent' has 1 node"):
         submit.check_nodes(2, "urgent")
+
+
+def test_evaluation_jobs_take_every_site_key_and_flags_win(tmp_path, monkeypatch):
+    """The site file's qos, constraint and mem reach the evaluation jobs' sbatch scripts as they reach
+    training's (submitit renders them); a flag overrides the site file."""
+    from slurm.eval_jobs import SlurmBackend
+
+    site = tmp_path / "site.yaml"
+    site.write_text("partition: p1\naccount: a1\nqos: high\nconstraint: h100\nmem: 64G\ncpus_per_task: 6\n"
+                    "setup: ['module load cuda']\n")
+    monkeypatch.setenv("ADM_SITE", str(site))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, "", ""))  # no sinfo
+    script = SlurmBackend(gpus_per_task=0)._executor(tmp_path / "%j", "eval-x")._executor \
+        ._make_submission_file_text("<command>", "<uid>")
+    for line in ("--partition=p1", "--account=a1", "--qos=high", "--constraint=h100", "--mem=64G",
+                 "--cpus-per-task=6", "module load cuda"):
+        assert line in script, line
+    script = SlurmBackend(gpus_per_task=0, qos="low", mem="8G")._executor(tmp_path / "%j", "eval-x")._executor \
+        ._make_submission_file_text("<command>", "<uid>")
+    assert "--qos=low" in script and "--mem=8G" in script and "--qos=high" not in script
+
+
+def test_a_cancel_that_outlasts_its_timeout_is_one_clear_line(tmp_path, capsys):
+    """`adm jobs cancel JOB --timeout S` on a job that does not end within S: an error line naming the job and
+    the wait, exit status 2, not a traceback."""
+    import sys
+
+    from adm.cli import run_guarded
+
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time\nsignal.signal(signal.SIGTERM, "
+                                 "signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE)
+    try:
+        assert stubborn.stdout.readline() == b"ready\n"
+        run = tmp_path / "run"
+        records.add(run, {"job_id": str(stubborn.pid), "cluster": "local", "kind": "train",
+                          "started": submit.process_start(stubborn.pid), "folder": str(run / "slurm")})
+        code = run_guarded(submit.main_jobs, ["cancel", str(stubborn.pid), "--run-dir", str(run), "--timeout", "1"])
+        assert code == 2
+        assert f"error: job {stubborn.pid} is still ending after 1 s" in capsys.readouterr().err
+    finally:
+        stubborn.kill()
+        stubborn.wait()
