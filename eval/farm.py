@@ -6,7 +6,6 @@ dependencies (slurm/eval_jobs.py)."""
 import functools
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from . import registry
@@ -47,7 +46,7 @@ def prepare(run_dir: Path, snapshot: Path, setting: EvalSetting, ref: Path, ince
         meta = json.loads((Path(snapshot) / "config.json").read_text())
         spec = {"key": key, "run_dir": str(Path(run_dir).resolve()), "snapshot": str(Path(snapshot).resolve()),
                 "snapshot_name": Path(snapshot).name, "images": meta.get("images"),
-                "setting": {**asdict(setting), **{k: str(Path(v).resolve()) for k in ("classifier", "upsampler")
+                "setting": {**setting.identity(), **{k: str(Path(v).resolve()) for k in ("classifier", "upsampler")
                                                   if (v := getattr(setting, k))}},  # tasks run from anywhere
                 "ref": str(Path(ref).resolve()), "inception_weights": inception_weights,
                 "metric_workers": metric_workers, "evaluator": EVALUATOR_VERSION}

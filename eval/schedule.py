@@ -48,6 +48,15 @@ def find_snapshots(run_dir: Path) -> list[Path]:
     return out
 
 
+def snapshot_images(snap: Path) -> int:
+    """Training images seen when the snapshot was written (its config.json; else the name's imgNNN...)."""
+    meta = json.loads((Path(snap) / "config.json").read_text())
+    if isinstance(meta.get("images"), int):
+        return meta["images"]
+    digits = Path(snap).name.removeprefix("img").split("-")[0]
+    return int(digits) if digits.isdigit() else 0
+
+
 def schedule_pass(run_dir: Path, settings: list[EvalSetting], ref: Path, backend, max_attempts: int = 3,
                   inception_weights: str | None = None, metric_workers: int = 1, log=print,
                   only: list[Path] | None = None, retry_failed: bool = False) -> dict:
@@ -56,8 +65,12 @@ def schedule_pass(run_dir: Path, settings: list[EvalSetting], ref: Path, backend
     attempt failed; the next pass tries again), failed (no attempts left). retry_failed: evaluations that
     ran out of attempts get max_attempts more."""
     counts = {"done": 0, "started": 0, "running": 0, "retrying": 0, "failed": 0, "refused": 0, "now": 0}
-    for snap in only or find_snapshots(run_dir):
+    snaps = only or find_snapshots(run_dir)
+    images = {snap: snapshot_images(snap) for snap in snaps}
+    for snap in snaps:
         for setting in settings:
+            if not only and images[snap] not in setting.picks(list(images.values())):  # every_kimg: not this one
+                continue
             key_dir = prepare(run_dir, snap, setting, ref, inception_weights, metric_workers)
             try:
                 state = _advance(key_dir, backend, max_attempts, log, retry_failed)

@@ -33,6 +33,9 @@ class EvalSetting:
     batch_size: int = 64  # per forward pass (never changes an image)
     pr_distance: str = "fp32"  # precision/recall distance arithmetic: fp32 | fp16 (ADM's)
     precision: str = "fp32"  # sampling arithmetic: fp32 | bf16 (autocast; ADM sampled in fp16 on GPUs)
+    every_kimg: float = 0.0  # scheduled passes evaluate the first snapshot at or past each multiple (0: all)
+
+    SELECTION_ONLY = ("every_kimg",)  # which snapshots a pass picks, not how one is evaluated: never in a key
 
     def __post_init__(self):
         self._check_types()
@@ -44,6 +47,8 @@ class EvalSetting:
             raise ValueError(f"setting {self.name!r}: seed_start must be 0 or more, got {self.seed_start}")
         if self.shard_size < 1 or self.batch_size < 1:
             raise ValueError(f"setting {self.name!r}: shard_size and batch_size must be positive")
+        if not (math.isfinite(self.every_kimg) and self.every_kimg >= 0):
+            raise ValueError(f"setting {self.name!r}: every_kimg must be 0 (every snapshot) or more, got {self.every_kimg}")
         if not math.isfinite(self.scale):
             raise ValueError(f"setting {self.name!r}: scale must be a finite number, got {self.scale}")
         if self.scale and not self.classifier:
@@ -67,6 +72,24 @@ class EvalSetting:
                 raise ValueError(f"setting {label!r}: {f.name} must be {what}, got {value!r}")
             if f.type is float:
                 setattr(self, f.name, float(value))
+
+    def identity(self) -> dict:
+        """The fields that say how a snapshot is evaluated (what setting.json records)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.SELECTION_ONLY}
+
+    def picks(self, images: list[int]) -> set[int]:
+        """Of snapshots' image counts, those a scheduled pass evaluates: with every_kimg, the first count at or
+        past each multiple of it (a run's first snapshot included); a function of the counts alone, so a pass
+        decides the same as the passes before it."""
+        every = self.every_kimg * 1000
+        if not every:
+            return set(images)
+        chosen, mark = set(), 0.0
+        for n in sorted(set(images)):
+            if n >= mark:
+                chosen.add(n)
+                mark = (n // every + 1) * every
+        return chosen
 
     @property
     def num_shards(self) -> int:
@@ -95,7 +118,7 @@ def eval_key(snapshot: str | Path, setting: EvalSetting, ref: str | Path, ref_di
     """<snapshot>--<setting>--<hash of everything that changes the numbers>. The reference counts by its
     content (`ref_digest`: a copy or a touched file is the same reference); without it, by its name,
     size and mtime, as keys were named before."""
-    ident = {k: v for k, v in asdict(setting).items() if k not in ("name", "shard_size", "batch_size")}
+    ident = {k: v for k, v in setting.identity().items() if k not in ("name", "shard_size", "batch_size")}
     if ident["precision"] == "fp32":
         del ident["precision"]  # keys from before the field existed stay valid
     if setting.upsampler:  # cascades now condition on the base samples' uint8 pixels (and ddimN is DDIM):

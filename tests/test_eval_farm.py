@@ -423,7 +423,8 @@ def test_cascade_keys_carry_the_sampler_revision(tmp_path):
     np.savez(ref, mu=np.zeros(2))
 
     def old_key(setting):
-        ident = {k: v for k, v in asdict(setting).items() if k not in ("name", "shard_size", "batch_size", "precision")}
+        ident = {k: v for k, v in asdict(setting).items()  # (every_kimg came later, and is never part of a key)
+                 if k not in ("name", "shard_size", "batch_size", "precision", "every_kimg")}
         ident.update(classifier=_digest(setting.classifier), upsampler=_digest(setting.upsampler),
                      snapshot=_digest(str(snap)), ref=_digest(str(ref)), evaluator=EVALUATOR_VERSION)
         return f"{snap.name}--{setting.name}--{hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]}"
@@ -659,3 +660,43 @@ def test_posthoc_snapshots_are_series_of_their_own():
         "fast (post-hoc EMA, sigma_rel 0.070)": ([(2.0, 25.0)], True),
         "fast (post-hoc EMA, sigma_rel 0.100)": ([(2.0, 27.0)], True)}
     assert curve_series(rows, "sfid") == {}
+
+
+def test_a_setting_can_evaluate_every_nth_snapshot(tmp_path):
+    """every_kimg: a costly setting (50k ancestral samples) evaluates the first snapshot at or past each multiple,
+    beside a cheap one that takes them all; the choice does not change what an evaluation is (its key), and
+    `adm eval run` on one snapshot is not filtered."""
+    from eval.farm import prepare
+    from eval.schedule import schedule_pass
+    from eval.settings import EvalSetting
+
+    run = make_run(tmp_path / "run", kimgs=(1, 2, 3, 5, 6, 9))
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    cheap, costly = EvalSetting(name="cheap", steps="ddim2", num=4), EvalSetting(name="costly", steps="ddim3",
+                                                                                   num=4, every_kimg=3)
+    started = []
+
+    class Recording:
+        name = "slurm"
+
+        def start(self, key_dir, attempt):
+            started.append(key_dir.name.rsplit("--", 1)[0])
+            return {"cluster": "slurm", "jobs": [1], "state": "submitted"}
+
+        def alive(self, owner):
+            return True
+
+    counts = schedule_pass(run, [cheap, costly], ref, Recording(), 3, log=lambda *a: None)
+    costly_snaps = sorted(s.split("--")[0] for s in started if s.endswith("--costly"))
+    # multiples of 3 kimg: 0 -> 1 kimg (the first), 3 -> 3, 6 -> 6, 9 -> 9; 2 and 5 fall inside a stride
+    assert costly_snaps == [f"img{k * 1000:012d}" for k in (1, 3, 6, 9)]
+    assert sum(s.endswith("--cheap") for s in started) == 6 and counts["started"] == 10
+    snap = run / "snapshots" / f"img{2000:012d}"
+    assert prepare(run, snap, costly, ref) == prepare(run, snap, EvalSetting(name="costly", steps="ddim3", num=4), ref)
+    assert "every_kimg" not in json.loads((prepare(run, snap, costly, ref) / "setting.json").read_text())["setting"]
+    started.clear()
+    schedule_pass(run, [costly], ref, Recording(), 3, log=lambda *a: None, only=[snap])
+    assert started == [f"img{2000:012d}--costly"]
+    with pytest.raises(ValueError, match="every_kimg must be 0"):
+        EvalSetting(steps="ddim2", every_kimg=-1)
