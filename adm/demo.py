@@ -42,9 +42,10 @@ snapshots with the classifier at scales {scales} and ran them through the upsamp
 everything against the held-out digits with the FID Inception network (FID and sFID: lower is better;
 precision and recall: higher is better; the reference here is only 200 digits, so absolute values are
 far above ImageNet's, and the trend is what matters). On ImageNet on a cluster the same commands do the
-same: adm data write /data/imagenet shards/in64 --preprocess center-crop:64, then adm submit train
+same (docs/GUIDE.md walks through them): adm data write /data/imagenet shards/in64-train --layout imagenet
+--split train --preprocess center-crop:64 (and --split val into shards/in64-val), then adm submit train
 configs/train/adm-64.yaml --nodes 4 --gpus-per-node 8, then adm eval ref shards/in64-val --out
-ref64.npz --resolution 64 and adm eval schedule runs/adm-64 --ref ref64.npz --settings
+ref/in64-val.npz --resolution 64 and adm eval schedule runs/adm-64 --ref ref/in64-val.npz --settings
 configs/eval/adm.yaml --every 2h, and adm report runs/adm-64."""
 
 

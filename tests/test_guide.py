@@ -46,6 +46,18 @@ def test_guide_command_is_accepted(args):
             assert token.split("=")[0] in text, f"adm {' '.join(args)}: {token} is not an option"
 
 
+def test_the_guide_site_file_is_read_as_shown(tmp_path, monkeypatch):
+    """The site file the guide shows is accepted by the code that reads site files and names every key it
+    knows (so a key added there is documented)."""
+    from slurm.submit import SITE_KEYS, site_defaults
+
+    (block,) = re.findall(r"```yaml\n(.*?)```", (REPO / "docs" / "GUIDE.md").read_text(), re.S)
+    (tmp_path / "site.yaml").write_text(block)
+    monkeypatch.setenv("ADM_SITE", str(tmp_path / "site.yaml"))
+    site = site_defaults()
+    assert set(site) == set(SITE_KEYS) and site["setup"][0] == "module load cuda/12.4"
+
+
 # ---------------------------------------------------------------------------------------------------
 # The guide, run: every `adm` line of docs/GUIDE.md in order, on the real local Slurm, with the
 # ImageNet-sized settings swapped for tiny ones. Each swap is listed here (what the guide says, what
@@ -64,7 +76,7 @@ SWAPS = [
     ("--workers 4", "--workers 1 --seconds 2"),
     ("--resolution 64", "--resolution 32"),
     ("configs/train/adm-64.yaml", f"configs/train/adm-64.yaml {TINY_TRAIN}"),
-    ("preset=classifier-64", TINY_CLASSIFIER),
+    ("configs/train/classifier-64.yaml", f"configs/train/classifier-64.yaml {TINY_CLASSIFIER}"),
     ("--nodes 4 --gpus-per-node 8 --time 24:00:00", "--nodes 1 --gpus-per-node 2 --cpu --time 00:10:00"),
     ("--nodes 1 --gpus-per-node 8", "--nodes 1 --gpus-per-node 2 --cpu --time 00:10:00"),
     ("123456", "{train_job}"),  # the job the submit line above started
