@@ -360,3 +360,9 @@ def find_snapshots_any(run: Path) -> list[Path]:
     if not snaps:
         raise RuntimeError(f"{run}: training produced no snapshot")
     return snaps
+
+
+if __name__ == "__main__":
+    from adm.cli import run_guarded
+
+    sys.exit(run_guarded(main, sys.argv[1:], "python -m adm.demo"))

@@ -257,3 +257,11 @@ def main(argv=None, prog="adm report") -> int:
         raise ValueError(f"--out {a.out}: a file; expected a directory for report.html, report.md and report.json")
     print(write_report(Path(a.run_dir), Path(a.out) if a.out else None))
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from adm.cli import run_guarded
+
+    sys.exit(run_guarded(main, sys.argv[1:], "python -m eval.report"))

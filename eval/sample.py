@@ -274,3 +274,9 @@ def main(argv=None, prog="adm sample") -> int:
         save_npz_atomic(out / "samples.npz", arr_0=np.concatenate([x["arr_0"] for x in arrays]), **labels)
     print(f"{a.num} samples in {len(paths)} shard(s) under {out}" + (" + samples.npz" if a.merge else ""))
     return 0
+
+
+if __name__ == "__main__":
+    from adm.cli import run_guarded
+
+    sys.exit(run_guarded(main, sys.argv[1:], "python -m eval.sample"))

@@ -42,6 +42,7 @@ def test_every_command_runs_as_python_dash_m():
              "jobs": ["slurm", "jobs"], "sample": ["eval", "sample"], "eval": ["eval"], "report": ["eval", "report"],
              "posthoc": ["trainer.posthoc"], "demo": ["adm", "demo"]}
     assert set(forms) == set(COMMANDS)
+    forms |= {f"{m} module": [m] for m in ("eval.sample", "eval.report", "adm.demo")}  # the modules themselves too
     for command, form in forms.items():
         proc = subprocess.run([sys.executable, "-m", *form, "--help"], capture_output=True, text=True, cwd=REPO)
         assert proc.returncode == 0 and proc.stdout.startswith("usage: "), (command, proc.stdout[:300], proc.stderr)
