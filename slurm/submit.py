@@ -20,6 +20,7 @@ from . import records
 CLUSTERS = ("auto", "slurm", "local", "debug")
 
 
+CANCELLED = "cancelled"  # in a local job's folder: `adm jobs cancel` stopped it
 SITE_KEYS = ("partition", "account", "qos", "constraint", "mem", "cpus_per_task", "setup")
 
 
@@ -375,6 +376,8 @@ def cmd_jobs(args) -> int:
             if state != "RUNNING":
                 print(f"job {job} is not running ({state}): nothing to cancel")
                 return 0
+            Path(rec["folder"]).mkdir(parents=True, exist_ok=True)  # `adm jobs` says CANCELLED, as Slurm would
+            (Path(rec["folder"]) / CANCELLED).write_text(time.strftime("%Y-%m-%d %H:%M:%S") + "\n")
             os.kill(int(job), signal.SIGTERM)  # submitit's local controller: it stops its tasks
             print(f"cancelled {job}" + ("" if args.no_wait else "; waiting for it to end"), flush=True)
             deadline = time.time() + args.timeout
@@ -418,7 +421,8 @@ def process_start(pid: int) -> str | None:
 
 def _local_state(rec) -> str:
     """A --cluster local job: RUNNING while its submitit controller lives (the same process, not a reuse of
-    its pid); then FAILED if a task's result holds an error, COMPLETED if every task returned."""
+    its pid); then CANCELLED if `adm jobs cancel` stopped it, FAILED if a task's result holds an error,
+    COMPLETED if every task returned."""
     pid = int(rec["job_id"])
     start = process_start(pid)
     if start is not None:
@@ -427,6 +431,8 @@ def _local_state(rec) -> str:
         if rec.get("started") is None:  # a record from before start times were kept: trust the command line
             if b"submitit" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return "RUNNING"
+    if (Path(rec["folder"]) / CANCELLED).is_file():
+        return "CANCELLED"
     import pickle
 
     outcomes = []

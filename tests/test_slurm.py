@@ -354,7 +354,8 @@ def test_cluster_local_runs_the_tasks_as_one_world(shards, tmp_path):
     assert all("SUBMITIT_LOCAL_SIGNAL_DELAY_S=45" in Path(f"/proc/{t}/environ").read_bytes()
                                    .decode(errors="replace").split("\0") for t in tasks)
     out = adm("jobs", "cancel", jid, "--run-dir", str(long)).stdout
-    assert f"job {jid} ended" in out and adm("jobs", str(long)).stdout.splitlines()[1].split()[2] != "RUNNING"
+    assert f"job {jid} ended (CANCELLED)" in out
+    assert adm("jobs", str(long)).stdout.splitlines()[1].split()[2] == "CANCELLED"
     assert "is not running (COMPLETED): nothing to cancel" in adm("jobs", "cancel", job_id(run), "--run-dir",
                                                                   str(run)).stdout
     # a record whose pid now belongs to another process: neither RUNNING nor cancelled

@@ -103,3 +103,27 @@ def test_a_cancel_that_outlasts_its_timeout_is_one_clear_line(tmp_path, capsys):
     finally:
         stubborn.kill()
         stubborn.wait()
+
+
+def test_a_cancelled_local_job_says_cancelled(tmp_path, capsys):
+    """`adm jobs cancel` on a --cluster local job: it ends, and `adm jobs` lists it as CANCELLED (as Slurm's
+    accounting would), not as a job that ended on its own."""
+    import sys
+    import threading
+
+    waiting = subprocess.Popen([sys.executable, "-c", "import time\nprint('ready', flush=True)\ntime.sleep(60)"],
+                               stdout=subprocess.PIPE)
+    try:
+        assert waiting.stdout.readline() == b"ready\n"
+        run = tmp_path / "run"
+        records.add(run, {"job_id": str(waiting.pid), "cluster": "local", "kind": "train", "folder": str(
+            run / "slurm" / str(waiting.pid)), "started": submit.process_start(waiting.pid)})
+        threading.Timer(0.5, waiting.wait).start()  # reap it once signalled, as submitit's parent would
+        assert submit.main_jobs(["cancel", str(waiting.pid), "--run-dir", str(run), "--timeout", "20"]) == 0
+        assert f"job {waiting.pid} ended (CANCELLED)" in capsys.readouterr().out
+        assert submit.main_jobs([str(run)]) == 0
+        row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(str(waiting.pid)))
+        assert row.split()[2] == "CANCELLED", row
+    finally:
+        waiting.kill()
+        waiting.wait()
