@@ -67,9 +67,10 @@ def schedule_pass(run_dir: Path, settings: list[EvalSetting], ref: Path, backend
     counts = {"done": 0, "started": 0, "running": 0, "retrying": 0, "failed": 0, "refused": 0, "now": 0}
     snaps = only or find_snapshots(run_dir)
     images = {snap: snapshot_images(snap) for snap in snaps}
+    picked = [set(images.values()) if only else s.picks(list(images.values())) for s in settings]  # every_kimg
     for snap in snaps:
-        for setting in settings:
-            if not only and images[snap] not in setting.picks(list(images.values())):  # every_kimg: not this one
+        for setting, chosen in zip(settings, picked):
+            if images[snap] not in chosen:
                 continue
             key_dir = prepare(run_dir, snap, setting, ref, inception_weights, metric_workers)
             try:
