@@ -186,7 +186,8 @@ def make_executor(args, folder: Path, site: dict):
     if cluster == "slurm":
         params.update({k: v for k, v in slurm.items() if v is not None})
     elif cluster == "local":
-        params = {k: v for k, v in params.items() if k in ("name", "timeout_min", "tasks_per_node") and v}
+        # gpus_per_node too: without it submitit's local executor hides every GPU (CUDA_VISIBLE_DEVICES="")
+        params = {k: v for k, v in params.items() if k in ("name", "timeout_min", "tasks_per_node", "gpus_per_node") and v}
     else:
         params = {}
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})

@@ -127,3 +127,22 @@ def test_a_cancelled_local_job_says_cancelled(tmp_path, capsys):
     finally:
         waiting.kill()
         waiting.wait()
+
+
+def _submit_args(**kw):
+    import argparse
+
+    base = dict(cluster="local", max_timeouts=3, name="t", minutes=60, nodes=1, gpus_per_node=2, gpus=True,
+                partition=None, account=None, qos=None, constraint=None, signal_delay=120, mem=None,
+                exclusive=False, dependency=None, cpus_per_task=None, cpu=False)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_a_local_cluster_job_on_a_gpu_machine_sees_its_gpus(tmp_path):
+    """--cluster local with GPUs: submitit's local executor is told the GPUs per node, else it sets
+    CUDA_VISIBLE_DEVICES to "" for every task and training silently runs on the CPU."""
+    executor, cluster = submit.make_executor(_submit_args(), tmp_path / "%j", {})
+    assert cluster == "local"
+    assert executor._executor.parameters.get("gpus_per_node") == 2
+    executor, _ = submit.make_executor(_submit_args(gpus=False, cpu=True), tmp_path / "%j", {})
+    assert not executor._executor.parameters.get("gpus_per_node")  # CPU tasks: no GPUs to show

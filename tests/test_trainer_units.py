@@ -550,3 +550,11 @@ def test_a_filesystem_without_flock_is_said_not_locked(tmp_path, monkeypatch, ca
     with caplog.at_level(logging.WARNING, logger="trainer.runlock"):
         assert runlock.acquire(tmp_path / "run") is False
     assert "refuses flock (No locks available): the run directory is not locked" in caplog.text
+
+
+def test_auto_precision_on_a_gpu_that_only_emulates_bf16_is_fp16(monkeypatch):
+    """A V100 or T4 'supports' bf16 only by emulation (torch's default answer counts it): ADM's fp16 there."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"

@@ -182,7 +182,8 @@ def resolve_precision(precision: str, device) -> str:
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # not counting emulation: torch calls a V100 or T4 "bf16-capable" because it can hold the type
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # a private torch helper
     return "bf16" if native() else "fp32"
 
