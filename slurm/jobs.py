@@ -16,7 +16,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> int:
         from trainer.config import load_train_config
         from trainer.loop import training_loop
-        from trainer.preemption import EXIT_REQUEUE, RECEIVED
+        from trainer.preemption import EXIT_REQUEUE, submitit_should_requeue
 
         import torch
 
@@ -29,11 +29,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         submitit_handler = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue
         code = training_loop(load_train_config(self.config, self.overrides))
         if code == EXIT_REQUEUE:
-            # SIGUSR2 is our --signal (time limit, or preemption with preempt_send_user_signal): submitit decides
-            # and requeues. SIGTERM comes from Slurm ending the job itself (`scontrol requeue`, a preemption
-            # without the user signal, `scancel`): Slurm requeues or not; requeueing here would undo a cancel.
+            # which signals stopped the ranks decides who requeues: submitit (SIGUSR2) or Slurm itself (SIGTERM)
             if int(os.environ.get("SLURM_PROCID", "0")) == 0 and callable(submitit_handler) \
-                    and "SIGTERM" not in RECEIVED:
+                    and submitit_should_requeue():
                 submitit_handler(signal.SIGUSR2, None)  # checkpoint() + scontrol requeue + exit
             raise SystemExit(EXIT_REQUEUE)
         return code

@@ -558,3 +558,30 @@ def test_auto_precision_on_a_gpu_that_only_emulates_bf16_is_fp16(monkeypatch):
     assert resolve_precision("auto", torch.device("cuda")) == "fp16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
     assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+
+
+def test_who_requeues_is_decided_when_the_ranks_agree_not_by_a_later_sigterm():
+    """SIGUSR2 (our --signal) stops the ranks: submitit requeues, even if srun's --kill-on-bad-exit sends a
+    SIGTERM to the last ranks once the first have exited. A SIGTERM before the agreement is Slurm ending the
+    job itself: no requeue from us."""
+    import os
+    import signal
+
+    from trainer import preemption
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM)}
+    try:
+        for first, expected in ((signal.SIGUSR2, True), (signal.SIGTERM, False)):
+            preemption.RECEIVED.clear()
+            flag = preemption.PreemptionFlag()
+            os.kill(os.getpid(), first)  # delivered to the main thread before os.kill returns
+            assert flag.requested and flag.signal_name == first.name
+            flag.agree()
+            os.kill(os.getpid(), signal.SIGTERM)  # the late SIGTERM: recorded, but too late to matter
+            assert "SIGTERM" in preemption.RECEIVED
+            assert preemption.submitit_should_requeue() is expected
+    finally:
+        preemption.RECEIVED.clear()
+        preemption.AGREED.clear()
+        for s, h in before.items():
+            signal.signal(s, h)

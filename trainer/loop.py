@@ -306,6 +306,7 @@ def training_loop(cfg: TrainConfig) -> int:
 
     while images < total_images:
         if dist_util.any_rank(preempt.requested, device):  # ranks agree at a step boundary
+            preempt.agree()
             if saved_at != images:  # not when the state at this count is on disk already (just saved or resumed)
                 save_state()
             if is_main:

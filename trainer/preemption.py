@@ -5,6 +5,9 @@ import signal
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "saved after a preemption signal; run the same command again to resume"
 # every signal this process got: SIGTERM means Slurm itself ends the job (and requeues it, or not)
 RECEIVED: set[str] = set()
+# RECEIVED as it was when the ranks agreed to stop. Decide from this, not from RECEIVED later: once other
+# ranks exit, srun's --kill-on-bad-exit sends the survivors a SIGTERM that says nothing about why they stopped.
+AGREED: set[str] = set()
 
 
 class PreemptionFlag:
@@ -17,6 +20,11 @@ class PreemptionFlag:
         for s in signals:
             signal.signal(s, self._handle)
 
+    def agree(self) -> None:
+        """The ranks agreed to stop: freeze which signals brought us here."""
+        AGREED.clear()
+        AGREED.update(RECEIVED)
+
     def ignore_further(self) -> None:
         """After the last save a late signal (Slurm's tick can be late) must not kill a finished run."""
         for s in self.signals:
@@ -26,3 +34,10 @@ class PreemptionFlag:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
         RECEIVED.add(self.signal_name)
+
+
+def submitit_should_requeue() -> bool:
+    """SIGUSR2 is our --signal (time limit, or preemption with preempt_send_user_signal): submitit requeues.
+    A SIGTERM before the agreement comes from Slurm ending the job itself (`scontrol requeue`, a preemption
+    without the user signal, `scancel`): Slurm requeues or not; requeueing here would undo a cancel."""
+    return "SIGTERM" not in AGREED
