@@ -1,6 +1,9 @@
 """Job records kept in the run directory (RUN/jobs.jsonl), so they outlive the session that submitted."""
 
+import fcntl
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -9,15 +12,30 @@ RECORDS = "jobs.jsonl"
 
 def add(run_dir: Path, record: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / RECORDS, "a") as f:
-        f.write(json.dumps({"submitted": time.strftime("%Y-%m-%d %H:%M:%S"), **record}) + "\n")
+    line = (json.dumps({"submitted": time.strftime("%Y-%m-%d %H:%M:%S"), **record}) + "\n").encode()
+    # NFS has no atomic O_APPEND between hosts (a scheduler job on a node, a submit on the login node):
+    # a POSIX lock, which NFS does carry, and the line in one write
+    fd = os.open(run_dir / RECORDS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        os.write(fd, line)
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def read(run_dir: Path) -> list[dict]:
     path = run_dir / RECORDS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out, torn = [], 0
+    for line in filter(str.strip, path.read_text().splitlines()):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a writer without the lock: one lost record, not every command
+            torn += 1
+    if torn:
+        print(f"warning: {path}: skipped {torn} unreadable line(s)", file=sys.stderr)
+    return out
 
 
 def find(job_id: str, run_dirs: list[Path]) -> tuple[Path, dict] | None:

@@ -146,3 +146,16 @@ def test_a_local_cluster_job_on_a_gpu_machine_sees_its_gpus(tmp_path):
     assert executor._executor.parameters.get("gpus_per_node") == 2
     executor, _ = submit.make_executor(_submit_args(gpus=False, cpu=True), tmp_path / "%j", {})
     assert not executor._executor.parameters.get("gpus_per_node")  # CPU tasks: no GPUs to show
+
+
+def test_a_torn_line_in_the_job_records_costs_that_record_only(tmp_path, capsys):
+    """A line torn by a concurrent writer (appends are not atomic between NFS clients) must not break
+    `adm jobs`, `adm submit` or the scheduler, which all read the records: skipped, with a warning."""
+    run = tmp_path / "run"
+    records.add(run, {"job_id": "1", "cluster": "slurm", "kind": "train"})
+    with open(run / records.RECORDS, "a") as f:
+        f.write('{"job_id": "2", "clus\n')
+    records.add(run, {"job_id": "3", "cluster": "slurm", "kind": "eval"})
+    assert [r["job_id"] for r in records.read(run)] == ["1", "3"]
+    assert "skipped 1 unreadable line" in capsys.readouterr().err
+    assert records.find("3", [run])[1]["kind"] == "eval"
