@@ -230,7 +230,7 @@ def test_a_resume_names_the_fields_it_cannot_change_and_records_those_it_may(tmp
 
 def test_rank_discovery(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE",
-              "SUBMITIT_LOCAL_NTASKS", "MASTER_PORT"):
+              "SUBMITIT_LOCAL_NTASKS", "MASTER_PORT", "MASTER_ADDR", "SLURM_STEP_NODELIST", "SLURM_STEP_ID"):
         monkeypatch.delenv(k, raising=False)
     assert discover().source == "single"
     monkeypatch.setenv("SLURM_PROCID", "3")
@@ -240,6 +240,14 @@ def test_rank_discovery(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-08]")
     env = discover()
     assert (env.source, env.rank, env.world_size, env.local_rank, env.master_addr) == ("slurm", 3, 8, 1, "gpu07")
+    assert env.master_port == 20000 + 1234
+    # a step on part of the allocation (srun -N2 -r2 in a 4-node job): the step's first node, a port of its own
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[09-10]")
+    monkeypatch.setenv("SLURM_STEP_ID", "1")
+    env = discover()
+    assert (env.master_addr, env.master_port) == ("gpu09", 20000 + (1234 + 7919) % 20000)
+    monkeypatch.setenv("SLURM_STEP_ID", "4294967291")  # the batch script's own step
+    assert discover().master_port == 20000 + 1234
     for k in ("SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(k)
     # submitit's local executor: N tasks of one job on this machine, a port from the job (controller pid)

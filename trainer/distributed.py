@@ -57,8 +57,11 @@ MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "MPI_L
 
 
 def _job_port(default: int = 29500) -> int:
-    job = os.environ.get("SLURM_JOB_ID")
-    return int(os.environ.get("MASTER_PORT", 20000 + int(job) % 20000 if job else default))
+    """MASTER_PORT, else one from the Slurm job and step: two srun steps of one allocation (two trainings
+    side by side) must not meet at one port."""
+    job, step = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID", "0")
+    step = int(step) if step.isdigit() and int(step) < 1_000_000 else 0  # the batch step has a huge id
+    return int(os.environ.get("MASTER_PORT", 20000 + (int(job) + 7919 * step) % 20000 if job else default))
 
 
 def discover() -> DistEnv:
@@ -82,7 +85,9 @@ def discover() -> DistEnv:
                        int(env.get("SUBMITIT_LOCAL_LOCALID", 0)), "127.0.0.1",
                        int(env.get("MASTER_PORT", 20000 + job % 20000)), "submitit-local")
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
-        nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
+        # the step's nodes: the ranks are the step's, which may run on part of the allocation
+        nodes = expand_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+                                or env.get("SLURM_NODELIST", "127.0.0.1"))
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                        env.get("MASTER_ADDR", nodes[0]), _job_port(), "slurm")
     return DistEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
