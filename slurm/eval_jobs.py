@@ -15,7 +15,7 @@ from eval.farm import feature_task, load_spec, metrics_task, sample_task
 from eval.schedule import NotSubmitted
 
 from . import records
-from .submit import parse_time, sacct, sbatch_error, site_defaults
+from .submit import outside_any_job, parse_time, sacct, sbatch_error, site_defaults
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "STAGE_OUT"}
 
@@ -24,7 +24,8 @@ def _metrics_entry(key_dir: str) -> None:
     """The metrics job: with several tasks, the workers find each other through Slurm's environment."""
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         import submitit
-        submitit.helpers.TorchDistributedEnvironment().export()
+        # overwrite: a MASTER_PORT exported by the site file's setup lines must not stop the metrics job
+        submitit.helpers.TorchDistributedEnvironment().export(overwrite=True)
     metrics_task(key_dir, backend="auto")
 
 
@@ -88,7 +89,8 @@ class SlurmBackend:
 
         def submit(stage, call):  # a refusal at any stage withdraws the stages queued before it
             try:
-                jobs = call()
+                with outside_any_job():
+                    jobs = call()
             except FailedJobError as e:  # nothing of this evaluation stays queued: not an attempt
                 if queued:
                     subprocess.run(["scancel", *queued], capture_output=True)
@@ -137,7 +139,8 @@ class SlurmBackend:
         ex = self._executor(Path(run_dir) / "slurm" / "%j", f"eval-schedule-{Path(run_dir).name}",
                             gpus_per_node=None, timeout_min=60,
                             slurm_additional_parameters={"begin": f"now+{int(every_s)}"})
-        job = ex.submit(_schedule_entry, list(argv))
+        with outside_any_job():  # this is usually a scheduler pass, itself a Slurm job
+            job = ex.submit(_schedule_entry, list(argv))
         records.add(Path(run_dir), {"job_id": job.job_id, "cluster": "slurm", "kind": "eval-schedule",
                                     "folder": str(Path(run_dir) / "slurm" / str(job.job_id))})
         return job.job_id

@@ -99,12 +99,27 @@ def check_account(account: str | None, qos: str | None = None) -> None:
         raise ValueError(f"--qos {qos!r}: Slurm knows {', '.join(names)}")
 
 
+@contextlib.contextmanager
+def outside_any_job():
+    """Submit as from a login shell. Inside a job (the scheduler's next pass, a training submitted from an
+    allocation), the job's own SLURM_* variables would reach the new job's srun (CPU binding, CPUs per task)
+    and its MASTER_*/RANK would reach its ranks; submitit's clean_env hides them. SLURM_CONF says which
+    cluster this is (a site with several, the local test cluster): kept."""
+    import submitit
+
+    keep = {k: os.environ[k] for k in ("SLURM_CONF",) if k in os.environ}
+    with submitit.helpers.clean_env():
+        os.environ.update(keep)
+        yield
+
+
 def submit_or_explain(submit):
     """Run a submitit submission; sbatch's refusal becomes a one-line error instead of a traceback."""
     from submitit.core.utils import FailedJobError
 
     try:
-        return submit()
+        with outside_any_job():
+            return submit()
     except FailedJobError as e:
         raise ValueError(f"Slurm refused the job: {sbatch_error(str(e))}") from None
 

@@ -159,3 +159,20 @@ def test_a_torn_line_in_the_job_records_costs_that_record_only(tmp_path, capsys)
     assert [r["job_id"] for r in records.read(run)] == ["1", "3"]
     assert "skipped 1 unreadable line" in capsys.readouterr().err
     assert records.find("3", [run])[1]["kind"] == "eval"
+
+
+def test_jobs_submitted_from_inside_a_job_do_not_inherit_its_slurm_environment(monkeypatch):
+    """The scheduler's next pass and its evaluation jobs are submitted from inside a Slurm job: the job's
+    SLURM_* (CPU binding, CPUs per task) and MASTER_*/RANK must not reach the new jobs; SLURM_CONF (which
+    cluster) must."""
+    import os
+
+    inherited = dict(SLURM_JOB_ID="77", SLURM_CPU_BIND="quiet,mask_cpu:0x3", SLURM_CPUS_PER_TASK="2",
+                     MASTER_PORT="23456", RANK="0", SUBMITIT_EXECUTOR="slurm", SLURM_CONF="/etc/site/slurm.conf")
+    for k, v in inherited.items():
+        monkeypatch.setenv(k, v)
+    seen = submit.submit_or_explain(lambda: dict(os.environ))  # what sbatch would be run with
+    assert seen["SLURM_CONF"] == "/etc/site/slurm.conf"
+    assert not {"SLURM_JOB_ID", "SLURM_CPU_BIND", "SLURM_CPUS_PER_TASK", "MASTER_PORT", "RANK",
+                "SUBMITIT_EXECUTOR"} & set(seen)
+    assert all(os.environ[k] == v for k, v in inherited.items())  # this process keeps its own
