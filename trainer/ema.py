@@ -18,16 +18,25 @@ class ShardEMA:
         from .power_ema import PowerEMA
 
         self.engine, self.rates, self.stage = engine, list(rates), zero_stage
+        self._masters = None
         self.shadows = {rate: [m.detach().clone() for m in self.masters()] for rate in self.rates}
         self.updates = 0
         self.power = PowerEMA(self.masters(), list(power_sigma_rels)) if power_sigma_rels else None
 
     def masters(self) -> list[torch.Tensor]:
-        if self.stage == 3:
+        if self.stage != 3:
+            return list(self.engine.optimizer.single_partition_of_fp32_groups)
+        if self._masters is None:
+            # views into DeepSpeed's flat fp32 partitions, which its optimizer updates in place: fetched once,
+            # since each fetch waits for DeepSpeed's reduce stream on a GPU (one sync per parameter per step)
             from deepspeed.utils import safe_get_local_fp32_param
 
-            return [safe_get_local_fp32_param(p) for p in self.engine.module.parameters()]
-        return list(self.engine.optimizer.single_partition_of_fp32_groups)
+            self._masters = [safe_get_local_fp32_param(p) for p in self.engine.module.parameters()]
+        return self._masters
+
+    def refresh(self) -> None:
+        """After DeepSpeed loaded a checkpoint: fetch the master views again (it may have rebuilt them)."""
+        self._masters = None
 
     @torch.no_grad()
     def update(self) -> None:

@@ -157,7 +157,9 @@ def training_loop(cfg: TrainConfig) -> int:
         if elastic:
             engine.load_checkpoint(str(universal), tag="ds", load_optimizer_states=True,
                                    load_lr_scheduler_states=False)
-            old = [torch.load(f, map_location="cpu", weights_only=False)  # every old rank's EMA shards
+            ema.refresh()
+            # every old rank's EMA shards, memory-mapped: the ranks of a node share them in the page cache
+            old = [torch.load(f, map_location="cpu", weights_only=False, mmap=True)
                    for f in [run_dir / ckpt.CKPT / tag / f"rank{r:05d}.pt" for r in range(manifest["world_size"])]]
             ema.load_full({k: ShardEMA.assemble(client["ema_layout"], [ShardEMA.shards_of(o["ema"])[k] for o in old])
                            for k in ema.all_shadows()})
@@ -170,6 +172,7 @@ def training_loop(cfg: TrainConfig) -> int:
         else:
             engine.load_checkpoint(str(run_dir / ckpt.CKPT / tag), tag="ds", load_optimizer_states=True,
                                    load_lr_scheduler_states=False)
+            ema.refresh()
             own = torch.load(run_dir / ckpt.CKPT / tag / f"rank{rank:05d}.pt", map_location="cpu", weights_only=False)
             ema.load_state_dict(own["ema"])
             if ckpt.saved_device(own) == device.type:
