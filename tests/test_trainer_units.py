@@ -593,3 +593,25 @@ def test_who_requeues_is_decided_when_the_ranks_agree_not_by_a_later_sigterm():
         preemption.AGREED.clear()
         for s, h in before.items():
             signal.signal(s, h)
+
+
+def test_each_rank_flushes_the_checkpoint_files_it_wrote(tmp_path, monkeypatch):
+    """On Lustre or GPFS an fsync flushes only the calling node's pages: rank r must flush the files rank r
+    wrote (DeepSpeed's zero_pp_rank_r_*, our rank0000r.pt); rank 0 the shared ones. Every file once."""
+    import os
+
+    written = {0: ["client.json", "rank00000.pt", "zero_to_fp32.py", "ds/mp_rank_00_model_states.pt", "ds/latest",
+                   "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", "ds/zero_pp_rank_0_mp_rank_00_model_states.pt"],
+               1: ["rank00001.pt", "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                   "ds/zero_pp_rank_1_mp_rank_00_model_states.pt"],
+               10: ["rank00010.pt", "ds/zero_pp_rank_10_mp_rank_00_optim_states.pt"]}
+    for names in written.values():
+        for name in names:
+            (tmp_path / name).parent.mkdir(exist_ok=True)
+            (tmp_path / name).write_bytes(b"x")
+    flushed = []
+    monkeypatch.setattr(os, "fsync", lambda fd: flushed.append(os.readlink(f"/proc/self/fd/{fd}")))
+    for rank in (0, 1, 10, 2):
+        flushed.clear()
+        ckpt.fsync_files(tmp_path, rank)
+        assert sorted(flushed) == sorted(str(tmp_path / n) for n in written.get(rank, [])), rank

@@ -10,6 +10,7 @@ checkpoint usable.
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -79,12 +80,22 @@ def without_zip_crc():
         config.save.compute_crc32 = before
 
 
-def fsync_files(directory: Path, rank: int, world_size: int) -> None:
-    """Flush every file under `directory` to the disk, the ranks sharing the work (collective use: call it
-    on every rank after all files are written, then barrier): a node crash right after the commit must not
-    leave a checkpoint whose listed files hold unwritten pages."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file())
-    for path in files[rank::world_size]:
+# the files one rank writes: our rank{r}.pt, DeepSpeed's zero_pp_rank_{r}_* (optimizer, and ZeRO-3's model
+# states); everything else (DeepSpeed's mp_rank_00_*, latest, its scripts, client.json) is rank 0's
+_RANK_FILE = re.compile(r"^rank(\d+)\.pt$|^zero_pp_rank_(\d+)_")
+
+
+def writer_rank(name: str) -> int:
+    found = _RANK_FILE.search(name)
+    return int(found.group(1) or found.group(2)) if found else 0
+
+
+def fsync_files(directory: Path, rank: int) -> None:
+    """Flush the files this rank wrote under `directory` to the disk (collective use: call it on every rank
+    after all files are written, then barrier): a node crash right after the commit must not leave a
+    checkpoint whose listed files hold unwritten pages. Each rank flushes its own files, since on Lustre,
+    GPFS or BeeGFS an fsync reaches only the calling node's cached pages."""
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and writer_rank(p.name) == rank):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)

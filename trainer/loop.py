@@ -225,8 +225,8 @@ def training_loop(cfg: TrainConfig) -> int:
                                                          "precision": cfg.precision,
                                                          "loader": loader_state, "world_size": world,
                                                          "ema_updates": ema.updates, "ema_layout": ema_layout})
-        dist_util.barrier()  # every file is written: each rank flushes its share of them to the disk
-        ckpt.fsync_files(tmp, rank, world)
+        dist_util.barrier()  # every file is written: each rank flushes the ones it wrote to the disk
+        ckpt.fsync_files(tmp, rank)
         dist_util.barrier()
         if is_main:
             final = ckpt.commit(run_dir, tag, world)
