@@ -615,3 +615,32 @@ def test_each_rank_flushes_the_checkpoint_files_it_wrote(tmp_path, monkeypatch):
         flushed.clear()
         ckpt.fsync_files(tmp_path, rank)
         assert sorted(flushed) == sorted(str(tmp_path / n) for n in written.get(rank, [])), rank
+
+
+def test_a_requeued_job_goes_on_past_its_own_dead_runs_lock(tmp_path, monkeypatch, caplog):
+    """A node that died can keep its flock on a shared filesystem: the requeued job (same SLURM_JOB_ID,
+    another node) is not refused by its own earlier run, which Slurm ended; another job's lock still refuses."""
+    import fcntl
+    import logging
+    import os
+
+    from trainer.runlock import LOCK, RunDirBusy, acquire
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK).write_text(json.dumps({"host": "node-that-died", "pid": 4242, "since": "earlier",
+                                        "slurm_job_id": "55"}))
+    fd = os.open(run / LOCK, os.O_RDWR)  # the stale lock, held by another open file description
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        monkeypatch.setenv("SLURM_JOB_ID", "56")
+        with pytest.raises(RunDirBusy, match="pid 4242 on node-that-died"):
+            acquire(run, wait_other_host_s=0.0)
+        monkeypatch.setenv("SLURM_JOB_ID", "55")
+        with caplog.at_level(logging.WARNING, logger="trainer.runlock"):
+            assert acquire(run, wait_other_host_s=0.0) is False
+        assert "an earlier run of this job (55)" in caplog.text
+    finally:
+        os.close(fd)
+    monkeypatch.setenv("SLURM_JOB_ID", "57")
+    assert acquire(run) and json.loads((run / LOCK).read_text())["slurm_job_id"] == "57"

@@ -5,7 +5,10 @@ would otherwise interleave two trainings' checkpoints in one directory. The lock
 `flock` on the file, so it ends with its process however that ends (a SIGKILL included); the file
 also names the holder for the message. On a shared filesystem the lock of a node that died can outlive
 it until the server's lease expires (about 90 s on NFSv4): a holder on another host is waited for a
-while before the run is refused. Filesystems without flock (some Lustre mounts) run unlocked.
+while before the run is refused, unless it names this same Slurm job: Slurm starts a requeued job only
+after its earlier run ended, so that holder is dead (a lock left by a failed node can last until the
+client is evicted or rebooted) and the run goes on, unlocked. Filesystems without flock (some Lustre
+mounts) run unlocked.
 """
 
 import fcntl
@@ -39,6 +42,13 @@ def acquire(run_dir: Path, wait_other_host_s: float = 180.0) -> bool:
             break
         except BlockingIOError:
             holder = _read(run_dir / LOCK)
+            job = os.environ.get("SLURM_JOB_ID")
+            if job and holder.get("slurm_job_id") == job and holder.get("host") != socket.gethostname():
+                os.close(fd)
+                logging.getLogger(__name__).warning(
+                    "%s: its lock is still held for %s, an earlier run of this job (%s), which Slurm ended before "
+                    "requeueing it: going on without the lock", run_dir, holder.get("host"), job)
+                return False
             if holder.get("host") == socket.gethostname() or time.monotonic() > deadline:
                 os.close(fd)
                 raise RunDirBusy(f"run_dir: {run_dir} is in use by another training (pid {holder.get('pid', '?')} "
@@ -53,7 +63,8 @@ def acquire(run_dir: Path, wait_other_host_s: float = 180.0) -> bool:
             return False
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                              "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+                              "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                              "slurm_job_id": os.environ.get("SLURM_JOB_ID")}).encode(), 0)
     _held[str(run_dir.resolve())] = fd
     return True
 
