@@ -10,10 +10,18 @@ class TrainJob(submitit.helpers.Checkpointable):
     """One Slurm task per device runs the training loop; on preemption/timeout the ranks save together,
     then global rank 0 hands over to submitit, which pickles this same (stateless) call and requeues."""
 
-    def __init__(self, config: str | None, overrides: list[str]):
+    def __init__(self, config: str | None, overrides: list[str], cwd: str | None = None):
         self.config, self.overrides = config, list(overrides)
+        self.cwd = cwd or os.getcwd()  # relative paths (the config, run_dir, data) mean what they meant there
 
     def __call__(self) -> int:
+        cwd = getattr(self, "cwd", None)  # None: pickled by an older version
+        try:
+            if cwd:
+                os.chdir(cwd)
+        except OSError as e:  # else Slurm would run us in /tmp, and each node would write its own run there
+            raise SystemExit(f"error: the directory this job was submitted from, {cwd}, is not reachable "
+                             f"on {os.uname().nodename} ({e.strerror}): submit from a shared filesystem") from None
         from trainer.config import load_train_config
         from trainer.loop import training_loop
         from trainer.preemption import EXIT_REQUEUE, submitit_should_requeue
@@ -38,4 +46,4 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         # the training state is already on disk (the trainer's collective save); resubmit the same call
-        return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.overrides))
+        return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.overrides, getattr(self, "cwd", None)))

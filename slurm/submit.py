@@ -196,8 +196,10 @@ def make_executor(args, folder: Path, site: dict):
                  slurm_setup=list(site.get("setup", [])) or None,
                  slurm_additional_parameters={**({"exclusive": True} if args.exclusive else {}),
                                               **({"dependency": args.dependency} if args.dependency else {})} or None,
+                 # unset, Slurm often gives a task 1 CPU: a GPU task gets its data workers + 2 (itself, pinning)
                  cpus_per_task=args.cpus_per_task or site.get("cpus_per_task") or
-                 (max(1, (os.cpu_count() or 1) // args.gpus_per_node) if args.cpu else None))
+                 (max(1, (os.cpu_count() or 1) // args.gpus_per_node) if args.cpu else
+                  getattr(args, "default_cpus_per_task", None)))
     if cluster == "slurm":
         params.update({k: v for k, v in slurm.items() if v is not None})
     elif cluster == "local":
@@ -248,6 +250,7 @@ def cmd_submit_train(args) -> int:
     check_account(args.account or site.get("account"), args.qos or site.get("qos"))
     args.name = args.name or f"adm-{run_dir.name}"
     folder = run_dir / "slurm" / "%j"
+    args.default_cpus_per_task = cfg.data_workers + 2
     executor, cluster = make_executor(args, folder, site)
     if cluster == "debug":
         if world != 1:

@@ -176,3 +176,40 @@ def test_jobs_submitted_from_inside_a_job_do_not_inherit_its_slurm_environment(m
     assert not {"SLURM_JOB_ID", "SLURM_CPU_BIND", "SLURM_CPUS_PER_TASK", "MASTER_PORT", "RANK",
                 "SUBMITIT_EXECUTOR"} & set(seen)
     assert all(os.environ[k] == v for k, v in inherited.items())  # this process keeps its own
+
+
+def test_a_gpu_training_job_gets_cpus_for_its_data_workers(tmp_path):
+    """Without --cpus-per-task or a site value, Slurm often gives a task one CPU, which its DataLoader workers
+    would share with it: a GPU task asks for data_workers + 2; a flag or the site file wins."""
+    def script(site, **kw):
+        executor, _ = submit.make_executor(_submit_args(cluster="slurm", default_cpus_per_task=4, **kw),
+                                           tmp_path / "%j", site)
+        return executor._executor._make_submission_file_text("<command>", "<uid>")
+
+    assert "--cpus-per-task=4" in script({})
+    assert "--cpus-per-task=6" in script({"cpus_per_task": 6})
+    assert "--cpus-per-task=3" in script({"cpus_per_task": 6}, cpus_per_task=3)
+
+
+def test_a_training_job_runs_where_it_was_submitted(tmp_path, monkeypatch):
+    """Relative paths (the config, run_dir, data) mean what they meant where `adm submit` ran, also after a
+    requeue; a submission directory the node cannot reach is a clear error, not a run written to /tmp."""
+    import os
+    import pickle
+
+    import trainer.config
+    import trainer.loop
+    from slurm.jobs import TrainJob
+
+    seen = []
+    monkeypatch.setattr(trainer.config, "load_train_config", lambda config, overrides: (config, overrides))
+    monkeypatch.setattr(trainer.loop, "training_loop", lambda cfg: seen.append((os.getcwd(), cfg)) or 0)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    job = pickle.loads(pickle.dumps(TrainJob("configs/x.yaml", ["run_dir=runs/a"])))
+    requeued = job.checkpoint().function  # what submitit pickles for the requeue
+    monkeypatch.chdir(tmp_path)  # Slurm starts the job elsewhere
+    assert job() == 0 and requeued() == 0
+    assert seen == [(str(tmp_path / "here"), ("configs/x.yaml", ["run_dir=runs/a"]))] * 2
+    with pytest.raises(SystemExit, match="submitted from, /no/such/dir, is not reachable on .*shared filesystem"):
+        TrainJob("x.yaml", [], cwd="/no/such/dir")()
