@@ -3,7 +3,6 @@
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 from models.config import ModelConfig
 from models.presets import get_preset
@@ -63,7 +62,9 @@ class TrainConfig:
     num_slots: int = 64  # canonical data slots (must be divisible by world size x workers)
     data_workers: int = 2  # DataLoader workers per rank
     jpeg_draft: bool = False  # decode JPEG shards at a reduced DCT scale (2x faster, not ADM-exact pixels)
-    channels_last: Optional[bool] = None  # NHWC inputs; None: on GPUs only (on CPU, fp32 NHWC ran 14% slower)
+    # NHWC inputs. Off: torch's GroupNorm keeps NHWC on CPU only (on a GPU every norm converts back), and on
+    # CPU fp32 NHWC ran 14% slower; `bench/models.py --layouts` times both on a GPU
+    channels_last: bool = False
     status_kimg: float = 1.0  # one status line (and TensorBoard scalars) per this many kimg
     checkpoint_kimg: float = 50.0  # training state for resuming
     snapshot_kimg: float = 50.0  # consolidated EMA weights for evaluation

@@ -85,8 +85,6 @@ def training_loop(cfg: TrainConfig) -> int:
     env = dist_util.discover()
     device = dist_util.init(env)
     cfg.precision = resolve_precision(cfg.precision, device)  # written resolved to training_options.json
-    if cfg.channels_last is None:
-        cfg.channels_last = device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
     rank, world = env.rank, env.world_size
@@ -106,7 +104,7 @@ def training_loop(cfg: TrainConfig) -> int:
                           num_slots=cfg.num_slots, rank=rank, world_size=world, num_workers=cfg.data_workers,
                           jpeg_draft=cfg.jpeg_draft, pin_memory=device.type == "cuda")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model = build_model(m)  # weights stay contiguous (DeepSpeed flattens them); inputs go channels-last
+    model = build_model(m)  # weights stay contiguous (DeepSpeed flattens them); inputs too unless channels_last
     torch.manual_seed(cfg.seed + 104_729 * rank)  # then dropout draws differ between ranks (CPU and CUDA)
     d = cfg.diffusion
     diffusion = create_gaussian_diffusion(steps=d.steps, learn_sigma=m.learn_sigma, noise_schedule=d.noise_schedule,
