@@ -6,18 +6,25 @@
     failed.json       written when the last allowed attempt failed
 
 Two schedulers racing both try to create the same attempt file and only one succeeds; a claim whose
-owner is gone (a killed local process, a failed or cancelled Slurm job) lets the next pass retry, up
-to a bounded number of attempts.
+owner is gone (a killed local process, a failed or cancelled Slurm job, a process on another host whose
+heartbeat stopped) lets the next pass retry, up to a bounded number of attempts.
 """
 
 import hashlib
 import json
 import os
 import socket
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 METRICS, FAILED, SETTING = "metrics.json", "failed.json", "setting.json"
+# A claim without Slurm jobs (a scheduler between claiming and its backend's answer, a local-backend
+# evaluation for hours) has its file touched every HEARTBEAT_S while held: another host cannot check its
+# pid, so there it counts as alive only while the file's mtime is under STALE_S old (well above a beat,
+# to bear a busy filesystem and some clock skew between hosts).
+HEARTBEAT_S, STALE_S = 60.0, 600.0
 
 
 def eval_root(run_dir: Path) -> Path:
@@ -29,10 +36,18 @@ def attempts(key_dir: Path) -> list[int]:
 
 
 def read_claim(key_dir: Path, n: int) -> dict:
+    """Claim n's owner record plus its file's mtime (its heartbeat) as "_mtime", never written back; {}
+    without a claim."""
+    path = Path(key_dir) / f"attempt-{n}.json"
     try:
-        return json.loads((Path(key_dir) / f"attempt-{n}.json").read_text() or "{}")
-    except (FileNotFoundError, json.JSONDecodeError):
+        text, mtime = path.read_text(), path.stat().st_mtime
+    except FileNotFoundError:
         return {}
+    try:
+        owner = json.loads(text or "{}")
+    except json.JSONDecodeError:  # being written: a claim all the same
+        owner = {}
+    return {**owner, "_mtime": mtime}
 
 
 def local_owner() -> dict:
@@ -40,9 +55,11 @@ def local_owner() -> dict:
 
 
 def local_alive(owner: dict) -> bool:
-    """A local claim is alive while its process is (claims from other hosts count as alive)."""
+    """A claim without Slurm jobs is alive while its process is: on this host by its pid, from another
+    host while its heartbeat (read_claim's "_mtime", else the claim's time) is under STALE_S old."""
     if owner.get("host") != socket.gethostname():
-        return True
+        seen = owner.get("_mtime", owner.get("time"))
+        return seen is None or time.time() - seen < STALE_S  # None: no claim read (withdrawn meanwhile)
     try:
         os.kill(int(owner["pid"]), 0)
     except (OSError, KeyError, ValueError):
@@ -58,6 +75,28 @@ def try_claim(key_dir: Path, n: int) -> bool:
     with os.fdopen(fd, "w") as f:
         json.dump(local_owner(), f)
     return True
+
+
+@contextmanager
+def heartbeat(key_dir: Path, n: int):
+    """Touch claim n every HEARTBEAT_S while the block runs, so that other hosts see it alive; the thread
+    is stopped on leaving, before the caller replaces the claim (update_claim)."""
+    path, stop = Path(key_dir) / f"attempt-{n}.json", threading.Event()
+
+    def beat():
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(path)
+            except OSError:  # a filesystem hiccup: the next beat tries again
+                pass
+
+    thread = threading.Thread(target=beat, name=f"heartbeat {path}", daemon=True)  # dies with the process
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def update_claim(key_dir: Path, n: int, owner: dict) -> None:

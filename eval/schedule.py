@@ -17,7 +17,8 @@ class NotSubmitted(ValueError):
 
 
 class LocalBackend:
-    """Runs the claimed evaluation here and now; the claim (this process) is alive while it runs."""
+    """Runs the claimed evaluation here and now; the claim (this process, its heartbeat on other hosts) is
+    alive while it runs."""
 
     name = "local"
 
@@ -118,7 +119,8 @@ def _advance(key_dir: Path, backend, max_attempts: int, log, retry_failed: bool 
         return "running"  # another scheduler claimed it first
     log(f"[eval] {key_dir.name}: attempt {n + 1} ({backend.name})")
     try:
-        owner = backend.start(key_dir, n + 1)
+        with registry.heartbeat(key_dir, n + 1):  # the claim's proof of life until the backend's record replaces it
+            owner = backend.start(key_dir, n + 1)
     except NotSubmitted:  # nothing runs (a bad flag, a submit limit): the claim is withdrawn, the caller told
         (key_dir / f"attempt-{n + 1}.json").unlink(missing_ok=True)
         raise

@@ -409,6 +409,92 @@ def test_a_refused_submission_is_not_an_attempt(tmp_path, monkeypatch, capsys):
     assert submitted and "--retry-failed" not in submitted[0] and "--every" in submitted[0]
 
 
+def test_a_claim_from_another_host_is_alive_while_its_heartbeat_is(tmp_path, monkeypatch):
+    """A claim without Slurm jobs from another host (a scheduler pass or a local evaluation there), whose pid
+    cannot be checked here: running while its file's mtime (the heartbeat) is under STALE_S old, retried once
+    it is older (its process died before it recorded anything); the new attempt's claim beats while the
+    backend starts it. On this host the pid decides, whatever the mtime."""
+    import socket
+    import threading
+
+    from eval import registry
+    from eval.farm import prepare
+    from eval.schedule import LocalBackend, schedule_pass
+    from eval.settings import EvalSetting
+
+    monkeypatch.setattr(registry, "HEARTBEAT_S", 0.05)
+    run = make_run(tmp_path / "run", kimgs=(1,))
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    setting = EvalSetting(name="x", steps="ddim2", num=4)
+    key_dir = prepare(run, next((run / "snapshots").iterdir()), setting, ref)
+    claim = key_dir / "attempt-1.json"
+    # claimed an hour ago on another host: only the file's mtime tells whether it still beats
+    registry.update_claim(key_dir, 1, {"host": "not-" + socket.gethostname(), "pid": os.getpid(),
+                                       "time": time.time() - 3600})
+    beats = []
+
+    class Starting(LocalBackend):  # LocalBackend's liveness, without running an evaluation
+        def start(self, key_dir, attempt):
+            new = key_dir / f"attempt-{attempt}.json"
+            os.utime(new, (time.time() - 3600,) * 2)
+            deadline = time.time() + 10
+            while time.time() < deadline and new.stat().st_mtime < time.time() - 60:
+                time.sleep(0.01)
+            beats.append(time.time() - new.stat().st_mtime)
+            return {"cluster": "test", "jobs": [1], "state": "submitted"}
+
+    logged = []
+    counts = schedule_pass(run, [setting], ref, Starting(), 3, log=logged.append)
+    assert counts["running"] == 1 and counts["started"] == 0 and not beats
+    assert registry.local_alive(registry.read_claim(key_dir, 1))
+    stale = time.time() - registry.STALE_S - 60
+    os.utime(claim, (stale, stale))
+    assert not registry.local_alive(registry.read_claim(key_dir, 1))
+    counts = schedule_pass(run, [setting], ref, Starting(), 3, log=logged.append)
+    assert counts["started"] == 1 and counts["running"] == 0, counts
+    assert f"[eval] {key_dir.name}: attempt 1 did not finish (owner gone); retrying" in logged
+    assert registry.attempts(key_dir) == [1, 2] and registry.read_claim(key_dir, 2)["jobs"] == [1]
+    assert len(beats) == 1 and beats[0] < 60  # attempt 2's claim was touched while its backend started it
+    assert not [t for t in threading.enumerate() if t.name.startswith("heartbeat")]  # stopped after
+    assert "_mtime" not in json.loads((key_dir / "attempt-2.json").read_text())
+    # this host's claims: the pid decides, not the mtime
+    registry.update_claim(key_dir, 1, {**registry.local_owner(), "pid": os.getpid()})
+    os.utime(claim, (stale, stale))
+    assert registry.local_alive(registry.read_claim(key_dir, 1))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    registry.update_claim(key_dir, 1, {**registry.local_owner(), "pid": int(dead.stdout)})
+    assert not registry.local_alive(registry.read_claim(key_dir, 1))
+
+
+def test_a_held_claim_beats_until_it_is_let_go(tmp_path, monkeypatch):
+    """registry.heartbeat touches the claim every HEARTBEAT_S while held, and no more once left."""
+    import socket
+
+    from eval import registry
+
+    monkeypatch.setattr(registry, "HEARTBEAT_S", 0.05)
+    assert registry.try_claim(tmp_path, 1)
+    claim = tmp_path / "attempt-1.json"
+    registry.update_claim(tmp_path, 1, {"host": "not-" + socket.gethostname(), "pid": 1, "time": time.time()})
+    stale = time.time() - registry.STALE_S - 60
+    os.utime(claim, (stale, stale))
+    assert not registry.local_alive(registry.read_claim(tmp_path, 1))
+    seen = []
+    with registry.heartbeat(tmp_path, 1):
+        deadline = time.time() + 10
+        while time.time() < deadline and len(seen) < 3:  # three beats, each moving the mtime forward
+            mtime = claim.stat().st_mtime
+            if mtime > (seen[-1] if seen else stale):
+                seen.append(mtime)
+            time.sleep(0.01)
+        assert len(seen) == 3 and seen[0] > time.time() - 60, seen
+        assert registry.local_alive(registry.read_claim(tmp_path, 1))
+    os.utime(claim, (stale, stale))
+    time.sleep(0.5)  # ten beats' time
+    assert claim.stat().st_mtime == stale and not registry.local_alive(registry.read_claim(tmp_path, 1))
+
+
 def test_cascade_keys_carry_the_sampler_revision(tmp_path):
     """Cascades sample differently since the upsampler reads uint8 base pixels: their keys moved (computed
     here the old way), other settings' keys did not."""
