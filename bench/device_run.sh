@@ -6,7 +6,7 @@
 #
 #   bash bench/device_run.sh OUT --budget 420      # one call: set its timeout_s to about 560
 #
-# run_all gives each run an equal share of the budget left; the models, sampling and training benchmarks save their
+# run_all gives each run its share of the budget left (train-gpu two, the others one); the models, sampling and training benchmarks save their
 # rows as they go, so one stopped at its limit still leaves the rows it finished.
 #
 # REHEARSAL=1 runs the CPU rows instead (to try the set-up on a machine without a GPU, with PYTHON= an interpreter

@@ -175,6 +175,11 @@ def write_summary(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# a larger share of --budget: training starts DeepSpeed (and NCCL) once per ZeRO stage and again to resume,
+# each start saving and loading a checkpoint of a few GB
+WEIGHT = {"train-gpu": 2.0}
+
+
 def run(name: str, cmd: list[str], timeout: float | None) -> int | None:
     """Its exit code, or None when it ran past `timeout` (then it and its children are stopped)."""
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
@@ -195,8 +200,8 @@ def main():
                    help='extra arguments for one run, e.g. "eval-cpu=--images 4" (for quick checks)')
     p.add_argument("--gpu-only", action="store_true", help="only the GPU rows (a GPU machine lent for minutes)")
     p.add_argument("--timeout", type=float, help="seconds one run may take; then it is stopped (its finished rows kept)")
-    p.add_argument("--budget", type=float, help="seconds for all the runs together: each may take an equal share of "
-                   "what is left when it starts (a quick run leaves more to the next)")
+    p.add_argument("--budget", type=float, help="seconds for all the runs together: each may take its share (train-gpu "
+                   "two, the others one) of what is left when it starts (a quick run leaves more to the next)")
     a = p.parse_args()
     deadline = time.monotonic() + a.budget if a.budget else None
     runs = plan(torch.cuda.is_available())
@@ -210,8 +215,9 @@ def main():
     for i, (name, args) in enumerate(runs.items()):
         out = a.out_dir / f"{name}.json"
         timeout = a.timeout
-        if deadline is not None:
-            share = max(1.0, (deadline - time.monotonic()) / (len(runs) - i))
+        if deadline is not None:  # this run's weight over the weights of the runs still to come
+            left = [WEIGHT.get(n, 1.0) for n in list(runs)[i:]]
+            share = max(1.0, (deadline - time.monotonic()) * left[0] / sum(left))
             timeout = min(timeout or share, share)
         print(f"[run_all] {name}: {' '.join(args + extra.get(name, []))}", flush=True)
         start = time.perf_counter()

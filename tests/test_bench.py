@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,6 +119,28 @@ def test_run_all_keeps_the_rows_of_a_run_stopped_at_its_time_limit(tmp_path, mon
     assert json.loads((tmp_path / "out" / "slow-cpu.json").read_text())["rows"] == [{"n": 1}]
     assert json.loads((tmp_path / "out" / "quick-cpu.json").read_text())["rows"] == [{"n": 2}]
     assert "Stopped at their time limit, the rows they finished kept: slow-cpu." in results.read_text()
+
+
+def test_run_all_gives_a_weighted_run_its_larger_share_of_the_budget(tmp_path, monkeypatch):
+    """With --budget B, a run of weight w gets B_left * w / (sum of the weights still to come)."""
+    from bench import run_all
+
+    given = {}
+
+    def fake_run(name, cmd, timeout):
+        given[name] = timeout
+        Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({"rows": []}))
+        return 0
+
+    monkeypatch.setattr(run_all, "run", fake_run)
+    monkeypatch.setattr(run_all, "plan", lambda gpu: {"a-cpu": ["x"], "train-gpu": ["y"], "b-cpu": ["z"]})
+    monkeypatch.setattr(run_all, "summary", lambda *a, **k: "")
+    monkeypatch.setattr(sys, "argv", ["run_all", "--budget", "400", "--out-dir", str(tmp_path / "out"),
+                                      "--results", str(tmp_path / "RESULTS.md")])
+    assert run_all.main() == 0
+    assert given["a-cpu"] == pytest.approx(100, abs=1)  # 400 x 1/4
+    assert given["train-gpu"] == pytest.approx(400 * 2 / 3, abs=2)  # what a-cpu left (it took ~0 s) x 2/3
+    assert given["b-cpu"] == pytest.approx(400, abs=2)
 
 
 def test_summary_of_an_eval_run_stopped_after_its_features(tmp_path):
