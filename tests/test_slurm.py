@@ -379,7 +379,7 @@ def test_the_demo_trains_as_slurm_jobs_when_a_slurm_answers(cluster, tmp_path):
     """`adm demo` with a Slurm up: its three trainings are 2-task jobs, the diffusion one preempted once by
     `scancel --signal=USR2`, requeued by submitit and finished (tiny settings, training stage only)."""
     out = tmp_path / "demo"
-    stdout = adm("demo", "--out", str(out), "--until", "train", "--kimg", "1.536", "--snapshots", "1",
+    stdout = adm("demo", "--out", str(out), "--until", "train", "--kimg", "1.536", "--snapshots", "2",
                  "--classifier-kimg", "0.256", "--upsampler-kimg", "0.128", timeout=900).stdout
     assert "as Slurm jobs" in stdout and stdout.count("submitted to Slurm as job") == 3
     assert "scancel --signal=USR2" in stdout and "resumed from LATEST" in stdout.replace("\n", " ")

@@ -28,10 +28,11 @@ class ShardEMA:
             return list(self.engine.optimizer.single_partition_of_fp32_groups)
         if self._masters is None:
             # views into DeepSpeed's flat fp32 partitions, which its optimizer updates in place: fetched once,
-            # since each fetch waits for DeepSpeed's reduce stream on a GPU (one sync per parameter per step)
+            # since each fetch waits for DeepSpeed's reduce stream on a GPU (one sync per parameter per step);
+            # detached, as autograd forbids using a view kept across in-place updates of its base
             from deepspeed.utils import safe_get_local_fp32_param
 
-            self._masters = [safe_get_local_fp32_param(p) for p in self.engine.module.parameters()]
+            self._masters = [safe_get_local_fp32_param(p).detach() for p in self.engine.module.parameters()]
         return self._masters
 
     def refresh(self) -> None:
