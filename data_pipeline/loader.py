@@ -16,6 +16,7 @@ import json
 import logging
 import signal
 import tarfile
+import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -33,13 +34,34 @@ from .verify import read_manifest
 log = logging.getLogger(__name__)
 
 
+# A shard the filesystem will not read (EIO or ESTALE on NFS, a mount gone for a moment) is tried again
+# after these pauses (a minute in all), then training stops: skipping it would lose its samples for the
+# epoch (the loader's state moves past them), and a node without the data would loop over every shard.
+READ_RETRY_DELAYS_S = (1, 2, 4, 8, 15, 30)
+
+
+def read_bytes_patiently(path: Path) -> bytes:
+    for delay in READ_RETRY_DELAYS_S:
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            log.warning("%s: unreadable (%s); trying again in %g s", path, e.strerror or e, delay)
+            time.sleep(delay)
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise OSError(e.errno, f"{path}: still unreadable after {len(READ_RETRY_DELAYS_S) + 1} tries over "
+                      f"{sum(READ_RETRY_DELAYS_S):g} s ({e.strerror or e}); training stops here rather than "
+                      "lose its samples (its last checkpoint resumes it)") from e
+
+
 def read_shard(path: Path) -> tuple[dict[str, dict], str | None]:
     """All samples of a shard, key -> {ext: bytes}, read whole and sequentially (webdataset's tar
-    reader). A truncated or corrupt tar yields what precedes the damage, plus the error."""
+    reader). A truncated or corrupt tar yields what precedes the damage, plus the error; a file that
+    cannot be read at all raises (read_bytes_patiently)."""
     samples: dict[str, dict] = {}
+    data = read_bytes_patiently(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
         for item in tar_file_iterator(io.BytesIO(data)):
             key, _, ext = item["fname"].partition(".")
             samples.setdefault(key, {})[ext] = item["data"]
@@ -94,8 +116,8 @@ class ShardStream(IterableDataset):
             here = Position(pos.epoch, pos.shard, offset)
             key = keys[member] if member < len(keys) else None
             sample = None if key is None else self.decode(samples[key], key, shard, member, slot, here)
-            if sample is None:
-                log.warning("skipping sample %s of %s", key or f"#{member}", info["name"])
+            if sample is None and key is not None:  # (those lost with a damaged tail: its one warning above)
+                log.warning("skipping sample %s of %s", key, info["name"])
             yield sample, here
 
     def decode(self, parts, key, shard, member, slot, pos):

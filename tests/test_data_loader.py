@@ -220,3 +220,34 @@ def test_npy_shards_load_like_png_shards(data, tmp_path):
     b = next(iter(loader(data[1] / "crop", flip=True)))
     assert a["id"].tolist() == b["id"].tolist() and torch.equal(a["image"], b["image"])
     assert a["image"].min() >= -1 and a["image"].max() <= 1 and a["image"].dtype == torch.float32
+
+
+def test_a_shard_unreadable_for_a_moment_loses_nothing_and_one_gone_for_good_stops_clearly(data, monkeypatch):
+    """An NFS hiccup (EIO on the first reads of a shard) is waited out, so no sample of the epoch is lost; a
+    shard that stays unreadable stops the stream with an error naming it, instead of skipping its samples (the
+    state would move past them) or looping forever over a node's missing data."""
+    import errno
+    import pathlib
+    import time
+
+    from data_pipeline import loader as loader_module
+
+    path = data[1] / "orig"
+    name = json.loads((path / MANIFEST).read_text())["shards"][3]["name"]
+    monkeypatch.setattr(loader_module, "READ_RETRY_DELAYS_S", (0.01,) * 5)
+    real, failures = pathlib.Path.read_bytes, {"left": 2}
+
+    def flaky(self):
+        if self.name == name and failures["left"] > 0:
+            failures["left"] -= 1
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        return real(self)
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", flaky)
+    ld = loader(path, num_slots=1, batch_size=4)
+    assert sorted(epoch0([ld])) == list(range(N)) and ld.skipped == 0 and failures["left"] == 0
+    failures["left"] = 10 ** 9  # gone for good
+    start = time.monotonic()
+    with pytest.raises(OSError, match=f"{name}: still unreadable after 6 tries over 0.05 s \\(Input/output error"):
+        epoch0([loader(path, num_slots=1, batch_size=4)])
+    assert time.monotonic() - start < 30
