@@ -16,7 +16,6 @@ import json
 import logging
 import signal
 import tarfile
-import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -28,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tar_file_iterator
 
 from .order import Order, Position
+from .patient_read import read_patiently
 from .transforms import SampleRandom, Transform
 from .verify import read_manifest
 
@@ -40,27 +40,13 @@ log = logging.getLogger(__name__)
 READ_RETRY_DELAYS_S = (1, 2, 4, 8, 15, 30)
 
 
-def read_bytes_patiently(path: Path) -> bytes:
-    for delay in READ_RETRY_DELAYS_S:
-        try:
-            return path.read_bytes()
-        except OSError as e:
-            log.warning("%s: unreadable (%s); trying again in %g s", path, e.strerror or e, delay)
-            time.sleep(delay)
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise OSError(e.errno, f"{path}: still unreadable after {len(READ_RETRY_DELAYS_S) + 1} tries over "
-                      f"{sum(READ_RETRY_DELAYS_S):g} s ({e.strerror or e}); training stops here rather than "
-                      "lose its samples (its last checkpoint resumes it)") from e
-
-
 def read_shard(path: Path) -> tuple[dict[str, dict], str | None]:
     """All samples of a shard, key -> {ext: bytes}, read whole and sequentially (webdataset's tar
     reader). A truncated or corrupt tar yields what precedes the damage, plus the error; a file that
-    cannot be read at all raises (read_bytes_patiently)."""
+    cannot be read at all, however long we wait, raises."""
     samples: dict[str, dict] = {}
-    data = read_bytes_patiently(path)
+    data = read_patiently(path, READ_RETRY_DELAYS_S, "training stops here rather than lose its samples (its last "
+                          "checkpoint resumes it)")
     try:
         for item in tar_file_iterator(io.BytesIO(data)):
             key, _, ext = item["fname"].partition(".")

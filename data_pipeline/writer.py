@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .patient_read import StillUnreadable, read_patiently
 from .preprocess import center_crop_arr, encode, limit_side, parse_preprocess, to_rgb
 from .sources import Item, Source
 
@@ -32,6 +33,9 @@ FORMAT = "adm-webdataset"
 VERSION = 1
 MANIFEST = "manifest.json"
 MAX_SCALED_PIXELS = 1 << 28  # ADM's center crop scales the short side first: a 1x100000 strip would need GBs
+# A source image the filesystem refuses (EIO, ESTALE, a mount that blinks) is asked for again after these
+# pauses, then the write stops (--resume goes on): skipping it would make the dataset depend on a passing fault.
+READ_RETRY_DELAYS_S = (1, 2, 4, 8, 15)
 
 
 def shard_name(i: int) -> str:
@@ -59,9 +63,19 @@ class ShardTask:
     image_format: str = "png"
 
 
+def _gone_for_good(path: str, e: OSError) -> bool:
+    """A broken link, a file removed from a directory that is still there, one we may not read: skipped as a
+    bad image. Anything else (the directory gone too, an I/O error) may pass: asked for again."""
+    if isinstance(e, FileNotFoundError):
+        return os.path.lexists(path) or os.path.isdir(os.path.dirname(os.path.abspath(path)))
+    return isinstance(e, (IsADirectoryError, NotADirectoryError, PermissionError))
+
+
 def _image_sample(item: Item, kind: str, size: int, image_format: str = "png") -> tuple[str, bytes, tuple[int, int]]:
-    """(extension, encoded bytes, original (w, h)); raises on an unreadable image."""
-    data = Path(item.path).read_bytes()
+    """(extension, encoded bytes, original (w, h)); raises on an unreadable image (StillUnreadable: on a
+    file the filesystem keeps refusing)."""
+    data = read_patiently(item.path, READ_RETRY_DELAYS_S, "the write stops",
+                          lambda e: _gone_for_good(item.path, e))
     if not data:
         raise ValueError("zero-byte file")
     with Image.open(io.BytesIO(data)) as im:
@@ -113,6 +127,8 @@ def write_shard(task: ShardTask) -> dict:
                 continue
             try:
                 ext, payload, original = _image_sample(item, kind, size, task.image_format)
+            except StillUnreadable:
+                raise  # the shard stays .partial, and --resume writes it once the file reads
             except Exception as e:  # any decoder failure: skip and report, never stop the write
                 reason = re.sub(r"<[^<>]* at 0x[0-9a-f]+>", "it", f"{type(e).__name__}: {e}")  # no addresses:
                 skipped.append({"path": rel, "reason": reason})  # the same write gives the same manifest
@@ -128,6 +144,7 @@ def write_shard(task: ShardTask) -> dict:
     with open(partial, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
+        os.fsync(f.fileno())  # on disk before its name says complete (a crash after the rename keeps it whole)
     os.replace(partial, final)
     stats = {"name": final.name, "count": len(keys), "bytes": final.stat().st_size, "sha256": h.hexdigest(),
              "first_key": keys[0] if keys else None, "offsets": offsets, "skipped": skipped}
@@ -250,6 +267,9 @@ def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, worke
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"{len(results)} of {len(plan)} shards written to {out}; rerun the same command "
                                 "with --resume to complete it") from None
+    except StillUnreadable as e:  # a RuntimeError: the command's one-line error
+        raise RuntimeError(f"{e.strerror}: {len(results)} of {len(plan)} shards written to {out}; rerun the same "
+                           "command with --resume once the source reads again") from None
     finally:
         if pool:  # on an error, stop the shards in flight (they stay .partial; --resume rewrites them)
             if len(results) < len(plan):

@@ -446,6 +446,56 @@ def test_resume_needs_the_same_source(tmp_path, monkeypatch):
                          progress=False)["num_samples"] == 6
 
 
+def test_a_source_image_unreadable_for_a_moment_is_waited_for_and_one_gone_for_good_stops_the_write(tmp_path,
+                                                                                                   monkeypatch):
+    """An I/O error reading a source image (NFS, a mount that blinks) is not a bad image: the read is tried
+    again and the image written; a file that keeps failing stops the write, its shard not marked done, and
+    --resume completes it into the same dataset as an undisturbed write. A file removed from its directory
+    is skipped and counted as before (asking again would not bring it back)."""
+    import errno
+    import pathlib
+
+    from data_pipeline import writer
+
+    src = _tree(tmp_path / "src")
+    clean = write_dataset(read_source(src, "folder"), tmp_path / "clean", shard_size=2, progress=False)
+    monkeypatch.setattr(writer, "READ_RETRY_DELAYS_S", (0.01,) * 3)
+    real, failures = pathlib.Path.read_bytes, {"left": 2, "calls": 0}
+    flaky_name = "n00000002_1.JPEG"
+
+    def flaky(self):
+        if self.name == flaky_name:
+            failures["calls"] += 1
+            if failures["left"] > 0:
+                failures["left"] -= 1
+                raise OSError(errno.EIO, "Input/output error", str(self))
+        return real(self)
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", flaky)
+    waited = write_dataset(read_source(src, "folder"), tmp_path / "waited", shard_size=2, progress=False)
+    assert failures == {"left": 0, "calls": 3} and waited["skipped_count"] == 0
+    assert [s["sha256"] for s in waited["shards"]] == [s["sha256"] for s in clean["shards"]]
+
+    failures["left"] = 10 ** 9  # gone for good
+    out = tmp_path / "stopped"
+    with pytest.raises(RuntimeError, match=rf"{flaky_name}: still unreadable after 4 tries over 0.03 s \(Input/"
+                                           r"output error\); the write stops: \d of 3 shards written to .*stopped"):
+        write_dataset(read_source(src, "folder"), out, shard_size=2, workers=2, progress=False)  # via the pool
+    assert not (out / MANIFEST).exists()
+    plan = writer.plan_shards(read_source(src, "folder"), 2, 0)
+    bad = next(i for i, entries in enumerate(plan) if any(item.path.endswith(flaky_name) for _, item in entries))
+    assert not (out / writer.shard_name(bad)).exists() and (out / (writer.shard_name(bad) + ".partial")).exists()
+    failures["left"] = 0  # the mount is back
+    resumed = write_dataset(read_source(src, "folder"), out, shard_size=2, resume=True, progress=False)
+    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in clean["shards"]]
+    assert verify(out)["ok"]
+
+    listed = read_source(src, "folder")  # listed, then removed before the write reads it: skipped, counted
+    (src / "n00000001" / "n00000001_2.JPEG").unlink()
+    gone = write_dataset(listed, tmp_path / "gone", shard_size=2, progress=False)
+    assert gone["num_samples"] == 5 and gone["skipped"][0]["reason"].startswith("FileNotFoundError")
+
+
 def test_manifest_damage_is_named(tmp_path):
     src = _tree(tmp_path / "src")
     write_dataset(read_source(src, "folder"), tmp_path / "d", shard_size=4, progress=False)
