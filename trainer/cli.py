@@ -5,6 +5,7 @@ Re-running the same command resumes from the run directory's LATEST checkpoint.
 
 import argparse
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -79,6 +80,8 @@ def check_data(cfg, world: int = 1) -> None:
         raise ValueError(f"model.num_classes: {cfg.data} has {k} classes but the model has {cfg.model.num_classes}; "
                          f"set model.num_classes={k}")
     check_resolution(f"data: {cfg.data}", manifest, cfg.model.image_size, "model.image_size")
+    if cfg.task == "classifier":
+        warn_classifier_crop(cfg, manifest)
     shards = len(manifest["shards"])
     if cfg.num_slots > shards:
         raise ValueError(f"num_slots: {cfg.num_slots} canonical slots but {cfg.data} has only {shards} shard(s); "
@@ -89,6 +92,21 @@ def check_data(cfg, world: int = 1) -> None:
                          f"{max(cfg.data_workers, 1)} data_workers = {readers} readers")
     if cfg.val_data:
         check_val_data(cfg, manifest, world)
+
+
+def warn_classifier_crop(cfg, manifest: dict) -> None:
+    """ADM's classifier crop scales each image's short side to between R and ceil(R/0.8) and cuts an R x R
+    square from it: from shards preprocessed smaller than that it upscales, where ADM crops from the full
+    image. Allowed (tiny runs use center-cropped shards), but said."""
+    from data_pipeline.preprocess import parse_preprocess
+
+    kind, size = parse_preprocess(manifest.get("preprocess", "none"))
+    need = math.ceil(cfg.model.image_size / 0.8)
+    if kind != "none" and size < need:
+        print(f"warning: data: {cfg.data} holds images preprocessed with {manifest['preprocess']}; the classifier's "
+              f"random-resized crop scales short sides to between {cfg.model.image_size} and {need}, so it will "
+              f"upscale them, where ADM crops from the full image: for ADM's augmentation write the shards with "
+              f"--preprocess none or max-side:{need} or more", file=sys.stderr)
 
 
 def check_val_data(cfg, manifest: dict, world: int) -> None:
