@@ -16,7 +16,7 @@ import random
 import re
 import signal
 import tarfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -207,12 +207,22 @@ def _size(path: str) -> int:
         return -1
 
 
+def _sizes(paths: list[str]) -> list[int]:
+    """A stat each, 16 at a time: on NFS or Lustre a stat is a round trip (ImageNet's 1.28M: minutes one by
+    one, seconds this way; on a local disk it costs about a second more)."""
+    chunks = [paths[i:i + 4096] for i in range(0, len(paths), 4096)]
+    with ThreadPoolExecutor(16) as pool:
+        return [n for sizes in pool.map(lambda chunk: [_size(p) for p in chunk], chunks) for n in sizes]
+
+
 def source_digest(source: Source) -> str:
     """The sample list (names, labels, file sizes) and class table: a --resume must read the same images
     with the same labels (a copy with other pixels at the same names differs in size, nearly always)."""
     root = Path(source.root).resolve()
-    rel = [(os.path.relpath(i.path, root if root.is_dir() else root.parent), i.label, _size(i.path))
-           for i in source.items]
+    base = str(root if root.is_dir() else root.parent)
+    prefix = base.rstrip(os.sep) + os.sep
+    rel = [(i.path[len(prefix):] if i.path.startswith(prefix) else os.path.relpath(i.path, base), i.label, n)
+           for i, n in zip(source.items, _sizes([i.path for i in source.items]))]
     return hashlib.sha256(json.dumps([rel, [c["id"] for c in source.classes]]).encode()).hexdigest()
 
 

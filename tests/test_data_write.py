@@ -335,6 +335,33 @@ def _tree(root, classes=("n00000001", "n00000002"), per_class=3, size=(40, 30)):
     return root
 
 
+def test_listing_follows_links_and_skips_what_is_not_an_image_as_a_walk_with_a_stat_each_would(tmp_path):
+    """The listing reads each directory once (no stat per regular file: on NFS a stat is a round trip);
+    it must find exactly what a plain walk that stats and resolves every entry finds."""
+    root = _tree(tmp_path / "src", per_class=2)
+    outside = _tree(tmp_path / "elsewhere", classes=("x",), per_class=1) / "x" / "x_0.JPEG"
+    c1 = root / "n00000001"
+    (c1 / "linked.jpg").symlink_to(outside)  # followed to its target
+    (c1 / "broken.png").symlink_to(tmp_path / "nowhere.png")  # kept under its own name: the writer skips it
+    (c1 / "folder.jpg").mkdir()  # a directory named like an image
+    (c1 / "notes.txt").write_text("not an image")
+    (c1 / "._n00000001_0.JPEG").write_bytes(b"AppleDouble")
+    (c1 / "UPPER.PNG").write_bytes((c1 / "n00000001_0.JPEG").read_bytes())
+
+    def walk(folder):
+        return sorted(str(p.resolve() if p.exists() else p.parent.resolve() / p.name) for p in folder.iterdir()
+                      if (p.is_file() or p.is_symlink()) and p.suffix.lower() in {".jpg", ".jpeg", ".png"}
+                      and not p.name.startswith("."))
+
+    expected = [(path, label) for label, c in enumerate(sorted(root.iterdir())) for path in walk(c)]
+    source = read_source(root, "folder")
+    assert sorted((i.path, i.label) for i in source.items) == sorted(expected)
+    assert str(outside.resolve()) in [i.path for i in source.items] and len(source.items) == 7
+    # through a symlinked root: the same resolved paths
+    (tmp_path / "link").symlink_to(root)
+    assert [i.path for i in read_source(tmp_path / "link", "folder").items] == [i.path for i in source.items]
+
+
 def test_layout_quirks_real_trees_have(tmp_path):
     """What real copies of ImageNet hold besides images: hidden folders and files, a val split without
     the synset table, Kaggle's top folder, spreadsheet-saved label files; each either works or is named."""
