@@ -2,11 +2,23 @@
 stage from its three jobs, sbatch's errors on one line, job lookup by any stage. (tests/test_slurm.py runs
 the same code against the real local Slurm.)"""
 
+import os
 import subprocess
 
 import pytest
 
 from slurm import records, submit
+
+
+@pytest.fixture
+def srun_on_path(tmp_path, monkeypatch):
+    """submitit renders an sbatch script only where `srun` is on PATH (its own check of being on a cluster);
+    these tests read the script, never run it, so an `srun` that does nothing will do."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
 
 def test_only_trainings_keep_a_training_from_resuming(tmp_path, monkeypatch):
@@ -63,7 +75,7 @@ def test_more_nodes_than_the_partition_has_is_refused(monkeypatch):
         submit.check_nodes(2, "urgent")
 
 
-def test_evaluation_jobs_take_every_site_key_and_flags_win(tmp_path, monkeypatch):
+def test_evaluation_jobs_take_every_site_key_and_flags_win(tmp_path, monkeypatch, srun_on_path):
     """The site file's qos, constraint and mem reach the evaluation jobs' sbatch scripts as they reach
     training's (submitit renders them); a flag overrides the site file."""
     from slurm.eval_jobs import SlurmBackend
@@ -178,7 +190,7 @@ def test_jobs_submitted_from_inside_a_job_do_not_inherit_its_slurm_environment(m
     assert all(os.environ[k] == v for k, v in inherited.items())  # this process keeps its own
 
 
-def test_a_gpu_training_job_gets_cpus_for_its_data_workers(tmp_path):
+def test_a_gpu_training_job_gets_cpus_for_its_data_workers(tmp_path, srun_on_path):
     """Without --cpus-per-task or a site value, Slurm often gives a task one CPU, which its DataLoader workers
     would share with it: a GPU task asks for data_workers + 2; a flag or the site file wins."""
     def script(site, **kw):
