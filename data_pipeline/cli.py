@@ -62,11 +62,13 @@ def cmd_bench(args) -> int:
 def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("write", help="images -> WebDataset shards + manifest.json")
-    p.add_argument("source", help="ImageNet root / class-folder tree / list file")
+    p.add_argument("source", help="ImageNet root (or its ILSVRC2012_img_{train,val}.tar, read in place) / "
+                   "class-folder tree / list file")
     p.add_argument("out", help="output directory (new, or an interrupted write with --resume)")
     p.add_argument("--layout", choices=["imagenet", "folder", "list"], default="imagenet")
     p.add_argument("--split", choices=["train", "val"], default="train", help="for --layout imagenet")
-    p.add_argument("--labels", help="LOC_val_solution.csv for a flat ImageNet val folder (default: searched upwards)")
+    p.add_argument("--labels", help="LOC_val_solution.csv for a flat ImageNet val folder or the val tar "
+                   "(default: searched upwards)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--workers", type=int, default=1, help="writer processes")
     p.add_argument("--preprocess", default="none", help="none | max-side:N | center-crop:R")

@@ -14,13 +14,15 @@ class StillUnreadable(OSError):
 
 
 def read_patiently(path: str | Path, delays: tuple[float, ...], consequence: str,
-                   gone_for_good: Callable[[OSError], bool] = lambda e: False) -> bytes:
-    """path's bytes. An OSError is tried again after each pause in `delays` unless gone_for_good(error)
-    says asking again cannot help (it is raised as it is); the last failure raises StillUnreadable."""
+                   gone_for_good: Callable[[OSError], bool] = lambda e: False,
+                   read: Callable[[], bytes] | None = None) -> bytes:
+    """path's bytes (or read()'s, a part of it). An OSError is tried again after each pause in `delays` unless
+    gone_for_good(error) says asking again cannot help (it is raised as it is); the last failure raises
+    StillUnreadable."""
     path = Path(path)
     for delay in (*delays, None):
         try:
-            return path.read_bytes()
+            return read() if read else path.read_bytes()
         except OSError as e:
             if gone_for_good(e):
                 raise

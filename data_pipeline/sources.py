@@ -16,8 +16,11 @@ WNID = re.compile(r"^n\d{8}$")
 
 @dataclass
 class Item:
-    path: str  # absolute path of the image file
+    path: str  # absolute path of the image file (or of the tar holding it)
     label: int  # class index, or -1 when the label is missing (skipped and counted by the writer)
+    offset: int = -1  # inside a tar (imagenet_tars.py): where the image's bytes start, and how many
+    size: int = -1
+    name: str = ""  # inside a tar: its name as extracted (relative to the split's folder)
 
 
 @dataclass
@@ -42,7 +45,7 @@ def _images(folder: Path) -> list[tuple[str, str]]:
     base, found = folder.resolve(), []
     with os.scandir(folder) as entries:
         for e in entries:
-            if _hidden(e.name) or os.path.splitext(e.name)[1].lower() not in IMAGE_SUFFIXES:
+            if not _is_image(e.name):
                 continue
             if e.is_symlink():
                 link = Path(e.path)
@@ -124,6 +127,35 @@ def imagenet_val_flat(root: Path, labels_csv: Path | None, train_ids: list[str] 
     labels_csv = labels_csv or _find_upwards(root, "LOC_val_solution.csv")
     if labels_csv is None:
         raise ValueError(f"{root}: a flat ImageNet validation folder needs LOC_val_solution.csv (pass --labels PATH)")
+    wnid_of = _val_labels(labels_csv)
+    names = _synset_names(root)
+    images = [(os.path.splitext(name)[0], path) for name, path in _images(root)]
+    used = {wnid_of[stem] for stem, _ in images if stem in wnid_of}
+    ids = _val_class_ids(names, used, train_ids, labels_csv, wnid_of)
+    index = {c: i for i, c in enumerate(ids)}
+    items = [Item(path, index[wnid_of[stem]] if stem in wnid_of else -1) for stem, path in images]
+    if not items:
+        raise ValueError(f"{root}: no images found")
+    return Source(items, _class_table(ids, names), "imagenet-val", str(root))
+
+
+def _val_class_ids(names: dict, used: set, train_ids: list[str] | None, labels_csv: Path, wnid_of: dict) -> list[str]:
+    """The val split's class table: the synset mapping's (1000 classes), else the train split's beside it,
+    else the label file's own WNIDs."""
+    if names:
+        return sorted(set(names) | used)
+    if train_ids:
+        _only_train_classes(labels_csv, used, train_ids)
+        return train_ids
+    return sorted(set(wnid_of.values()))
+
+
+def _is_image(name: str) -> bool:
+    return not _hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def _val_labels(labels_csv: Path) -> dict[str, str]:
+    """ImageId -> WNID from LOC_val_solution.csv (ImageId, PredictionString: the first token)."""
     wnid_of = {}
     with open(labels_csv, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
         reader = csv.DictReader(f)
@@ -136,27 +168,50 @@ def imagenet_val_flat(root: Path, labels_csv: Path | None, train_ids: list[str] 
                     raise ValueError(f"{labels_csv}:{n}: {row['ImageId']} labelled again, as {tokens[0]} "
                                      f"(before: {wnid_of[row['ImageId']]})")
                 wnid_of[row["ImageId"]] = tokens[0]
-    names = _synset_names(root)
-    images = [(os.path.splitext(name)[0], path) for name, path in _images(root)]
-    used = {wnid_of[stem] for stem, _ in images if stem in wnid_of}
-    if names:
-        ids = sorted(set(names) | used)
-    elif train_ids:
-        _only_train_classes(labels_csv, used, train_ids)
-        ids = train_ids
+    return wnid_of
+
+
+def imagenet_tar(path: Path, split: str, labels_csv: Path | None) -> Source:
+    """ILSVRC2012_img_train.tar or ILSVRC2012_img_val.tar read in place (imagenet_tars.py)."""
+    from . import imagenet_tars
+
+    path = path.resolve()
+    names = _synset_names(path.parent)
+    if split == "train":
+        ids, images = imagenet_tars.train_images(path, _is_image)
+        if names:
+            ids = sorted(set(ids) | set(names))
+        index = {c: i for i, c in enumerate(ids)}
+        items = [Item(str(path), index[wnid], off, size, name) for name, off, size, wnid in images]
+        layout = "imagenet-train-tar"
     else:
-        ids = sorted(set(wnid_of.values()))
-    index = {c: i for i, c in enumerate(ids)}
-    items = [Item(path, index[wnid_of[stem]] if stem in wnid_of else -1) for stem, path in images]
+        labels_csv = labels_csv or _find_upwards(path.parent, "LOC_val_solution.csv")
+        if labels_csv is None:
+            raise ValueError(f"{path}: ImageNet's validation tar needs LOC_val_solution.csv (pass --labels PATH)")
+        wnid_of = _val_labels(labels_csv)
+        images = [(os.path.splitext(os.path.basename(n))[0], n, off, size)
+                  for n, off, size in imagenet_tars.val_images(path, _is_image)]
+        used = {wnid_of[stem] for stem, *_ in images if stem in wnid_of}
+        beside = path.parent / path.name.replace("_val", "_train")
+        train_ids = (sorted(imagenet_tars.class_tars(beside)) if beside != path and beside.is_file()
+                     else _train_ids(path.parent))
+        ids = _val_class_ids(names, used, train_ids, labels_csv, wnid_of)
+        index = {c: i for i, c in enumerate(ids)}
+        items = [Item(str(path), index[wnid_of[stem]] if stem in wnid_of else -1, off, size, name)
+                 for stem, name, off, size in images]
+        layout = "imagenet-val-tar"
     if not items:
-        raise ValueError(f"{root}: no images found")
-    return Source(items, _class_table(ids, names), "imagenet-val", str(root))
+        raise ValueError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it")
+    return Source(items, _class_table(ids, names), layout, str(path))
 
 
 def imagenet(root: Path, split: str, labels_csv: Path | None = None) -> Source:
-    """train/<wnid>/<wnid>_<n>.JPEG, or val flat (+ LOC_val_solution.csv) or val/<wnid>/..."""
+    """train/<wnid>/<wnid>_<n>.JPEG, or val flat (+ LOC_val_solution.csv) or val/<wnid>/...; or the
+    ILSVRC2012_img_{train,val}.tar files themselves."""
     if split not in ("train", "val"):
         raise ValueError(f"--split must be train or val, got {split!r}")
+    if root.is_file():
+        return imagenet_tar(root, split, labels_csv)
     train_ids = _train_ids(root) if split == "val" else None
     for candidate in (root / split, root / "Data" / "CLS-LOC" / split, root):
         if candidate.is_dir():
@@ -211,9 +266,11 @@ def read_source(source: str | Path, layout: str, split: str = "train", labels_cs
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such file or directory")
-    if layout in ("imagenet", "folder") and not source.is_dir():
-        raise ValueError(f"{source}: --layout {layout} reads a directory, this is a file (--layout list reads "
-                         "a file of 'path<TAB>label' lines)")
+    if layout == "folder" and not source.is_dir() or layout == "imagenet" and not (source.is_dir() or
+                                                                                 source.suffix == ".tar"):
+        raise ValueError(f"{source}: --layout {layout} reads a directory" + (" or ImageNet's ILSVRC2012_img_*.tar"
+                         if layout == "imagenet" else "") + ", this is a file (--layout list reads a file of "
+                         "'path<TAB>label' lines)")
     if layout == "imagenet":
         return imagenet(source, split, Path(labels_csv) if labels_csv else None)
     if layout == "folder":

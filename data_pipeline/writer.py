@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .imagenet_tars import read_range
 from .patient_read import StillUnreadable, read_patiently
 from .preprocess import center_crop_arr, encode, limit_side, parse_preprocess, to_rgb
 from .sources import Item, Source
@@ -74,8 +75,8 @@ def _gone_for_good(path: str, e: OSError) -> bool:
 def _image_sample(item: Item, kind: str, size: int, image_format: str = "png") -> tuple[str, bytes, tuple[int, int]]:
     """(extension, encoded bytes, original (w, h)); raises on an unreadable image (StillUnreadable: on a
     file the filesystem keeps refusing)."""
-    data = read_patiently(item.path, READ_RETRY_DELAYS_S, "the write stops",
-                          lambda e: _gone_for_good(item.path, e))
+    data = read_patiently(item.path, READ_RETRY_DELAYS_S, "the write stops", lambda e: _gone_for_good(item.path, e),
+                          (lambda: read_range(item.path, item.offset, item.size)) if item.offset >= 0 else None)
     if not data:
         raise ValueError("zero-byte file")
     with Image.open(io.BytesIO(data)) as im:
@@ -121,7 +122,7 @@ def write_shard(task: ShardTask) -> dict:
     offsets, keys, skipped = [], [], []
     with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
         for key, item in task.entries:
-            rel = os.path.relpath(item.path, task.root) if task.root else item.path
+            rel = item.name or (os.path.relpath(item.path, task.root) if task.root else item.path)
             if item.label < 0:
                 skipped.append({"path": rel, "reason": "missing label"})
                 continue
@@ -221,8 +222,10 @@ def source_digest(source: Source) -> str:
     root = Path(source.root).resolve()
     base = str(root if root.is_dir() else root.parent)
     prefix = base.rstrip(os.sep) + os.sep
-    rel = [(i.path[len(prefix):] if i.path.startswith(prefix) else os.path.relpath(i.path, base), i.label, n)
-           for i, n in zip(source.items, _sizes([i.path for i in source.items]))]
+    in_tar = source.items and source.items[0].name  # names and sizes from the tar's headers: no stat at all
+    sizes = [i.size for i in source.items] if in_tar else _sizes([i.path for i in source.items])
+    rel = [(i.name or (i.path[len(prefix):] if i.path.startswith(prefix) else os.path.relpath(i.path, base)), i.label,
+            n) for i, n in zip(source.items, sizes)]
     return hashlib.sha256(json.dumps([rel, [c["id"] for c in source.classes]]).encode()).hexdigest()
 
 

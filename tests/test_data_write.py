@@ -362,6 +362,79 @@ def test_listing_follows_links_and_skips_what_is_not_an_image_as_a_walk_with_a_s
     assert [i.path for i in read_source(tmp_path / "link", "folder").items] == [i.path for i in source.items]
 
 
+def _ilsvrc_tars(root, out):
+    """ILSVRC2012_img_train.tar (a tar per class inside) and ILSVRC2012_img_val.tar (flat) from the
+    extracted tree, as ImageNet's download has them."""
+    out.mkdir()
+    with tarfile.open(out / "ILSVRC2012_img_train.tar", "w") as outer:
+        for class_dir in sorted((root / "train").iterdir()):
+            inner = out / f"{class_dir.name}.tar"
+            with tarfile.open(inner, "w") as t:
+                for f in sorted(class_dir.iterdir(), reverse=True):  # tar order is not name order
+                    t.add(f, arcname=f.name)
+            outer.add(inner, arcname=inner.name)
+            inner.unlink()
+    with tarfile.open(out / "ILSVRC2012_img_val.tar", "w") as t:
+        for f in sorted((root / "val").iterdir()):
+            t.add(f, arcname=f.name)
+    return out / "ILSVRC2012_img_train.tar", out / "ILSVRC2012_img_val.tar"
+
+
+def test_the_ilsvrc_tars_read_in_place_give_the_shards_the_extracted_folders_give(imagenet, tmp_path):
+    """ImageNet's own tars need not be extracted (1.28M small files on a shared filesystem): each image is
+    read as a byte range of the big file. The shards are byte-identical to those of the extracted folders,
+    labels included; damage and wrong files are named."""
+    import shutil
+
+    from data_pipeline.writer import source_digest
+
+    imagenet, _ = imagenet
+    (tmp_path / "in").mkdir()
+    for name in ("LOC_val_solution.csv", "LOC_synset_mapping.txt"):
+        shutil.copy(imagenet / name, tmp_path / "in" / name)
+    train_tar, val_tar = _ilsvrc_tars(imagenet, tmp_path / "in" / "tars")
+    for split, tar in (("train", train_tar), ("val", val_tar)):
+        folder = read_source(imagenet, "imagenet", split)
+        packed = read_source(tar, "imagenet", split)
+        assert [(i.name, i.label) for i in packed.items] == [
+            (os.path.relpath(i.path, imagenet / split), i.label) for i in folder.items]
+        assert packed.classes == folder.classes and source_digest(packed) == source_digest(folder)
+        a = write_dataset(folder, tmp_path / f"{split}-folder", shard_size=8, preprocess="center-crop:16",
+                          progress=False)
+        b = write_dataset(packed, tmp_path / f"{split}-tar", shard_size=8, preprocess="center-crop:16", workers=2,
+                          progress=False)
+        assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]] and b["skipped_count"] == 0
+        assert b["source"]["layout"] == f"imagenet-{split}-tar"
+    # through the command, originals kept: each image's bytes are the file's own
+    run_cli("data", "write", str(train_tar), str(tmp_path / "cli"), "--layout", "imagenet", "--shard-size", "50")
+    with tarfile.open(tmp_path / "cli" / "shard-000000.tar") as shard:
+        meta = json.loads(shard.extractfile(next(m for m in shard if m.name.endswith(".json"))).read())
+        first = shard.extractfile(next(m for m in shard if m.name.endswith(".jpg"))).read()
+    assert first == (imagenet / "train" / meta["source"]).read_bytes()
+
+    # the wrong split, a compressed tar, a tar cut short
+    with pytest.raises(ValueError, match="holds per-class tars .*use --split train"):
+        read_source(train_tar, "imagenet", "val")
+    with pytest.raises(ValueError, match="one <wnid>.tar per class, found ILSVRC2012_val_00000001.JPEG"):
+        read_source(val_tar, "imagenet", "train")
+    gz = tmp_path / "in" / "train.tar"
+    with tarfile.open(gz, "w:gz") as t:
+        t.add(train_tar, arcname="x")
+    with pytest.raises(ValueError, match="train.tar: not an uncompressed tar"):
+        read_source(gz, "imagenet", "train")
+    cut = tmp_path / "cut" / "ILSVRC2012_img_val.tar"
+    cut.parent.mkdir()
+    listed = read_source(val_tar, "imagenet", "val", labels_csv=str(imagenet / "LOC_val_solution.csv"))
+    last = listed.items[-1]
+    cut.write_bytes(val_tar.read_bytes()[:last.offset + last.size // 2])  # the last image cut in half
+    for item in listed.items:
+        item.path = str(cut)
+    manifest = write_dataset(listed, tmp_path / "cut-out", shard_size=8, progress=False)
+    assert manifest["num_samples"] == len(listed.items) - 1
+    assert manifest["skipped"] == [{"path": last.name, "reason": f"ValueError: the tar ends inside this image "
+                                    f"({last.size // 2} of {last.size} bytes): {cut} is truncated"}]
+
+
 def test_layout_quirks_real_trees_have(tmp_path):
     """What real copies of ImageNet hold besides images: hidden folders and files, a val split without
     the synset table, Kaggle's top folder, spreadsheet-saved label files; each either works or is named."""
