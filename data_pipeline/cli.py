@@ -26,7 +26,7 @@ def cmd_write(args) -> int:
 def cmd_verify(args) -> int:
     from .verify import verify
 
-    report = verify(args.dir, decode=not args.no_decode)
+    report = verify(args.dir, decode=not args.no_decode, workers=args.workers, progress=not args.quiet)
     for p in report["problems"]:
         print(f"  {p}")
     status = "OK" if report["ok"] else f"{len(report['problems'])} problem(s)"
@@ -81,6 +81,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("verify", help="check every shard against the manifest (exit 1 on problems)")
     p.add_argument("dir")
     p.add_argument("--no-decode", action="store_true", help="skip decoding every image")
+    p.add_argument("--workers", type=int, default=1, help="processes checking shards at once")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("bench", help="images/s of the streaming loader")
     p.add_argument("dir")

@@ -4,6 +4,9 @@ import hashlib
 import io
 import json
 import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +54,55 @@ def check_resolution(directory: str | Path, manifest: dict, resolution: int, fie
                          f"{resolution}; write the shards at that size or larger")
 
 
-def verify(directory: str | Path, decode: bool = True) -> dict:
+def _check_shard(directory: Path, shard: dict, k: int, decode: bool) -> tuple[list[str], int]:
+    """One shard against its manifest entry: (problems, samples checked)."""
+    problems, checked = [], 0
+    path = directory / shard["name"]
+    if not path.is_file():
+        return [f"{shard['name']}: missing"], 0
+    data = path.read_bytes()
+    if len(data) != shard["bytes"]:
+        return [f"{shard['name']}: {len(data)} bytes, manifest says {shard['bytes']} (truncated?)"], 0
+    if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+        return [f"{shard['name']}: sha256 differs from the manifest (corrupt)"], 0
+    samples: dict[str, dict] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for m in tar:
+                key, _, ext = m.name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    except tarfile.TarError as e:
+        return [f"{shard['name']}: unreadable tar ({e})"], 0
+    if len(samples) != shard["count"]:
+        problems.append(f"{shard['name']}: {len(samples)} samples, manifest says {shard['count']}")
+    for key, parts in samples.items():
+        image = parts.get("jpg", parts.get("png", parts.get("npy")))
+        if image is None or "cls" not in parts:
+            problems.append(f"{shard['name']}/{key}: missing image or .cls")
+            continue
+        label = int(parts["cls"])
+        if not 0 <= label < k:
+            problems.append(f"{shard['name']}/{key}: label {label} outside 0..{k - 1}")
+        if decode:
+            try:
+                if "npy" in parts:
+                    np.load(io.BytesIO(image))
+                else:
+                    with Image.open(io.BytesIO(image)) as im:
+                        im.load()
+            except Exception as e:
+                problems.append(f"{shard['name']}/{key}: image does not decode ({e})")
+        checked += 1
+    return problems, checked
+
+
+def verify(directory: str | Path, decode: bool = True, workers: int = 1, progress: bool = False) -> dict:
     """Every shard: present, size, sha256, member count, and (decode=True) every image decodes and
-    every label is in range. Returns a report with `ok` and the problems found."""
+    every label is in range, `workers` shards at a time. Returns a report with `ok` and the problems found
+    (in shard order, whatever the worker count)."""
     directory = Path(directory)
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
     try:
         manifest = read_manifest(directory)
     except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
@@ -66,47 +114,19 @@ def verify(directory: str | Path, decode: bool = True) -> dict:
                         f"{sum(s['count'] for s in manifest['shards'])}")
     if len(manifest["classes"]) != k:
         problems.append(f"manifest: num_classes {k}, its class table has {len(manifest['classes'])}")
-    for shard in manifest["shards"]:
-        path = directory / shard["name"]
-        if not path.is_file():
-            problems.append(f"{shard['name']}: missing")
-            continue
-        data = path.read_bytes()
-        if len(data) != shard["bytes"]:
-            problems.append(f"{shard['name']}: {len(data)} bytes, manifest says {shard['bytes']} (truncated?)")
-            continue
-        if hashlib.sha256(data).hexdigest() != shard["sha256"]:
-            problems.append(f"{shard['name']}: sha256 differs from the manifest (corrupt)")
-            continue
-        samples: dict[str, dict] = {}
-        try:
-            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-                for m in tar:
-                    key, _, ext = m.name.partition(".")
-                    samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        except tarfile.TarError as e:
-            problems.append(f"{shard['name']}: unreadable tar ({e})")
-            continue
-        if len(samples) != shard["count"]:
-            problems.append(f"{shard['name']}: {len(samples)} samples, manifest says {shard['count']}")
-        for key, parts in samples.items():
-            image = parts.get("jpg", parts.get("png", parts.get("npy")))
-            if image is None or "cls" not in parts:
-                problems.append(f"{shard['name']}/{key}: missing image or .cls")
-                continue
-            label = int(parts["cls"])
-            if not 0 <= label < k:
-                problems.append(f"{shard['name']}/{key}: label {label} outside 0..{k - 1}")
-            if decode:
-                try:
-                    if "npy" in parts:
-                        np.load(io.BytesIO(image))
-                    else:
-                        with Image.open(io.BytesIO(image)) as im:
-                            im.load()
-                except Exception as e:
-                    problems.append(f"{shard['name']}/{key}: image does not decode ({e})")
-            checked += 1
+    check = partial(_check_shard, directory, k=k, decode=decode)
+    pool = None if workers == 1 else ProcessPoolExecutor(workers, get_context("fork"))
+    try:
+        results = (pool.map(check, manifest["shards"]) if pool else map(check, manifest["shards"]))
+        if progress:
+            from tqdm.auto import tqdm
+            results = tqdm(results, total=len(manifest["shards"]), unit="shard", desc="verifying")
+        for found, n in results:
+            problems += found
+            checked += n
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     return {"ok": not problems, "shards": len(manifest["shards"]), "samples_checked": checked,
             "num_samples": manifest["num_samples"], "problems": problems}
 

@@ -223,11 +223,23 @@ def test_parallel_write_stops_cleanly_when_a_worker_dies_or_on_ctrl_c(imagenet, 
 
 def test_verify_reports_a_truncated_shard(imagenet, tmp_path):
     root, _ = imagenet
-    write_dataset(read_source(root, "imagenet", "train"), tmp_path / "t", shard_size=64, progress=False)
+    manifest = write_dataset(read_source(root, "imagenet", "train"), tmp_path / "t", shard_size=16, progress=False)
+    assert verify(tmp_path / "t", workers=3)["ok"]
     shard = tmp_path / "t" / "shard-000001.tar"
     shard.write_bytes(shard.read_bytes()[:5000])
-    proc = run_cli("data", "verify", str(tmp_path / "t"), check=False)
+    flipped = bytearray((tmp_path / "t" / "shard-000004.tar").read_bytes())
+    flipped[3000] ^= 1
+    (tmp_path / "t" / "shard-000004.tar").write_bytes(bytes(flipped))
+    (tmp_path / "t" / "shard-000006.tar").unlink()
+    one = verify(tmp_path / "t")
+    size = manifest["shards"][1]["bytes"]
+    assert one["problems"] == [f"shard-000001.tar: 5000 bytes, manifest says {size} (truncated?)",
+                               "shard-000004.tar: sha256 differs from the manifest (corrupt)",
+                               "shard-000006.tar: missing"] and one["samples_checked"] == 122 - 48
+    assert verify(tmp_path / "t", workers=3) == one  # the same report, in shard order, from any worker count
+    proc = run_cli("data", "verify", str(tmp_path / "t"), "--workers", "2", check=False)
     assert proc.returncode == 1 and "shard-000001.tar" in proc.stdout and "truncated" in proc.stdout
+    assert "8 shards, 74 samples checked: 3 problem(s)" in proc.stdout
 
 
 def test_list_layout_and_input_errors(imagenet, tmp_path):
