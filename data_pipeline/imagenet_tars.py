@@ -3,9 +3,10 @@ class inside, `n01440764.tar`, ...) and `ILSVRC2012_img_val.tar` (the 50,000 val
 
 Nothing is extracted (1.28M small files are what a shared filesystem handles worst): an image is a byte
 range of the big file, found from the tar headers (an inner tar's member lies at its own offset inside
-the outer one), and the shard writer reads that range directly. Images are named as extracting would
-name them (`n01440764/n01440764_10026.JPEG`, `ILSVRC2012_val_00000001.JPEG`), so a write from the tars
-gives the same shards as one from the extracted folders.
+the outer one), and the shard writer reads that range directly. Images are named as extracting the flat
+tars names them (`n01440764/n01440764_10026.JPEG`, `ILSVRC2012_val_00000001.JPEG`), so a write from the
+tars gives the same shards as one from the extracted folders. A tar cut short (an interrupted download)
+or damaged is refused at listing, before any image is written.
 """
 
 import os
@@ -15,52 +16,58 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 WNID_TAR = re.compile(r"^(n\d{8})\.tar$")
+END = bytes(512)  # a tar ends with zero blocks
 
 
-def _open(path: Path, fileobj=None) -> tarfile.TarFile:
+def _damaged(where: str, what: str) -> ValueError:
+    return ValueError(f"{where}: {what}; an interrupted download or a damaged copy? compare its size and checksum "
+                      "with ImageNet's (an uncompressed tar is expected: a .tar.gz must be unpacked first)")
+
+
+def _files(f, where: str, start: int, end: int) -> dict[str, tarfile.TarInfo]:
+    """The regular members of the tar that occupies bytes [start, end) of the open file f, by base name,
+    checked whole: every member's data inside it, and the end-of-archive marker where the headers stop."""
+    f.seek(start)
+    members: dict[str, tarfile.TarInfo] = {}
     try:
-        return tarfile.open(path if fileobj is None else None, mode="r:", fileobj=fileobj)
-    except tarfile.ReadError as e:
-        raise ValueError(f"{path}: not an uncompressed tar ({e}); ImageNet's ILSVRC2012_img_*.tar files are "
-                         "plain tars (a .tar.gz would have to be unpacked to a .tar or a folder first)") from None
-
-
-def _files(tar: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
-    """Regular members by name (a name appended twice: the later one, as extraction would leave)."""
-    return {m.name: m for m in tar if m.isfile()}
+        with tarfile.open(fileobj=f, mode="r:") as tar:
+            for m in tar:
+                name = os.path.basename(os.path.normpath(m.name))
+                if m.isdir() or name.startswith("."):
+                    continue
+                if not m.isfile() or m.issparse():  # links and sparse files are not a byte range of their own
+                    raise ValueError(f"{where}: member {m.name} is a {'sparse file' if m.isfile() else 'link'}; "
+                                     "ImageNet's tars hold plain files only")
+                if name in members:
+                    raise ValueError(f"{where}: {name} appears twice ({members[name].name}, {m.name})")
+                if m.offset_data + m.size > end:
+                    raise _damaged(where, f"member {m.name} runs past the end of the tar")
+                members[name] = m
+            stop = tar.offset
+    except tarfile.TarError as e:
+        raise _damaged(where, f"unreadable tar ({e})") from None
+    if stop + len(END) > end or os.pread(f.fileno(), len(END), stop) != END:
+        raise _damaged(where, f"no end-of-archive marker after its {len(members)} member(s) (at byte {stop - start})")
+    return members
 
 
 def class_tars(path: Path) -> dict[str, tarfile.TarInfo]:
     """WNID -> the outer member holding that class's tar; anything else in the outer tar is an error."""
-    with _open(path) as tar:
-        members = _files(tar)
-    found, other = {}, []
-    for name, member in members.items():
-        match = WNID_TAR.match(os.path.basename(name))
-        if match:
-            found[match.group(1)] = member
-        elif not os.path.basename(name).startswith("."):
-            other.append(name)
+    with open(path, "rb") as f:
+        members = _files(f, str(path), 0, os.fstat(f.fileno()).st_size)
+    found = {m.group(1): member for name, member in members.items() if (m := WNID_TAR.match(name))}
+    other = sorted(name for name in members if not WNID_TAR.match(name))
     if other or not found:
         raise ValueError(f"{path}: expected ILSVRC2012_img_train.tar's layout, one <wnid>.tar per class, found "
-                         + (f"{', '.join(sorted(other)[:3])}" if other else "no <wnid>.tar member"))
+                         + (f"{', '.join(other[:3])}" if other else "no <wnid>.tar member"))
     return found
 
 
 def _class_images(path: Path, wnid: str, member: tarfile.TarInfo, is_image) -> list[tuple[str, int, int]]:
     """(name as extracted, offset in the outer file, size) of one class tar's images."""
     with open(path, "rb") as f:
-        f.seek(member.offset_data)
-        with _open(Path(f"{path}:{member.name}"), fileobj=f) as inner:
-            files = _files(inner)
-    end = member.offset_data + member.size
-    out = []
-    for name, m in files.items():
-        if m.offset_data + m.size > end:  # an inner tar without its end blocks: the next class is not its own
-            break
-        if is_image(os.path.basename(name)):
-            out.append((f"{wnid}/{name}", m.offset_data, m.size))
-    return sorted(out)
+        files = _files(f, f"{path}: {member.name}", member.offset_data, member.offset_data + member.size)
+    return sorted((f"{wnid}/{name}", m.offset_data, m.size) for name, m in files.items() if is_image(name))
 
 
 def train_images(path: Path, is_image) -> tuple[list[str], list[tuple[str, int, int, str]]]:
@@ -74,17 +81,39 @@ def train_images(path: Path, is_image) -> tuple[list[str], list[tuple[str, int, 
 
 def val_images(path: Path, is_image) -> list[tuple[str, int, int]]:
     """Every image of a flat tar (ILSVRC2012_img_val.tar) as (name, offset, size), by name."""
-    with _open(path) as tar:
-        members = _files(tar)
-    if any(WNID_TAR.match(os.path.basename(n)) for n in members):
+    with open(path, "rb") as f:
+        members = _files(f, str(path), 0, os.fstat(f.fileno()).st_size)
+    if any(WNID_TAR.match(n) for n in members):
         raise ValueError(f"{path}: holds per-class tars (<wnid>.tar): it is a train tar; use --split train")
-    return sorted((name, m.offset_data, m.size) for name, m in members.items() if is_image(os.path.basename(name)))
+    return sorted((name, m.offset_data, m.size) for name, m in members.items() if is_image(name))
+
+
+_open_tar: dict = {}  # (pid, path) -> descriptor: one tar open per writer process at a time
 
 
 def read_range(path: str, offset: int, size: int) -> bytes:
-    """One image's bytes from inside a tar; a file cut short raises (the writer skips and names it)."""
-    with open(path, "rb") as f:
-        data = os.pread(f.fileno(), size, offset)
-    if len(data) != size:
-        raise ValueError(f"the tar ends inside this image ({len(data)} of {size} bytes): {path} is truncated")
-    return data
+    """One image's bytes from inside a tar. A read error closes the descriptor (a retry opens it afresh:
+    an NFS handle may have gone stale); a file shorter than the listing said raises."""
+    key = (os.getpid(), path)
+    if key not in _open_tar:
+        close_tars()
+        _open_tar[key] = os.open(path, os.O_RDONLY)
+    fd, parts, got = _open_tar[key], [], 0
+    try:
+        while got < size:  # a network filesystem may return less than asked
+            part = os.pread(fd, size - got, offset + got)
+            if not part:
+                raise ValueError(f"the tar ends inside this image ({got} of {size} bytes): {path} is truncated")
+            parts.append(part)
+            got += len(part)
+    except OSError:
+        close_tars()
+        raise
+    return b"".join(parts)
+
+
+def close_tars() -> None:
+    for (pid, _), fd in list(_open_tar.items()):
+        if pid == os.getpid():  # a forked child leaves its parent's descriptors alone
+            os.close(fd)
+    _open_tar.clear()

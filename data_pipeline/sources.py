@@ -175,8 +175,8 @@ def imagenet_tar(path: Path, split: str, labels_csv: Path | None) -> Source:
     """ILSVRC2012_img_train.tar or ILSVRC2012_img_val.tar read in place (imagenet_tars.py)."""
     from . import imagenet_tars
 
-    path = path.resolve()
-    names = _synset_names(path.parent)
+    given, path = path.absolute(), path.resolve()  # label files are looked for beside the name given (a link's)
+    names = _synset_names(given.parent)
     if split == "train":
         ids, images = imagenet_tars.train_images(path, _is_image)
         if names:
@@ -185,16 +185,16 @@ def imagenet_tar(path: Path, split: str, labels_csv: Path | None) -> Source:
         items = [Item(str(path), index[wnid], off, size, name) for name, off, size, wnid in images]
         layout = "imagenet-train-tar"
     else:
-        labels_csv = labels_csv or _find_upwards(path.parent, "LOC_val_solution.csv")
+        labels_csv = labels_csv or _find_upwards(given.parent, "LOC_val_solution.csv")
         if labels_csv is None:
             raise ValueError(f"{path}: ImageNet's validation tar needs LOC_val_solution.csv (pass --labels PATH)")
         wnid_of = _val_labels(labels_csv)
         images = [(os.path.splitext(os.path.basename(n))[0], n, off, size)
                   for n, off, size in imagenet_tars.val_images(path, _is_image)]
         used = {wnid_of[stem] for stem, *_ in images if stem in wnid_of}
-        beside = path.parent / path.name.replace("_val", "_train")
-        train_ids = (sorted(imagenet_tars.class_tars(beside)) if beside != path and beside.is_file()
-                     else _train_ids(path.parent))
+        beside = given.parent / given.name.replace("_val", "_train")
+        train_ids = (sorted(imagenet_tars.class_tars(beside)) if beside != given and beside.is_file()
+                     else _train_ids(given.parent))
         ids = _val_class_ids(names, used, train_ids, labels_csv, wnid_of)
         index = {c: i for i, c in enumerate(ids)}
         items = [Item(str(path), index[wnid_of[stem]] if stem in wnid_of else -1, off, size, name)

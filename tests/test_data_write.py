@@ -374,21 +374,23 @@ def test_listing_follows_links_and_skips_what_is_not_an_image_as_a_walk_with_a_s
     assert [i.path for i in read_source(tmp_path / "link", "folder").items] == [i.path for i in source.items]
 
 
-def _ilsvrc_tars(root, out):
+def _ilsvrc_tars(root, out, prefix=""):
     """ILSVRC2012_img_train.tar (a tar per class inside) and ILSVRC2012_img_val.tar (flat) from the
-    extracted tree, as ImageNet's download has them."""
+    extracted tree, as ImageNet's download has them (prefix "./": as `tar cf x.tar .` names members)."""
     out.mkdir()
     with tarfile.open(out / "ILSVRC2012_img_train.tar", "w") as outer:
         for class_dir in sorted((root / "train").iterdir()):
             inner = out / f"{class_dir.name}.tar"
             with tarfile.open(inner, "w") as t:
                 for f in sorted(class_dir.iterdir(), reverse=True):  # tar order is not name order
-                    t.add(f, arcname=f.name)
-            outer.add(inner, arcname=inner.name)
+                    t.add(f, arcname=prefix + f.name)
+            outer.add(inner, arcname=prefix + inner.name)
             inner.unlink()
     with tarfile.open(out / "ILSVRC2012_img_val.tar", "w") as t:
+        if prefix:
+            t.add(root / "val", arcname=prefix, recursive=False)  # the directory's own entry, as GNU tar writes
         for f in sorted((root / "val").iterdir()):
-            t.add(f, arcname=f.name)
+            t.add(f, arcname=prefix + f.name)
     return out / "ILSVRC2012_img_train.tar", out / "ILSVRC2012_img_val.tar"
 
 
@@ -405,12 +407,14 @@ def test_the_ilsvrc_tars_read_in_place_give_the_shards_the_extracted_folders_giv
     for name in ("LOC_val_solution.csv", "LOC_synset_mapping.txt"):
         shutil.copy(imagenet / name, tmp_path / "in" / name)
     train_tar, val_tar = _ilsvrc_tars(imagenet, tmp_path / "in" / "tars")
+    dotted = _ilsvrc_tars(imagenet, tmp_path / "in" / "dotted", prefix="./")
     for split, tar in (("train", train_tar), ("val", val_tar)):
         folder = read_source(imagenet, "imagenet", split)
         packed = read_source(tar, "imagenet", split)
         assert [(i.name, i.label) for i in packed.items] == [
             (os.path.relpath(i.path, imagenet / split), i.label) for i in folder.items]
         assert packed.classes == folder.classes and source_digest(packed) == source_digest(folder)
+        assert source_digest(read_source(dotted[split == "val"], "imagenet", split)) == source_digest(folder)
         a = write_dataset(folder, tmp_path / f"{split}-folder", shard_size=8, preprocess="center-crop:16",
                           progress=False)
         b = write_dataset(packed, tmp_path / f"{split}-tar", shard_size=8, preprocess="center-crop:16", workers=2,
@@ -432,13 +436,33 @@ def test_the_ilsvrc_tars_read_in_place_give_the_shards_the_extracted_folders_giv
     gz = tmp_path / "in" / "train.tar"
     with tarfile.open(gz, "w:gz") as t:
         t.add(train_tar, arcname="x")
-    with pytest.raises(ValueError, match="train.tar: not an uncompressed tar"):
+    with pytest.raises(ValueError, match=r"train.tar: unreadable tar .*\(an uncompressed tar is expected"):
         read_source(gz, "imagenet", "train")
-    cut = tmp_path / "cut" / "ILSVRC2012_img_val.tar"
+    # a download cut short, wherever the cut falls (inside an image, on a header): refused before any write
+    listed = read_source(val_tar, "imagenet", "val")
+    data, cut = val_tar.read_bytes(), tmp_path / "cut" / "ILSVRC2012_img_val.tar"
     cut.parent.mkdir()
-    listed = read_source(val_tar, "imagenet", "val", labels_csv=str(imagenet / "LOC_val_solution.csv"))
+    shutil.copy(imagenet / "LOC_val_solution.csv", cut.parent)
+    end = listed.items[-1].offset + -(-listed.items[-1].size // 512) * 512  # the last image's data, padded
+    for at in (len(data) // 2, listed.items[-1].offset - 512, listed.items[-1].offset + 10, end):  # end: no marker
+        cut.write_bytes(data[:at])
+        with pytest.raises(ValueError, match="ILSVRC2012_img_val.tar: .*interrupted download"):
+            read_source(cut, "imagenet", "val")
+    # a class tar inside that is compressed: named, not read as an empty class
+    bad = tmp_path / "in" / "bad" / "ILSVRC2012_img_train.tar"
+    bad.parent.mkdir()
+    with tarfile.open(train_tar) as src, tarfile.open(bad, "w") as dst:
+        for m in src:
+            payload = src.extractfile(m).read()
+            if m.name == "n00000003.tar":
+                payload = __import__("gzip").compress(payload)
+                m.size = len(payload)
+            dst.addfile(m, io.BytesIO(payload))
+    with pytest.raises(ValueError, match="ILSVRC2012_img_train.tar: n00000003.tar: .*an uncompressed tar"):
+        read_source(bad, "imagenet", "train")
+    # a tar cut short after it was listed: the image it cuts is skipped and named
     last = listed.items[-1]
-    cut.write_bytes(val_tar.read_bytes()[:last.offset + last.size // 2])  # the last image cut in half
+    cut.write_bytes(data[:last.offset + last.size // 2])
     for item in listed.items:
         item.path = str(cut)
     manifest = write_dataset(listed, tmp_path / "cut-out", shard_size=8, progress=False)
@@ -606,6 +630,9 @@ def test_a_source_image_unreadable_for_a_moment_is_waited_for_and_one_gone_for_g
     (src / "n00000001" / "n00000001_2.JPEG").unlink()
     gone = write_dataset(listed, tmp_path / "gone", shard_size=2, progress=False)
     assert gone["num_samples"] == 5 and gone["skipped"][0]["reason"].startswith("FileNotFoundError")
+    (src / "n00000001" / "loop.jpg").symlink_to("loop.jpg")  # a link to itself (ELOOP): no use asking again
+    looped = write_dataset(read_source(src, "folder"), tmp_path / "loop", shard_size=2, progress=False)
+    assert [(s["path"], s["reason"].split(":")[0]) for s in looped["skipped"]] == [("n00000001/loop.jpg", "OSError")]
 
 
 def test_manifest_damage_is_named(tmp_path):
