@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .imagenet_tars import read_range
+from .imagenet_tars import close_tars, read_range
 from .patient_read import StillUnreadable, read_patiently
 from .preprocess import center_crop_arr, encode, limit_side, parse_preprocess, to_rgb
 from .sources import Item, Source
@@ -64,18 +64,24 @@ class ShardTask:
     image_format: str = "png"
 
 
-def _gone_for_good(path: str, e: OSError) -> bool:
-    """A broken link, a file removed from a directory that is still there, one we may not read: skipped as a
-    bad image. Anything else (the directory gone too, an I/O error) may pass: asked for again."""
+def _gone_for_good(item: Item, e: OSError) -> bool:
+    """A broken or looping link, a file removed from a directory that is still there, one we may not read:
+    skipped as a bad image. Anything else (the directory gone too, an I/O error) may pass: asked for again;
+    so is a tar of ImageNet's, whose going would take every image after it."""
+    path = item.path
+    if item.offset >= 0:
+        return False
+    if os.path.lexists(path) and not os.path.exists(path):  # a link to nowhere, or to itself
+        return True
     if isinstance(e, FileNotFoundError):
-        return os.path.lexists(path) or os.path.isdir(os.path.dirname(os.path.abspath(path)))
+        return os.path.isdir(os.path.dirname(os.path.abspath(path)))
     return isinstance(e, (IsADirectoryError, NotADirectoryError, PermissionError))
 
 
 def _image_sample(item: Item, kind: str, size: int, image_format: str = "png") -> tuple[str, bytes, tuple[int, int]]:
     """(extension, encoded bytes, original (w, h)); raises on an unreadable image (StillUnreadable: on a
     file the filesystem keeps refusing)."""
-    data = read_patiently(item.path, READ_RETRY_DELAYS_S, "the write stops", lambda e: _gone_for_good(item.path, e),
+    data = read_patiently(item.path, READ_RETRY_DELAYS_S, "the write stops", lambda e: _gone_for_good(item, e),
                           (lambda: read_range(item.path, item.offset, item.size)) if item.offset >= 0 else None)
     if not data:
         raise ValueError("zero-byte file")
@@ -141,6 +147,7 @@ def write_shard(task: ShardTask) -> dict:
             _add(tar, f"{key}.{ext}", payload)
             _add(tar, f"{key}.cls", str(item.label).encode())
             _add(tar, f"{key}.json", json.dumps(meta).encode())
+    close_tars()
     h = hashlib.sha256()
     with open(partial, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -284,6 +291,7 @@ def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, worke
         raise RuntimeError(f"{e.strerror}: {len(results)} of {len(plan)} shards written to {out}; rerun the same "
                            "command with --resume once the source reads again") from None
     finally:
+        close_tars()  # one left open by a shard written in this process that stopped on an error
         if pool:  # on an error, stop the shards in flight (they stay .partial; --resume rewrites them)
             if len(results) < len(plan):
                 for proc in list((pool._processes or {}).values()):  # no public kill before Python 3.14
