@@ -4,6 +4,8 @@ import importlib
 import os
 import sys
 
+from data_pipeline.patient_read import StillUnreadable
+
 # command -> (module with main(argv, prog), one-line help). Modules are imported only when used.
 COMMANDS = {
     "models": ("models.cli", "ADM networks: list presets, describe layouts, convert released checkpoints"),
@@ -20,7 +22,8 @@ COMMANDS = {
 
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotImplementedError, RuntimeError,
                FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,  # paths given by the user
-               TimeoutError)  # a wait the user bounded (adm jobs cancel --timeout)
+               TimeoutError,  # a wait the user bounded (adm jobs cancel --timeout)
+               StillUnreadable)  # a file the filesystem kept refusing: its message says what to do
 
 
 def run_guarded(main, argv, prog=None) -> int:

@@ -222,7 +222,8 @@ def test_npy_shards_load_like_png_shards(data, tmp_path):
     assert a["image"].min() >= -1 and a["image"].max() <= 1 and a["image"].dtype == torch.float32
 
 
-def test_a_shard_unreadable_for_a_moment_loses_nothing_and_one_gone_for_good_stops_clearly(data, monkeypatch):
+def test_a_shard_unreadable_for_a_moment_loses_nothing_and_one_gone_for_good_stops_clearly(data, monkeypatch,
+                                                                                             capsys):
     """An NFS hiccup (EIO on the first reads of a shard) is waited out, so no sample of the epoch is lost; a
     shard that stays unreadable stops the stream with an error naming it, instead of skipping its samples (the
     state would move past them) or looping forever over a node's missing data."""
@@ -251,3 +252,9 @@ def test_a_shard_unreadable_for_a_moment_loses_nothing_and_one_gone_for_good_sto
     with pytest.raises(OSError, match=f"{name}: still unreadable after 6 tries over 0.05 s \\(Input/output error"):
         epoch0([loader(path, num_slots=1, batch_size=4)])
     assert time.monotonic() - start < 30
+    from adm.cli import run_guarded
+    from data_pipeline.cli import main
+
+    # through a command: one line saying so, no traceback
+    assert run_guarded(main, ["bench", str(path), "--resolution", "16", "--seconds", "1"]) == 2
+    assert f"{name}: still unreadable after 6 tries" in capsys.readouterr().err.splitlines()[-1]
