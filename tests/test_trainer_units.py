@@ -478,6 +478,39 @@ def test_status_sums_data_skips_and_parameter_norm_over_ranks(monkeypatch):
     assert means["acc1"] == pytest.approx(1.0) and means["data_skipped"] == 5 and means["param_norm"] == 5.0
 
 
+def test_slots_holding_unequal_shard_counts_are_warned_of_with_the_shard_size_that_evens_them(capsys):
+    """Slots take turns a shard at a time: 768 slots over 1,282 shards leave 254 slots with one shard an
+    epoch, whose shards come round twice while the others' come once. Counted here by running the loader's
+    own order (data_pipeline.order) for two turns of every slot; the shard size the warning names evens it."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from data_pipeline.order import Order, Position
+    from trainer.cli import warn_uneven_slots
+
+    def read_twice(shards: int, slots: int = 768) -> int:
+        order, reads = Order([1000] * shards, slots, seed=0), Counter()
+        for slot in range(slots):
+            pos = Position()
+            for _ in range(2):  # two turns: a shard each
+                reads[order.shards_of(slot, pos.epoch)[pos.shard]] += 1
+                pos = order.advance(slot, Position(pos.epoch, pos.shard, 999))  # past the shard's last sample
+        return sum(n == 2 for n in reads.values())
+
+    cfg = SimpleNamespace(num_slots=768, data="in64")
+    warn_uneven_slots(cfg, {"shards": [{}] * 1282, "num_samples": 1281167})
+    err = capsys.readouterr().err
+    assert read_twice(1282) >= 254 * 0.9  # the 254 one-shard slots' second shards (a few repeat one in one)
+    assert ("warning: num_slots: in64's 1282 shards over 768 slots: 254 slots hold 1 shard(s) an epoch and 514 hold "
+            "2, so 20% of the images come round 2x as often") in err and "--shard-size 835" in err
+    size = int(err.split("--shard-size ")[1].split()[0])
+    shards = -(-1281167 // size)
+    assert shards == 1535 and read_twice(shards) <= 2  # two per slot but one: even
+    for slots, shards in ((768, shards), (64, 1282), (4, 26)):  # even enough: nothing said
+        warn_uneven_slots(SimpleNamespace(num_slots=slots, data="d"), {"shards": [{}] * shards, "num_samples": 1})
+    assert capsys.readouterr().err == ""
+
+
 def test_settings_and_held_out_data_are_checked_before_start(digit_shards, tmp_path, capsys):
     """Values that used to fail after the ranks started (or after training time was spent, or never),
     refused up front naming the field; held-out data must match the training data's classes."""

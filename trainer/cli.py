@@ -83,6 +83,7 @@ def check_data(cfg, world: int = 1) -> None:
     if cfg.task == "classifier":
         warn_classifier_crop(cfg, manifest)
     shards = len(manifest["shards"])
+    warn_uneven_slots(cfg, manifest)
     if cfg.num_slots > shards:
         raise ValueError(f"num_slots: {cfg.num_slots} canonical slots but {cfg.data} has only {shards} shard(s); "
                          f"every slot needs one (write smaller shards with --shard-size, or lower num_slots)")
@@ -92,6 +93,21 @@ def check_data(cfg, world: int = 1) -> None:
                          f"{max(cfg.data_workers, 1)} data_workers = {readers} readers")
     if cfg.val_data:
         check_val_data(cfg, manifest, world)
+
+
+def warn_uneven_slots(cfg, manifest: dict) -> None:
+    """Slots take turns a shard at a time, so where some hold q shards an epoch and others q + 1, the former's
+    shards come round (q+1)/q times as often until later epochs deal them elsewhere: said when that is 1.5x
+    or more for over a tenth of the data (768 slots over ImageNet's 1,282 shards of 1,000: 2x for 20%)."""
+    shards, slots = len(manifest["shards"]), cfg.num_slots
+    q, r = divmod(shards, slots)
+    short = (slots - r) * q  # shards in the slots holding one fewer
+    if q and r and (q + 1) / q >= 1.5 and short > shards / 10:
+        size = -(-manifest["num_samples"] // (slots * (q + 1) - 1))  # shards just under a multiple of the slots
+        print(f"warning: num_slots: {cfg.data}'s {shards} shards over {slots} slots: {slots - r} slots hold {q} "
+              f"shard(s) an epoch and {r} hold {q + 1}, so {short / shards:.0%} of the images come round "
+              f"{(q + 1) / q:.2g}x as often until later epochs reshuffle them; write the data with --shard-size "
+              f"{size} (for {slots} slots), or pick a num_slots that divides {shards} more evenly", file=sys.stderr)
 
 
 def warn_classifier_crop(cfg, manifest: dict) -> None:
