@@ -284,8 +284,10 @@ def main(argv: list[str] | None = None, prog: str = "adm demo") -> int:
           f"the diffusion model: {args.kimg:g} kimg, a snapshot every {every:g} kimg", preempt=True, slurm=slurm)
     lap("diffusion")
     clf_run = out / "runs" / "classifier"
+    # trained on the larger crops, as ADM's classifier crops from the full image: its random-resized crop scales
+    # the short side to between res and res/0.8, down from 2 res rather than up from res
     train(["preset=tiny-classifier-32", f"model.image_size={res}", "model.num_classes=10",
-           f"data={shards['train', res]}", f"val_data={shards['val', res]}", f"run_dir={clf_run}",
+           f"data={shards['train', res2]}", f"val_data={shards['val', res]}", f"run_dir={clf_run}",
            f"total_kimg={args.classifier_kimg}", "batch=64", "lr=1e-3", "ema_rates=[0.95]",
            f"status_kimg={args.classifier_kimg}",
            f"snapshot_kimg={args.classifier_kimg}", f"checkpoint_kimg={args.classifier_kimg}", *common],
