@@ -119,6 +119,12 @@ def summary(all_results: dict[str, dict], info: dict) -> str:
         out += [f"| {k} | {_f(v, 0)} | {_f(r['speedup_vs_reference'].get(k, 1.0))} |"
                 for k, v in r["images_per_s_one_process"].items()]
         out += ["", f"Shard writer: {_f(r['write_images_per_s_per_worker'], 0)} images/s per worker.", ""]
+        if lst := r.get("listing"):
+            us = lst["us_per_image"]
+            out += [f"Listing a source with its resume digest ({lst['images']:,} images, page cache warm): folder "
+                    f"{_f(us['folder'])} us/image, x{_f(lst['folder_speedup_vs_naive'])} the stat-per-file walk it "
+                    f"replaced ({_f(us['naive_walk'])}); ImageNet's tar of tars in place {_f(us['ilsvrc_tar'])} "
+                    "us/image.", ""]
     for name in ("eval-cpu", "eval-gpu"):
         if r := results.get(name):
             pr = r.get("precision_recall", {})  # absent when a time limit stopped the run after the features
