@@ -126,7 +126,7 @@ def main():
         crop = f"center-crop:{a.resolution}"
         write_dataset(source, tmp / "png", shard_size=100, preprocess=crop, progress=False)
         write_dataset(source, tmp / "npy", shard_size=100, preprocess=crop, image_format="npy", progress=False)
-        listing = listing_rates(tmp)
+        listing = listing_rates(tmp, classes=max(1, a.images // 10))  # 20 images listed per image decoded
         rates = {"reference": reference_rate(paths, a.resolution, a.seconds)}
         for name, path, draft in [("originals", "orig", False), ("originals_jpeg_draft", "orig", True),
                                   ("center_crop_png", "png", False), ("center_crop_npy", "npy", False)]:

@@ -64,7 +64,7 @@ def test_run_all_runs_the_benchmarks_and_rewrites_only_its_section(tmp_path):
     assert "old numbers" not in text and text.count("<!-- run_all: begin") == 1
     train = json.loads((tmp_path / "out" / "train-cpu.json").read_text())
     assert [r["zero_stage"] for r in train["rows"]] == [1, 2, 3] and train["checkpoint_load_mib_s"] > 0
-    for needle in ("Machine: ", "deepspeed ", "**eval-cpu**", "**data-cpu**", "| 2 | ", "resume to first step",
+    for needle in ("Machine: ", "deepspeed ", "**eval-cpu**", "**data-cpu**", "| 2 | ", "resume (ZeRO-2) to first step",
                    "**ddp-cpu**", "| zero2 | ", "**eval-workers-cpu**"):
         assert needle in text, needle
 
