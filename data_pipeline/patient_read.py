@@ -31,4 +31,3 @@ def read_patiently(path: str | Path, delays: tuple[float, ...], consequence: str
                                       f"{sum(delays):g} s ({e.strerror or e}); {consequence}") from e
             log.warning("%s: unreadable (%s); trying again in %g s", path, e.strerror or e, delay)
             time.sleep(delay)
-    raise AssertionError("unreachable")
