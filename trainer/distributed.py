@@ -189,12 +189,46 @@ def launch_world() -> int:
     return 1
 
 
-def any_rank(flag: bool, device) -> bool:
-    """True if the flag is set on any rank (one small all-reduce)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+class AnyRankLater:
+    """Whether a flag was set on any rank, answered one call later: each call queues this call's all-reduce
+    (and on a GPU its copy into pinned host memory) and reads the previous call's, which the device has long
+    finished. An all-reduce + .item() per step would make the host wait for the step in flight every step;
+    this never does. Every rank reads the same reduced value at the same call, so they still agree at one
+    step boundary, a step after the signal."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pending = None  # (host value, event or None) of the previous call
+
+    def __call__(self, flag: bool) -> bool:
+        answer = False
+        if self.pending is not None:
+            host, done = self.pending
+            if done is not None:
+                done.synchronize()  # recorded a step ago: done already, in practice
+            answer = bool(host[0])
+        t = torch.full((1,), int(flag), dtype=torch.int32, device=self.device)  # a fill, no copy from the host
+        if dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        done = None
+        if t.is_cuda:
+            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            t = host
+        self.pending = (t, done)
+        return answer
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's t (the same shape on each) concatenated along dim 0 in rank order: one collective on
+    t's device, no pickling."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    out = t.new_empty((dist.get_world_size() * t.shape[0], *t.shape[1:]))
+    dist.all_gather_into_tensor(out, t.contiguous())
+    return out
 
 
 def gather_objects(obj) -> list:

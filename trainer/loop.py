@@ -49,7 +49,17 @@ def deepspeed_config(cfg: TrainConfig, micro: int, accum: int, cuda: bool = Fals
                  "loss_scale_window": 1000, "hysteresis": 1, "min_loss_scale": 1},
         "gradient_clipping": cfg.grad_clip,
         "steps_per_print": 1 << 62, "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer (on by default) synchronises the device at the start of every forward
+        # and the end of every step, so the host could never queue a step ahead; the status line times steps
+        "timers": {"throughput": {"enabled": False}},
     }
+
+
+def gather_losses(ts: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (timesteps, losses), in rank order, on the host: the loss-aware sampler's history must be
+    identical on every rank. One all-gather of both, exact in float64."""
+    both = dist_util.all_gather_cat(torch.stack([ts.double(), losses.double()], 1)).cpu()
+    return both[:, 0].long(), both[:, 1]
 
 
 def lr_at(cfg: TrainConfig, images: int) -> float:
@@ -111,11 +121,7 @@ def training_loop(cfg: TrainConfig) -> int:
                                           use_kl=d.use_kl, predict_xstart=d.predict_xstart,
                                           rescale_learned_sigmas=d.rescale_learned_sigmas)
 
-    def sync(ts, losses):  # the loss-aware sampler's history must be identical on every rank
-        gathered = dist_util.gather_objects((ts.cpu(), losses.cpu()))
-        return torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
-
-    sampler = create_named_schedule_sampler(d.schedule_sampler, diffusion, sync=sync)
+    sampler = create_named_schedule_sampler(d.schedule_sampler, diffusion, sync=gather_losses)
     skipped, refused = [], None
     if is_main:
         try:
@@ -298,6 +304,7 @@ def training_loop(cfg: TrainConfig) -> int:
     bad_in_row = 0
     interval = {"start": time.perf_counter(), "images": images, "paused": 0.0}  # the status line's window
     first_step = True
+    stop_requested = dist_util.AnyRankLater(device)
 
     def paused(work):  # checkpoints, snapshots and validation: not counted in the training throughput
         began = time.perf_counter()
@@ -306,7 +313,7 @@ def training_loop(cfg: TrainConfig) -> int:
         return result
 
     while images < total_images:
-        if dist_util.any_rank(preempt.requested, device):  # ranks agree at a step boundary
+        if stop_requested(preempt.requested):  # ranks agree at a step boundary (a step after the signal)
             preempt.agree()
             if saved_at != images:  # not when the state at this count is on disk already (just saved or resumed)
                 save_state()
