@@ -17,7 +17,8 @@ def cmd_write(args) -> int:
           file=sys.stderr)
     manifest = write_dataset(source, args.out, shard_size=args.shard_size, workers=args.workers,
                              preprocess=args.preprocess, resume=args.resume, seed=args.seed,
-                             progress=not args.quiet, tool_version=__version__, image_format=args.image_format)
+                             progress=not args.quiet, tool_version=__version__, image_format=args.image_format,
+                             skip_unreadable=args.skip_unreadable)
     print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shard{'s' * (len(manifest['shards']) != 1)} to {args.out}; "
           f"skipped {manifest['skipped_count']}" + (" (listed in manifest.json)" if manifest["skipped_count"] else ""))
     return 0
@@ -76,6 +77,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                    help="for center-crop: png (lossless, compact) or npy (raw uint8, fastest to load)")
     p.add_argument("--seed", type=int, default=0, help="seed of the write-time global shuffle")
     p.add_argument("--resume", action="store_true", help="complete an interrupted write")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="skip and list a source file still failing with I/O errors after 30 s of tries (a bad "
+                        "sector) instead of stopping the write")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_write)
     p = sub.add_parser("verify", help="check every shard against the manifest (exit 1 on problems)")

@@ -11,6 +11,7 @@ written last and atomically: a directory without manifest.json is an interrupted
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -32,10 +33,12 @@ from .sources import Item, Source
 
 FORMAT = "adm-webdataset"
 VERSION = 1
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MAX_SCALED_PIXELS = 1 << 28  # ADM's center crop scales the short side first: a 1x100000 strip would need GBs
 # A source image the filesystem refuses (EIO, ESTALE, a mount that blinks) is asked for again after these
 # pauses, then the write stops (--resume goes on): skipping it would make the dataset depend on a passing fault.
+# With --skip-unreadable (for a file that will never read again: a bad sector) it is skipped and listed instead.
 READ_RETRY_DELAYS_S = (1, 2, 4, 8, 15)
 
 
@@ -62,6 +65,7 @@ class ShardTask:
     root: str
     class_ids: list[str]
     image_format: str = "png"
+    skip_unreadable: bool = False  # a file still unreadable after the tries: skipped and listed, not a stop
 
 
 def _gone_for_good(item: Item, e: OSError) -> bool:
@@ -78,10 +82,11 @@ def _gone_for_good(item: Item, e: OSError) -> bool:
     return isinstance(e, (IsADirectoryError, NotADirectoryError, PermissionError))
 
 
-def _image_sample(item: Item, kind: str, size: int, image_format: str = "png") -> tuple[str, bytes, tuple[int, int]]:
+def _image_sample(item: Item, kind: str, size: int, image_format: str = "png",
+                  if_unreadable: str = "the write stops") -> tuple[str, bytes, tuple[int, int]]:
     """(extension, encoded bytes, original (w, h)); raises on an unreadable image (StillUnreadable: on a
     file the filesystem keeps refusing)."""
-    data = read_patiently(item.path, READ_RETRY_DELAYS_S, "the write stops", lambda e: _gone_for_good(item, e),
+    data = read_patiently(item.path, READ_RETRY_DELAYS_S, if_unreadable, lambda e: _gone_for_good(item, e),
                           (lambda: read_range(item.path, item.offset, item.size)) if item.offset >= 0 else None)
     if not data:
         raise ValueError("zero-byte file")
@@ -133,9 +138,17 @@ def write_shard(task: ShardTask) -> dict:
                 skipped.append({"path": rel, "reason": "missing label"})
                 continue
             try:
-                ext, payload, original = _image_sample(item, kind, size, task.image_format)
-            except StillUnreadable:
-                raise  # the shard stays .partial, and --resume writes it once the file reads
+                ext, payload, original = _image_sample(item, kind, size, task.image_format,
+                                                       "skipped (--skip-unreadable)" if task.skip_unreadable
+                                                       else "the write stops")
+            except StillUnreadable as e:
+                if not task.skip_unreadable:
+                    raise  # the shard stays .partial, and --resume writes it once the file reads
+                log.warning("%s", e.strerror)
+                cause = e.__cause__
+                skipped.append({"path": rel, "reason": f"I/O error on every try over {sum(READ_RETRY_DELAYS_S):g} s "
+                                                        f"({getattr(cause, 'strerror', None) or cause})"})
+                continue
             except Exception as e:  # any decoder failure: skip and report, never stop the write
                 reason = re.sub(r"<[^<>]* at 0x[0-9a-f]+>", "it", f"{type(e).__name__}: {e}")  # no addresses:
                 skipped.append({"path": rel, "reason": reason})  # the same write gives the same manifest
@@ -238,8 +251,10 @@ def source_digest(source: Source) -> str:
 
 def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, workers: int = 1, preprocess: str = "none",
                   resume: bool = False, seed: int = 0, progress: bool = True, tool_version: str = "",
-                  image_format: str = "png") -> dict:
-    """image_format applies to center-crop: png (lossless, compact) or npy (raw uint8, fastest to load)."""
+                  image_format: str = "png", skip_unreadable: bool = False) -> dict:
+    """image_format applies to center-crop: png (lossless, compact) or npy (raw uint8, fastest to load).
+    skip_unreadable: a source file the filesystem still refuses after READ_RETRY_DELAYS_S (a bad sector) is
+    skipped and listed instead of stopping the write; a fault policy, not a setting, so a --resume may add it."""
     check_write_options(out, shard_size, workers, preprocess, image_format, resume)
     out, (kind, _) = Path(out), parse_preprocess(preprocess)
     out.mkdir(parents=True, exist_ok=True)
@@ -263,7 +278,7 @@ def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, worke
     done = {i: s for i in range(len(plan)) if (s := _valid_done(out, i))}
     root = Path(source.root).resolve()  # as the items' paths are: a symlinked root names images alike
     tasks = [ShardTask(str(out), i, entries, preprocess, str(root if root.is_dir() else root.parent), class_ids,
-                       image_format)
+                       image_format, skip_unreadable)
              for i, entries in enumerate(plan) if i not in done]
     results = dict(done)
     bar = None
@@ -289,7 +304,8 @@ def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, worke
                                 "with --resume to complete it") from None
     except StillUnreadable as e:  # a RuntimeError: the command's one-line error
         raise RuntimeError(f"{e.strerror}: {len(results)} of {len(plan)} shards written to {out}; rerun the same "
-                           "command with --resume once the source reads again") from None
+                           "command with --resume once the source reads again (add --skip-unreadable to leave out "
+                           "files that never will)") from None
     finally:
         close_tars()  # one left open by a shard written in this process that stopped on an error
         if pool:  # on an error, stop the shards in flight (they stay .partial; --resume rewrites them)

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -586,7 +587,8 @@ def test_a_source_image_unreadable_for_a_moment_is_waited_for_and_one_gone_for_g
                                                                                                    monkeypatch):
     """An I/O error reading a source image (NFS, a mount that blinks) is not a bad image: the read is tried
     again and the image written; a file that keeps failing stops the write, its shard not marked done, and
-    --resume completes it into the same dataset as an undisturbed write. A file removed from its directory
+    --resume completes it into the same dataset as an undisturbed write, or, with --skip-unreadable, leaves
+    the file out and lists it. A file removed from its directory
     is skipped and counted as before (asking again would not bring it back)."""
     import errno
     import pathlib
@@ -621,6 +623,17 @@ def test_a_source_image_unreadable_for_a_moment_is_waited_for_and_one_gone_for_g
     plan = writer.plan_shards(read_source(src, "folder"), 2, 0)
     bad = next(i for i, entries in enumerate(plan) if any(item.path.endswith(flaky_name) for _, item in entries))
     assert not (out / writer.shard_name(bad)).exists() and (out / (writer.shard_name(bad) + ".partial")).exists()
+    dead = tmp_path / "dead-sector"  # the file will never read again: the user leaves it out on --resume
+    shutil.copytree(out, dead)
+    with pytest.raises(RuntimeError, match="once the source reads again \\(add --skip-unreadable"):
+        write_dataset(read_source(src, "folder"), dead, shard_size=2, resume=True, progress=False)
+    left_out = write_dataset(read_source(src, "folder"), dead, shard_size=2, resume=True, skip_unreadable=True,
+                             progress=False)
+    assert left_out["num_samples"] == 5 and left_out["skipped"] == [
+        {"path": f"n00000002/{flaky_name}", "reason": "I/O error on every try over 0.03 s (Input/output error)"}]
+    assert verify(dead)["ok"]
+    others = [s["sha256"] for i, s in enumerate(left_out["shards"]) if i != bad]  # only its own shard changed
+    assert others == [s["sha256"] for i, s in enumerate(clean["shards"]) if i != bad]
     failures["left"] = 0  # the mount is back
     resumed = write_dataset(read_source(src, "folder"), out, shard_size=2, resume=True, progress=False)
     assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in clean["shards"]]
