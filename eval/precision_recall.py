@@ -85,6 +85,31 @@ def _exact(a: _Points, i: torch.Tensor, b: _Points, j: torch.Tensor) -> torch.Te
     return out.to(a.f32.device)
 
 
+def _capped(features: np.ndarray, k: int) -> tuple[np.ndarray | slice, np.ndarray | slice]:
+    """(kept, copy): the row indices that keep at most k+1 copies of each distinct row, and for every row
+    the position in `kept` of an identical kept row. The (k+1)-th smallest of a multiset sees at most k+1
+    copies of any value, so every radius is the same on the kept rows, a dropped row's radius and memberships
+    are its kept twin's, and a ball repeated adds nothing to a manifold. Identical rows come from degenerate
+    samples (a diverged snapshot's all-black images): all pairs of them would be undecided (n^2 exact sums)."""
+    n = len(features)
+    rows = np.ascontiguousarray(features).reshape(n, -1)
+    keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()  # bytes: -0.0 != 0.0 (safe)
+    _, group, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    group = group.ravel()
+    if counts.max() <= k + 1:
+        return slice(None), slice(None)  # nothing to drop: views, no copy
+    order = np.argsort(group, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    nth = np.empty(n, dtype=np.int64)
+    nth[order] = np.arange(n) - starts[group[order]]  # each row's occurrence number among its copies
+    kept = np.flatnonzero(nth <= k)
+    position = np.full(n, -1)
+    position[kept] = np.arange(len(kept))
+    first = np.full(len(counts), -1)
+    first[group[order[starts]]] = position[order[starts]]  # the first occurrence is always kept
+    return kept, first[group]
+
+
 def radii(features: np.ndarray, k: int = 3, block: int = 2048, distance: str = "fp32", device="cpu",
           comm=None) -> np.ndarray:
     """k-NN radius (squared) of every point against its own set; comm (eval.comm) splits the work over
@@ -93,8 +118,9 @@ def radii(features: np.ndarray, k: int = 3, block: int = 2048, distance: str = "
     comm = comm or _single()
     if distance == "fp16":
         return _gathered(comm, lambda rows: _radii_fp16(features, k, block, device, rows), len(features))
+    kept, copy = _capped(features, k)
     with strict_fp32():  # the error bound assumes true float32 products
-        return _radii(_Points(features, device), k, block, comm)
+        return _radii(_Points(features[kept], device), k, block, comm)[copy]
 
 
 def _single():
@@ -254,14 +280,15 @@ def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = K_NEAR
                            len(reference))
         return float(precision.mean()), float(recall.mean())
     _check_size(reference, k), _check_size(samples, k)
+    (ref_kept, ref_copy), (sam_kept, sam_copy) = _capped(reference, k), _capped(samples, k)
     with strict_fp32():  # the error bound assumes true float32 products
-        ref, sam = _Points(reference, device), _Points(samples, device)
+        ref, sam = _Points(reference[ref_kept], device), _Points(samples[sam_kept], device)
         r_ref, r_sample = _radii(ref, k, block, comm), _radii(sam, k, block, comm)
         to = lambda x: torch.as_tensor(x, dtype=torch.float64, device=ref.f32.device)  # noqa: E731
         ref_in, sam_in_part = _cross(ref, comm.rows(len(ref)), sam, to(r_ref), to(r_sample), block)
     parts = comm.allgather((ref_in, sam_in_part))
-    recall = np.concatenate([p[0] for p in parts])
-    precision = np.logical_or.reduce([p[1] for p in parts])
+    recall = np.concatenate([p[0] for p in parts])[ref_copy]
+    precision = np.logical_or.reduce([p[1] for p in parts])[sam_copy]
     return float(precision.mean()), float(recall.mean())
 
 

@@ -259,6 +259,31 @@ def test_exact_radii_and_memberships_on_near_ties():
                 assert pr == pytest.approx((bp, br), abs=1e-12)
 
 
+def test_identical_rows_keep_the_exact_work_small_and_the_results_exact(monkeypatch):
+    """A diverged snapshot samples hundreds of identical (all-black) images: every pair of them is within the
+    float32 error, so without care all n^2 pairs go to the float64 check. Kept to k+1 copies of each row,
+    the results equal brute force's, at any block size and worker count, and the float64 work stays small."""
+    import eval.precision_recall as pr
+    rng = np.random.default_rng(11)
+    black = np.abs(rng.normal(size=(1, 64))).astype(np.float32)
+    sample = np.concatenate([np.repeat(black, 300, 0), np.abs(rng.normal(size=(40, 64))).astype(np.float32),
+                             np.repeat(black + 0.5, 3, 0)])  # a group of 3 (at most k+1): nothing to drop
+    ref = np.concatenate([np.abs(rng.normal(size=(120, 64))).astype(np.float32), np.repeat(black + 0.01, 9, 0)])
+    ref = ref[rng.permutation(len(ref))]  # copies interleaved with the others
+    real_exact, pairs = pr._exact, []
+    monkeypatch.setattr(pr, "_exact", lambda a, i, b, j: pairs.append(len(i)) or real_exact(a, i, b, j))
+    bp, br = brute_pr(ref.astype(np.float64), sample.astype(np.float64))
+    d2 = ((sample[:, None, :].astype(np.float64) - sample[None, :, :]) ** 2).sum(-1)
+    for block in (7, 64, 1000):
+        pairs.clear()
+        np.testing.assert_allclose(radii(sample, block=block), np.sort(d2, axis=1)[:, 3], rtol=1e-12)
+        assert precision_recall(ref, sample, block=block) == pytest.approx((bp, br), abs=1e-12)
+        assert sum(pairs) < 3000, (block, sum(pairs))  # 300 copies: 90,000 pairs of them alone
+        for workers in (2, 3):
+            for got in as_workers(workers, lambda comm: precision_recall(ref, sample, block=block, comm=comm)):
+                assert got == pytest.approx((bp, br), abs=1e-12)
+
+
 @pytest.mark.parametrize("onednn", [True, False])
 def test_distance_gemm_is_true_float32_within_the_bound(onednn, monkeypatch):
     """The float32 distances come from oneDNN's linear on a CPU (BLAS's addmm otherwise): either must keep
