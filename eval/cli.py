@@ -50,9 +50,8 @@ def json_target(path: str | None) -> Path | None:
 
 def write_json(target: Path | None, data) -> None:
     if target is not None:
-        tmp = target.with_name(f".{target.name}.partial")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(target)
+        from .atomic import write_text_atomic
+        write_text_atomic(target, json.dumps(data, indent=2) + "\n")
 
 
 def add_feature_args(p: argparse.ArgumentParser) -> None:
@@ -80,10 +79,21 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
 
 
 def _slurm_answers() -> bool:
+    """sbatch is here and sinfo answers. Inside a Slurm job (a scheduled pass) Slurm is there for sure: a
+    failing sinfo is a controller restarting, asked again for 2.5 minutes before the answer counts."""
+    import os
     import shutil
     import subprocess
 
-    return bool(shutil.which("sbatch")) and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
+    if not shutil.which("sbatch"):
+        return False
+    waits = (10, 20, 30, 40, 50) if "SLURM_JOB_ID" in os.environ else ()
+    for wait in (*waits, None):
+        if subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0:
+            return True
+        if wait is not None:
+            time.sleep(wait)
+    return False
 
 
 def backend_for(args):
@@ -191,6 +201,19 @@ def parse_every(text: str) -> float:
     return seconds
 
 
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """argv without `name VALUE` / `name=VALUE`."""
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == name:
+            skip = True
+        elif not x.startswith(name + "="):
+            out.append(x)
+    return out
+
+
 def cmd_schedule(a) -> int:
     from .report import write_report
     from .schedule import schedule_pass
@@ -212,17 +235,27 @@ def cmd_schedule(a) -> int:
         raise ValueError(f"{run_dir} is already scheduled: job {other} is its next pass (one schedule per run; "
                          f"`adm jobs cancel {other} --run-dir {run_dir}` first to change it)")
     while True:
-        counts = schedule_pass(run_dir, settings, Path(a.ref), backend, a.max_attempts, a.inception_weights,
-                               a.metric_workers, retry_failed=a.retry_failed)
-        a.retry_failed = False  # once: the later passes give up on what fails again
-        report = write_report(run_dir)
-        print(f"[eval] {time.strftime('%H:%M:%S')} {run_dir}: {counts['done']} done ({counts['now']} in this pass), "
-              + ", ".join(f"{v} {k}" for k, v in counts.items() if k not in ("done", "now"))
-              + f"; report {report}", flush=True)
-        if a.once:
-            return 0 if counts["failed"] == 0 else 1
+        try:
+            counts = schedule_pass(run_dir, settings, Path(a.ref), backend, a.max_attempts, a.inception_weights,
+                                   a.metric_workers, retry_failed=a.retry_failed)
+            a.retry_failed = False  # once: the later passes give up on what fails again
+            report = write_report(run_dir)
+        except Exception as e:  # a recurring schedule outlives a pass that fails: the next one tries again
+            if a.once:
+                raise
+            import traceback
+            traceback.print_exc()
+            print(f"[eval] {time.strftime('%H:%M:%S')} {run_dir}: this pass failed ({type(e).__name__}: {e}); "
+                  "the next pass tries again", file=sys.stderr, flush=True)
+        else:
+            print(f"[eval] {time.strftime('%H:%M:%S')} {run_dir}: {counts['done']} done ({counts['now']} in this "
+                  "pass), " + ", ".join(f"{v} {k}" for k, v in counts.items() if k not in ("done", "now"))
+                  + f"; report {report}", flush=True)
+            if a.once:
+                return 0 if counts["failed"] == 0 else 1
         if backend.name == "slurm":  # the next pass is a Slurm job that begins later and resubmits itself
             argv = [x for x in (sys.argv[1:] if a.argv is None else a.argv) if x != "--retry-failed"]  # once only
+            argv = _without_option(argv, "--cluster") + ["--cluster", "slurm"]  # never `auto` falling back to local
             job = backend.submit_schedule(argv, every, run_dir)
             print(f"[eval] next pass: job {job} begins in {a.every}")
             return 0

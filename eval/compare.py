@@ -9,7 +9,7 @@ import numpy as np
 
 from .inception import logits_weight
 from .metrics import inception_score, load_reference
-from .npzfile import FEATURE_DIMS, NpzInfo, describe
+from .npzfile import FEATURE_DIMS, NpzInfo, describe, open_npz, stored_statistics
 from .precision_recall import K_NEAREST as K, precision_recall
 from .stats import frechet_distance
 
@@ -17,7 +17,10 @@ from .stats import frechet_distance
 def compare(ref_path: str, sample_path: str, batch_size: int | None = None, device=None, pr_distance: str = "fp32",
             inception_weights: str | None = None) -> dict:
     w = logits_weight(inception_weights) if inception_weights else None  # a bad path fails before any work
-    check_pair(describe(ref_path), describe(sample_path))  # both files, before any image is featurized
+    infos = describe(ref_path), describe(sample_path)
+    check_pair(*infos)  # both files, before any image is featurized
+    for info in infos:  # and the values of the statistics they store
+        stored_statistics(info.path, open_npz(info.path), info)
     ref = load_reference(ref_path, batch_size=batch_size, device=device)
     sample = load_reference(sample_path, batch_size=batch_size, device=device)
     result = {"fid": frechet_distance(sample["mu"], sample["sigma"], ref["mu"], ref["sigma"])}

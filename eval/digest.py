@@ -1,8 +1,9 @@
 """Content digests of reference files, each file hashed once per version (path, size, mtime, inode)."""
 
 import hashlib
-import os
 from pathlib import Path
+
+from .atomic import write_text_atomic
 
 
 def file_digest(path: Path) -> str:
@@ -24,7 +25,5 @@ def remembered_digest(path: Path, cache_dir: Path) -> str:
         return memo.read_text().strip()
     digest = file_digest(path)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_name(f"{memo.name}.partial-{os.getpid()}")
-    tmp.write_text(digest + "\n")
-    os.replace(tmp, memo)
+    write_text_atomic(memo, digest + "\n")
     return digest

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from . import registry
+from .atomic import write_text_atomic
 from .settings import EVALUATOR_VERSION, EvalSetting, eval_key
 
 
@@ -50,10 +51,7 @@ def prepare(run_dir: Path, snapshot: Path, setting: EvalSetting, ref: Path, ince
                                                   if (v := getattr(setting, k))}},  # tasks run from anywhere
                 "ref": str(Path(ref).resolve()), "inception_weights": inception_weights,
                 "metric_workers": metric_workers, "evaluator": EVALUATOR_VERSION}
-        import os
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two schedulers may prepare at once
-        tmp.write_text(json.dumps(spec, indent=2) + "\n")
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(spec, indent=2) + "\n")  # two schedulers may prepare at once
     return key_dir
 
 

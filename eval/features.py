@@ -11,16 +11,18 @@ from pathlib import Path
 import numpy as np
 
 from .inception import extract
+from .npzfile import images_of
 from .sample import overlapping_shards, save_npz_atomic
 from .stats import Statistics
 
 MERGED = "features-merged.npz"  # all shards' features and statistics, after the metrics are published
 
 
-def check_images(path: Path, data) -> np.ndarray:
+def check_images(path: Path, data):
+    """arr_0 checked from its header, then read batch by batch as it is featurized (StreamedArray)."""
     if "arr_0" not in data.files:
         raise ValueError(f"{path}: no arr_0 (images); it has {sorted(data.files)}")
-    images = data["arr_0"]
+    images = images_of(data)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"{path}: arr_0 must be uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
     return images

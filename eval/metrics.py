@@ -11,8 +11,9 @@ import numpy as np
 from .digest import remembered_digest
 from .features import check_images
 from .inception import extract
-from .npzfile import READ_ERRORS, STAT_PAIRS, check_statistics, describe, open_npz, stored_shape
+from .npzfile import READ_ERRORS, describe, open_npz, stored_shape, stored_statistics
 from .precision_recall import precision_recall
+from .settings import EVALUATOR_VERSION
 from .stats import Statistics, frechet_distance, sqrtm_psd
 
 
@@ -36,15 +37,19 @@ def load_reference(path: str | Path, cache_dir: Path | None = None, batch_size=N
     p = Path(path)
     data = open_npz(p)
     info = describe(p, data)  # every header check before any image is read
+    stored = stored_statistics(p, data, info)  # and the stored statistics' values
     try:
-        return _load(p, data, info, cache_dir, batch_size, device)
+        return _load(p, data, info, stored, cache_dir, batch_size, device)
     except READ_ERRORS as e:  # a damaged member met while reading it
         raise ValueError(f"{p}: damaged npz ({type(e).__name__}: {e})") from None
 
 
-def _load(p: Path, data, info, cache_dir, batch_size, device) -> dict:
+def _load(p: Path, data, info, stored: dict, cache_dir, batch_size, device) -> dict:
     out = {"meta": info.meta}
-    cached = Path(cache_dir) / f"ref-{remembered_digest(p, Path(cache_dir))}.npz" if cache_dir else None
+    # by content and evaluator version: a new version (another network arithmetic) featurizes anew
+    cached = None
+    if cache_dir:
+        cached = Path(cache_dir) / f"ref-{remembered_digest(p, Path(cache_dir))}.{EVALUATOR_VERSION}.npz"
     if info.images is not None:
         if _own_pool_features(data, out["meta"]):  # `adm eval ref` stored them: no Inception pass here
             out.update(pool=data["pool"], resolution=int(info.images[1]))
@@ -64,10 +69,7 @@ def _load(p: Path, data, info, cache_dir, batch_size, device) -> dict:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 save_npz_atomic(cached, pool=feats["pool"], resolution=np.array(images.shape[1]), **stats)
         out.update(stats)
-    for mu, sigma in STAT_PAIRS:
-        if mu in info.dims:  # statistics of the whole split take precedence over those of arr_0
-            out[mu], out[sigma] = data[mu], data[sigma]
-            check_statistics(p, out[mu], out[sigma], (mu, sigma))
+    out.update(stored)  # the whole split's statistics take precedence over arr_0's
     if cached is not None:
         out.update(_reference_roots(out, cached.with_name(cached.stem + "-sqrt.npz")))
     return out

@@ -1,7 +1,7 @@
 """The results registry of a run: RUN/eval/<key>/ per (snapshot, setting).
 
     setting.json      what to evaluate (snapshot, setting, reference), written when first planned
-    attempt-<n>.json  a claim, created exclusively (O_EXCL): whoever creates attempt n runs attempt n
+    attempt-<n>.json  a claim, created exclusively (a hard link): whoever creates attempt n runs attempt n
     metrics.json      the result, published exactly once (hard link of a finished temporary file)
     failed.json       written when the last allowed attempt failed
 
@@ -18,6 +18,8 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from .atomic import write_text_atomic, write_text_once
 
 METRICS, FAILED, SETTING = "metrics.json", "failed.json", "setting.json"
 # A claim without Slurm jobs (a scheduler between claiming and its backend's answer, a local-backend
@@ -55,26 +57,25 @@ def local_owner() -> dict:
 
 
 def local_alive(owner: dict) -> bool:
-    """A claim without Slurm jobs is alive while its process is: on this host by its pid, from another
-    host while its heartbeat (read_claim's "_mtime", else the claim's time) is under STALE_S old."""
+    """A claim without Slurm jobs is alive while its process is: on this host by its pid (and a process
+    started before the claim: not one that reuses the pid), from another host while its heartbeat
+    (read_claim's "_mtime", else the claim's time) is under STALE_S old."""
     if owner.get("host") != socket.gethostname():
         seen = owner.get("_mtime", owner.get("time"))
         return seen is None or time.time() - seen < STALE_S  # None: no claim read (withdrawn meanwhile)
     try:
-        os.kill(int(owner["pid"]), 0)
-    except (OSError, KeyError, ValueError):
+        import psutil
+
+        started = psutil.Process(int(owner["pid"])).create_time()
+    except (psutil.Error, KeyError, ValueError, TypeError):
         return False
-    return True
+    # a process that started after the claim was made holds a reused pid: the claim's own is gone
+    return started <= float(owner.get("time", started)) + 1.0
 
 
 def try_claim(key_dir: Path, n: int) -> bool:
-    try:
-        fd = os.open(Path(key_dir) / f"attempt-{n}.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        json.dump(local_owner(), f)
-    return True
+    """Create claim n, whole, unless another attempt did: the exclusive link makes one winner."""
+    return write_text_once(Path(key_dir) / f"attempt-{n}.json", json.dumps(local_owner()))
 
 
 @contextmanager
@@ -100,28 +101,12 @@ def heartbeat(key_dir: Path, n: int):
 
 
 def update_claim(key_dir: Path, n: int, owner: dict) -> None:
-    path = Path(key_dir) / f"attempt-{n}.json"
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(owner))
-    os.replace(tmp, path)
+    write_text_atomic(Path(key_dir) / f"attempt-{n}.json", json.dumps(owner))
 
 
 def publish(key_dir: Path, record: dict) -> bool:
     """Publish metrics.json exactly once; False if another attempt already did."""
-    final = Path(key_dir) / METRICS
-    tmp = final.with_name(f".{METRICS}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        os.link(tmp, final)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink()
+    return write_text_once(Path(key_dir) / METRICS, json.dumps(record, indent=2) + "\n")
 
 
 def posthoc_width(snapshot_name: str) -> str | None:

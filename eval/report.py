@@ -11,12 +11,12 @@ import base64
 import html
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from . import registry
+from .atomic import write_text_atomic
 from .published import published_for
 
 METRICS = ("fid", "sfid", "precision", "recall", "inception_score")
@@ -99,6 +99,11 @@ def curve_series(rows: list[dict], metric: str) -> dict[str, tuple[list, bool]]:
     return {k: (sorted(pts), posthoc) for k, (pts, posthoc) in series.items()}
 
 
+def _literal(text: str) -> str:
+    """A label matplotlib shows as written: a pair of $ would be parsed as math (and may not parse)."""
+    return text.replace("$", r"\$")
+
+
 def _metric_curves(rows: list[dict], published: dict):
     import matplotlib
     matplotlib.use("Agg")
@@ -108,10 +113,10 @@ def _metric_curves(rows: list[dict], published: dict):
     fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.0), squeeze=False)
     for ax, m in zip(axes[0], present):
         for name, (pts, posthoc) in curve_series(rows, m).items():
-            ax.plot(*zip(*pts), marker="*" if posthoc else "o", ls="none" if posthoc else "-", label=name)
+            ax.plot(*zip(*pts), marker="*" if posthoc else "o", ls="none" if posthoc else "-", label=_literal(name))
         for j, (label, vals) in enumerate(published.items()):
             if m in vals:
-                ax.axhline(vals[m], ls="--", lw=1, color=f"C{j + 5}", label=f"paper: {label}")
+                ax.axhline(vals[m], ls="--", lw=1, color=f"C{j + 5}", label=_literal(f"paper: {label}"))
         ax.set_title(LABELS[m])
         ax.set_xlabel("training kimg")
     axes[0][-1].legend(fontsize=7, loc="best")
@@ -211,9 +216,9 @@ def write_report(run_dir: Path, out_dir: Path | None = None, intro: str | None =
         loss=_loss_curve(run_dir), grids=grids, progressive=progressive, training_grids=training_grids,
         config=json.dumps(data["config"], indent=2))
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / "report.html", html)
-    _atomic_write(out_dir / "report.json", json.dumps({k: v for k, v in data.items()}, indent=2, default=str) + "\n")
-    _atomic_write(out_dir / "report.md", _markdown(data, metric_names))
+    write_text_atomic(out_dir / "report.html", html)
+    write_text_atomic(out_dir / "report.json", json.dumps(data, indent=2, default=str) + "\n")
+    write_text_atomic(out_dir / "report.md", _markdown(data, metric_names))
     return out_dir / "report.html"
 
 
@@ -235,12 +240,6 @@ def _markdown(data: dict, metric_names: list[str]) -> str:
             f"{label}: " + ", ".join(f"{LABELS[k]} {v}" for k, v in vals.items())
             for label, vals in data["published"].items())]
     return html.escape("\n".join(lines) + "\n", quote=False)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None, prog="adm report") -> int:

@@ -8,14 +8,13 @@ arr_1 labels) are written atomically; finished shards are skipped, so a rerun re
 
 import argparse
 import json
-import os
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic import merge_npz_atomic, save_npz_atomic, write_text_atomic
 from .settings import EvalSetting
 
 
@@ -59,16 +58,6 @@ def overlapping_shards(paths: list[Path]) -> tuple[Path, Path] | None:
         if r1[0] <= r0[1]:
             return p0, p1
     return None
-
-
-def save_npz_atomic(path: Path, **arrays) -> None:
-    """Write to a temporary name of this process's own, then rename: readers never see a partial file,
-    and two writers of the same file (racing schedulers sharing a reference cache) do not collide."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
 
 
 class ProgressiveFrames:
@@ -209,9 +198,7 @@ def claim_out_dir(out: Path, snapshot: str, setting: EvalSetting) -> None:
     if out.is_dir() and any(out.glob("samples-*.npz")):
         raise ValueError(f"--out {out} holds samples without a sampling.json (of what, unknown); give another --out")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".sampling.json.partial")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
 def main(argv=None, prog="adm sample") -> int:
@@ -268,10 +255,8 @@ def main(argv=None, prog="adm sample") -> int:
     paths = [sampler.shard(setting.shard_seeds(i), out, bar) for i in range(setting.num_shards)]
     bar.close()
     if a.merge:
-        arrays = [np.load(pth) for pth in paths]
-        labels = ({"arr_1": np.concatenate([x["arr_1"] for x in arrays])} if all("arr_1" in x.files for x in arrays)
-                  else {})
-        save_npz_atomic(out / "samples.npz", arr_0=np.concatenate([x["arr_0"] for x in arrays]), **labels)
+        labelled = all("arr_1" in np.load(pth).files for pth in paths)
+        merge_npz_atomic(out / "samples.npz", paths, ("arr_0", "arr_1") if labelled else ("arr_0",))
     print(f"{a.num} samples in {len(paths)} shard(s) under {out}" + (" + samples.npz" if a.merge else ""))
     return 0
 

@@ -135,14 +135,13 @@ def _advance(key_dir: Path, backend, max_attempts: int, log, retry_failed: bool 
 
 
 def _give_up(key_dir: Path, attempts: int, owner: dict) -> bool:
-    import os
+    """failed.json, whole or not at all, once (of two schedulers giving up together, one writes it)."""
+    from .atomic import write_text_once
 
-    try:
-        fd = os.open(key_dir / registry.FAILED, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
+    if (key_dir / registry.FAILED).is_file():
         return True
     spec = json.loads((key_dir / registry.SETTING).read_text())
-    with os.fdopen(fd, "w") as f:
-        json.dump({**{k: spec[k] for k in ("key", "snapshot", "snapshot_name", "images", "setting")},
-                   "attempts": attempts, "last_error": owner.get("error")}, f, indent=2)
+    write_text_once(key_dir / registry.FAILED, json.dumps(
+        {**{k: spec[k] for k in ("key", "snapshot", "snapshot_name", "images", "setting")},
+         "attempts": attempts, "last_error": owner.get("error")}, indent=2) + "\n")
     return True

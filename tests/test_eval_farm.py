@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -107,7 +108,7 @@ def test_a_reference_is_hashed_once_per_version_of_the_file(reference, tmp_path,
     import eval.metrics as metrics
 
     hashed = []
-    real_digest = digest.file_digest
+    real_digest, real_extract = digest.file_digest, metrics.extract
     monkeypatch.setattr(digest, "file_digest", lambda p: hashed.append(p) or real_digest(p))
     ref = dict(np.load(reference))
     path, cache = tmp_path / "adm-format.npz", tmp_path / "cache"
@@ -118,7 +119,8 @@ def test_a_reference_is_hashed_once_per_version_of_the_file(reference, tmp_path,
 
     first = metrics.load_reference(path, cache_dir=cache)
     again = metrics.load_reference(path, cache_dir=cache)
-    assert len(hashed) == 1 and (cache / f"ref-{sha(path)}.npz").is_file()
+    from eval.settings import EVALUATOR_VERSION
+    assert len(hashed) == 1 and (cache / f"ref-{sha(path)}.{EVALUATOR_VERSION}.npz").is_file()
     np.testing.assert_array_equal(again["pool"], first["pool"])
     os.utime(path, ns=(1, 1))  # touched: hashed again, same digest, so the cached features are used
     monkeypatch.setattr(metrics, "extract", lambda *a, **k: pytest.fail("features recomputed for the same content"))
@@ -127,7 +129,13 @@ def test_a_reference_is_hashed_once_per_version_of_the_file(reference, tmp_path,
     monkeypatch.undo()
     np.savez(path, arr_0=ref["arr_0"][::-1].copy())  # rewritten with other content: new digest, new features
     changed = metrics.load_reference(path, cache_dir=cache)
-    assert (cache / f"ref-{sha(path)}.npz").is_file() and len(list(cache.glob("ref-*[0-9a-f].npz"))) == 2
+    assert (cache / f"ref-{sha(path)}.{EVALUATOR_VERSION}.npz").is_file()
+    assert len(list(cache.glob(f"ref-*.{EVALUATOR_VERSION}.npz"))) == 2
+    monkeypatch.setattr(metrics, "EVALUATOR_VERSION", "adm-eval-next")  # a new version: featurized anew
+    monkeypatch.setattr(metrics, "extract", lambda *a, **k: hashed.append("extract") or real_extract(*a, **k))
+    metrics.load_reference(path, cache_dir=cache)
+    assert hashed[-1] == "extract" and (cache / f"ref-{sha(path)}.adm-eval-next.npz").is_file()
+    monkeypatch.undo()
     np.testing.assert_allclose(changed["pool"], first["pool"][::-1], rtol=1e-5, atol=1e-5)
     assert not list(cache.glob("*partial*"))
 
@@ -409,6 +417,45 @@ def test_a_refused_submission_is_not_an_attempt(tmp_path, monkeypatch, capsys):
     assert submitted and "--retry-failed" not in submitted[0] and "--every" in submitted[0]
 
 
+def test_a_scheduled_pass_that_fails_still_submits_the_next(tmp_path, monkeypatch, capsys):
+    """The recurring schedule is a chain of Slurm jobs: a pass that raises (a report it cannot draw, a file
+    it cannot read) must still submit the next one, or evaluation stops for good without a word. Curve
+    labels are shown as written: a setting or reference name holding `$` is not parsed as math. The next
+    pass asks for Slurm by name: `auto` would run it here, in the scheduler's small job, if sinfo blinked."""
+    import eval.cli
+    import eval.report
+    import eval.schedule
+
+    run = make_run(tmp_path / "run", kimgs=(1,))
+    ref = tmp_path / "ref$\\frac{a$.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    submitted = []
+
+    class Slurm:
+        name = "slurm"
+
+        def scheduled_elsewhere(self, run_dir):
+            return None
+
+        def submit_schedule(self, argv, every, run_dir):
+            submitted.append(argv)
+            return "43"
+
+    monkeypatch.setattr(eval.cli, "backend_for", lambda a: Slurm())
+    monkeypatch.setattr(eval.schedule, "schedule_pass", lambda *a, **k: (_ for _ in ()).throw(
+        OSError(5, "Input/output error", "registry")))
+    common = [str(run), "--ref", str(ref), "--name", "x", "--steps", "ddim2", "--num", "4", "--every", "1h"]
+    assert eval.cli.main(["schedule", *common, "--cluster=auto"]) == 0 and len(submitted) == 1
+    assert submitted[0][-2:] == ["--cluster", "slurm"] and "--cluster=auto" not in submitted[0]  # pinned
+    assert "this pass failed (OSError: [Errno 5] Input/output error: 'registry'); the next pass tries again" in \
+        capsys.readouterr().err
+    with pytest.raises(OSError):  # --once (cron): the failure is the command's
+        eval.cli.main(["schedule", *common, "--once"])
+    rows = [{"metrics": {"fid": 30.0 - i}, "snapshot_name": f"img{i}", "images": 1000 * i,
+             "label": f"x ({ref.name})"} for i in (1, 2)]
+    assert eval.report._metric_curves(rows, {"ADM $x$ \\bad{": {"fid": 2.0}}).startswith("iVBOR")  # a PNG
+
+
 def test_a_claim_from_another_host_is_alive_while_its_heartbeat_is(tmp_path, monkeypatch):
     """A claim without Slurm jobs from another host (a scheduler pass or a local evaluation there), whose pid
     cannot be checked here: running while its file's mtime (the heartbeat) is under STALE_S old, retried once
@@ -464,6 +511,9 @@ def test_a_claim_from_another_host_is_alive_while_its_heartbeat_is(tmp_path, mon
     assert registry.local_alive(registry.read_claim(key_dir, 1))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     registry.update_claim(key_dir, 1, {**registry.local_owner(), "pid": int(dead.stdout)})
+    assert not registry.local_alive(registry.read_claim(key_dir, 1))
+    # a pid reused by a process started after the claim (here: this one, claimed "an hour ago") is not it
+    registry.update_claim(key_dir, 1, {**registry.local_owner(), "pid": os.getpid(), "time": time.time() - 3600})
     assert not registry.local_alive(registry.read_claim(key_dir, 1))
 
 
@@ -647,6 +697,56 @@ def test_stored_statistics_must_be_finite_covariances(tmp_path):
             load_reference(tmp_path / f"{name}.npz")
     np.savez(tmp_path / "ok.npz", mu=np.zeros(8), sigma=good)
     np.testing.assert_array_equal(load_reference(tmp_path / "ok.npz")["sigma"], good)
+    for name, mu, sigma, message in [("complex", np.zeros(8, complex), good, "mu holds complex128; expected real"),
+                                     ("text", np.zeros(8), good.astype(str), "sigma holds <U"),
+                                     ("flag", np.zeros(8, bool), good, "mu holds bool; expected real numbers")]:
+        np.savez(tmp_path / f"{name}.npz", mu=mu, sigma=sigma)
+        with pytest.raises(ValueError, match=f"{name}.npz: {message}"):
+            load_reference(tmp_path / f"{name}.npz")
+
+
+def test_images_are_read_from_the_archive_a_batch_at_a_time(tmp_path):
+    """arr_0 is streamed from the npz (stored or compressed) in the order Inception takes it, never read
+    whole: the batches equal the array, and damage is found by a read-through before the first batch."""
+    from eval.npzfile import StreamedArray, images_of
+
+    x = np.random.default_rng(0).integers(0, 256, (37, 6, 5, 3), dtype=np.uint8)
+    for save in (np.savez, np.savez_compressed):
+        save(tmp_path / "a.npz", arr_0=x)
+        with np.load(tmp_path / "a.npz") as data:
+            a = images_of(data)
+            assert isinstance(a, StreamedArray) and a.shape == x.shape and a.dtype == np.uint8 and len(a) == 37
+            batches = [a[s:s + 8] for s in range(0, len(a), 8)]
+            assert [len(b) for b in batches] == [8, 8, 8, 8, 5] and all(b.flags.writeable for b in batches)
+            np.testing.assert_array_equal(np.concatenate(batches), x)
+            np.testing.assert_array_equal(a[2:4], x[2:4])  # out of order: read again from the start
+    np.savez(tmp_path / "a.npz", arr_0=x)
+    raw = bytearray((tmp_path / "a.npz").read_bytes())
+    raw[3000] ^= 0xFF  # in the last rows' bytes
+    (tmp_path / "bad.npz").write_bytes(bytes(raw))
+    with np.load(tmp_path / "bad.npz") as data, pytest.raises(zipfile.BadZipFile, match="Bad CRC-32"):
+        images_of(data)
+
+
+def test_bad_stored_statistics_are_refused_before_any_image_is_featurized(tmp_path, monkeypatch):
+    """`adm eval compare REF SAMPLES`: a NaN in the sample file's sigma (or the reference's) is found before
+    the reference's images go through Inception (hours for ADM's 10k + 50k), not after."""
+    import eval.metrics
+    from eval.compare import compare
+
+    monkeypatch.setattr(eval.metrics, "extract", lambda *a, **k: pytest.fail("featurized before the check"))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    good = np.cov(rng.standard_normal((50, 2048)), rowvar=False)
+    bad = good.copy()
+    bad[3, 5] = np.nan
+    np.savez(tmp_path / "ref.npz", arr_0=images, mu=np.zeros(2048), sigma=good)
+    np.savez(tmp_path / "samples.npz", arr_0=images, mu=np.zeros(2048), sigma=bad)
+    np.savez(tmp_path / "ref-bad.npz", arr_0=images, mu=np.zeros(2048), sigma=bad)
+    with pytest.raises(ValueError, match="samples.npz: sigma has non-finite values"):
+        compare(str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"))
+    with pytest.raises(ValueError, match="ref-bad.npz: sigma has non-finite values"):
+        compare(str(tmp_path / "ref-bad.npz"), str(tmp_path / "ref.npz"))
 
 def test_shipped_settings_files_load():
     from eval.settings import load_settings
