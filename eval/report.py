@@ -17,6 +17,7 @@ import numpy as np
 
 from . import registry
 from .atomic import write_text_atomic
+from .npzfile import StreamedArray
 from .published import published_for
 
 METRICS = ("fid", "sfid", "precision", "recall", "inception_score")
@@ -159,7 +160,8 @@ def _sample_grid(key_dir: Path, count: int = 16):
     shards = sample_shards(key_dir / "samples")
     if not shards:
         return None
-    images = np.load(shards[0])["arr_0"][:count]
+    with np.load(shards[0]) as data:  # the first images only: a shard is 1000 images (200 MB at 256x256)
+        images = StreamedArray(data, "arr_0")[:count]
     return tile(images, min(8, len(images)))
 
 

@@ -249,6 +249,11 @@ def test_tensorboard_and_report(evaluated):
     assert "http://" not in html and "https://" not in html  # opens offline
     md = (run / "report.md").read_text()
     assert md.count("| fast |") == 3
+    from eval.features import sample_shards
+    from eval.report import _sample_grid, tile
+    key_dir = next(p for p in (run / "eval").iterdir() if p.name != "ref-cache")
+    first = np.load(sample_shards(key_dir / "samples")[0])["arr_0"][:16]  # the grid reads only these
+    np.testing.assert_array_equal(_sample_grid(key_dir), tile(first, min(8, len(first))))
     assert len(json.loads((run / "report.json").read_text())["rows"]) == 3
 
 
