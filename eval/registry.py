@@ -121,7 +121,7 @@ def results(run_dir: Path) -> list[dict]:
     older naming of the key) the newer counts. Each gets a `label`: the setting's name, plus the
     reference's file name where that name met several references, plus a short hash of the setting where
     one name stands for several (different steps, say)."""
-    from .settings import EVALUATOR_VERSION
+    from .settings import EVALUATOR_VERSION, numbers_identity
 
     found = []
     for p in eval_root(run_dir).glob(f"*/{METRICS}"):
@@ -130,15 +130,15 @@ def results(run_dir: Path) -> list[dict]:
             found.append((p.stat().st_mtime, r))
     latest = {}
     for _, r in sorted(found, key=lambda x: x[0]):
-        latest[(r["snapshot_name"], json.dumps(r["setting"], sort_keys=True), r.get("ref"))] = r
+        latest[(r["snapshot_name"], numbers_identity(r["setting"]), r.get("ref"))] = r
     out = list(latest.values())
     refs: dict[str, set] = {}
     variants: dict[tuple, set] = {}
     for r in out:
         refs.setdefault(r["setting"]["name"], set()).add(r.get("ref"))
-        variants.setdefault((r["setting"]["name"], r.get("ref")), set()).add(json.dumps(r["setting"], sort_keys=True))
+        variants.setdefault((r["setting"]["name"], r.get("ref")), set()).add(numbers_identity(r["setting"]))
     for r in out:
-        setting = json.dumps(r["setting"], sort_keys=True)
+        setting = numbers_identity(r["setting"])
         r["label"] = (r["setting"]["name"]
                       + (f" vs {Path(r.get('ref') or '?').name}" if len(refs[r["setting"]["name"]]) > 1 else "")
                       + (f" [{hashlib.sha256(setting.encode()).hexdigest()[:6]}]"

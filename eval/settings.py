@@ -114,11 +114,20 @@ def _digest(path: str | None) -> str | None:
     raise FileNotFoundError(f"{p}: no such snapshot or file")
 
 
+NUMBERS_UNCHANGED = ("shard_size", "batch_size")  # how the work is cut: never an image, never a metric
+
+
+def numbers_identity(setting: dict) -> str:
+    """A recorded setting (setting.json's) as JSON without the fields that change no number: two results
+    that differ only in those are one series in the results and the report."""
+    return json.dumps({k: v for k, v in setting.items() if k not in NUMBERS_UNCHANGED}, sort_keys=True)
+
+
 def eval_key(snapshot: str | Path, setting: EvalSetting, ref: str | Path, ref_digest: str | None = None) -> str:
     """<snapshot>--<setting>--<hash of everything that changes the numbers>. The reference counts by its
     content (`ref_digest`: a copy or a touched file is the same reference); without it, by its name,
     size and mtime, as keys were named before."""
-    ident = {k: v for k, v in setting.identity().items() if k not in ("name", "shard_size", "batch_size")}
+    ident = {k: v for k, v in setting.identity().items() if k not in ("name", *NUMBERS_UNCHANGED)}
     if ident["precision"] == "fp32":
         del ident["precision"]  # keys from before the field existed stay valid
     if setting.upsampler:  # cascades now condition on the base samples' uint8 pixels (and ddimN is DDIM):

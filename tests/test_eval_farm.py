@@ -806,7 +806,8 @@ def test_an_evaluation_is_keyed_by_the_reference_content(tmp_path):
 
 def test_results_are_current_distinct_and_labelled(tmp_path):
     """`adm eval results` and the report list this evaluator version's results only, one per (snapshot,
-    setting, reference), labelled apart when one setting name met two references or two samplers."""
+    setting, reference), labelled apart when one setting name met two references or two samplers, and not
+    when two evaluations differ only in how the work was cut (shard and batch sizes: no number changes)."""
     from eval.report import build
     from eval.settings import EVALUATOR_VERSION, EvalSetting
     from dataclasses import asdict
@@ -828,13 +829,22 @@ def test_results_are_current_distinct_and_labelled(tmp_path):
     record("c", slower, "val.npz", 30.0)
     record("d", fast, "val.npz", 40.0, evaluator="adm-eval-1")  # evaluated again by this version, not mixed
     record("e", asdict(EvalSetting(name="cascade", num=6)), "val32.npz", 50.0)  # its own reference: no suffix
+    cut = asdict(EvalSetting(name="cascade", num=6, shard_size=2, batch_size=3))  # the work cut otherwise:
+    record("f", cut, "val32.npz", 51.0)  # at another snapshot: no number changes, so no series of its own
+    (run / "eval" / "f" / "metrics.json").write_text((run / "eval" / "f" / "metrics.json").read_text().replace(
+        '"img000000001000"', '"img000000002000"').replace('"images": 1000', '"images": 2000'))
     rows = build(run)["rows"]
-    labels = {r["label"]: r["metrics"]["fid"] for r in rows}
-    h = lambda s: __import__("hashlib").sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:6]  # noqa: E731
-    assert labels == {f"fast vs val.npz [{h(fast)}]": 10.0, "fast vs other.npz": 20.0,
-                      f"fast vs val.npz [{h(slower)}]": 30.0, "cascade": 50.0}
+    labels = {(r["label"], r["images"]): r["metrics"]["fid"] for r in rows}
+
+    def h(setting):
+        kept = {k: v for k, v in setting.items() if k not in ("shard_size", "batch_size")}
+        return __import__("hashlib").sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:6]
+
+    assert labels == {(f"fast vs val.npz [{h(fast)}]", 1000): 10.0, ("fast vs other.npz", 1000): 20.0,
+                      (f"fast vs val.npz [{h(slower)}]", 1000): 30.0, ("cascade", 1000): 50.0,
+                      ("cascade", 2000): 51.0}
     out = run_cli("eval", "results", str(run)).stdout
-    assert "fast vs other.npz" in out and "99.0000" not in out and "40.0000" not in out and out.count("\n") == 5
+    assert "fast vs other.npz" in out and "99.0000" not in out and "40.0000" not in out and out.count("\n") == 6
 
 
 def test_posthoc_snapshots_are_series_of_their_own():
