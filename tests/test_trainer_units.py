@@ -23,7 +23,12 @@ def test_presets_carry_the_papers_hyperparameters():
         "classifier", 256, 3e-4, 0.05, True, 2)
     c = load_train_config(None, ["preset=upsampler-64-256", "model.dropout=0.1"])
     assert c.task == "upsampler" and c.model.small_size == 64 and c.model.dropout == 0.1
-    assert set(TRAIN_PRESETS) >= {"adm-128", "adm-256", "adm-512", "classifier-64", "upsampler-128-512"}
+    c = load_train_config(None, ["preset=adm-256-uncond"])  # Table 4: 2M iterations at batch 256
+    assert (c.batch, c.lr, c.model.class_cond, c.model.num_classes, c.total_kimg) == (256, 1e-4, False, None, 512_000)
+    assert set(TRAIN_PRESETS) >= {"adm-128", "adm-256", "adm-256-uncond", "adm-512", "classifier-64",
+                                  "upsampler-128-512"}
+    from models.presets import PRESETS  # every model preset (every published model) can be trained
+    assert set(PRESETS) <= set(TRAIN_PRESETS), set(PRESETS) - set(TRAIN_PRESETS)
 
 
 def test_batch_layout_and_errors():

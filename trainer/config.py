@@ -154,6 +154,8 @@ TRAIN_PRESETS = {
                    diffusion=dict(noise_schedule="cosine")),
     "adm-128": dict(model="adm-128", batch=256, lr=1e-4, total_kimg=4_360_000 * 256 / 1000),
     "adm-256": dict(model="adm-256", batch=256, lr=1e-4, total_kimg=1_980_000 * 256 / 1000),
+    # Table 4: the unconditional 256 model, 2M iterations at batch 256 (the conditional's settings otherwise)
+    "adm-256-uncond": dict(model="adm-256-uncond", batch=256, lr=1e-4, total_kimg=2_000_000 * 256 / 1000),
     "adm-512": dict(model="adm-512", batch=256, lr=1e-4, total_kimg=1_940_000 * 256 / 1000),
     "adm-lsun": dict(model="adm-lsun", batch=256, lr=1e-4, total_kimg=500_000 * 256 / 1000),
     "classifier-64": dict(task="classifier", model="classifier-64", batch=1024, lr=6e-4, weight_decay=0.2,
