@@ -47,8 +47,12 @@ class SlurmBackend:
         self.setup = list(site.get("setup", []))
         self.minutes, self.cpus_per_task = minutes, cpus_per_task or site.get("cpus_per_task")
         self.array_parallelism, self.metric_workers = array_parallelism, metric_workers
-        gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True).stdout if shutil.which(
-            "sinfo") else ""
+        info = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True) if shutil.which(
+            "sinfo") else None
+        if info is not None and info.returncode != 0:  # not "no GPUs": the evaluation would run on CPUs unasked
+            raise ValueError(f"sinfo failed ({(info.stderr or info.stdout).strip() or 'no message'}), so whether "
+                             "the cluster has GPUs is unknown; is slurmctld up?")
+        gres = info.stdout if info is not None else ""
         if gpus_per_task is None:
             gpus_per_task = 1 if "gpu" in gres else 0
         elif gpus_per_task > 0 and "gpu" not in gres:  # sbatch would refuse every job of the plan

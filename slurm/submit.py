@@ -292,12 +292,16 @@ def _gpus_requested(args) -> bool:
     if args.cluster in ("local", "debug") or (args.cluster == "auto" and not slurm_available()):
         import torch  # this machine runs the tasks: it has a GPU or they run on its CPU
         return torch.cuda.is_available()
-    gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True).stdout if shutil.which(
-        "sinfo") else ""
-    if "gpu" not in gres:
-        if not args.cpu:
-            raise ValueError("GPUs were requested but this cluster has no GPUs (sinfo shows no gres/gpu): "
-                             "pass --cpu to run one CPU task per --gpus-per-node instead")
+    if not shutil.which("sinfo"):
+        raise ValueError("--cluster slurm: no Slurm here (sinfo is not on PATH); use --cluster local to run on this "
+                         "machine")
+    info = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True)
+    if info.returncode != 0:
+        raise ValueError(f"--cluster slurm: sinfo failed ({(info.stderr or info.stdout).strip() or 'no message'}), "
+                         "so whether the cluster has GPUs is unknown; is slurmctld up?")
+    if "gpu" not in info.stdout:
+        raise ValueError("GPUs were requested but this cluster has no GPUs (sinfo shows no gres/gpu): "
+                         "pass --cpu to run one CPU task per --gpus-per-node instead")
     return True
 
 

@@ -3,6 +3,7 @@ stage from its three jobs, sbatch's errors on one line, job lookup by any stage.
 the same code against the real local Slurm.)"""
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -225,3 +226,27 @@ def test_a_training_job_runs_where_it_was_submitted(tmp_path, monkeypatch):
     assert seen == [(str(tmp_path / "here"), ("configs/x.yaml", ["run_dir=runs/a"]))] * 2
     with pytest.raises(SystemExit, match="submitted from, /no/such/dir, is not reachable on .*shared filesystem"):
         TrainJob("x.yaml", [], cwd="/no/such/dir")()
+
+
+def test_whether_the_cluster_has_gpus_is_asked_of_sinfo_and_a_failing_sinfo_is_said(tmp_path, monkeypatch):
+    """`adm submit train --cluster slurm` checks that the cluster has the GPUs it asks for; a sinfo that fails
+    (slurmctld down) is said as such, not taken for a cluster without GPUs."""
+    import argparse
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    args = argparse.Namespace(cpu=False, cluster="slurm")
+    for script, answer in [("echo 'gpu:h100:8'", True),
+                           ("echo '(null)'", "this cluster has no GPUs (sinfo shows no gres/gpu): pass --cpu"),
+                           ("echo 'slurm_load_partitions: Unable to contact slurm controller' >&2; exit 1",
+                            "sinfo failed (slurm_load_partitions: Unable to contact slurm controller), so whether "
+                            "the cluster has GPUs is unknown")]:
+        (bin_dir / "sinfo").write_text(f"#!/bin/sh\n{script}\n")
+        (bin_dir / "sinfo").chmod(0o755)
+        if answer is True:
+            assert submit._gpus_requested(args) is True
+        else:
+            with pytest.raises(ValueError, match=re.escape(answer)):
+                submit._gpus_requested(args)
+    assert submit._gpus_requested(argparse.Namespace(cpu=True, cluster="slurm")) is False
