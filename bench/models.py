@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import add_device_args, resolve, save_partial, write_result  # noqa: E402
 from models.config import ModelConfig, build_model  # noqa: E402
+from models.layers import set_norm_io  # noqa: E402
 from models.presets import get_preset  # noqa: E402
 
 # (label, preset, overrides, batch on CPU, batch on GPU)
@@ -78,9 +79,9 @@ def make_inputs(cfg: ModelConfig, batch: int, device, channels_last: bool):
     return args, {k: v.to(device) for k, v in kwargs.items()}
 
 
-def step_fn(model, args, kwargs, train: bool, dtype, device):
+def step_fn(model, args, kwargs, train: bool, dtype, device, autocast: bool = True):
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast and dtype != torch.float32):
             if train:
                 out = model(*args, **kwargs)
                 out.float().square().mean().backward()
@@ -123,20 +124,31 @@ def bench_case(label, preset, overrides, batch, args_ns, device, dtype, peak):
         ref.load_state_dict(ours.state_dict(), strict=True)  # same weights
     cl = {"ours": args_ns.channels_last in ("both", "ours"), "reference": args_ns.channels_last == "both"}
     layouts = {}  # name -> (model, channels-last inputs): ours in other memory layouts, same weights
+    import copy
     if args_ns.layouts:  # NCHW throughout; and the trainer's (weights flat and contiguous, inputs channels-last)
-        import copy
         layouts = {"ours_nchw": (copy.deepcopy(ours), False), "ours_cl_inputs": (copy.deepcopy(ours), True)}
+    pure = set()  # run as the trainer runs them: weights and inputs in the dtype (DeepSpeed's bf16), no autocast
+    if args_ns.norm_io:  # GroupNorm float32 in and out (ADM's) against norm_fp32=false (in the dtype, no copies)
+        layouts["ours_pure"] = (copy.deepcopy(ours), cl["ours"])
+        layouts["ours_pure_norm_io"] = (set_norm_io(copy.deepcopy(ours), False), cl["ours"])
+        pure = {"ours_pure", "ours_pure_norm_io"}
     models = {"ours": ours.to(device, memory_format=torch.channels_last if cl["ours"] else torch.contiguous_format)}
     if ref is not None:
         models["reference"] = ref.to(device, memory_format=torch.channels_last if cl["reference"] else torch.contiguous_format)
     for name, (model, cl_inputs) in layouts.items():
         models[name], cl[name] = model.to(device), cl_inputs
     inputs = {k: make_inputs(cfg, batch, device, cl[k]) for k in models}
+    for k in pure:
+        models[k] = models[k].to(dtype)
+        args, kwargs = inputs[k]
+        inputs[k] = ([a.to(dtype) if a.is_floating_point() else a for a in args],
+                     {n: v.to(dtype) if v.is_floating_point() else v for n, v in kwargs.items()})
     row = {"case": label, "preset": preset, "overrides": overrides, "batch": batch,
            "params": sum(p.numel() for p in ours.parameters())}
     for mode in ("train", "forward"):
         train = mode == "train"
-        steps = {k: step_fn(m.train(train), *inputs[k], train, dtype, device) for k, m in models.items()}
+        steps = {k: step_fn(m.train(train), *inputs[k], train, dtype, device, autocast=k not in pure)
+                 for k, m in models.items()}
         for s in steps.values():  # warm-up (kernel selection, allocator)
             for _ in range(args_ns.warmup):
                 s()
@@ -166,6 +178,8 @@ def main():
     p.add_argument("--no-reference", dest="reference", action="store_false", help="skip guided-diffusion")
     p.add_argument("--layouts", action="store_true", help="also time ours NCHW throughout and as the trainer runs it "
                    "(contiguous weights, channels-last inputs): whether channels-last pays on this device")
+    p.add_argument("--norm-io", action="store_true", help="also time ours with GroupNorm in the model's dtype "
+                   "(trainer norm_fp32=false) instead of float32 in and out")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=3, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")

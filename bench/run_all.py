@@ -47,7 +47,8 @@ def plan(gpu: bool) -> dict[str, list[str]]:
     if gpu:
         runs |= {
             "models-gpu": ["bench/models.py", "--device", "cuda", "--dtype", "bf16", "--channels-last", "ours",
-                           "--layouts", "--cases", "adm-64", "adm-128", "adm-256", "classifier-128", "upsampler-64-256"],
+                           "--layouts", "--norm-io", "--cases", "adm-64", "adm-128", "adm-256", "classifier-128",
+                           "upsampler-64-256"],
             "sampling-gpu": ["bench/sampling.py", "--device", "cuda"],
             "eval-gpu": ["bench/eval.py", "--device", "cuda", "--ref", "10000", "--samples", "50000",
                          "--images", "512"],
@@ -103,6 +104,11 @@ def summary(all_results: dict[str, dict], info: dict) -> str:
                         "the trainer runs it (contiguous weights, channels-last inputs): "
                         + "; ".join(f"{w['case']} {_f(w['ours_train_img_s'], 1)} / {_f(w.get('ours_nchw_train_img_s'), 1)}"
                                     f" / {_f(w.get('ours_cl_inputs_train_img_s'), 1)}" for w in r["rows"]) + "."]
+            if any("ours_pure_norm_io_train_img_s" in w for w in r["rows"]):
+                out += ["", "GroupNorm, train img/s with weights and inputs in the dtype (as DeepSpeed's bf16 runs "
+                        "them): float32 in and out (ADM's, `norm_fp32=true`) / in the dtype (`norm_fp32=false`): "
+                        + "; ".join(f"{w['case']} {_f(w.get('ours_pure_train_img_s'), 1)} / "
+                                    f"{_f(w.get('ours_pure_norm_io_train_img_s'), 1)}" for w in r["rows"]) + "."]
             out.append("")
     for name in ("sampling-cpu", "sampling-gpu"):
         if r := results.get(name):

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import GroupNorm32, norm_dtype, zero_module
+from .layers import GroupNorm32, zero_module
 
 
 class TimestepBlock(nn.Module):
@@ -105,7 +105,7 @@ class ResBlock(TimestepBlock):
         norm2, act2, drop, conv2 = self.out_layers
         if self.use_scale_shift_norm:
             # GN(h)*(1+s)+b folded into one pass: n*(w*(1+s)) + (beta*(1+s)+b), n the affine-free norm.
-            dt = norm_dtype(h.dtype)
+            dt = norm2.io_dtype(h.dtype)  # float32 (ADM's) unless the norms run in the input's dtype
             scale, shift = e.to(dt).chunk(2, dim=1)
             gain = 1.0 + scale
             w = norm2.weight[None, :, None, None].to(dt) * gain

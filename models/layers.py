@@ -15,20 +15,37 @@ def norm_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm(32) whose statistics are computed in at least float32, then cast back."""
+    """GroupNorm(32) whose statistics are computed in at least float32, then cast back (ADM's). With
+    `fp32_io = False` (set_norm_io) a bf16/fp16 input is normalised as it is: the fused kernels accumulate
+    the statistics in float32 anyway, and no float32 copy of the activation is made and kept for backward."""
+
+    fp32_io = True
 
     def __init__(self, channels: int):
         super().__init__(GROUPS, channels)
 
+    def io_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype this norm reads and writes for an input of `dtype`."""
+        return norm_dtype(dtype) if self.fp32_io else dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dt = norm_dtype(x.dtype)
-        if dt == x.dtype:
+        dt = self.io_dtype(x.dtype)
+        if dt == x.dtype == self.weight.dtype:
             return F.group_norm(x, GROUPS, self.weight, self.bias, self.eps)
         return F.group_norm(x.to(dt), GROUPS, self.weight.to(dt), self.bias.to(dt), self.eps).to(x.dtype)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """The affine-free part, in at least float32 (callers fold weight and bias into their own affine)."""
-        return F.group_norm(x.to(norm_dtype(x.dtype)), GROUPS, None, None, self.eps)
+        """The affine-free part, in io_dtype (callers fold weight and bias into their own affine)."""
+        return F.group_norm(x.to(self.io_dtype(x.dtype)), GROUPS, None, None, self.eps)
+
+
+def set_norm_io(model: nn.Module, fp32: bool) -> nn.Module:
+    """Every GroupNorm32 of model: float32 in and out (ADM's, the default) or the input's own dtype (faster
+    in bf16 on a GPU; outputs differ by the rounding of bf16). No weight changes."""
+    for m in model.modules():
+        if isinstance(m, GroupNorm32):
+            m.fp32_io = fp32
+    return model
 
 
 def zero_module(module: nn.Module) -> nn.Module:

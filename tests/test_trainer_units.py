@@ -48,7 +48,8 @@ def test_batch_layout_and_errors():
 def test_fixed_hash_ignores_memory_knobs_and_dropout_only():
     a = load_train_config(None, ["preset=tiny-32"])
     assert a.fixed_hash() == load_train_config(None, ["preset=tiny-32", "model.use_checkpoint=true", "lr=1",
-                                                      "model.dropout=0.3"]).fixed_hash()
+                                                      "model.dropout=0.3", "norm_fp32=false"]).fixed_hash()
+    assert a.norm_fp32 is True  # ADM's float32 norms unless asked
     assert a.fixed_hash() != load_train_config(None, ["preset=tiny-32", "model.model_channels=64"]).fixed_hash()
 
 

@@ -65,6 +65,9 @@ class TrainConfig:
     # NHWC inputs. Off: torch's GroupNorm keeps NHWC on CPU only (on a GPU every norm converts back), and on
     # CPU fp32 NHWC ran 14% slower; `bench/models.py --layouts` times both on a GPU
     channels_last: bool = False
+    # GroupNorm reads and writes float32 (ADM's) or, false, the training dtype: its kernels accumulate in float32
+    # either way, and bf16 skips a float32 copy of each normalised activation (`bench/models.py --norm-io` times it)
+    norm_fp32: bool = True
     status_kimg: float = 1.0  # one status line (and TensorBoard scalars) per this many kimg
     checkpoint_kimg: float = 50.0  # training state for resuming
     snapshot_kimg: float = 50.0  # consolidated EMA weights for evaluation

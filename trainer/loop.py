@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from data_pipeline.loader import StreamLoader, merge_states
 from models.adm_compat import create_gaussian_diffusion
 from models.config import build_model
+from models.layers import set_norm_io
 from models.resample import LossAwareSamplerMixin, create_named_schedule_sampler
 
 from . import checkpoint as ckpt
@@ -115,6 +116,7 @@ def training_loop(cfg: TrainConfig) -> int:
                           jpeg_draft=cfg.jpeg_draft, pin_memory=device.type == "cuda")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = build_model(m)  # weights stay contiguous (DeepSpeed flattens them); inputs too unless channels_last
+    set_norm_io(model, cfg.norm_fp32)
     torch.manual_seed(cfg.seed + 104_729 * rank)  # then dropout draws differ between ranks (CPU and CUDA)
     d = cfg.diffusion
     diffusion = create_gaussian_diffusion(steps=d.steps, learn_sigma=m.learn_sigma, noise_schedule=d.noise_schedule,
