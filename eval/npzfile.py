@@ -35,14 +35,20 @@ def open_npz(path: str | Path) -> np.lib.npyio.NpzFile:
         raise ValueError(f"{p}: not a readable npz file ({e})") from None
 
 
+def read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) of the .npy stream f, left at the array's first byte."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    return tuple(shape), fortran, dtype
+
+
 def stored_header(data: np.lib.npyio.NpzFile, key: str) -> tuple[tuple[int, ...], np.dtype]:
     """An array's shape and dtype from its .npy header, without reading the array (a 10k-image 256x256
     reference's arr_0 is 2 GB, and np.load reads all of it to give its shape)."""
     with data.zip.open(f"{key}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(f)
-        return tuple(shape), dtype
+        shape, _, dtype = read_npy_header(f)
+        return shape, dtype
 
 
 def stored_shape(data: np.lib.npyio.NpzFile, key: str) -> tuple[int, ...]:
@@ -69,9 +75,7 @@ class StreamedArray:
         if self._file is not None:
             self._file.close()
         self._file, self._at = self.data.zip.open(self.member), 0
-        version = np.lib.format.read_magic(self._file)
-        (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(
-            self._file)
+        read_npy_header(self._file)
         self._read(row)
 
     def _read(self, rows: int) -> np.ndarray:
@@ -100,9 +104,7 @@ def images_of(data: np.lib.npyio.NpzFile) -> np.ndarray | StreamedArray:
     once first, in constant memory, so that zipfile's CRC check finds damage before any image is featurized
     (a sequential read: seconds for 50,000 images, against the hours Inception takes on them)."""
     with data.zip.open("arr_0.npy") as f:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        fortran = read(f)[1]
+        fortran = read_npy_header(f)[1]
         while f.read(1 << 24):
             pass
     return data["arr_0"] if fortran else StreamedArray(data, "arr_0")
