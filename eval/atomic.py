@@ -48,7 +48,7 @@ def write_text_once(path: Path, text: str) -> bool:
 
 
 def save_npz_atomic(path: Path, **arrays) -> None:
-    """np.savez (stored, not compressed: arrays can be memory-mapped) under a temporary name, then renamed."""
+    """np.savez (stored, not compressed) under a temporary name, flushed, then renamed."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     os.replace(_written(path, lambda f: np.savez(f, **arrays)), path)
 

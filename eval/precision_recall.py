@@ -105,8 +105,7 @@ def _capped(features: np.ndarray, k: int) -> tuple[np.ndarray | slice, np.ndarra
     kept = np.flatnonzero(nth <= k)
     position = np.full(n, -1)
     position[kept] = np.arange(len(kept))
-    first = np.full(len(counts), -1)
-    first[group[order[starts]]] = position[order[starts]]  # the first occurrence is always kept
+    first = position[order[starts]]  # per group (in group order), its first occurrence: always kept
     return kept, first[group]
 
 
