@@ -690,3 +690,16 @@ def test_a_requeued_job_goes_on_past_its_own_dead_runs_lock(tmp_path, monkeypatc
         os.close(fd)
     monkeypatch.setenv("SLURM_JOB_ID", "57")
     assert acquire(run) and json.loads((run / LOCK).read_text())["slurm_job_id"] == "57"
+
+
+@pytest.mark.parametrize("steps", [1, 8, 25, 30, 1000, 4000])
+def test_grid_sampling_takes_up_to_25_steps_of_any_diffusion_length(steps):
+    """The snapshot grid's DDIM steps: ddim25 for ADM's lengths, and a length no integer stride gives 25
+    of (30) or shorter than 25 (8) still samples, instead of failing at the first snapshot."""
+    from models.respace import space_timesteps
+    from trainer.grid import grid_respacing
+
+    kept = space_timesteps(steps, grid_respacing(steps))
+    assert len(kept) == min(25, steps) and 0 in kept and max(kept) < steps
+    if steps in (1000, 4000):
+        assert grid_respacing(steps) == "ddim25"  # the integer stride, as before

@@ -6,6 +6,7 @@ from PIL import Image
 
 from models.adm_compat import create_gaussian_diffusion
 from models.config import build_model
+from models.respace import space_timesteps
 from models.sampling import sample_images
 
 
@@ -24,6 +25,17 @@ def tile(arr: np.ndarray, cols: int) -> Image.Image:
     return Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas)
 
 
+def grid_respacing(steps: int, wanted: int = 25) -> str:
+    """DDIM's 25 steps for the grids: ddim25 (an integer stride) where one exists, else 25 evenly spread
+    steps, and every step of a shorter process (diffusion.steps=30 or 8 has no stride giving 25)."""
+    wanted = min(wanted, steps)
+    try:
+        space_timesteps(steps, f"ddim{wanted}")
+        return f"ddim{wanted}"
+    except ValueError:
+        return str(wanted)
+
+
 @torch.no_grad()
 def sample_grid(state_dict: dict, cfg, device) -> Image.Image:
     # building a model draws initial weights from the global RNG; training's RNG stream (dropout) must
@@ -38,7 +50,8 @@ def _sample_grid(state_dict: dict, cfg, device) -> Image.Image:
     model.load_state_dict(state_dict, strict=True)
     model = model.to(device).eval()
     diffusion = create_gaussian_diffusion(steps=cfg.diffusion.steps, learn_sigma=m.learn_sigma,
-                                          noise_schedule=cfg.diffusion.noise_schedule, timestep_respacing="ddim25")
+                                          noise_schedule=cfg.diffusion.noise_schedule,
+                                          timestep_respacing=grid_respacing(cfg.diffusion.steps))
     n = cfg.grid_size ** 2
     # one class per column, spread over the classes (11 classes, 4 columns: 0, 2, 5, 8); rows are seeds
     labels = (torch.arange(n) % cfg.grid_size) * m.num_classes // cfg.grid_size if m.num_classes else None
