@@ -36,7 +36,12 @@ def smoke(device: torch.device) -> dict:
         for _ in range(12):  # 768 draws over 10 steps fill every step's history of 10: importance sampling on
             t, _ = s.sample(64, device, generator=gen)
             s.update_with_local_losses(t, torch.rand(64, device=device))
-        t, w = s.sample(64, device, generator=gen)
+        torch.cuda.set_sync_debug_mode("error")  # a step's update and draw never wait for the device
+        try:
+            s.update_with_local_losses(t, torch.rand(64, device=device, generator=gen))
+            t, w = s.sample(64, device, generator=gen)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
         assert s._warmed_up() and t.device.type == w.device.type == "cuda" and s.weights().sum() > 0
 
     def tf32_setting_restored():  # features in float32, the sampler's TF32 setting back after

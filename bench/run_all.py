@@ -1,7 +1,7 @@
 """Every benchmark at this machine's settings, then a generated summary in bench/RESULTS.md.
 
-Runs bench/models.py, sampling.py, data.py, eval.py, pr_workers.py, train.py and zero_vs_ddp.py (CPU settings; with a GPU also the GPU
-rows: ADM-64/128/256 training and sampling steps with MFU, features/s, precision/recall at ADM's sizes,
+Runs bench/models.py, sampling.py, data.py, eval.py, pr_workers.py, train.py, zero_vs_ddp.py and
+schedule_sampler.py (CPU settings; with a GPU also the GPU rows: ADM-64/128/256 training and sampling steps with MFU, features/s, precision/recall at ADM's sizes,
 training per ZeRO stage), writes each one's JSON to --out-dir (bench/results/run_all/), and replaces
 the section between the markers in RESULTS.md with the machine, the library versions and the headline
 numbers. The prose around it (what the numbers mean) is kept.
@@ -43,9 +43,11 @@ def plan(gpu: bool) -> dict[str, list[str]]:
         "eval-workers-cpu": ["bench/pr_workers.py", "--workers", "1", "2"],
         "train-cpu": ["bench/train.py"],
         "ddp-cpu": ["bench/zero_vs_ddp.py", "--micro", "32", "--steps", "8"],
+        "resample-cpu": ["bench/schedule_sampler.py", "--device", "cpu"],
     }
     if gpu:
         runs |= {
+            "resample-gpu": ["bench/schedule_sampler.py", "--device", "cuda"],  # seconds
             "models-gpu": ["bench/models.py", "--device", "cuda", "--dtype", "bf16", "--channels-last", "ours",
                            "--layouts", "--norm-io", "--cases", "adm-64", "adm-128", "adm-256", "classifier-128",
                            "upsampler-64-256"],
@@ -166,6 +168,12 @@ def summary(all_results: dict[str, dict], info: dict) -> str:
                     "", "| variant | images/s | vs DDP |", "|---|---|---|"]
             out += [f"| {w['variant']} | {_f(w['images_per_s'], 1)} | {_f(w.get('vs_ddp', 1.0))} |" for w in r["rows"]]
             out += [""]
+    for name in ("resample-cpu", "resample-gpu"):
+        if r := results.get(name):
+            out += [f"**{name}** (the loss-aware timestep sampler per training step, history update and next draw, "
+                    f"global batch {r['batch']} over {r['timesteps']} timesteps): batched on the device "
+                    f"{_f(r['batched_ms_per_step'], 3)} ms, one loss at a time {_f(r['one_at_a_time_ms_per_step'], 3)} "
+                    f"ms (x{_f(r['speedup'], 1)}).", ""]
     partial = [k for k, v in results.items() if v.get("partial")]
     if partial:
         out += [f"Stopped at their time limit, the rows they finished kept: {', '.join(partial)}.", ""]
@@ -207,7 +215,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results" / "run_all")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS.md")
-    p.add_argument("--only", nargs="*", help="benchmark families to run (models sampling data eval train ddp)")
+    p.add_argument("--only", nargs="*", help="benchmark families to run (models sampling data eval train ddp resample)")
     p.add_argument("--extra", nargs="*", default=[], metavar="NAME=ARGS",
                    help='extra arguments for one run, e.g. "eval-cpu=--images 4" (for quick checks)')
     p.add_argument("--gpu-only", action="store_true", help="only the GPU rows (a GPU machine lent for minutes)")

@@ -50,7 +50,12 @@ class LossAwareSamplerMixin:
 
 class LossSecondMomentResampler(ScheduleSampler, LossAwareSamplerMixin):
     """p_t proportional to sqrt(E[loss_t^2]) over the last `history_per_term` losses of each t,
-    mixed with `uniform_prob` of uniform; uniform until every t has a full history."""
+    mixed with `uniform_prob` of uniform; uniform until every t has a full history.
+
+    The history lives on the device of the losses it is given (the GPU in training) and is updated and
+    read there with whole-tensor operations: no Python loop over the batch and no host round trip per
+    step. `state_dict` gives it back on the host, oldest loss first in each row.
+    """
 
     def __init__(self, diffusion, history_per_term: int = 10, uniform_prob: float = 0.001,
                  sync: SyncFn | None = None):
@@ -62,32 +67,56 @@ class LossSecondMomentResampler(ScheduleSampler, LossAwareSamplerMixin):
         self._counts = torch.zeros(self.num_timesteps, dtype=torch.long)
 
     def weights(self) -> torch.Tensor:
-        if not self._warmed_up():
-            return torch.ones(self.num_timesteps, dtype=torch.float64)
         w = (self._history ** 2).mean(dim=-1).sqrt()
         w = w / w.sum()
-        return w * (1 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
+        w = w * (1 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
+        # uniform until warmed up, decided on the device (a Python `if` would wait for it)
+        return torch.where(self._counts.eq(self.history_per_term).all(), w, torch.ones_like(w))
 
     def update_with_local_losses(self, local_ts: torch.Tensor, local_losses: torch.Tensor) -> None:
         ts, losses = local_ts.detach(), local_losses.detach()
         if self.sync is not None:
             ts, losses = self.sync(ts, losses)
-        self.update_with_all_losses(ts.cpu().tolist(), losses.double().cpu().tolist())
+        self.update_with_all_losses(ts, losses)
 
     def update_with_all_losses(self, ts, losses) -> None:
-        for t, loss in zip(ts, losses):
-            if self._counts[t] == self.history_per_term:
-                self._history[t, :-1] = self._history[t, 1:].clone()  # drop the oldest
-                self._history[t, -1] = loss
-            else:
-                self._history[t, self._counts[t]] = loss
-                self._counts[t] += 1
+        """Append each loss to its timestep's history in the order given, dropping the oldest beyond
+        `history_per_term`; equal to doing so one loss at a time."""
+        ts = torch.as_tensor(ts).long()
+        losses = torch.as_tensor(losses, dtype=torch.float64, device=ts.device)
+        self._to(ts.device)
+        T, H = self.num_timesteps, self.history_per_term
+        # this batch's losses grouped by timestep, in their order within each group
+        order = torch.sort(ts, stable=True).indices
+        ts, losses = ts[order], losses[order]
+        # counted by scatter_add (bincount reads its maximum back to the host)
+        new = torch.zeros(T, dtype=torch.long, device=ts.device).scatter_add_(0, ts, torch.ones_like(ts))
+        nth = torch.arange(len(ts), device=ts.device) - (new.cumsum(0) - new)[ts]  # index within its group
+        # row t becomes the last H of (its c_t old losses, then its new ones): `drop` from the front
+        total = self._counts + new
+        kept = total.clamp(max=H)
+        drop = total - kept
+        # scattered into column H, discarded, what falls off the front: fixed shapes, no boolean masks
+        # (a masked index would wait for the device to count the mask)
+        hist = self._history.new_zeros(T, H + 1)
+        col = torch.arange(H, device=ts.device).expand(T, H)
+        old_pos = col - drop[:, None]
+        old_pos = torch.where((col < self._counts[:, None]) & (old_pos >= 0), old_pos, H)
+        hist[torch.arange(T, device=ts.device)[:, None].expand(T, H), old_pos] = self._history
+        new_pos = self._counts[ts] + nth - drop[ts]
+        hist[ts, torch.where(new_pos >= 0, new_pos, H)] = losses
+        hist = hist[:, :H].contiguous()
+        self._history, self._counts = hist, kept
+
+    def _to(self, device: torch.device) -> None:
+        if self._history.device != device:
+            self._history, self._counts = self._history.to(device), self._counts.to(device)
 
     def _warmed_up(self) -> bool:
         return bool((self._counts == self.history_per_term).all())
 
     def state_dict(self) -> dict:
-        return {"history": self._history.clone(), "counts": self._counts.clone()}
+        return {"history": self._history.cpu().clone(), "counts": self._counts.cpu().clone()}
 
     def load_state_dict(self, state: dict) -> None:
         self._history.copy_(state["history"])

@@ -50,6 +50,44 @@ def test_loss_second_moment_weights_and_sync():
         create_named_schedule_sampler("importance", diffusion())
 
 
+def _sequential_update(history, counts, ts, losses):
+    """The loss history updated one loss at a time, in plain Python (the oracle for the batched update)."""
+    H = history.shape[1]
+    history, counts = history.tolist(), counts.tolist()
+    for t, loss in zip(ts.tolist(), losses.tolist()):
+        if counts[t] == H:
+            history[t] = history[t][1:] + [loss]
+        else:
+            history[t][counts[t]] = loss
+            counts[t] += 1
+    return torch.tensor(history, dtype=torch.float64), torch.tensor(counts)
+
+
+@pytest.mark.parametrize("history_per_term", [1, 3, 10])
+def test_batched_history_update_equals_one_loss_at_a_time(history_per_term):
+    """Batches with repeats (more of one timestep than its history holds), some timesteps absent, and
+    the warm-up point crossed: the batched update keeps exactly the last losses in order."""
+    T = 13
+    s = LossSecondMomentResampler(diffusion(T), history_per_term=history_per_term)
+    g = torch.Generator().manual_seed(7)
+    history, counts = torch.zeros(T, history_per_term, dtype=torch.float64), torch.zeros(T, dtype=torch.long)
+    for size in [0, 1, 5, 40, 2, 64, 7, 300, 3]:
+        ts = torch.randint(0, T if size != 40 else 4, (size,), generator=g)  # 40 losses in 4 timesteps
+        losses = torch.rand(size, generator=g, dtype=torch.float64) + torch.arange(size) * 1e-3
+        s.update_with_all_losses(ts, losses)
+        history, counts = _sequential_update(history, counts, ts, losses)
+        state = s.state_dict()
+        assert torch.equal(state["counts"], counts)
+        assert torch.equal(state["history"], history)
+        warmed = bool((counts == history_per_term).all())
+        assert s._warmed_up() == warmed
+        if not warmed:
+            assert torch.equal(s.weights(), torch.ones(T, dtype=torch.float64))
+    assert s._warmed_up()
+    expected = (history ** 2).mean(-1).sqrt()
+    torch.testing.assert_close(s.weights(), expected / expected.sum() * (1 - 0.001) + 0.001 / T, rtol=0, atol=1e-15)
+
+
 class Linear(torch.nn.Module):
     """A stand-in network with a smooth output, for checking the loops' bookkeeping."""
 

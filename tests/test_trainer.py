@@ -174,6 +174,24 @@ def test_resume_at_zero_3_is_bit_identical(shards, tmp_path):
     assert_identical(final_weights(resumed)[0], final_weights(straight)[0])
 
 
+def test_loss_aware_timesteps_resume_bit_identically(shards, tmp_path):
+    """diffusion.schedule_sampler=loss-second-moment: every rank keeps the same loss history (gathered from
+    all ranks), saved with the checkpoint; importance sampling is on by the resume, and the resumed run ends
+    bit-identical to an uninterrupted one."""
+    extra = ("diffusion.schedule_sampler=loss-second-moment", "diffusion.steps=8")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(shards, straight, "total_kimg=0.384", *extra)
+    train(shards, resumed, "total_kimg=0.192", *extra)
+    files = sorted((resumed / "checkpoints" / "img000000000192").glob("rank*.pt"))
+    states = [torch.load(f, map_location="cpu", weights_only=False)["sampler"] for f in files]
+    assert len(states) == 2 and all(torch.equal(s["history"], states[0]["history"]) for s in states)
+    assert states[0]["counts"].tolist() == [10] * 8  # 192 losses over 8 timesteps: every history full
+    assert (states[0]["history"] > 0).all()
+    proc = train(shards, resumed, "total_kimg=0.384", *extra)
+    assert "resumed from img000000000192" in proc.stderr
+    assert_identical(final_weights(resumed)[0], final_weights(straight)[0])
+
+
 def run_task(shards, run, preset, kimg, status, *extra):
     proc = subprocess.run([sys.executable, "-m", "adm", "train", f"data={shards}", f"run_dir={run}",
                            f"preset={preset}", "model.num_classes=11", "batch=32", "num_slots=4", "data_workers=1",

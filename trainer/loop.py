@@ -57,9 +57,9 @@ def deepspeed_config(cfg: TrainConfig, micro: int, accum: int, cuda: bool = Fals
 
 
 def gather_losses(ts: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's (timesteps, losses), in rank order, on the host: the loss-aware sampler's history must be
-    identical on every rank. One all-gather of both, exact in float64."""
-    both = dist_util.all_gather_cat(torch.stack([ts.double(), losses.double()], 1)).cpu()
+    """Every rank's (timesteps, losses), in rank order, on their device: the loss-aware sampler's history must
+    be identical on every rank. One all-gather of both, exact in float64, and no wait for it on the host."""
+    both = dist_util.all_gather_cat(torch.stack([ts.double(), losses.double()], 1))
     return both[:, 0].long(), both[:, 1]
 
 
