@@ -78,16 +78,17 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--inception-weights", help="torch-fidelity's full Inception weights file: adds Inception Score")
 
 
-def _slurm_answers() -> bool:
+def _slurm_answers(patient: bool = True) -> bool:
     """sbatch is here and sinfo answers. Inside a Slurm job (a scheduled pass) Slurm is there for sure: a
-    failing sinfo is a controller restarting, asked again for 2.5 minutes before the answer counts."""
+    failing sinfo is a controller restarting, asked again for 2.5 minutes before the answer counts
+    (unless not `patient`)."""
     import os
     import shutil
     import subprocess
 
     if not shutil.which("sbatch"):
         return False
-    waits = (10, 20, 30, 40, 50) if "SLURM_JOB_ID" in os.environ else ()
+    waits = (10, 20, 30, 40, 50) if patient and "SLURM_JOB_ID" in os.environ else ()
     for wait in (*waits, None):
         if subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0:
             return True
@@ -102,8 +103,11 @@ def backend_for(args):
     cluster = args.cluster
     if cluster == "auto":
         cluster = "slurm" if _slurm_answers() else "local"
-    if cluster == "local":
-        return LocalBackend(progress=sys.stderr.isatty())
+    if cluster == "local":  # claims of an earlier Slurm pass are asked of Slurm where it answers
+        answers = args.cluster == "local" and _slurm_answers(patient=False)
+        if answers:
+            from slurm.eval_jobs import jobs_alive
+        return LocalBackend(progress=sys.stderr.isatty(), jobs_alive=jobs_alive if answers else None)
     if args.cluster == "slurm" and not _slurm_answers():
         raise ValueError("--cluster slurm: no Slurm answers here (sbatch missing or sinfo failing); "
                          "use --cluster local to run on this machine")

@@ -35,6 +35,17 @@ def _schedule_entry(argv: list[str]) -> int:
     return main(argv)
 
 
+def jobs_alive(owner: dict) -> bool:
+    """Whether any of a claim's Slurm jobs (sampling array, feature array, metrics job) is pending or running;
+    also used by `--cluster local` passes where a Slurm answers, so their claims are not waited on forever."""
+    states = sacct([str(j) for j in owner["jobs"]])
+    if not states:  # accounting not caught up yet: ask the queue
+        queued = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(map(str, owner["jobs"]))],
+                                capture_output=True, text=True).stdout.split()
+        return bool(queued) or time.time() - owner.get("time", 0) < 60
+    return any(s["state"].split()[0] in ACTIVE for s in states.values())
+
+
 class SlurmBackend:
     name = "slurm"
 
@@ -117,14 +128,7 @@ class SlurmBackend:
         return {**registry.local_owner(), "cluster": "slurm", "jobs": jobs, "state": "submitted"}
 
     def alive(self, owner: dict) -> bool:
-        if "jobs" not in owner:
-            return registry.local_alive(owner)
-        states = sacct([str(j) for j in owner["jobs"]])
-        if not states:  # accounting not caught up yet: ask the queue
-            queued = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(map(str, owner["jobs"]))],
-                                    capture_output=True, text=True).stdout.split()
-            return bool(queued) or time.time() - owner.get("time", 0) < 60
-        return any(s["state"].split()[0] in ACTIVE for s in states.values())
+        return jobs_alive(owner) if "jobs" in owner else registry.local_alive(owner)
 
     def wait_all(self) -> None:
         for job in self.submitted:

@@ -901,3 +901,61 @@ def test_a_setting_can_evaluate_every_nth_snapshot(tmp_path):
     assert started == [f"img{2000:012d}--costly"]
     with pytest.raises(ValueError, match="every_kimg must be 0"):
         EvalSetting(steps="ddim2", every_kimg=-1)
+
+
+def test_a_local_pass_asks_slurm_about_claims_of_slurm_jobs(tmp_path, monkeypatch):
+    """`--cluster local` after an earlier `--cluster slurm` pass: a claim held by Slurm jobs is asked of Slurm
+    where one answers (gone jobs: the evaluation is retried here), and where none answers it is left to
+    its jobs, said once, instead of silently waited on forever."""
+    import argparse
+
+    from eval import registry
+    from eval.cli import backend_for
+    from eval.farm import prepare
+    from eval.schedule import LocalBackend, schedule_pass
+    from eval.settings import EvalSetting
+    from slurm import eval_jobs
+
+    run = make_run(tmp_path / "run", kimgs=(1,))
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    setting = EvalSetting(name="x", steps="ddim2", num=4)
+    key_dir = prepare(run, next((run / "snapshots").iterdir()), setting, ref)
+    held = {**registry.local_owner(), "cluster": "slurm", "jobs": [41, 42, 43], "state": "submitted",
+            "time": time.time() - 3600}
+    registry.update_claim(key_dir, 1, held)
+
+    class Recording(LocalBackend):  # LocalBackend's liveness; starting is recorded, not run
+        def start(self, key_dir, attempt):
+            return {**registry.local_owner(), "state": "done"}
+
+    # a fake Slurm: sbatch, sinfo answering, sacct saying what became of jobs 41-43
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    sacct_rows = bin_dir / "sacct-rows"
+    for name, body in [("sbatch", "exit 0"), ("sinfo", "echo debug up"), ("squeue", "exit 0"),
+                       ("sacct", f"cat {sacct_rows}")]:
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    backend = backend_for(argparse.Namespace(cluster="local"))
+    assert isinstance(backend, LocalBackend) and backend.jobs_alive is eval_jobs.jobs_alive
+    sacct_rows.write_text("41|COMPLETED|00:01:00\n42|RUNNING|00:00:30\n43|PENDING|00:00:00\n")
+    logged = []
+    counts = schedule_pass(run, [setting], ref, Recording(jobs_alive=backend.jobs_alive), 3, log=logged.append)
+    assert counts["running"] == 1 and registry.attempts(key_dir) == [1]
+    sacct_rows.write_text("41|COMPLETED|00:01:00\n42|CANCELLED by 0|00:00:30\n43|CANCELLED by 0|00:00:00\n")
+    counts = schedule_pass(run, [setting], ref, Recording(jobs_alive=backend.jobs_alive), 3, log=logged.append)
+    assert counts["started"] == 1 and registry.attempts(key_dir) == [1, 2], counts
+    assert f"[eval] {key_dir.name}: attempt 1 did not finish (owner gone); retrying" in logged
+
+    # no Slurm answering here: the jobs' claim is left to them, and the pass says so once
+    (bin_dir / "sinfo").write_text("#!/bin/sh\necho 'Unable to contact slurm controller' >&2; exit 1\n")
+    backend = backend_for(argparse.Namespace(cluster="local"))
+    assert backend.jobs_alive is None
+    told = []
+    quiet = Recording(log=told.append)
+    assert quiet.alive(held) and quiet.alive(held)
+    assert told == ["[eval] Slurm job(s) 41,42,43 hold an evaluation and no Slurm answers here to say whether they "
+                    "still run: it is left to them (run this where sinfo works to retry it if they are gone)"]
+    assert not quiet.alive({**registry.local_owner(), "pid": 2 ** 22 + 1})  # a claim without jobs: its pid
