@@ -31,11 +31,13 @@ def load_model(path: str, device, weights: str = "ema"):
 
 
 def _diffusion(snap, respacing: str):
-    from models.adm_compat import create_gaussian_diffusion
+    from models.adm_compat import diffusion_from_preset
 
     d = snap.meta.get("diffusion", {"steps": 1000, "noise_schedule": "linear"})
-    return create_gaussian_diffusion(steps=d["steps"], noise_schedule=d["noise_schedule"],
-                                     learn_sigma=snap.config.learn_sigma, timestep_respacing=respacing)
+    if "predict_xstart" not in d:  # a snapshot written before it was recorded: its training options say
+        trained = snap.meta.get("training_options", {}).get("diffusion", {})
+        d = {**d, "predict_xstart": bool(trained.get("predict_xstart", False))}
+    return diffusion_from_preset(d, snap.config.learn_sigma, respacing)
 
 
 def shard_path(out: Path, seeds: list[int]) -> Path:

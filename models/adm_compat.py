@@ -172,8 +172,10 @@ def sr_create_model_and_diffusion(large_size, small_size, class_cond, learn_sigm
 
 
 def diffusion_from_preset(diffusion: dict, learn_sigma: bool, timestep_respacing: str = ""):
-    """The diffusion a preset's model was trained with (optionally respaced for sampling)."""
+    """The diffusion a preset's or a snapshot's model was trained with (optionally respaced for sampling):
+    {steps, noise_schedule, predict_xstart (what the network outputs; absent: ε, as every ADM model)}."""
     return create_gaussian_diffusion(steps=diffusion["steps"], noise_schedule=diffusion["noise_schedule"],
+                                     predict_xstart=diffusion.get("predict_xstart", False),
                                      learn_sigma=learn_sigma, timestep_respacing=timestep_respacing)
 
 

@@ -32,7 +32,8 @@ def resolve_config(spec: str, overrides: list[str]):
 
 
 def yaml_diffusion(spec: str | None) -> dict | None:
-    """A YAML config's top-level `diffusion:` section ({steps, noise_schedule}), checked; None without one."""
+    """A YAML config's top-level `diffusion:` section ({steps, noise_schedule, predict_xstart}), checked; None
+    without one."""
     if not spec or not spec.endswith((".yaml", ".yml")):
         return None
     from adm.config import read_yaml
@@ -40,13 +41,16 @@ def yaml_diffusion(spec: str | None) -> dict | None:
     d = read_yaml(spec).get("diffusion")
     if d is None:
         return None
-    unknown = sorted(set(d) - {"steps", "noise_schedule"}) if isinstance(d, dict) else ["(not a mapping)"]
+    keys = {"steps", "noise_schedule", "predict_xstart"}
+    unknown = sorted(set(d) - keys) if isinstance(d, dict) else ["(not a mapping)"]
     if unknown:
-        raise ValueError(f"{spec}: diffusion: {', '.join(unknown)}: a snapshot records steps and noise_schedule only")
-    out = {"steps": d.get("steps", 1000), "noise_schedule": d.get("noise_schedule", "linear")}
-    if out["noise_schedule"] not in ("linear", "cosine") or not (isinstance(out["steps"], int) and out["steps"] > 0):
-        raise ValueError(f"{spec}: diffusion: expected steps a positive integer and noise_schedule linear or cosine, "
-                         f"got {d}")
+        raise ValueError(f"{spec}: diffusion: {', '.join(unknown)}: a snapshot records {', '.join(sorted(keys))} only")
+    out = {"steps": d.get("steps", 1000), "noise_schedule": d.get("noise_schedule", "linear"),
+           "predict_xstart": d.get("predict_xstart", False)}
+    if out["noise_schedule"] not in ("linear", "cosine") or not (isinstance(out["steps"], int) and out["steps"] > 0) \
+            or not isinstance(out["predict_xstart"], bool):
+        raise ValueError(f"{spec}: diffusion: expected steps a positive integer, noise_schedule linear or cosine and "
+                         f"predict_xstart true or false, got {d}")
     return out
 
 

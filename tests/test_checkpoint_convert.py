@@ -144,8 +144,8 @@ def test_conversion_options_and_what_it_records(tmp_path, released_pt):
     cfg = json.loads((tmp_path / "b" / "config.json").read_text())["model"]  # (JSON is YAML)
     (tmp_path / "m.yaml").write_text(json.dumps({"model": cfg, "diffusion": {"noise_schedule": "cosine", "steps": 4000}}))
     run_cli("models", "convert", str(pt), str(tmp_path / "d"), "--config", str(tmp_path / "m.yaml"))
-    assert json.loads((tmp_path / "d" / "config.json").read_text())["diffusion"] == {"steps": 4000,
-                                                                                       "noise_schedule": "cosine"}
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["diffusion"] == {
+        "steps": 4000, "noise_schedule": "cosine", "predict_xstart": False}
     (tmp_path / "n.yaml").write_text(json.dumps({"model": cfg}))
     out = run_cli("models", "convert", str(pt), str(tmp_path / "e"), "--config", str(tmp_path / "n.yaml")).stdout
     assert "recorded ADM's diffusion, {'steps': 1000, 'noise_schedule': 'linear'}" in out

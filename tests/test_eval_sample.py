@@ -264,3 +264,23 @@ def test_merged_samples_are_streamed_into_one_npz_equal_to_the_concatenation(tmp
         merge_npz_atomic(tmp_path / "other.npz", [paths[0], tmp_path / "odd.npz"], ("arr_0",))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.npz", "samples-0.npz", "samples-1.npz",
                                                           "samples-2.npz", "samples.npz"]
+
+
+@pytest.mark.parametrize("predict_xstart,recorded", [(True, True), (False, True), (True, False)])
+def test_a_snapshot_that_predicts_x0_is_sampled_as_one(tmp_path, predict_xstart, recorded):
+    """A network trained with diffusion.predict_xstart=true outputs x0, and its snapshot says so: a network
+    whose output is 0 everywhere then samples exactly mid-grey by DDIM (x0 = 0 at the last step: 127.5,
+    truncated to 127 as ADM quantises), where
+    read as ε (the default) the same zeros give the noise scaled up. Snapshots written before the flag was
+    recorded beside the steps have it in their training options."""
+    cfg = get_preset("tiny-32").config()
+    model = build_model(cfg)
+    for p in model.parameters():
+        torch.nn.init.zeros_(p)
+    diffusion = {"steps": 20, "noise_schedule": "linear"}
+    meta = ({"diffusion": {**diffusion, "predict_xstart": predict_xstart}} if recorded else
+            {"diffusion": diffusion, "training_options": {"diffusion": {**diffusion, "predict_xstart": predict_xstart}}})
+    snap = save_snapshot(tmp_path / "s", model.state_dict(), cfg, meta=meta)
+    run_cli("sample", str(snap), "--num", "2", "--steps", "ddim4", "--out", str(tmp_path / "out"), "--merge")
+    images = np.load(tmp_path / "out" / "samples.npz")["arr_0"]
+    assert (images == 127).all() == predict_xstart, np.unique(images)[:8]

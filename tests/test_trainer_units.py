@@ -703,3 +703,21 @@ def test_grid_sampling_takes_up_to_25_steps_of_any_diffusion_length(steps):
     assert len(kept) == min(25, steps) and 0 in kept and max(kept) < steps
     if steps in (1000, 4000):
         assert grid_respacing(steps) == "ddim25"  # the integer stride, as before
+
+
+def test_the_snapshot_grid_reads_an_x0_network_as_one():
+    """diffusion.predict_xstart=true: the grid's sampler reads the network's output as x0 (a network that
+    outputs 0 everywhere gives an exactly mid-grey grid), as the snapshot records for `adm sample`."""
+    import numpy as np
+
+    from models.config import build_model
+    from trainer.grid import sample_grid
+
+    for predict_xstart in (True, False):
+        cfg = load_train_config(None, ["preset=tiny-32", "grid_size=2", "diffusion.steps=20",
+                                       f"diffusion.predict_xstart={str(predict_xstart).lower()}"])
+        assert cfg.diffusion.for_sampling() == {"steps": 20, "noise_schedule": cfg.diffusion.noise_schedule,
+                                                "predict_xstart": predict_xstart}
+        zeros = {k: torch.zeros_like(v) for k, v in build_model(cfg.model).state_dict().items()}
+        grid = np.asarray(sample_grid(zeros, cfg, torch.device("cpu")))
+        assert grid.shape[:2] == (64, 64) and (grid == 128).all() == predict_xstart  # (the grid rounds)

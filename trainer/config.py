@@ -31,6 +31,10 @@ class DiffusionConfig:
             raise ValueError(f"diffusion.schedule_sampler: {self.schedule_sampler!r} is not one of "
                              f"{', '.join(SCHEDULE_SAMPLERS)}")
 
+    def for_sampling(self) -> dict:
+        """What a snapshot records for sampling it (models.adm_compat.diffusion_from_preset reads it)."""
+        return {"steps": self.steps, "noise_schedule": self.noise_schedule, "predict_xstart": self.predict_xstart}
+
 
 # model fields a resume may change: neither alters a weight's shape or meaning (gradient checkpointing is a
 # memory knob, dropout a regulariser: turning it on for a fine-tune is common)

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.adm_compat import create_gaussian_diffusion
+from models.adm_compat import diffusion_from_preset
 from models.config import build_model
 from models.respace import space_timesteps
 from models.sampling import sample_images
@@ -49,9 +49,8 @@ def _sample_grid(state_dict: dict, cfg, device) -> Image.Image:
     model = build_model(m)
     model.load_state_dict(state_dict, strict=True)
     model = model.to(device).eval()
-    diffusion = create_gaussian_diffusion(steps=cfg.diffusion.steps, learn_sigma=m.learn_sigma,
-                                          noise_schedule=cfg.diffusion.noise_schedule,
-                                          timestep_respacing=grid_respacing(cfg.diffusion.steps))
+    diffusion = diffusion_from_preset(cfg.diffusion.for_sampling(), m.learn_sigma,
+                                      grid_respacing(cfg.diffusion.steps))
     n = cfg.grid_size ** 2
     # one class per column, spread over the classes (11 classes, 4 columns: 0, 2, 5, 8); rows are seeds
     labels = (torch.arange(n) % cfg.grid_size) * m.num_classes // cfg.grid_size if m.num_classes else None

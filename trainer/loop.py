@@ -258,7 +258,7 @@ def training_loop(cfg: TrainConfig) -> int:
                                "ema_updates": ema.updates,
                                "power_ema": {"sigma_rels": cfg.power_ema,
                                              "gammas": ema.power.gammas if ema.power else []},
-                               "diffusion": {"steps": d.steps, "noise_schedule": d.noise_schedule},
+                               "diffusion": d.for_sampling(),
                                "training_options": asdict(cfg)})
             if cfg.grid and cfg.task == "diffusion":
                 from .grid import sample_grid
