@@ -136,6 +136,36 @@ def test_preemption_signal_saves_and_the_rerun_is_bit_identical(shards, referenc
     assert_identical(final_weights(run)[0], final_weights(reference_run[0])[0])
 
 
+def test_a_killed_launcher_stops_its_ranks_which_hold_the_lock_until_they_end(shards, tmp_path):
+    """`adm train --nproc 2` whose launcher alone is killed (SIGKILL, a closed terminal): its ranks do not
+    train on, orphaned, beside a rerun. They hold the run directory's lock with it, are told to stop
+    (SIGTERM), save, and end; then the lock is free and the rerun resumes from their checkpoint."""
+    import psutil
+
+    from trainer.runlock import holder
+
+    run = tmp_path / "run"
+    log = tmp_path / "launcher.log"
+    with open(log, "w") as out:
+        launcher = subprocess.Popen(train_cmd(shards, run, "total_kimg=4"), cwd=REPO, stdout=out, stderr=out)
+    deadline = time.time() + 240
+    while "[train]" not in log.read_text():
+        assert launcher.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    ranks = psutil.Process(launcher.pid).children()
+    assert len(ranks) == 2
+    launcher.kill()
+    launcher.wait()
+    assert holder(run) is not None  # the ranks hold it still
+    gone, alive = psutil.wait_procs(ranks, timeout=120)
+    assert not alive, "the ranks trained on without their launcher"
+    assert holder(run) is None
+    tag = (run / "checkpoints" / "LATEST").read_text().strip()
+    assert 64 <= int(tag.removeprefix("img")) < 4000  # saved when told to stop, far before the end
+    proc = train(shards, run, f"total_kimg={(int(tag.removeprefix('img')) + 32) / 1000}")
+    assert f"resumed from {tag}" in proc.stderr
+
+
 def test_sigkill_at_any_moment_leaves_a_resumable_run(shards, reference_run, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(shards, run, "total_kimg=0.384", "checkpoint_kimg=0.064"), cwd=REPO,

@@ -21,8 +21,25 @@ def _setup_logging():
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def launch_local(nproc: int, argv: list[str]) -> int:
-    """Start nproc ranks on this machine (gloo on CPU, NCCL on GPUs); forward preemption signals."""
+def _stop_with_parent(parent: int):
+    """For a rank's preexec_fn: SIGTERM (save, then exit) when the launcher dies, however it dies (a SIGKILL,
+    a closed terminal's SIGHUP), rather than training on, orphaned, beside a rerun (Linux's PR_SET_PDEATHSIG)."""
+    def setup():
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # not Linux: the rank outlives a killed launcher
+            return
+        if os.getppid() != parent:  # the launcher died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+    return setup
+
+
+def launch_local(nproc: int, argv: list[str], lock_fd: int | None = None) -> int:
+    """Start nproc ranks on this machine (gloo on CPU, NCCL on GPUs); forward preemption signals. The ranks
+    inherit the run directory's lock (lock_fd), so it is held until the last of them ends, and are told to
+    save and stop if the launcher dies."""
     from .distributed import _free_port
 
     port = _free_port()
@@ -31,7 +48,9 @@ def launch_local(nproc: int, argv: list[str]) -> int:
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), ADM_LOCAL_CHILD="1",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=os.environ.get(
                        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))))
-        procs.append(subprocess.Popen([sys.executable, "-m", "trainer", *argv], env=env))
+        procs.append(subprocess.Popen([sys.executable, "-m", "trainer", *argv], env=env,
+                                      pass_fds=() if lock_fd is None else (lock_fd,),
+                                      preexec_fn=_stop_with_parent(os.getpid())))
 
     def forward(signum, frame):
         for p in procs:
@@ -222,13 +241,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m trainer") -> int:
         return 0
     _setup_logging()
     if args.nproc > 1 and "RANK" not in os.environ:
-        from .runlock import acquire
-        acquire(Path(cfg.run_dir))  # held here for the ranks, which it starts
+        from .runlock import acquire, held_fd
+        acquire(Path(cfg.run_dir))  # held here, and by the ranks it starts
         rest = [a for a in argv if not a.startswith("--nproc")]
         if "--nproc" in argv:
             i = argv.index("--nproc")
             rest = argv[:i] + argv[i + 2:]
-        code = launch_local(args.nproc, rest)
+        code = launch_local(args.nproc, rest, held_fd(Path(cfg.run_dir)))
     else:
         from .loop import training_loop
         code = training_loop(cfg)

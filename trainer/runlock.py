@@ -69,6 +69,12 @@ def acquire(run_dir: Path, wait_other_host_s: float = 180.0) -> bool:
     return True
 
 
+def held_fd(run_dir: Path) -> int | None:
+    """The descriptor holding run_dir's lock in this process, if it holds it. A child given it (pass_fds)
+    shares the lock: it is let go only when every process holding it has ended."""
+    return _held.get(str(Path(run_dir).resolve()))
+
+
 def _read(path: Path) -> dict:
     try:
         return json.loads(path.read_text() or "{}")
