@@ -228,12 +228,12 @@ def cmd_schedule(a) -> int:
         raise FileNotFoundError(f"{run_dir}: no snapshots/ directory (is it a training run directory?)")
     every = parse_every(a.every)
     settings = settings_from(a)
-    from .schedule import find_snapshots
+    from .schedule import find_snapshots, newest_trained
     from .preflight import check
 
-    newest = find_snapshots(run_dir)[-1:]
-    if newest:  # each setting against the newest diffusion snapshot, before any job
-        check(newest[0], settings, a.ref, a.inception_weights)
+    newest = newest_trained(find_snapshots(run_dir))
+    if newest:  # each setting against the newest snapshot the training wrote, before any job
+        check(newest, settings, a.ref, a.inception_weights)
     backend = backend_for(a)
     if backend.name == "slurm" and not a.once and (other := backend.scheduled_elsewhere(run_dir)):
         raise ValueError(f"{run_dir} is already scheduled: job {other} is its next pass (one schedule per run; "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from models.config import ModelConfig
 from models.respace import space_timesteps
-from models.snapshot import CONFIG, verify_snapshot, weight_names
+from models.snapshot import CONFIG, SnapshotError, resolve_weights, verify_snapshot
 
 from .npzfile import describe
 from .precision_recall import K_NEAREST
@@ -25,13 +25,31 @@ def _snapshot(path: str | Path, role: str, arch: str) -> tuple[ModelConfig, dict
     return config, meta
 
 
-def _steps(spec: str, meta: dict, what: str, setting: EvalSetting) -> None:
+def check_steps(spec: str, meta: dict, what: str, note: str = "") -> None:
+    """A respacing against the snapshot's diffusion; the error says which option (`what`) asked for it."""
     steps = meta.get("diffusion", {}).get("steps", 1000)
     try:
         space_timesteps(steps, spec)
     except ValueError as e:
-        raise ValueError(f"setting {setting.name!r}: {what} {spec!r} does not fit the snapshot's {steps}-step "
-                         f"diffusion: {e}") from None
+        raise ValueError(f"{what} {spec!r}{note} does not fit the snapshot's {steps}-step diffusion: {e}") from None
+
+
+def check_guidance_noise(base_meta: dict, classifier_meta: dict, paths: tuple) -> None:
+    """The noisy classifier must have been trained on the base model's diffusion: guidance hands it x_t with
+    the base model's timestep index t, which means another noise level under another step count or
+    schedule (ADM trains each classifier on its base model's). Compared where both snapshots record it."""
+    if "diffusion" not in base_meta or "diffusion" not in classifier_meta:
+        return
+
+    def noise(meta):
+        d = meta["diffusion"]
+        return d.get("steps", 1000), d.get("noise_schedule", "linear")
+
+    (b_steps, b_sched), (c_steps, c_sched) = noise(base_meta), noise(classifier_meta)
+    if (b_steps, b_sched) != (c_steps, c_sched):
+        raise ValueError(f"{paths[1]}: the classifier was trained on a {c_steps}-step {c_sched} diffusion, "
+                         f"{paths[0]} on a {b_steps}-step {b_sched} one: its timesteps would mean other noise "
+                         "levels; guide with a classifier trained on the base model's diffusion")
 
 
 def check_stack(base: ModelConfig, classifier: ModelConfig | None, upsampler: ModelConfig | None,
@@ -69,17 +87,19 @@ def check(snapshot: str | Path, settings: list[EvalSetting], ref: str | Path,
         raise FileNotFoundError(f"--inception-weights {inception_weights}: no such file")
     config, meta = _snapshot(snapshot, "a diffusion model", "unet")
     for s in settings:
-        if s.weights not in weight_names(snapshot):
-            raise ValueError(f"setting {s.name!r}: {snapshot} has no weights {s.weights!r}; it has "
-                             f"{', '.join(weight_names(snapshot))}")
-        _steps(s.steps, meta, "steps", s)
+        try:
+            resolve_weights(snapshot, s.weights)
+        except SnapshotError as e:
+            raise ValueError(f"setting {s.name!r}: {e}") from None  # "SNAP has no weights 'x'; it has ..."
+        check_steps(s.steps, meta, f"setting {s.name!r}: steps")
         clf = up = None
         if s.classifier and s.scale:
-            clf, _ = _snapshot(s.classifier, "a noisy classifier", "classifier")
+            clf, clf_meta = _snapshot(s.classifier, "a noisy classifier", "classifier")
+            check_guidance_noise(meta, clf_meta, (snapshot, s.classifier))
         size = config.image_size
         if s.upsampler:
             up, up_meta = _snapshot(s.upsampler, "an upsampler", "upsampler")
-            _steps(s.upsampler_steps, up_meta, "upsampler_steps", s)
+            check_steps(s.upsampler_steps, up_meta, f"setting {s.name!r}: upsampler_steps")
             size = up.image_size
         check_stack(config, clf, up, (snapshot, s.classifier, s.upsampler))
         if ref_info.images:

@@ -112,8 +112,10 @@ class Sampler:
             if self.up_snap.config.arch != "upsampler":
                 raise ValueError(f"{setting.upsampler}: a {self.up_snap.config.arch} snapshot, expected an upsampler")
             self.up_diffusion = _diffusion(self.up_snap, setting.upsampler_steps)
-        from .preflight import check_stack
+        from .preflight import check_guidance_noise, check_stack
 
+        if self.cond_fn:
+            check_guidance_noise(self.snap.meta, clf_snap.meta, (snapshot, setting.classifier))
         check_stack(cfg, clf_snap.config if self.cond_fn else None, self.up_snap.config if self.up else None,
                       (snapshot, setting.classifier, setting.upsampler))
 
@@ -203,6 +205,19 @@ def claim_out_dir(out: Path, snapshot: str, setting: EvalSetting) -> None:
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
+def _check_snapshot_steps(a) -> None:
+    """--steps and --upsampler-steps against their snapshots' diffusions, naming the option (its default,
+    250, is more steps than a short diffusion has)."""
+    from models.snapshot import CONFIG, verify_snapshot
+
+    from .preflight import check_steps
+
+    for path, spec, flag in ((a.snapshot, a.steps, "--steps"), (a.upsampler, a.upsampler_steps, "--upsampler-steps")):
+        if path:
+            verify_snapshot(path)
+            check_steps(spec, json.loads((Path(path) / CONFIG).read_text()), flag, " (the default)" if spec == "250" else "")
+
+
 def main(argv=None, prog="adm sample") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("snapshot")
@@ -237,6 +252,9 @@ def main(argv=None, prog="adm sample") -> int:
                           num=max(a.num, 2), seed_start=a.seed_start, shard_size=a.shard_size,
                           batch_size=a.batch_size, precision=a.precision)
     setting.num = a.num
+    if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {a.device}: torch sees no CUDA GPU here; use --device cpu")
+    _check_snapshot_steps(a)
     sampler = Sampler(a.snapshot, setting, a.device)
     claim_out_dir(out, a.snapshot, setting)
     from tqdm.auto import tqdm

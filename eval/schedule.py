@@ -62,6 +62,25 @@ def find_snapshots(run_dir: Path) -> list[Path]:
     return out
 
 
+def has_weights(snap: Path, weights: str) -> bool:
+    """Whether the snapshot holds these weights: a post-hoc EMA snapshot holds only its one reconstruction
+    (ema), and one written before `power_ema` was set holds no phema_*."""
+    from models.snapshot import SnapshotError, resolve_weights
+
+    try:
+        resolve_weights(snap, weights)
+        return True
+    except SnapshotError:
+        return False
+
+
+def newest_trained(snaps: list[Path]) -> Path | None:
+    """The snapshot settings are checked against up front: the most trained one written by the training
+    (post-hoc ones hold only ema), else the most trained of any."""
+    trained = [s for s in snaps if "posthoc" not in json.loads((s / "config.json").read_text())]
+    return max(trained or snaps, key=snapshot_images, default=None)
+
+
 def snapshot_images(snap: Path) -> int:
     """Training images seen when the snapshot was written (its config.json; else the name's imgNNN...)."""
     meta = json.loads((Path(snap) / "config.json").read_text())
@@ -77,14 +96,15 @@ def schedule_pass(run_dir: Path, settings: list[EvalSetting], ref: Path, backend
     """One pass over snapshots (or `only` these) x settings. Returns counts: done (of which `now` were
     evaluated in this pass, by a backend that runs them at once), started, running, retrying (an
     attempt failed; the next pass tries again), failed (no attempts left). retry_failed: evaluations that
-    ran out of attempts get max_attempts more."""
+    ran out of attempts get max_attempts more. A snapshot without a setting's weights (a post-hoc one and
+    `weights: raw`) is not that setting's to evaluate."""
     counts = {"done": 0, "started": 0, "running": 0, "retrying": 0, "failed": 0, "refused": 0, "now": 0}
     snaps = only or find_snapshots(run_dir)
     images = {snap: snapshot_images(snap) for snap in snaps}
     picked = [set(images.values()) if only else s.picks(list(images.values())) for s in settings]  # every_kimg
     for snap in snaps:
         for setting, chosen in zip(settings, picked):
-            if images[snap] not in chosen:
+            if images[snap] not in chosen or not has_weights(snap, setting.weights):
                 continue
             key_dir = prepare(run_dir, snap, setting, ref, inception_weights, metric_workers)
             try:

@@ -146,6 +146,19 @@ def weight_names(directory: str | Path) -> list[str]:
     return ["ema"] + sorted(n[:-len(".safetensors")] for n in files if n.endswith(".safetensors") and n != WEIGHTS)
 
 
+def resolve_weights(directory: str | Path, weights: str) -> str:
+    """The weights a name means here (one of weight_names): the main file is "ema", also called by its EMA
+    rate (`ema_0.9999`, as `ema_rates` lists it). Raises SnapshotError, naming what there is, otherwise."""
+    names = weight_names(directory)
+    if weights in names:
+        return weights
+    rate = json.loads((Path(directory) / CONFIG).read_text()).get("ema_rate")
+    if rate is not None and weights == f"ema_{rate}":
+        return "ema"
+    raise SnapshotError(f"{directory} has no weights {weights!r}; it has {', '.join(names)}"
+                        + (f" (ema is the EMA at {rate})" if rate is not None else ""))
+
+
 def _check_hash(path: Path, info: dict) -> None:
     if _sha256(path) != info["sha256"]:
         raise SnapshotError(f"{path}: sha256 differs from the manifest (corrupt)")
@@ -157,10 +170,7 @@ def load_snapshot(directory: str | Path, hashes: bool = False, weights: str = "e
     per GB; the weights are then memory-mapped as without it)."""
     directory = Path(directory)
     manifest = verify_snapshot(directory)  # every listed file present, at its size
-    if weights != "ema":
-        names = weight_names(directory)
-        if weights not in names:
-            raise SnapshotError(f"{directory}: no weights {weights!r}; it has {', '.join(names)}")
+    weights = resolve_weights(directory, weights)
     files = manifest["files"]
     name = WEIGHTS if weights == "ema" else f"{weights}.safetensors"
     if hashes:

@@ -959,3 +959,48 @@ def test_a_local_pass_asks_slurm_about_claims_of_slurm_jobs(tmp_path, monkeypatc
     assert told == ["[eval] Slurm job(s) 41,42,43 hold an evaluation and no Slurm answers here to say whether they "
                     "still run: it is left to them (run this where sinfo works to retry it if they are gone)"]
     assert not quiet.alive({**registry.local_owner(), "pid": 2 ** 22 + 1})  # a claim without jobs: its pid
+
+
+def test_post_hoc_snapshots_are_left_out_of_settings_for_weights_they_lack(tmp_path):
+    """A post-hoc EMA snapshot holds only its reconstruction (ema): a setting of `weights: raw` neither
+    refuses the whole schedule up front (the settings are checked against the newest snapshot the training
+    wrote, not the post-hoc one sorting after it) nor fails three attempts on it: it is not that setting's.
+    The main EMA also answers to its rate's name."""
+    from eval import registry
+    from eval.preflight import check
+    from eval.schedule import LocalBackend, find_snapshots, newest_trained, schedule_pass
+    from eval.settings import EvalSetting
+
+    preset = get_preset("tiny-32")
+    cfg = preset.config()
+    model = randomize_(build_model(cfg), seed=3, scale=0.05)
+    run = tmp_path / "run"
+    base = {"task": "diffusion", "diffusion": preset.diffusion}
+    trained = save_snapshot(run / "snapshots" / "img000000001000", model.state_dict(), cfg,
+                            meta={**base, "images": 1000, "ema_rate": 0.9999}, extra_weights={"raw": model.state_dict()})
+    posthoc = save_snapshot(run / "snapshots" / "img000000001000-posthoc-0.070", model.state_dict(), cfg,
+                            meta={**base, "images": 1000, "posthoc": {"sigma_rel": 0.07}, "weights": "posthoc-0.070"})
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    settings = [EvalSetting(name="d2", steps="ddim2", num=4), EvalSetting(name="d2-raw", steps="ddim2", num=4,
+                                                                          weights="raw")]
+    snaps = find_snapshots(run)
+    assert snaps == [trained, posthoc] and newest_trained(snaps) == trained
+    check(newest_trained(snaps), settings, ref)  # passes: the training's snapshot has raw weights
+    with pytest.raises(ValueError, match="setting 'd2-raw': .*posthoc-0.070 has no weights 'raw'; it has ema"):
+        check(posthoc, settings, ref)
+
+    class Recording(LocalBackend):
+        started = []
+
+        def start(self, key_dir, attempt):
+            self.started.append(key_dir)
+            return {**registry.local_owner(), "state": "done"}
+
+    counts = schedule_pass(run, settings, ref, Recording(), 3, log=lambda line: None)
+    assert counts["started"] == 3 and counts["failed"] == counts["retrying"] == 0  # not 4: posthoc x raw left out
+    started = {json.loads((k / "setting.json").read_text())["setting"]["weights"] for k in Recording.started}
+    assert started == {"ema", "raw"}
+    check(trained, [EvalSetting(name="r", steps="ddim2", num=4, weights="ema_0.9999")], ref)  # = ema
+    with pytest.raises(ValueError, match=r"has no weights 'ema_0.999'; it has ema, raw \(ema is the EMA at 0.9999\)"):
+        check(trained, [EvalSetting(name="r", steps="ddim2", num=4, weights="ema_0.999")], ref)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -153,6 +154,24 @@ def test_a_stack_of_mismatched_sizes_is_refused_before_sampling(tmp_path):
                       "--out", str(tmp_path / "o"), check=False)
         assert bad.returncode == 2 and expected.format(base=base) in bad.stderr, bad.stderr
         assert not (tmp_path / "o").exists()
+    # a classifier trained on another diffusion: its timestep t means another noise level
+    for name, diffusion, trained_on in [("clf-lin", {"steps": 1000, "noise_schedule": "linear"}, "1000-step linear"),
+                                        ("clf-4000", {"steps": 4000, "noise_schedule": "cosine"}, "4000-step cosine")]:
+        cfg = get_preset("tiny-classifier-32").config()
+        other = save_snapshot(tmp_path / name, build_model(cfg).state_dict(), cfg, meta={"diffusion": diffusion})
+        expected = (f"{other}: the classifier was trained on a {trained_on} diffusion, {base} on a 1000-step cosine "
+                    "one: its timesteps would mean other noise levels")
+        bad = run_cli("sample", str(base), "--num", "1", "--steps", "ddim2", "--classifier", str(other),
+                      "--out", str(tmp_path / "o"), check=False)
+        assert bad.returncode == 2 and expected in bad.stderr, bad.stderr
+        assert not (tmp_path / "o").exists()
+        from eval.preflight import check
+        from eval.settings import EvalSetting
+
+        ref = tmp_path / "ref.npz"
+        np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+        with pytest.raises(ValueError, match=re.escape(expected)):  # the farm's check before any job
+            check(base, [EvalSetting(name="g", steps="ddim2", num=4, classifier=str(other), scale=1.0)], ref)
     bad = run_cli("sample", str(base), "--num", "1", "--classifier", str(tmp_path / "clf64"), "--scale", "nan",
                   "--out", str(tmp_path / "o"), check=False)
     assert bad.returncode == 2 and "scale must be a finite number, got nan" in bad.stderr
@@ -284,3 +303,23 @@ def test_a_snapshot_that_predicts_x0_is_sampled_as_one(tmp_path, predict_xstart,
     run_cli("sample", str(snap), "--num", "2", "--steps", "ddim4", "--out", str(tmp_path / "out"), "--merge")
     images = np.load(tmp_path / "out" / "samples.npz")["arr_0"]
     assert (images == 127).all() == predict_xstart, np.unique(images)[:8]
+
+
+def test_sampling_options_are_checked_naming_the_option(tmp_path):
+    """The default --steps (250) on a 30-step model names the option and that it is the default; a CUDA
+    device where torch sees none is one line; the main EMA answers to its rate's name."""
+    cfg = get_preset("tiny-32").config()
+    snap = save_snapshot(tmp_path / "s", build_model(cfg).state_dict(), cfg,
+                         meta={"diffusion": {"steps": 30, "noise_schedule": "linear"}, "ema_rate": 0.9999})
+    bad = run_cli("sample", str(snap), "--num", "1", "--out", str(tmp_path / "o"), check=False)
+    assert bad.returncode == 2 and "--steps '250' (the default) does not fit the snapshot's 30-step diffusion" \
+        in bad.stderr, bad.stderr
+    if not torch.cuda.is_available():
+        bad = run_cli("sample", str(snap), "--num", "1", "--steps", "ddim2", "--device", "cuda",
+                      "--out", str(tmp_path / "o"), check=False)
+        assert bad.returncode == 2 and "--device cuda: torch sees no CUDA GPU here; use --device cpu" in bad.stderr
+    assert not (tmp_path / "o").exists()
+    run_cli("sample", str(snap), "--num", "1", "--steps", "ddim2", "--weights", "ema_0.9999", "--merge",
+            "--out", str(tmp_path / "r"))
+    run_cli("sample", str(snap), "--num", "1", "--steps", "ddim2", "--merge", "--out", str(tmp_path / "e"))
+    assert np.array_equal(np.load(tmp_path / "r" / "samples.npz")["arr_0"], np.load(tmp_path / "e" / "samples.npz")["arr_0"])
