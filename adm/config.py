@@ -24,6 +24,8 @@ def _describe(err: OmegaConfBaseException, source: str) -> str:
     where = f"{source}: " if source else ""
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
         return f"{where}unknown key '{key}' ({msg})"
+    if key and "is not a ListConfig" in msg:  # OmegaConf's words for a single value given to a list field
+        return f"{where}bad value for '{key}': expected a list, got a single value (brackets: {key}=[...])"
     if key:
         return f"{where}bad value for '{key}': {msg}"
     return f"{where}{msg}"

@@ -1,6 +1,7 @@
 """Typed configuration: YAML presets, dotted overrides, and errors that name the key."""
 
 import dataclasses
+import re
 
 import pytest
 
@@ -37,6 +38,8 @@ def test_yaml_then_overrides(tmp_path):
     (["optim.lr=fast"], "bad value for 'optim.lr'"),
     (["optim.betas=[0.9,x]"], r"bad value for 'optim.betas\[1\]'"),
     (["steps"], "not of the form key=value"),
+    (["optim.betas=0.9"], re.escape("bad value for 'optim.betas': expected a list, got a single value (brackets: "
+                                    "optim.betas=[...])")),
 ])
 def test_override_errors_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -721,3 +721,33 @@ def test_the_snapshot_grid_reads_an_x0_network_as_one():
         zeros = {k: torch.zeros_like(v) for k, v in build_model(cfg.model).state_dict().items()}
         grid = np.asarray(sample_grid(zeros, cfg, torch.device("cpu")))
         assert grid.shape[:2] == (64, 64) and (grid == 128).all() == predict_xstart  # (the grid rounds)
+
+
+def test_snapshots_without_checkpoints_are_not_silently_written_over(tmp_path, capsys):
+    """A run directory whose checkpoints are gone but whose snapshots remain: another training's (here a
+    wider model) is refused before anything starts, naming the difference; the same training's starts
+    again at image 0 and says it will write over them."""
+    from dataclasses import asdict
+
+    from trainer.cli import check_resume
+
+    run = tmp_path / "run"
+    old = load_train_config(None, ["preset=tiny-32", f"run_dir={run}", "model.dropout=0.1"])
+    snap = run / "snapshots" / "img000000000128"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps({"images": 128, "training_options": asdict(old)}))
+    posthoc = run / "snapshots" / "img000000000128-posthoc-0.070"  # not the training's own: not compared
+    posthoc.mkdir()
+    (posthoc / "config.json").write_text(json.dumps({"images": 128, "posthoc": {}, "training_options": {}}))
+    wider = load_train_config(None, ["preset=tiny-32", f"run_dir={run}", "model.model_channels=64"])
+    with pytest.raises(ValueError, match=re.escape(
+            f"run_dir: {run} holds another training's snapshots (up to img000000000128: model.model_channels: "
+            f"{old.model.model_channels!r} in the run, 64 now) and no checkpoint to resume: training here would "
+            "write over them; use a new run_dir")):
+        check_resume(wider)
+    same = load_train_config(None, ["preset=tiny-32", f"run_dir={run}"])  # dropout may change
+    check_resume(same)
+    assert (f"run_dir: {run} has snapshots up to img000000000128 but no checkpoint: training starts again at "
+            "image 0") in capsys.readouterr().err
+    check_resume(load_train_config(None, ["preset=tiny-32", f"run_dir={tmp_path / 'new'}"]))  # nothing there
+    assert capsys.readouterr().err == ""

@@ -195,6 +195,39 @@ def check_resume(cfg) -> None:
     refused = found and ckpt.refusal(run, found[0], cfg)
     if refused:
         raise ValueError(refused)
+    if not found:
+        check_snapshots_without_checkpoints(run, cfg)
+
+
+def check_snapshots_without_checkpoints(run: Path, cfg) -> None:
+    """A run directory with a training's snapshots and no checkpoint (deleted to save space, say): training
+    starts again at image 0 and writes its snapshots over those. Refused when they are another training's
+    (another task, architecture or diffusion: they would be replaced by a different model's); said when
+    they are this one's."""
+    import json
+
+    from .config import CHANGEABLE_MODEL_FIELDS, describe, differences
+
+    snaps = []
+    for d in sorted((run / "snapshots").glob("img*")):
+        try:
+            meta = json.loads((d / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if "training_options" in meta and "posthoc" not in meta:
+            snaps.append((meta.get("images", 0), d.name, meta["training_options"]))
+    if not snaps:
+        return
+    _, newest, options = max(snaps)
+    now = cfg.fixed()
+    was = {"task": options.get("task"), "diffusion": options.get("diffusion"),
+           "model": {k: v for k, v in (options.get("model") or {}).items() if k not in CHANGEABLE_MODEL_FIELDS}}
+    changes = differences(was, {k: now[k] for k in was})
+    if changes:
+        raise ValueError(f"run_dir: {run} holds another training's snapshots (up to {newest}: {describe(changes)}) "
+                         "and no checkpoint to resume: training here would write over them; use a new run_dir")
+    print(f"run_dir: {run} has snapshots up to {newest} but no checkpoint: training starts again at image 0 and "
+          "writes its snapshots over those", file=sys.stderr)
 
 
 def already_done(cfg) -> str | None:
