@@ -538,6 +538,8 @@ def test_settings_and_held_out_data_are_checked_before_start(digit_shards, tmp_p
         ("val_batches=0", "val_batches: must be at least 1"),
         ("diffusion.steps=0", "diffusion.steps: need at least 1 step"),
         ("diffusion.schedule_sampler=loss-second-momnt", "diffusion.schedule_sampler: 'loss-second-momnt' is not one"),
+        ("ema_rates=[0.99,0.99]", "ema_rates: each value once, got [0.99, 0.99]"),
+        ("power_ema=[0.05,0.1,0.05]", "power_ema: each value once, got [0.05, 0.1, 0.05]"),
     ]:
         with pytest.raises(ValueError, match=re.escape(expected)):
             load_train_config(None, base + [override])
@@ -751,3 +753,29 @@ def test_snapshots_without_checkpoints_are_not_silently_written_over(tmp_path, c
             "image 0") in capsys.readouterr().err
     check_resume(load_train_config(None, ["preset=tiny-32", f"run_dir={tmp_path / 'new'}"]))  # nothing there
     assert capsys.readouterr().err == ""
+
+
+def test_the_status_line_marks_a_quartile_no_sample_fell_in():
+    """Four timestep quartiles always, "-" where an interval drew no timestep (3 values for 4 was unreadable)."""
+    from trainer.loop import _quartiles
+
+    assert _quartiles({"loss_q0": 0.5, "loss_q2": 0.125, "loss_q3": 1 / 3}, "loss") == "0.5/-/0.125/0.333"
+    assert _quartiles({}, "acc1") == "-/-/-/-"
+
+
+def test_the_up_front_warnings_are_said_by_one_process(monkeypatch, capsys):
+    """Every process of a launch runs the same checks: their warnings come from the launcher of --nproc N,
+    else from rank 0, not once per process (three times for --nproc 2)."""
+    from trainer.cli import _say
+
+    for var in ("ADM_LOCAL_CHILD", "RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    _say("warning: said")
+    for env in ({"ADM_LOCAL_CHILD": "1", "RANK": "0"}, {"RANK": "1"}, {"SLURM_PROCID": "3"}, {"PMI_RANK": "1"}):
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            _say(f"warning: not said {env}")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    _say("warning: rank 0 says it")
+    assert capsys.readouterr().err == "warning: said\nwarning: rank 0 says it\n"

@@ -86,6 +86,17 @@ def wait_all(procs: list, grace_s: float = 30.0) -> list[int]:
     return [p.wait() for p in procs]
 
 
+def _say(message: str) -> None:
+    """A warning from the checks every process runs, said once: by the launcher of `--nproc N` (not its
+    ranks), else by rank 0 (srun, torchrun, mpiexec)."""
+    if os.environ.get("ADM_LOCAL_CHILD"):
+        return
+    for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if os.environ.get(var, "0") != "0":
+            return
+    print(message, file=sys.stderr)
+
+
 def check_data(cfg, world: int = 1) -> None:
     """The data must exist and fit the model (class count) and the world (every rank x loader worker reads
     whole canonical slots, every slot at least one shard), before any process starts or a job is queued."""
@@ -123,10 +134,10 @@ def warn_uneven_slots(cfg, manifest: dict) -> None:
     short = (slots - r) * q  # shards in the slots holding one fewer
     if q and r and (q + 1) / q >= 1.5 and short > shards / 10:
         size = -(-manifest["num_samples"] // (slots * (q + 1) - 1))  # shards just under a multiple of the slots
-        print(f"warning: num_slots: {cfg.data}'s {shards} shards over {slots} slots: {slots - r} slots hold {q} "
-              f"shard(s) an epoch and {r} hold {q + 1}, so {short / shards:.0%} of the images come round "
-              f"{(q + 1) / q:.2g}x as often until later epochs reshuffle them; write the data with --shard-size "
-              f"{size} (for {slots} slots), or pick a num_slots that divides {shards} more evenly", file=sys.stderr)
+        _say(f"warning: num_slots: {cfg.data}'s {shards} shards over {slots} slots: {slots - r} slots hold {q} "
+             f"shard(s) an epoch and {r} hold {q + 1}, so {short / shards:.0%} of the images come round "
+             f"{(q + 1) / q:.2g}x as often until later epochs reshuffle them; write the data with --shard-size "
+             f"{size} (for {slots} slots), or pick a num_slots that divides {shards} more evenly")
 
 
 def warn_classifier_crop(cfg, manifest: dict) -> None:
@@ -138,10 +149,10 @@ def warn_classifier_crop(cfg, manifest: dict) -> None:
     kind, size = parse_preprocess(manifest.get("preprocess", "none"))
     need = math.ceil(cfg.model.image_size / 0.8)
     if kind != "none" and size < need:
-        print(f"warning: data: {cfg.data} holds images preprocessed with {manifest['preprocess']}; the classifier's "
-              f"random-resized crop scales short sides to between {cfg.model.image_size} and {need}, so it will "
-              f"upscale them, where ADM crops from the full image: for ADM's augmentation write the shards with "
-              f"--preprocess none or max-side:{need} or more", file=sys.stderr)
+        _say(f"warning: data: {cfg.data} holds images preprocessed with {manifest['preprocess']}; the classifier's "
+             f"random-resized crop scales short sides to between {cfg.model.image_size} and {need}, so it will "
+             f"upscale them, where ADM crops from the full image: for ADM's augmentation write the shards with "
+             f"--preprocess none or max-side:{need} or more")
 
 
 def check_val_data(cfg, manifest: dict, world: int) -> None:
@@ -150,8 +161,8 @@ def check_val_data(cfg, manifest: dict, world: int) -> None:
     from data_pipeline.verify import check_resolution, read_manifest
 
     if cfg.task != "classifier":
-        print(f"warning: val_data: only the classifier task validates on held-out data; the {cfg.task} task "
-              "ignores it", file=sys.stderr)
+        _say(f"warning: val_data: only the classifier task validates on held-out data; the {cfg.task} task "
+             "ignores it")
         return
     val = read_manifest(cfg.val_data)
     if [c["id"] for c in val["classes"]] != [c["id"] for c in manifest["classes"]]:
@@ -226,8 +237,8 @@ def check_snapshots_without_checkpoints(run: Path, cfg) -> None:
     if changes:
         raise ValueError(f"run_dir: {run} holds another training's snapshots (up to {newest}: {describe(changes)}) "
                          "and no checkpoint to resume: training here would write over them; use a new run_dir")
-    print(f"run_dir: {run} has snapshots up to {newest} but no checkpoint: training starts again at image 0 and "
-          "writes its snapshots over those", file=sys.stderr)
+    _say(f"run_dir: {run} has snapshots up to {newest} but no checkpoint: training starts again at image 0 and "
+         "writes its snapshots over those")
 
 
 def already_done(cfg) -> str | None:

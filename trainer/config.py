@@ -106,6 +106,9 @@ class TrainConfig:
             bad("ema_rates", f"give at least one rate, each in [0, 1), got {self.ema_rates}")
         if any(not 0.0 < s < 0.28 for s in self.power_ema):
             bad("power_ema", f"every sigma_rel must lie in (0, 0.28), got {self.power_ema}")
+        for name, values in (("ema_rates", self.ema_rates), ("power_ema", self.power_ema)):
+            if len(set(values)) != len(values):  # one file each: the second would silently be the first
+                bad(name, f"each value once, got {values}")
         if self.total_kimg * 1000 < self.batch:
             bad("total_kimg", f"{self.total_kimg:g} kimg is less than one global batch of {self.batch} images")
         if not self.lr > 0:

@@ -63,6 +63,11 @@ def gather_losses(ts: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor,
     return both[:, 0].long(), both[:, 1]
 
 
+def _quartiles(means: dict, name: str) -> str:
+    """The four timestep quartiles' means, "-" for one no sample fell in (a short interval, diffusion.steps < 4)."""
+    return "/".join(f"{means[k]:.3g}" if (k := f"{name}_q{q}") in means else "-" for q in range(4))
+
+
 def lr_at(cfg: TrainConfig, images: int) -> float:
     factor = 1.0
     if cfg.warmup_kimg > 0:
@@ -473,8 +478,7 @@ class _Stats:
         if writer:
             for k, v in means.items():
                 writer.add_scalar(f"val/{k}", v, images)
-        quart = "/".join(f"{means[f'acc1_q{q}']:.3g}" for q in range(4) if f"acc1_q{q}" in means)
-        return f"acc1 {means['acc1']:.3f} acc5 {means['acc5']:.3f} (acc1 by t quartile {quart})"
+        return f"acc1 {means['acc1']:.3f} acc5 {means['acc5']:.3f} (acc1 by t quartile {_quartiles(means, 'acc1')})"
 
     def flush(self, writer, images, lr, engine, img_per_s, device, paused_s: float = 0.0) -> str:
         """img_per_s: training throughput over the interval, without paused_s (checkpoints, snapshots, validation)."""
@@ -498,8 +502,7 @@ class _Stats:
                 writer.add_scalar("train/loss_scale", float(scale), images)
             writer.flush()
         name = "acc1" if "acc1" in means else "loss"
-        quart = f"{name} by t quartile " + "/".join(f"{means[f'{name}_q{q}']:.3g}" for q in range(4)
-                                                     if f"{name}_q{q}" in means)
+        quart = f"{name} by t quartile {_quartiles(means, name)}"
         extra = f" acc1 {means['acc1']:.3f} acc5 {means['acc5']:.3f}" if "acc1" in means else ""
         self.reset()
         return (f"loss {means.get('loss', float('nan')):.4f} ({quart}){extra} | {img_per_s:7.1f} img/s | "
