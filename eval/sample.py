@@ -268,6 +268,10 @@ def main(argv=None, prog="adm sample") -> int:
         if old in there and new in planned and a0 == b0 and a1 < b1:  # the same split, extended: more seeds
             raise ValueError(f"--out {out}: {old.name} is the short last shard of a smaller --num there; delete "
                              "it to sample the larger --num (its seeds are sampled again, identically)")
+        if old in there and new == planned[-1] and a0 == b0 and a1 > b1:  # the same split, cut short: fewer seeds
+            raise ValueError(f"--out {out}: {old.name} there goes past this --num's last shard {new.name}: the "
+                             f"directory holds a larger --num's samples; sample into another --out (or take the "
+                             f"first {a.num} of its samples.npz)")
         raise ValueError(f"--out {out}: {clash[0].name} (there or planned) and {clash[1].name} share seeds: the "
                          "directory was filled with another --shard-size or --seed-start split; give the same "
                          "split again or another --out")

@@ -16,7 +16,8 @@ def heads_for(channels: int, num_heads: int, num_head_channels: int) -> int:
     """Number of heads: channels / head width when the width is fixed (!= -1), else num_heads."""
     if num_head_channels == -1:
         if channels % num_heads:
-            raise ValueError(f"attention with {channels} channels cannot be split into {num_heads} heads")
+            raise ValueError(f"num_heads={num_heads}: attention with {channels} channels cannot be split into "
+                             f"{num_heads} heads")
         return num_heads
     if channels % num_head_channels:
         raise ValueError(f"attention with {channels} channels is not divisible by num_head_channels={num_head_channels}")

@@ -47,6 +47,8 @@ def test_sample_shards_are_per_seed_and_resumable(tmp_path):
          "samples-00000100-00000102.npz (there or planned) and samples-00000100-00000103.npz share seeds"),
         (["--out", str(tmp_path / "a"), "--shard-size", "4", "--num", "8"],  # the same split, extended
          "samples-00000104-00000105.npz is the short last shard of a smaller --num there; delete it"),
+        (["--out", str(tmp_path / "a"), "--shard-size", "4", "--num", "5"],  # the same split, cut short
+         "samples-00000104-00000105.npz there goes past this --num's last shard samples-00000104-00000104.npz"),
         (["--out", str(tmp_path / "e"), "--scale", "3"], "--scale is the classifier-guidance scale: give the classifier"),
     ]:
         proc = run_cli(*common, *extra, check=False)

@@ -323,6 +323,9 @@ def test_power_ema_profiles_and_posthoc_reconstruction(shards, tmp_path):
     assert (run / "snapshots" / "img000000000256-posthoc-0.0704").is_dir()
     (run / "snapshots" / "img000000000320").mkdir()  # a snapshot being written: ignored unless asked for
     for args, message in [(["--at", "img000000000320"], "img000000000320 is not a complete snapshot"),
+                          (["--at", "img000000000256-posthoc-0.050"], "--at img000000000256-posthoc-0.050: not a "
+                           "training snapshot (a post-hoc one holds no profiles); give the one it was made from, "
+                           "img000000000256"),
                           ([], "phema_0.15.safetensors: size 1000 != "),  # a damaged one: refused
                           (["--run", "x"], "unrecognized arguments")]:
         if not args:

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m trainer.posthoc")
         snaps.append(s)
     if a.at in incomplete:
         raise ValueError(f"--at {a.at}: {incomplete[a.at]}")
+    if a.at and "-" in a.at and (Path(a.run_dir) / "snapshots" / a.at).is_dir():
+        raise ValueError(f"--at {a.at}: not a training snapshot (a post-hoc one holds no profiles); give the one "
+                         f"it was made from, {a.at.split('-')[0]}")
     if not snaps:
         raise FileNotFoundError(f"{a.run_dir}: no complete snapshots in {a.run_dir}/snapshots")
     target = next((s for s in snaps if s.name == a.at), None) if a.at else snaps[-1]
