@@ -768,10 +768,12 @@ def test_the_up_front_warnings_are_said_by_one_process(monkeypatch, capsys):
     else from rank 0, not once per process (three times for --nproc 2)."""
     from trainer.cli import _say
 
-    for var in ("ADM_LOCAL_CHILD", "RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+    for var in ("ADM_LOCAL_CHILD", "RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK",
+                "SUBMITIT_LOCAL_GLOBALID"):
         monkeypatch.delenv(var, raising=False)
     _say("warning: said")
-    for env in ({"ADM_LOCAL_CHILD": "1", "RANK": "0"}, {"RANK": "1"}, {"SLURM_PROCID": "3"}, {"PMI_RANK": "1"}):
+    for env in ({"ADM_LOCAL_CHILD": "1", "RANK": "0"}, {"RANK": "1"}, {"SLURM_PROCID": "3"}, {"PMI_RANK": "1"},
+                {"SUBMITIT_LOCAL_GLOBALID": "1"}):
         with monkeypatch.context() as m:
             for k, v in env.items():
                 m.setenv(k, v)

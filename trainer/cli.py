@@ -89,12 +89,10 @@ def wait_all(procs: list, grace_s: float = 30.0) -> list[int]:
 def _say(message: str) -> None:
     """A warning from the checks every process runs, said once: by the launcher of `--nproc N` (not its
     ranks), else by rank 0 (srun, torchrun, mpiexec)."""
-    if os.environ.get("ADM_LOCAL_CHILD"):
-        return
-    for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
-        if os.environ.get(var, "0") != "0":
-            return
-    print(message, file=sys.stderr)
+    from .distributed import launch_rank
+
+    if not os.environ.get("ADM_LOCAL_CHILD") and launch_rank() == 0:
+        print(message, file=sys.stderr)
 
 
 def check_data(cfg, world: int = 1) -> None:
@@ -295,7 +293,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m trainer") -> int:
     else:
         from .loop import training_loop
         code = training_loop(cfg)
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    if code == EXIT_REQUEUE and rank == 0 and not os.environ.get("ADM_LOCAL_CHILD"):  # said once, by the launcher
-        print("preempted: the state was saved; run the same command again to resume", file=sys.stderr)
+    if code == EXIT_REQUEUE:  # said once, by the launcher or rank 0
+        _say("preempted: the state was saved; run the same command again to resume")
     return code

@@ -189,6 +189,18 @@ def launch_world() -> int:
     return 1
 
 
+def launch_rank() -> int:
+    """This process's rank as its launcher announced it, before any process group exists (launch_world's
+    sources, in its order)."""
+    env = os.environ
+    if "RANK" in env and env["RANK"].isdigit():
+        return int(env["RANK"])
+    for key in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "SUBMITIT_LOCAL_GLOBALID", "SLURM_PROCID"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    return 0
+
+
 class AnyRankLater:
     """Whether a flag was set on any rank, answered one call later: each call queues this call's all-reduce
     (and on a GPU its copy into pinned host memory) and reads the previous call's, which the device has long
