@@ -210,7 +210,7 @@ def saved_layout(run_dir: Path, tag: str) -> dict:
 def refusal(run_dir: Path, tag: str, cfg) -> str | None:
     """Why checkpoint `tag` cannot be resumed with TrainConfig `cfg` (what TrainConfig.fixed names differs,
     field by field), or None."""
-    from .config import CHANGEABLE_MODEL_FIELDS, describe, differences
+    from .config import describe, fixed_changes
 
     client = json.loads((run_dir / CKPT / tag / "client.json").read_text())
     options = run_dir / "training_options.json"
@@ -227,8 +227,7 @@ def refusal(run_dir: Path, tag: str, cfg) -> str | None:
         was = {"task": o.get("task"), "model": o.get("model", {}), "diffusion": o.get("diffusion")}
     changes = {}
     if was:  # recorded by an older version (fewer fixed fields, dropout among them): compare what it has
-        was = {**was, "model": {k: v for k, v in (was.get("model") or {}).items() if k not in CHANGEABLE_MODEL_FIELDS}}
-        changes = differences(was, {k: v for k, v in cfg.fixed().items() if k in was})
+        changes = fixed_changes(was, cfg)
         if not changes:
             return None
     what = describe(changes) if changes else f"task/model/diffusion differ from {options}"

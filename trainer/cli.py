@@ -215,7 +215,7 @@ def check_snapshots_without_checkpoints(run: Path, cfg) -> None:
     they are this one's."""
     import json
 
-    from .config import CHANGEABLE_MODEL_FIELDS, describe, differences
+    from .config import describe, fixed_changes
 
     snaps = []
     for d in sorted((run / "snapshots").glob("img*")):
@@ -228,10 +228,7 @@ def check_snapshots_without_checkpoints(run: Path, cfg) -> None:
     if not snaps:
         return
     _, newest, options = max(snaps)
-    now = cfg.fixed()
-    was = {"task": options.get("task"), "diffusion": options.get("diffusion"),
-           "model": {k: v for k, v in (options.get("model") or {}).items() if k not in CHANGEABLE_MODEL_FIELDS}}
-    changes = differences(was, {k: now[k] for k in was})
+    changes = fixed_changes({k: options.get(k) for k in ("task", "model", "diffusion")}, cfg)
     if changes:
         raise ValueError(f"run_dir: {run} holds another training's snapshots (up to {newest}: {describe(changes)}) "
                          "and no checkpoint to resume: training here would write over them; use a new run_dir")

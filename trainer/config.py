@@ -264,5 +264,13 @@ def differences(old: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
     return out
 
 
+def fixed_changes(was: dict, cfg: "TrainConfig") -> dict[str, tuple]:
+    """What a resume may not change, as `differences`, between a run's recorded fields (a checkpoint's or
+    a snapshot's; older ones record fewer) and cfg: the fields `was` has, its changeable model fields left out."""
+    model = {k: v for k, v in (was.get("model") or {}).items() if k not in CHANGEABLE_MODEL_FIELDS}
+    was = {**was, "model": model} if "model" in was else was
+    return differences(was, {k: v for k, v in cfg.fixed().items() if k in was})
+
+
 def describe(changes: dict[str, tuple], then: str = "in the run", now: str = "now") -> str:
     return "; ".join(f"{k}: {a!r} {then}, {b!r} {now}" for k, (a, b) in changes.items())
