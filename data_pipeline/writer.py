@@ -8,6 +8,7 @@ written last and atomically: a directory without manifest.json is an interrupted
 `--resume` completes by writing only the shards that have no valid sidecar.
 """
 
+import fcntl
 import hashlib
 import io
 import json
@@ -17,6 +18,7 @@ import random
 import re
 import signal
 import tarfile
+import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from .imagenet_tars import close_tars, read_range
+from .parent_death import signal_on_parent_death
 from .patient_read import StillUnreadable, read_patiently
 from .preprocess import center_crop_arr, encode, limit_side, parse_preprocess, to_rgb
 from .sources import Item, Source
@@ -35,6 +38,7 @@ FORMAT = "adm-webdataset"
 VERSION = 1
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+LOCK = "write.lock"  # held (flock) by the write and its workers: a second write into OUT is refused
 MAX_SCALED_PIXELS = 1 << 28  # ADM's center crop scales the short side first: a 1x100000 strip would need GBs
 # A source image the filesystem refuses (EIO, ESTALE, a mount that blinks) is asked for again after these
 # pauses, then the write stops (--resume goes on): skipping it would make the dataset depend on a passing fault.
@@ -173,9 +177,31 @@ def write_shard(task: ShardTask) -> dict:
     return stats
 
 
-def _writer_init() -> None:
-    """Writer processes leave Ctrl-C to the parent, which stops them all and says how to resume."""
+def _writer_init(parent: int) -> None:
+    """Writer processes leave Ctrl-C to the parent, which stops them all and says how to resume, and die with
+    it however it dies: orphans would finish their shards beside the --resume it asks for."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal_on_parent_death(signal.SIGKILL, parent)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, a job's end) stops the write like Ctrl-C: workers stopped, resumable
+
+
+def lock_out(out: Path) -> int | None:
+    """Take OUT's write lock for this process and the workers it forks (they inherit it, so it lasts as long
+    as the last of them); None where the filesystem has no flock. Refuses while another write holds it."""
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"{out}: another `adm data write` is writing here (or its worker processes still run); "
+                         "wait for it to end, or stop it, then rerun with --resume") from None
+    except OSError:  # no flock on this filesystem: unlocked
+        os.close(fd)
+        return None
+    return fd
 
 
 def plan_shards(source: Source, shard_size: int, seed: int) -> list[list[tuple[str, Item]]]:
@@ -215,7 +241,7 @@ def check_write_options(out: str | Path, shard_size: int, workers: int, preproce
     if (out / MANIFEST).exists():
         raise ValueError(f"{out} already holds a complete dataset ({MANIFEST}); choose another OUT")
     interrupted = (out / "write-settings.json").exists()
-    if out.exists() and any(out.iterdir()) and not (resume and interrupted):
+    if out.exists() and any(p.name != LOCK for p in out.iterdir()) and not (resume and interrupted):
         raise ValueError(f"{out} holds an interrupted write (shards without {MANIFEST}): rerun with --resume to "
                          "complete it, or choose an empty OUT" if interrupted else
                          f"{out} is not empty and holds no write of ours; choose a new or empty OUT")
@@ -256,8 +282,20 @@ def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, worke
     skip_unreadable: a source file the filesystem still refuses after READ_RETRY_DELAYS_S (a bad sector) is
     skipped and listed instead of stopping the write; a fault policy, not a setting, so a --resume may add it."""
     check_write_options(out, shard_size, workers, preprocess, image_format, resume)
-    out, (kind, _) = Path(out), parse_preprocess(preprocess)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    lock = lock_out(out)
+    try:
+        return _write_locked(source, out, shard_size, workers, preprocess, seed, progress, tool_version, image_format,
+                             skip_unreadable)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _write_locked(source: Source, out: Path, shard_size: int, workers: int, preprocess: str, seed: int,
+                  progress: bool, tool_version: str, image_format: str, skip_unreadable: bool) -> dict:
+    kind, _ = parse_preprocess(preprocess)
     plan = plan_shards(source, shard_size, seed)
     settings = {"seed": seed, "shard_size": shard_size, "preprocess": preprocess, "num_source_items": len(source.items),
                 "image_format": image_format, "source_sha256": source_digest(source)}
@@ -286,7 +324,10 @@ def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, worke
         from tqdm.auto import tqdm
         bar = tqdm(total=len(source.items), initial=sum(len(plan[i]) for i in done), unit="img",
                    desc=f"writing {len(plan)} shards")
-    pool = None if workers == 1 else ProcessPoolExecutor(workers, get_context("fork"), initializer=_writer_init)
+    pool = None if workers == 1 else ProcessPoolExecutor(workers, get_context("fork"), initializer=_writer_init,
+                                                         initargs=(os.getpid(),))
+    main_thread = threading.current_thread() is threading.main_thread()
+    on_term = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         if pool is None:
             iterator = map(write_shard, tasks)
@@ -307,6 +348,8 @@ def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, worke
                            "command with --resume once the source reads again (add --skip-unreadable to leave out "
                            "files that never will)") from None
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, on_term)
         close_tars()  # one left open by a shard written in this process that stopped on an error
         if pool:  # on an error, stop the shards in flight (they stay .partial; --resume rewrites them)
             if len(results) < len(plan):
@@ -322,6 +365,7 @@ def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, worke
             for name in (shard_name(i), shard_name(i) + ".done.json"):
                 (out / name).unlink(missing_ok=True)
         settings_path.unlink(missing_ok=True)
+        (out / LOCK).unlink(missing_ok=True)
         raise ValueError(f"{source.root}: none of its {len(source.items)} images could be read (first: "
                          f"{skipped[0]['path']}: {skipped[0]['reason']}); no dataset written to {out}")
     manifest = {
@@ -339,4 +383,5 @@ def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, worke
     for i in range(len(plan)):  # the manifest now holds everything the sidecars did
         (out / (shard_name(i) + ".done.json")).unlink(missing_ok=True)
     settings_path.unlink(missing_ok=True)
+    (out / LOCK).unlink(missing_ok=True)  # still held: a write that waited on it finds the manifest
     return manifest

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,6 +176,21 @@ def ctrl_c_during_shard_3(task):
     return write_shard(task)
 
 
+def sigterm_during_shard_3(task):
+    if task.index == 3:
+        os.kill(os.getppid(), signal.SIGTERM)  # `kill PID`, `timeout`, a job's end
+        time.sleep(60)
+    return write_shard(task)
+
+
+def parent_killed_during_shard_3(task):
+    if task.index == 3:
+        (Path(task.out) / f"worker-{os.getpid()}.pid").touch()
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(60)  # an orphan would finish this shard a minute later, beside the --resume
+    return write_shard(task)
+
+
 def _write_with(fake, source, out, results):
     """In a forked process of its own group (a hang is killed from outside): the write with `fake` as the
     shard writer; reports (exception type, message, seconds, writer processes left)."""
@@ -205,7 +221,8 @@ def test_parallel_write_stops_cleanly_when_a_worker_dies_or_on_ctrl_c(imagenet, 
     reference = write_dataset(source, tmp_path / "ref", shard_size=16, progress=False)
     ctx = get_context("fork")
     for name, fake, error, match in [("killed", killed_at_shard_2, "RuntimeError", "a writer process died"),
-                                     ("ctrl-c", ctrl_c_during_shard_3, "KeyboardInterrupt", "shards written to")]:
+                                     ("ctrl-c", ctrl_c_during_shard_3, "KeyboardInterrupt", "shards written to"),
+                                     ("sigterm", sigterm_during_shard_3, "KeyboardInterrupt", "shards written to")]:
         results = ctx.Queue()
         proc = ctx.Process(target=_write_with, args=(fake, source, tmp_path / name, results))
         proc.start()
@@ -220,6 +237,49 @@ def test_parallel_write_stops_cleanly_when_a_worker_dies_or_on_ctrl_c(imagenet, 
         assert seconds < 30 and left == 0 and not (tmp_path / name / MANIFEST).exists()
         resumed = write_dataset(source, tmp_path / name, shard_size=16, workers=2, resume=True, progress=False)
         assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in reference["shards"]]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_workers_of_a_killed_write_end_with_it_and_a_second_write_waits_for_them(imagenet, tmp_path):
+    """A write killed outright (SIGKILL): its workers end too rather than finish their shards, orphaned, beside
+    the --resume; and a write into an OUT whose lock another write (or its workers) holds is refused."""
+    from multiprocessing import get_context
+
+    from data_pipeline.writer import lock_out
+
+    root, _ = imagenet
+    source = read_source(root, "imagenet", "train")
+    reference = write_dataset(source, tmp_path / "ref", shard_size=16, progress=False)
+    out = tmp_path / "killed"
+    proc = get_context("fork").Process(target=_write_with, args=(parent_killed_during_shard_3, source, out,
+                                                                  get_context("fork").Queue()))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == -signal.SIGKILL
+    workers = [int(p.stem.split("-")[1]) for p in out.glob("worker-*.pid")]
+    assert workers
+    deadline = time.monotonic() + 20
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [w for w in workers if _alive(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)  # (a failing run must not leave them holding pytest's output)
+    assert not left, "the killed write's workers live on"
+    for p in out.glob("worker-*.pid"):
+        p.unlink()
+    held = lock_out(out)  # as a live write's would be
+    with pytest.raises(ValueError, match="another `adm data write` is writing here"):
+        write_dataset(source, out, shard_size=16, workers=2, resume=True, progress=False)
+    os.close(held)
+    resumed = write_dataset(source, out, shard_size=16, workers=2, resume=True, progress=False)
+    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in reference["shards"]]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST] + [s["name"] for s in resumed["shards"]]
 
 
 def test_verify_reports_a_truncated_shard(imagenet, tmp_path):

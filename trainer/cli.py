@@ -21,25 +21,12 @@ def _setup_logging():
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _stop_with_parent(parent: int):
-    """For a rank's preexec_fn: SIGTERM (save, then exit) when the launcher dies, however it dies (a SIGKILL,
-    a closed terminal's SIGHUP), rather than training on, orphaned, beside a rerun (Linux's PR_SET_PDEATHSIG)."""
-    def setup():
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):  # not Linux: the rank outlives a killed launcher
-            return
-        if os.getppid() != parent:  # the launcher died before the line above
-            os.kill(os.getpid(), signal.SIGTERM)
-    return setup
-
-
 def launch_local(nproc: int, argv: list[str], lock_fd: int | None = None) -> int:
     """Start nproc ranks on this machine (gloo on CPU, NCCL on GPUs); forward preemption signals. The ranks
     inherit the run directory's lock (lock_fd), so it is held until the last of them ends, and are told to
     save and stop if the launcher dies."""
+    from data_pipeline.parent_death import stop_with_parent
+
     from .distributed import _free_port
 
     port = _free_port()
@@ -50,7 +37,7 @@ def launch_local(nproc: int, argv: list[str], lock_fd: int | None = None) -> int
                        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))))
         procs.append(subprocess.Popen([sys.executable, "-m", "trainer", *argv], env=env,
                                       pass_fds=() if lock_fd is None else (lock_fd,),
-                                      preexec_fn=_stop_with_parent(os.getpid())))
+                                      preexec_fn=stop_with_parent(os.getpid())))  # save, stop, if it dies
 
     def forward(signum, frame):
         for p in procs:
