@@ -9,7 +9,12 @@ from .verify import check_resolution, read_manifest
 def measure(directory, resolution: int, workers: int = 0, seconds: float = 10.0, batch_size: int = 64,
             crop: str = "center", warmup_batches: int = 2, num_slots: int | None = None,
             jpeg_draft: bool = False) -> dict:
+    if seconds <= 0 or workers < 0:
+        raise ValueError(f"--seconds must be positive and --workers at least 0, got {seconds:g} and {workers}")
     manifest = read_manifest(directory)
+    if workers > len(manifest["shards"]):
+        raise ValueError(f"--workers {workers}: each loader worker reads whole shards and {directory} has "
+                         f"{len(manifest['shards'])}; use --workers {len(manifest['shards'])} or fewer")
     check_resolution(directory, manifest, resolution, "--resolution")
     consumers = max(1, workers)
     slots = num_slots or max(consumers, min(len(manifest["shards"]) // consumers * consumers, 64))

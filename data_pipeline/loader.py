@@ -74,6 +74,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.state = state or {}
         self.worker_rotation = worker_rotation
+        self.num_classes = self.manifest["num_classes"]
 
     def consumer(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -90,9 +91,9 @@ class ShardStream(IterableDataset):
         shard = self.order.shards_of(slot, pos.epoch)[pos.shard]
         info = self.manifest["shards"][shard]
         samples, error = read_shard(self.dir / info["name"])
-        if error:
-            log.warning("shard %s is damaged (%s): %d of %d samples readable", info["name"], error,
-                        len(samples), info["count"])
+        if error or len(samples) < info["count"]:  # (a damaged header mid-tar reads as its end, with no error)
+            log.warning("shard %s is damaged (%s): %d of %d samples readable", info["name"],
+                        error or "the tar ends early", len(samples), info["count"])
         # member i is the i-th sample in the tar: keys are the source positions, with gaps where the writer
         # skipped an unreadable image; a damaged tar reads as a prefix, so the order still holds
         keys = list(samples)
@@ -100,19 +101,23 @@ class ShardStream(IterableDataset):
         for offset in range(pos.offset, len(order)):
             member = int(order[offset])
             here = Position(pos.epoch, pos.shard, offset)
-            key = keys[member] if member < len(keys) else None
-            sample = None if key is None else self.decode(samples[key], key, shard, member, slot, here)
-            if sample is None and key is not None:  # (those lost with a damaged tail: its one warning above)
-                log.warning("skipping sample %s of %s", key, info["name"])
-            yield sample, here
+            key = keys[member] if member < len(keys) else None  # (those lost with a damaged tail: warned above)
+            yield None if key is None else self.decode(samples[key], key, shard, member, slot, here), here
 
     def decode(self, parts, key, shard, member, slot, pos):
+        """The sample, or None (skipped, counted and logged with its reason)."""
         image = parts.get("jpg", parts.get("png", parts.get("npy")))
         try:
             label = int(parts["cls"])
+            if not 0 <= label < self.num_classes:  # a damaged .cls: an embedding lookup would fail on it
+                raise ValueError(f"label {label} outside the {self.num_classes} classes of the manifest")
+            if image is None:
+                raise KeyError(f"no image (its parts: {', '.join(sorted(parts))})")
             rng = SampleRandom(self.seed, pos.epoch, shard, member)
             out = self.transform(image, rng)
-        except Exception:  # missing part, undecodable image: skip and count
+        except Exception as e:  # missing part, undecodable image, bad label: skip and count
+            log.warning("skipping sample %s of %s: %s", key, self.manifest["shards"][shard]["name"],
+                        f"{type(e).__name__}: {e}")
             return None
         out["label"] = label
         out["pos"] = np.array([slot, pos.epoch, pos.shard, pos.offset], dtype=np.int64)
@@ -125,22 +130,39 @@ class ShardStream(IterableDataset):
         pos = {s: Position(**self.state.get(str(s), {}).get("pos", {})) for s in slots}
         # shards started so far per slot: slots take turns a shard at a time (one shard in memory)
         done = {s: self.state.get(str(s), {}).get("shards", 0) for s in slots}
-        batch, skipped = [], 0
+        batch, skipped, barren = [], 0, []  # barren: the shards read in a row without one good sample
         while True:
             slot = min(slots, key=lambda s: (done[s], s))  # derivable from the state: exact resume
+            barren.append(self.order.shards_of(slot, pos[slot].epoch)[pos[slot].shard])
             for sample, here in self.shard_samples(slot, pos[slot]):
                 if sample is None:
                     skipped += 1
                     continue
                 sample["shards"] = done[slot]
+                barren = []
                 batch.append(sample)
                 if len(batch) == self.batch_size:
                     yield collate(batch, skipped)
                     batch, skipped = [], 0
+            self._check_not_barren(barren, slots, pos)
             pos[slot] = self.order.advance(slot, Position(pos[slot].epoch, pos[slot].shard,
                                                           self.order.counts[self.order.shards_of(
                                                               slot, pos[slot].epoch)[pos[slot].shard]] - 1))
             done[slot] += 1
+
+
+    def _check_not_barren(self, barren: list[int], slots: list[int], pos: dict) -> None:
+        """A reader whose every shard is damaged would loop over them forever: once a whole epoch of its
+        slots' shards gave nothing, it stops and says so."""
+        epoch_of_shards = sum(len(self.order.shards_of(s, pos[s].epoch)) for s in slots)
+        if len(barren) >= epoch_of_shards:
+            info = get_worker_info()
+            names = sorted({self.manifest["shards"][i]["name"] for i in barren})
+            raise RuntimeError(
+                f"{self.dir}: rank {self.rank}" + (f", loader worker {info.id}," if info else "")
+                + f" read {len(barren)} shards in a row without one usable sample ({', '.join(names[:4])}"
+                + (f" and {len(names) - 4} more" if len(names) > 4 else "") + "): every shard it reads is damaged "
+                "or holds only bad samples; `adm data verify` names the damage")
 
 
 def collate(samples: list[dict], skipped: int) -> dict:
@@ -164,15 +186,15 @@ def _ignore_job_signals(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def _kill_workers_at_exit(iterator_ref) -> None:
+def _kill_workers_at_exit(iterator_ref, workers: list) -> None:
     """At interpreter exit (registered after multiprocessing's own hook, so it runs first): SIGKILL the
     workers still alive. multiprocessing would SIGTERM them, which they ignore, and then wait forever,
-    e.g. when the training process exits on an exception that keeps the iterator alive."""
+    e.g. when the training process exits on an exception that keeps the iterator alive, or after a worker's
+    exception, when the collected iterator's own shutdown left its workers waiting for work."""
     iterator = iterator_ref()
-    if iterator is None:
-        return
-    iterator._shutdown_workers()  # the DataLoader's orderly stop; it also stops watching them die
-    for worker in iterator._workers:
+    if iterator is not None:
+        iterator._shutdown_workers()  # the DataLoader's orderly stop; it also stops watching them die
+    for worker in workers:
         if worker.is_alive():
             worker.kill()
 
@@ -188,6 +210,12 @@ class StreamLoader:
                  small_size: int = 0, seed: int = 0, num_slots: int = 64, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, jpeg_draft: bool = False, prefetch_factor: int = 2,
                  persistent_workers: bool = False, pin_memory: bool = False):
+        if world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
+            raise ValueError(f"loader: rank {rank} of world size {world_size} with {num_workers} workers; expected "
+                             "world_size >= 1, 0 <= rank < world_size, num_workers >= 0")
+        if num_slots % (world_size * max(1, num_workers)):
+            raise ValueError(f"loader: {num_slots} canonical slots do not divide over world size x workers = "
+                             f"{world_size} x {max(1, num_workers)}: every reader needs the same number of slots")
         self.args = dict(directory=str(directory), batch_size=batch_size, seed=seed, num_slots=num_slots,
                          rank=rank, world_size=world_size)
         self.transform = Transform(resolution, crop, flip, small_size, jpeg_draft)
@@ -199,11 +227,13 @@ class StreamLoader:
         self.slots: dict[str, dict] = {}  # slot -> {"pos": after the last consumed sample, "shards": started}
         self.batches = 0
         self.skipped = 0
-        self._resume_workers = num_workers
+        # worker w of a new iterator serves the batches numbered (w + batches - rotation_origin) mod workers
+        # of the layout (world size, workers) in use since the batch count rotation_origin
+        self.rotation_origin = 0
         ShardStream(transform=self.transform, **self.args)  # fail now on a missing manifest or shard
 
     def __iter__(self):
-        rotation = self.batches % max(1, self.num_workers) if self._resume_workers == self.num_workers else 0
+        rotation = (self.batches - self.rotation_origin) % max(1, self.num_workers)
         dataset = ShardStream(transform=self.transform, state=self.slots, worker_rotation=rotation, **self.args)
         kwargs = dict(num_workers=self.num_workers, batch_size=None, pin_memory=self.pin_memory)
         if self.num_workers:
@@ -214,7 +244,7 @@ class StreamLoader:
         # the first next(): callers that restore RNG state after iter() rely on this
         batches = iter(DataLoader(dataset, **kwargs))
         if self.num_workers:
-            atexit.register(_kill_workers_at_exit, weakref.ref(batches))
+            atexit.register(_kill_workers_at_exit, weakref.ref(batches), list(batches._workers))
         return self._consume(batches, order)
 
     def _consume(self, batches, order):
@@ -239,6 +269,7 @@ class StreamLoader:
         slots = {k: v for k, v in self.slots.items() if self.owns(int(k))}
         return {"slots": json.loads(json.dumps(slots)), "batches": self.batches, "skipped": self.skipped,
                 "num_workers": self.num_workers, "world_size": self.args["world_size"],
+                "rotation_origin": self.rotation_origin,
                 "num_slots": self.args["num_slots"], "seed": self.args["seed"]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -250,7 +281,8 @@ class StreamLoader:
         # the merged count is every rank's: rank 0 carries it on, so that the next merge sums to it again
         self.batches, self.skipped = state["batches"], state["skipped"] if self.args["rank"] == 0 else 0
         same = state["num_workers"] == self.num_workers and state["world_size"] == self.args["world_size"]
-        self._resume_workers = self.num_workers if same else -1
+        # another layout starts its rotation afresh, here (states from before rotation_origin: 0)
+        self.rotation_origin = state.get("rotation_origin", 0) if same else self.batches
 
 
 def merge_states(states: list[dict]) -> dict:

@@ -5,6 +5,16 @@ import io
 import numpy as np
 from PIL import Image
 
+MAX_SCALED_PIXELS = 1 << 28  # ADM's crops scale the short side first: a 1x100000 strip would need GBs
+
+
+def check_scale(size: tuple[int, int], short: int) -> None:
+    """Refuse (ValueError) an image whose short side, scaled up to `short`, would take over MAX_SCALED_PIXELS."""
+    w, h = size
+    if short > min(size) and w * h * (short / min(size)) ** 2 > MAX_SCALED_PIXELS:
+        raise ValueError(f"aspect ratio of {w}x{h}: the crop to {short} would first scale it to over "
+                         f"{MAX_SCALED_PIXELS:,} pixels")
+
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """ADM's `convert("RGB")`, except for 16-bit greyscale (PIL mode I;16 or I), which PIL would clip to
@@ -20,6 +30,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
     """ADM's center crop: BOX halving while the short side >= 2 size, BICUBIC so the short side is
     `size`, then the central size x size crop. uint8 HWC RGB."""
+    check_scale(image.size, size)
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
     scale = size / min(image.size)

@@ -5,6 +5,7 @@ the sorted class-directory names (sorted WNIDs for ImageNet: the order ADM and t
 """
 
 import csv
+import io
 import os
 import re
 from dataclasses import dataclass, field
@@ -156,18 +157,22 @@ def _is_image(name: str) -> bool:
 
 def _val_labels(labels_csv: Path) -> dict[str, str]:
     """ImageId -> WNID from LOC_val_solution.csv (ImageId, PredictionString: the first token)."""
+    try:
+        text = Path(labels_csv).read_text(encoding="utf-8-sig")  # -sig: a spreadsheet's byte-order mark
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{labels_csv}: not UTF-8 text ({e.reason} at byte {e.start}); expected ImageNet's "
+                         "LOC_val_solution.csv") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
+        raise ValueError(f"{labels_csv}: expected columns ImageId,PredictionString, got {reader.fieldnames}")
     wnid_of = {}
-    with open(labels_csv, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
-            raise ValueError(f"{labels_csv}: expected columns ImageId,PredictionString, got {reader.fieldnames}")
-        for n, row in enumerate(reader, 2):
-            tokens = (row["PredictionString"] or "").split()
-            if tokens:
-                if wnid_of.get(row["ImageId"], tokens[0]) != tokens[0]:
-                    raise ValueError(f"{labels_csv}:{n}: {row['ImageId']} labelled again, as {tokens[0]} "
-                                     f"(before: {wnid_of[row['ImageId']]})")
-                wnid_of[row["ImageId"]] = tokens[0]
+    for n, row in enumerate(reader, 2):
+        tokens = (row["PredictionString"] or "").split()
+        if tokens:
+            if wnid_of.get(row["ImageId"], tokens[0]) != tokens[0]:
+                raise ValueError(f"{labels_csv}:{n}: {row['ImageId']} labelled again, as {tokens[0]} "
+                                 f"(before: {wnid_of[row['ImageId']]})")
+            wnid_of[row["ImageId"]] = tokens[0]
     return wnid_of
 
 
@@ -213,16 +218,22 @@ def imagenet(root: Path, split: str, labels_csv: Path | None = None) -> Source:
     if root.is_file():
         return imagenet_tar(root, split, labels_csv)
     train_ids = _train_ids(root) if split == "val" else None
+    odd = ""  # class folders that are not all WNIDs, named in the error
     for candidate in (root / split, root / "Data" / "CLS-LOC" / split, root):
         if candidate.is_dir():
             sub = _class_dirs(candidate)
             if sub and all(WNID.match(d.name) for d in sub):
                 return folder_per_class(candidate, f"imagenet-{split}", train_ids)
+            others = [d.name for d in sub if not WNID.match(d.name)]
+            if sub and len(others) < len(sub) and not odd:
+                odd = (f"; {candidate} has folders that are not WNIDs (n + 8 digits): {', '.join(others[:3])}"
+                       + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+                       + " (move them out, or write it with --layout folder)")
             if split == "val" and any(p.suffix.lower() in IMAGE_SUFFIXES for p in candidate.iterdir()):
                 return imagenet_val_flat(candidate, labels_csv, train_ids)
     kaggle = " (Kaggle's download: give its ILSVRC/ folder)" if (root / "ILSVRC").is_dir() else ""
     raise ValueError(f"{root}: no ImageNet {split} split found (expected {split}/<wnid>/ folders"
-                     + (" or a flat val folder with LOC_val_solution.csv)" if split == "val" else ")") + kaggle)
+                     + (" or a flat val folder with LOC_val_solution.csv)" if split == "val" else ")") + kaggle + odd)
 
 
 def list_file(path: Path) -> Source:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .preprocess import center_crop_arr, to_rgb
+from .preprocess import center_crop_arr, check_scale, to_rgb
 
 CROPS = ("center", "random-resized")
 
@@ -19,6 +19,7 @@ def random_crop_arr(image: Image.Image, size: int, rng, min_frac: float = 0.8) -
     BICUBIC to it, then a uniformly placed size x size crop."""
     lo, hi = size, math.ceil(size / min_frac)
     short = int(rng.integers(lo, hi + 1))
+    check_scale(image.size, short)
     while min(image.size) >= 2 * short:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
     scale = short / min(image.size)

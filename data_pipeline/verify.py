@@ -37,9 +37,44 @@ def read_manifest(directory: str | Path) -> dict:
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise ValueError(f"{path}: lacks {', '.join(missing)}; an edited or foreign manifest? rewrite the dataset")
+    _check_fields(path, manifest)
     if not manifest["num_samples"]:
         raise ValueError(f"{path}: a dataset of 0 samples; nothing to read")
     return manifest
+
+
+def _check_fields(path: Path, manifest: dict) -> None:
+    """The fields every reader relies on have the types the writer gives them (an edited manifest otherwise
+    fails later with a bare KeyError or TypeError)."""
+    def bad(field, expected):
+        raise ValueError(f"{path}: {field} is {json.dumps(_get(manifest, field))[:80]}, expected {expected}; an "
+                         "edited manifest? rewrite the dataset")
+
+    for field in ("num_samples", "num_classes"):
+        if not isinstance(manifest[field], int) or isinstance(manifest[field], bool) or manifest[field] < 0:
+            bad(field, "a count (a non-negative integer)")
+    if not isinstance(manifest["classes"], list) or len(manifest["classes"]) != manifest["num_classes"]:
+        bad("classes", f"a list of num_classes = {manifest['num_classes']} entries")
+    shards = manifest["shards"]
+    if not isinstance(shards, list) or not shards:
+        bad("shards", "a non-empty list")
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            bad(f"shards[{i}]", "an object with name, count, bytes")
+        name = shard.get("name")
+        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+            bad(f"shards[{i}].name", "a file name in the dataset's directory")
+        for field in ("count", "bytes"):
+            value = shard.get(field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                bad(f"shards[{i}].{field}", "a non-negative integer")
+
+
+def _get(manifest: dict, field: str):
+    value = manifest
+    for part in field.replace("[", ".").replace("]", "").split("."):
+        value = value[int(part)] if isinstance(value, list) else value.get(part)
+    return value
 
 
 def check_resolution(directory: str | Path, manifest: dict, resolution: int, field: str) -> None:

@@ -31,7 +31,7 @@ from PIL import Image
 from .imagenet_tars import close_tars, read_range
 from .parent_death import signal_on_parent_death
 from .patient_read import StillUnreadable, read_patiently
-from .preprocess import center_crop_arr, encode, limit_side, parse_preprocess, to_rgb
+from .preprocess import center_crop_arr, check_scale, encode, limit_side, parse_preprocess, to_rgb
 from .sources import Item, Source
 
 FORMAT = "adm-webdataset"
@@ -39,7 +39,6 @@ VERSION = 1
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 LOCK = "write.lock"  # held (flock) by the write and its workers: a second write into OUT is refused
-MAX_SCALED_PIXELS = 1 << 28  # ADM's center crop scales the short side first: a 1x100000 strip would need GBs
 # A source image the filesystem refuses (EIO, ESTALE, a mount that blinks) is asked for again after these
 # pauses, then the write stops (--resume goes on): skipping it would make the dataset depend on a passing fault.
 # With --skip-unreadable (for a file that will never read again: a bad sector) it is skipped and listed instead.
@@ -105,9 +104,8 @@ def _image_sample(item: Item, kind: str, size: int, image_format: str = "png",
             if ext:
                 return ext, data, original
             return "png", encode(to_rgb(im), "png"), original
-        if kind == "center-crop" and original[0] * original[1] * (size / min(original)) ** 2 > MAX_SCALED_PIXELS:
-            raise ValueError(f"aspect ratio of {original[0]}x{original[1]}: the crop to {size} would first scale it "
-                             f"to over {MAX_SCALED_PIXELS:,} pixels")
+        if kind == "center-crop":
+            check_scale(original, size)  # before decoding it
         rgb = to_rgb(im)
     if kind == "center-crop":  # lossless, so the loader gets exactly these pixels
         crop = center_crop_arr(rgb, size)

@@ -116,13 +116,35 @@ def test_resumed_twice_at_the_same_world_size_is_exact(data, workers):
     assert merge_states([ld.state_dict() for ld in loaders])["skipped"] == 5
 
 
+@pytest.mark.parametrize("before", [4, 5])
+def test_a_resume_after_a_world_size_change_resumes_exactly_at_that_size(data, before):
+    """2 ranks without workers, then 1 rank with 2 workers, interrupted there and resumed at that size: the
+    same batches as without the second interruption (the workers' turn restarts at the change of layout, not at
+    batch 0), for an odd and an even number of batches before the change."""
+    path = data[1] / "crop"
+    ranks = [loader(path, rank=r, world_size=2) for r in range(2)]
+    for ld in ranks:
+        take(ld, before)
+    changed = json.loads(json.dumps(merge_states([ld.state_dict() for ld in ranks])))
+
+    def one_rank(state):
+        ld = loader(path, num_workers=2)
+        ld.load_state_dict(json.loads(json.dumps(state)))
+        return ld
+
+    full = take(one_rank(changed), 9)
+    first = one_rank(changed)
+    head = take(first, 3)
+    assert head + take(one_rank(merge_states([first.state_dict()])), 6) == full
+
+
 def test_state_from_other_settings_is_refused(data):
     ld = loader(data[1] / "crop")
     state = ld.state_dict()
     with pytest.raises(ValueError, match="num_slots"):
         loader(data[1] / "crop", num_slots=8).load_state_dict(state)
-    with pytest.raises(ValueError, match="not divisible"):
-        take(loader(data[1] / "crop", world_size=3), 1)
+    with pytest.raises(ValueError, match="slots do not divide over world size x workers = 3 x 1"):
+        loader(data[1] / "crop", world_size=3)  # at construction, before a worker starts
     with pytest.raises(ValueError, match="every slot needs at least one shard"):
         loader(data[1] / "crop", num_slots=32)
 
@@ -170,6 +192,81 @@ def test_corrupt_samples_and_truncated_shards_are_skipped_and_counted(data, tmp_
     (path / manifest["shards"][7]["name"]).unlink()
     with pytest.raises(FileNotFoundError, match="missing: shard-000007.tar"):
         loader(path)
+
+
+def _rewrite_shard(path, edit):
+    """Rewrite a tar's members through edit(name, payload) -> payload (None drops the member)."""
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(path, "w") as tar:
+        for m, payload in members:
+            payload = edit(m.name, payload)
+            if payload is not None:
+                m.size = len(payload)
+                tar.addfile(m, io.BytesIO(payload))
+
+
+def test_labels_outside_the_class_table_and_damaged_headers_are_skipped_counted_and_said(data, tmp_path, caplog):
+    import shutil
+    path = tmp_path / "bad"
+    shutil.copytree(data[1] / "crop", path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    k = manifest["num_classes"]
+    first = manifest["shards"][0]
+    bad_labels = {f"{int(first['first_key']):09d}": str(k), f"{int(first['first_key']) + 1:09d}": "-1"}
+    shard0 = path / first["name"]
+    _rewrite_shard(shard0, lambda name, payload: bad_labels.get(name.split(".")[0], payload.decode()).encode()
+                   if name.endswith(".cls") else payload)
+    keys0 = sorted({int(m.split(".")[0]) for m in tarfile.open(shard0).getnames()})
+    assert {int(key) for key in bad_labels} <= set(keys0)
+    # shard 3: the header of its 4th sample's image flipped: tarfile reads that as the end of the archive
+    shard3 = path / manifest["shards"][3]["name"]
+    with tarfile.open(shard3) as tar:
+        offsets = [m.offset for m in tar]
+        keys3 = [int(m.name.split(".")[0]) for m in tar]
+    raw = bytearray(shard3.read_bytes())
+    raw[offsets[9]:offsets[9] + 100] = bytes(100)  # members: image, cls, json per sample
+    shard3.write_bytes(bytes(raw))
+    lost3 = set(keys3[9:])
+    ld = loader(path, num_slots=1, batch_size=4)
+    with caplog.at_level("WARNING", logger="data_pipeline.loader"):
+        ids = epoch0([ld])
+        labels_seen = set()
+        for batch in [next(iter(loader(path, num_slots=1, batch_size=50)))]:
+            labels_seen |= set(batch["label"].tolist())
+    assert sorted(ids) == sorted(set(range(N)) - {int(key) for key in bad_labels} - lost3)
+    assert ld.skipped == len(bad_labels) + len(lost3)
+    assert labels_seen <= set(range(k))
+    text = caplog.text
+    assert f"label {k} outside the {k} classes" in text and "label -1 outside" in text
+    assert f"shard {shard3.name} is damaged (the tar ends early): 3 of 8 samples readable" in text
+
+
+def test_a_reader_whose_every_shard_is_damaged_stops_with_the_reason_instead_of_looping(data, tmp_path):
+    import shutil
+    path = tmp_path / "dead"
+    shutil.copytree(data[1] / "crop", path)
+    for shard in json.loads((path / MANIFEST).read_text())["shards"]:
+        (path / shard["name"]).write_bytes(b"")
+    for workers in (0, 1):
+        with pytest.raises(Exception, match="without one usable sample .*every shard it reads is damaged"):
+            take(loader(path, num_slots=2, num_workers=workers), 1)
+
+
+def test_an_image_too_thin_to_crop_within_memory_is_skipped(tmp_path):
+    from data_pipeline.preprocess import MAX_SCALED_PIXELS
+
+    src = tmp_path / "src"
+    for c in ("a", "b"):
+        (src / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(src / c / f"{i}.png")
+    Image.new("RGB", (1, 40_000)).save(src / "a" / "strip.png")  # at 128: 1 x 40000 -> 128 x 5.1M pixels
+    assert 40_000 * 128 ** 2 > MAX_SCALED_PIXELS
+    write_dataset(read_source(src, "folder"), tmp_path / "d", shard_size=7, progress=False)
+    ld = StreamLoader(tmp_path / "d", 128, 6, num_slots=1)
+    batch = next(iter(ld))
+    assert len(batch["id"]) == 6 and ld.skipped == 1
 
 
 def test_write_time_crop_equals_load_time_crop_bit_for_bit(data):

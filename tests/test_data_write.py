@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -621,6 +622,24 @@ def test_write_refusals_and_outcomes_users_meet(tmp_path):
     assert manifest["num_samples"] == 7 and reasons["n00000002/gone.JPEG"].startswith("FileNotFoundError")
 
 
+def test_source_and_bench_mistakes_are_named(tmp_path, train_shards):
+    inet = tmp_path / "inet" / "train"
+    _tree(inet)
+    (inet / "cats").mkdir()  # a stray class folder in ImageNet's train split
+    proc = run_cli("data", "write", str(tmp_path / "inet"), str(tmp_path / "o1"), check=False)
+    assert proc.returncode == 2 and "has folders that are not WNIDs (n + 8 digits): cats" in proc.stderr, proc.stderr
+    val = _tree(tmp_path / "val", classes=("flat",)) / "flat"
+    (tmp_path / "labels.csv").write_bytes(b"\xff\xfeI\x00m\x00")  # UTF-16, as a spreadsheet may save it
+    proc = run_cli("data", "write", str(val), str(tmp_path / "o2"), "--split", "val", "--labels",
+                   str(tmp_path / "labels.csv"), check=False)
+    assert proc.returncode == 2 and "labels.csv: not UTF-8 text" in proc.stderr, proc.stderr
+    shards = len(json.loads((train_shards / MANIFEST).read_text())["shards"])
+    for args, expected in [(("--workers", str(shards + 1)), f"use --workers {shards} or fewer"),
+                           (("--seconds", "0"), "--seconds must be positive")]:
+        proc = run_cli("data", "bench", str(train_shards), "--resolution", "16", *args, check=False)
+        assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+
+
 def test_resume_needs_the_same_source(tmp_path, monkeypatch):
     from data_pipeline import writer
 
@@ -724,3 +743,16 @@ def test_manifest_damage_is_named(tmp_path):
     (tmp_path / "d" / MANIFEST).write_text(json.dumps({**manifest, "num_classes": 2, "num_samples": 0}))
     with pytest.raises(ValueError, match="a dataset of 0 samples"):
         StreamLoader(tmp_path / "d", 16, 4)
+    for edit, expected in [  # fields a reader relies on, edited: named, not a KeyError later
+        ({"shards": []}, "shards is [], expected a non-empty list"),
+        ({"shards": [{k: v for k, v in manifest["shards"][0].items() if k != "count"}]},
+         "shards[0].count is null, expected a non-negative integer"),
+        ({"shards": [{**manifest["shards"][0], "name": "../x/shard-000000.tar"}]},
+         "shards[0].name is \"../x/shard-000000.tar\", expected a file name in the dataset's directory"),
+        ({"num_classes": "2"}, "num_classes is \"2\", expected a count")]:
+        (tmp_path / "d" / MANIFEST).write_text(json.dumps({**manifest, "num_classes": 2, **edit}))
+        for command in (["info"], ["verify", "--quiet"]):
+            proc = run_cli("data", *command, str(tmp_path / "d"), check=False)
+            assert proc.returncode in (1, 2) and expected in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            StreamLoader(tmp_path / "d", 16, 4)
