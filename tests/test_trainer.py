@@ -393,7 +393,15 @@ def test_bad_inputs_fail_fast_with_clear_errors(shards, reference_run, tmp_path)
 
 
 def test_non_finite_steps_are_skipped_then_training_stops(shards, tmp_path):
+    """A checkpoint every step and keep_last=1: the ones saved during the non-finite streak do not prune the
+    last one saved before it, which the message names."""
+    import re
+
     proc = train(shards, tmp_path / "run", "total_kimg=1.0", "lr=1e30", "max_bad_steps=3", "checkpoint_kimg=0.016",
-                 "precision=fp32", check=False)
+                 "keep_last=1", "precision=fp32", check=False)
     assert proc.returncode == 2
     assert "3 non-finite steps in a row" in proc.stderr and "last good checkpoint is" in proc.stderr
+    good = re.search(r"last good checkpoint is \S*(img\d{12})", proc.stderr).group(1)
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("img*"))
+    assert "non-finite steps in a row so far: every older checkpoint is kept" in proc.stdout
+    assert kept[0] == good and len(kept) == 3, (good, kept)  # the good one and the two saved in the streak

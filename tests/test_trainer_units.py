@@ -781,3 +781,21 @@ def test_the_up_front_warnings_are_said_by_one_process(monkeypatch, capsys):
     monkeypatch.setenv("SLURM_PROCID", "0")
     _say("warning: rank 0 says it")
     assert capsys.readouterr().err == "warning: said\nwarning: rank 0 says it\n"
+
+
+def test_a_non_finite_streak_from_the_first_step_after_a_resume_points_before_the_checkpoint(tmp_path):
+    from trainer import checkpoint as ckpt
+    from trainer.loop import _bad_streak_message
+
+    for images in (16, 32, 48):
+        d = tmp_path / ckpt.CKPT / ckpt.tag_for(images)
+        d.mkdir(parents=True)
+        (d / ckpt.MANIFEST).write_text(json.dumps({"files": {}}))
+    resumed = (ckpt.tag_for(48), {})
+    # resumed from img48 at 48 images; 3 bad steps of 16 since: the resumed checkpoint is suspect
+    text = _bad_streak_message(tmp_path, 3, 96, 16, ckpt.tag_for(48), resumed)
+    assert f"last good checkpoint is {tmp_path / 'checkpoints' / ckpt.tag_for(48)}, which this run resumed from" in text
+    assert f"move it aside to resume from {tmp_path / 'checkpoints' / ckpt.tag_for(32)}" in text
+    # finite steps after the resume, then the streak: the resumed checkpoint is simply the last good one
+    text = _bad_streak_message(tmp_path, 2, 96, 16, ckpt.tag_for(48), resumed)
+    assert "resumed from" not in text and text.endswith("then resume")

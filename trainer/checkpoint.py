@@ -147,6 +147,12 @@ def _tags(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("img"))
 
 
+def valid_tags(run_dir: Path) -> list[str]:
+    """The complete checkpoints, oldest first."""
+    root = run_dir / CKPT
+    return [t for t in _tags(root) if problem(run_dir, t) is None] if root.is_dir() else []
+
+
 def find_latest(run_dir: Path, skipped: list[str] | None = None) -> tuple[str, dict] | None:
     """LATEST if valid, else the newest valid checkpoint (a partial or corrupt one is skipped, and said
     why in `skipped`)."""

@@ -94,6 +94,21 @@ def write_options(run_dir: Path, options: dict, resumed_at: int | None) -> None:
     os.replace(tmp, path)
 
 
+def _bad_streak_message(run_dir: Path, bad: int, images: int, batch: int, good_tag: str | None, found) -> str:
+    """Where to go on from after `bad` non-finite steps in a row: the last checkpoint saved before they began
+    (the ones saved during them were kept beside it); one resumed from that failed from its first step
+    may itself be damaged."""
+    where = run_dir / ckpt.CKPT
+    text = (f"{bad} non-finite steps in a row at {images / 1000:g} kimg; the last good checkpoint is "
+            f"{where / good_tag if good_tag else '(none)'}")
+    if found and good_tag == found[0] and images - bad * batch == ckpt.images_of(found[0]):
+        older = [t for t in ckpt.valid_tags(run_dir) if ckpt.images_of(t) < ckpt.images_of(found[0])]
+        text += (f", which this run resumed from and whose every step since was non-finite: if its loss was finite "
+                 f"before, it may be damaged; move it aside to resume from "
+                 + (f"{where / older[-1]}" if older else "an older one (there is none left)"))
+    return text + ": lower the learning rate or use another precision, then resume"
+
+
 def training_loop(cfg: TrainConfig) -> int:
     """Train until cfg.total_kimg; returns 0, or EXIT_REQUEUE after a preemption save."""
     import deepspeed
@@ -161,6 +176,7 @@ def training_loop(cfg: TrainConfig) -> int:
     images, step = 0, 0
     rng_state = cuda_rng_state = None
     saved_at = None  # the image count of the newest checkpoint on disk
+    good_tag = None  # the newest checkpoint saved (or resumed from) while no non-finite streak ran
     if found:
         load_start = time.perf_counter()
         tag, manifest = found
@@ -196,7 +212,7 @@ def training_loop(cfg: TrainConfig) -> int:
             sampler.load_state_dict(own["sampler"])
         loader.load_state_dict(client["loader"])
         images, step = client["images"], client["step"]
-        saved_at = images
+        saved_at, good_tag = images, tag
         dist_util.barrier()
         if is_main:
             size, seconds = sum(manifest["files"].values()), time.perf_counter() - load_start
@@ -214,7 +230,7 @@ def training_loop(cfg: TrainConfig) -> int:
         torch.cuda.set_rng_state(cuda_rng_state, device)
 
     def save_state():
-        nonlocal saved_at
+        nonlocal saved_at, good_tag
         save_start = time.perf_counter()
         tag = ckpt.tag_for(images)
         tmp = ckpt.tmp_dir(run_dir, tag)
@@ -245,9 +261,15 @@ def training_loop(cfg: TrainConfig) -> int:
             seconds = time.perf_counter() - save_start
             print(f"[ckpt] saved {tag} in {seconds:.2f} s ({size / 2 ** 20:.1f} MiB, "
                   f"{size / 2 ** 20 / max(seconds, 1e-9):.1f} MiB/s)", flush=True)
-            ckpt.prune(run_dir, cfg.keep_last, int(cfg.keep_every_kimg * 1000), keep=tag)
+            if bad_in_row:  # its weights may be past saving: the older ones stay until the steps are finite again
+                print(f"[ckpt] {bad_in_row} non-finite steps in a row so far: every older checkpoint is kept",
+                      flush=True)
+            else:
+                ckpt.prune(run_dir, cfg.keep_last, int(cfg.keep_every_kimg * 1000), keep=tag)
         dist_util.barrier()
         saved_at = images
+        if not bad_in_row:
+            good_tag = tag
 
     def save_snapshot():
         from models.snapshot import save_snapshot as write
@@ -376,10 +398,7 @@ def training_loop(cfg: TrainConfig) -> int:
             stats.skipped_steps += 1
             bad_in_row += 1
             if bad_in_row >= cfg.max_bad_steps:
-                last = ckpt.find_latest(run_dir)
-                raise TrainingStopped(f"{bad_in_row} non-finite steps in a row at {images / 1000:g} kimg; the last "
-                                      f"good checkpoint is {run_dir / ckpt.CKPT / last[0] if last else '(none)'}: "
-                                      "lower the learning rate or use another precision, then resume")
+                raise TrainingStopped(_bad_streak_message(run_dir, bad_in_row, images, cfg.batch, good_tag, found))
         else:
             bad_in_row = 0
             ema.update()  # only after steps that were taken
