@@ -31,8 +31,18 @@ def _written(path: Path, fill) -> Path:
     return tmp
 
 
+def _into_place(tmp: Path, path: Path) -> None:
+    """Rename a finished temporary file to its name; when that fails (the name is a directory, say), the
+    temporary file goes too rather than lie beside it."""
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    os.replace(_written(path, lambda f: f.write(text.encode())), path)
+    _into_place(_written(path, lambda f: f.write(text.encode())), path)
 
 
 def write_text_once(path: Path, text: str) -> bool:
@@ -50,7 +60,7 @@ def write_text_once(path: Path, text: str) -> bool:
 def save_npz_atomic(path: Path, **arrays) -> None:
     """np.savez (stored, not compressed) under a temporary name, flushed, then renamed."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    os.replace(_written(path, lambda f: np.savez(f, **arrays)), path)
+    _into_place(_written(path, lambda f: np.savez(f, **arrays)), path)
 
 
 def merge_npz_atomic(path: Path, sources: list[Path], keys: tuple[str, ...]) -> None:

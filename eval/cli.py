@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import fields
@@ -136,11 +137,27 @@ def cmd_compare(a) -> int:
 def cmd_ref(a) -> int:
     from .reference import build_reference
 
+    check_out_file(a.out, "--out", a.overwrite)  # before minutes of features, not after
     meta = build_reference(a.shards, a.out, a.resolution, a.pr_num, a.limit, a.batch_size, a.device,
                            progress=sys.stderr.isatty())
     print(f"reference {a.out}: statistics of {meta['num_images']} images at {a.resolution}x{a.resolution}, "
           f"{meta['num_pr']} kept for precision/recall" + (f", {meta['skipped']} skipped" if meta["skipped"] else ""))
     return 0
+
+
+def check_out_file(out: str, option: str, overwrite: bool = False) -> None:
+    """A file the command will write at its end: refused now where it cannot be written, or would replace a
+    file without --overwrite."""
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"{option} {out}: a directory; give a file name (e.g. {path / 'ref.npz'})")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"{option} {out}: {parent} is a file, not a folder")
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise ValueError(f"{option} {out}: {parent} is not writable")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{option} {out} exists; pass --overwrite to replace it, or give another name")
 
 
 def _check_ref(ref: str) -> None:
@@ -338,6 +355,7 @@ def main(argv=None, prog="adm eval") -> int:
     p.add_argument("--resolution", type=int, required=True)
     p.add_argument("--pr-num", type=at_least(4), default=10000, help="images kept for precision/recall")
     p.add_argument("--limit", type=at_least(2), help="use only the first N images of the split")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_feature_args(p)
     p.set_defaults(func=cmd_ref)
 

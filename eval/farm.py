@@ -41,10 +41,10 @@ def prepare(run_dir: Path, snapshot: Path, setting: EvalSetting, ref: Path, ince
     key_dir.mkdir(parents=True, exist_ok=True)
     path = key_dir / registry.SETTING
     if not path.is_file():
-        from models.snapshot import read_manifest
+        from models.snapshot import read_config, read_manifest
 
         read_manifest(snapshot)
-        meta = json.loads((Path(snapshot) / "config.json").read_text())
+        meta = read_config(snapshot)
         spec = {"key": key, "run_dir": str(Path(run_dir).resolve()), "snapshot": str(Path(snapshot).resolve()),
                 "snapshot_name": Path(snapshot).name, "images": meta.get("images"),
                 "setting": {**setting.identity(), **{k: str(Path(v).resolve()) for k in ("classifier", "upsampler")
@@ -70,16 +70,18 @@ def _sampler(key_dir: str):
 
 
 def sample_task(key_dir: str, index: int) -> str:
-    from .sample import shard_path
+    from .sample import finished_shard_problem, shard_path
 
     _, setting = load_spec(Path(key_dir))
     path = shard_path(Path(key_dir) / "samples", setting.shard_seeds(index))
     progressive = index == 0 and not (Path(key_dir) / "progressive.npz").is_file()
-    if path.is_file() and not progressive:  # done earlier (a retry or a requeue): load nothing
+    done = path.is_file() and finished_shard_problem(path, len(setting.shard_seeds(index))) is None
+    if done and not progressive:  # done earlier (a retry or a requeue): load nothing
         return str(path)
     sampler = _sampler(str(key_dir))
     watch = sampler.watcher(min(4, setting.batch_size, len(setting.shard_seeds(0)))) if progressive else None
-    if not path.is_file():  # the progressive decoding of its first seeds is recorded while sampling them
+    if not done:  # (a damaged one is said and sampled again) the progressive decoding of its first seeds is
+        # recorded while sampling them
         path = sampler.shard(setting.shard_seeds(index), Path(key_dir) / "samples", watch=watch)
     if progressive:
         from .sample import save_npz_atomic

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .inception import extract
-from .npzfile import images_of
+from .npzfile import READ_ERRORS, images_of, open_npz
 from .sample import overlapping_shards, save_npz_atomic
 from .stats import Statistics
 
@@ -36,9 +36,13 @@ def featurize(sample_path: Path, out_dir: Path, batch_size: int | None = None, d
     path = feature_path(out_dir, sample_path)
     if path.is_file():
         return path
-    data = np.load(sample_path)
+    data = open_npz(sample_path)  # a damaged file named, not a bare BadZipFile
     images = check_images(sample_path, data)
-    feats = extract(images, batch_size, device)
+    try:
+        feats = extract(images, batch_size, device)
+    except READ_ERRORS as e:  # damage inside the archive, met while streaming its images
+        raise ValueError(f"{sample_path}: damaged ({e}); sample it again (`adm sample` with the same arguments "
+                         "resamples a damaged shard)") from None
     pool, spatial = Statistics.of(feats["pool"]), Statistics.of(feats["spatial"])
     labels = data["arr_1"] if "arr_1" in data.files else np.zeros(len(images), np.int64)
     Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -4,12 +4,11 @@ would otherwise surface in a sampling or metrics job, after minutes of work, and
 Only files' headers and JSON are read; no network weights are loaded.
 """
 
-import json
 from pathlib import Path
 
 from models.config import ModelConfig
 from models.respace import space_timesteps
-from models.snapshot import CONFIG, SnapshotError, resolve_weights, verify_snapshot
+from models.snapshot import CONFIG, SnapshotError, read_config, resolve_weights, verify_snapshot
 
 from .npzfile import describe
 from .precision_recall import K_NEAREST
@@ -18,8 +17,11 @@ from .settings import EvalSetting
 
 def _snapshot(path: str | Path, role: str, arch: str) -> tuple[ModelConfig, dict]:
     verify_snapshot(path)  # complete, sizes as in its manifest
-    meta = json.loads((Path(path) / CONFIG).read_text())
-    config = ModelConfig(**meta["model"])
+    meta = read_config(path)
+    try:
+        config = ModelConfig(**meta["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{Path(path) / CONFIG}: bad model section: {e}") from None
     if config.arch != arch:
         raise ValueError(f"{path}: a {config.arch} snapshot, expected {role} ({arch})")
     return config, meta

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -125,8 +126,8 @@ def results(run_dir: Path) -> list[dict]:
 
     found = []
     for p in eval_root(run_dir).glob(f"*/{METRICS}"):
-        r = json.loads(p.read_text())
-        if r.get("evaluator") == EVALUATOR_VERSION:
+        r = _record(p, ("snapshot_name", "setting"))
+        if r is not None and r.get("evaluator") == EVALUATOR_VERSION:
             found.append((p.stat().st_mtime, r))
     latest = {}
     for _, r in sorted(found, key=lambda x: x[0]):
@@ -147,4 +148,18 @@ def results(run_dir: Path) -> list[dict]:
 
 
 def failures(run_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(eval_root(run_dir).glob(f"*/{FAILED}"))]
+    return [r for p in sorted(eval_root(run_dir).glob(f"*/{FAILED}")) if (r := _record(p, ())) is not None]
+
+
+def _record(path: Path, needs: tuple[str, ...]) -> dict | None:
+    """A registry record, or None (left out, and said, naming the file) when it cannot be read: one damaged file
+    (a disk that filled, an edit) must not stop every report and result listing of the run."""
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or any(k not in record for k in needs) or (
+                "setting" in needs and not isinstance(record["setting"], dict)):
+            raise ValueError(f"expected an object with {', '.join(needs)}")
+        return record
+    except (OSError, ValueError) as e:  # json's errors are ValueErrors
+        print(f"{path}: unreadable ({e}); left out (delete it to evaluate that again)", file=sys.stderr)
+        return None

@@ -33,15 +33,34 @@ def load_model(path: str, device, weights: str = "ema"):
 def _diffusion(snap, respacing: str):
     from models.adm_compat import diffusion_from_preset
 
-    d = snap.meta.get("diffusion", {"steps": 1000, "noise_schedule": "linear"})
-    if "predict_xstart" not in d:  # a snapshot written before it was recorded: its training options say
-        trained = snap.meta.get("training_options", {}).get("diffusion", {})
-        d = {**d, "predict_xstart": bool(trained.get("predict_xstart", False))}
+    # what the snapshot records, else (written before predict_xstart was kept, or its section lost) what its
+    # training options say, else ADM's (a converted released checkpoint)
+    trained = snap.meta.get("training_options", {}).get("diffusion", {})
+    d = dict(snap.meta.get("diffusion") or {})
+    for key, default in (("steps", 1000), ("noise_schedule", "linear"), ("predict_xstart", False)):
+        d.setdefault(key, trained.get(key, default))
     return diffusion_from_preset(d, snap.config.learn_sigma, respacing)
 
 
 def shard_path(out: Path, seeds: list[int]) -> Path:
     return Path(out) / f"samples-{seeds[0]:08d}-{seeds[-1]:08d}.npz"
+
+
+def finished_shard_problem(path: Path, count: int) -> str | None:
+    """Why a finished-looking shard cannot be reused (damaged after it was written: cut short by a full disk's
+    copy, overwritten), from its zip directory and arr_0's header; None when it is sound."""
+    from .npzfile import open_npz, stored_header
+
+    try:
+        with open_npz(path) as data:
+            if "arr_0" not in data.files:
+                return "damaged (no arr_0)"
+            shape, dtype = stored_header(data, "arr_0")
+    except Exception as e:  # noqa: BLE001 - a damaged archive fails in many ways; all mean "sample again"
+        return f"damaged ({str(e).removeprefix(f'{path}: ')})"
+    if len(shape) != 4 or shape[0] != count or shape[3] != 3 or dtype != np.uint8:
+        return f"damaged (arr_0 is {dtype} {shape}, expected {count} uint8 images)"
+    return None
 
 
 def shard_seed_range(path: Path) -> tuple[int, int] | None:
@@ -155,9 +174,13 @@ class Sampler:
         """Sample one shard (skipped when it exists: resumable); `watch` watches its first batch."""
         path = shard_path(out, seeds)
         if path.is_file():
-            if bar is not None:
-                bar.update(len(seeds))
-            return path
+            problem = finished_shard_problem(path, len(seeds))
+            if problem is None:
+                if bar is not None:
+                    bar.update(len(seeds))
+                return path
+            print(f"{path}: {problem}; sampling it again", file=sys.stderr, flush=True)
+            path.unlink(missing_ok=True)
         images, labels = [], []
         for i in range(0, len(seeds), self.setting.batch_size):
             x, y = self.batch(seeds[i:i + self.setting.batch_size], watch if i == 0 else None)
@@ -208,14 +231,14 @@ def claim_out_dir(out: Path, snapshot: str, setting: EvalSetting) -> None:
 def _check_snapshot_steps(a) -> None:
     """--steps and --upsampler-steps against their snapshots' diffusions, naming the option (its default,
     250, is more steps than a short diffusion has)."""
-    from models.snapshot import CONFIG, verify_snapshot
+    from models.snapshot import read_config, verify_snapshot
 
     from .preflight import check_steps
 
     for path, spec, flag in ((a.snapshot, a.steps, "--steps"), (a.upsampler, a.upsampler_steps, "--upsampler-steps")):
         if path:
             verify_snapshot(path)
-            check_steps(spec, json.loads((Path(path) / CONFIG).read_text()), flag, " (the default)" if spec == "250" else "")
+            check_steps(spec, read_config(path), flag, " (the default)" if spec == "250" else "")
 
 
 def main(argv=None, prog="adm sample") -> int:

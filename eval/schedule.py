@@ -4,6 +4,7 @@ bounded number of times. The backend runs a claimed evaluation: LocalBackend in 
 Slurm backend (slurm/eval_jobs.py) as job arrays with dependencies."""
 
 import json
+import sys
 import traceback
 from pathlib import Path
 
@@ -48,14 +49,18 @@ class LocalBackend:
 
 def find_snapshots(run_dir: Path) -> list[Path]:
     """Complete diffusion-model snapshots of a run, oldest first (incomplete ones are not snapshots yet)."""
-    from models.snapshot import SnapshotError, read_manifest
+    from models.snapshot import SnapshotError, read_config, read_manifest
 
     out = []
     for d in sorted((Path(run_dir) / "snapshots").glob("*")):
         try:
             read_manifest(d)
-            meta = json.loads((d / "config.json").read_text())
-        except (SnapshotError, OSError, json.JSONDecodeError):
+        except SnapshotError:  # being written (no manifest yet), or not a snapshot
+            continue
+        try:
+            meta = read_config(d)
+        except SnapshotError as e:  # complete, but its config cannot be read: said, not silently passed over
+            print(f"[eval] {e}; snapshot skipped", file=sys.stderr)
             continue
         if meta.get("task", "diffusion") == "diffusion" and meta.get("model", {}).get("arch", "unet") == "unet":
             out.append(d)
@@ -77,13 +82,17 @@ def has_weights(snap: Path, weights: str) -> bool:
 def newest_trained(snaps: list[Path]) -> Path | None:
     """The snapshot settings are checked against up front: the most trained one written by the training
     (post-hoc ones hold only ema), else the most trained of any."""
-    trained = [s for s in snaps if "posthoc" not in json.loads((s / "config.json").read_text())]
+    from models.snapshot import read_config
+
+    trained = [s for s in snaps if "posthoc" not in read_config(s)]
     return max(trained or snaps, key=snapshot_images, default=None)
 
 
 def snapshot_images(snap: Path) -> int:
     """Training images seen when the snapshot was written (its config.json; else the name's imgNNN...)."""
-    meta = json.loads((Path(snap) / "config.json").read_text())
+    from models.snapshot import read_config
+
+    meta = read_config(snap)
     if isinstance(meta.get("images"), int):
         return meta["images"]
     digits = Path(snap).name.removeprefix("img").split("-")[0]

@@ -1,6 +1,6 @@
 """Typed model configuration and the one function that turns it into a network."""
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -71,8 +71,12 @@ class ModelConfig:
         def bad(key, msg):
             raise ValueError(f"model.{key}: {msg}")
 
+        self._check_types()
         if self.arch not in ARCHS:
             bad("arch", f"{self.arch!r} is not one of {', '.join(ARCHS)}")
+        for key in ("in_channels", "model_channels", "num_res_blocks"):
+            if getattr(self, key) < 1:
+                bad(key, f"must be at least 1, got {getattr(self, key)}")
         if self.pool not in POOLS:
             bad("pool", f"{self.pool!r} is not one of {', '.join(POOLS)}")
         if self.image_size <= 0:
@@ -105,6 +109,22 @@ class ModelConfig:
             bad("num_head_channels", f"must be positive or -1, got {self.num_head_channels}")
         if self.arch == "classifier" and self.pool == "attention" and self.num_head_channels == -1:
             bad("num_head_channels", "attention pooling needs a fixed head width")
+
+    def _check_types(self) -> None:
+        """Each field holds its annotated type (a config.json edited by hand, a YAML read without OmegaConf's
+        checks), so that a "32" for model_channels is named here, not met as a TypeError deep in the UNet."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), f.type
+            allowed = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
+            if kind in (int | None,):
+                ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+            elif kind in allowed:
+                ok = isinstance(value, allowed[kind]) and (kind is bool or not isinstance(value, bool))
+            else:  # list[int] | list[float]
+                ok = isinstance(value, (list, tuple)) and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            if not ok:
+                raise ValueError(f"model.{f.name}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

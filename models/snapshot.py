@@ -152,11 +152,42 @@ def resolve_weights(directory: str | Path, weights: str) -> str:
     names = weight_names(directory)
     if weights in names:
         return weights
-    rate = json.loads((Path(directory) / CONFIG).read_text()).get("ema_rate")
+    rate = read_config(directory).get("ema_rate")
     if rate is not None and weights == f"ema_{rate}":
         return "ema"
     raise SnapshotError(f"{directory} has no weights {weights!r}; it has {', '.join(names)}"
                         + (f" (ema is the EMA at {rate})" if rate is not None else ""))
+
+
+def read_config(directory: str | Path) -> dict:
+    """config.json, or SnapshotError naming it (not valid JSON, another format, a newer version)."""
+    path = Path(directory) / CONFIG
+    try:
+        meta = json.loads(path.read_text())
+    except OSError as e:
+        raise SnapshotError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise SnapshotError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise SnapshotError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    if meta.get("version", VERSION) != VERSION:
+        raise SnapshotError(f"{path}: snapshot version {meta.get('version')!r}; this tool reads version {VERSION}")
+    return meta
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or SnapshotError naming it: unreadable, or holding NaN or infinite values
+    (weights that cannot sample; a diverged training's)."""
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors' own error type, or an OSError
+        raise SnapshotError(f"{path}: not a readable safetensors file ({e})") from None
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SnapshotError(f"{path}: {len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}"
+                            + (", ..." if len(bad) > 3 else "") + "): these weights cannot sample (a training that "
+                            "diverged?); take an earlier snapshot")
+    return tensors
 
 
 def _check_hash(path: Path, info: dict) -> None:
@@ -176,11 +207,11 @@ def load_snapshot(directory: str | Path, hashes: bool = False, weights: str = "e
     if hashes:
         for checked in (CONFIG, name):
             _check_hash(directory / checked, files[checked])
-    meta = json.loads((directory / CONFIG).read_text())
+    meta = read_config(directory)
     try:
         config = ModelConfig(**meta.pop("model"))
     except (KeyError, TypeError, ValueError) as e:
         raise SnapshotError(f"{directory / CONFIG}: bad model section: {e}") from None
     # safetensors stores keys sorted: Snapshot.ordered() gives the model's own (guided-diffusion) order
-    tensors = load_file(str(directory / name))
+    tensors = load_weights(directory / name)
     return Snapshot(directory, config, tensors, meta)

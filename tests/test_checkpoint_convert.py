@@ -1,6 +1,7 @@
 """Released-layout checkpoints load strictly, convert to snapshots and back, and give identical outputs."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from conftest import randomize_, run_cli
 from models.config import build_model
 from models.presets import get_preset
-from models.snapshot import MANIFEST, WEIGHTS, SnapshotError, load_snapshot, save_snapshot
+from models.snapshot import CONFIG, MANIFEST, WEIGHTS, SnapshotError, load_snapshot, save_snapshot
 
 gd_unet = pytest.importorskip("guided_diffusion.unet", reason="scripts/setup.sh installs guided-diffusion-sdk")
 gd_script = pytest.importorskip("guided_diffusion.script_util")
@@ -198,6 +199,52 @@ def test_incomplete_or_corrupt_snapshots_are_refused(tmp_path):
     (snap / MANIFEST).unlink()
     with pytest.raises(SnapshotError, match="not a complete snapshot"):
         load_snapshot(snap)
+
+
+def _rewrite(snap, name, payload: bytes) -> None:
+    """Replace one file of a snapshot and record it in its manifest, as a consistent but bad snapshot."""
+    import hashlib
+
+    (snap / name).write_bytes(payload)
+    manifest = json.loads((snap / MANIFEST).read_text())
+    manifest["files"][name] = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    (snap / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_snapshots_whose_files_check_out_but_cannot_sample_are_refused_by_name(tmp_path):
+    """Manifest-consistent snapshots with an unreadable weights file, NaN weights, a config that is not
+    JSON, of a newer version, or with a wrongly typed or impossible model field: each refused naming the file
+    and what is wrong, before anything is built or sampled."""
+    import json
+
+    from safetensors.torch import save_file
+
+    cfg = get_preset("tiny-classifier-32").config()
+    state = build_model(cfg).state_dict()
+    good = save_snapshot(tmp_path / "good", state, cfg)
+    config = json.loads((good / CONFIG).read_text())
+    nan = {k: v.clone() for k, v in state.items()}
+    first = next(k for k, v in nan.items() if v.is_floating_point())
+    nan[first].view(-1)[0] = float("nan")
+    save_file({k: v.contiguous() for k, v in nan.items()}, str(tmp_path / "nan.safetensors"))
+    cases = [
+        (WEIGHTS, (good / WEIGHTS).read_bytes()[:-2000], "model.safetensors: not a readable safetensors file"),
+        (WEIGHTS, (tmp_path / "nan.safetensors").read_bytes(),
+         f"model.safetensors: 1 tensor(s) hold NaN or infinite values ({first})"),
+        (CONFIG, b'{"format": "adm-snap', "config.json: not valid JSON"),
+        (CONFIG, json.dumps({**config, "version": 99}).encode(), "config.json: snapshot version 99; this tool reads"),
+        (CONFIG, json.dumps({**config, "model": {**config["model"], "model_channels": "32"}}).encode(),
+         "config.json: bad model section: model.model_channels: expected int, got '32'"),
+        (CONFIG, json.dumps({**config, "model": {**config["model"], "model_channels": 0}}).encode(),
+         "model.model_channels: must be at least 1, got 0"),
+    ]
+    for i, (name, payload, expected) in enumerate(cases):
+        snap = save_snapshot(tmp_path / f"s{i}", state, cfg)
+        _rewrite(snap, name, payload)
+        with pytest.raises(SnapshotError, match=re.escape(expected)):
+            load_snapshot(snap, hashes=True)
+        proc = run_cli("models", "convert", str(snap), str(tmp_path / f"back{i}.pt"), check=False)
+        assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_overwrite_replaces_atomically(tmp_path):

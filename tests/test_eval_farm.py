@@ -595,6 +595,13 @@ def test_bad_input_is_named(reference, digit_shards, tmp_path):
         (["eval", "run", snap, "--ref", str(reference), "--scale", "2"], "needs a classifier"),
         (["eval", "schedule", str(tmp_path), "--ref", str(reference)], "no snapshots/"),
         (["eval", "schedule", str(run), "--ref", str(reference), "--every", "soon"], "--every 'soon'"),
+        # --out problems found before the features are computed, not after
+        (["eval", "ref", str(digit_shards / "val"), "--out", str(tmp_path / "empty"), "--resolution", "32"],
+         f"--out {tmp_path / 'empty'}: a directory; give a file name"),
+        (["eval", "ref", str(digit_shards / "val"), "--out", str(reference / "x.npz"), "--resolution", "32"],
+         f"{reference} is a file, not a folder"),
+        (["eval", "ref", str(digit_shards / "val"), "--out", str(reference), "--resolution", "32"],
+         f"--out {reference} exists; pass --overwrite to replace it"),
     ]
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
     np.savez(tmp_path / "nokeys.npz", x=np.zeros(3))
@@ -1004,3 +1011,21 @@ def test_post_hoc_snapshots_are_left_out_of_settings_for_weights_they_lack(tmp_p
     check(trained, [EvalSetting(name="r", steps="ddim2", num=4, weights="ema_0.9999")], ref)  # = ema
     with pytest.raises(ValueError, match=r"has no weights 'ema_0.999'; it has ema, raw \(ema is the EMA at 0.9999\)"):
         check(trained, [EvalSetting(name="r", steps="ddim2", num=4, weights="ema_0.999")], ref)
+
+
+def test_an_unreadable_registry_record_is_left_out_by_name_not_fatal(tmp_path, capsys):
+    from eval import registry
+    from eval.settings import EVALUATOR_VERSION
+
+    root = registry.eval_root(tmp_path)
+    good = {"snapshot_name": "img000000001000", "setting": {"name": "fast"}, "ref": "/r.npz",
+            "evaluator": EVALUATOR_VERSION, "metrics": {"fid": 1.5}}
+    for key, text in [("a", json.dumps(good)), ("b", '{"snapshot_name": "img0000000020'), ("c", "[1, 2]")]:
+        (root / key).mkdir(parents=True)
+        (root / key / registry.METRICS).write_text(text)
+    (root / "b" / registry.FAILED).write_text("{not json")
+    rows = registry.results(tmp_path)
+    assert [r["snapshot_name"] for r in rows] == ["img000000001000"] and registry.failures(tmp_path) == []
+    err = capsys.readouterr().err
+    for bad in (root / "b" / registry.METRICS, root / "c" / registry.METRICS, root / "b" / registry.FAILED):
+        assert f"{bad}: unreadable (" in err and "left out" in err

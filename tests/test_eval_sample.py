@@ -325,3 +325,20 @@ def test_sampling_options_are_checked_naming_the_option(tmp_path):
             "--out", str(tmp_path / "r"))
     run_cli("sample", str(snap), "--num", "1", "--steps", "ddim2", "--merge", "--out", str(tmp_path / "e"))
     assert np.array_equal(np.load(tmp_path / "r" / "samples.npz")["arr_0"], np.load(tmp_path / "e" / "samples.npz")["arr_0"])
+
+
+def test_a_damaged_finished_shard_is_said_and_sampled_again(tmp_path):
+    snap = snapshot(tmp_path, "base", "tiny-32", 1)
+    common = ["sample", str(snap), "--num", "4", "--steps", "ddim2", "--out", str(tmp_path / "a")]
+    run_cli(*common)
+    shard = tmp_path / "a" / "samples-00000000-00000003.npz"
+    before = np.load(shard)["arr_0"]
+    for damage in (shard.read_bytes()[:2000], b""):  # cut short (a full disk's copy), emptied
+        shard.write_bytes(damage)
+        proc = run_cli(*common)
+        assert f"{shard}: damaged (" in proc.stderr and "sampling it again" in proc.stderr, proc.stderr
+        assert np.array_equal(np.load(shard)["arr_0"], before)
+    np.savez(shard, arr_0=before[:2])  # a shard of another split's size
+    proc = run_cli(*common)
+    assert "arr_0 is uint8 (2, 32, 32, 3), expected 4 uint8 images" in proc.stderr, proc.stderr
+    assert np.array_equal(np.load(shard)["arr_0"], before)

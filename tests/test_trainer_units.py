@@ -40,7 +40,14 @@ def test_batch_layout_and_errors():
         c.batch_layout(16)
     for bad, match in [(["preset=tiny-32", "zero_stage=4"], "zero_stage"), (["preset=tiny-32", "task=gan"], "task"),
                        (["preset=tiny-32", "task=classifier"], "model.arch"), (["preset=nope"], "unknown training preset"),
-                       (["preset=tiny-32", "lr=fast"], "bad value for 'lr'")]:
+                       (["preset=tiny-32", "lr=fast"], "bad value for 'lr'"),
+                       # nan passes every "< 0" check as if off; inf overflows the image count
+                       (["preset=tiny-32", "total_kimg=inf"], "total_kimg: must be a finite number, got inf"),
+                       (["preset=tiny-32", "grad_clip=nan"], "grad_clip: must be a finite number, got nan"),
+                       (["preset=tiny-32", "seed=-1"], r"seed: must lie in \[0, 2\^63\), got -1"),
+                       (["preset=tiny-32", "seed=99999999999999999999"], "seed: must lie in"),
+                       (["preset=tiny-32", "model.model_channels=0"], "model.model_channels: must be at least 1"),
+                       (["preset=tiny-32", "model.num_res_blocks=-1"], "model.num_res_blocks: must be at least 1")]:
         with pytest.raises(ValueError, match=match):
             load_train_config(None, bad)
 

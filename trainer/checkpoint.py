@@ -9,6 +9,7 @@ checkpoint usable.
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -133,7 +134,31 @@ def problem(run_dir: Path, tag: str) -> str | None:
             return f"{name} missing"
         if f.stat().st_size != size:
             return f"{name} is {f.stat().st_size} bytes, {MANIFEST} says {size}"
+    if "client.json" in files:  # what the resume reads first: unreadable, it is not a checkpoint to resume
+        try:
+            client = json.loads((d / "client.json").read_text())
+            missing = [k for k in ("images", "step", "fixed_hash", "loader") if k not in client]
+        except (OSError, ValueError, TypeError) as e:
+            return f"client.json unreadable ({e})"
+        if missing:
+            return f"client.json lacks {', '.join(missing)}"
     return None
+
+
+def read_options(run_dir: Path) -> dict:
+    """The last launch's training_options.json, or {} (said) when it is missing or unreadable: it only fills
+    in what checkpoints from before client.json kept the fields did not record, and is rewritten each launch."""
+    path = run_dir / "training_options.json"
+    if not path.is_file():
+        return {}
+    try:
+        options = json.loads(path.read_text())
+        if not isinstance(options, dict):
+            raise ValueError("not an object")
+        return options
+    except (OSError, ValueError) as e:
+        logging.getLogger(__name__).warning("%s: unreadable (%s); ignored (it is written again now)", path, e)
+        return {}
 
 
 def valid(run_dir: Path, tag: str) -> dict | None:
@@ -204,9 +229,8 @@ def saved_layout(run_dir: Path, tag: str) -> dict:
     each; a resume that changes one loads through the universal checkpoint). Checkpoints from before
     client.json kept the last two take them from the last launch's training_options.json."""
     client = json.loads((run_dir / CKPT / tag / "client.json").read_text())
-    options = run_dir / "training_options.json"
-    if "zero_stage" not in client and options.is_file():
-        client = {**json.loads(options.read_text()), **client}
+    if "zero_stage" not in client:
+        client = {**read_options(run_dir), **client}
     manifest = json.loads((run_dir / CKPT / tag / MANIFEST).read_text())
     return {"world size": manifest["world_size"], **{k: client[key] for k, key in
                                                      (("ZeRO stage", "zero_stage"), ("precision", "precision"))
@@ -228,8 +252,8 @@ def refusal(run_dir: Path, tag: str, cfg) -> str | None:
     if client["fixed_hash"] == cfg.fixed_hash():
         return None
     was = client.get("fixed")
-    if was is None and options.is_file():  # checkpoints written before client.json kept the fields
-        o = json.loads(options.read_text())
+    o = read_options(run_dir) if was is None else {}  # checkpoints written before client.json kept the fields
+    if o:
         was = {"task": o.get("task"), "model": o.get("model", {}), "diffusion": o.get("diffusion")}
     changes = {}
     if was:  # recorded by an older version (fewer fixed fields, dropout among them): compare what it has

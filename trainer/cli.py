@@ -95,6 +95,9 @@ def check_data(cfg, world: int = 1) -> None:
         raise ValueError(f"model.num_classes: {cfg.data} has {k} classes but the model has {cfg.model.num_classes}; "
                          f"set model.num_classes={k}")
     check_resolution(f"data: {cfg.data}", manifest, cfg.model.image_size, "model.image_size")
+    if cfg.model.in_channels != 3:
+        raise ValueError(f"model.in_channels: {cfg.data} gives RGB images (3 channels), the model takes "
+                         f"{cfg.model.in_channels}")
     if cfg.task == "classifier":
         warn_classifier_crop(cfg, manifest)
     shards = len(manifest["shards"])
@@ -200,15 +203,15 @@ def check_snapshots_without_checkpoints(run: Path, cfg) -> None:
     starts again at image 0 and writes its snapshots over those. Refused when they are another training's
     (another task, architecture or diffusion: they would be replaced by a different model's); said when
     they are this one's."""
-    import json
+    from models.snapshot import SnapshotError, read_config
 
     from .config import describe, fixed_changes
 
     snaps = []
     for d in sorted((run / "snapshots").glob("img*")):
         try:
-            meta = json.loads((d / "config.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            meta = read_config(d)
+        except SnapshotError:  # (not ours to judge: a snapshot being written, say)
             continue
         if "training_options" in meta and "posthoc" not in meta:
             snaps.append((meta.get("images", 0), d.name, meta["training_options"]))

@@ -2,7 +2,8 @@
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 
 from models.config import ModelConfig
 from models.presets import get_preset
@@ -109,6 +110,12 @@ class TrainConfig:
         for name, values in (("ema_rates", self.ema_rates), ("power_ema", self.power_ema)):
             if len(set(values)) != len(values):  # one file each: the second would silently be the first
                 bad(name, f"each value once, got {values}")
+        for f in fields(self):  # nan passes every comparison below as "off"; inf overflows the image counts
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                bad(f.name, f"must be a finite number, got {value}")
+        if not 0 <= self.seed < 2 ** 63:  # torch's generators take a 64-bit seed, numpy's a non-negative one
+            bad("seed", f"must lie in [0, 2^63), got {self.seed}")
         if self.total_kimg * 1000 < self.batch:
             bad("total_kimg", f"{self.total_kimg:g} kimg is less than one global batch of {self.batch} images")
         if not self.lr > 0:

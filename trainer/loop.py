@@ -82,7 +82,7 @@ def write_options(run_dir: Path, options: dict, resumed_at: int | None) -> None:
     launch (the learning rate, say) is said and kept in training_options.changes.jsonl."""
     path = run_dir / "training_options.json"
     if resumed_at is not None and path.is_file():
-        old = json.loads(path.read_text())
+        old = ckpt.read_options(run_dir)
         changes = {k: v for k, v in differences(old, options).items() if k != "run_dir"}
         if changes:
             log.info("changed since the last launch: %s", describe(changes, "then", "now"))

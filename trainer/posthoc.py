@@ -5,7 +5,6 @@ writes a new snapshot with the reconstructed weights, beside the others.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -18,7 +17,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m trainer.posthoc")
     p.add_argument("--sigma-rel", type=float, required=True, help="relative EMA width to synthesise, e.g. 0.07")
     p.add_argument("--at", help="snapshot tag to reconstruct at (default: the latest)")
     a = p.parse_args(argv)
-    from models.snapshot import SnapshotError, load_snapshot, read_manifest, save_snapshot, verify_snapshot
+    from models.snapshot import (SnapshotError, load_snapshot, read_config, read_manifest, save_snapshot,
+                                 verify_snapshot)
 
     from .power_ema import reconstruct
 
@@ -46,10 +46,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m trainer.posthoc")
     if target is None:
         raise ValueError(f"--at {a.at}: no such snapshot in {a.run_dir}/snapshots")
     stored = []
+    target_images = read_config(target).get("images", 0)
     for s in snaps:
-        meta = json.loads((s / "config.json").read_text())
+        meta = read_config(s)
         power = meta.get("power_ema") or {}
-        if meta["images"] > json.loads((target / "config.json").read_text())["images"]:
+        if meta.get("images", 0) > target_images:
             continue
         for sigma, gamma in zip(power.get("sigma_rels", []), power.get("gammas", [])):
             stored.append((meta["ema_updates"], gamma, load_file(str(s / f"phema_{sigma}.safetensors"))))
