@@ -806,3 +806,22 @@ def test_a_non_finite_streak_from_the_first_step_after_a_resume_points_before_th
     # finite steps after the resume, then the streak: the resumed checkpoint is simply the last good one
     text = _bad_streak_message(tmp_path, 2, 96, 16, ckpt.tag_for(48), resumed)
     assert "resumed from" not in text and text.endswith("then resume")
+
+
+def test_a_checkpoint_whose_client_state_cannot_be_read_is_skipped_with_the_reason(tmp_path, caplog):
+    from trainer import checkpoint as ckpt
+
+    good = {"images": 16, "step": 1, "fixed_hash": "x", "loader": {}}
+    for images, text in [(16, json.dumps(good)), (32, '{"images": 32, "st'), (48, json.dumps({"x": 1}))]:
+        d = tmp_path / ckpt.CKPT / ckpt.tag_for(images)
+        d.mkdir(parents=True)
+        (d / "client.json").write_text(text)
+        (d / ckpt.MANIFEST).write_text(json.dumps({"files": {"client.json": len(text)}}))
+    skipped = []
+    assert ckpt.find_latest(tmp_path, skipped)[0] == ckpt.tag_for(16)
+    assert skipped[0].startswith(f"{ckpt.tag_for(48)}: client.json lacks images, step, fixed_hash, loader")
+    assert skipped[1].startswith(f"{ckpt.tag_for(32)}: client.json unreadable (")
+    (tmp_path / "training_options.json").write_text('{"task": "diff')  # cut short: said, then ignored
+    with caplog.at_level("WARNING"):
+        assert ckpt.read_options(tmp_path) == {}
+    assert "training_options.json: unreadable (" in caplog.text
