@@ -12,7 +12,11 @@ def cmd_write(args) -> int:
     from .writer import check_write_options, write_dataset
 
     check_write_options(args.out, args.shard_size, args.workers, args.preprocess, args.image_format, args.resume)
-    source = read_source(args.source, args.layout, args.split, args.labels)
+    for flag, value in (("--split", args.split), ("--labels", args.labels)):
+        if value is not None and args.layout != "imagenet":  # (a folder tree has no splits: one would be ignored)
+            raise ValueError(f"{flag} is for --layout imagenet; with --layout {args.layout} give the split's own "
+                             "folder or list file")
+    source = read_source(args.source, args.layout, args.split or "train", args.labels)
     print(f"{len(source.items)} images in {len(source.classes)} classes ({source.layout}) from {args.source}",
           file=sys.stderr)
     manifest = write_dataset(source, args.out, shard_size=args.shard_size, workers=args.workers,
@@ -67,7 +71,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                    "class-folder tree / list file")
     p.add_argument("out", help="output directory (new, or an interrupted write with --resume)")
     p.add_argument("--layout", choices=["imagenet", "folder", "list"], default="imagenet")
-    p.add_argument("--split", choices=["train", "val"], default="train", help="for --layout imagenet")
+    p.add_argument("--split", choices=["train", "val"], help="for --layout imagenet (default: train)")
     p.add_argument("--labels", help="LOC_val_solution.csv for a flat ImageNet val folder or the val tar "
                    "(default: searched upwards)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")

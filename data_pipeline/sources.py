@@ -38,21 +38,25 @@ def _hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def _images(folder: Path) -> list[tuple[str, str]]:
-    """(name, absolute path) of the images in folder, by name: one directory read and no stat per regular
-    file (scandir's entry types), so listing ImageNet's 1.28M files takes seconds even where a stat is a
-    network round trip. A symlink is followed to its target; a broken one keeps its name (the writer skips
-    it with its reason, so that no file goes uncounted)."""
+def _images(folder: Path, prefix: str = "") -> list[tuple[str, str]]:
+    """(name, absolute path) of the images in folder and its sub-folders (as torchvision's ImageFolder
+    finds them; name relative to folder), by name: one directory read and no stat per regular file
+    (scandir's entry types), so listing ImageNet's 1.28M files takes seconds even where a stat is a network
+    round trip. A symlinked image is followed to its target; a broken one keeps its name (the writer skips
+    it with its reason, so that no file goes uncounted). Symlinked folders are not entered (a loop)."""
     base, found = folder.resolve(), []
     with os.scandir(folder) as entries:
         for e in entries:
+            if e.is_dir(follow_symlinks=False) and not _hidden(e.name):
+                found += _images(Path(e.path), f"{prefix}{e.name}/")
+                continue
             if not _is_image(e.name):
                 continue
             if e.is_symlink():
                 link = Path(e.path)
-                found.append((e.name, str(link.resolve() if link.exists() else base / e.name)))
+                found.append((prefix + e.name, str(link.resolve() if link.exists() else base / e.name)))
             elif e.is_file():
-                found.append((e.name, str(base / e.name)))
+                found.append((prefix + e.name, str(base / e.name)))
     return sorted(found)
 
 
@@ -263,6 +267,10 @@ def list_file(path: Path) -> Source:
         n, lab = next((n, lab) for n, lab in enumerate(labels, 1) if lab and not re.fullmatch(r"-?\d+", lab))
         raise ValueError(f"{path}: labels mix integers and names (entry {n}: {lab!r}); use one kind")
     if numeric and all(numeric):
+        negative = next(((n, lab) for n, lab in enumerate(labels, 1) if lab and int(lab) < 0), None)
+        if negative:
+            raise ValueError(f"{path}: entry {negative[0]} has label {negative[1]}; integer labels count from 0 "
+                             "(leave the label out for an image to be skipped as unlabelled)")
         k = max(int(lab) for lab in labels if lab) + 1
         ids = [str(i) for i in range(k)]
         to_index = {str(i): i for i in range(k)}
@@ -282,6 +290,8 @@ def read_source(source: str | Path, layout: str, split: str = "train", labels_cs
         raise ValueError(f"{source}: --layout {layout} reads a directory" + (" or ImageNet's ILSVRC2012_img_*.tar"
                          if layout == "imagenet" else "") + ", this is a file (--layout list reads a file of "
                          "'path<TAB>label' lines)")
+    if labels_csv and not Path(labels_csv).is_file():
+        raise FileNotFoundError(f"--labels {labels_csv}: no such file (ImageNet's LOC_val_solution.csv)")
     if layout == "imagenet":
         return imagenet(source, split, Path(labels_csv) if labels_csv else None)
     if layout == "folder":

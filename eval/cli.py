@@ -307,8 +307,12 @@ def cmd_results(a) -> int:
 
 
 def cmd_features(a) -> int:
-    from .features import featurize_dir
+    from .features import featurize_dir, sample_shards
 
+    if not 0 <= a.index < a.count:
+        raise ValueError(f"--index {a.index} of --count {a.count}: expected 0 <= index < count")
+    if not Path(a.samples).is_dir() or not sample_shards(Path(a.samples)):
+        raise FileNotFoundError(f"{a.samples}: no samples-*.npz shards there (adm sample writes them)")
     paths = featurize_dir(Path(a.samples), Path(a.out), a.index, a.count, batch_size=a.batch_size, device=a.device)
     print(f"{len(paths)} feature shard(s) in {a.out}")
     return 0

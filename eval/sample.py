@@ -266,9 +266,17 @@ def main(argv=None, prog="adm sample") -> int:
         raise ValueError(f"--seed-start must be 0 or more, got {a.seed_start}")
     if a.scale is not None and not a.classifier:
         raise ValueError("--scale is the classifier-guidance scale: give the classifier with --classifier SNAPSHOT")
+    if a.shard_size < 1 or a.batch_size < 1:
+        raise ValueError(f"--shard-size and --batch-size must be positive, got {a.shard_size} and {a.batch_size}")
+    if a.upsampler_steps != "250" and not a.upsampler:
+        raise ValueError(f"--upsampler-steps {a.upsampler_steps}: give the upsampler with --upsampler SNAPSHOT")
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file; expected a directory (new, or one this command filled before)")
+    theirs = [n for n in ("manifest.json", "config.json", "training_options.json") if (out / n).is_file()]
+    if theirs:  # a snapshot's, a dataset's or a run's directory: samples would be mixed into it
+        raise ValueError(f"--out {out}: holds {theirs[0]} (a snapshot, dataset or run directory); give a directory "
+                         "of its own for the samples")
     scale = 1.0 if a.scale is None else a.scale
     setting = EvalSetting(name="cli", steps=a.steps, scale=scale if a.classifier else 0.0, classifier=a.classifier,
                           upsampler=a.upsampler, upsampler_steps=a.upsampler_steps, weights=a.weights,

@@ -53,6 +53,9 @@ class EvalSetting:
             raise ValueError(f"setting {self.name!r}: scale must be a finite number, got {self.scale}")
         if self.scale and not self.classifier:
             raise ValueError(f"setting {self.name!r}: scale {self.scale} needs a classifier snapshot (classifier=PATH)")
+        if self.upsampler_steps != "250" and not self.upsampler:  # (it would still change the evaluation's key)
+            raise ValueError(f"setting {self.name!r}: upsampler_steps {self.upsampler_steps!r} needs an upsampler "
+                             "snapshot (upsampler=PATH, --upsampler)")
         if self.pr_distance not in ("fp32", "fp16"):
             raise ValueError(f"setting {self.name!r}: pr_distance must be fp32 or fp16, got {self.pr_distance!r}")
         if self.precision not in ("fp32", "bf16"):

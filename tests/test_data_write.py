@@ -622,6 +622,27 @@ def test_write_refusals_and_outcomes_users_meet(tmp_path):
     assert manifest["num_samples"] == 7 and reasons["n00000002/gone.JPEG"].startswith("FileNotFoundError")
 
 
+def test_folder_layout_takes_images_in_sub_folders_as_imagefolder_does(tmp_path):
+    src = _tree(tmp_path / "src", classes=("a", "b"), per_class=2)
+    (src / "a" / "more" / "deeper").mkdir(parents=True)
+    for name in ("more/x.JPEG", "more/deeper/y.JPEG"):
+        (src / "a" / name).write_bytes((src / "a" / "a_0.JPEG").read_bytes())
+    (src / "a" / "linked").symlink_to(src / "b", target_is_directory=True)  # a folder link: not entered (loops)
+    source = read_source(src, "folder")
+    names = sorted(os.path.relpath(i.path, src) for i in source.items)
+    assert names == ["a/a_0.JPEG", "a/a_1.JPEG", "a/more/deeper/y.JPEG", "a/more/x.JPEG", "b/b_0.JPEG", "b/b_1.JPEG"]
+    assert [i.label for i in sorted(source.items, key=lambda i: i.path)] == [0, 0, 0, 0, 1, 1]
+    proc = run_cli("data", "write", str(src), str(tmp_path / "o"), "--layout", "folder", "--split", "val",
+                   check=False)
+    assert proc.returncode == 2 and "--split is for --layout imagenet" in proc.stderr, proc.stderr
+    (tmp_path / "l.tsv").write_text(f"{src / 'a' / 'a_0.JPEG'}\t0\n{src / 'b' / 'b_0.JPEG'}\t-1\n")
+    proc = run_cli("data", "write", str(tmp_path / "l.tsv"), str(tmp_path / "o"), "--layout", "list", check=False)
+    assert proc.returncode == 2 and "l.tsv: entry 2 has label -1; integer labels count from 0" in proc.stderr
+    proc = run_cli("data", "write", str(src), str(tmp_path / "o"), "--labels", str(tmp_path / "nope.csv"),
+                   check=False)
+    assert proc.returncode == 2 and "nope.csv: no such file" in proc.stderr, proc.stderr
+
+
 def test_source_and_bench_mistakes_are_named(tmp_path, train_shards):
     inet = tmp_path / "inet" / "train"
     _tree(inet)

@@ -84,7 +84,12 @@ def worker():
         if rank == 0:
             print(f"stage {stage} ok", flush=True)
     dist.barrier()
-    dist.destroy_process_group()  # a clean exit: gloo's threads torn down at interpreter exit can abort
+    # every check above has passed. Three DeepSpeed engines' process groups torn down at interpreter exit
+    # abort now and then ("terminate called without an active exception", with or without
+    # destroy_process_group; about 1 run in 5 on a loaded 2-core machine): leave without that teardown
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_layout_gather_matches_deepspeeds_collective_at_every_stage():

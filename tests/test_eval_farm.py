@@ -595,6 +595,10 @@ def test_bad_input_is_named(reference, digit_shards, tmp_path):
         (["eval", "run", snap, "--ref", str(reference), "--scale", "2"], "needs a classifier"),
         (["eval", "schedule", str(tmp_path), "--ref", str(reference)], "no snapshots/"),
         (["eval", "schedule", str(run), "--ref", str(reference), "--every", "soon"], "--every 'soon'"),
+        (["eval", "run", snap, "--ref", str(reference), "--upsampler-steps", "ddim5"],
+         "upsampler_steps 'ddim5' needs an upsampler snapshot"),
+        (["eval", "features", str(tmp_path / "nope"), "--out", str(tmp_path / "f")],
+         "nope: no samples-*.npz shards there"),
         # --out problems found before the features are computed, not after
         (["eval", "ref", str(digit_shards / "val"), "--out", str(tmp_path / "empty"), "--resolution", "32"],
          f"--out {tmp_path / 'empty'}: a directory; give a file name"),

@@ -321,6 +321,14 @@ def test_sampling_options_are_checked_naming_the_option(tmp_path):
                       "--out", str(tmp_path / "o"), check=False)
         assert bad.returncode == 2 and "--device cuda: torch sees no CUDA GPU here; use --device cpu" in bad.stderr
     assert not (tmp_path / "o").exists()
+    for extra, expected in [
+        (["--upsampler-steps", "ddim7"], "--upsampler-steps ddim7: give the upsampler with --upsampler SNAPSHOT"),
+        (["--batch-size", "0"], "--shard-size and --batch-size must be positive, got 1000 and 0"),
+        (["--out", str(snap)], f"--out {snap}: holds manifest.json (a snapshot, dataset or run directory)")]:
+        args = ["sample", str(snap), "--num", "1", "--steps", "ddim2", "--out", str(tmp_path / "o"), *extra]
+        bad = run_cli(*args, check=False)
+        assert bad.returncode == 2 and expected in bad.stderr, bad.stderr
+    assert not (tmp_path / "o").exists() and not list(snap.glob("samples-*"))
     run_cli("sample", str(snap), "--num", "1", "--steps", "ddim2", "--weights", "ema_0.9999", "--merge",
             "--out", str(tmp_path / "r"))
     run_cli("sample", str(snap), "--num", "1", "--steps", "ddim2", "--merge", "--out", str(tmp_path / "e"))

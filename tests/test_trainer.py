@@ -379,6 +379,7 @@ def test_bad_inputs_fail_fast_with_clear_errors(shards, reference_run, tmp_path)
          "(model.model_channels: 32 in the run, 64 now): the task, the architecture"),
         ([*fits, f"run_dir={tmp_path / 'r'}", "--nproc", "0"], "--nproc: need at least one process"),
         ([*fits, f"run_dir={tmp_path / 'r'}", "model.in_channels=1"], "gives RGB images (3 channels), the model takes 1"),
+        ([*fits, f"run_dir={run / 'snapshots' / 'img000000000384'}"], "holds a manifest.json (a snapshot or a dataset)"),
     ]
     for args, expected in cases:
         cmd = [sys.executable, "-m", "adm", "train", "preset=tiny-32", "model.num_classes=11", *args]

@@ -190,6 +190,8 @@ def check_resume(cfg) -> None:
     run = Path(cfg.run_dir)
     if run.exists() and not run.is_dir():
         raise ValueError(f"run_dir: {run} is a file, expected a directory")
+    if (run / "manifest.json").is_file():  # a snapshot's or a dataset's directory, not a run's
+        raise ValueError(f"run_dir: {run} holds a manifest.json (a snapshot or a dataset); give a run directory")
     found = ckpt.resume_point(run)
     refused = found and ckpt.refusal(run, found[0], cfg)
     if refused:
