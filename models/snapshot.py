@@ -152,11 +152,13 @@ def resolve_weights(directory: str | Path, weights: str) -> str:
     names = weight_names(directory)
     if weights in names:
         return weights
-    rate = read_config(directory).get("ema_rate")
-    if rate is not None and weights == f"ema_{rate}":
+    meta = read_config(directory)
+    rate, posthoc = meta.get("ema_rate"), meta.get("posthoc")
+    if rate is not None and weights == f"ema_{rate}" and not posthoc:
         return "ema"
-    raise SnapshotError(f"{directory} has no weights {weights!r}; it has {', '.join(names)}"
-                        + (f" (ema is the EMA at {rate})" if rate is not None else ""))
+    what = (f" (ema is the post-hoc EMA at sigma_rel {posthoc.get('sigma_rel')})" if isinstance(posthoc, dict) else
+            f" (ema is the EMA at {rate})" if rate is not None else "")
+    raise SnapshotError(f"{directory} has no weights {weights!r}; it has {', '.join(names)}{what}")
 
 
 def read_config(directory: str | Path) -> dict:

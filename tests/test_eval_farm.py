@@ -990,7 +990,8 @@ def test_post_hoc_snapshots_are_left_out_of_settings_for_weights_they_lack(tmp_p
     trained = save_snapshot(run / "snapshots" / "img000000001000", model.state_dict(), cfg,
                             meta={**base, "images": 1000, "ema_rate": 0.9999}, extra_weights={"raw": model.state_dict()})
     posthoc = save_snapshot(run / "snapshots" / "img000000001000-posthoc-0.070", model.state_dict(), cfg,
-                            meta={**base, "images": 1000, "posthoc": {"sigma_rel": 0.07}, "weights": "posthoc-0.070"})
+                            meta={**base, "images": 1000, "ema_rate": 0.9999,  # copied from its training snapshot
+                                  "posthoc": {"sigma_rel": 0.07}, "weights": "posthoc-0.070"})
     ref = tmp_path / "ref.npz"
     np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
     settings = [EvalSetting(name="d2", steps="ddim2", num=4), EvalSetting(name="d2-raw", steps="ddim2", num=4,
@@ -1015,6 +1016,10 @@ def test_post_hoc_snapshots_are_left_out_of_settings_for_weights_they_lack(tmp_p
     check(trained, [EvalSetting(name="r", steps="ddim2", num=4, weights="ema_0.9999")], ref)  # = ema
     with pytest.raises(ValueError, match=r"has no weights 'ema_0.999'; it has ema, raw \(ema is the EMA at 0.9999\)"):
         check(trained, [EvalSetting(name="r", steps="ddim2", num=4, weights="ema_0.999")], ref)
+    # a post-hoc snapshot's ema is its reconstruction, not the EMA at the rate its training snapshot records
+    with pytest.raises(ValueError, match=r"has no weights 'ema_0.9999'; it has ema \(ema is the post-hoc EMA at "
+                                         r"sigma_rel 0.07\)"):
+        check(posthoc, [EvalSetting(name="r", steps="ddim2", num=4, weights="ema_0.9999")], ref)
 
 
 def test_an_unreadable_registry_record_is_left_out_by_name_not_fatal(tmp_path, capsys):
