@@ -150,7 +150,6 @@ class ShardStream(IterableDataset):
                                                               slot, pos[slot].epoch)[pos[slot].shard]] - 1))
             done[slot] += 1
 
-
     def _check_not_barren(self, barren: list[int], slots: list[int], pos: dict) -> None:
         """A reader whose every shard is damaged would loop over them forever: once a whole epoch of its
         slots' shards gave nothing, it stops and says so."""

@@ -381,5 +381,5 @@ def _write_locked(source: Source, out: Path, shard_size: int, workers: int, prep
     for i in range(len(plan)):  # the manifest now holds everything the sidecars did
         (out / (shard_name(i) + ".done.json")).unlink(missing_ok=True)
     settings_path.unlink(missing_ok=True)
-    (out / LOCK).unlink(missing_ok=True)  # still held: a write that waited on it finds the manifest
+    (out / LOCK).unlink(missing_ok=True)  # a finished dataset holds its shards and manifest only
     return manifest

@@ -116,7 +116,7 @@ class ModelConfig:
         for f in fields(self):
             value, kind = getattr(self, f.name), f.type
             allowed = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
-            if kind in (int | None,):
+            if kind == int | None:
                 ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
             elif kind in allowed:
                 ok = isinstance(value, allowed[kind]) and (kind is bool or not isinstance(value, bool))

@@ -213,7 +213,7 @@ def prune(run_dir: Path, keep_last: int, keep_every_images: int, keep: str | Non
     """Delete old complete checkpoints, keeping the newest `keep_last`, every `keep_every_images` images
     and `keep` (the one just written). Incomplete ones are left for the user to look at."""
     root = run_dir / CKPT
-    tags = [t for t in _tags(root) if problem(run_dir, t) is None]
+    tags = valid_tags(run_dir)
     for tag in tags[:-keep_last] if keep_last > 0 else []:
         if tag == keep or keep_every_images and images_of(tag) % keep_every_images == 0:
             continue
