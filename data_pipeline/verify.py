@@ -50,8 +50,11 @@ def _check_fields(path: Path, manifest: dict) -> None:
         raise ValueError(f"{path}: {field} is {json.dumps(_get(manifest, field))[:80]}, expected {expected}; an "
                          "edited manifest? rewrite the dataset")
 
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
     for field in ("num_samples", "num_classes"):
-        if not isinstance(manifest[field], int) or isinstance(manifest[field], bool) or manifest[field] < 0:
+        if not count(manifest[field]):
             bad(field, "a count (a non-negative integer)")
     if not isinstance(manifest["classes"], list) or len(manifest["classes"]) != manifest["num_classes"]:
         bad("classes", f"a list of num_classes = {manifest['num_classes']} entries")
@@ -65,8 +68,7 @@ def _check_fields(path: Path, manifest: dict) -> None:
         if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
             bad(f"shards[{i}].name", "a file name in the dataset's directory")
         for field in ("count", "bytes"):
-            value = shard.get(field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not count(shard.get(field)):
                 bad(f"shards[{i}].{field}", "a non-negative integer")
 
 
