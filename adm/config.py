@@ -54,14 +54,42 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, except that a key given twice in one mapping is an error: plain yaml keeps the
+    last one silently, so `lr: 1e-4` below an earlier `lr: 3e-4` would quietly override it."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(path: str | Path):
+    """A YAML file's contents (duplicate keys refused); yaml.YAMLError names the line."""
+    return yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """yaml's error on one line: what is wrong, and where (its own message spans several, with excerpts)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(e).split())
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
     return data
@@ -126,6 +154,24 @@ def slurm_mem(text: str) -> str:
     if not re.fullmatch(r"\d+[KMGT]?", text):
         raise argparse.ArgumentTypeError(f"expected Slurm's form, e.g. 64G or 500M, got {text!r}")
     return text
+
+
+def check_device(text: str, flag: str = "--device") -> None:
+    """A torch device this machine has, or a one-line ValueError naming the flag (before any work; torch
+    would otherwise say it half-way through, in its own words)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise ValueError(f"{flag} {text}: not a torch device ({str(e).splitlines()[0]}); e.g. cpu or cuda:0") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {text}: torch sees no CUDA GPU here; use {flag} cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {text}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"{flag} {text}: expected cpu or cuda[:N]")
 
 
 def load_error(e: Exception) -> str:

@@ -8,7 +8,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from adm.config import at_least, slurm_mem
+from adm.config import at_least, check_device, slurm_mem
 
 from .settings import EvalSetting, load_settings
 
@@ -245,9 +245,11 @@ def cmd_schedule(a) -> int:
         raise FileNotFoundError(f"{run_dir}: no snapshots/ directory (is it a training run directory?)")
     every = parse_every(a.every)
     settings = settings_from(a)
-    from .schedule import find_snapshots, newest_trained
+    from .schedule import find_snapshots, newest_trained, not_evaluated_here
     from .preflight import check
 
+    if (why := not_evaluated_here(run_dir)):
+        raise ValueError(why)
     newest = newest_trained(find_snapshots(run_dir))
     if newest:  # each setting against the newest snapshot the training wrote, before any job
         check(newest, settings, a.ref, a.inception_weights)
@@ -404,6 +406,8 @@ def main(argv=None, prog="adm eval") -> int:
     p.set_defaults(func=cmd_metrics)
 
     a = parser.parse_args(argv)
+    if getattr(a, "device", None):
+        check_device(a.device)
     if a.command == "schedule":
         a.argv = list(sys.argv[1:] if argv is None else argv)
     return a.func(a)

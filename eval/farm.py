@@ -105,6 +105,13 @@ def feature_task(key_dir: str, index: int) -> str:
     return str(featurize(sample, Path(key_dir) / "features"))
 
 
+def strided(task, key_dir: str, first: int, stride: int) -> list[str]:
+    """`task` for shards first, first + stride, ...: one array task's share where an evaluation has more
+    shards than Slurm lets one array hold (MaxArraySize)."""
+    _, setting = load_spec(Path(key_dir))
+    return [task(key_dir, i) for i in range(first, setting.num_shards, stride)]
+
+
 def metrics_task(key_dir: str, backend: str = "auto") -> dict | None:
     """Merge, compute, publish metrics.json once (rank 0), and log the numbers to TensorBoard."""
     from .comm import discover

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adm.config import check_device
+
 from .atomic import merge_npz_atomic, save_npz_atomic, write_text_atomic
 from .settings import EvalSetting
 
@@ -283,8 +285,7 @@ def main(argv=None, prog="adm sample") -> int:
                           num=max(a.num, 2), seed_start=a.seed_start, shard_size=a.shard_size,
                           batch_size=a.batch_size, precision=a.precision)
     setting.num = a.num
-    if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {a.device}: torch sees no CUDA GPU here; use --device cpu")
+    check_device(a.device)
     _check_snapshot_steps(a)
     sampler = Sampler(a.snapshot, setting, a.device)
     claim_out_dir(out, a.snapshot, setting)

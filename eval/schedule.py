@@ -67,6 +67,32 @@ def find_snapshots(run_dir: Path) -> list[Path]:
     return out
 
 
+def not_evaluated_here(run_dir: Path) -> str | None:
+    """Why a run whose complete snapshots are all of another kind (a noisy classifier's, an upsampler's) has
+    nothing to schedule, with what to do instead; None when it has a diffusion snapshot or none at all yet."""
+    from models.snapshot import SnapshotError, read_config, read_manifest
+
+    kinds = set()
+    for d in sorted((Path(run_dir) / "snapshots").glob("*")):
+        try:
+            read_manifest(d)
+            meta = read_config(d)
+        except SnapshotError:
+            continue
+        task = meta.get("task", "diffusion")
+        if task == "diffusion" and meta.get("model", {}).get("arch", "unet") == "unet":
+            return None
+        kinds.add(task)
+    if not kinds:
+        return None
+    use = {"classifier": "classifier=SNAPSHOT (--classifier) with a guidance scale",
+           "upsampler": "upsampler=SNAPSHOT (--upsampler)"}
+    how = "; ".join(f"a {k}'s snapshots are evaluated through a diffusion run's setting: {use[k]}"
+                    for k in sorted(kinds) if k in use)
+    return (f"{run_dir}: its snapshots are {' and '.join(sorted(kinds))} snapshots, which are not sampled on their "
+            f"own" + (f" ({how})" if how else "") + "; schedule the diffusion run")
+
+
 def has_weights(snap: Path, weights: str) -> bool:
     """Whether the snapshot holds these weights: a post-hoc EMA snapshot holds only its one reconstruction
     (ema), and one written before `power_ema` was set holds no phema_*."""

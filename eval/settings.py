@@ -15,6 +15,8 @@ from pathlib import Path
 # (precision/recall in that mode moved by up to 0.001), and the Inception network runs with its batch norms
 # folded into the convolutions (features moved by at most 7e-6)
 EVALUATOR_VERSION = "adm-eval-2"
+MAX_SEED = 2**63
+MAX_SHARDS = 100_000
 CASCADE_REVISION = 2  # 2: the upsampler conditioned on uint8 base pixels, as ADM's super_res_sample.py
 
 
@@ -47,6 +49,13 @@ class EvalSetting:
             raise ValueError(f"setting {self.name!r}: seed_start must be 0 or more, got {self.seed_start}")
         if self.shard_size < 1 or self.batch_size < 1:
             raise ValueError(f"setting {self.name!r}: shard_size and batch_size must be positive")
+        if self.seed_start + self.num > MAX_SEED:  # (a label's generator is seeded with 2 * seed + 1)
+            raise ValueError(f"setting {self.name!r}: seeds seed_start .. seed_start + num - 1 must stay below "
+                             f"2^63 (torch generators' seeds), got {self.seed_start} + {self.num}")
+        if self.num_shards > MAX_SHARDS:  # each a task of the farm's arrays, each planned up front
+            raise ValueError(f"setting {self.name!r}: num {self.num} in shards of {self.shard_size} is "
+                             f"{self.num_shards} shards, more than {MAX_SHARDS}; raise shard_size (--shard-size) "
+                             "or split the seed range (seed_start, --seed-start) over several evaluations")
         if not (math.isfinite(self.every_kimg) and self.every_kimg >= 0):
             raise ValueError(f"setting {self.name!r}: every_kimg must be 0 (every snapshot) or more, got {self.every_kimg}")
         if not math.isfinite(self.scale):

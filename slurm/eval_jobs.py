@@ -2,7 +2,9 @@
 starts after it (afterok), and a metrics job after that; plus the recurring scheduler job, which
 begins later (`--begin now+N`) and resubmits itself. Everything goes through submitit."""
 
+import functools
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -11,7 +13,7 @@ from pathlib import Path
 from submitit.core.utils import FailedJobError
 
 from eval import registry
-from eval.farm import feature_task, load_spec, metrics_task, sample_task
+from eval.farm import feature_task, load_spec, metrics_task, sample_task, strided
 from eval.schedule import NotSubmitted
 
 from . import records
@@ -33,6 +35,26 @@ def _schedule_entry(argv: list[str]) -> int:
     from eval.cli import main
 
     return main(argv)
+
+
+@functools.lru_cache(maxsize=1)
+def max_array_size() -> int:
+    """Slurm's MaxArraySize (an array's indices run 0 .. MaxArraySize - 1; 1001 unless the site set it), from
+    `scontrol show config`; 1001 where that cannot be read."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 1001
+    found = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.M)
+    return max(1, int(found.group(1))) if found else 1001
+
+
+def _sample_tasks(key_dir: str, first: int, stride: int) -> list[str]:
+    return strided(sample_task, key_dir, first, stride)
+
+
+def _feature_tasks(key_dir: str, first: int, stride: int) -> list[str]:
+    return strided(feature_task, key_dir, first, stride)
 
 
 def jobs_alive(owner: dict) -> bool:
@@ -99,6 +121,11 @@ class SlurmBackend:
         spec, setting = load_spec(key_dir)
         folder = key_dir / "slurm" / "%j"
         n = setting.num_shards
+        tasks = min(n, max_array_size())  # task i takes shards i, i + tasks, ...: one each, unless Slurm caps arrays
+        if tasks < n:
+            print(f"[eval] {key_dir.name}: {n} shards in arrays of {tasks} tasks (Slurm's MaxArraySize), "
+                  f"up to {-(-n // tasks)} shards per task: --time is per task", flush=True)
+        share = ([str(key_dir)] * tasks, list(range(tasks)), [tasks] * tasks)
         after = lambda job_id: {"dependency": f"afterok:{job_id}", "kill-on-invalid-dep": "yes"}  # noqa: E731
         queued: list[str] = []
 
@@ -115,9 +142,9 @@ class SlurmBackend:
             return queued[-1], first
 
         ex = self._executor(folder, f"eval-sample-{setting.name}")
-        sample_id, _ = submit("sampling array", lambda: ex.map_array(sample_task, [str(key_dir)] * n, list(range(n))))
+        sample_id, _ = submit("sampling array", lambda: ex.map_array(_sample_tasks, *share))
         ex = self._executor(folder, f"eval-features-{setting.name}", slurm_additional_parameters=after(sample_id))
-        feature_id, _ = submit("feature array", lambda: ex.map_array(feature_task, [str(key_dir)] * n, list(range(n))))
+        feature_id, _ = submit("feature array", lambda: ex.map_array(_feature_tasks, *share))
         ex = self._executor(folder, f"eval-metrics-{setting.name}", gpus_per_node=None,
                             tasks_per_node=self.metric_workers, slurm_additional_parameters=after(feature_id))
         _, metrics_job = submit("metrics job", lambda: ex.submit(_metrics_entry, str(key_dir)))

@@ -28,9 +28,14 @@ def site_defaults() -> dict:
     """Cluster defaults (partition, account, qos, setup lines, ...) from $ADM_SITE or ~/.config/adm/site.yaml."""
     import yaml
 
+    from adm.config import load_yaml, yaml_problem
+
     for path in (os.environ.get("ADM_SITE"), Path.home() / ".config" / "adm" / "site.yaml"):
         if path and Path(path).is_file():
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            try:
+                data = load_yaml(path) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
             if not isinstance(data, dict):
                 raise ValueError(f"{path}: expected a mapping of option: value")
             unknown = sorted(set(map(str, data)) - set(SITE_KEYS))

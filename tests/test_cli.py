@@ -88,3 +88,6 @@ def test_the_site_file_is_checked(tmp_path, monkeypatch):
     site.write_text("setup: module load cuda\n")
     with pytest.raises(ValueError, match="setup must be a list of shell lines"):
         site_defaults()
+    site.write_text("partition: gpu\naccount: a\npartition: debug\n")  # which one was meant: said, not guessed
+    with pytest.raises(ValueError, match=rf"{site}: not valid YAML: .*found duplicate key 'partition'"):
+        site_defaults()

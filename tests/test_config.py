@@ -56,6 +56,13 @@ def test_yaml_errors_name_the_file_and_key(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load(Run, tmp_path / "list.yaml")
+    # a key given twice: plain yaml keeps the last silently (the first lr would be quietly overridden)
+    (tmp_path / "twice.yaml").write_text("optim:\n  lr: 3e-4\n  betas: [0.9, 0.99]\n  lr: 1e-4\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML: found duplicate key 'lr' \(line 4, column 3\)$"):
+        load(Run, tmp_path / "twice.yaml")
+    (tmp_path / "twice.yaml").write_text("optim:\n  lr: 3e-4\noptim:\n  betas: [0.9, 0.99]\n")
+    with pytest.raises(ConfigError, match=r"found duplicate key 'optim'"):
+        load(Run, tmp_path / "twice.yaml")
 
 
 def test_parse_overrides_nests_and_types():

@@ -1038,3 +1038,25 @@ def test_an_unreadable_registry_record_is_left_out_by_name_not_fatal(tmp_path, c
     err = capsys.readouterr().err
     for bad in (root / "b" / registry.METRICS, root / "c" / registry.METRICS, root / "b" / registry.FAILED):
         assert f"{bad}: unreadable (" in err and "left out" in err
+
+
+def test_scheduling_a_classifier_run_says_what_evaluates_it(tmp_path):
+    """A run of the noisy classifier (or the upsampler) has nothing to sample on its own: scheduling it is
+    refused with the way such snapshots are evaluated, instead of recurring passes that report "0 done"."""
+    import eval.cli
+    import eval.schedule
+
+    cfg = get_preset("tiny-32").config()
+    run = tmp_path / "clf"
+    save_snapshot(run / "snapshots" / "img000000001000", build_model(cfg).state_dict(), cfg,
+                  meta={"task": "classifier", "images": 1000})
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    with pytest.raises(ValueError, match=r"its snapshots are classifier snapshots, which are not sampled on their "
+                                         r"own \(a classifier's snapshots are evaluated through a diffusion run's "
+                                         r"setting: classifier=SNAPSHOT \(--classifier\)"):
+        eval.cli.main(["schedule", str(run), "--ref", str(ref), "--once", "--cluster", "local"])
+    # a diffusion run without a snapshot yet is not refused: its first pass finds nothing, the next may
+    (tmp_path / "new" / "snapshots").mkdir(parents=True)
+    assert eval.schedule.not_evaluated_here(tmp_path / "new") is None
+    assert eval.schedule.not_evaluated_here(make_run(tmp_path / "diff", kimgs=(1,))) is None

@@ -425,3 +425,15 @@ def test_stored_shape_reads_npy_headers_of_either_version(tmp_path):
     with np.load(path) as data:
         for name, arr in arrays.items():
             assert stored_shape(data, name) == arr.shape == data[name].shape
+
+
+def test_a_device_this_machine_lacks_is_one_line_before_any_file_is_read(tmp_path):
+    """--device is checked before the files are opened: a typo or a GPU that is not there is named, not
+    torch's error half-way through the features."""
+    bad = run_cli("eval", "compare", str(tmp_path / "none.npz"), str(tmp_path / "none.npz"), "--device", "cuda:x",
+                  check=False)
+    assert bad.returncode == 2 and "--device cuda:x: not a torch device" in bad.stderr, bad.stderr
+    if not torch.cuda.is_available():
+        bad = run_cli("eval", "ref", str(tmp_path), "--out", str(tmp_path / "r.npz"), "--resolution", "32",
+                      "--device", "cuda", check=False)
+        assert bad.returncode == 2 and "--device cuda: torch sees no CUDA GPU here; use --device cpu" in bad.stderr

@@ -322,6 +322,12 @@ def test_sampling_options_are_checked_naming_the_option(tmp_path):
         assert bad.returncode == 2 and "--device cuda: torch sees no CUDA GPU here; use --device cpu" in bad.stderr
     assert not (tmp_path / "o").exists()
     for extra, expected in [
+        (["--num", "99999999999"], "num 99999999999 in shards of 1000 is 100000000 shards, more than 100000; raise "
+                                   "shard_size (--shard-size)"),
+        (["--num", "2", "--seed-start", str(2**63 - 1)], "must stay below 2^63 (torch generators' seeds), got "
+                                                          f"{2**63 - 1} + 2"),
+        (["--device", "mps"], "--device mps: expected cpu or cuda[:N]"),
+        (["--device", "gpu:x"], "--device gpu:x: not a torch device"),
         (["--upsampler-steps", "ddim7"], "--upsampler-steps ddim7: give the upsampler with --upsampler SNAPSHOT"),
         (["--batch-size", "0"], "--shard-size and --batch-size must be positive, got 1000 and 0"),
         (["--out", str(snap)], f"--out {snap}: holds manifest.json (a snapshot, dataset or run directory)")]:

@@ -250,3 +250,49 @@ def test_whether_the_cluster_has_gpus_is_asked_of_sinfo_and_a_failing_sinfo_is_s
             with pytest.raises(ValueError, match=re.escape(answer)):
                 submit._gpus_requested(args)
     assert submit._gpus_requested(argparse.Namespace(cpu=True, cluster="slurm")) is False
+
+
+def test_more_shards_than_an_array_may_hold_are_shared_out_over_its_tasks(tmp_path, monkeypatch, capsys):
+    """Slurm refuses an array past its MaxArraySize (1001 by default: 1.28M samples in shards of 1000 are
+    1280): then array task i takes shards i, i + T, ... and every shard is sampled and featurized once."""
+    import json
+
+    from slurm import eval_jobs
+
+    conf = "ClusterName             = c\nMaxArraySize            = 3\nMaxJobCount             = 10000\n"
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, conf, ""))
+    eval_jobs.max_array_size.cache_clear()
+    assert eval_jobs.max_array_size() == 3
+    eval_jobs.max_array_size.cache_clear()
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "no scontrol"))
+    assert eval_jobs.max_array_size() == 1001  # Slurm's default where the config cannot be read
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, "", ""))  # no GPUs
+    key_dir = tmp_path / "run" / "eval" / "k"
+    key_dir.mkdir(parents=True)
+    (key_dir / "setting.json").write_text(json.dumps({"run_dir": str(tmp_path / "run"), "setting": {
+        "name": "x", "num": 7, "shard_size": 1}}))  # 7 shards
+    ran, arrays = {"sample": [], "feature": []}, []
+
+    class Job:
+        job_id = "41"
+
+    class Executor:
+        def map_array(self, fn, *args):
+            arrays.append(len(args[0]))
+            for call in zip(*args):
+                fn(*call)
+            return [Job()] * len(args[0])
+
+        def submit(self, fn, *args):
+            return Job()
+
+    monkeypatch.setattr(eval_jobs, "sample_task", lambda key, i: ran["sample"].append(i))
+    monkeypatch.setattr(eval_jobs, "feature_task", lambda key, i: ran["feature"].append(i))
+    monkeypatch.setattr(eval_jobs.SlurmBackend, "_executor", lambda self, *a, **k: Executor())
+    for cap, tasks in ((3, 3), (1001, 7)):
+        monkeypatch.setattr(eval_jobs, "max_array_size", lambda: cap)
+        ran["sample"].clear(), ran["feature"].clear(), arrays.clear()
+        eval_jobs.SlurmBackend(gpus_per_task=0).start(key_dir, 1)
+        assert arrays == [tasks, tasks]
+        assert sorted(ran["sample"]) == sorted(ran["feature"]) == list(range(7))
+    assert "7 shards in arrays of 3 tasks (Slurm's MaxArraySize), up to 3 shards per task" in capsys.readouterr().out
