@@ -19,7 +19,7 @@ def resolve_config(spec: str, overrides: list[str]):
     if spec in PRESETS:
         preset = get_preset(spec)
         return spec, preset, load(ModelConfig, base=preset.model, overrides=overrides)
-    if spec.endswith((".yaml", ".yml")) or Path(spec).is_file():
+    if _is_config_file(spec):
         data = read_yaml(spec)
         data = data.get("model", data)
         name = data.pop("preset", None)
@@ -31,10 +31,17 @@ def resolve_config(spec: str, overrides: list[str]):
     return spec, get_preset(spec), None  # get_preset raises, naming the known presets
 
 
+def _is_config_file(spec: str) -> bool:
+    """Whether --config/--preset names a YAML file (any existing file, whatever its suffix) rather than a preset."""
+    from .presets import PRESETS
+
+    return spec not in PRESETS and (spec.endswith((".yaml", ".yml")) or Path(spec).is_file())
+
+
 def yaml_diffusion(spec: str | None) -> dict | None:
     """A YAML config's top-level `diffusion:` section ({steps, noise_schedule, predict_xstart}), checked; None
-    without one."""
-    if not spec or not spec.endswith((".yaml", ".yml")):
+    without one (or for a preset's name)."""
+    if not spec or not _is_config_file(spec):
         return None
     from adm.config import read_yaml
 
@@ -151,12 +158,21 @@ def cmd_convert(args) -> int:
     src, dst = Path(args.src), Path(args.dst)
     if dst.exists() and not args.overwrite:
         raise ValueError(f"{dst} already exists (pass --overwrite to replace it)")
+    if src.exists() and dst.resolve() in (src.resolve(), *src.resolve().parents):
+        raise ValueError(f"{dst}: holds the source {src}; writing there would replace what is being converted")
     if src.is_dir():
+        if dst.is_dir():
+            raise ValueError(f"{dst}: a directory; a snapshot converts to a .pt file: give its path, e.g. "
+                             f"{dst / (src.name + '.pt')}")
         snap = load_snapshot(src, hashes=True)
         weights = snap.ordered()  # proves the weights fit the config before writing anything
         tmp = dst.with_name(f".{dst.name}.partial")
-        torch.save(weights, tmp)
-        tmp.replace(dst)
+        try:
+            torch.save(weights, tmp)
+            tmp.replace(dst)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         print(f"wrote {dst} ({len(snap.state_dict)} tensors, ADM layout) from snapshot {src}")
         return 0
     if not src.is_file():
@@ -168,8 +184,7 @@ def cmd_convert(args) -> int:
     except Exception as e:  # torch raises several types for a non-checkpoint file
         from adm.config import load_error
         raise ValueError(f"{src}: not a loadable PyTorch checkpoint ({load_error(e)})") from None
-    if isinstance(state_dict, dict) and "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
-        state_dict = state_dict["state_dict"]
+    state_dict = _unwrapped(state_dict, src)
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         got = type(state_dict).__name__
         if isinstance(state_dict, dict):
@@ -177,6 +192,8 @@ def cmd_convert(args) -> int:
             got = f"a dict whose {k!r} is a {type(v).__name__}" + (
                 " (training state? convert a run's snapshot directory instead)" if k in ("ema", "gen", "module") else "")
         raise ValueError(f"{src}: expected a state dict (name -> tensor), got {got}")
+    if (odd := next((k for k in state_dict if not isinstance(k, str)), None)) is not None:
+        raise ValueError(f"{src}: expected a state dict (name -> tensor), got a key {odd!r} that is not a name")
     if args.preset and args.config:
         raise ValueError("--preset and --config both name the architecture: give one")
     if args.preset or args.config:
@@ -209,6 +226,7 @@ def cmd_convert(args) -> int:
             cfg = build(ModelConfig, ("inferred", asdict(cfg)), ("command line", parse_overrides(args.overrides)))
     check_state_dict(state_dict, cfg, source=str(src),
                      described_as=f"{name}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
+    _check_values(state_dict, src)
     meta = {"preset": name, "source": src.name}
     diffusion = yaml_diffusion(args.config) or (preset.diffusion if preset else None)
     if diffusion is None:
@@ -218,6 +236,41 @@ def cmd_convert(args) -> int:
     save_snapshot(dst, state_dict, cfg, meta=meta, overwrite=args.overwrite)
     print(f"wrote snapshot {dst} ({WEIGHTS}, config.json, manifest.json) from {src} as {name}")
     return 0
+
+
+def _unwrapped(obj, src: Path):
+    """The state dict inside the usual wrappers: {"state_dict": ...}, {"model": ...} or {"model_state_dict": ...}
+    (a training script's save), and keys prefixed `module.` by DistributedDataParallel; said when unwrapped."""
+    import torch
+
+    def tensors(d):
+        return isinstance(d, dict) and d and all(isinstance(v, torch.Tensor) for v in d.values())
+
+    if isinstance(obj, dict) and not tensors(obj):
+        inner = next((k for k in ("state_dict", "model", "model_state_dict") if tensors(obj.get(k))), None)
+        if inner is not None:
+            if inner != "state_dict":
+                print(f"{src}: converting its {inner!r} entry (the file holds {', '.join(map(repr, obj))})")
+            obj = obj[inner]
+    if tensors(obj) and all(isinstance(k, str) and k.startswith("module.") for k in obj):
+        print(f"{src}: keys prefixed 'module.' (a DistributedDataParallel model's): prefix dropped")
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _check_values(state_dict: dict, src: Path) -> None:
+    """Weights a snapshot can sample with: floating-point (an integer tensor where a weight belongs would be
+    cast and truncated silently), and finite (NaN or inf: a training that diverged; every reader refuses it)."""
+    import torch
+
+    ints = [k for k, v in state_dict.items() if not v.is_floating_point()]
+    if ints:
+        raise ValueError(f"{src}: {len(ints)} tensor(s) are not floating-point ({ints[0]} is "
+                         f"{state_dict[ints[0]].dtype}): not ADM weights")
+    bad = [k for k, v in state_dict.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{src}: {len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}"
+                         + (", ..." if len(bad) > 3 else "") + "): weights of a training that diverged?")
 
 
 def same_layout(name: str) -> list[str]:

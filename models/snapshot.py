@@ -81,6 +81,14 @@ def save_snapshot(directory: str | Path, state_dict: dict[str, torch.Tensor], co
     directory = Path(directory)
     if directory.exists() and not overwrite:
         raise SnapshotError(f"{directory} already exists (pass overwrite=True to replace it)")
+    if directory.exists():  # only a snapshot (complete or damaged) is replaced, never a folder of other files
+        if not directory.is_dir():
+            raise SnapshotError(f"{directory} exists and is a file, not a snapshot; not replaced")
+        others = sorted(e.name for e in directory.iterdir()
+                        if not (e.is_file() and (e.name in (CONFIG, MANIFEST) or e.name.endswith(".safetensors"))))
+        if others:
+            raise SnapshotError(f"{directory} exists and is not a snapshot (it holds {', '.join(others[:3])}"
+                                + (", ..." if len(others) > 3 else "") + "); not replaced")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:

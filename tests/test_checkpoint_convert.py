@@ -274,3 +274,58 @@ def test_snapshots_get_the_modes_of_the_users_umask(tmp_path, umask):
     assert stat.S_IMODE(snap.stat().st_mode) == 0o777 & ~umask
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in snap.iterdir()} == {
         name: 0o666 & ~umask for name in ("model.safetensors", "raw.safetensors", "config.json", "manifest.json")}
+
+
+def test_what_convert_refuses_to_write_over_or_to_write(tmp_path, released_pt):
+    """--overwrite replaces a snapshot or a file it wrote, never a folder of other files (one holding the
+    source: it was deleted whole before); a snapshot converts to a file path, not into a directory, and a
+    failed write leaves no partial file; weights that are NaN or integers are refused before writing."""
+    ref, pt = released_pt
+    folder = tmp_path / "mine"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "notes.txt").write_text("precious")
+    src = folder / "tiny.pt"
+    src.write_bytes(pt.read_bytes())
+    for dst, message in [(folder, f"{folder}: holds the source {src}"),
+                         (folder / "sub", f"{folder / 'sub'} exists and is not a snapshot (it holds notes.txt); "
+                                          "not replaced")]:
+        proc = run_cli("models", "convert", str(src), str(dst), "--overwrite", check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert src.read_bytes() == pt.read_bytes() and (folder / "sub" / "notes.txt").read_text() == "precious"
+    snap = tmp_path / "snap"
+    run_cli("models", "convert", str(pt), str(snap))
+    run_cli("models", "convert", str(pt), str(snap), "--overwrite")  # a snapshot is replaced
+    proc = run_cli("models", "convert", str(snap), str(folder), "--overwrite", check=False)
+    assert proc.returncode == 2 and f"{folder}: a directory; a snapshot converts to a .pt file" in proc.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["sub", "tiny.pt"]  # no .partial left
+    sd = ref.state_dict()
+    for name, change, message in [("nan.pt", lambda d: d["out.2.bias"].view(-1)[0].fill_(float("nan")),
+                                   "1 tensor(s) hold NaN or infinite values (out.2.bias)"),
+                                  ("int.pt", lambda d: d.update({"out.2.bias": d["out.2.bias"].long()}),
+                                   "1 tensor(s) are not floating-point (out.2.bias is torch.int64)")]:
+        bad = {k: v.clone() for k, v in sd.items()}
+        change(bad)
+        torch.save(bad, tmp_path / name)
+        proc = run_cli("models", "convert", str(tmp_path / name), str(tmp_path / "s"), check=False)
+        assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "s").exists(), proc.stderr
+
+
+def test_wrapped_and_ddp_prefixed_checkpoints_convert_to_the_same_snapshot(tmp_path, released_pt):
+    """A training script's {"model": state dict} and DistributedDataParallel's `module.` keys are unwrapped
+    (and said); the snapshot equals the plain file's. A key that is not a name is refused by name. A --config
+    file is read for its diffusion section whatever its suffix, as it is for the architecture."""
+    ref, pt = released_pt
+    run_cli("models", "convert", str(pt), str(tmp_path / "plain"))
+    sd = ref.state_dict()
+    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}, "step": 7}, tmp_path / "wrapped.pt")
+    out = run_cli("models", "convert", str(tmp_path / "wrapped.pt"), str(tmp_path / "w")).stdout
+    assert "converting its 'model' entry (the file holds 'model', 'step')" in out and "prefix dropped" in out
+    plain, wrapped = load_snapshot(tmp_path / "plain").state_dict, load_snapshot(tmp_path / "w").state_dict
+    assert plain.keys() == wrapped.keys() and all(torch.equal(plain[k], wrapped[k]) for k in plain)
+    torch.save({0: torch.zeros(1), **sd}, tmp_path / "intkey.pt")
+    proc = run_cli("models", "convert", str(tmp_path / "intkey.pt"), str(tmp_path / "s"), check=False)
+    assert proc.returncode == 2 and "got a key 0 that is not a name" in proc.stderr, proc.stderr
+    cfg = json.loads((tmp_path / "plain" / "config.json").read_text())["model"]
+    (tmp_path / "m.txt").write_text(json.dumps({"model": cfg, "diffusion": {"noise_schedule": "linear", "steps": 4000}}))
+    run_cli("models", "convert", str(pt), str(tmp_path / "t"), "--config", str(tmp_path / "m.txt"))
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["diffusion"]["steps"] == 4000

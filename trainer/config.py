@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field, fields
 from models.config import ModelConfig
 from models.presets import get_preset
 
+from .power_ema import SIGMA_REL_MIN
+
 TASKS = ("diffusion", "classifier", "upsampler")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 NOISE_SCHEDULES = ("linear", "cosine")
@@ -105,8 +107,8 @@ class TrainConfig:
             bad("model.small_size", f"{m.small_size} does not divide image_size {m.image_size}")
         if not self.ema_rates or any(not 0.0 <= r < 1.0 for r in self.ema_rates):
             bad("ema_rates", f"give at least one rate, each in [0, 1), got {self.ema_rates}")
-        if any(not 0.0 < s < 0.28 for s in self.power_ema):
-            bad("power_ema", f"every sigma_rel must lie in (0, 0.28), got {self.power_ema}")
+        if any(not SIGMA_REL_MIN <= s < 0.28 for s in self.power_ema):
+            bad("power_ema", f"every sigma_rel must lie in [{SIGMA_REL_MIN}, 0.28), got {self.power_ema}")
         for name, values in (("ema_rates", self.ema_rates), ("power_ema", self.power_ema)):
             if len(set(values)) != len(values):  # one file each: the second would silently be the first
                 bad(name, f"each value once, got {values}")

@@ -8,8 +8,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 
 def main(argv: list[str] | None = None, prog: str = "python -m trainer.posthoc") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
@@ -17,6 +15,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m trainer.posthoc")
     p.add_argument("--sigma-rel", type=float, required=True, help="relative EMA width to synthesise, e.g. 0.07")
     p.add_argument("--at", help="snapshot tag to reconstruct at (default: the latest)")
     a = p.parse_args(argv)
+    from .power_ema import sigma_rel_to_gamma
+
+    sigma_rel_to_gamma(a.sigma_rel)  # its range, before any file is read
     from models.snapshot import (SnapshotError, load_snapshot, read_config, read_manifest, save_snapshot,
                                  verify_snapshot)
 
@@ -52,14 +53,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m trainer.posthoc")
         power = meta.get("power_ema") or {}
         if meta.get("images", 0) > target_images:
             continue
-        for sigma, gamma in zip(power.get("sigma_rels", []), power.get("gammas", [])):
-            stored.append((meta["ema_updates"], gamma, load_file(str(s / f"phema_{sigma}.safetensors"))))
+        if power.get("sigma_rels") and meta.get("ema_updates", 0) < 1:  # profiles of no update: nothing averaged
+            print(f"{s.name}: its power-EMA profiles hold no update yet (ema_updates 0); not used", file=sys.stderr)
+            continue
+        for sigma, gamma in zip(power.get("sigma_rels", []), power.get("gammas", [])):  # sha256 and values checked:
+            profile = load_snapshot(s, hashes=True, weights=f"phema_{sigma}")  # a flipped bit would blend in
+            stored.append((meta["ema_updates"], gamma, profile.state_dict))
     if len(stored) < 2:
         raise ValueError(f"{a.run_dir}: needs power-EMA profiles in its snapshots (train with power_ema=[0.05,0.1])")
     snap = load_snapshot(target)
     step = snap.meta["ema_updates"]
     weights = reconstruct(stored, step, a.sigma_rel)
-    width = f"{a.sigma_rel:.3f}" if round(a.sigma_rel, 3) == a.sigma_rel else f"{a.sigma_rel:g}"  # names stay distinct
+    width = f"{a.sigma_rel:.3f}" if round(a.sigma_rel, 3) == a.sigma_rel else repr(a.sigma_rel)  # names stay distinct
     out = target.with_name(f"{target.name}-posthoc-{width}")
     meta = {k: v for k, v in snap.meta.items() if k not in ("format", "version")}
     meta.update(posthoc={"sigma_rel": a.sigma_rel, "profiles": len(stored)}, weights=f"posthoc-{width}")

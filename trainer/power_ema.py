@@ -12,11 +12,14 @@ import numpy as np
 import torch
 
 
+SIGMA_REL_MIN = 0.001  # gamma about 1000; EDM2's widths run 0.01 to 0.25
+
+
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """The exponent whose profile has relative width sigma_rel: the largest real root of
     gamma^3 + 7 gamma^2 + (16 - 1/s^2) gamma + (12 - 1/s^2) = 0 (the relation above, expanded)."""
-    if not 0 < sigma_rel < 0.28:
-        raise ValueError(f"sigma_rel must lie in (0, 0.28), got {sigma_rel}")
+    if not SIGMA_REL_MIN <= sigma_rel < 0.28:  # (narrower: the raw weights of the last few steps)
+        raise ValueError(f"sigma_rel must lie in [{SIGMA_REL_MIN}, 0.28), got {sigma_rel}")
     inv = 1.0 / sigma_rel ** 2
     roots = np.roots([1.0, 7.0, 16.0 - inv, 12.0 - inv])
     return float(roots[np.abs(roots.imag) < 1e-9].real.max())
@@ -32,9 +35,11 @@ def profile_inner(t_a: np.ndarray, g_a: np.ndarray, t_b: np.ndarray, g_b: np.nda
     on [0, t]: (g_a+1)(g_b+1) min(t_a, t_b)^(g_a+g_b+1) / ((g_a+g_b+1) t_a^(g_a+1) t_b^(g_b+1))."""
     t_a, g_a, t_b, g_b = (np.asarray(v, dtype=np.float64) for v in (t_a, g_a, t_b, g_b))
     gs = g_a + g_b + 1
-    # in log space: the powers of large step counts overflow otherwise
-    log = (np.log(g_a + 1) + np.log(g_b + 1) + gs * np.log(np.minimum(t_a, t_b)) - np.log(gs)
-           - (g_a + 1) * np.log(t_a) - (g_b + 1) * np.log(t_b))
+    t = np.minimum(t_a, t_b)
+    # in log space (the powers of large step counts overflow otherwise), as powers of t/t_a and t/t_b <= 1:
+    # the same as gs log t - (g_a+1) log t_a - (g_b+1) log t_b, without its cancellation for large exponents
+    log = (np.log(g_a + 1) + np.log(g_b + 1) - np.log(gs) - np.log(t)
+           + (g_a + 1) * np.log(t / t_a) + (g_b + 1) * np.log(t / t_b))
     return np.exp(log)
 
 
