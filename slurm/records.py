@@ -12,6 +12,8 @@ RECORDS = "jobs.jsonl"
 
 def add(run_dir: Path, record: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
+    if record.get("folder"):  # absolute: `adm jobs` finds the logs from any directory, not only the submit one
+        record = {**record, "folder": os.path.abspath(record["folder"])}
     line = (json.dumps({"submitted": time.strftime("%Y-%m-%d %H:%M:%S"), **record}) + "\n").encode()
     # NFS has no atomic O_APPEND between hosts (a scheduler job on a node, a submit on the login node):
     # a POSIX lock, which NFS does carry, and the line in one write
@@ -35,7 +37,23 @@ def read(run_dir: Path) -> list[dict]:
             torn += 1
     if torn:
         print(f"warning: {path}: skipped {torn} unreadable line(s)", file=sys.stderr)
+    for rec in out:
+        if rec.get("folder") and not os.path.isabs(rec["folder"]):
+            rec["folder"] = str(_older_folder(run_dir, Path(rec["folder"])))
     return out
+
+
+def _older_folder(run_dir: Path, folder: Path) -> Path:
+    """A log folder recorded relative to the directory the job was submitted from (records before they were
+    absolute): RUN/slurm/JOB of a training, RUN/eval/KEY/slurm of an evaluation, found under this run_dir."""
+    if folder.exists():
+        return folder
+    parts = folder.parts
+    if len(parts) >= 3 and parts[-3] == "eval" and parts[-1] == "slurm":
+        return run_dir.joinpath(*parts[-3:])
+    if len(parts) >= 2 and parts[-2] == "slurm":
+        return run_dir.joinpath(*parts[-2:])
+    return folder
 
 
 def find(job_id: str, run_dirs: list[Path]) -> tuple[Path, dict] | None:

@@ -5,6 +5,7 @@ the same code against the real local Slurm.)"""
 import os
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -296,3 +297,25 @@ def test_more_shards_than_an_array_may_hold_are_shared_out_over_its_tasks(tmp_pa
         assert arrays == [tasks, tasks]
         assert sorted(ran["sample"]) == sorted(ran["feature"]) == list(range(7))
     assert "7 shards in arrays of 3 tasks (Slurm's MaxArraySize), up to 3 shards per task" in capsys.readouterr().out
+
+
+def test_job_folders_are_found_from_any_directory(tmp_path, monkeypatch):
+    """`adm jobs` run inside the run directory found no logs and took finished local jobs for ENDED: records
+    held their folders relative to where the job was submitted. They are absolute now; older relative ones
+    are found under the run directory they were read from (a training's slurm/JOB, an evaluation's
+    eval/KEY/slurm)."""
+    import json
+
+    run = tmp_path / "runs" / "r"
+    (run / "slurm" / "11").mkdir(parents=True)
+    (run / "eval" / "k--x" / "slurm").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    records.add(Path("runs/r"), {"job_id": "11", "cluster": "local", "folder": "runs/r/slurm/11"})
+    with open(run / records.RECORDS, "a") as f:  # as records were written before
+        f.write(json.dumps({"job_id": "12", "folder": "runs/r/slurm/12"}) + "\n")
+        f.write(json.dumps({"job_id": "13", "folder": "runs/r/eval/k--x/slurm", "jobs": ["13", "14", "15"]}) + "\n")
+    monkeypatch.chdir(run)  # inside the run directory, as the guide allows
+    folders = [rec["folder"] for rec in records.read(Path("."))]
+    assert folders[0] == str(run / "slurm" / "11")
+    assert Path(folders[1]) == Path("slurm/12") and Path(folders[2]) == Path("eval/k--x/slurm")
+    assert Path(folders[2]).resolve() == (run / "eval" / "k--x" / "slurm").resolve()

@@ -272,6 +272,8 @@ def test_elastic_resume_from_2_ranks_to_1(shards, tmp_path):
     train(shards, run, "total_kimg=0.128", *extra, nproc=2)
     proc = train(shards, run, "total_kimg=0.144", *extra, nproc=1)
     assert "universal checkpoint" in proc.stderr
+    changes = [json.loads(x)["changes"] for x in (run / "training_options.changes.jsonl").read_text().splitlines()]
+    assert changes[-1]["world_size"] == [2, 1], changes
     before = load_file(str(run / "snapshots" / "img000000000128" / "model.safetensors"))
     after = load_file(str(run / "snapshots" / "img000000000144" / "model.safetensors"))
     raw = load_file(str(run / "snapshots" / "img000000000144" / "raw.safetensors"))
@@ -407,3 +409,12 @@ def test_non_finite_steps_are_skipped_then_training_stops(shards, tmp_path):
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("img*"))
     assert "non-finite steps in a row so far: every older checkpoint is kept" in proc.stdout
     assert kept[0] == good and len(kept) == 3, (good, kept)  # the good one and the two saved in the streak
+    # the skip counters are the run's, not the launch's: kept in client.json, carried on by a resume (here from
+    # the newest, which resumes the streak: every status line after it counts on from 2)
+    counted = [json.loads((tmp_path / "run" / "checkpoints" / k / "client.json").read_text())["counted"] for k in kept]
+    assert [c["skipped_steps"] for c in counted] == [0, 1, 2], counted
+    (tmp_path / "run" / "checkpoints" / "LATEST").write_text(kept[2] + "\n")
+    proc = train(shards, tmp_path / "run", "total_kimg=1.0", "lr=1e30", "max_bad_steps=3", "checkpoint_kimg=0.016",
+                 "keep_last=1", "precision=fp32", "status_kimg=0.016", check=False)
+    shown = [int(n) for n in re.findall(r"skipped steps (\d+)", proc.stdout)]
+    assert proc.returncode == 2 and shown and shown[0] == 3 and shown == sorted(shown), (shown, proc.stdout[-2000:])

@@ -240,6 +240,10 @@ def test_a_resume_names_the_fields_it_cannot_change_and_records_those_it_may(tmp
     [line] = changes.read_text().splitlines()
     assert json.loads(line)["images"] == 100 and json.loads(line)["changes"] == {"lr": [2e-4, 1.0]}
     assert json.loads((tmp_path / "training_options.json").read_text())["lr"] == 1.0
+    # the world size, recorded beside the options from now on: a change is kept too (an older file has none)
+    write_options(tmp_path, {**asdict(config("lr=1")), "world_size": 2}, 300)
+    write_options(tmp_path, {**asdict(config("lr=1")), "world_size": 1}, 400)
+    assert [json.loads(x)["changes"] for x in changes.read_text().splitlines()[1:]] == [{"world_size": [2, 1]}]
 
 def test_rank_discovery(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE",
@@ -825,3 +829,21 @@ def test_a_checkpoint_whose_client_state_cannot_be_read_is_skipped_with_the_reas
     with caplog.at_level("WARNING"):
         assert ckpt.read_options(tmp_path) == {}
     assert "training_options.json: unreadable (" in caplog.text
+
+
+def test_a_mistake_is_blamed_on_the_file_or_the_command_line_it_came_from(tmp_path):
+    """An override's unknown key or bad value names the command line, not the YAML file it was merged into;
+    the file's own mistakes name the file, whatever the overrides."""
+    from adm.config import ConfigError
+
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("preset: tiny-32\n")
+    bad.write_text("preset: tiny-32\nbogus: 1\n")
+    for path, overrides, message in [
+            (good, ["model.foo=1"], "command line: unknown key 'model.foo'"),
+            (good, ["lr=abc"], "command line: bad value for 'lr'"),
+            (None, ["preset=tiny-32", "model.foo=1"], "command line: unknown key 'model.foo'"),
+            (bad, ["lr=1"], f"{bad}: unknown key 'bogus'")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_train_config(str(path) if path else None, overrides)
+    assert load_train_config(str(good), ["lr=1"]).lr == 1.0

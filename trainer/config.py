@@ -241,14 +241,29 @@ def expand(raw: dict) -> dict:
 
 
 def load_train_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
-    from adm.config import build, parse_overrides, read_yaml
+    from adm.config import ConfigError, build, parse_overrides, read_yaml
 
     raw = read_yaml(path) if path else {}
     over = parse_overrides(list(overrides))
     # overrides may name a preset too; merge them before expanding so `model.dropout=...` applies
     merged = _deep_merge(raw, over)
-    layers = [(str(path or "config"), expand(merged))]
-    return build(TrainConfig, *layers)
+    try:
+        return build(TrainConfig, (str(path) if path else "command line", expand(merged)))
+    except ConfigError:
+        if not path or not over or not _builds(raw):
+            raise
+    # the file builds on its own: the mistake is in the command line's overrides, and is named so
+    return build(TrainConfig, ("command line", expand(merged)))
+
+
+def _builds(raw: dict) -> bool:
+    from adm.config import build
+
+    try:
+        build(TrainConfig, ("", expand(dict(raw))))
+        return True
+    except Exception:  # a config error of the file's own
+        return False
 
 
 def _deep_merge(a: dict, b: dict) -> dict:

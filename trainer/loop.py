@@ -78,12 +78,13 @@ def lr_at(cfg: TrainConfig, images: int) -> float:
 
 
 def write_options(run_dir: Path, options: dict, resumed_at: int | None) -> None:
-    """training_options.json: this launch's resolved options. On a resume, what changed since the last
-    launch (the learning rate, say) is said and kept in training_options.changes.jsonl."""
+    """training_options.json: this launch's resolved options (and world size). On a resume, what changed since
+    the last launch (the learning rate, the world size, say) is said and kept in training_options.changes.jsonl."""
     path = run_dir / "training_options.json"
     if resumed_at is not None and path.is_file():
         old = ckpt.read_options(run_dir)
-        changes = {k: v for k, v in differences(old, options).items() if k != "run_dir"}
+        changes = {k: v for k, v in differences(old, options).items()  # (world_size: unknown to older files)
+                   if k != "run_dir" and (k in old or k != "world_size")}
         if changes:
             log.info("changed since the last launch: %s", describe(changes, "then", "now"))
             with open(run_dir / "training_options.changes.jsonl", "a") as f:
@@ -176,6 +177,7 @@ def training_loop(cfg: TrainConfig) -> int:
     images, step = 0, 0
     rng_state = cuda_rng_state = None
     saved_at = None  # the image count of the newest checkpoint on disk
+    counted = {}  # the skip counters since the run began (client.json), carried on by this launch
     good_tag = None  # the newest checkpoint saved (or resumed from) while no non-finite streak ran
     if found:
         load_start = time.perf_counter()
@@ -212,6 +214,7 @@ def training_loop(cfg: TrainConfig) -> int:
             sampler.load_state_dict(own["sampler"])
         loader.load_state_dict(client["loader"])
         images, step = client["images"], client["step"]
+        counted = client.get("counted", {})
         saved_at, good_tag = images, tag
         dist_util.barrier()
         if is_main:
@@ -222,7 +225,7 @@ def training_loop(cfg: TrainConfig) -> int:
             log.info("resumed from %s at %g kimg%s", tag, images / 1000,
                      f" (saved at {'; '.join(changed)}: universal checkpoint)" if elastic else "")
     if is_main:
-        write_options(run_dir, asdict(cfg), images if found else None)
+        write_options(run_dir, {**asdict(cfg), "world_size": world}, images if found else None)
     batches = iter(loader)  # before restoring the RNG: creating the iterator draws from it
     if rng_state is not None:
         torch.set_rng_state(rng_state)
@@ -246,12 +249,15 @@ def training_loop(cfg: TrainConfig) -> int:
                         "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None},
                        tmp / f"rank{rank:05d}.pt")
         loader_state = merge_states(dist_util.gather_objects(loader.state_dict()))
+        data_skipped = sum(dist_util.gather_objects(stats.data_skipped))
         if is_main:  # the EMA layout lets a resume at another world size assemble the EMA from the rank files
             ckpt.write_json_atomic(tmp / "client.json", {"images": images, "step": step, "fixed_hash": cfg.fixed_hash(),
                                                          "fixed": cfg.fixed(), "zero_stage": cfg.zero_stage,
                                                          "precision": cfg.precision,
                                                          "loader": loader_state, "world_size": world,
-                                                         "ema_updates": ema.updates, "ema_layout": ema_layout})
+                                                         "ema_updates": ema.updates, "ema_layout": ema_layout,
+                                                         "counted": {"skipped_steps": stats.skipped_steps,
+                                                                     "data_skipped": data_skipped}})
         dist_util.barrier()  # every file is written: each rank flushes the ones it wrote to the disk
         ckpt.fsync_files(tmp, rank)
         dist_util.barrier()
@@ -304,6 +310,8 @@ def training_loop(cfg: TrainConfig) -> int:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(run_dir / "tensorboard"))
     stats = _Stats(diffusion.num_timesteps)
+    stats.skipped_steps = counted.get("skipped_steps", 0)  # the same on every rank (a skip is collective)
+    stats.data_skipped = counted.get("data_skipped", 0) if is_main else 0  # shown summed over the ranks
     val_batches = None
     if cfg.val_data and cfg.task == "classifier":
         val_batches = iter(StreamLoader(cfg.val_data, m.image_size, micro, crop="center", flip=False, seed=cfg.seed,
