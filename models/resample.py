@@ -81,11 +81,17 @@ class LossSecondMomentResampler(ScheduleSampler, LossAwareSamplerMixin):
 
     def update_with_all_losses(self, ts, losses) -> None:
         """Append each loss to its timestep's history in the order given, dropping the oldest beyond
-        `history_per_term`; equal to doing so one loss at a time."""
+        `history_per_term`; equal to doing so one loss at a time. A NaN or infinite loss (a step the trainer
+        then skips) is left out: in the history it would make every weight NaN until 10 newer losses of its
+        timestep pushed it out."""
         ts = torch.as_tensor(ts).long()
         losses = torch.as_tensor(losses, dtype=torch.float64, device=ts.device)
         self._to(ts.device)
-        T, H = self.num_timesteps, self.history_per_term
+        T, H = self.num_timesteps + 1, self.history_per_term
+        # the non-finite go to an extra timestep row T - 1, dropped at the end (no boolean mask: no host sync)
+        ts = torch.where(torch.isfinite(losses), ts, T - 1)
+        self._history = torch.cat([self._history, self._history.new_zeros(1, H)])
+        self._counts = torch.cat([self._counts, self._counts.new_zeros(1)])
         # this batch's losses grouped by timestep, in their order within each group
         order = torch.sort(ts, stable=True).indices
         ts, losses = ts[order], losses[order]
@@ -105,8 +111,7 @@ class LossSecondMomentResampler(ScheduleSampler, LossAwareSamplerMixin):
         hist[torch.arange(T, device=ts.device)[:, None].expand(T, H), old_pos] = self._history
         new_pos = self._counts[ts] + nth - drop[ts]
         hist[ts, torch.where(new_pos >= 0, new_pos, H)] = losses
-        hist = hist[:, :H].contiguous()
-        self._history, self._counts = hist, kept
+        self._history, self._counts = hist[:-1, :H].contiguous(), kept[:-1]
 
     def _to(self, device: torch.device) -> None:
         if self._history.device != device:

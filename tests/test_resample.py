@@ -88,6 +88,27 @@ def test_batched_history_update_equals_one_loss_at_a_time(history_per_term):
     torch.testing.assert_close(s.weights(), expected / expected.sum() * (1 - 0.001) + 0.001 / T, rtol=0, atol=1e-15)
 
 
+def test_non_finite_losses_are_left_out_of_the_history():
+    """A NaN or inf loss (an fp16 overflow: the trainer skips that step) stays out of the history, or every
+    weight would turn NaN and the next draw fail; the rest of the batch goes in as without it."""
+    T, H = 7, 3
+    s = LossSecondMomentResampler(diffusion(T), history_per_term=H)
+    g = torch.Generator().manual_seed(3)
+    history, counts = torch.zeros(T, H, dtype=torch.float64), torch.zeros(T, dtype=torch.long)
+    for size in [30, 5, 50, 200]:
+        ts = torch.randint(0, T, (size,), generator=g)
+        losses = torch.rand(size, generator=g, dtype=torch.float64)
+        losses[::4] = float("nan")
+        losses[1::7] = float("inf")
+        s.update_with_all_losses(ts, losses)
+        keep = torch.isfinite(losses)
+        history, counts = _sequential_update(history, counts, ts[keep], losses[keep])
+        assert torch.equal(s.state_dict()["history"], history) and torch.equal(s.state_dict()["counts"], counts)
+    assert s._warmed_up() and torch.isfinite(s.weights()).all()
+    t, w = s.sample(100, generator=g)
+    assert torch.isfinite(w).all()
+
+
 class Linear(torch.nn.Module):
     """A stand-in network with a smooth output, for checking the loops' bookkeeping."""
 

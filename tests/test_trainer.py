@@ -222,6 +222,20 @@ def test_loss_aware_timesteps_resume_bit_identically(shards, tmp_path):
     assert_identical(final_weights(resumed)[0], final_weights(straight)[0])
 
 
+def test_classifier_with_validation_resumes_bit_identically(shards, tmp_path):
+    """The held-out loader's iterator draws its seed from the global generator: made outside the training's
+    draws, a resumed classifier run (dropout on, as in BASE) ends with the same weights as a straight one."""
+    extra = ("preset=tiny-classifier-32", f"val_data={shards.parent / 'val'}", "val_batches=1")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(shards, straight, "total_kimg=0.256", *extra)
+    train(shards, resumed, "total_kimg=0.128", *extra)
+    proc = train(shards, resumed, "total_kimg=0.256", *extra)
+    assert "resumed from img000000000128" in proc.stderr and "| val acc1" in proc.stdout
+    last = [run / "snapshots" / "img000000000256" for run in (resumed, straight)]
+    assert_identical(*({name: load_file(str(d / name)) for name in ("model.safetensors", "ema_0.9999.safetensors")}
+                       for d in last))  # a classifier's main weights are its raw ones
+
+
 def run_task(shards, run, preset, kimg, status, *extra):
     proc = subprocess.run([sys.executable, "-m", "adm", "train", f"data={shards}", f"run_dir={run}",
                            f"preset={preset}", "model.num_classes=11", "batch=32", "num_slots=4", "data_workers=1",

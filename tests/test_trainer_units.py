@@ -1,6 +1,7 @@
 """Trainer pieces without processes: config, batch layout, EMA formula, checkpoint discovery, rank discovery."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -847,3 +848,38 @@ def test_a_mistake_is_blamed_on_the_file_or_the_command_line_it_came_from(tmp_pa
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_train_config(str(path) if path else None, overrides)
     assert load_train_config(str(good), ["lr=1"]).lr == 1.0
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_each_rank_flushes_the_optimizer_shard_deepspeed_names_for_it(bf16):
+    """On a parallel filesystem an fsync reaches only the calling node's pages, so each rank flushes the files
+    it wrote: the optimizer shard DeepSpeed names for data-parallel rank r (with a bf16_ prefix under bf16 at
+    ZeRO 1/2, which was taken for rank 0's) belongs to rank r. Names from DeepSpeed's own functions."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from trainer.checkpoint import writer_rank
+
+    engine = SimpleNamespace(_get_zero_ckpt_prefix=lambda r, bf16_mode: DeepSpeedEngine._get_zero_ckpt_prefix(
+        None, r, bf16_mode))
+    for r in (0, 1, 7, 123):
+        optim = DeepSpeedEngine._get_rank_zero_ckpt_name(engine, "ckpt", "ds", 0, r, bf16)
+        assert writer_rank(os.path.basename(optim)) == r, optim
+        assert writer_rank(f"zero_pp_rank_{r}_mp_rank_00_model_states.pt") == r  # ZeRO-3's model states
+        assert writer_rank(f"rank{r:05d}.pt") == r
+    assert writer_rank("mp_rank_00_model_states.pt") == 0 and writer_rank("client.json") == 0
+
+
+def test_every_seed_the_config_accepts_seeds_the_generators():
+    """seed may be anything in [0, 2^63): the derived generator seeds (seed x 1,000,003 + rank + 7919 x images)
+    passed torch's 64 bits from about 1.8e13 on and stopped the training after DeepSpeed had started.
+    Below that they are unchanged, so runs keep their trajectories."""
+    from trainer.loop import _seed
+
+    for seed in (0, 12345, 2**44, 2**63 - 1):
+        for rank, images in ((0, 0), (1023, 10**12)):
+            derived = seed * 1_000_003 + rank + 7919 * images
+            torch.Generator().manual_seed(_seed(derived))  # accepted
+            assert _seed(derived) == derived or derived >= 2**64
+    load_train_config(None, ["preset=tiny-32", f"seed={2**63 - 1}"])

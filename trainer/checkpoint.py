@@ -82,8 +82,9 @@ def without_zip_crc():
 
 
 # the files one rank writes: our rank{r}.pt, DeepSpeed's zero_pp_rank_{r}_* (optimizer, and ZeRO-3's model
-# states); everything else (DeepSpeed's mp_rank_00_*, latest, its scripts, client.json) is rank 0's
-_RANK_FILE = re.compile(r"^rank(\d+)\.pt$|^zero_pp_rank_(\d+)_")
+# states; bf16_zero_pp_rank_{r}_* under bf16 at ZeRO 1/2); everything else (DeepSpeed's mp_rank_00_*, latest,
+# its scripts, client.json) is rank 0's
+_RANK_FILE = re.compile(r"^rank(\d+)\.pt$|^(?:bf16_)?zero_pp_rank_(\d+)_")
 
 
 def writer_rank(name: str) -> int:

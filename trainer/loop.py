@@ -77,6 +77,11 @@ def lr_at(cfg: TrainConfig, images: int) -> float:
     return cfg.lr * factor
 
 
+def _seed(value: int) -> int:
+    """A generator seed derived from the config's (any seed below 2^63), folded into torch's 64 bits."""
+    return value % 2**64
+
+
 def write_options(run_dir: Path, options: dict, resumed_at: int | None) -> None:
     """training_options.json: this launch's resolved options (and world size). On a resume, what changed since
     the last launch (the learning rate, the world size, say) is said and kept in training_options.changes.jsonl."""
@@ -171,7 +176,7 @@ def training_loop(cfg: TrainConfig) -> int:
     param_dtype = next(engine.module.parameters()).dtype
     ema = ShardEMA(engine, cfg.ema_rates, cfg.zero_stage, cfg.power_ema)
     ema_layout = ema.layout()
-    gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + rank)  # timesteps and noise
+    gen = torch.Generator(device).manual_seed(_seed(cfg.seed * 1_000_003 + rank))  # timesteps and noise
 
     # ---- resume ----------------------------------------------------------------------------
     images, step = 0, 0
@@ -196,7 +201,7 @@ def training_loop(cfg: TrainConfig) -> int:
             if ema.power is not None:
                 ema.power.steps = client["ema_updates"]
             own = old[0]  # the timestep sampler's history: the same on every rank
-            gen.manual_seed(cfg.seed * 1_000_003 + rank + 7919 * client["images"])
+            gen.manual_seed(_seed(cfg.seed * 1_000_003 + rank + 7919 * client["images"]))
             torch.manual_seed(cfg.seed + 104_729 * rank + client["images"])
         else:
             engine.load_checkpoint(str(run_dir / ckpt.CKPT / tag), tag="ds", load_optimizer_states=True,
@@ -208,7 +213,7 @@ def training_loop(cfg: TrainConfig) -> int:
                 gen.set_state(own["gen"])
                 rng_state, cuda_rng_state = own["torch_rng"], own.get("cuda_rng")
             else:  # saved on another kind of device: its generator states do not fit this one's
-                gen.manual_seed(cfg.seed * 1_000_003 + rank + 7919 * client["images"])
+                gen.manual_seed(_seed(cfg.seed * 1_000_003 + rank + 7919 * client["images"]))
                 torch.manual_seed(cfg.seed + 104_729 * rank + client["images"])
         if hasattr(sampler, "load_state_dict") and own.get("sampler"):
             sampler.load_state_dict(own["sampler"])
@@ -314,8 +319,11 @@ def training_loop(cfg: TrainConfig) -> int:
     stats.data_skipped = counted.get("data_skipped", 0) if is_main else 0  # shown summed over the ranks
     val_batches = None
     if cfg.val_data and cfg.task == "classifier":
-        val_batches = iter(StreamLoader(cfg.val_data, m.image_size, micro, crop="center", flip=False, seed=cfg.seed,
-                                        num_slots=world, rank=rank, world_size=world, num_workers=0))  # a slot each
+        with torch.random.fork_rng(devices=[]):  # a DataLoader iterator draws its seed from the global generator:
+            # outside the training's draws, or a resume (which restores them first) would shift its dropout masks
+            val_batches = iter(StreamLoader(cfg.val_data, m.image_size, micro, crop="center", flip=False,
+                                            seed=cfg.seed, num_slots=world, rank=rank, world_size=world,
+                                            num_workers=0))  # a slot each
         val_gen = torch.Generator(device).manual_seed(10_007 + rank)
 
     def validate():
