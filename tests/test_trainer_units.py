@@ -115,6 +115,32 @@ def make_ckpt(run, images, files=("a.pt", "b.pt"), world=2):
     return tag
 
 
+def test_a_commit_killed_between_its_renames_is_finished_before_discovery(tmp_path):
+    """Saving an image count that exists (after a rollback) moves the old checkpoint aside, then renames the
+    new one in: killed between the two, the tag is missing and prune would delete both. The new one goes in
+    place when complete, else the old one comes back."""
+    run = tmp_path
+    make_ckpt(run, 100)
+    tag = make_ckpt(run, 200)
+    root = run / "checkpoints"
+    for new_complete in (False, True):
+        before = (root / tag / "a.pt").read_bytes()
+        os.replace(root / tag, root / f".tmp-old-{tag}")  # the state between the renames
+        new = ckpt.tmp_dir(run, tag)
+        new.mkdir()
+        (new / "a.pt").write_bytes(b"new")
+        if new_complete:
+            ckpt.write_json_atomic(new / ckpt.MANIFEST, {"tag": tag, "images": 200, "world_size": 2,
+                                                          "files": {"a.pt": 3}})
+        assert ckpt.find_latest(run)[0] != tag  # not found as it is
+        [line] = ckpt.finish_interrupted_commits(run)
+        assert ("the new" if new_complete else "the old") in line
+        assert ckpt.find_latest(run)[0] == tag
+        assert (root / tag / "a.pt").read_bytes() == (b"new" if new_complete else before)
+        ckpt.prune(run, keep_last=5, keep_every_images=0)  # the leftovers go
+        assert not list(root.glob(".tmp-*")) and ckpt.finish_interrupted_commits(run) == []
+
+
 def test_checkpoint_discovery_skips_partial_and_corrupt(tmp_path):
     run = tmp_path
     assert ckpt.find_latest(run) is None

@@ -119,7 +119,11 @@ class CheckpointError(ValueError):
 
 def problem(run_dir: Path, tag: str) -> str | None:
     """Why run/checkpoints/<tag> is not a complete checkpoint, or None when it is."""
-    d = run_dir / CKPT / tag
+    return problem_at(run_dir / CKPT / tag)
+
+
+def problem_at(d: Path) -> str | None:
+    """Why the checkpoint directory d (committed or not yet renamed into place) is not complete, or None."""
     if not d.is_dir():
         return "missing"
     try:
@@ -197,6 +201,26 @@ def find_latest(run_dir: Path, skipped: list[str] | None = None) -> tuple[str, d
         if skipped is not None:
             skipped.append(f"{tag}: {why}" + (f" ({LATEST} named it)" if i == 0 and latest.is_file() else ""))
     return None
+
+
+def finish_interrupted_commits(run_dir: Path) -> list[str]:
+    """A commit that replaced a checkpoint of the same image count (a run rolled back to an older LATEST) and
+    died between its two renames leaves the tag missing: the old one aside at .tmp-old-<tag>, the new one
+    at .tmp-<tag>. Put the new one in place if it is complete (its manifest is written before the renames),
+    else the old one back, as the commit would have; prune would otherwise delete both. Rank 0, under the
+    run lock, before discovery. Returns what it did, one line per tag."""
+    root, done = run_dir / CKPT, []
+    for old in sorted(root.glob(".tmp-old-img*")) if root.is_dir() else []:
+        tag = old.name[len(".tmp-old-"):]
+        if (root / tag).exists():  # the commit got past its renames: only its clean-up is left (prune's)
+            continue
+        new = tmp_dir(run_dir, tag)
+        keep = new if problem_at(new) is None else old
+        os.replace(keep, root / tag)
+        _fsync_dir(root)
+        done.append(f"{tag}: a commit interrupted between its renames; put {'the new' if keep is new else 'the old'}"
+                    " checkpoint in place")
+    return done
 
 
 def resume_point(run_dir: Path, skipped: list[str] | None = None) -> tuple[str, dict] | None:

@@ -155,6 +155,8 @@ def training_loop(cfg: TrainConfig) -> int:
         try:
             if not os.environ.get("ADM_LOCAL_CHILD"):  # `adm train --nproc N` holds it in the launcher
                 runlock.acquire(run_dir)
+            for line in ckpt.finish_interrupted_commits(run_dir):
+                log.warning("%s", line)
             found = ckpt.resume_point(run_dir, skipped)
             ckpt.clear_failed_conversions(run_dir)
             refused = found and ckpt.refusal(run_dir, found[0], cfg)
