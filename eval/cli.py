@@ -295,11 +295,12 @@ def cmd_results(a) -> int:
         raise FileNotFoundError(f"{a.run_dir}: no such run directory")
     if not any((Path(a.run_dir) / d).exists() for d in ("eval", "snapshots", "training_options.json")):
         raise ValueError(f"{a.run_dir}: not a run directory (no eval/, snapshots/ or training_options.json)")
+    found = results(Path(a.run_dir))  # once: the table and the JSON are the same records
     rows = [(r["snapshot_name"], r["label"], str(r["metrics"]["num_samples"]),
              *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "-"
-               for k in ("fid", "sfid", "precision", "recall", "inception_score"))) for r in results(Path(a.run_dir))]
+               for k in ("fid", "sfid", "precision", "recall", "inception_score"))) for r in found]
     head = ("snapshot", "setting", "N", "FID", "sFID", "precision", "recall", "IS")
-    write_json(json_target(a.json_out), results(Path(a.run_dir)))
+    write_json(json_target(a.json_out), found)
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for row in [head, *rows]:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))

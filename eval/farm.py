@@ -4,6 +4,7 @@ and files, so they run the same in this process (`--cluster local`) or as Slurm 
 dependencies (slurm/eval_jobs.py)."""
 
 import functools
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -131,20 +132,61 @@ def metrics_task(key_dir: str, backend: str = "auto") -> dict | None:
         return None
     record = {k: spec[k] for k in ("key", "snapshot", "snapshot_name", "images", "setting", "ref", "evaluator")}
     record.update(metrics=metrics, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-    if registry.publish(key_dir, record):
-        log_tensorboard(Path(spec["run_dir"]), record)
+    registry.publish(key_dir, record)  # once: a second attempt's numbers are the same, and not published
+    finish(key_dir)
+    return record
+
+
+def unfinished(key_dir: Path, logged: set[str]) -> bool:
+    """Whether a published evaluation still lacks its TensorBoard point (`logged`: the keys whose events file
+    the run's tensorboard/ holds) or still has per-shard feature files to compact."""
+    from .features import shard_feature_files
+
+    return Path(key_dir).name not in logged or bool(shard_feature_files(Path(key_dir) / "features"))
+
+
+def finish(key_dir: Path) -> None:
+    """What follows publishing metrics.json, repeatable: its TensorBoard point, once per key (the events file
+    is named after the key), and the per-shard features compacted. A task killed or failed after publishing
+    left these undone; the scheduler's next pass calls this again."""
     from .features import compact
 
+    key_dir = Path(key_dir)
+    record = json.loads((key_dir / registry.METRICS).read_text())
+    run_dir = Path(load_spec(key_dir)[0]["run_dir"])
+    if not any((run_dir / "tensorboard").glob(f"*.eval-{record['key']}")):
+        log_tensorboard(run_dir, record)
     compact(key_dir / "features")  # the per-shard sums of outer products are not needed any more
-    return record
+
+
+def series_name(run_dir: Path, record: dict) -> str:
+    """The TensorBoard series of an evaluation: its setting's name, for the first family of evaluations
+    logged under that name in this run (same numbers-changing fields, same reference); `name [hash]` for
+    any other family that reuses the name (another --num, reference or sampler), so no series mixes two.
+    The first family is recorded once per name (RUN/tensorboard/.series/<name>.json), so names never change."""
+    from .atomic import write_text_once
+    from .settings import numbers_identity
+
+    name = record["setting"]["name"]
+    family = hashlib.sha256((numbers_identity(record["setting"]) + "|" + str(record.get("ref"))).encode()
+                            ).hexdigest()[:6]
+    path = Path(run_dir) / "tensorboard" / ".series" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_once(path, json.dumps({"family": family}) + "\n")
+    try:
+        first = json.loads(path.read_text())["family"]
+    except (OSError, ValueError, KeyError):  # damaged: told apart all the same
+        first = None
+    return name if first == family else f"{name} [{family}]"
 
 
 def log_tensorboard(run_dir: Path, record: dict) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
+    series = series_name(run_dir, record)
     writer = SummaryWriter(str(run_dir / "tensorboard"), filename_suffix=f".eval-{record['key']}")
     width = registry.posthoc_width(record["snapshot_name"])
-    series = record["setting"]["name"] + (f"-posthoc-{width}" if width else "")
+    series += f"-posthoc-{width}" if width else ""
     for name, value in record["metrics"].items():
         if name != "num_samples":
             writer.add_scalar(f"eval/{series}/{name}", value, record.get("images") or 0)

@@ -60,7 +60,7 @@ def write_features(path: Path, pool: np.ndarray, labels: np.ndarray, resolution:
 
 def sample_shards(samples_dir: Path) -> list[Path]:
     """The sample shards of a directory, refused when two of them share seeds (they would count twice)."""
-    paths = sorted(p for p in Path(samples_dir).glob("samples-*.npz") if ".partial" not in p.name)
+    paths = sorted((p for p in Path(samples_dir).glob("samples-*.npz") if ".partial" not in p.name), key=seed_order)
     clash = overlapping_shards(paths)
     if clash:
         raise ValueError(f"{samples_dir}: {clash[0].name} and {clash[1].name} share seeds (sampled there with two "
@@ -73,7 +73,17 @@ def featurize_dir(samples_dir: Path, out_dir: Path, index: int = 0, count: int =
 
 
 def shard_feature_files(feat_dir: Path) -> list[Path]:
-    return sorted(p for p in Path(feat_dir).glob("features-*.npz") if ".partial" not in p.name and p.name != MERGED)
+    return sorted((p for p in Path(feat_dir).glob("features-*.npz") if ".partial" not in p.name and p.name != MERGED),
+                  key=seed_order)
+
+
+def seed_order(path: Path) -> tuple:
+    """A shard's place in seed order: by its first seed as a number (names pad seeds to 8 digits, so past
+    10^8 the names' order is not the seeds'), then by name for other names."""
+    from .sample import shard_seed_range
+
+    seeds = shard_seed_range(Path(path).with_name(Path(path).name.replace("features-", "samples-", 1)))
+    return (0, seeds, "") if seeds else (1, (0, 0), Path(path).name)
 
 
 def load_features(feat_dir: Path, expected: int | None = None) -> dict:
@@ -108,7 +118,11 @@ def compact(feat_dir: Path) -> Path:
     about 3 GB for a 50k evaluation. Written before anything is deleted, so a crash loses nothing."""
     feat_dir = Path(feat_dir)
     shards = shard_feature_files(feat_dir)
-    if (feat_dir / MERGED).is_file() or not shards:
+    if (feat_dir / MERGED).is_file():  # (shards left beside it: a compaction killed while deleting them)
+        for p in shards:
+            p.unlink(missing_ok=True)
+        return feat_dir / MERGED
+    if not shards:
         return feat_dir / MERGED
     if len(shards) == 1:  # already what the merged file would hold
         shards[0].replace(feat_dir / MERGED)

@@ -138,13 +138,28 @@ def results(run_dir: Path) -> list[dict]:
     for r in out:
         refs.setdefault(r["setting"]["name"], set()).add(r.get("ref"))
         variants.setdefault((r["setting"]["name"], r.get("ref")), set()).add(numbers_identity(r["setting"]))
+    short = {name: short_names(paths) for name, paths in refs.items()}
     for r in out:
         setting = numbers_identity(r["setting"])
         r["label"] = (r["setting"]["name"]
-                      + (f" vs {Path(r.get('ref') or '?').name}" if len(refs[r["setting"]["name"]]) > 1 else "")
+                      + (f" vs {short[r['setting']['name']][r.get('ref')]}" if len(refs[r["setting"]["name"]]) > 1
+                         else "")
                       + (f" [{hashlib.sha256(setting.encode()).hexdigest()[:6]}]"
                          if len(variants[(r["setting"]["name"], r.get("ref"))]) > 1 else ""))
     return sorted(out, key=lambda r: (r["label"], r.get("images") or 0))
+
+
+def short_names(paths) -> dict:
+    """Each path by its shortest trailing part that tells it from the others: the file name, or as many
+    folders above it as it takes (ref.npz in imagenet64/ and in imagenet64-val/: imagenet64/ref.npz, ...)."""
+    parts = {p: Path(p or "?").parts for p in paths}
+    out = {}
+    for p, mine in parts.items():
+        for k in range(1, len(mine) + 1):
+            if all(theirs[-k:] != mine[-k:] for q, theirs in parts.items() if q != p):
+                break
+        out[p] = "/".join(mine[-k:]) if mine else "?"
+    return out
 
 
 def failures(run_dir: Path) -> list[dict]:

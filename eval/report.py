@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ reference batch).{% endif %}</p><img src="data:image/png;base64,{{ curves }}">{%
 {% endfor %}</table>{% endif %}
 {% if loss %}<h2>Training loss</h2><img src="data:image/png;base64,{{ loss }}">{% endif %}
 {% if grids %}<h2>Samples by snapshot and setting</h2><p>The first images of each evaluation (seed order;
-labels drawn per seed).</p>{% for g in grids %}<p>{{ g.caption }}<br><img src="data:image/png;base64,{{ g.png }}"
+labels drawn per seed){{ grid_note }}.</p>{% for g in grids %}<p>{{ g.caption }}<br><img src="data:image/png;base64,{{ g.png }}"
 width="{{ g.width }}"></p>{% endfor %}{% endif %}
 {% if progressive %}<h2>Progressive decoding</h2><p>{{ progressive.caption }}: the model's prediction of the
 final image at evenly spaced steps of the reverse process, left (pure noise) to right (the sample), one row
@@ -128,30 +129,56 @@ def _metric_curves(rows: list[dict], published: dict):
 
 
 def _loss_curve(run_dir: Path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from .loss_history import loss_history
 
     tb = run_dir / "tensorboard"
     if not tb.is_dir():
         return None
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
-    acc.Reload()
-    tags = [t for t in ("train/loss", "train/mse", "train/vb") if t in acc.Tags()["scalars"]]
-    if not tags:
+    curves = loss_history(tb, tb / LOSS_CACHE)
+    if not curves:
         return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    for tag in tags:
-        ev = acc.Scalars(tag)
-        ax.plot([e.step / 1000 for e in ev], [e.value for e in ev], label=tag)
+    for tag, points in curves.items():
+        ax.plot([step / 1000 for step, _ in points], [v for _, v in points], label=tag)
     ax.set_xlabel("training kimg")
     ax.set_yscale("log")
     ax.legend()
     png = _png(fig)
     plt.close(fig)
     return png
+
+
+LOSS_CACHE = ".report-loss-cache.json"  # beside the event files it is read from (TensorBoard reads tfevents only)
+GRIDS_PER_SETTING = 6  # sample grids per setting: the first and last snapshots and evenly between
+
+
+def grid_rows(rows: list[dict], per_setting: int = GRIDS_PER_SETTING) -> list[dict]:
+    """The evaluations whose sample grids the report shows: per setting the first and the last snapshot and
+    evenly spaced ones between, `per_setting` in all (a grid of 256x256 images is megabytes of page), in
+    training order."""
+    by_label: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: (r.get("images") or 0, r["snapshot_name"])):
+        by_label.setdefault(r["label"], []).append(r)
+    shown = []
+    for series in by_label.values():
+        n, k = len(series), min(per_setting, len(series))
+        picks = sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+        shown += [series[i] for i in picks]
+    return sorted(shown, key=lambda r: (r.get("images") or 0, r["label"]))
+
+
+def _readable(path: Path, read):
+    """read(), or None with a line naming the file when it is damaged (a copy cut short, a full disk): one
+    evaluation's bad file costs its picture, not the whole report (which the schedule rewrites every pass)."""
+    try:
+        return read()
+    except Exception as e:
+        print(f"[report] {path}: unreadable ({type(e).__name__}: {e}); left out of the report", file=sys.stderr)
+        return None
 
 
 def _sample_grid(key_dir: Path, count: int = 16):
@@ -165,15 +192,39 @@ def _sample_grid(key_dir: Path, count: int = 16):
     return tile(images, min(8, len(images)))
 
 
+def kimg(images: int) -> str:
+    """Training images in kimg, exact to the image (:g rounded 2,147,483,648 images to 2.14748e+06)."""
+    return f"{images / 1000:.3f}".rstrip("0").rstrip(".")
+
+
+def run_config(run_dir: Path) -> dict:
+    """The run's training options; for a run without them (converted released checkpoints, say), the newest
+    snapshot's own record (its model section, preset and diffusion), so the paper's lines still match."""
+    options = run_dir / "training_options.json"
+    if options.is_file():
+        try:
+            return json.loads(options.read_text())
+        except (OSError, ValueError) as e:
+            print(f"[report] {options}: unreadable ({e}); configuration taken from the snapshots", file=sys.stderr)
+    from models.snapshot import SnapshotError, read_config
+
+    for snap in sorted((run_dir / "snapshots").glob("*"), reverse=True):
+        try:
+            meta = read_config(snap)
+        except SnapshotError:
+            continue
+        return {k: v for k, v in meta.items() if k not in ("format", "version")}
+    return {}
+
+
 def build(run_dir: Path) -> dict:
     """Everything the report shows, as plain data (also written as report.json)."""
     run_dir = Path(run_dir)
     rows = registry.results(run_dir)
     for r in rows:
-        r["kimg"] = f"{(r.get('images') or 0) / 1000:g}"
+        r["kimg"] = kimg(r.get("images") or 0)
         r["fmt"] = {m: (f"{r['metrics'][m]:.4f}" if m in r["metrics"] else "-") for m in METRICS}
-    options = run_dir / "training_options.json"
-    config = json.loads(options.read_text()) if options.is_file() else {}
+    config = run_config(run_dir)
     preset, published = published_for(config.get("model", {})) if config else (None, {})
     settings = list({r["label"]: {**r["setting"], "name": r["label"], "ref": r.get("ref")} for r in rows}.values())
     return {"run_dir": str(run_dir), "rows": rows, "failures": registry.failures(run_dir), "config": config,
@@ -189,22 +240,26 @@ def write_report(run_dir: Path, out_dir: Path | None = None, intro: str | None =
     out_dir = Path(out_dir or run_dir)
     data = build(run_dir)
     rows = data["rows"]
-    grids, progressive = [], None
-    for r in sorted(rows, key=lambda r: (r.get("images") or 0, r["label"])):
+    grids, progressive, shown = [], None, grid_rows(rows)
+    for r in shown:
         key_dir = registry.eval_root(run_dir) / r["key"]
-        grid = _sample_grid(key_dir)
+        grid = _readable(key_dir / "samples", lambda: _sample_grid(key_dir))
         if grid is not None:
             scale = max(1, 256 // grid.shape[0])
             grids.append({"caption": f"{r['snapshot_name']} ({r['kimg']} kimg), {r['label']}",
                           "png": _png(grid, scale), "width": grid.shape[1] * scale})
-        prog = key_dir / "progressive.npz"
-        if prog.is_file():  # keep the latest snapshot's
-            frames = np.load(prog)["arr_0"]  # (F, N, H, W, 3)
+    # the progressive decoding of the newest trained snapshot that has one (a post-hoc EMA's only if none)
+    for r in sorted(rows, key=lambda r: (r.get("images") or 0, not registry.posthoc_width(r["snapshot_name"])),
+                    reverse=True):
+        prog = registry.eval_root(run_dir) / r["key"] / "progressive.npz"
+        frames = _readable(prog, lambda: np.load(prog)["arr_0"]) if prog.is_file() else None  # (F, N, H, W, 3)
+        if frames is not None:
             f, n = frames.shape[:2]
             grid = tile(frames.transpose(1, 0, 2, 3, 4).reshape(f * n, *frames.shape[2:]), f)
             scale = max(1, 384 // grid.shape[1])
             progressive = {"caption": f"{r['snapshot_name']}, {r['label']}", "png": _png(grid, scale),
                            "width": grid.shape[1] * scale}
+            break
     training_grids = [{"caption": p.stem, "png": base64.b64encode(p.read_bytes()).decode()}
                       for p in sorted((run_dir / "grids").glob("*.png"))[-4:]]
     metric_names = [m for m in METRICS if any(m in r["metrics"] for r in rows)]
@@ -216,6 +271,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None, intro: str | None =
         failures=data["failures"], curves=_metric_curves(rows, data["published"]) if rows else None,
         preset=data["preset"], rows=rows, metric_names=metric_names, labels=LABELS, settings=data["settings"],
         loss=_loss_curve(run_dir), grids=grids, progressive=progressive, training_grids=training_grids,
+        grid_note=(f"; {len(shown)} of {len(rows)} evaluations, per setting the first and last snapshots and "
+                   "evenly between" if len(shown) < len(rows) else ""),
         config=json.dumps(data["config"], indent=2))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "report.html", html)
@@ -261,8 +318,6 @@ def main(argv=None, prog="adm report") -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     from adm.cli import run_guarded
 
     sys.exit(run_guarded(main, sys.argv[1:], "python -m eval.report"))

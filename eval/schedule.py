@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 
 from . import registry
-from .farm import prepare, run_local
+from .farm import finish, prepare, run_local, unfinished
 from .settings import EvalSetting
 
 
@@ -136,6 +136,9 @@ def schedule_pass(run_dir: Path, settings: list[EvalSetting], ref: Path, backend
     counts = {"done": 0, "started": 0, "running": 0, "retrying": 0, "failed": 0, "refused": 0, "now": 0}
     snaps = only or find_snapshots(run_dir)
     images = {snap: snapshot_images(snap) for snap in snaps}
+    tb = Path(run_dir) / "tensorboard"
+    logged = {p.name.rsplit(".eval-", 1)[1] for p in tb.glob("*.eval-*")} if tb.is_dir() else set()
+    without_is = []
     picked = [set(images.values()) if only else s.picks(list(images.values())) for s in settings]  # every_kimg
     for snap in snaps:
         for setting, chosen in zip(settings, picked):
@@ -147,9 +150,28 @@ def schedule_pass(run_dir: Path, settings: list[EvalSetting], ref: Path, backend
             except NotSubmitted as e:  # (a submit limit, a flag): the next pass submits it again
                 log(f"[eval] {key_dir.name}: {e}; not counted as an attempt")
                 state = "refused"
+            if state == "done" and unfinished(key_dir, logged):  # a task that died after publishing
+                try:
+                    finish(key_dir)
+                except Exception as e:  # (its numbers are safe in metrics.json; the next pass tries again)
+                    log(f"[eval] {key_dir.name}: its TensorBoard point or feature compaction failed "
+                        f"({type(e).__name__}: {e}); the next pass tries again")
+            if state == "done" and inception_weights and "inception_score" not in _metrics_of(key_dir):
+                without_is.append(key_dir.name)
             counts["now"] += state == "evaluated"
             counts["done" if state == "evaluated" else state] += 1
+    if without_is:  # said, not silently left: IS is an extra of the evaluation, not part of its key
+        log(f"[eval] {len(without_is)} evaluation(s) finished before --inception-weights was given have no "
+            f"Inception Score (e.g. {without_is[0]}); delete their {Path(run_dir) / 'eval'}/<key>/ directories to "
+            "evaluate them again with it")
     return counts
+
+
+def _metrics_of(key_dir: Path) -> dict:
+    try:
+        return json.loads((Path(key_dir) / registry.METRICS).read_text()).get("metrics", {})
+    except (OSError, ValueError):
+        return {}
 
 
 def attempts_spent(key_dir: Path) -> int:

@@ -233,6 +233,34 @@ def test_a_published_evaluation_keeps_one_merged_features_file(evaluated):
             assert again[k] == pytest.approx(published[k], rel=1e-12, abs=1e-12), k
 
 
+def test_a_pass_finishes_what_a_task_left_after_publishing(evaluated, reference):
+    """A metrics task killed (or failing: an unwritable tensorboard/) after publishing metrics.json left its
+    TensorBoard point unwritten and its per-shard features uncompacted, for good: the next pass, finding
+    the evaluation done, writes the point (once) and compacts."""
+    import eval.schedule
+    from eval.settings import EvalSetting
+
+    run, _, _ = evaluated
+    key_dir = sorted(p for p in (run / "eval").iterdir() if (p / "metrics.json").is_file())[0]
+    [events] = (run / "tensorboard").glob(f"*.eval-{key_dir.name}")
+    events.unlink()
+    merged = key_dir / "features" / "features-merged.npz"
+    leftover = key_dir / "features" / "features-00000000-00000003.npz"  # as if killed while deleting shards
+    leftover.write_bytes(merged.read_bytes())
+    setting = EvalSetting(**{k: v for k, v in json.loads((key_dir / "setting.json").read_text())["setting"].items()})
+    log = []
+    counts = eval.schedule.schedule_pass(run, [setting], reference, eval.schedule.LocalBackend(), log=log.append)
+    assert counts["done"] == 3 and counts["now"] == 0, (counts, log)
+    assert len(list((run / "tensorboard").glob(f"*.eval-{key_dir.name}"))) == 1 and not leftover.exists()
+    eval.schedule.schedule_pass(run, [setting], reference, eval.schedule.LocalBackend(), log=log.append)
+    assert len(list((run / "tensorboard").glob(f"*.eval-{key_dir.name}"))) == 1  # not written twice
+    # Inception Score asked for after these were evaluated: said, not silently missing
+    eval.schedule.schedule_pass(run, [setting], reference, eval.schedule.LocalBackend(), log=log.append,
+                                inception_weights="weights.pth")
+    assert any("3 evaluation(s) finished before --inception-weights was given have no Inception Score" in line
+               for line in log), log
+
+
 def test_tensorboard_and_report(evaluated):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -356,3 +356,16 @@ def test_a_damaged_finished_shard_is_said_and_sampled_again(tmp_path):
     proc = run_cli(*common)
     assert "arr_0 is uint8 (2, 32, 32, 3), expected 4 uint8 images" in proc.stderr, proc.stderr
     assert np.array_equal(np.load(shard)["arr_0"], before)
+
+
+def test_shards_past_10_to_the_8_stay_in_seed_order(tmp_path):
+    """Shard names pad seeds to 8 digits: past 10^8 the names' order is not the seeds', and features merged
+    in name order would put images out of seed order (the Inception Score's splits, the report's grid)."""
+    from eval.features import sample_shards, shard_feature_files
+
+    ranges = [(99_998_000, 99_998_999), (99_999_000, 99_999_999), (100_000_000, 100_000_999)]
+    for a, b in ranges:
+        (tmp_path / f"samples-{a:08d}-{b:08d}.npz").touch()
+        (tmp_path / f"features-{a:08d}-{b:08d}.npz").touch()
+    assert [p.name for p in sample_shards(tmp_path)] == [f"samples-{a:08d}-{b:08d}.npz" for a, b in ranges]
+    assert [p.name for p in shard_feature_files(tmp_path)] == [f"features-{a:08d}-{b:08d}.npz" for a, b in ranges]

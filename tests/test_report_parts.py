@@ -1,0 +1,179 @@
+"""The report's parts that must hold at scale: the loss curves read incrementally from TensorBoard (against
+tensorboard's own reader), the grids shown per setting, damaged files, labels, the paper's lines."""
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from eval.loss_history import loss_history
+
+
+def _launch(tb, steps, offset=0.0, tag_values=lambda s: 1.0 / (s + 1)):
+    w = SummaryWriter(str(tb))
+    for s in steps:
+        w.add_scalar("train/loss", tag_values(s) + offset, s)
+        w.add_scalar("train/mse", 2 * tag_values(s) + offset, s)
+        w.add_scalar("train/lr", 1e-4, s)  # not read
+    w.close()
+    time.sleep(0.01)  # the next launch's file starts later
+
+
+def test_loss_history_equals_tensorboards_reader_and_reads_only_what_is_new(tmp_path):
+    """Every point of the training tags, as tensorboard's EventAccumulator reads them; the second call reads
+    on from the cached offsets (a file that grew, a new launch), giving what a fresh read gives."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb, cache = tmp_path / "tb", tmp_path / "cache" / "loss.json"
+    _launch(tb, range(0, 300, 3))
+    first = loss_history(tb, cache)
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc.Reload()
+    for tag in ("train/loss", "train/mse"):
+        assert first[tag] == [(e.step, pytest.approx(e.value)) for e in acc.Scalars(tag)]
+    assert "train/vb" not in first and "train/lr" not in first
+    _launch(tb, range(300, 600, 3))  # a second launch, going on
+    cached = json.loads(cache.read_text())
+    assert all(e["offset"] == os.path.getsize(tb / name) for name, e in cached["files"].items())
+    again = loss_history(tb, cache)
+    assert again == loss_history(tb, None) and [s for s, _ in again["train/loss"]] == list(range(0, 600, 3))
+
+
+def test_a_resumed_launch_replaces_the_steps_it_trained_again(tmp_path):
+    """A launch resumed from an earlier checkpoint writes steps 150.. again: its points replace the first
+    launch's from there, so the curve never doubles back; a record still being written is left for later."""
+    tb = tmp_path / "tb"
+    _launch(tb, range(0, 300, 10))
+    _launch(tb, range(150, 400, 10), offset=10.0)
+    loss = loss_history(tb)["train/loss"]
+    steps = [s for s, _ in loss]
+    assert steps == sorted(steps) and steps == list(range(0, 150, 10)) + list(range(150, 400, 10))
+    assert all(v > 10 for s, v in loss if s >= 150) and all(v < 10 for s, v in loss if s < 150)
+    newest = max(tb.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    with open(newest, "ab") as f:  # a record cut short (the writer is mid-write)
+        f.write((1000).to_bytes(8, "little") + b"\0" * 20)
+    assert loss_history(tb)["train/loss"] == loss
+
+
+def test_loss_history_is_bounded(tmp_path):
+    tb = tmp_path / "tb"
+    _launch(tb, range(10000))
+    loss = loss_history(tb, tmp_path / "c.json", limit=500)["train/loss"]
+    assert 250 <= len(loss) <= 500 and loss[0][0] == 0 and loss[-1][0] == 9999  # the first and the newest kept
+    assert [s for s, _ in loss] == sorted(s for s, _ in loss)
+
+
+def test_grids_per_setting_are_the_first_last_and_evenly_between():
+    from eval.report import grid_rows
+
+    rows = [{"label": lab, "images": 1000 * i, "snapshot_name": f"img{i:012d}"} for i in range(40)
+            for lab in ("fast", "guided")]
+    shown = grid_rows(rows, per_setting=6)
+    for lab in ("fast", "guided"):
+        images = [r["images"] for r in shown if r["label"] == lab]
+        assert len(images) == 6 and images[0] == 0 and images[-1] == 39000 and images == sorted(images)
+    few = rows[:6]  # 3 snapshots each: all shown
+    assert len(grid_rows(few, per_setting=6)) == 6
+
+
+def test_kimg_is_exact_to_the_image():
+    from eval.report import kimg
+
+    assert kimg(2_147_483_648) == "2147483.648" and kimg(1_000_000_500) == "1000000.5" and kimg(64) == "0.064"
+    assert kimg(0) == "0" and kimg(1_000) == "1"
+
+
+def test_the_paper_lines_match_the_preset_exactly_first():
+    """ImageNet-256 unconditional and LSUN share an architecture (LSUN trained with dropout 0.1): each gets
+    its own paper numbers."""
+    from eval.published import PUBLISHED, published_for
+    from models.presets import get_preset
+
+    for name in PUBLISHED:
+        assert published_for(asdict(get_preset(name).config()))[0] == name
+    assert published_for(asdict(get_preset("adm-256-uncond").config()))[1]["ADM (2M steps at batch 256)"][
+        "fid"] == 26.21
+
+
+def test_a_damaged_file_costs_its_picture_not_the_report(tmp_path, capsys):
+    """One evaluation's progressive.npz or sample shard cut short (a copy, a full disk): the report is
+    written without that picture and says which file; a run without training_options.json takes its
+    configuration (and the paper's lines) from its snapshots."""
+    from test_eval_farm import make_run
+
+    from eval.report import write_report
+
+    run = make_run(tmp_path / "run", kimgs=(1, 2))
+    (run / "training_options.json").unlink()
+    for i, k in enumerate((1, 2)):
+        key_dir = run / "eval" / f"img{k * 1000:012d}--fast--abc"
+        (key_dir / "samples").mkdir(parents=True)
+        np.savez(key_dir / "samples" / "samples-00000000-00000003.npz",
+                 arr_0=np.full((4, 32, 32, 3), 60 * i, np.uint8))
+        np.savez(key_dir / "progressive.npz", arr_0=np.zeros((3, 2, 32, 32, 3), np.uint8))
+        (key_dir / "metrics.json").write_text(json.dumps({
+            "key": key_dir.name, "snapshot": str(run / "snapshots" / f"img{k * 1000:012d}"),
+            "snapshot_name": f"img{k * 1000:012d}", "images": k * 1000, "setting": {"name": "fast"},
+            "ref": "ref.npz", "evaluator": __import__("eval.settings").settings.EVALUATOR_VERSION,
+            "metrics": {"fid": 10.0 - k, "num_samples": 4}}))
+    newest = run / "eval" / "img000000002000--fast--abc"
+    for damaged in (newest / "progressive.npz", newest / "samples" / "samples-00000000-00000003.npz"):
+        damaged.write_bytes(damaged.read_bytes()[:100])
+    html = write_report(run).read_text()
+    err = capsys.readouterr().err
+    assert "progressive.npz: unreadable" in err and f"{newest / 'samples'}: unreadable" in err
+    assert "Progressive decoding" in html and "img000000001000, fast" in html  # the older one's instead
+    assert html.count("kimg), fast") == 1  # the damaged evaluation's grid left out
+    config = json.loads((run / "report.json").read_text())["config"]
+    assert config["model"]["model_channels"] == 32 and config["images"] == 2000  # the newest snapshot's
+
+
+def test_references_with_one_file_name_are_told_apart(tmp_path):
+    """Two references named ref.npz in two folders: each series is labelled by as much of its path as tells
+    it from the other, in results and so in the report (one zigzag series before)."""
+    from eval.registry import results, short_names
+    from eval.settings import EVALUATOR_VERSION
+
+    assert short_names(["/d/imagenet64/ref.npz", "/d/imagenet64-val/ref.npz", "/e/x.npz"]) == {
+        "/d/imagenet64/ref.npz": "imagenet64/ref.npz", "/d/imagenet64-val/ref.npz": "imagenet64-val/ref.npz",
+        "/e/x.npz": "x.npz"}
+    run = tmp_path / "run"
+    for i, ref in enumerate(("/d/imagenet64/ref.npz", "/d/imagenet64-val/ref.npz")):
+        key_dir = run / "eval" / f"img000000001000--fast--{i}"
+        key_dir.mkdir(parents=True)
+        (key_dir / "metrics.json").write_text(json.dumps({
+            "key": key_dir.name, "snapshot_name": "img000000001000", "images": 1000, "setting": {"name": "fast"},
+            "ref": ref, "evaluator": EVALUATOR_VERSION, "metrics": {"fid": 10.0 + i, "num_samples": 4}}))
+    assert sorted(r["label"] for r in results(run)) == ["fast vs imagenet64-val/ref.npz", "fast vs imagenet64/ref.npz"]
+
+
+def test_tensorboard_series_never_mix_two_families_of_one_name(tmp_path):
+    """A setting name reused with another --num or reference: its points go to a series of their own
+    (`fast [hash]`), the first family keeping the plain name for good, instead of one curve of both."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from eval.farm import log_tensorboard
+
+    run = tmp_path / "run"
+
+    def record(key, images, num, ref, fid):
+        return {"key": key, "snapshot_name": f"img{images:012d}", "images": images, "ref": ref,
+                "setting": {"name": "fast", "steps": "ddim2", "num": num}, "metrics": {"fid": fid, "num_samples": num}}
+
+    log_tensorboard(run, record("a", 1000, 6, "/r/ref.npz", 10.0))
+    log_tensorboard(run, record("b", 2000, 6, "/r/ref.npz", 9.0))
+    log_tensorboard(run, record("c", 1000, 8, "/r/ref.npz", 20.0))  # another N under the same name
+    log_tensorboard(run, record("d", 1000, 6, "/other/ref.npz", 30.0))  # another reference
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    fid_tags = sorted(t for t in acc.Tags()["scalars"] if t.endswith("/fid"))
+    assert len(fid_tags) == 3 and "eval/fast/fid" in fid_tags
+    assert [(e.step, e.value) for e in acc.Scalars("eval/fast/fid")] == [(1000, 10.0), (2000, 9.0)]
+    others = {acc.Scalars(t)[0].value for t in fid_tags if t != "eval/fast/fid"}
+    assert others == {20.0, 30.0} and all(re.fullmatch(r"eval/fast \[[0-9a-f]{6}\]/fid", t)
+                                          for t in fid_tags if t != "eval/fast/fid")
