@@ -150,7 +150,8 @@ def schedule_pass(run_dir: Path, settings: list[EvalSetting], ref: Path, backend
             except NotSubmitted as e:  # (a submit limit, a flag): the next pass submits it again
                 log(f"[eval] {key_dir.name}: {e}; not counted as an attempt")
                 state = "refused"
-            if state == "done" and unfinished(key_dir, logged):  # a task that died after publishing
+            if state == "done" and unfinished(key_dir, logged) and not _attempt_alive(key_dir, backend):
+                # a task that died after publishing (one still running is about to do this itself)
                 try:
                     finish(key_dir)
                 except Exception as e:  # (its numbers are safe in metrics.json; the next pass tries again)
@@ -165,6 +166,12 @@ def schedule_pass(run_dir: Path, settings: list[EvalSetting], ref: Path, backend
             f"Inception Score (e.g. {without_is[0]}); delete their {Path(run_dir) / 'eval'}/<key>/ directories to "
             "evaluate them again with it")
     return counts
+
+
+def _attempt_alive(key_dir: Path, backend) -> bool:
+    tried = registry.attempts(key_dir)
+    owner = registry.read_claim(key_dir, tried[-1]) if tried else {}
+    return bool(owner) and owner.get("state") not in ("failed", "done") and backend.alive(owner)
 
 
 def _metrics_of(key_dir: Path) -> dict:
