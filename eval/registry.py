@@ -163,7 +163,23 @@ def short_names(paths) -> dict:
 
 
 def failures(run_dir: Path) -> list[dict]:
-    return [r for p in sorted(eval_root(run_dir).glob(f"*/{FAILED}")) if (r := _record(p, ())) is not None]
+    """The evaluations of this evaluator version that ran out of attempts (an older version's are evaluated
+    again under a new key, so their failures are history, not news)."""
+    from .settings import EVALUATOR_VERSION
+
+    out = []
+    for p in sorted(eval_root(run_dir).glob(f"*/{FAILED}")):
+        r = _record(p, ())
+        if r is not None and (r.get("evaluator") or _spec_evaluator(p.parent)) == EVALUATOR_VERSION:
+            out.append(r)
+    return out
+
+
+def _spec_evaluator(key_dir: Path) -> str | None:
+    try:
+        return json.loads((Path(key_dir) / SETTING).read_text()).get("evaluator")
+    except (OSError, ValueError):
+        return None
 
 
 def _record(path: Path, needs: tuple[str, ...]) -> dict | None:

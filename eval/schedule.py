@@ -239,6 +239,6 @@ def _give_up(key_dir: Path, attempts: int, owner: dict) -> bool:
         return True
     spec = json.loads((key_dir / registry.SETTING).read_text())
     write_text_once(key_dir / registry.FAILED, json.dumps(
-        {**{k: spec[k] for k in ("key", "snapshot", "snapshot_name", "images", "setting")},
+        {**{k: spec.get(k) for k in ("key", "snapshot", "snapshot_name", "images", "setting", "evaluator")},
          "attempts": attempts, "last_error": owner.get("error")}, indent=2) + "\n")
     return True

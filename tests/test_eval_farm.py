@@ -287,13 +287,20 @@ def test_tensorboard_and_report(evaluated):
 
 def test_report_escapes_every_value(tmp_path):
     from eval.report import write_report
+    from eval.settings import EVALUATOR_VERSION
 
     run = tmp_path / "run"
     (run / "eval" / "k").mkdir(parents=True)
     (run / "eval" / "k" / "failed.json").write_text(json.dumps(
         {"key": "k", "snapshot": "s", "snapshot_name": "<script>alert(1)</script>", "images": 0,
-         "setting": {"name": "x"}, "attempts": 3, "last_error": "<b>boom</b>"}))
+         "setting": {"name": "x"}, "attempts": 3, "last_error": "<b>boom</b>", "evaluator": EVALUATOR_VERSION}))
+    (run / "eval" / "old").mkdir(parents=True)  # an older evaluator's failure: evaluated again, not news
+    (run / "eval" / "old" / "setting.json").write_text(json.dumps({"evaluator": "adm-eval-1"}))
+    (run / "eval" / "old" / "failed.json").write_text(json.dumps(
+        {"key": "old", "snapshot": "s", "snapshot_name": "img-old", "images": 0, "setting": {"name": "x"},
+         "attempts": 3, "last_error": "stale"}))
     html = write_report(run).read_text()
+    assert "img-old" not in html and "stale" not in html
     assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "&lt;b&gt;boom&lt;/b&gt;" in html
     md = (run / "report.md").read_text()  # Markdown viewers render HTML too
