@@ -183,6 +183,7 @@ def cmd_run(a) -> int:
                            a.metric_workers, only=[snap], retry_failed=a.retry_failed)
     if backend.name == "slurm" and a.wait:
         backend.wait_all()
+    unfinished = False
     for s in settings:
         from .farm import prepare
         key_dir = prepare(run_dir, snap, s, Path(a.ref), a.inception_weights, a.metric_workers)
@@ -203,9 +204,21 @@ def cmd_run(a) -> int:
                   f"run the command again to retry ({key_dir})")
         elif not tried:
             print(f"{snap.name} {s.name}: not submitted: Slurm refused it (above); no attempt counted ({key_dir})")
+        elif backend.name == "slurm" and a.wait:  # waited for: its jobs ended, and no result came
+            why = backend.ended_how(claim, key_dir) if claim else None
+            print(f"{snap.name} {s.name}: attempt {attempts_spent(key_dir)} of {a.max_attempts} ended without a "
+                  f"result ({why or 'its jobs ended'}); run the command again to retry ({key_dir})")
+            unfinished = True
         else:
             print(f"{snap.name} {s.name}: submitted ({key_dir})")
-    return 0 if counts["failed"] == counts["retrying"] == counts["refused"] == 0 else 1
+    return 0 if counts["failed"] == counts["retrying"] == counts["refused"] == 0 and not unfinished else 1
+
+
+def _job_number(job: str) -> float:
+    try:
+        return float(str(job).split("_")[0])
+    except ValueError:
+        return float("inf")
 
 
 def parse_every(text: str) -> float:
@@ -235,11 +248,13 @@ def _without_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
+SCHEDULED_PASS = "ADM_SCHEDULED_PASS"  # set in the recurring chain's Slurm jobs (slurm/eval_jobs.py)
+
+
 def cmd_schedule(a) -> int:
     from .report import write_report
     from .schedule import schedule_pass
 
-    _check_ref(a.ref)
     run_dir = Path(a.run_dir)
     if not (run_dir / "snapshots").is_dir():
         raise FileNotFoundError(f"{run_dir}: no snapshots/ directory (is it a training run directory?)")
@@ -251,14 +266,33 @@ def cmd_schedule(a) -> int:
     if (why := not_evaluated_here(run_dir)):
         raise ValueError(why)
     newest = newest_trained(find_snapshots(run_dir))
-    if newest:  # each setting against the newest snapshot the training wrote, before any job
-        check(newest, settings, a.ref, a.inception_weights)
+    try:
+        _check_ref(a.ref)
+        if newest:  # each setting against the newest snapshot the training wrote, before any job
+            check(newest, settings, a.ref, a.inception_weights)
+    except Exception as e:
+        if not os.environ.get(SCHEDULED_PASS):  # typed by a user: refused before anything runs
+            raise
+        # a pass of the recurring chain: a file damaged since must not end the schedule for good
+        print(f"[eval] {time.strftime('%H:%M:%S')} {run_dir}: this pass cannot start ({type(e).__name__}: {e}); "
+              "the next pass tries again", file=sys.stderr, flush=True)
+        a.once, blocked = False, True
+    else:
+        blocked = False
     backend = backend_for(a)
     if backend.name == "slurm" and not a.once and (other := backend.scheduled_elsewhere(run_dir)):
-        raise ValueError(f"{run_dir} is already scheduled: job {other} is its next pass (one schedule per run; "
-                         f"`adm jobs cancel {other} --run-dir {run_dir}` first to change it)")
+        mine = os.environ.get("SLURM_JOB_ID") if os.environ.get(SCHEDULED_PASS) else None
+        if mine is None:
+            raise ValueError(f"{run_dir} is already scheduled: job {other} is its next pass (one schedule per run; "
+                             f"`adm jobs cancel {other} --run-dir {run_dir}` first to change it)")
+        if _job_number(other) < _job_number(mine):  # two chains (two schedules started at once): the older
+            print(f"[eval] {run_dir}: job {other} is another schedule's pass; this chain ends, that one goes on")
+            return 0  # one goes on, so that exactly one survives
     while True:
         try:
+            if blocked:
+                blocked = False
+                raise RuntimeError("its checks failed (above)")
             counts = schedule_pass(run_dir, settings, Path(a.ref), backend, a.max_attempts, a.inception_weights,
                                    a.metric_workers, retry_failed=a.retry_failed)
             a.retry_failed = False  # once: the later passes give up on what fails again

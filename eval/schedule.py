@@ -207,11 +207,12 @@ def _advance(key_dir: Path, backend, max_attempts: int, log, retry_failed: bool 
             return "running"
         if (key_dir / registry.METRICS).is_file():
             return "done"
+        why = owner.get("error") or getattr(backend, "ended_how", lambda *_: None)(owner, key_dir)
         if spent >= max_attempts:
-            _give_up(key_dir, n, owner)
+            _give_up(key_dir, n, {**owner, "error": why})
             log(f"[eval] {key_dir.name}: failed {n} time(s); giving up (see {key_dir / registry.FAILED})")
             return "failed"
-        log(f"[eval] {key_dir.name}: attempt {n} did not finish ({owner.get('error') or 'owner gone'}); retrying")
+        log(f"[eval] {key_dir.name}: attempt {n} did not finish ({why or 'owner gone'}); retrying")
     if not registry.try_claim(key_dir, n + 1):
         return "running"  # another scheduler claimed it first
     log(f"[eval] {key_dir.name}: attempt {n + 1} ({backend.name})")

@@ -32,8 +32,9 @@ def _metrics_entry(key_dir: str) -> None:
 
 
 def _schedule_entry(argv: list[str]) -> int:
-    from eval.cli import main
+    from eval.cli import SCHEDULED_PASS, main
 
+    os.environ[SCHEDULED_PASS] = "1"  # a pass of the chain: a failing check is logged, the next pass submitted
     return main(argv)
 
 
@@ -66,6 +67,32 @@ def jobs_alive(owner: dict) -> bool:
                                 capture_output=True, text=True).stdout.split()
         return bool(queued) or time.time() - owner.get("time", 0) < 60
     return any(s["state"].split()[0] in ACTIVE for s in states.values())
+
+
+def ended_how(owner: dict, key_dir: Path) -> str | None:
+    """Why an evaluation's Slurm jobs ended without a result: the stage and state sacct gives ("FAILED(sampling)")
+    and the error its first failed task logged (the last `...Error: ...` line of its stderr), with where the
+    logs are; None for a claim without Slurm jobs."""
+    from .submit import eval_stage
+
+    if "jobs" not in owner:
+        return None
+    jobs = [str(j) for j in owner["jobs"]]
+    states = sacct(jobs)
+    stage = eval_stage(jobs, states) if states else "no accounting record"
+    failed = sorted(k for k, v in states.items() if v["state"].split()[0] not in ("COMPLETED", *ACTIVE))
+    error = None
+    for job in failed:
+        for log in sorted((Path(key_dir) / "slurm").glob(f"{job}/*_log.err")):
+            lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines()
+                     if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b.*:", ln.strip())]
+            if lines:
+                error = f"{job}: {lines[-1]}"
+                break
+        if error:
+            break
+    return (f"Slurm: {stage}" + (f"; {error}" if error else "")
+            + f"; logs: adm jobs logs {jobs[-1]} --run-dir <run>, or {Path(key_dir) / 'slurm'}")
 
 
 class SlurmBackend:
@@ -156,6 +183,9 @@ class SlurmBackend:
 
     def alive(self, owner: dict) -> bool:
         return jobs_alive(owner) if "jobs" in owner else registry.local_alive(owner)
+
+    def ended_how(self, owner: dict, key_dir: Path) -> str | None:
+        return ended_how(owner, key_dir)
 
     def wait_all(self) -> None:
         for job in self.submitted:

@@ -1095,3 +1095,86 @@ def test_scheduling_a_classifier_run_says_what_evaluates_it(tmp_path):
     (tmp_path / "new" / "snapshots").mkdir(parents=True)
     assert eval.schedule.not_evaluated_here(tmp_path / "new") is None
     assert eval.schedule.not_evaluated_here(make_run(tmp_path / "diff", kimgs=(1,))) is None
+
+
+def test_a_pass_of_the_chain_whose_checks_fail_still_submits_the_next(tmp_path, monkeypatch, capsys):
+    """A snapshot damaged after it was evaluated failed the preflight of every later pass before the pass's
+    own error handling, ending the recurring chain for good; typed by a user, the same check still refuses.
+    Two chains (two schedules started at once) meet at their next passes: the younger ends, the older goes
+    on, so exactly one survives."""
+    import eval.cli
+    import eval.preflight
+    import eval.schedule
+
+    run = make_run(tmp_path / "run", kimgs=(1,))
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    submitted, elsewhere = [], []
+
+    class Slurm:
+        name = "slurm"
+
+        def scheduled_elsewhere(self, run_dir):
+            return elsewhere[0] if elsewhere else None
+
+        def submit_schedule(self, argv, every, run_dir):
+            submitted.append(argv)
+            return "43"
+
+    def damaged(*a, **k):
+        raise eval.preflight.SnapshotError("model.safetensors: size 1000 != 5512920 in the manifest (truncated?)")
+
+    monkeypatch.setattr(eval.cli, "backend_for", lambda a: Slurm())
+    monkeypatch.setattr(eval.preflight, "check", damaged)
+    common = [str(run), "--ref", str(ref), "--name", "x", "--steps", "ddim2", "--num", "4", "--every", "1h"]
+    with pytest.raises(Exception, match="truncated"):  # a user's command: refused up front
+        eval.cli.main(["schedule", *common])
+    assert not submitted
+    monkeypatch.setenv(eval.cli.SCHEDULED_PASS, "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "40")
+    assert eval.cli.main(["schedule", *common]) == 0 and len(submitted) == 1
+    assert "this pass cannot start (SnapshotError: model.safetensors: size 1000" in capsys.readouterr().err
+    monkeypatch.setattr(eval.preflight, "check", lambda *a, **k: None)
+    elsewhere.append("39")  # an older chain's pass: this one ends
+    assert eval.cli.main(["schedule", *common]) == 0 and len(submitted) == 1
+    assert "job 39 is another schedule's pass; this chain ends" in capsys.readouterr().out
+    elsewhere[0] = "41"  # a younger chain's: this one goes on
+    monkeypatch.setattr(eval.schedule, "schedule_pass", lambda *a, **k: {"done": 0, "now": 0, "failed": 0})
+    assert eval.cli.main(["schedule", *common]) == 0 and len(submitted) == 2
+
+
+def test_a_slurm_attempt_that_ended_without_a_result_says_why(tmp_path, monkeypatch, capsys):
+    """The backend's account of how the jobs ended (sacct's stage, the task's error) is what failed.json
+    records and what `adm eval run --wait` prints, exiting 1 (it said "submitted" and exited 0)."""
+    import eval.cli
+    import eval.preflight
+
+    run = make_run(tmp_path / "run", kimgs=(1,))
+    snap = next((run / "snapshots").iterdir())
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+
+    class Slurm:
+        name = "slurm"
+
+        def start(self, key_dir, attempt):
+            return {"jobs": ["70", "71", "72"], "state": "submitted", "time": 0}
+
+        def alive(self, owner):
+            return False
+
+        def wait_all(self):
+            pass
+
+        def ended_how(self, owner, key_dir):
+            return "Slurm: FAILED(sampling); 70_1: SnapshotError: corrupt"
+
+    monkeypatch.setattr(eval.cli, "backend_for", lambda a: Slurm())
+    monkeypatch.setattr(eval.preflight, "check", lambda *a, **k: None)
+    common = [str(snap), "--ref", str(ref), "--name", "x", "--steps", "ddim2", "--num", "4", "--max-attempts", "1"]
+    assert eval.cli.main(["run", *common, "--wait"]) == 1
+    assert "x: attempt 1 of 1 ended without a result (Slurm: FAILED(sampling); 70_1: SnapshotError: corrupt)" in \
+        capsys.readouterr().out
+    assert eval.cli.main(["run", *common]) == 1  # the next pass gives up, recording why
+    [failed] = (run / "eval").glob("*/failed.json")
+    assert json.loads(failed.read_text())["last_error"] == "Slurm: FAILED(sampling); 70_1: SnapshotError: corrupt"

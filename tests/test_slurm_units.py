@@ -319,3 +319,24 @@ def test_job_folders_are_found_from_any_directory(tmp_path, monkeypatch):
     assert folders[0] == str(run / "slurm" / "11")
     assert Path(folders[1]) == Path("slurm/12") and Path(folders[2]) == Path("eval/k--x/slurm")
     assert Path(folders[2]).resolve() == (run / "eval" / "k--x" / "slurm").resolve()
+
+
+def test_why_an_evaluation_on_slurm_failed_is_recorded(tmp_path, monkeypatch):
+    """A Slurm evaluation that ended without a result recorded `last_error: null` ("FAILED after 3 attempts:
+    None"): the stage and state from sacct and the failed task's own error line are recorded now."""
+    from slurm import eval_jobs
+
+    key_dir = tmp_path / "run" / "eval" / "k"
+    logs = key_dir / "slurm" / "70_1"
+    logs.mkdir(parents=True)
+    (logs / "70_1_0_log.err").write_text(
+        "submitit INFO (2026-12-06) - Starting with JobEnvironment\nTraceback (most recent call last):\n"
+        "  File \"x.py\", line 1, in <module>\nmodels.snapshot.SnapshotError: /s/model.safetensors: sha256 differs "
+        "from the manifest (corrupt)\nsubmitit ERROR (2026-12-06) - Submitted job triggered an exception\n")
+    states = {"70_0": {"state": "COMPLETED"}, "70_1": {"state": "FAILED"}, "71": {"state": "CANCELLED by 0"},
+              "72": {"state": "CANCELLED by 0"}}
+    monkeypatch.setattr(eval_jobs, "sacct", lambda jobs: states)
+    why = eval_jobs.ended_how({"jobs": ["70", "71", "72"]}, key_dir)
+    assert why.startswith("Slurm: FAILED(sampling); 70_1: models.snapshot.SnapshotError: /s/model.safetensors: "
+                          "sha256 differs from the manifest (corrupt); logs: adm jobs logs 72"), why
+    assert eval_jobs.ended_how({"pid": 5}, key_dir) is None  # a local claim: its own error is recorded
