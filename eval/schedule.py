@@ -47,42 +47,40 @@ class LocalBackend:
         return True
 
 
-def find_snapshots(run_dir: Path) -> list[Path]:
-    """Complete diffusion-model snapshots of a run, oldest first (incomplete ones are not snapshots yet)."""
+def _complete_snapshots(run_dir: Path, say: bool = True):
+    """(directory, config) of each complete snapshot of a run, oldest first (incomplete ones are not
+    snapshots yet; a complete one whose config cannot be read is passed over, and said unless `say` is off)."""
     from models.snapshot import SnapshotError, read_config, read_manifest
 
-    out = []
     for d in sorted((Path(run_dir) / "snapshots").glob("*")):
         try:
             read_manifest(d)
         except SnapshotError:  # being written (no manifest yet), or not a snapshot
             continue
         try:
-            meta = read_config(d)
+            yield d, read_config(d)
         except SnapshotError as e:  # complete, but its config cannot be read: said, not silently passed over
-            print(f"[eval] {e}; snapshot skipped", file=sys.stderr)
-            continue
-        if meta.get("task", "diffusion") == "diffusion" and meta.get("model", {}).get("arch", "unet") == "unet":
-            out.append(d)
-    return out
+            if say:
+                print(f"[eval] {e}; snapshot skipped", file=sys.stderr)
+
+
+def _is_diffusion(meta: dict) -> bool:
+    return meta.get("task", "diffusion") == "diffusion" and meta.get("model", {}).get("arch", "unet") == "unet"
+
+
+def find_snapshots(run_dir: Path) -> list[Path]:
+    """Complete diffusion-model snapshots of a run, oldest first."""
+    return [d for d, meta in _complete_snapshots(run_dir) if _is_diffusion(meta)]
 
 
 def not_evaluated_here(run_dir: Path) -> str | None:
     """Why a run whose complete snapshots are all of another kind (a noisy classifier's, an upsampler's) has
     nothing to schedule, with what to do instead; None when it has a diffusion snapshot or none at all yet."""
-    from models.snapshot import SnapshotError, read_config, read_manifest
-
     kinds = set()
-    for d in sorted((Path(run_dir) / "snapshots").glob("*")):
-        try:
-            read_manifest(d)
-            meta = read_config(d)
-        except SnapshotError:
-            continue
-        task = meta.get("task", "diffusion")
-        if task == "diffusion" and meta.get("model", {}).get("arch", "unet") == "unet":
+    for _, meta in _complete_snapshots(run_dir, say=False):  # (find_snapshots says it)
+        if _is_diffusion(meta):
             return None
-        kinds.add(task)
+        kinds.add(meta.get("task", "diffusion"))
     if not kinds:
         return None
     use = {"classifier": "classifier=SNAPSHOT (--classifier) with a guidance scale",
