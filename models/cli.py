@@ -261,16 +261,15 @@ def _unwrapped(obj, src: Path):
 def _check_values(state_dict: dict, src: Path) -> None:
     """Weights a snapshot can sample with: floating-point (an integer tensor where a weight belongs would be
     cast and truncated silently), and finite (NaN or inf: a training that diverged; every reader refuses it)."""
-    import torch
+    from .snapshot import non_finite
 
     ints = [k for k, v in state_dict.items() if not v.is_floating_point()]
     if ints:
         raise ValueError(f"{src}: {len(ints)} tensor(s) are not floating-point ({ints[0]} is "
                          f"{state_dict[ints[0]].dtype}): not ADM weights")
-    bad = [k for k, v in state_dict.items() if not torch.isfinite(v).all()]
+    bad = non_finite(state_dict)
     if bad:
-        raise ValueError(f"{src}: {len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}"
-                         + (", ..." if len(bad) > 3 else "") + "): weights of a training that diverged?")
+        raise ValueError(f"{src}: {bad}: weights of a training that diverged?")
 
 
 def same_layout(name: str) -> list[str]:

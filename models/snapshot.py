@@ -192,12 +192,20 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors' own error type, or an OSError
         raise SnapshotError(f"{path}: not a readable safetensors file ({e})") from None
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = non_finite(tensors)
     if bad:
-        raise SnapshotError(f"{path}: {len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}"
-                            + (", ..." if len(bad) > 3 else "") + "): these weights cannot sample (a training that "
-                            "diverged?); take an earlier snapshot")
+        raise SnapshotError(f"{path}: {bad}: these weights cannot sample (a training that diverged?); take an "
+                            "earlier snapshot")
     return tensors
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """`N tensor(s) hold NaN or infinite values (names, ...)`, or None when every float tensor is finite."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if not bad:
+        return None
+    more = ", ..." if len(bad) > 3 else ""
+    return f"{len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}{more})"
 
 
 def _check_hash(path: Path, info: dict) -> None:
