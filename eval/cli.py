@@ -266,22 +266,18 @@ def cmd_schedule(a) -> int:
     if (why := not_evaluated_here(run_dir)):
         raise ValueError(why)
     newest = newest_trained(find_snapshots(run_dir))
-    try:
+    in_chain = bool(os.environ.get(SCHEDULED_PASS))
+
+    def checked():  # the reference, and each setting against the newest snapshot the training wrote
         _check_ref(a.ref)
-        if newest:  # each setting against the newest snapshot the training wrote, before any job
+        if newest:
             check(newest, settings, a.ref, a.inception_weights)
-    except Exception as e:
-        if not os.environ.get(SCHEDULED_PASS):  # typed by a user: refused before anything runs
-            raise
-        # a pass of the recurring chain: a file damaged since must not end the schedule for good
-        print(f"[eval] {time.strftime('%H:%M:%S')} {run_dir}: this pass cannot start ({type(e).__name__}: {e}); "
-              "the next pass tries again", file=sys.stderr, flush=True)
-        a.once, blocked = False, True
-    else:
-        blocked = False
+
+    if not in_chain:  # typed by a user: refused before anything runs
+        checked()
     backend = backend_for(a)
     if backend.name == "slurm" and not a.once and (other := backend.scheduled_elsewhere(run_dir)):
-        mine = os.environ.get("SLURM_JOB_ID") if os.environ.get(SCHEDULED_PASS) else None
+        mine = os.environ.get("SLURM_JOB_ID") if in_chain else None
         if mine is None:
             raise ValueError(f"{run_dir} is already scheduled: job {other} is its next pass (one schedule per run; "
                              f"`adm jobs cancel {other} --run-dir {run_dir}` first to change it)")
@@ -290,9 +286,8 @@ def cmd_schedule(a) -> int:
             return 0  # one goes on, so that exactly one survives
     while True:
         try:
-            if blocked:
-                blocked = False
-                raise RuntimeError("its checks failed (above)")
+            if in_chain:  # a pass of the recurring chain: a file damaged since fails this pass, not the schedule
+                checked()
             counts = schedule_pass(run_dir, settings, Path(a.ref), backend, a.max_attempts, a.inception_weights,
                                    a.metric_workers, retry_failed=a.retry_failed)
             a.retry_failed = False  # once: the later passes give up on what fails again

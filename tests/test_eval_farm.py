@@ -1133,7 +1133,7 @@ def test_a_pass_of_the_chain_whose_checks_fail_still_submits_the_next(tmp_path, 
     monkeypatch.setenv(eval.cli.SCHEDULED_PASS, "1")
     monkeypatch.setenv("SLURM_JOB_ID", "40")
     assert eval.cli.main(["schedule", *common]) == 0 and len(submitted) == 1
-    assert "this pass cannot start (SnapshotError: model.safetensors: size 1000" in capsys.readouterr().err
+    assert "this pass failed (SnapshotError: model.safetensors: size 1000" in capsys.readouterr().err
     monkeypatch.setattr(eval.preflight, "check", lambda *a, **k: None)
     elsewhere.append("39")  # an older chain's pass: this one ends
     assert eval.cli.main(["schedule", *common]) == 0 and len(submitted) == 1
