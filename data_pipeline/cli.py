@@ -11,7 +11,8 @@ def cmd_write(args) -> int:
     from .sources import read_source
     from .writer import check_write_options, write_dataset
 
-    check_write_options(args.out, args.shard_size, args.workers, args.preprocess, args.image_format, args.resume)
+    check_write_options(args.out, args.shard_size, args.workers, args.preprocess, args.image_format, args.resume,
+                        args.seed)
     for flag, value in (("--split", args.split), ("--labels", args.labels)):
         if value is not None and args.layout != "imagenet":  # (a folder tree has no splits: one would be ignored)
             raise ValueError(f"{flag} is for --layout imagenet; with --layout {args.layout} give the split's own "

@@ -75,6 +75,7 @@ class ShardStream(IterableDataset):
         self.state = state or {}
         self.worker_rotation = worker_rotation
         self.num_classes = self.manifest["num_classes"]
+        self.nonempty_shards = sum(1 for c in self.order.counts if c)
 
     def consumer(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -133,7 +134,9 @@ class ShardStream(IterableDataset):
         batch, skipped, barren = [], 0, []  # barren: the shards read in a row without one good sample
         while True:
             slot = min(slots, key=lambda s: (done[s], s))  # derivable from the state: exact resume
-            barren.append(self.order.shards_of(slot, pos[slot].epoch)[pos[slot].shard])
+            shard = self.order.shards_of(slot, pos[slot].epoch)[pos[slot].shard]
+            if self.order.counts[shard]:  # (a shard written empty, every image of it unreadable, is no damage)
+                barren.append(shard)
             for sample, here in self.shard_samples(slot, pos[slot]):
                 if sample is None:
                     skipped += 1
@@ -144,24 +147,27 @@ class ShardStream(IterableDataset):
                 if len(batch) == self.batch_size:
                     yield collate(batch, skipped)
                     batch, skipped = [], 0
-            self._check_not_barren(barren, slots, pos)
+            self._check_not_barren(barren)
             pos[slot] = self.order.advance(slot, Position(pos[slot].epoch, pos[slot].shard,
                                                           self.order.counts[self.order.shards_of(
                                                               slot, pos[slot].epoch)[pos[slot].shard]] - 1))
             done[slot] += 1
 
-    def _check_not_barren(self, barren: list[int], slots: list[int], pos: dict) -> None:
-        """A reader whose every shard is damaged would loop over them forever: once a whole epoch of its
-        slots' shards gave nothing, it stops and says so."""
-        epoch_of_shards = sum(len(self.order.shards_of(s, pos[s].epoch)) for s in slots)
-        if len(barren) >= epoch_of_shards:
+    def _check_not_barren(self, barren: list[int]) -> None:
+        """A reader whose every shard is damaged would loop over them forever: once every shard of the dataset
+        that holds samples gave it nothing, shard after shard, it stops and says so (or after ten times as many
+        reads: drawn at random an epoch at a time, the last one could take long to come round; a good shard
+        missed that long has odds below e^-10). Not after an epoch of its own slots' shards: a reader with one
+        shard an epoch would stop at the first damaged one."""
+        n = self.nonempty_shards
+        if len(barren) >= n and (len(barren) >= 10 * n or len(set(barren)) >= n):
             info = get_worker_info()
             names = sorted({self.manifest["shards"][i]["name"] for i in barren})
             raise RuntimeError(
                 f"{self.dir}: rank {self.rank}" + (f", loader worker {info.id}," if info else "")
                 + f" read {len(barren)} shards in a row without one usable sample ({', '.join(names[:4])}"
-                + (f" and {len(names) - 4} more" if len(names) > 4 else "") + "): every shard it reads is damaged "
-                "or holds only bad samples; `adm data verify` names the damage")
+                + (f" and {len(names) - 4} more" if len(names) > 4 else "") + "): every shard of the dataset is "
+                "damaged or holds only bad samples; `adm data verify` names the damage")
 
 
 def collate(samples: list[dict], skipped: int) -> dict:

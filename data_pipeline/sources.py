@@ -97,7 +97,8 @@ def folder_per_class(root: Path, layout: str = "folder", train_ids: list[str] | 
     names = _synset_names(root)
     ids = [d.name for d in class_dirs]
     if names:  # the canonical 1000-class table, so train and val agree even if a folder is absent
-        ids = sorted(set(ids) | set(names))
+        _only_mapped_classes(root, ids, names)
+        ids = sorted(names)
     elif train_ids:
         _only_train_classes(root, ids, train_ids)
         ids = train_ids
@@ -106,6 +107,17 @@ def folder_per_class(root: Path, layout: str = "folder", train_ids: list[str] | 
     if not items:
         raise ValueError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class folders")
     return Source(items, _class_table(ids, names), layout, str(root))
+
+
+def _only_mapped_classes(where, ids, names: dict[str, str]) -> None:
+    """With LOC_synset_mapping.txt every class is one of its WNIDs: another (a typo'd folder name, n01443538
+    for n01443537) would become an extra class and shift the number of every class after it."""
+    extra = sorted(set(ids) - set(names))
+    if extra:
+        raise ValueError(f"{where}: classes not in LOC_synset_mapping.txt ({len(names)} classes): "
+                         f"{', '.join(extra[:5])}" + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+                         + " (a misspelt WNID? it would become a class of its own and shift the number of every "
+                           "class after it)")
 
 
 def _only_train_classes(where, ids, train_ids: list[str]) -> None:
@@ -148,7 +160,8 @@ def _val_class_ids(names: dict, used: set, train_ids: list[str] | None, labels_c
     """The val split's class table: the synset mapping's (1000 classes), else the train split's beside it,
     else the label file's own WNIDs."""
     if names:
-        return sorted(set(names) | used)
+        _only_mapped_classes(labels_csv, used, names)
+        return sorted(names)
     if train_ids:
         _only_train_classes(labels_csv, used, train_ids)
         return train_ids
@@ -189,7 +202,8 @@ def imagenet_tar(path: Path, split: str, labels_csv: Path | None) -> Source:
     if split == "train":
         ids, images = imagenet_tars.train_images(path, _is_image)
         if names:
-            ids = sorted(set(ids) | set(names))
+            _only_mapped_classes(path, ids, names)
+            ids = sorted(names)
         index = {c: i for i, c in enumerate(ids)}
         items = [Item(str(path), index[wnid], off, size, name) for name, off, size, wnid in images]
         layout = "imagenet-train-tar"
@@ -227,6 +241,7 @@ def imagenet(root: Path, split: str, labels_csv: Path | None = None) -> Source:
         if candidate.is_dir():
             sub = _class_dirs(candidate)
             if sub and all(WNID.match(d.name) for d in sub):
+                _no_loose_images(candidate, len(sub))
                 return folder_per_class(candidate, f"imagenet-{split}", train_ids)
             others = [d.name for d in sub if not WNID.match(d.name)]
             if sub and len(others) < len(sub) and not odd:
@@ -238,6 +253,18 @@ def imagenet(root: Path, split: str, labels_csv: Path | None = None) -> Source:
     kaggle = " (Kaggle's download: give its ILSVRC/ folder)" if (root / "ILSVRC").is_dir() else ""
     raise ValueError(f"{root}: no ImageNet {split} split found (expected {split}/<wnid>/ folders"
                      + (" or a flat val folder with LOC_val_solution.csv)" if split == "val" else ")") + kaggle + odd)
+
+
+def _no_loose_images(folder: Path, classes: int) -> None:
+    """Images directly in a split's folder beside its class folders (a val split half sorted into <wnid>/
+    folders, its sorting script interrupted) would be left out of the write: refused, counted."""
+    with os.scandir(folder) as entries:
+        loose = sorted(e.name for e in entries if _is_image(e.name) and not e.is_dir())
+    if loose:
+        raise ValueError(f"{folder}: {len(loose)} images lie directly in it ({', '.join(loose[:3])}"
+                         + (", ..." if len(loose) > 3 else "") + f") beside its {classes} class folders, whose "
+                         "images alone would be written: finish sorting them into <wnid>/ folders, or move the "
+                         "sorted ones back to the flat layout (read with LOC_val_solution.csv)")
 
 
 def list_file(path: Path) -> Source:

@@ -91,7 +91,7 @@ class Transform:
         if data[:6] == b"\x93NUMPY":  # stored pre-cropped as raw uint8 HWC (fastest to read)
             return np.load(io.BytesIO(data))
         image = Image.open(io.BytesIO(data))
-        if self.jpeg_draft and image.format == "JPEG":
+        if self.jpeg_draft and image.format in ("JPEG", "MPO"):
             # DCT scaling in place of ADM's BOX halvings: the largest reduction (1/2, 1/4, 1/8) that keeps
             # the short side >= what the crop needs, i.e. the same number of halvings ADM's loop does
             need = math.ceil(self.resolution / 0.8) if self.crop == "random-resized" else self.resolution

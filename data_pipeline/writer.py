@@ -85,6 +85,11 @@ def _gone_for_good(item: Item, e: OSError) -> bool:
     return isinstance(e, (IsADirectoryError, NotADirectoryError, PermissionError))
 
 
+# Formats stored byte for byte. MPO is a camera's JPEG with a preview picture appended (Canon, Nikon, Sony,
+# phones): every JPEG reader decodes its first, full-size picture.
+KEPT_AS_IS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}
+
+
 def _image_sample(item: Item, kind: str, size: int, image_format: str = "png",
                   if_unreadable: str = "the write stops") -> tuple[str, bytes, tuple[int, int]]:
     """(extension, encoded bytes, original (w, h)); raises on an unreadable image (StillUnreadable: on a
@@ -97,13 +102,13 @@ def _image_sample(item: Item, kind: str, size: int, image_format: str = "png",
         original = im.size
         fmt = (im.format or "").upper()
         if kind == "none":
+            ext = KEPT_AS_IS.get(fmt)
+            if ext is None:  # (fully decoded: a re-encode must never start from a reduced-scale draft)
+                return "png", encode(to_rgb(im), "png"), original
             # decode at reduced scale: catches truncated or corrupt data at a fraction of the cost
             im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
             im.load()
-            ext = {"JPEG": "jpg", "PNG": "png"}.get(fmt)
-            if ext:
-                return ext, data, original
-            return "png", encode(to_rgb(im), "png"), original
+            return ext, data, original
         if kind == "center-crop":
             check_scale(original, size)  # before decoding it
         rgb = to_rgb(im)
@@ -115,7 +120,7 @@ def _image_sample(item: Item, kind: str, size: int, image_format: str = "png",
             return "npy", buf.getvalue(), original
         return "png", encode(crop, "png"), original
     small = limit_side(rgb, size)
-    if small is rgb and fmt == "JPEG":
+    if small is rgb and KEPT_AS_IS.get(fmt) == "jpg":
         return "jpg", data, original  # already small enough: keep the original bytes
     return "jpg", encode(small, "jpg", quality=95), original
 
@@ -223,7 +228,7 @@ def _valid_done(out: Path, i: int) -> dict | None:
 
 
 def check_write_options(out: str | Path, shard_size: int, workers: int, preprocess: str, image_format: str,
-                        resume: bool) -> None:
+                        resume: bool, seed: int | None = None) -> None:
     """Everything about a write that can be refused before the source tree is read (minutes on ImageNet)."""
     if image_format not in ("png", "npy"):
         raise ValueError(f"--image-format must be png or npy, got {image_format!r}")
@@ -236,6 +241,10 @@ def check_write_options(out: str | Path, shard_size: int, workers: int, preproce
                          f"got --preprocess {preprocess}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: OUT is a file, expected a new or empty directory")
+    above = next(p for p in [out, *out.absolute().parents] if p.exists())  # the folder OUT would be made in
+    if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
+        why = "not a directory" if not above.is_dir() else "not writable"
+        raise ValueError(f"{out}: cannot be created in {above} ({why})")
     if (out / MANIFEST).exists():
         raise ValueError(f"{out} already holds a complete dataset ({MANIFEST}); choose another OUT")
     interrupted = (out / "write-settings.json").exists()
@@ -243,6 +252,16 @@ def check_write_options(out: str | Path, shard_size: int, workers: int, preproce
         raise ValueError(f"{out} holds an interrupted write (shards without {MANIFEST}): rerun with --resume to "
                          "complete it, or choose an empty OUT" if interrupted else
                          f"{out} is not empty and holds no write of ours; choose a new or empty OUT")
+    if resume and interrupted:  # the settings the source does not decide, compared before it is listed
+        now = {"seed": seed, "shard_size": shard_size, "preprocess": preprocess, "image_format": image_format}
+        _same_settings(out, json.loads((out / "write-settings.json").read_text()), now)
+
+
+def _same_settings(out: Path, previous: dict, now: dict) -> None:
+    changed = {k: (previous.get(k), v) for k, v in now.items() if v is not None and previous.get(k) != v}
+    if changed:
+        raise ValueError(f"{out}: --resume with different settings than the interrupted write ("
+                         + ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items()) + ")")
 
 
 def _size(path: str) -> int:
@@ -279,7 +298,7 @@ def write_dataset(source: Source, out: str | Path, shard_size: int = 1000, worke
     """image_format applies to center-crop: png (lossless, compact) or npy (raw uint8, fastest to load).
     skip_unreadable: a source file the filesystem still refuses after READ_RETRY_DELAYS_S (a bad sector) is
     skipped and listed instead of stopping the write; a fault policy, not a setting, so a --resume may add it."""
-    check_write_options(out, shard_size, workers, preprocess, image_format, resume)
+    check_write_options(out, shard_size, workers, preprocess, image_format, resume, seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lock = lock_out(out)
@@ -304,10 +323,7 @@ def _write_locked(source: Source, out: Path, shard_size: int, workers: int, prep
             raise ValueError(f"{out}: --resume with another source than the interrupted write (other images, labels "
                              "or classes); give the same source, or write to a new OUT")
         previous.setdefault("source_sha256", settings["source_sha256"])  # written before the digest was kept
-        if previous != settings:
-            changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
-            raise ValueError(f"{out}: --resume with different settings than the interrupted write ("
-                             + ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items()) + ")")
+        _same_settings(out, previous, settings)
     else:
         atomic_write_json(settings_path, settings)
     class_ids = [c["id"] for c in source.classes]

@@ -249,8 +249,28 @@ def test_a_reader_whose_every_shard_is_damaged_stops_with_the_reason_instead_of_
     for shard in json.loads((path / MANIFEST).read_text())["shards"]:
         (path / shard["name"]).write_bytes(b"")
     for workers in (0, 1):
-        with pytest.raises(Exception, match="without one usable sample .*every shard it reads is damaged"):
+        with pytest.raises(Exception, match="without one usable sample .*every shard of the dataset is damaged"):
             take(loader(path, num_slots=2, num_workers=workers), 1)
+
+
+def test_a_reader_with_one_shard_an_epoch_skips_a_damaged_shard_and_goes_on(data, tmp_path):
+    """A slot per reader (the classifier's validation reads num_slots = world): the reader that draws the
+    damaged shard loses its samples, counted, and reads on through the epochs after it."""
+    import shutil
+    path = tmp_path / "one-bad"
+    shutil.copytree(data[1] / "crop", path)
+    shards = json.loads((path / MANIFEST).read_text())["shards"]
+    (path / shards[2]["name"]).write_bytes(b"")
+    lost = set(range(int(shards[2]["first_key"]), int(shards[2]["first_key"]) + shards[2]["count"]))
+    world = len(shards)  # 16 readers, one shard each an epoch
+    loaders = [loader(path, num_slots=world, rank=r, world_size=world, batch_size=4) for r in range(world)]
+    ids = epoch0(loaders)
+    assert sorted(ids) == sorted(set(range(N)) - lost)
+    for ld in loaders:  # and three epochs more, each reader meeting the damaged shard at random
+        it = iter(ld)
+        seen = {p[1] for _ in range(12) for p in next(it)["pos"].tolist()}
+        assert max(seen) >= 3
+    assert sum(ld.skipped for ld in loaders) >= len(lost)
 
 
 def test_an_image_too_thin_to_crop_within_memory_is_skipped(tmp_path):

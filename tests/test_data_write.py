@@ -584,6 +584,59 @@ def test_layout_quirks_real_trees_have(tmp_path):
     assert [i.label for i in unlabelled.items] == [-1, -1] and unlabelled.classes == []
 
 
+def test_a_synset_table_names_wnids_it_lacks_and_a_half_sorted_split_is_refused(tmp_path):
+    """With LOC_synset_mapping.txt, a WNID outside it (a misspelt folder, a label file's) would be a class of
+    its own shifting every later number in one split and not the other; images loose beside class folders
+    (a val split half sorted) would be left out silently. Both are refused, named."""
+    root = tmp_path / "in"
+    (root / "LOC_synset_mapping.txt").parent.mkdir(parents=True)
+    (root / "LOC_synset_mapping.txt").write_text("n00000001 one\nn00000002 two\nn00000003 three\n")
+    _tree(root / "train", classes=("n00000001", "n00000003"))
+    _tree(root / "val", classes=("n00000001", "n00000002", "n00000003"), per_class=1)
+    train, val = read_source(root, "imagenet", "train"), read_source(root, "imagenet", "val")
+    assert train.classes == val.classes and [c["id"] for c in train.classes] == ["n00000001", "n00000002",
+                                                                                   "n00000003"]
+    _tree(root / "train", classes=("n00000004",), per_class=1)  # a typo of n00000003, say
+    with pytest.raises(ValueError, match=r"train: classes not in LOC_synset_mapping.txt \(3 classes\): n00000004"):
+        read_source(root, "imagenet", "train")
+    # the flat val layout: a label naming a WNID the table lacks
+    flat = tmp_path / "flat"
+    (flat / "val").mkdir(parents=True)
+    shutil.copy(root / "LOC_synset_mapping.txt", flat)
+    for i in range(3):
+        shutil.copy(next((root / "val" / "n00000001").iterdir()), flat / "val" / f"ILSVRC2012_val_{i:08d}.JPEG")
+    rows = ["ImageId,PredictionString"] + [f"ILSVRC2012_val_{i:08d},n0000000{i + 1} 1 2 3 4" for i in range(3)]
+    (flat / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    assert sorted(i.label for i in read_source(flat, "imagenet", "val").items) == [0, 1, 2]
+    (flat / "LOC_val_solution.csv").write_text("\n".join(rows).replace("n00000003", "n00000009") + "\n")
+    with pytest.raises(ValueError, match=r"LOC_val_solution.csv: classes not in LOC_synset_mapping.txt .*n00000009"):
+        read_source(flat, "imagenet", "val")
+    # val half sorted: 3 images sorted into n00000001/, the rest still flat beside it
+    (flat / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    (flat / "val" / "n00000001").mkdir()
+    (flat / "val" / "ILSVRC2012_val_00000000.JPEG").rename(flat / "val" / "n00000001" / "ILSVRC2012_val_00000000.JPEG")
+    with pytest.raises(ValueError, match=r"val: 2 images lie directly in it \(ILSVRC2012_val_00000001.JPEG, "
+                                         r"ILSVRC2012_val_00000002.JPEG\) beside its 1 class folders"):
+        read_source(flat, "imagenet", "val")
+
+
+def test_a_camera_jpeg_with_a_preview_picture_is_stored_whole(tmp_path):
+    """Cameras and phones append a preview to their JPEGs (PIL reads them as MPO): stored as they are, at full
+    size, not re-encoded from the reduced-scale decode that checks them."""
+    src = tmp_path / "src" / "c0"
+    src.mkdir(parents=True)
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    photo.save(src / "photo.jpg", format="MPO", save_all=True, append_images=[photo.resize((40, 30))])
+    assert Image.open(src / "photo.jpg").format == "MPO"
+    for preprocess in ("none", "max-side:200"):
+        out = tmp_path / preprocess.replace(":", "")
+        write_dataset(read_source(src.parent, "folder"), out, preprocess=preprocess, progress=False)
+        (image,) = [m for m in read_with_webdataset(out)]
+        assert image["jpg"].size == (160, 120)
+        with tarfile.open(out / "shard-000000.tar") as tar:  # the file's own bytes
+            assert tar.extractfile("000000000.jpg").read() == (src / "photo.jpg").read_bytes()
+
+
 def test_write_refusals_and_outcomes_users_meet(tmp_path):
     src = _tree(tmp_path / "src")
     for args, expected in [  # refused before the source is read (minutes on ImageNet): even a missing one
@@ -679,6 +732,17 @@ def test_resume_needs_the_same_source(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--resume with another source than the interrupted write"):
         write_dataset(read_source(a, "folder"), tmp_path / "w", shard_size=2, resume=True, progress=False)
     (a / "n00000001" / "other.JPEG").rename(a / "n00000001" / "n00000001_0.JPEG")
+    # settings the source does not decide: refused before the source is listed (minutes on ImageNet)
+    from data_pipeline import cli, sources
+    monkeypatch.setattr(sources, "read_source", lambda *a, **k: pytest.fail("the source was listed"))
+    for flags, said in ((["--shard-size", "3"], "shard_size: 2 then, 3 now"), (["--seed", "7"], "seed: 0 then, 7 now"),
+                        (["--shard-size", "2", "--preprocess", "max-side:64"], "preprocess: 'none' then, "
+                                                                                "'max-side:64' now")):
+        with pytest.raises(ValueError, match=f"--resume with different settings than the interrupted write \\({said}"):
+            cli.main(["write", str(a), str(tmp_path / "w"), "--layout", "folder", "--resume", *flags])
+    with pytest.raises(ValueError, match=r"a/n00000001/n00000001_0.JPEG/out: cannot be created in .*not a directory"):
+        cli.main(["write", str(a), str(a / "n00000001" / "n00000001_0.JPEG" / "out"), "--layout", "folder"])
+    monkeypatch.undo()
     assert write_dataset(read_source(a, "folder"), tmp_path / "w", shard_size=2, resume=True,
                          progress=False)["num_samples"] == 6
 
