@@ -2,6 +2,7 @@
 
 import argparse
 import contextlib
+import datetime
 import getpass
 import json
 import os
@@ -314,16 +315,42 @@ def sacct(job_ids: list[str]) -> dict[str, dict]:
     if not job_ids or not shutil.which("sacct"):
         return {}
     # -D: every requeued incarnation is a row of its own; the count of rows - 1 is the requeue count
-    out = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-j", ",".join(job_ids), "-o", "JobID,State,Elapsed"],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-j", ",".join(job_ids), "-o",
+                          "JobID,State,Elapsed,Start,End"], capture_output=True, text=True).stdout
     info: dict[str, dict] = {}
     for line in out.splitlines():
         parts = line.split("|")
-        if len(parts) == 3:
+        if len(parts) >= 3:
             prev = info.get(parts[0])
+            start, end = (parts[3:5] + ["", ""])[:2]
             info[parts[0]] = {"state": parts[1], "elapsed": parts[2],
-                              "restarts": str(int(prev["restarts"]) + 1) if prev else "0"}
+                              "restarts": str(int(prev["restarts"]) + 1) if prev else "0",
+                              "start": prev["start"] if prev and _when(prev["start"]) else start, "end": end}
     return info
+
+
+def _when(stamp: str | None) -> datetime.datetime | None:
+    """sacct's Start/End ("2026-12-06T11:43:11"; "Unknown" or "None" while pending or running)."""
+    try:
+        return datetime.datetime.fromisoformat(stamp or "")
+    except ValueError:
+        return None
+
+
+def eval_totals(jobs: list, states: dict[str, dict], now: datetime.datetime | None = None) -> tuple[str, str]:
+    """An evaluation's requeues over all its jobs and array tasks, and its elapsed time from the first start
+    to the last end (or now, while any runs), in sacct's [D-]HH:MM:SS."""
+    rows = [v for k, v in states.items() for j in map(str, jobs) if k == j or k.startswith(j + "_")]
+    requeues = str(sum(int(v["restarts"]) for v in rows)) if rows else "-"
+    started = [v for v in rows if _when(v.get("start"))]
+    if not started:
+        return requeues, "-"
+    now = now or datetime.datetime.now()
+    first = min(_when(v["start"]) for v in started)
+    last = max(_when(v.get("end")) or now for v in started)
+    seconds = max(0, int((last - first).total_seconds()))
+    days, rest = divmod(seconds, 86400)
+    return requeues, (f"{days}-" if days else "") + f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
 
 
 def eval_stage(jobs: list, states: dict[str, dict]) -> str:
@@ -365,6 +392,7 @@ def cmd_jobs(args) -> int:
                     st["state"] = st["state"].split()[0] + ("(ending)" if str(r["job_id"]) in queued else "")
                 if r.get("jobs"):  # an evaluation: its state at the stage it is at (sampling, features, metrics)
                     st["state"] = eval_stage(r["jobs"], states)
+                    st["restarts"], st["elapsed"] = eval_totals(r["jobs"], states)
                 if r.get("cluster") == "local":
                     st = {"state": _local_state(r), "elapsed": "-", "restarts": "-"}
                 rows.append((str(r["job_id"]), r.get("kind", "?"), st.get("state", "UNKNOWN"), st.get("restarts", "-"),

@@ -278,6 +278,10 @@ def test_evaluation_plan_runs_as_job_arrays_with_dependencies(cluster, digit_sha
     # adm jobs: the evaluation's row and every stage's logs (the array tasks' too)
     row = next(r.split() for r in adm("jobs", str(run)).stdout.splitlines() if r.split()[0] == str(jobs[2]))
     assert row[1:3] == ["eval", "COMPLETED"], row
+    from datetime import datetime  # its time: the first sampling task's start to the metrics job's end
+    span = int((datetime.fromisoformat(max(v[2] for v in table.values()))
+                - datetime.fromisoformat(min(v[1] for v in table.values()))).total_seconds())
+    assert row[3:5] == ["0", f"{span // 3600:02d}:{span % 3600 // 60:02d}:{span % 60:02d}"], row
     logs = adm("jobs", "logs", str(jobs[0]), "--run-dir", str(run)).stdout
     assert logs.count("==> ") == 4 and f"/{jobs[0]}_1/" in logs  # two sampling tasks, .out and .err each
     proc = adm("eval", "run", str(snap), "--ref", str(ref), "--cluster", "slurm", *SETTING, "--name", "g",

@@ -47,6 +47,17 @@ def test_an_evaluation_shows_the_stage_it_is_at(tmp_path):
     states = {"5_0": done, "6_0": done, "7": done}
     assert submit.eval_stage(jobs, states) == "COMPLETED"
     assert submit.eval_stage(jobs, {}) == "UNKNOWN(sampling)"  # accounting has not caught up yet
+    # its requeues over every job and task, its elapsed time from the first start to the last end (or now)
+    states = {"5_0": {"restarts": "1", "start": "2026-12-06T10:00:00", "end": "2026-12-06T10:02:00"},
+              "5_1": {"restarts": "0", "start": "2026-12-06T10:00:05", "end": "2026-12-06T10:03:00"},
+              "6_0": {"restarts": "2", "start": "2026-12-06T10:03:01", "end": "Unknown"},
+              "6_[1-2]": {"restarts": "0", "start": "Unknown", "end": "Unknown"},
+              "7": {"restarts": "0", "start": "None", "end": "Unknown"}, "77": {"restarts": "5", "start": "2020-01-01T00:00:00"}}
+    now = __import__("datetime").datetime(2026, 12, 7, 11, 0, 30)
+    assert submit.eval_totals(jobs, states, now) == ("3", "1-01:00:30")
+    del states["6_0"]
+    assert submit.eval_totals(jobs, states, now) == ("1", "00:03:00")
+    assert submit.eval_totals(jobs, {}, now) == ("-", "-")
     run = tmp_path / "run"
     records.add(run, {"job_id": "7", "cluster": "slurm", "kind": "eval", "jobs": jobs, "folder": "f"})
     for job in ("7", "5", "6", "5_1"):  # any stage, or an array task, finds the evaluation's record
