@@ -179,7 +179,14 @@ stop() {
   for f in slurmd slurmctld slurmdbd mariadb munged; do
     alive "$BASE/run/$f.pid" && kill -KILL "$(cat "$BASE/run/$f.pid")" 2>/dev/null || true
   done
-  pkill -f "slurmstepd" 2>/dev/null || true
+  # a step that would not die: this cluster's only (its slurmd's environment, or a file of its open), never
+  # another cluster's on the same machine (a second state directory, as tests and users may run)
+  for pid in $(pgrep -f "^slurmstepd" 2>/dev/null); do
+    if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qxF "SLURM_CONF=$BASE/slurm.conf" \
+        || ls -l "/proc/$pid/fd" 2>/dev/null | grep -qF " $BASE/"; then
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  done
   log "stopped"
 }
 

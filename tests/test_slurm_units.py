@@ -351,3 +351,28 @@ def test_why_an_evaluation_on_slurm_failed_is_recorded(tmp_path, monkeypatch):
     assert why.startswith("Slurm: FAILED(sampling); 70_1: models.snapshot.SnapshotError: /s/model.safetensors: "
                           "sha256 differs from the manifest (corrupt); logs: adm jobs logs 72"), why
     assert eval_jobs.ended_how({"pid": 5}, key_dir) is None  # a local claim: its own error is recorded
+
+
+def test_stopping_a_local_cluster_kills_its_own_stuck_steps_only(tmp_path):
+    """`local_cluster.sh stop` kills a job step that would not die, but only its own cluster's (found by the
+    SLURM_CONF its slurmd passed on): a second cluster on the machine (another state directory) keeps its jobs."""
+    script = Path(__file__).resolve().parents[1] / "slurm" / "local_cluster.sh"
+    tag = f"adm-test-{os.getpid()}"
+    steps = {}
+    for name in ("mine", "other"):
+        (tmp_path / name).mkdir()
+        env = {**os.environ, "SLURM_CONF": str(tmp_path / name / "slurm.conf")}
+        steps[name] = subprocess.Popen(["bash", "-c", f'exec -a "slurmstepd: [{tag}-{name}]" sleep 300'], env=env)
+    try:
+        deadline = __import__("time").time() + 10
+        while len(subprocess.run(["pgrep", "-f", f"^slurmstepd: \\[{tag}"], capture_output=True,
+                                 text=True).stdout.split()) < 2:
+            assert __import__("time").time() < deadline
+        subprocess.run(["bash", str(script), "stop"], env={**os.environ, "ADM_SLURM_BASE": str(tmp_path / "mine")},
+                       check=True, capture_output=True)
+        assert steps["mine"].wait(timeout=10) == -9
+        assert steps["other"].poll() is None
+    finally:
+        for p in steps.values():
+            p.kill()
+            p.wait()
