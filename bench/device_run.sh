@@ -10,8 +10,9 @@
 # rows as they go, so one stopped at its limit still leaves the rows it finished.
 #
 # REHEARSAL=1 runs the CPU rows instead (to try the set-up on a machine without a GPU, with PYTHON= an interpreter
-# that has only what the GPU machine has). Everything lands in OUT: device-checks.json, run_all/<name>.json, RESULTS.md (the generated section),
-# log.txt. Copy the numbers into bench/RESULTS.md by hand: they come from a machine that is given back.
+# that has only what the GPU machine has). Four files land in OUT (the machine returns at most 8): device-checks.json,
+# run_all.json (every run's result, rewritten after each run), RESULTS.md (the generated section), log.txt. Copy the
+# numbers into bench/RESULTS.md by hand: they come from a machine that is given back.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=${1:?usage: bench/device_run.sh OUT [run_all options]}
@@ -39,5 +40,6 @@ rows=(--gpu-only)
 {
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
   "$PY" bench/device_checks.py --out "$out/device-checks.json" || echo "device_run: device_checks failed"
-  "$PY" bench/run_all.py "${rows[@]}" --out-dir "$out/run_all" --results "$out/RESULTS.md" "$@"
+  "$PY" bench/run_all.py "${rows[@]}" --out-dir "${TMPDIR:-/tmp}/adm-run_all" --bundle "$out/run_all.json" \
+    --results "$out/RESULTS.md" "$@"
 } 2>&1 | tee "$out/log.txt"

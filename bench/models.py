@@ -103,9 +103,13 @@ def timed(step, device, iters: int) -> float:
 
 
 def flops_per_image(model, args, kwargs, train: bool, batch: int) -> float:
+    """Model FLOPs (MFU's convention: what the model's arithmetic needs, no recomputation), with attention as
+    plain matmuls: torch's counter has no formula for the CPU attention kernel (a CPU count left attention
+    out, 15% of ADM-64's), and its formulas for the CUDA kernels add the backward's recomputed scores."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
         if train:
             model(*args, **kwargs).float().square().mean().backward()
         else:

@@ -11,6 +11,7 @@ numbers. The prose around it (what the numbers mean) is kept.
 """
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -154,10 +155,12 @@ def summary(all_results: dict[str, dict], info: dict) -> str:
         if r := results.get(name):
             out += [f"**{name}** ({r['preset']}, {r['nproc']} ranks; disk {_f(r['disk_write_mib_s'], 0)} MiB/s "
                     f"with fsync, {_f(r.get('disk_write_buffered_mib_s'), 0)} MiB/s buffered)", "",
-                    "| ZeRO | images/s | s/kimg | save | save MiB/s | of disk |", "|---|---|---|---|---|---|"]
+                    "| ZeRO | images/s | s/kimg | GFLOP/img | MFU | save | save MiB/s | of disk |",
+                    "|---|---|---|---|---|---|---|---|"]
             out += [f"| {w['zero_stage']} | {_f(w['images_per_s'], 1)} | {_f(w['s_per_kimg'], 1)} "
+                    f"| {_f(w.get('gflops_per_img'), 1)} | {_f(w.get('mfu'), 3)} "
                     f"| {_f(w['checkpoint_s'])} s, {_f(w['checkpoint_mib'], 0)} MiB | {_f(w['checkpoint_mib_s'], 0)} "
-                    f"| {w['checkpoint_fraction_of_disk']:.0%} |" for w in r["rows"]]
+                    f"| {w['checkpoint_fraction_of_disk']:.0%} |" for w in sorted(r["rows"], key=lambda w: w["zero_stage"])]
             out += ["", f"ZeRO-2 / ZeRO-1 throughput {_f(r.get('zero2_vs_zero1_throughput'))}; load "
                     f"{_f(r.get('checkpoint_load_mib_s'), 0)} MiB/s; resume (ZeRO-{r.get('resume_zero_stage', 2)}) to first step "
                     f"{_f(r.get('resume_to_first_step_s'), 1)} s.", ""]
@@ -167,6 +170,10 @@ def summary(all_results: dict[str, dict], info: dict) -> str:
                     f"{r['world_size']} ranks x micro-batch {r['micro_batch']}, {r['device']}; target ZeRO-2 >= 0.95)",
                     "", "| variant | images/s | vs DDP |", "|---|---|---|"]
             out += [f"| {w['variant']} | {_f(w['images_per_s'], 1)} | {_f(w.get('vs_ddp', 1.0))} |" for w in r["rows"]]
+            if r["world_size"] == 1:  # nothing is partitioned or all-reduced between ranks
+                out += ["", "One rank: no gradient all-reduce and no partitioning, so this compares only the "
+                        "optimizer and precision paths (DeepSpeed's bf16 weights against autocast over fp32 ones); "
+                        "the 5% target needs two or more ranks."]
             out += [""]
     for name in ("resample-cpu", "resample-gpu"):
         if r := results.get(name):
@@ -174,9 +181,12 @@ def summary(all_results: dict[str, dict], info: dict) -> str:
                     f"global batch {r['batch']} over {r['timesteps']} timesteps): batched on the device "
                     f"{_f(r['batched_ms_per_step'], 3)} ms, one loss at a time {_f(r['one_at_a_time_ms_per_step'], 3)} "
                     f"ms (x{_f(r['speedup'], 1)}).", ""]
-    partial = [k for k, v in results.items() if v.get("partial")]
+    partial = [k for k, v in results.items() if v.get("partial") and "crashed" not in v]
     if partial:
         out += [f"Stopped at their time limit, the rows they finished kept: {', '.join(partial)}.", ""]
+    crashed = [k for k, v in results.items() if "crashed" in v]
+    if crashed:
+        out += [f"Failed after some of their rows, those kept: {', '.join(crashed)} (see the run's output).", ""]
     failed = [k for k, v in all_results.items() if v.get("failed")]
     if failed:
         out += [f"Failed this time: {', '.join(failed)} (see the run's output).", ""]
@@ -201,14 +211,42 @@ WEIGHT = {"train-gpu": 2.0}
 
 
 def run(name: str, cmd: list[str], timeout: float | None) -> int | None:
-    """Its exit code, or None when it ran past `timeout` (then it and its children are stopped)."""
+    """Its exit code, or None when it ran past `timeout` (then it and every process under it are stopped)."""
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop(proc)
         return None
+
+
+def stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """A run and everything under it. Its process group is not enough: torchrun (zero_vs_ddp.py) starts its
+    workers in sessions of their own, which a signal to the group misses and which would go on holding the
+    GPU and the cores. SIGTERM first (torchrun then stops its workers itself), SIGKILL after `grace` s."""
+    import psutil
+
+    def family() -> list:
+        try:
+            return [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    procs = family()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        procs = {p.pid: p for p in procs + family()}.values()
+        for p in procs:
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        _, alive = psutil.wait_procs(list(procs), timeout=grace)
+        if not alive:
+            break
+        procs = list(alive)
+    proc.wait()
 
 
 def main():
@@ -220,6 +258,8 @@ def main():
                    help='extra arguments for one run, e.g. "eval-cpu=--images 4" (for quick checks)')
     p.add_argument("--gpu-only", action="store_true", help="only the GPU rows (a GPU machine lent for minutes)")
     p.add_argument("--timeout", type=float, help="seconds one run may take; then it is stopped (its finished rows kept)")
+    p.add_argument("--bundle", type=Path, help="also keep every run's result in this one JSON file, rewritten after "
+                   "each run (a lent GPU machine returns only a few files)")
     p.add_argument("--budget", type=float, help="seconds for all the runs together: each may take its share (train-gpu "
                    "two, the others one) of what is left when it starts (a quick run leaves more to the next)")
     a = p.parse_args()
@@ -243,20 +283,30 @@ def main():
         start = time.perf_counter()
         out.unlink(missing_ok=True)  # a result from an earlier run must not pass for this one's
         code = run(name, [sys.executable, *args, *extra.get(name, []), "--out", str(out)], timeout)
-        if code is None and out.is_file():  # stopped at the time limit: keep the rows it wrote
-            results[name] = json.loads(out.read_text())
-            print(f"[run_all] {name} stopped at its time limit ({timeout:.0f} s); kept its "
-                  f"{len(results[name].get('rows', []))} finished row(s)", flush=True)
-            continue
-        if code != 0 or not out.is_file():
+        kept = json.loads(out.read_text()) if code != 0 and out.is_file() else None
+        if kept is not None and (code is None or kept.get("partial")):  # stopped or crashed: keep the rows it wrote
+            results[name] = kept if code is None else {**kept, "crashed": code}
+            print(f"[run_all] {name} " + (f"stopped at its time limit ({timeout:.0f} s)" if code is None else
+                                          f"failed (exit {code}) after some of its rows")
+                  + f"; kept its {len(kept.get('rows', []))} finished row(s)", flush=True)
+        elif code != 0 or not out.is_file():
             print(f"[run_all] {name} failed ({'timed out' if code is None else f'exit {code}'})", flush=True)
             results[name] = {"failed": True}
-            continue
-        results[name] = json.loads(out.read_text())
-        print(f"[run_all] {name} done in {time.perf_counter() - start:.0f} s", flush=True)
+        else:
+            results[name] = json.loads(out.read_text())
+            print(f"[run_all] {name} done in {time.perf_counter() - start:.0f} s", flush=True)
+        if a.bundle:
+            _write_json(a.bundle, results)
     write_summary(a.results, summary(results, machine()))
     print(f"[run_all] wrote {a.results}")
-    return 1 if any(r.get("failed") for r in results.values()) else 0
+    return 1 if any(r.get("failed") or r.get("crashed") for r in results.values()) else 0
+
+
+def _write_json(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

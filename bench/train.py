@@ -6,6 +6,7 @@ process start to the first step after a resume. Runs the real `adm train` (2 loc
 """
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -83,29 +84,64 @@ def main():
         rows = []
         result = {"preset": a.preset, "nproc": a.nproc, "disk_write_mib_s": disk, "disk_write_buffered_mib_s": buffered,
                   "rows": rows}
-        for stage in a.stages:
+        resumed = 2 if 2 in a.stages else a.stages[-1]
+        # the resumed stage first and its resume right after: a time limit then costs the other stages' rows,
+        # not the resume (a headline number)
+        for stage in [resumed] + [s for s in a.stages if s != resumed]:
             out = run(a, tmp / f"z{stage}", f"zero_stage={stage}", f"total_kimg={a.kimg}", f"status_kimg={a.kimg / 3}",
                       f"checkpoint_kimg={a.kimg}", f"snapshot_kimg={a.kimg}", "grid=false")
             rates = [float(x) for x in re.findall(r"\|\s+([\d.]+) img/s", out)]
             save = re.search(r"\[ckpt\] saved \S+ in ([\d.]+) s \(([\d.]+) MiB, ([\d.]+) MiB/s\)", out)
-            rows.append({"zero_stage": stage, "images_per_s": statistics.median(rates[1:] or rates),
-                         "s_per_kimg": 1000 / statistics.median(rates[1:] or rates),
+            rate = statistics.median(rates[1:] or rates)
+            flops = train_flops_per_image(tmp / f"z{stage}")
+            peak = peak_flops()
+            rows.append({"zero_stage": stage, "images_per_s": rate, "s_per_kimg": 1000 / rate,
+                         "gflops_per_img": flops / 1e9, "mfu": flops * rate / (peak * a.nproc) if peak else None,
                          "checkpoint_s": float(save.group(1)), "checkpoint_mib": float(save.group(2)),
                          "checkpoint_mib_s": float(save.group(3)),
                          "checkpoint_fraction_of_disk": float(save.group(3)) / disk})
             print(rows[-1], flush=True)
             save_partial(result, a.out)
-        resumed = 2 if 2 in a.stages else a.stages[-1]
-        result["resume_zero_stage"] = resumed
-        out = run(a, tmp / f"z{resumed}", f"zero_stage={resumed}", f"total_kimg={a.kimg + 0.064}", f"status_kimg={a.kimg}", "grid=false")
-        first = float(re.search(r"\[timing\] first step done ([\d.]+) s after process start \(resumed\)", out).group(1))
-        load = re.search(r"\[ckpt\] loaded \S+ in ([\d.]+) s \(([\d.]+) MiB, ([\d.]+) MiB/s\)", out)
+            if stage == resumed:
+                result["resume_zero_stage"] = resumed
+                out = run(a, tmp / f"z{resumed}", f"zero_stage={resumed}", f"total_kimg={a.kimg + 0.064}",
+                          f"status_kimg={a.kimg}", "grid=false")
+                first = re.search(r"\[timing\] first step done ([\d.]+) s after process start \(resumed\)", out)
+                load = re.search(r"\[ckpt\] loaded \S+ in ([\d.]+) s \(([\d.]+) MiB, ([\d.]+) MiB/s\)", out)
+                result.update(checkpoint_load_s=float(load.group(1)), checkpoint_load_mib_s=float(load.group(3)),
+                              resume_to_first_step_s=float(first.group(1)))
+                save_partial(result, a.out)
     by_stage = {r["zero_stage"]: r["images_per_s"] for r in rows}
-    result.update(checkpoint_load_s=float(load.group(1)), checkpoint_load_mib_s=float(load.group(3)),
-                  resume_to_first_step_s=first)
     if 1 in by_stage and 2 in by_stage:
         result["zero2_vs_zero1_throughput"] = by_stage[2] / by_stage[1]
     write_result(result, a.out)
+
+
+def train_flops_per_image(run_dir: Path) -> float:
+    """FLOPs of one training image (the model's forward and backward) for the model the run trained, as its
+    training_options.json resolved it; counted on the meta device (shapes only, no arithmetic)."""
+    import torch
+
+    from bench.models import flops_per_image, make_inputs
+    from models.config import ModelConfig, build_model
+
+    cfg = ModelConfig(**json.loads((run_dir / "training_options.json").read_text())["model"])
+    with torch.device("meta"):
+        model = build_model(cfg)
+    args, kwargs = make_inputs(cfg, 1, torch.device("meta"), False)
+    return flops_per_image(model, args, kwargs, True, 1)
+
+
+def peak_flops() -> float | None:
+    """The GPU's dense bf16 peak (FLOP/s), or None (a CPU, or a GPU not in the table)."""
+    import torch
+
+    from bench.models import PEAK_TFLOPS
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
 if __name__ == "__main__":

@@ -909,3 +909,35 @@ def test_every_seed_the_config_accepts_seeds_the_generators():
             torch.Generator().manual_seed(_seed(derived))  # accepted
             assert _seed(derived) == derived or derived >= 2**64
     load_train_config(None, ["preset=tiny-32", f"seed={2**63 - 1}"])
+
+
+def test_the_first_step_is_timed_from_the_launcher_for_ranks_it_started(monkeypatch):
+    """`[timing] first step done N s after process start` (the resume-to-first-step benchmark) counts from
+    `adm train --nproc N`'s own start, whose config and data checks come before its ranks exist; a rank
+    started any other way (torchrun, srun, one process) counts from its own start."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from trainer.loop import process_start
+
+    own = psutil.Process().create_time()
+    monkeypatch.delenv("ADM_LOCAL_CHILD", raising=False)
+    monkeypatch.setenv("ADM_LAUNCHER_START", str(own - 100))  # left over in the environment: not ours
+    assert process_start() == own
+    monkeypatch.setenv("ADM_LOCAL_CHILD", "1")
+    assert process_start() == own - 100
+    # what the launcher hands its ranks: its own start, on the clock psutil reads
+    code = """
+import subprocess, psutil, trainer.cli as c, trainer.distributed  # (torch imported before Popen is replaced)
+real = subprocess.Popen
+def fake(cmd, env=None, **kw):
+    print(env["ADM_LAUNCHER_START"], repr(psutil.Process().create_time()))
+    return real(["true"])
+c.subprocess.Popen = fake
+c.launch_local(1, [])
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    handed, launcher = proc.stdout.split()
+    assert float(handed) == float(launcher) > own, proc.stderr

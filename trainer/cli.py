@@ -25,6 +25,8 @@ def launch_local(nproc: int, argv: list[str], lock_fd: int | None = None) -> int
     """Start nproc ranks on this machine (gloo on CPU, NCCL on GPUs); forward preemption signals. The ranks
     inherit the run directory's lock (lock_fd), so it is held until the last of them ends, and are told to
     save and stop if the launcher dies."""
+    import psutil
+
     from data_pipeline.parent_death import stop_with_parent
 
     from .distributed import _free_port
@@ -33,6 +35,7 @@ def launch_local(nproc: int, argv: list[str], lock_fd: int | None = None) -> int
     procs = []
     for rank in range(nproc):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), ADM_LOCAL_CHILD="1",
+                   ADM_LAUNCHER_START=repr(psutil.Process().create_time()),  # the clock of "[timing] first step"
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=os.environ.get(
                        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))))
         procs.append(subprocess.Popen([sys.executable, "-m", "trainer", *argv], env=env,

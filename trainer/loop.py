@@ -82,6 +82,16 @@ def _seed(value: int) -> int:
     return value % 2**64
 
 
+def process_start() -> float:
+    """When this training was started (time.time()'s clock): the rank's own process, or, for a rank that
+    `adm train --nproc N` started, the launcher, whose config and data checks come first."""
+    import psutil
+
+    if os.environ.get("ADM_LOCAL_CHILD") == "1" and os.environ.get("ADM_LAUNCHER_START"):
+        return min(float(os.environ["ADM_LAUNCHER_START"]), psutil.Process().create_time())
+    return psutil.Process().create_time()
+
+
 def write_options(run_dir: Path, options: dict, resumed_at: int | None) -> None:
     """training_options.json: this launch's resolved options (and world size). On a resume, what changed since
     the last launch (the learning rate, the world size, say) is said and kept in training_options.changes.jsonl."""
@@ -408,8 +418,7 @@ def training_loop(cfg: TrainConfig) -> int:
         images += cfg.batch
         if first_step and is_main:
             first_step = False
-            import psutil
-            since = time.time() - psutil.Process().create_time()
+            since = time.time() - process_start()
             print(f"[timing] first step done {since:.1f} s after process start"
                   f"{' (resumed)' if found else ''}", flush=True)
         if engine.skipped_steps > skipped_before:  # non-finite gradients: DeepSpeed skipped the update
