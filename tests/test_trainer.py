@@ -166,6 +166,62 @@ def test_a_killed_launcher_stops_its_ranks_which_hold_the_lock_until_they_end(sh
     assert f"resumed from {tag}" in proc.stderr
 
 
+def test_a_preemption_signal_while_the_ranks_start_ends_with_the_requeue_status(shards, tmp_path):
+    """SIGTERM as `adm train --nproc 2` starts its ranks (still importing, before their handlers): they stop at
+    their first step boundary, and the status is 75, "run the same command again", not a silent kill."""
+    import psutil
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(shards, run, "total_kimg=0.512"), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while len(psutil.Process(proc.pid).children()) < 2:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 75, err[-3000:]
+    assert "run the same command again to resume" in err and "[train]" not in out
+    proc = train(shards, run, "total_kimg=0.064")
+    assert "nothing to do" in proc.stderr or "resumed from" in proc.stderr or "[train]" in proc.stdout
+
+
+def test_a_failed_save_is_said_and_nothing_of_it_is_lost_or_kept(shards, tmp_path):
+    """A save that fails (a file size limit here, as a full disk) names what failed and the checkpoint that
+    is intact; a failed save's leftovers never pass for a later save's files; a snapshot whose write failed
+    after its checkpoint was committed (the final one here) is written by the next start, from that
+    checkpoint, bit for bit the weights it would have held."""
+    import resource
+    import shutil
+
+    run = tmp_path / "run"
+    stale = run / "checkpoints" / ".tmp-img000000000128" / "ds"  # a save at this count that failed before
+    stale.mkdir(parents=True)
+    (stale / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"from the failed save")
+    train(shards, run, "total_kimg=0.128", "snapshot_kimg=100", nproc=1)
+    files = json.loads((run / "checkpoints" / "img000000000128" / "manifest.json").read_text())["files"]
+    assert not any("rank_1" in f for f in files), files
+    snap = run / "snapshots" / "img000000000128"
+    shutil.copytree(snap, tmp_path / "written")
+    shutil.rmtree(snap)  # as if its write had failed after the checkpoint's commit
+    proc = train(shards, run, "total_kimg=0.128", "snapshot_kimg=100", nproc=1)
+    assert "nothing to do" not in proc.stderr and "the snapshot due at 0.128 kimg is missing" in proc.stderr
+    for name in ("model.safetensors", "raw.safetensors"):
+        a, b = load_file(str(snap / name)), load_file(str(tmp_path / "written" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "nothing to do" in train(shards, run, "total_kimg=0.128", "snapshot_kimg=100", nproc=1).stderr
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # noqa: E731
+    proc = subprocess.run(train_cmd(shards, run, "total_kimg=0.256", "snapshot_kimg=100", nproc=1), cwd=REPO,
+                          capture_output=True, text=True, preexec_fn=limit)
+    assert proc.returncode != 0
+    assert "saving checkpoint img000000000256 into " in proc.stderr and "failed on rank 0: " in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "the checkpoint before it (img000000000128) is intact" in proc.stderr
+    proc = train(shards, run, "total_kimg=0.256", "snapshot_kimg=100", nproc=1)
+    assert "resumed from img000000000128" in proc.stderr
+    assert (run / "checkpoints" / "LATEST").read_text().strip() == "img000000000256"
+
+
 def test_sigkill_at_any_moment_leaves_a_resumable_run(shards, reference_run, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(shards, run, "total_kimg=0.384", "checkpoint_kimg=0.064"), cwd=REPO,

@@ -1,6 +1,7 @@
 """Trainer pieces without processes: config, batch layout, EMA formula, checkpoint discovery, rank discovery."""
 
 import json
+import signal
 import os
 import re
 from pathlib import Path
@@ -181,6 +182,20 @@ def test_prune_keeps_last_and_every(tmp_path):
     left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("img"))
     assert left == [ckpt.tag_for(i) for i in (200, 400, 500, 600)]
     assert json.loads((tmp_path / "checkpoints" / ckpt.tag_for(600) / "manifest.json").read_text())["images"] == 600
+
+
+def test_keep_every_keeps_the_first_checkpoint_at_or_past_each_multiple(tmp_path):
+    """Checkpoints fall where a step crosses checkpoint_kimg (multiples of the batch), seldom on a multiple of
+    keep_every_kimg itself: one is kept per interval all the same, the first at or past its start, and the
+    choice holds as later checkpoints come (batch 16, checkpoint_kimg 0.1, keep_every_kimg 0.2)."""
+    counts = (112, 208, 304, 400, 512, 608, 640)
+    for n in counts:
+        make_ckpt(tmp_path, n, files=("a.pt",))
+        ckpt.prune(tmp_path, keep_last=1, keep_every_images=200, keep=ckpt.tag_for(n))
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("img"))
+    # the oracle: for each multiple of 200 up to the last count, the smallest count at or past it
+    firsts = {min(n for n in counts if n >= k) for k in range(200, max(counts) + 1, 200)}
+    assert left == [ckpt.tag_for(n) for n in sorted(firsts | {640})] == [ckpt.tag_for(n) for n in (208, 400, 608, 640)]
 
 
 
@@ -617,15 +632,57 @@ def test_ranks_wait_for_the_universal_conversion_on_disk(tmp_path):
     import threading
 
     root = tmp_path / ckpt.CKPT
-    root.mkdir()
-    threading.Timer(0.3, lambda: (root / "universal-img1" / "ds").mkdir(parents=True)).start()
-    assert ckpt.wait_universal(tmp_path, "img1", poll_s=0.05, limit_s=30) == root / "universal-img1"
-    (root / ".failed-universal-img2").write_text("converting img2 failed: disk full")
+    one, two = make_ckpt(tmp_path, 1), make_ckpt(tmp_path, 2)
+
+    def converted():  # as rank 0's conversion ends: the folder, naming the save it came from
+        (root / f"universal-{one}" / "ds").mkdir(parents=True)
+        (root / f"universal-{one}" / ckpt.SOURCE).write_text(ckpt._manifest_digest(tmp_path, one))
+
+    threading.Timer(0.3, converted).start()
+    assert ckpt.wait_universal(tmp_path, one, poll_s=0.05, limit_s=30) == root / f"universal-{one}"
+    (root / f".failed-universal-{two}").write_text("converting img2 failed: disk full")
     with pytest.raises(RuntimeError, match="converting img2 failed: disk full"):
-        ckpt.wait_universal(tmp_path, "img2", poll_s=0.05, limit_s=30)
+        ckpt.wait_universal(tmp_path, two, poll_s=0.05, limit_s=30)
     ckpt.clear_failed_conversions(tmp_path)
     with pytest.raises(RuntimeError, match="has not appeared after 0 s"):
-        ckpt.wait_universal(tmp_path, "img2", poll_s=0.05, limit_s=0.2)
+        ckpt.wait_universal(tmp_path, two, poll_s=0.05, limit_s=0.2)
+
+
+def test_a_conversion_of_an_older_save_of_the_same_count_is_never_used(tmp_path, monkeypatch):
+    """A rollback (newer checkpoints moved aside) retrains to a count it saved before: its universal
+    conversion, of the old weights, must not be loaded for the new save at another world size. Committing
+    the tag again removes it, and a conversion naming another save is converted again, never waited on."""
+    import subprocess
+
+    root = tmp_path / ckpt.CKPT
+    tag = make_ckpt(tmp_path, 256)
+    calls = []
+
+    def fake_convert(cmd, **kw):  # ds_to_universal: writes the output folder
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--output_folder") + 1])
+        out.mkdir(parents=True)
+        (out / "weights").write_text(f"from save {len(calls)}")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_convert)
+    first = ckpt.universal_dir(tmp_path, tag)
+    assert ckpt.universal_dir(tmp_path, tag) == first and len(calls) == 1  # converted once, then reused
+    assert ckpt.wait_universal(tmp_path, tag, limit_s=1) == first
+    # the rollback: the same count committed again (same files and sizes), its conversion goes with the old save
+    again = ckpt.tmp_dir(tmp_path, tag)
+    again.mkdir()
+    for f in ("a.pt", "b.pt"):
+        (again / f).write_bytes(b"y" * 257)
+    ckpt.commit(tmp_path, tag, 2)
+    assert not first.exists()
+    # and a conversion left from another save (by a version that did not remove it) is not taken either
+    stale = root / f"universal-{tag}"
+    (stale / "ds").mkdir(parents=True)
+    (stale / ckpt.SOURCE).write_text("0" * 64)
+    with pytest.raises(RuntimeError, match="has not appeared"):
+        ckpt.wait_universal(tmp_path, tag, poll_s=0.05, limit_s=0.2)
+    assert (ckpt.universal_dir(tmp_path, tag) / "ds" / "weights").read_text() == "from save 2"
 
 
 def test_a_filesystem_without_flock_is_said_not_locked(tmp_path, monkeypatch, caplog):
@@ -941,3 +998,38 @@ c.launch_local(1, [])
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     handed, launcher = proc.stdout.split()
     assert float(handed) == float(launcher) > own, proc.stderr
+
+
+def test_the_launcher_sees_a_later_rank_fail_while_an_earlier_one_waits_on_it():
+    """Rank 1 dies (a signal, a crash) while rank 0 waits for it in a collective: the launcher must notice
+    (every rank polled, not only up to the first still running), stop rank 0 after the grace, and return."""
+    import subprocess
+    import sys
+    import time
+
+    from trainer.cli import wait_all
+
+    waiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    dying = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    start = time.monotonic()
+    codes = wait_all([waiting, dying], grace_s=1.0)
+    assert codes == [-9, 3] and time.monotonic() - start < 30
+
+
+def test_a_rank_started_by_the_launcher_keeps_a_signal_sent_while_it_starts():
+    """The launcher's ranks start with the preemption signals blocked: one forwarded before the rank's first
+    line is delivered to the handler that line installs (recorded, for the first step boundary), not lost and
+    not fatal."""
+    import subprocess
+    import sys
+
+    from data_pipeline.parent_death import stop_with_parent
+    from trainer.cli import _rank_setup
+
+    code = ("import os, signal, time; time.sleep(0.5); from trainer import preemption; preemption.catch_early(); "
+            "time.sleep(0.2); print(sorted(preemption.RECEIVED))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=_rank_setup(stop_with_parent(os.getpid())))
+    proc.send_signal(signal.SIGTERM)  # while it sleeps, before its handler exists
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out.strip() == "['SIGTERM']"

@@ -8,6 +8,7 @@ checkpoint usable.
 """
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -46,8 +47,10 @@ def commit(run_dir: Path, tag: str, world_size: int) -> Path:
     """Rank 0, after every rank has written into tmp_dir: manifest, rename, LATEST."""
     tmp = tmp_dir(run_dir, tag)
     files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    # saved: which save this is (a tag saved again after a rollback has the same files and sizes), so that
+    # a universal conversion of the older one is never taken for this one's
     write_json_atomic(tmp / MANIFEST, {"tag": tag, "images": images_of(tag), "world_size": world_size,
-                                       "files": files})
+                                       "saved": f"{time.time_ns()}-{os.getpid()}", "files": files})
     final = run_dir / CKPT / tag
     old = None
     if final.exists():  # the same count again (a run rolled back to an older LATEST): moved aside, not
@@ -61,6 +64,7 @@ def commit(run_dir: Path, tag: str, world_size: int) -> Path:
     os.replace(tmp_latest, run_dir / CKPT / LATEST)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(run_dir / CKPT / f"universal-{tag}", ignore_errors=True)  # the older save's, if any
     return final
 
 
@@ -235,12 +239,16 @@ def resume_point(run_dir: Path, skipped: list[str] | None = None) -> tuple[str, 
 
 
 def prune(run_dir: Path, keep_last: int, keep_every_images: int, keep: str | None = None) -> None:
-    """Delete old complete checkpoints, keeping the newest `keep_last`, every `keep_every_images` images
-    and `keep` (the one just written). Incomplete ones are left for the user to look at."""
+    """Delete old complete checkpoints, keeping the newest `keep_last`, one every `keep_every_images` images
+    (the first at or past each multiple: checkpoints fall where a step crosses checkpoint_kimg, seldom on a
+    multiple itself) and `keep` (the one just written). Incomplete ones are left for the user to look at."""
     root = run_dir / CKPT
     tags = valid_tags(run_dir)
+    every = keep_every_images
+    milestones = {t for prev, t in zip([None, *tags], tags) if every and images_of(t) // every > (
+        images_of(prev) // every if prev else 0)}
     for tag in tags[:-keep_last] if keep_last > 0 else []:
-        if tag == keep or keep_every_images and images_of(tag) % keep_every_images == 0:
+        if tag == keep or tag in milestones:
             continue
         shutil.rmtree(root / tag, ignore_errors=True)
         shutil.rmtree(root / f"universal-{tag}", ignore_errors=True)
@@ -299,8 +307,9 @@ def universal_dir(run_dir: Path, tag: str) -> Path:
 
     final = run_dir / CKPT / f"universal-{tag}"
     failed = run_dir / CKPT / f".failed-universal-{tag}"  # an earlier attempt's: cleared by clear_failed_conversions
-    if (final / "ds").is_dir():
+    if _converted(run_dir, tag):
         return final
+    shutil.rmtree(final, ignore_errors=True)  # a conversion of another save of this tag (before a rollback)
     tmp = run_dir / CKPT / f".tmp-universal-{tag}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "ds").parent.mkdir(parents=True, exist_ok=True)
@@ -314,8 +323,26 @@ def universal_dir(run_dir: Path, tag: str) -> Path:
         failed.write_text(message)
         raise RuntimeError(message)
     (tmp / "latest").write_text("ds")
+    (tmp / SOURCE).write_text(_manifest_digest(run_dir, tag))
     os.replace(tmp, final)
     return final
+
+
+SOURCE = "source-manifest.sha256"  # in a universal conversion: the manifest of the save it was converted from
+
+
+def _manifest_digest(run_dir: Path, tag: str) -> str:
+    return hashlib.sha256((run_dir / CKPT / tag / MANIFEST).read_bytes()).hexdigest()
+
+
+def _converted(run_dir: Path, tag: str) -> bool:
+    """Whether universal-<tag> holds a finished conversion of the checkpoint now at <tag> (not of an older
+    save of the same tag, moved aside in a rollback and trained again)."""
+    final = run_dir / CKPT / f"universal-{tag}"
+    try:
+        return (final / "ds").is_dir() and (final / SOURCE).read_text() == _manifest_digest(run_dir, tag)
+    except OSError:
+        return False
 
 
 def clear_failed_conversions(run_dir: Path) -> None:
@@ -331,7 +358,7 @@ def wait_universal(run_dir: Path, tag: str, poll_s: float = 1.0, limit_s: float 
     final = run_dir / CKPT / f"universal-{tag}"
     failed = run_dir / CKPT / f".failed-universal-{tag}"
     deadline = time.monotonic() + limit_s
-    while not (final / "ds").is_dir():
+    while not _converted(run_dir, tag):
         if failed.is_file():
             raise RuntimeError(failed.read_text())
         if time.monotonic() > deadline:
@@ -344,3 +371,24 @@ def saved_device(rank_state: dict) -> str:
     """The kind of device ("cpu" or "cuda") a rank file was saved on: recorded since 2026-12-04; before,
     told by its generator's state (a CUDA generator's is 16 bytes, a CPU one's 5056)."""
     return rank_state.get("device") or ("cuda" if rank_state["gen"].numel() == 16 else "cpu")
+
+
+def missed_snapshot(run_dir: Path, images: int, total_images: int, snapshot_kimg: float) -> bool:
+    """Whether the snapshot due at the checkpoint of `images` is missing: the checkpoint is committed before
+    the snapshot of the same step is written, so a snapshot write that failed (a full disk) or was cut short
+    (a SIGKILL) would otherwise never be written; for the final one, the weights the evaluation reads. Due:
+    the final count's, else one at or past the last multiple of snapshot_kimg (if any) up to `images`."""
+    from models.snapshot import SnapshotError, verify_snapshot
+
+    every = max(1, int(snapshot_kimg * 1000))
+    due_from = images if images >= total_images else images // every * every
+    if due_from <= 0:
+        return False
+    for d in sorted((run_dir / "snapshots").glob("img*")):
+        if d.name[3:].isdigit() and due_from <= int(d.name[3:]) <= images:
+            try:
+                verify_snapshot(d)
+                return False
+            except (SnapshotError, OSError, ValueError):
+                continue
+    return True

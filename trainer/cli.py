@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .preemption import EXIT_REQUEUE
+from .preemption import EXIT_REQUEUE, RECEIVED, catch_early
 
 
 def _setup_logging():
@@ -40,19 +40,36 @@ def launch_local(nproc: int, argv: list[str], lock_fd: int | None = None) -> int
                        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))))
         procs.append(subprocess.Popen([sys.executable, "-m", "trainer", *argv], env=env,
                                       pass_fds=() if lock_fd is None else (lock_fd,),
-                                      preexec_fn=stop_with_parent(os.getpid())))  # save, stop, if it dies
+                                      preexec_fn=_rank_setup(stop_with_parent(os.getpid()))))
 
     def forward(signum, frame):
+        forwarded.add(signum)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
+    forwarded = {signal.Signals[n] for n in RECEIVED}  # got during the checks: passed on as the ranks start
     for s in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
         signal.signal(s, forward)
+    for s in forwarded:
+        forward(s, None)
     codes = wait_all(procs)
     if any(c == EXIT_REQUEUE for c in codes):
         return EXIT_REQUEUE
+    if forwarded and all(c in (0, EXIT_REQUEUE) or -c in forwarded for c in codes) and any(codes):
+        return EXIT_REQUEUE  # ranks ended by the signal passed on before they could catch it: rerun to resume
     return next((c for c in codes if c != 0), 0)
+
+
+def _rank_setup(stop_with_launcher):
+    """A rank's preexec_fn: it saves and stops if the launcher dies; and the preemption signals stay blocked
+    (pending, not lost) across its exec until its first line installs their handler and unblocks them
+    (trainer/__main__.py): one forwarded while its interpreter starts would otherwise kill it, and leave
+    the other ranks waiting for it."""
+    def setup():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR2})
+        stop_with_launcher()
+    return setup
 
 
 def wait_all(procs: list, grace_s: float = 30.0) -> list[int]:
@@ -62,7 +79,7 @@ def wait_all(procs: list, grace_s: float = 30.0) -> list[int]:
     import time
 
     failed_at = None
-    while any(p.poll() is None for p in procs):
+    while None in [p.poll() for p in procs]:  # every rank polled (reaped) each time, not up to the first alive
         bad = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode not in (None, 0, EXIT_REQUEUE)]
         if bad and failed_at is None:
             failed_at = time.monotonic()
@@ -237,13 +254,16 @@ def already_done(cfg) -> str | None:
     from . import checkpoint as ckpt
 
     found = ckpt.find_latest(Path(cfg.run_dir))
-    if found and found[1]["images"] >= int(cfg.total_kimg * 1000):
+    total = int(cfg.total_kimg * 1000)
+    if found and found[1]["images"] >= total and not ckpt.missed_snapshot(
+            Path(cfg.run_dir), found[1]["images"], total, cfg.snapshot_kimg):  # (then it starts, to write it)
         return (f"{cfg.run_dir}: already trained to {found[1]['images'] / 1000:g} kimg ({found[0]}), "
                 f"total_kimg={cfg.total_kimg:g}: nothing to do (raise total_kimg to train on)")
     return None
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m trainer") -> int:
+    catch_early()  # a preemption signal during the checks is kept for the ranks (`adm train`'s own process)
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog=prog, description="train an ADM diffusion model, noisy classifier or "
                                      "upsampler with DeepSpeed ZeRO; re-running resumes")
@@ -273,6 +293,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m trainer") -> int:
     if done:
         print(done, file=sys.stderr)
         return 0
+    # one process, or the launcher before its ranks: stop here. (Ranks of a world stop together at a step
+    # boundary: one leaving alone now would leave the others waiting for it.)
+    if RECEIVED and (world == 1 or (args.nproc > 1 and "RANK" not in os.environ)):
+        _say(f"preempted ({', '.join(sorted(RECEIVED))}) before training started: nothing to save; run the same "
+             "command again to resume")
+        return EXIT_REQUEUE
     _setup_logging()
     if args.nproc > 1 and "RANK" not in os.environ:
         from .runlock import acquire, held_fd

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -254,17 +255,23 @@ def training_loop(cfg: TrainConfig) -> int:
         save_start = time.perf_counter()
         tag = ckpt.tag_for(images)
         tmp = ckpt.tmp_dir(run_dir, tag)
-        if is_main:
-            tmp.mkdir(parents=True, exist_ok=True)
+        if is_main:  # emptied first: a failed save's files there would pass for this save's in its manifest
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
         dist_util.barrier()
-        with ckpt.without_zip_crc():
-            engine.save_checkpoint(str(tmp), tag="ds", save_latest=False,
-                                   client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
-            torch.save({"ema": ema.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                        "device": device.type,
-                        "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None},
-                       tmp / f"rank{rank:05d}.pt")
+        try:
+            with ckpt.without_zip_crc():
+                engine.save_checkpoint(str(tmp), tag="ds", save_latest=False, client_state={
+                    "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
+                torch.save({"ema": ema.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                            "device": device.type,
+                            "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None},
+                           tmp / f"rank{rank:05d}.pt")
+        except (OSError, RuntimeError) as e:
+            raise TrainingStopped(_write_failed(f"saving checkpoint {tag} into {tmp}", e, run_dir, rank,
+                                                f"the checkpoint before it ({good_tag or 'none'}) is intact: "
+                                                "make room and run the same command to resume from it")) from e
         loader_state = merge_states(dist_util.gather_objects(loader.state_dict()))
         data_skipped = sum(dist_util.gather_objects(stats.data_skipped))
         if is_main:  # the EMA layout lets a resume at another world size assemble the EMA from the rank files
@@ -301,15 +308,22 @@ def training_loop(cfg: TrainConfig) -> int:
         if is_main:  # the main weights: the first EMA; ADM's classifier keeps none (its EMA goes beside)
             first = "raw" if cfg.task == "classifier" else f"ema_{cfg.ema_rates[0]}"
             extra = {k: v for k, v in weights.items() if k != first}
-            path = write(run_dir / "snapshots" / ckpt.tag_for(images), weights[first], m, overwrite=True,
-                         extra_weights=extra,
-                         meta={"task": cfg.task, "images": images, "step": step, "weights": first,
-                               "ema_rate": None if first == "raw" else cfg.ema_rates[0],
-                               "ema_updates": ema.updates,
-                               "power_ema": {"sigma_rels": cfg.power_ema,
-                                             "gammas": ema.power.gammas if ema.power else []},
-                               "diffusion": d.for_sampling(),
-                               "training_options": asdict(cfg)})
+            try:
+                path = write(run_dir / "snapshots" / ckpt.tag_for(images), weights[first], m, overwrite=True,
+                             extra_weights=extra,
+                             meta={"task": cfg.task, "images": images, "step": step, "weights": first,
+                                   "ema_rate": None if first == "raw" else cfg.ema_rates[0],
+                                   "ema_updates": ema.updates,
+                                   "power_ema": {"sigma_rels": cfg.power_ema,
+                                                 "gammas": ema.power.gammas if ema.power else []},
+                                   "diffusion": d.for_sampling(),
+                                   "training_options": asdict(cfg)})
+            except (OSError, RuntimeError) as e:  # (safetensors' errors are RuntimeErrors)
+                raise TrainingStopped(_write_failed(
+                    f"writing snapshot {ckpt.tag_for(images)}", e, run_dir, rank,
+                    f"checkpoint {good_tag} holds its weights: make room and run the same command, which writes "
+                    "the snapshot from it" if good_tag == ckpt.tag_for(images) else
+                    "make room and run the same command to resume")) from e
             if cfg.grid and cfg.task == "diffusion":
                 from .grid import sample_grid
                 grid = sample_grid(weights[first], cfg, device)
@@ -358,6 +372,13 @@ def training_loop(cfg: TrainConfig) -> int:
     next_status = _next_multiple(images, cfg.status_kimg)
     next_ckpt = _next_multiple(images, cfg.checkpoint_kimg)
     next_snap = _next_multiple(images, cfg.snapshot_kimg)
+    # the snapshot of the checkpoint resumed from, if its write failed or was cut short after the commit
+    if found and dist_util.broadcast_object(ckpt.missed_snapshot(run_dir, images, total_images, cfg.snapshot_kimg)
+                                            if is_main else None):
+        if is_main:
+            log.warning("the snapshot due at %g kimg is missing (its write failed or was cut short after the "
+                        "checkpoint was saved): writing it from %s", images / 1000, found[0])
+        save_snapshot()
     bad_in_row = 0
     interval = {"start": time.perf_counter(), "images": images, "paused": 0.0}  # the status line's window
     first_step = True
@@ -453,6 +474,16 @@ def training_loop(cfg: TrainConfig) -> int:
         audit.close()
     preempt.ignore_further()
     return 0
+
+
+def _write_failed(what: str, error: Exception, run_dir: Path, rank: int, then: str) -> str:
+    """One clear line for a write that failed (a full disk, a file size limit): where, why, and what to do."""
+    try:
+        free = f"{shutil.disk_usage(run_dir).free / 2 ** 30:.1f} GiB free there"
+    except OSError:
+        free = "free space unknown"
+    why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{what} failed on rank {rank}: {type(error).__name__}: {why} ({free}); {then}"
 
 
 def _next_multiple(images: int, kimg: float) -> float:

@@ -14,8 +14,9 @@ class PreemptionFlag:
     """SIGUSR2 (submitit's, Slurm's --signal) and SIGTERM set `requested`; nothing else happens in the handler."""
 
     def __init__(self, signals=(signal.SIGUSR2, signal.SIGTERM)):
-        self.requested = False
-        self.signal_name = None
+        early = sorted(RECEIVED & {signal.Signals(s).name for s in signals})  # got before this existed
+        self.requested = bool(early)
+        self.signal_name = early[0] if early else None
         self.signals = signals
         for s in signals:
             signal.signal(s, self._handle)
@@ -34,6 +35,19 @@ class PreemptionFlag:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
         RECEIVED.add(self.signal_name)
+
+
+def catch_early(signals=(signal.SIGUSR2, signal.SIGTERM)) -> None:
+    """From a training process's first line until PreemptionFlag takes over (after the imports, the checks
+    and DeepSpeed's start: seconds): a preemption signal is recorded, not left to its default action, which
+    would kill the process before it could stop cleanly or say anything."""
+    for s in signals:
+        signal.signal(s, _record)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(signals))  # blocked by a launcher until now: delivered here
+
+
+def _record(signum, frame):
+    RECEIVED.add(signal.Signals(signum).name)
 
 
 def submitit_should_requeue() -> bool:
