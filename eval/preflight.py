@@ -1,7 +1,7 @@
 """What an evaluation needs, checked before anything is claimed or queued: each mistake found here
 would otherwise surface in a sampling or metrics job, after minutes of work, and use up an attempt.
 
-Only files' headers and JSON are read; no network weights are loaded.
+Only files' headers and JSON are read, and a reference's stored statistics; no network weights are loaded.
 """
 
 from pathlib import Path
@@ -10,7 +10,7 @@ from models.config import ModelConfig
 from models.respace import space_timesteps
 from models.snapshot import CONFIG, SnapshotError, read_config, resolve_weights, verify_snapshot
 
-from .npzfile import describe
+from .npzfile import describe, open_npz, stored_statistics
 from .precision_recall import K_NEAREST
 from .settings import EvalSetting
 
@@ -85,6 +85,10 @@ def check(snapshot: str | Path, settings: list[EvalSetting], ref: str | Path,
     """Every setting against this snapshot and reference: architectures, weights, step counts,
     resolution, sample count; a clear error naming the setting and file otherwise."""
     ref_info = describe(ref)
+    stored_statistics(Path(ref), open_npz(ref), ref_info)  # the values it stores (tens of MB), as the metrics read them
+    if ref_info.images and ref_info.images[0] <= K_NEAREST:
+        raise ValueError(f"{ref}: arr_0 holds {ref_info.images[0]} images; precision/recall (k={K_NEAREST}) needs "
+                         f"more than {K_NEAREST}")
     if inception_weights and not Path(inception_weights).is_file():
         raise FileNotFoundError(f"--inception-weights {inception_weights}: no such file")
     config, meta = _snapshot(snapshot, "a diffusion model", "unet")

@@ -798,6 +798,38 @@ def test_bad_stored_statistics_are_refused_before_any_image_is_featurized(tmp_pa
         compare(str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"))
     with pytest.raises(ValueError, match="ref-bad.npz: sigma has non-finite values"):
         compare(str(tmp_path / "ref-bad.npz"), str(tmp_path / "ref.npz"))
+    # damage inside the second file's images: found by a read-through before the first file's Inception pass
+    np.savez(tmp_path / "plain.npz", arr_0=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8))
+    raw = bytearray((tmp_path / "plain.npz").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (tmp_path / "dmg.npz").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"dmg.npz: damaged npz \(BadZipFile: Bad CRC-32"):
+        compare(str(tmp_path / "plain.npz"), str(tmp_path / "dmg.npz"))
+
+
+def test_an_evaluation_refuses_a_reference_whose_statistics_or_size_would_fail_its_metrics(tmp_path):
+    """`adm eval run|schedule` check the reference before claiming or sampling anything: statistics that are
+    not a covariance, or too few images for precision/recall, would otherwise fail the metrics task after
+    every shard was sampled and featurized (GPU-hours at 50k), using up an attempt."""
+    from eval.preflight import check
+    from eval.settings import EvalSetting
+
+    preset = get_preset("tiny-32")
+    cfg = preset.config()
+    snap = save_snapshot(tmp_path / "run" / "snapshots" / "img000000001000", build_model(cfg).state_dict(), cfg,
+                         meta={"task": "diffusion", "diffusion": preset.diffusion, "images": 1000})
+    settings = [EvalSetting(name="fast", steps="ddim2", num=6, shard_size=4, batch_size=4)]
+    images = np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    sigma = np.eye(2048)
+    sigma[0, 1] = 5.0  # not symmetric: no covariance
+    np.savez(tmp_path / "asym.npz", arr_0=images, mu=np.zeros(2048), sigma=sigma)
+    with pytest.raises(ValueError, match="asym.npz: sigma is not a covariance matrix"):
+        check(snap, settings, tmp_path / "asym.npz")
+    np.savez(tmp_path / "three.npz", arr_0=images[:3], mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(ValueError, match=r"three.npz: arr_0 holds 3 images; precision/recall \(k=3\) needs more"):
+        check(snap, settings, tmp_path / "three.npz")
+    np.savez(tmp_path / "ok.npz", arr_0=images, mu=np.zeros(2048), sigma=np.eye(2048))
+    check(snap, settings, tmp_path / "ok.npz")
 
 def test_shipped_settings_files_load():
     from eval.settings import load_settings

@@ -284,6 +284,25 @@ def test_identical_rows_keep_the_exact_work_small_and_the_results_exact(monkeypa
                 assert got == pytest.approx((bp, br), abs=1e-12)
 
 
+def test_near_duplicate_samples_keep_the_exact_work_small_and_the_results_exact(monkeypatch):
+    """A collapsed snapshot's samples are near-duplicates, not copies: their distances (~0.2) lie within the
+    float32 error bound of features of norm^2 ~180 around the origin, so every pair would go to the float64
+    check (hours and hundreds of GB at 50k). Measured from the mean, the bound is small: the float64 work
+    stays a sliver of n^2, and the results equal brute force's."""
+    import eval.precision_recall as pr
+    rng = np.random.default_rng(5)
+    base = rng.gamma(1.2, 0.2, size=(1, 2048)).astype(np.float32)  # pool_3-like: non-negative, |x|^2 ~ 180
+    sample = (base + rng.normal(0, 0.007, size=(400, 2048))).astype(np.float32)
+    ref = (rng.gamma(1.2, 0.2, size=(300, 2048))).astype(np.float32)
+    real_exact, pairs = pr._exact, []
+    monkeypatch.setattr(pr, "_exact", lambda a, i, b, j: pairs.append(len(i)) or real_exact(a, i, b, j))
+    d2 = ((sample[:, None, :].astype(np.float64) - sample[None, :, :]) ** 2).sum(-1)
+    np.testing.assert_allclose(radii(sample, block=128), np.sort(d2, axis=1)[:, 3], rtol=1e-12)
+    assert sum(pairs) < 0.05 * len(sample) ** 2, sum(pairs)  # all 160,000 pairs before
+    assert precision_recall(ref, sample, block=128) == pytest.approx(brute_pr(ref.astype(np.float64),
+                                                                             sample.astype(np.float64)), abs=1e-12)
+
+
 @pytest.mark.parametrize("onednn", [True, False])
 def test_distance_gemm_is_true_float32_within_the_bound(onednn, monkeypatch):
     """The float32 distances come from oneDNN's linear on a CPU (BLAS's addmm otherwise): either must keep
@@ -295,7 +314,8 @@ def test_distance_gemm_is_true_float32_within_the_bound(onednn, monkeypatch):
     a = np.abs(rng.normal(size=(300, 2048))).astype(np.float32)
     b = (a[:200] + rng.normal(size=(200, 2048)).astype(np.float32) * 0.3).astype(np.float32)
     a[:5] = b[:5] = 1 + 3 * 2.0 ** -10  # bf16 rounds it to 1: those distances would come out 24 instead of 0
-    pa, pb = pr._Points(a, "cpu"), pr._Points(b, "cpu")
+    center = torch.from_numpy(np.concatenate([a, b]).astype(np.float64).mean(0))  # one shared by both sets
+    pa, pb = pr._Points(a, "cpu", center), pr._Points(b, "cpu", center)
     got = pr._approx(pa, slice(None), pb, slice(None)).double().numpy()
     want = ((a[:, None, :].astype(np.float64) - b[None, :, :]) ** 2).sum(-1)
     bound = pa.err.double().numpy()[:, None] + pb.err.double().numpy()[None, :]
