@@ -109,24 +109,25 @@ def folder_per_class(root: Path, layout: str = "folder", train_ids: list[str] | 
     return Source(items, _class_table(ids, names), layout, str(root))
 
 
-def _only_mapped_classes(where, ids, names: dict[str, str]) -> None:
-    """With LOC_synset_mapping.txt every class is one of its WNIDs: another (a typo'd folder name, n01443538
-    for n01443537) would become an extra class and shift the number of every class after it."""
-    extra = sorted(set(ids) - set(names))
+def _only_known_classes(where, ids, known, table: str, then: str) -> None:
+    """Refuses classes outside `known` (table: what holds them): such a class, a misspelt WNID or one the other
+    split lacks, would become a class of its own and shift the number of every class after it."""
+    extra = sorted(set(ids) - set(known))
     if extra:
-        raise ValueError(f"{where}: classes not in LOC_synset_mapping.txt ({len(names)} classes): "
-                         f"{', '.join(extra[:5])}" + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-                         + " (a misspelt WNID? it would become a class of its own and shift the number of every "
-                           "class after it)")
+        raise ValueError(f"{where}: classes {table}: {', '.join(extra[:5])}"
+                         + (f" and {len(extra) - 5} more" if len(extra) > 5 else "") + f" ({then})")
+
+
+def _only_mapped_classes(where, ids, names: dict[str, str]) -> None:
+    _only_known_classes(where, ids, names, f"not in LOC_synset_mapping.txt ({len(names)} classes)",
+                        "a misspelt WNID? it would become a class of its own and shift the number of every class "
+                        "after it")
 
 
 def _only_train_classes(where, ids, train_ids: list[str]) -> None:
-    extra = sorted(set(ids) - set(train_ids))
-    if extra:
-        raise ValueError(f"{where}: classes the train split does not have: {', '.join(extra[:5])}"
-                         + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-                         + " (their class numbers would shift every other; add LOC_synset_mapping.txt, the "
-                           "table both splits then use)")
+    _only_known_classes(where, ids, train_ids, "the train split does not have",
+                        "their class numbers would shift every other; add LOC_synset_mapping.txt, the table both "
+                        "splits then use")
 
 
 def _train_ids(root: Path) -> list[str] | None:

@@ -8,7 +8,7 @@ precision/recall plus statistics of the whole split).
 import numpy as np
 
 from .inception import logits_weight
-from .metrics import _own_pool_features, inception_score, load_reference
+from .metrics import own_pool_features, inception_score, load_reference
 from .npzfile import FEATURE_DIMS, READ_ERRORS, NpzInfo, describe, images_of, open_npz, stored_statistics
 from .precision_recall import K_NEAREST as K, precision_recall
 from .stats import frechet_distance
@@ -39,7 +39,7 @@ def read_through(info: NpzInfo) -> None:
     """The images a comparison will featurize, read through once (zip's CRC): damage in the second file must
     be found before the first one's Inception pass (a minute on a GPU for 10k images, hours on CPUs)."""
     data = open_npz(info.path)
-    if info.images is None or _own_pool_features(data, info.meta):  # nothing of it goes through Inception
+    if info.images is None or own_pool_features(data, info.meta):  # nothing of it goes through Inception
         return
     try:
         images_of(data)

@@ -51,7 +51,7 @@ def _load(p: Path, data, info, stored: dict, cache_dir, batch_size, device) -> d
     if cache_dir:
         cached = Path(cache_dir) / f"ref-{remembered_digest(p, Path(cache_dir))}.{EVALUATOR_VERSION}.npz"
     if info.images is not None:
-        if _own_pool_features(data, out["meta"]):  # `adm eval ref` stored them: no Inception pass here
+        if own_pool_features(data, out["meta"]):  # `adm eval ref` stored them: no Inception pass here
             out.update(pool=data["pool"], resolution=int(info.images[1]))
             stats = {}
         elif cached is not None and cached.is_file():
@@ -75,7 +75,7 @@ def _load(p: Path, data, info, stored: dict, cache_dir, batch_size, device) -> d
     return out
 
 
-def _own_pool_features(data, meta: dict) -> bool:
+def own_pool_features(data, meta: dict) -> bool:
     """True when the file carries arr_0's pool_3 features from this very network (our references do)."""
     from .inception import SHA1
 
