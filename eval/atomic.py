@@ -45,6 +45,24 @@ def write_text_atomic(path: Path, text: str) -> None:
     _into_place(_written(path, lambda f: f.write(text.encode())), path)
 
 
+def standard_json(data, **dumps) -> str:
+    """JSON every reader parses (jq, browsers, JavaScript): a NaN or infinite number, which Python's json
+    writes as a bare NaN/Infinity outside the standard, becomes null."""
+    import json
+    import math
+
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(data), allow_nan=False, **dumps)
+
+
 def write_text_once(path: Path, text: str) -> bool:
     """Create path with text unless it exists (then False): the first of racing writers wins, whole."""
     tmp = _written(path, lambda f: f.write(text.encode()))

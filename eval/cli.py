@@ -21,7 +21,8 @@ def add_setting_args(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = {"int": int, "float": float}.get(type(getattr(defaults, f.name)).__name__, str)
         g.add_argument(flag, dest=f"setting_{f.name}", type=kind, default=None,
-                       help=f"default {getattr(defaults, f.name)!r}")
+                       help="default: from the steps, scale and upsampler (250, ddim25-s4, ddim25-cascade)" if f.name == "name"
+                       else f"default {getattr(defaults, f.name)!r}")
 
 
 def settings_from(args) -> list[EvalSetting]:
@@ -51,8 +52,8 @@ def json_target(path: str | None) -> Path | None:
 
 def write_json(target: Path | None, data) -> None:
     if target is not None:
-        from .atomic import write_text_atomic
-        write_text_atomic(target, json.dumps(data, indent=2) + "\n")
+        from .atomic import standard_json, write_text_atomic
+        write_text_atomic(target, standard_json(data, indent=2) + "\n")
 
 
 def add_feature_args(p: argparse.ArgumentParser) -> None:
@@ -334,7 +335,8 @@ def cmd_results(a) -> int:
     for row in [head, *rows]:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
     for f in failures(Path(a.run_dir)):
-        print(f"FAILED {f['snapshot_name']} {f['setting']['name']} after {f['attempts']} attempts: {f['last_error']}")
+        print(f"FAILED {f['snapshot_name']} {f['setting']['name']} after {f['attempts']} attempts: "
+              f"{f.get('last_error') or 'no error recorded'}")
     return 0
 
 

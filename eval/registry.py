@@ -126,7 +126,7 @@ def results(run_dir: Path) -> list[dict]:
 
     found = []
     for p in eval_root(run_dir).glob(f"*/{METRICS}"):
-        r = _record(p, ("snapshot_name", "setting"))
+        r = _record(p, _finished_fields)
         if r is not None and r.get("evaluator") == EVALUATOR_VERSION:
             found.append((p.stat().st_mtime, r))
     latest = {}
@@ -169,7 +169,7 @@ def failures(run_dir: Path) -> list[dict]:
 
     out = []
     for p in sorted(eval_root(run_dir).glob(f"*/{FAILED}")):
-        r = _record(p, ())
+        r = _record(p, _failed_fields)
         if r is not None and (r.get("evaluator") or _spec_evaluator(p.parent)) == EVALUATOR_VERSION:
             out.append(r)
     return out
@@ -182,14 +182,53 @@ def _spec_evaluator(key_dir: Path) -> str | None:
         return None
 
 
-def _record(path: Path, needs: tuple[str, ...]) -> dict | None:
-    """A registry record, or None (left out, and said, naming the file) when it cannot be read: one damaged file
-    (a disk that filled, an edit) must not stop every report and result listing of the run."""
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _named_setting(r: dict) -> str | None:
+    if not isinstance(r.get("snapshot_name"), str):
+        return "snapshot_name: expected a string"
+    if not isinstance(r.get("setting"), dict) or not isinstance(r["setting"].get("name"), str):
+        return "setting: expected an object with a name"
+    return None
+
+
+def _finished_fields(r: dict) -> str | None:
+    """What a metrics.json needs to be listed and reported (farm.metrics_task writes it so), or what is wrong."""
+    if problem := _named_setting(r):
+        return problem
+    if not isinstance(r.get("key"), str):
+        return "key: expected a string"
+    if r.get("images") is not None and not (isinstance(r["images"], int) and not isinstance(r["images"], bool)):
+        return f"images: expected a whole number of training images, got {r['images']!r}"
+    metrics = r.get("metrics")
+    if not isinstance(metrics, dict) or not _number(metrics.get("num_samples")):
+        return "metrics: expected an object with num_samples"
+    if bad := [k for k, v in metrics.items() if not _number(v)]:
+        return f"metrics {', '.join(bad)}: expected numbers"
+    return None
+
+
+def _failed_fields(r: dict) -> str | None:
+    """What a failed.json needs (schedule._give_up writes it so), or what is wrong."""
+    if problem := _named_setting(r):
+        return problem
+    if not _number(r.get("attempts")):
+        return "attempts: expected a number"
+    return None
+
+
+def _record(path: Path, problem) -> dict | None:
+    """A registry record, or None (left out, and said, naming the file and the field) when it cannot be read
+    or lacks what its readers need (`problem(record)` says what): one damaged file (a disk that filled, an
+    edit) must not stop every report and result listing of the run."""
     try:
         record = json.loads(path.read_text())
-        if not isinstance(record, dict) or any(k not in record for k in needs) or (
-                "setting" in needs and not isinstance(record["setting"], dict)):
-            raise ValueError(f"expected an object with {', '.join(needs)}")
+        if not isinstance(record, dict):
+            raise ValueError("expected a JSON object")
+        if reason := problem(record):
+            raise ValueError(reason)
         return record
     except (OSError, ValueError) as e:  # json's errors are ValueErrors
         print(f"{path}: unreadable ({e}); left out (delete it to evaluate that again)", file=sys.stderr)

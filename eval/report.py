@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import registry
-from .atomic import write_text_atomic
+from .atomic import standard_json, write_text_atomic
 from .npzfile import StreamedArray
 from .published import published_for
 
@@ -33,7 +33,7 @@ overflow:auto;font-size:85%}.fail{color:#b00}</style></head><body>
 <h1>{{ title }}</h1>
 <p>{{ intro }}</p>
 {% if failures %}<h2 class="fail">Failed evaluations</h2><ul>{% for f in failures %}<li class="fail">{{ f.snapshot_name }}
- / {{ f.setting.name }}: {{ f.attempts }} attempts; last error: {{ f.last_error }}</li>{% endfor %}</ul>{% endif %}
+ / {{ f.setting.name }}: {{ f.attempts }} attempts; last error: {{ f.last_error or "not recorded" }}</li>{% endfor %}</ul>{% endif %}
 {% if curves %}<h2>Metrics against training progress</h2>
 <p>Lower FID and sFID are better; higher precision, recall and IS are better.{% if preset %} Dashed lines: the
 paper's numbers for {{ preset }} (50,000 samples; compare only when this run uses 50,000 samples and ADM's
@@ -106,26 +106,51 @@ def _literal(text: str) -> str:
     return text.replace("$", r"\$")
 
 
-def _metric_curves(rows: list[dict], published: dict):
+def _short(label: str, limit: int = 60) -> str:
+    """A legend entry of bounded length (the tables keep the whole name)."""
+    return label if len(label) <= limit else label[:limit - 1] + "…"
+
+
+def _metric_curves(rows: list[dict], published: dict) -> str:
+    import matplotlib.pyplot as plt
+
+    fig = metric_figure(rows, published)
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def metric_figure(rows: list[dict], published: dict):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     present = [m for m in METRICS if any(m in r["metrics"] for r in rows)]
+    per_metric = {m: curve_series(rows, m) for m in present}
+    # one colour per series in every panel (a setting with IS only where --inception-weights was given has no
+    # point in the others), named once in one legend under the panels
+    names = list(dict.fromkeys(name for series in per_metric.values() for name in series))
+    colour = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    marker = {name: "osD^v"[i // 10 % 5] for i, name in enumerate(names)}  # past ten colours, another marker
+    paper = {label: f"C{(len(names) + j) % 10}" for j, label in enumerate(published)}
     fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.0), squeeze=False)
+    handles = {}
     for ax, m in zip(axes[0], present):
-        for name, (pts, posthoc) in curve_series(rows, m).items():
-            ax.plot(*zip(*pts), marker="*" if posthoc else "o", ls="none" if posthoc else "-", label=_literal(name))
-        for j, (label, vals) in enumerate(published.items()):
+        for name, (pts, posthoc) in per_metric[m].items():
+            handles[name], = ax.plot(*zip(*pts), marker="*" if posthoc else marker[name],
+                                     ls="none" if posthoc else "-", color=colour[name], label=_literal(_short(name)))
+        for label, vals in published.items():
             if m in vals:
-                ax.axhline(vals[m], ls="--", lw=1, color=f"C{j + 5}", label=_literal(f"paper: {label}"))
+                handles[f"paper: {label}"] = ax.axhline(vals[m], ls="--", lw=1, color=paper[label],
+                                                        label=_literal(_short(f"paper: {label}")))
         ax.set_title(LABELS[m])
         ax.set_xlabel("training kimg")
-    axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    png = _png(fig)
-    plt.close(fig)
-    return png
+    order = [n for n in names + [f"paper: {label}" for label in published] if n in handles]
+    fig.legend([handles[n] for n in order], [_literal(_short(n)) for n in order], fontsize=7, loc="upper center",
+               bbox_to_anchor=(0.5, 0.0), ncol=max(1, min(len(order), 2 * len(present))),
+               frameon=False)
+    return fig
 
 
 def _loss_curve(run_dir: Path):
@@ -276,24 +301,30 @@ def write_report(run_dir: Path, out_dir: Path | None = None, intro: str | None =
         config=json.dumps(data["config"], indent=2))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "report.html", html)
-    write_text_atomic(out_dir / "report.json", json.dumps(data, indent=2, default=str) + "\n")
+    write_text_atomic(out_dir / "report.json", standard_json(data, indent=2, default=str) + "\n")
     write_text_atomic(out_dir / "report.md", _markdown(data, metric_names))
     return out_dir / "report.html"
 
 
+def _cell(value) -> str:
+    """A Markdown table cell (or line) that stays one: | escaped, line breaks as spaces."""
+    return " ".join(str(value).splitlines()).replace("|", "\\|")
+
+
 def _markdown(data: dict, metric_names: list[str]) -> str:
     """report.md, every value HTML-escaped (Markdown viewers render inline HTML)."""
-    lines = [f"# ADM run report: {Path(data['run_dir']).name}", ""]
+    lines = [f"# ADM run report: {_cell(Path(data['run_dir']).name)}", ""]
     if data["rows"]:
         lines += ["| snapshot | kimg | setting | N | " + " | ".join(LABELS[m] for m in metric_names) + " |",
                   "|---|---|---|---|" + "---|" * len(metric_names)]
-        lines += [f"| {r['snapshot_name']} | {r['kimg']} | {r['label']} | {r['metrics']['num_samples']} | "
-                  + " | ".join(r["fmt"][m] for m in metric_names) + " |" for r in data["rows"]]
+        lines += ["| " + " | ".join(_cell(v) for v in (r["snapshot_name"], r["kimg"], r["label"],
+                                                       r["metrics"]["num_samples"], *(r["fmt"][m] for m in metric_names)))
+                  + " |" for r in data["rows"]]
     else:
         lines.append("No evaluation has finished yet.")
     for f in data["failures"]:
-        lines.append(f"\nFAILED: {f['snapshot_name']} / {f['setting']['name']} after {f['attempts']} attempts: "
-                     f"{f['last_error']}")
+        lines.append("\n" + _cell(f"FAILED: {f['snapshot_name']} / {f['setting']['name']} after {f['attempts']} "
+                                  f"attempts: {f.get('last_error') or 'no error recorded'}"))
     if data["preset"]:
         lines += ["", f"Paper ({data['preset']}, 50k samples): " + "; ".join(
             f"{label}: " + ", ".join(f"{LABELS[k]} {v}" for k, v in vals.items())

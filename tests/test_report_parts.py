@@ -177,3 +177,85 @@ def test_tensorboard_series_never_mix_two_families_of_one_name(tmp_path):
     others = {acc.Scalars(t)[0].value for t in fid_tags if t != "eval/fast/fid"}
     assert others == {20.0, 30.0} and all(re.fullmatch(r"eval/fast \[[0-9a-f]{6}\]/fid", t)
                                           for t in fid_tags if t != "eval/fast/fid")
+
+
+def _finished(key_dir, name, images, setting="fast", **metrics):
+    from eval.settings import EVALUATOR_VERSION
+
+    key_dir.mkdir(parents=True, exist_ok=True)
+    (key_dir / "metrics.json").write_text(json.dumps({
+        "key": key_dir.name, "snapshot_name": name, "images": images, "setting": {"name": setting},
+        "ref": "ref.npz", "evaluator": EVALUATOR_VERSION, "metrics": {"num_samples": 4, **metrics}}))
+
+
+def test_every_series_has_one_colour_in_every_panel_and_one_legend_entry():
+    """A setting with IS (only where --inception-weights was given) beside one without: each series keeps
+    its colour across the panels and the one legend names each once (the last panel's legend named only
+    the series drawn there, in that panel's colours)."""
+    from eval.report import metric_figure
+
+    rows = [{"snapshot_name": f"img{k:012d}", "label": label, "images": k, "metrics": metrics}
+            for k in (1000, 2000) for label, metrics in
+            (("plain", {"fid": 9.0, "precision": 0.5}), ("with IS", {"fid": 8.0, "inception_score": 3.0}),
+             ("x" * 150, {"fid": 7.0}))]
+    fig = metric_figure(rows, {"ADM (paper)": {"fid": 2.07}})
+    (legend,) = fig.legends
+    names = [t.get_text() for t in legend.get_texts()]
+    assert names[:2] == ["plain", "with IS"] and names[2].startswith("xxx") and len(names[2]) <= 60
+    assert names[3] == "paper: ADM (paper)" and len(names) == 4
+    colour = dict(zip(names, (h.get_color() for h in legend.legend_handles)))
+    assert len(set(colour.values())) == 4
+    drawn = [(line.get_label(), line.get_color()) for ax in fig.axes for line in ax.get_lines()]
+    assert sum(label == "plain" for label, _ in drawn) == 2  # FID and precision
+    assert all(colour[label] == c for label, c in drawn)
+
+
+def test_the_json_and_markdown_stay_valid_with_any_value(tmp_path):
+    """A NaN or infinite metric gives null in report.json (a bare NaN is not JSON: jq and browsers refuse
+    the file); a | or a line break in a name keeps each Markdown table row one row of its columns."""
+    from eval.report import write_report
+
+    run = tmp_path / "run"
+    _finished(run / "eval" / "a", "img|000000001000", 1000, setting="odd|name", fid=float("nan"), sfid=float("inf"))
+    _finished(run / "eval" / "b", "img000000002000", 2000, fid=5.0, sfid=6.0)
+    failed = run / "eval" / "c"
+    failed.mkdir()
+    (failed / "failed.json").write_text(json.dumps({"snapshot_name": "img3", "setting": {"name": "fast"},
+                                                    "attempts": 3, "last_error": "line one\nline two | more",
+                                                    "evaluator": __import__("eval.settings").settings.EVALUATOR_VERSION}))
+    write_report(run)
+    data = json.loads((run / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert {r["snapshot_name"]: r["metrics"]["fid"] for r in data["rows"]} == {"img|000000001000": None,
+                                                                               "img000000002000": 5.0}
+    md = (run / "report.md").read_text().splitlines()
+    table = [line for line in md if line.startswith("|")]
+    assert len(table) == 4 and all(len(re.split(r"(?<!\\)\|", line)) == len(re.split(r"(?<!\\)\|", table[0]))
+                                   for line in table)
+    assert [line for line in md if line.startswith("FAILED")] == [
+        "FAILED: img3 / fast after 3 attempts: line one line two \\| more"]
+
+
+@pytest.mark.parametrize("damage, field", [
+    (lambda r: r.pop("key"), "key"), (lambda r: r.pop("metrics"), "metrics"),
+    (lambda r: r["metrics"].update(fid=None), "metrics fid"), (lambda r: r.update(images="12"), "images"),
+    (lambda r: r["setting"].pop("name"), "setting")])
+def test_a_damaged_record_is_left_out_naming_its_field(tmp_path, capsys, damage, field):
+    """A metrics.json that parses but lacks what the listing and report read (an edit, another tool's file):
+    left out with a line naming the file and the field, the other evaluations reported (it stopped the
+    whole report with a KeyError or TypeError)."""
+    from eval.registry import failures, results
+    from eval.report import write_report
+
+    run = tmp_path / "run"
+    _finished(run / "eval" / "good", "img000000001000", 1000, fid=5.0)
+    _finished(run / "eval" / "bad", "img000000002000", 2000, fid=4.0)
+    record = json.loads((run / "eval" / "bad" / "metrics.json").read_text())
+    damage(record)
+    (run / "eval" / "bad" / "metrics.json").write_text(json.dumps(record))
+    (run / "eval" / "gone").mkdir()
+    (run / "eval" / "gone" / "failed.json").write_text(json.dumps({"snapshot_name": "img3", "attempts": 3}))
+    assert [r["snapshot_name"] for r in results(run)] == ["img000000001000"] and failures(run) == []
+    err = capsys.readouterr().err
+    assert f"{run / 'eval' / 'bad' / 'metrics.json'}: unreadable ({field}" in err
+    assert f"{run / 'eval' / 'gone' / 'failed.json'}: unreadable (setting" in err
+    assert "img000000001000" in write_report(run).read_text()
