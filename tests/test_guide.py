@@ -82,7 +82,7 @@ SWAPS = [
     ("123456", "{train_job}"),  # the job the submit line above started
     ("configs/eval/adm.yaml", "eval-tiny.yaml"),  # TINY_EVAL
     ("--partition gpu", "--partition debug --cpus-per-task 1"),
-    ("img000100000000", "{last_snapshot}"),  # the run's newest snapshot
+    ("img000100001792", "{last_snapshot}"),  # the run's newest snapshot
     ("--num 10000", "--num 8 --shard-size 4 --batch-size 4"),
     ("--num 50000 --steps 250", "--num 8 --steps ddim5"),
     ("VIRTUAL_imagenet64_labeled.npz", "ref/in64-val.npz"),
