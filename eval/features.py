@@ -12,7 +12,7 @@ import numpy as np
 
 from .inception import extract
 from .npzfile import READ_ERRORS, images_of, open_npz
-from .sample import overlapping_shards, save_npz_atomic
+from .sample import finished_shards, overlapping_shards, save_npz_atomic
 from .stats import Statistics
 
 MERGED = "features-merged.npz"  # all shards' features and statistics, after the metrics are published
@@ -37,14 +37,14 @@ def featurize(sample_path: Path, out_dir: Path, batch_size: int | None = None, d
     if path.is_file():
         return path
     data = open_npz(sample_path)  # a damaged file named, not a bare BadZipFile
-    images = check_images(sample_path, data)
     try:
+        images = check_images(sample_path, data)
         feats = extract(images, batch_size, device)
-    except READ_ERRORS as e:  # damage inside the archive, met while streaming its images
+        labels = data["arr_1"] if "arr_1" in data.files else np.zeros(len(images), np.int64)
+    except READ_ERRORS as e:  # damage inside the archive, met while reading or streaming its images
         raise ValueError(f"{sample_path}: damaged ({e}); sample it again (`adm sample` with the same arguments "
                          "resamples a damaged shard)") from None
     pool, spatial = Statistics.of(feats["pool"]), Statistics.of(feats["spatial"])
-    labels = data["arr_1"] if "arr_1" in data.files else np.zeros(len(images), np.int64)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_features(path, feats["pool"], labels, images.shape[1], pool, spatial)
     return path
@@ -60,7 +60,7 @@ def write_features(path: Path, pool: np.ndarray, labels: np.ndarray, resolution:
 
 def sample_shards(samples_dir: Path) -> list[Path]:
     """The sample shards of a directory, refused when two of them share seeds (they would count twice)."""
-    paths = sorted((p for p in Path(samples_dir).glob("samples-*.npz") if ".partial" not in p.name), key=seed_order)
+    paths = sorted(finished_shards(samples_dir), key=seed_order)
     clash = overlapping_shards(paths)
     if clash:
         raise ValueError(f"{samples_dir}: {clash[0].name} and {clash[1].name} share seeds (sampled there with two "

@@ -50,7 +50,8 @@ def shard_path(out: Path, seeds: list[int]) -> Path:
 
 def finished_shard_problem(path: Path, count: int) -> str | None:
     """Why a finished-looking shard cannot be reused (damaged after it was written: cut short by a full disk's
-    copy, overwritten), from its zip directory and arr_0's header; None when it is sound."""
+    copy, overwritten, a flipped bit), from its zip directory, its arrays' headers and every member read
+    through once against its CRC (a chunk at a time); None when it is sound."""
     from .npzfile import open_npz, stored_header
 
     try:
@@ -58,11 +59,23 @@ def finished_shard_problem(path: Path, count: int) -> str | None:
             if "arr_0" not in data.files:
                 return "damaged (no arr_0)"
             shape, dtype = stored_header(data, "arr_0")
+            labels = stored_header(data, "arr_1")[0] if "arr_1" in data.files else None
+            bad = data.zip.testzip()
     except Exception as e:  # noqa: BLE001 - a damaged archive fails in many ways; all mean "sample again"
         return f"damaged ({str(e).removeprefix(f'{path}: ')})"
+    if bad is not None:
+        return f"damaged ({bad}: its bytes do not match their CRC)"
     if len(shape) != 4 or shape[0] != count or shape[3] != 3 or dtype != np.uint8:
         return f"damaged (arr_0 is {dtype} {shape}, expected {count} uint8 images)"
+    if labels is not None and labels != (count,):
+        return f"damaged (arr_1 has shape {labels}, expected {count} labels)"
     return None
+
+
+def finished_shards(out: Path) -> list[Path]:
+    """The shards of a directory, without a writer's temporary files (a killed write leaves
+    samples-….npz.partial-<host>-<pid>-<id>.npz)."""
+    return [p for p in Path(out).glob("samples-*.npz") if ".partial" not in p.name]
 
 
 def shard_seed_range(path: Path) -> tuple[int, int] | None:
@@ -216,15 +229,16 @@ def claim_out_dir(out: Path, snapshot: str, setting: EvalSetting) -> None:
               **{k: getattr(setting, k) for k in ("steps", "classifier", "scale", "upsampler", "upsampler_steps",
                                                  "weights", "precision")}}
     path = out / "sampling.json"
-    if path.is_file() and any(out.glob("samples-*.npz")):  # (no shard yet: nothing to protect, claimed anew)
+    if path.is_file() and finished_shards(out):  # (no shard yet: nothing to protect, claimed anew)
         old = json.loads(path.read_text())
+        # the models count by their digests: the same one by another path (relative, a link) is the same
         changed = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in record.items()
-                   if old.get(k) != v and k != "snapshot"]
+                   if old.get(k) != v and k not in ("snapshot", "classifier", "upsampler")]
         if changed:
             raise ValueError(f"--out {out} holds samples of another snapshot or setting ({'; '.join(changed)}); "
                              "give another --out")
         return
-    if out.is_dir() and any(out.glob("samples-*.npz")):
+    if out.is_dir() and finished_shards(out):
         raise ValueError(f"--out {out} holds samples without a sampling.json (of what, unknown); give another --out")
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")
@@ -292,12 +306,13 @@ def main(argv=None, prog="adm sample") -> int:
     from tqdm.auto import tqdm
 
     planned = [shard_path(out, setting.shard_seeds(i)) for i in range(setting.num_shards)]
-    there = {p for p in out.glob("samples-*.npz") if ".partial" not in p.name}
+    there = set(finished_shards(out))
     clash = overlapping_shards(sorted(set(planned) | there))
     if clash:
         old, new = (clash if clash[0] in there and clash[0] not in planned else clash[::-1])
         (a0, a1), (b0, b1) = shard_seed_range(old), shard_seed_range(new)
-        if old in there and new in planned and a0 == b0 and a1 < b1:  # the same split, extended: more seeds
+        after = any(shard_seed_range(q)[0] == a1 + 1 for q in there)  # another part's shards follow it
+        if old in there and new in planned and a0 == b0 and a1 < b1 and not after:  # the same split, extended
             raise ValueError(f"--out {out}: {old.name} is the short last shard of a smaller --num there; delete "
                              "it to sample the larger --num (its seeds are sampled again, identically)")
         if old in there and new == planned[-1] and a0 == b0 and a1 > b1:  # the same split, cut short: fewer seeds
@@ -306,15 +321,36 @@ def main(argv=None, prog="adm sample") -> int:
                              f"first {a.num} of its samples.npz)")
         raise ValueError(f"--out {out}: {clash[0].name} (there or planned) and {clash[1].name} share seeds: the "
                          "directory was filled with another --shard-size or --seed-start split; give the same "
-                         "split again or another --out")
+                         "split again or another --out (parts of one --out line up when each --seed-start is a "
+                         "multiple of --shard-size and each --num but the last one too)")
     bar = tqdm(total=a.num, unit="img", desc="sampling", disable=not sys.stderr.isatty())
     paths = [sampler.shard(setting.shard_seeds(i), out, bar) for i in range(setting.num_shards)]
     bar.close()
+    print(f"{a.num} samples in {len(paths)} shard(s) under {out}")
     if a.merge:
-        labelled = all("arr_1" in np.load(pth).files for pth in paths)
-        merge_npz_atomic(out / "samples.npz", paths, ("arr_0", "arr_1") if labelled else ("arr_0",))
-    print(f"{a.num} samples in {len(paths)} shard(s) under {out}" + (" + samples.npz" if a.merge else ""))
+        merge_out_dir(out)
     return 0
+
+
+def merge_out_dir(out: Path) -> None:
+    """samples.npz: every shard of the directory in seed order (this command's and those of other parts of a
+    --seed-start split sampled into it), saying which seeds it holds, and any gap between the parts."""
+    from .features import sample_shards
+
+    shards = sample_shards(out)
+    labelled = all("arr_1" in np.load(pth).files for pth in shards)
+    merge_npz_atomic(out / "samples.npz", shards, ("arr_0", "arr_1") if labelled else ("arr_0",))
+    spans: list[list[int]] = []
+    for first, last in map(shard_seed_range, shards):
+        if spans and spans[-1][1] + 1 == first:
+            spans[-1][1] = last
+        else:
+            spans.append([first, last])
+    held = ", ".join(f"{a}-{b}" for a, b in spans)
+    count = sum(b - a + 1 for a, b in spans)
+    gaps = ", ".join(f"{a[1] + 1}-{b[0] - 1}" for a, b in zip(spans, spans[1:]))
+    print(f"{out / 'samples.npz'}: {count} images, seeds {held}"
+          + (f" (seeds {gaps} missing: sample them into {out}, then --merge again)" if gaps else ""))
 
 
 if __name__ == "__main__":

@@ -411,6 +411,12 @@ def test_the_same_setting_under_another_name_is_the_same_evaluation(tmp_path):
     first = prepare(run, snap, EvalSetting(name="ddim5", steps="ddim5", num=4), ref)
     assert prepare(run, snap, EvalSetting(name="tiny", steps="ddim5", num=4), ref) == first
     assert prepare(run, snap, EvalSetting(name="tiny", steps="ddim6", num=4), ref) != first
+    # the batch size changes no image (not in the key): a lower one, after an out-of-memory failure, is the
+    # one the next attempt's tasks read (the first registration's stayed)
+    from eval.farm import load_spec
+
+    assert prepare(run, snap, EvalSetting(name="ddim5", steps="ddim5", num=4, batch_size=2), ref) == first
+    assert load_spec(first)[1].batch_size == 2
 
 
 def test_a_refused_submission_is_not_an_attempt(tmp_path, monkeypatch, capsys):

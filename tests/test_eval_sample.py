@@ -356,6 +356,68 @@ def test_a_damaged_finished_shard_is_said_and_sampled_again(tmp_path):
     proc = run_cli(*common)
     assert "arr_0 is uint8 (2, 32, 32, 3), expected 4 uint8 images" in proc.stderr, proc.stderr
     assert np.array_equal(np.load(shard)["arr_0"], before)
+    # a flipped bit inside the images (a bad disk, an overwrite): the zip's directory and headers are sound,
+    # only a read through against the CRC tells; it was reused, and features then failed with a traceback
+    labels = np.load(shard)["arr_1"]
+    damaged = bytearray(shard.read_bytes())
+    damaged[500] ^= 0xFF
+    shard.write_bytes(bytes(damaged))
+    proc = run_cli("eval", "features", str(tmp_path / "a"), "--out", str(tmp_path / "f"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{shard}: damaged (Bad CRC-32 for file 'arr_0.npy'); sample it again" in proc.stderr
+    proc = run_cli(*common)
+    assert f"{shard}: damaged (arr_0.npy: its bytes do not match their CRC); sampling it again" in proc.stderr
+    assert np.array_equal(np.load(shard)["arr_0"], before)
+    np.savez(shard, arr_0=before, arr_1=labels[:3])  # labels of another count
+    assert "damaged (arr_1 has shape (3,), expected 4 labels)" in run_cli(*common).stderr
+    assert np.array_equal(np.load(shard)["arr_1"], labels)
+
+
+def test_an_out_dir_is_resumed_whatever_the_models_paths_and_temporaries(tmp_path, monkeypatch):
+    """A killed write's temporary file is not a finished shard (it made the directory count as another
+    setting's, or as one without a sampling.json); the same classifier by another path (relative, a link)
+    is the same classifier (its digest counts, as the snapshot's does)."""
+    from eval.sample import main
+
+    base, clf = snapshot(tmp_path, "base", "tiny-32", 1), snapshot(tmp_path, "clf", "tiny-classifier-32", 2)
+    out = tmp_path / "a"
+    out.mkdir()
+    (out / "sampling.json").write_text(json.dumps({"steps": "30"}))  # a killed run's, of another setting
+    (out / "samples-00000000-00000001.npz.partial-host-123-abcdef12.npz").write_bytes(b"PK\x03\x04cut")
+    main([str(base), "--num", "2", "--steps", "ddim2", "--out", str(out)])
+    assert json.loads((out / "sampling.json").read_text())["steps"] == "ddim2"
+    (out / "sampling.json").unlink()
+    for p in out.glob("samples-*"):
+        p.unlink()
+    main([str(base), "--num", "2", "--steps", "ddim2", "--classifier", str(clf), "--out", str(out)])
+    shard = out / "samples-00000000-00000001.npz"
+    before = shard.stat().st_mtime_ns
+    (tmp_path / "link").symlink_to(clf)
+    monkeypatch.chdir(tmp_path)
+    for other in ("clf", "clf/", "link"):
+        main([str(base), "--num", "2", "--steps", "ddim2", "--classifier", other, "--out", str(out)])
+    assert shard.stat().st_mtime_ns == before
+    other = snapshot(tmp_path, "clf2", "tiny-classifier-32", 3)
+    with pytest.raises(ValueError, match="classifier_digest"):  # another classifier is refused, as before
+        main([str(base), "--num", "2", "--steps", "ddim2", "--classifier", str(other), "--out", str(out)])
+
+
+def test_parts_of_a_seed_split_merge_into_one_npz(tmp_path, capsys):
+    """GUIDE: split the work over jobs by --seed-start and --num into one --out. Each part's --merge writes
+    every shard there in seed order (it wrote only its own, over the other part's samples.npz), says which
+    seeds it holds and which are missing; equal to one run's samples."""
+    from eval.sample import main
+
+    base = snapshot(tmp_path, "base", "tiny-32", 1)
+    common = [str(base), "--steps", "ddim2", "--shard-size", "2", "--merge"]
+    main([*common, "--num", "5", "--out", str(tmp_path / "whole")])
+    for start, num in ((0, 2), (4, 1)):
+        main([*common, "--seed-start", str(start), "--num", str(num), "--out", str(tmp_path / "parts")])
+    assert f"{tmp_path / 'parts' / 'samples.npz'}: 3 images, seeds 0-1, 4-4 (seeds 2-3 missing" in capsys.readouterr().out
+    main([*common, "--seed-start", "2", "--num", "2", "--out", str(tmp_path / "parts")])
+    assert f"{tmp_path / 'parts' / 'samples.npz'}: 5 images, seeds 0-4\n" in capsys.readouterr().out
+    whole, parts = np.load(tmp_path / "whole" / "samples.npz"), np.load(tmp_path / "parts" / "samples.npz")
+    assert np.array_equal(whole["arr_0"], parts["arr_0"]) and np.array_equal(whole["arr_1"], parts["arr_1"])
 
 
 def test_shards_past_10_to_the_8_stay_in_seed_order(tmp_path):
