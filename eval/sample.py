@@ -218,10 +218,10 @@ class Sampler:
         return watch.array()
 
 
-def claim_out_dir(out: Path, snapshot: str, setting: EvalSetting) -> None:
+def claim_out_dir(out: Path, snapshot: str, setting: EvalSetting, write: bool = True) -> None:
     """An --out directory holds the samples of one snapshot and setting (recorded in sampling.json), so
     that its finished shards can be reused; another snapshot or setting there is refused, naming what
-    differs, instead of passing old shards off as new ones."""
+    differs, instead of passing old shards off as new ones. `write=False` only checks (nothing created)."""
     from .settings import _digest
 
     record = {"snapshot": str(Path(snapshot).resolve()), "snapshot_digest": _digest(snapshot),
@@ -240,6 +240,8 @@ def claim_out_dir(out: Path, snapshot: str, setting: EvalSetting) -> None:
         return
     if out.is_dir() and finished_shards(out):
         raise ValueError(f"--out {out} holds samples without a sampling.json (of what, unknown); give another --out")
+    if not write:
+        return
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
@@ -301,8 +303,7 @@ def main(argv=None, prog="adm sample") -> int:
     setting.num = a.num
     check_device(a.device)
     _check_snapshot_steps(a)
-    sampler = Sampler(a.snapshot, setting, a.device)
-    claim_out_dir(out, a.snapshot, setting)
+    claim_out_dir(out, a.snapshot, setting, write=False)  # the cheap checks first: large models load slowly
     from tqdm.auto import tqdm
 
     planned = [shard_path(out, setting.shard_seeds(i)) for i in range(setting.num_shards)]
@@ -323,6 +324,8 @@ def main(argv=None, prog="adm sample") -> int:
                          "directory was filled with another --shard-size or --seed-start split; give the same "
                          "split again or another --out (parts of one --out line up when each --seed-start is a "
                          "multiple of --shard-size and each --num but the last one too)")
+    sampler = Sampler(a.snapshot, setting, a.device)
+    claim_out_dir(out, a.snapshot, setting)
     bar = tqdm(total=a.num, unit="img", desc="sampling", disable=not sys.stderr.isatty())
     paths = [sampler.shard(setting.shard_seeds(i), out, bar) for i in range(setting.num_shards)]
     bar.close()
