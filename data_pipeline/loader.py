@@ -12,6 +12,7 @@ missing. Corrupt samples and truncated shards are skipped and counted, never fat
 
 import atexit
 import io
+import os
 import json
 import logging
 import signal
@@ -131,7 +132,9 @@ class ShardStream(IterableDataset):
         pos = {s: Position(**self.state.get(str(s), {}).get("pos", {})) for s in slots}
         # shards started so far per slot: slots take turns a shard at a time (one shard in memory)
         done = {s: self.state.get(str(s), {}).get("shards", 0) for s in slots}
-        batch, skipped, barren = [], 0, []  # barren: the shards read in a row without one good sample
+        # skipped: (slot, epoch, shard, offset, shards started) of each bad sample since the last batch, counted
+        # in the next one, whose consumption moves the state past them too (else a resume counted them again)
+        batch, skipped, barren = [], [], []  # barren: the shards read in a row without one good sample
         while True:
             slot = min(slots, key=lambda s: (done[s], s))  # derivable from the state: exact resume
             shard = self.order.shards_of(slot, pos[slot].epoch)[pos[slot].shard]
@@ -139,14 +142,14 @@ class ShardStream(IterableDataset):
                 barren.append(shard)
             for sample, here in self.shard_samples(slot, pos[slot]):
                 if sample is None:
-                    skipped += 1
+                    skipped.append((slot, here.epoch, here.shard, here.offset, done[slot]))
                     continue
                 sample["shards"] = done[slot]
                 barren = []
                 batch.append(sample)
                 if len(batch) == self.batch_size:
                     yield collate(batch, skipped)
-                    batch, skipped = [], 0
+                    batch, skipped = [], []
             self._check_not_barren(barren)
             pos[slot] = self.order.advance(slot, Position(pos[slot].epoch, pos[slot].shard,
                                                           self.order.counts[self.order.shards_of(
@@ -170,7 +173,7 @@ class ShardStream(IterableDataset):
                 "damaged or holds only bad samples; `adm data verify` names the damage")
 
 
-def collate(samples: list[dict], skipped: int) -> dict:
+def collate(samples: list[dict], skipped: list[tuple]) -> dict:
     # one vectorised uint8 -> [-1, 1] conversion per batch instead of one per image
     out = {"image": torch.from_numpy(np.stack([s["image"] for s in samples])).float().div_(127.5).sub_(1.0),
            "pos": torch.from_numpy(np.stack([s["pos"] for s in samples]))}
@@ -179,7 +182,8 @@ def collate(samples: list[dict], skipped: int) -> dict:
     out["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
     out["id"] = torch.tensor([s["id"] for s in samples], dtype=torch.long)
     out["shards"] = torch.tensor([s["shards"] for s in samples], dtype=torch.long)
-    out["skipped"] = torch.tensor(skipped)
+    out["skipped"] = torch.tensor(len(skipped))
+    out["skipped_pos"] = torch.tensor(skipped, dtype=torch.long).reshape(-1, 5)
     return out
 
 
@@ -191,17 +195,43 @@ def _ignore_job_signals(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def _kill_workers_at_exit(iterator_ref, workers: list) -> None:
-    """At interpreter exit (registered after multiprocessing's own hook, so it runs first): SIGKILL the
-    workers still alive. multiprocessing would SIGTERM them, which they ignore, and then wait forever,
-    e.g. when the training process exits on an exception that keeps the iterator alive, or after a worker's
-    exception, when the collected iterator's own shutdown left its workers waiting for work."""
-    iterator = iterator_ref()
-    if iterator is not None:
+_LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()  # the DataLoader iterators with workers, while they live
+_WORKER_PIDS: set[int] = set()  # every worker started: pids, not Process objects, whose pipes would stay open
+_AT_EXIT: list = []  # the hook, once registered
+
+
+def _watch_workers(batches) -> None:
+    """Have the workers of a DataLoader iterator killed at interpreter exit (see _kill_workers_at_exit),
+    keeping nothing of it alive meanwhile (a Process object per worker held its pipes open: two file
+    descriptors per worker per iter() until exit)."""
+    _LIVE_ITERATORS.add(batches)
+    _WORKER_PIDS.update(w.pid for w in batches._workers)
+    if not _AT_EXIT:  # registered after multiprocessing's own hook (workers import it first), so it runs first
+        _AT_EXIT.append(atexit.register(_kill_workers_at_exit))
+
+
+def _kill_workers_at_exit() -> None:
+    """At interpreter exit: SIGKILL the workers still alive. multiprocessing would SIGTERM them, which they
+    ignore, and then wait forever, e.g. when the training process exits on an exception that keeps the
+    iterator alive, or after a worker's exception, when the collected iterator's own shutdown left its
+    workers waiting for work."""
+    for iterator in list(_LIVE_ITERATORS):
         iterator._shutdown_workers()  # the DataLoader's orderly stop; it also stops watching them die
-    for worker in workers:
-        if worker.is_alive():
-            worker.kill()
+    for pid in _WORKER_PIDS:
+        if _running_child(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _running_child(pid: int) -> bool:
+    """pid is a running child of this process: a worker, not one that exited (a zombie, or reaped and its
+    pid since taken by a process of someone else's). Reads /proc; reaping nothing, it leaves
+    multiprocessing's own bookkeeping of its children as it was."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+    return int(ppid) == os.getpid() and state not in ("Z", "X")
 
 
 class StreamLoader:
@@ -249,13 +279,19 @@ class StreamLoader:
         # the first next(): callers that restore RNG state after iter() rely on this
         batches = iter(DataLoader(dataset, **kwargs))
         if self.num_workers:
-            atexit.register(_kill_workers_at_exit, weakref.ref(batches), list(batches._workers))
+            _watch_workers(batches)
         return self._consume(batches, order)
 
     def _consume(self, batches, order):
         for batch in batches:
-            # the training step receives this batch: only now does the state move
-            for (slot, epoch, shard, offset), started in zip(batch["pos"].tolist(), batch["shards"].tolist()):
+            # the training step receives this batch: only now does the state move, past its samples and the bad
+            # ones counted in it (within a slot, positions grow with (epoch, shard, offset): the last one wins)
+            read = [(*p, started) for p, started in zip(batch["pos"].tolist(), batch["shards"].tolist())]
+            last = {}
+            for slot, epoch, shard, offset, started in read + batch["skipped_pos"].tolist():
+                if slot not in last or (epoch, shard, offset) > last[slot][:3]:
+                    last[slot] = (epoch, shard, offset, started)
+            for slot, (epoch, shard, offset, started) in last.items():
                 nxt = order.advance(slot, Position(epoch, shard, offset))
                 moved_on = (nxt.epoch, nxt.shard) != (epoch, shard)
                 self.slots[str(slot)] = {"pos": asdict(nxt), "shards": started + moved_on}

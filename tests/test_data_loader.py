@@ -375,3 +375,91 @@ def test_a_shard_unreadable_for_a_moment_loses_nothing_and_one_gone_for_good_sto
     # through a command: one line saying so, no traceback
     assert run_guarded(main, ["bench", str(path), "--resolution", "16", "--seconds", "1"]) == 2
     assert f"{name}: still unreadable after 6 tries" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_iterating_again_keeps_no_file_open_and_exit_still_kills_the_workers(data, tmp_path):
+    """Each iter() with workers kept two pipe descriptors per worker open until exit (the exit hook held
+    the Process objects); a process that exits on an exception with the iterator alive still ends at once
+    and leaves no worker behind (the workers ignore SIGTERM, so multiprocessing's own exit would wait)."""
+    import gc
+    import os
+    import subprocess
+    import sys
+    import time
+
+    ld = loader(data[1] / "crop", num_workers=2)
+    for _ in range(2):  # the first iterators open what stays open anyway (imports, the manifest's caches)
+        it = iter(ld)
+        next(it)
+        del it
+    gc.collect()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(8):
+        it = iter(ld)
+        next(it)
+        del it
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= before + 2  # was + 32
+    script = tmp_path / "dies.py"
+    script.write_text(f"""
+import os, sys
+sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parents[1])!r})
+from data_pipeline.loader import StreamLoader
+it = iter(StreamLoader({str(data[1] / "crop")!r}, resolution=32, batch_size=5, num_slots=4, seed=3, num_workers=2))
+next(it)
+print(" ".join(str(w.pid) for w in it.gi_frame.f_locals["batches"]._workers), flush=True)
+KEEP = it
+raise SystemExit("stopping with the iterator alive")
+""")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "stopping with the iterator alive" in proc.stderr, proc.stderr
+    pids = [int(x) for x in proc.stdout.split()]
+    assert len(pids) == 2
+    time.sleep(0.5)  # (killed before the process ended; init reaps them)
+    assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")
+                and "(python" in open(f"/proc/{pid}/stat").read()]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resume_counts_each_bad_sample_once(data, tmp_path, workers):
+    """Bad samples at a shard's end are counted in the next batch, which another slot may fill: its
+    consumption now moves their slot past them too. The slot stayed before them, so a resume read and
+    counted them again (the skipped count, and TensorBoard's data-pipeline skips, grew with every resume)."""
+    import shutil
+
+    path = tmp_path / "bad"
+    shutil.copytree(data[1] / "orig", path)
+    for shard in sorted(path.glob("shard-*.tar"))[::3]:  # tails cut: their last samples lost
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size * 2 // 3])
+    n = 40  # batches: past the first epoch
+
+    def run(state, batches):
+        ld = loader(path, num_workers=workers)
+        if state is not None:
+            ld.load_state_dict(json.loads(json.dumps(state)))
+        it = iter(ld)
+        ids = [i for _ in range(batches) for i in next(it)["id"].tolist()]
+        return ids, ld
+
+    full_ids, full = run(None, n)
+    assert full.skipped > 0
+    for k in range(1, n, 3):
+        head, first = run(None, k)
+        tail, second = run(first.state_dict(), n - k)
+        assert head + tail == full_ids
+        assert second.skipped == full.skipped, k
+
+
+def test_another_worker_count_changes_the_order_not_the_epoch(data):
+    """Why a resume with another data_workers is not bit-identical (and the trainer says so): each rank's
+    batches take turns between its workers' slots, so the worker count orders the batches; the epoch's
+    samples, each slot's own stream and 0 against 1 worker do not change."""
+    from trainer.loop import order_change
+
+    path = data[1] / "crop"
+    one, two, none = (take(loader(path, num_workers=w), 24) for w in (1, 2, 0))
+    assert one == none and one != two
+    assert sorted(epoch0([loader(path, num_workers=1)])) == sorted(epoch0([loader(path, num_workers=2)])) \
+        == list(range(N))
+    assert order_change(2, 1, elastic=False).startswith("data_workers 1, was 2: the batches come in another order")
+    assert order_change(0, 1, elastic=False) is None and order_change(2, 1, elastic=True) is None

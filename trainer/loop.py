@@ -93,6 +93,16 @@ def process_start() -> float:
     return psutil.Process().create_time()
 
 
+def order_change(was_workers: int, workers: int, elastic: bool) -> str | None:
+    """What another data_workers does to a resume at the same world size (at another, the world size's
+    change says it): the batches' order, not which samples an epoch holds."""
+    if elastic or max(1, was_workers) == max(1, workers):  # (0 and 1 workers read alike)
+        return None
+    return (f"data_workers {workers}, was {was_workers}: the batches come in another order from here than in an "
+            "uninterrupted run (each rank's turns pass between its workers' slots); every sample still comes once "
+            f"an epoch. A bit-identical continuation needs data_workers={was_workers}")
+
+
 def write_options(run_dir: Path, options: dict, resumed_at: int | None) -> None:
     """training_options.json: this launch's resolved options (and world size). On a resume, what changed since
     the last launch (the learning rate, the world size, say) is said and kept in training_options.changes.jsonl."""
@@ -242,6 +252,9 @@ def training_loop(cfg: TrainConfig) -> int:
             changed = [f"{k} {then[k]}, now {v}" for k, v in now.items() if then.get(k, v) != v]
             log.info("resumed from %s at %g kimg%s", tag, images / 1000,
                      f" (saved at {'; '.join(changed)}: universal checkpoint)" if elastic else "")
+            if note := order_change(client["loader"].get("num_workers", loader.num_workers), loader.num_workers,
+                                    elastic):
+                log.warning("%s", note)
     if is_main:
         write_options(run_dir, {**asdict(cfg), "world_size": world}, images if found else None)
     batches = iter(loader)  # before restoring the RNG: creating the iterator draws from it
