@@ -29,7 +29,9 @@ def load_model(path: str, device, weights: str = "ema"):
     from models.snapshot import load_snapshot
 
     snap = load_snapshot(path, hashes=True, weights=weights)  # a flipped bit would give plausible images
-    return snap.build(device), snap
+    model = snap.build(device)
+    snap.state_dict = None  # the model holds the weights now: a second copy in host memory for the run helps none
+    return model, snap
 
 
 def _diffusion(snap, respacing: str):

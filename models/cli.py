@@ -160,6 +160,9 @@ def cmd_convert(args) -> int:
         raise ValueError(f"{dst} already exists (pass --overwrite to replace it)")
     if src.exists() and dst.resolve() in (src.resolve(), *src.resolve().parents):
         raise ValueError(f"{dst}: holds the source {src}; writing there would replace what is being converted")
+    if src.is_dir() and src.resolve() in dst.resolve().parents:
+        raise ValueError(f"{dst}: inside the snapshot {src} (a file there would make it no snapshot any more: "
+                         "a later convert --overwrite into it refuses); write it elsewhere")
     if src.is_dir():
         if dst.is_dir():
             raise ValueError(f"{dst}: a directory; a snapshot converts to a .pt file: give its path, e.g. "
@@ -184,7 +187,7 @@ def cmd_convert(args) -> int:
     except Exception as e:  # torch raises several types for a non-checkpoint file
         from adm.config import load_error
         raise ValueError(f"{src}: not a loadable PyTorch checkpoint ({load_error(e)})") from None
-    state_dict = _unwrapped(state_dict, src)
+    state_dict = _unwrapped(state_dict, src, args.entry)
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         got = type(state_dict).__name__
         if isinstance(state_dict, dict):
@@ -228,31 +231,47 @@ def cmd_convert(args) -> int:
                      described_as=f"{name}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
     _check_values(state_dict, src)
     meta = {"preset": name, "source": src.name}
-    diffusion = yaml_diffusion(args.config) or (preset.diffusion if preset else None)
+    given = args.config or args.preset  # either may name a YAML file, whose diffusion: section counts
+    diffusion = yaml_diffusion(given) or (preset.diffusion if preset else None)
     if diffusion is None:
         diffusion = {"steps": 1000, "noise_schedule": "linear"}
-        print(f"{src}: recorded ADM's diffusion, {diffusion} (a diffusion: section in {args.config} says otherwise)")
+        print(f"{src}: recorded ADM's diffusion, {diffusion} (add a diffusion: section to {given} to say otherwise)")
     meta["diffusion"] = diffusion
     save_snapshot(dst, state_dict, cfg, meta=meta, overwrite=args.overwrite)
     print(f"wrote snapshot {dst} ({WEIGHTS}, config.json, manifest.json) from {src} as {name}")
     return 0
 
 
-def _unwrapped(obj, src: Path):
-    """The state dict inside the usual wrappers: {"state_dict": ...}, {"model": ...} or {"model_state_dict": ...}
-    (a training script's save), and keys prefixed `module.` by DistributedDataParallel; said when unwrapped."""
+def _unwrapped(obj, src: Path, entry: str | None = None):
+    """The state dict inside the usual wrappers: {"ema": ...} (EMA weights, what evaluation uses), then
+    {"state_dict": ...}, {"model": ...} or {"model_state_dict": ...} (a training script's save), or the
+    `entry` asked for; keys prefixed `module.` by DistributedDataParallel; said when unwrapped."""
     import torch
 
     def tensors(d):
         return isinstance(d, dict) and d and all(isinstance(v, torch.Tensor) for v in d.values())
 
+    if entry is not None:
+        if not isinstance(obj, dict) or not tensors(obj.get(entry)):
+            held = ", ".join(repr(k) for k in obj) if isinstance(obj, dict) else type(obj).__name__
+            raise ValueError(f"--entry {entry}: {src} has no state dict under that name (it holds {held})")
+        return _unprefixed(obj[entry], src)
     if isinstance(obj, dict) and not tensors(obj):
-        inner = next((k for k in ("state_dict", "model", "model_state_dict") if tensors(obj.get(k))), None)
+        inner = next((k for k in ("ema", "state_dict", "model", "model_state_dict") if tensors(obj.get(k))), None)
         if inner is not None:
             if inner != "state_dict":
-                print(f"{src}: converting its {inner!r} entry (the file holds {', '.join(map(repr, obj))})")
+                others = [k for k, v in obj.items() if k != inner and tensors(v)]
+                print(f"{src}: converting its {inner!r} entry (the file holds {', '.join(map(repr, obj))})"
+                      + (f"; --entry {others[0]} converts that one instead" if others else ""))
             obj = obj[inner]
-    if tensors(obj) and all(isinstance(k, str) and k.startswith("module.") for k in obj):
+    return _unprefixed(obj, src)
+
+
+def _unprefixed(obj, src: Path):
+    import torch
+
+    if isinstance(obj, dict) and obj and all(isinstance(k, str) and k.startswith("module.") for k in obj) \
+            and all(isinstance(v, torch.Tensor) for v in obj.values()):
         print(f"{src}: keys prefixed 'module.' (a DistributedDataParallel model's): prefix dropped")
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
@@ -298,6 +317,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--preset", help="the preset the checkpoint was trained as (default: inferred)")
+    p.add_argument("--entry", help="a wrapped checkpoint's entry to convert (default: 'ema' where there is one, "
+                   "else 'state_dict', 'model' or 'model_state_dict')")
     p.add_argument("--config", help="a YAML model config instead of a preset")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("overrides", nargs="*", metavar="key=value")

@@ -118,6 +118,10 @@ def save_snapshot(directory: str | Path, state_dict: dict[str, torch.Tensor], co
 
 def read_manifest(directory: str | Path) -> dict:
     directory = Path(directory)
+    if directory.is_file():
+        raise SnapshotError(f"{directory}: a file, not a snapshot directory" + (
+            f"; convert a released checkpoint first: adm models convert {directory} DIR" if directory.suffix in
+            (".pt", ".pth", ".bin", ".ckpt") else ""))
     if not directory.is_dir():
         raise SnapshotError(f"snapshot {directory} does not exist or is not a directory")
     path = directory / MANIFEST

@@ -149,7 +149,12 @@ def test_conversion_options_and_what_it_records(tmp_path, released_pt):
         "steps": 4000, "noise_schedule": "cosine", "predict_xstart": False}
     (tmp_path / "n.yaml").write_text(json.dumps({"model": cfg}))
     out = run_cli("models", "convert", str(pt), str(tmp_path / "e"), "--config", str(tmp_path / "n.yaml")).stdout
-    assert "recorded ADM's diffusion, {'steps': 1000, 'noise_schedule': 'linear'}" in out
+    assert (f"recorded ADM's diffusion, {{'steps': 1000, 'noise_schedule': 'linear'}} (add a diffusion: section to "
+            f"{tmp_path / 'n.yaml'} to say otherwise)") in out
+    # --preset takes a YAML file too: its diffusion section counts as --config's does (it was dropped, silently)
+    run_cli("models", "convert", str(pt), str(tmp_path / "g"), "--preset", str(tmp_path / "m.yaml"))
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["diffusion"] == {
+        "steps": 4000, "noise_schedule": "cosine", "predict_xstart": False}
     (tmp_path / "x.yaml").write_text(json.dumps({"model": cfg, "diffusion": {"noise_schedule": "sigmoid"}}))
     proc = run_cli("models", "convert", str(pt), str(tmp_path / "f"), "--config", str(tmp_path / "x.yaml"), check=False)
     assert proc.returncode == 2 and "noise_schedule linear or cosine" in proc.stderr
@@ -297,6 +302,14 @@ def test_what_convert_refuses_to_write_over_or_to_write(tmp_path, released_pt):
     run_cli("models", "convert", str(pt), str(snap), "--overwrite")  # a snapshot is replaced
     proc = run_cli("models", "convert", str(snap), str(folder), "--overwrite", check=False)
     assert proc.returncode == 2 and f"{folder}: a directory; a snapshot converts to a .pt file" in proc.stderr
+    # a .pt written into the snapshot itself made it no snapshot (a later convert --overwrite into it refused)
+    proc = run_cli("models", "convert", str(snap), str(snap / "back.pt"), check=False)
+    assert proc.returncode == 2 and f"{snap / 'back.pt'}: inside the snapshot {snap}" in proc.stderr
+    assert not (snap / "back.pt").exists()
+    # a released .pt given where a snapshot goes is told how to convert it (it was "does not exist")
+    proc = run_cli("sample", str(pt), "--num", "1", "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and (f"{pt}: a file, not a snapshot directory; convert a released checkpoint "
+                                     f"first: adm models convert {pt} DIR") in proc.stderr, proc.stderr
     assert sorted(p.name for p in folder.iterdir()) == ["sub", "tiny.pt"]  # no .partial left
     sd = ref.state_dict()
     for name, change, message in [("nan.pt", lambda d: d["out.2.bias"].view(-1)[0].fill_(float("nan")),
@@ -322,6 +335,19 @@ def test_wrapped_and_ddp_prefixed_checkpoints_convert_to_the_same_snapshot(tmp_p
     assert "converting its 'model' entry (the file holds 'model', 'step')" in out and "prefix dropped" in out
     plain, wrapped = load_snapshot(tmp_path / "plain").state_dict, load_snapshot(tmp_path / "w").state_dict
     assert plain.keys() == wrapped.keys() and all(torch.equal(plain[k], wrapped[k]) for k in plain)
+    # raw and EMA weights in one file (DiT's and EDM's saves): the EMA is converted (what evaluations use; the raw
+    # weights were), and --entry picks the other; an entry that is not there is named
+    raw = {k: v + 1 for k, v in sd.items()}
+    torch.save({"model": raw, "ema": sd, "opt": {"step": 3}}, tmp_path / "both.pt")
+    out = run_cli("models", "convert", str(tmp_path / "both.pt"), str(tmp_path / "e")).stdout
+    assert "converting its 'ema' entry (the file holds 'model', 'ema', 'opt'); --entry model converts that" in out
+    ema = load_snapshot(tmp_path / "e").state_dict
+    assert all(torch.equal(plain[k], ema[k]) for k in plain)
+    run_cli("models", "convert", str(tmp_path / "both.pt"), str(tmp_path / "r"), "--entry", "model")
+    assert all(torch.equal(raw[k], load_snapshot(tmp_path / "r").state_dict[k]) for k in raw)
+    proc = run_cli("models", "convert", str(tmp_path / "both.pt"), str(tmp_path / "x"), "--entry", "opt", check=False)
+    assert proc.returncode == 2 and "--entry opt: " in proc.stderr and "has no state dict under that name (it holds " \
+        "'model', 'ema', 'opt')" in proc.stderr
     torch.save({0: torch.zeros(1), **sd}, tmp_path / "intkey.pt")
     proc = run_cli("models", "convert", str(tmp_path / "intkey.pt"), str(tmp_path / "s"), check=False)
     assert proc.returncode == 2 and "got a key 0 that is not a name" in proc.stderr, proc.stderr
