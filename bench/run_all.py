@@ -164,6 +164,11 @@ def summary(all_results: dict[str, dict], info: dict) -> str:
             out += ["", f"ZeRO-2 / ZeRO-1 throughput {_f(r.get('zero2_vs_zero1_throughput'))}; load "
                     f"{_f(r.get('checkpoint_load_mib_s'), 0)} MiB/s; resume (ZeRO-{r.get('resume_zero_stage', 2)}) to first step "
                     f"{_f(r.get('resume_to_first_step_s'), 1)} s.", ""]
+            if d := r.get("preemption"):
+                out += [f"Preemption drill (ZeRO-{d['zero_stage']}, SIGUSR2 to the launcher mid-run): saved "
+                        f"{_f(d['signal_to_saved_s'], 1)} s after the signal ({_f(d['steps_after_signal'], 0)} steps of "
+                        f"{_f(d['step_s'])} s, then a {_f(d['save_s'])} s save); lost steps {d['lost_steps']} "
+                        f"(resumed from {d['images_resumed_from']} images, {d['images_at_signal']} trained at the signal).", ""]
     for name in ("ddp-cpu", "ddp-gpu"):
         if r := results.get(name):
             out += [f"**{name}** (plain data parallel vs ZeRO at the same batch: {r['preset']}, {r['precision']}, "

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -54,13 +55,17 @@ def make_data(tmp: Path, resolution: int = 32) -> Path:
     return tmp / "shards"
 
 
+def train_command(args, run_dir, *extra):
+    return [sys.executable, "-m", "adm", "train", f"preset={args.preset}", f"data={args.data}", f"run_dir={run_dir}",
+            *args.overrides, *extra, "--nproc", str(args.nproc)]
+
+
 def run(args, run_dir, *extra):
-    cmd = [sys.executable, "-m", "adm", "train", f"preset={args.preset}", f"data={args.data}", f"run_dir={run_dir}",
-           *args.overrides, *extra, "--nproc", str(args.nproc)]
+    cmd = train_command(args, run_dir, *extra)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return proc.stdout
+    return proc.stdout + proc.stderr  # the status lines and timings, then the log (what was resumed)
 
 
 def main():
@@ -111,10 +116,53 @@ def main():
                 result.update(checkpoint_load_s=float(load.group(1)), checkpoint_load_mib_s=float(load.group(3)),
                               resume_to_first_step_s=float(first.group(1)))
                 save_partial(result, a.out)
+                result["preemption"] = preemption_drill(a, tmp / "preempted", resumed)
+                print(result["preemption"], flush=True)
+                save_partial(result, a.out)
     by_stage = {r["zero_stage"]: r["images_per_s"] for r in rows}
     if 1 in by_stage and 2 in by_stage:
         result["zero2_vs_zero1_throughput"] = by_stage[2] / by_stage[1]
     write_result(result, a.out)
+
+
+def preemption_drill(args, run_dir: Path, stage: int, steps_before: int = 4) -> dict:
+    """The preemption signal (SIGUSR2, submitit's) to `adm train`'s launcher mid-run, as Slurm sends it ahead of
+    the kill: how long the ranks take from the signal to a committed checkpoint (finishing the step in
+    flight, agreeing, saving), against one save's and one step's time, and whether the resumed run goes
+    on from the images trained when the signal came (the lost steps; the target is none when the signal
+    comes at least a save-duration ahead of the kill). The ranks agree one step late (the agreement's
+    all-reduce overlaps the next step, no sync per step), so the grace a job needs is about two steps and a save."""
+    batch = next(int(o.split("=", 1)[1]) for o in args.overrides + ["batch=0"] if o.startswith("batch="))
+    long_run = [f"zero_stage={stage}", f"total_kimg={args.kimg * 50}", f"status_kimg={batch / 1000}",
+                f"checkpoint_kimg={args.kimg * 100}", f"snapshot_kimg={args.kimg * 100}", "grid=false"]
+    proc = subprocess.Popen(train_command(args, run_dir, *long_run), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    status, stamps, signalled, saved, lines = [], [], None, None, []
+    for line in proc.stdout:
+        lines.append(line)
+        if m := re.match(r"\[train\]\s+([\d.]+) kimg \|", line):
+            status.append(round(float(m.group(1)) * 1000))
+            stamps.append(time.perf_counter())
+            if len(status) == steps_before and signalled is None:
+                proc.send_signal(signal.SIGUSR2)
+                signalled = time.perf_counter()
+        elif (m := re.search(r"\[ckpt\] saved \S+ in ([\d.]+) s", line)) and signalled is not None:
+            saved = time.perf_counter(), float(m.group(1))
+    code = proc.wait()
+    at = re.search(r"preemption signal \(SIGUSR2\): saved at ([\d.]+) kimg", "".join(lines))
+    if code != 75 or saved is None or at is None:
+        raise SystemExit(f"the preemption drill ended with exit status {code} (expected 75 after a save):\n"
+                         + "".join(lines[-40:]))
+    saved_images = round(float(at.group(1)) * 1000)
+    out = run(args, run_dir, *long_run[:1], f"total_kimg={(saved_images + batch) / 1000}", *long_run[2:])
+    resumed = re.search(r"resumed from \S+ at ([\d.]+) kimg", out)
+    resumed_images = round(float(resumed.group(1)) * 1000) if resumed else 0
+    trained_at_signal = status[steps_before - 1]  # printed before the signal went: trained by then at least
+    step_s = statistics.median(b - a for a, b in zip(stamps[:-1], stamps[1:]))
+    return {"zero_stage": stage, "batch": batch, "images_at_signal": trained_at_signal, "images_saved": saved_images,
+            "images_resumed_from": resumed_images, "lost_steps": max(0, trained_at_signal - resumed_images) // batch,
+            "steps_after_signal": (saved_images - trained_at_signal) / batch, "signal_to_saved_s": saved[0] - signalled,
+            "save_s": saved[1], "step_s": step_s}
 
 
 def train_flops_per_image(run_dir: Path) -> float:

@@ -67,7 +67,12 @@ def test_run_all_runs_the_benchmarks_and_rewrites_only_its_section(tmp_path):
     # ZeRO-2 first and its resume right after, so a time limit costs the other stages, not the resume
     assert [r["zero_stage"] for r in train["rows"]] == [2, 1, 3] and train["checkpoint_load_mib_s"] > 0
     assert all(r["gflops_per_img"] > 0 and r["mfu"] is None for r in train["rows"])  # (MFU: on a GPU)
-    for needle in ("Machine: ", "deepspeed ", "**eval-cpu**", "**data-cpu**", "| 2 | ", "resume (ZeRO-2) to first step",
+    # the preemption drill: SIGUSR2 mid-run, saved at a step boundary at or past the images trained when it
+    # came (the status line printed before the signal went), and the resume goes on from exactly there
+    drill = train["preemption"]
+    assert drill["images_resumed_from"] == drill["images_saved"] >= drill["images_at_signal"] + drill["batch"]
+    assert drill["lost_steps"] == 0 and drill["signal_to_saved_s"] > drill["save_s"] > 0
+    for needle in ("Machine: ", "deepspeed ", "**eval-cpu**", "**data-cpu**", "| 2 | ", "resume (ZeRO-2) to first step", "lost steps 0",
                    "**ddp-cpu**", "| zero2 | ", "**eval-workers-cpu**", "**resample-cpu**"):
         assert needle in text, needle
 
