@@ -57,7 +57,7 @@ def prepare(run_dir: Path, snapshot: Path, setting: EvalSetting, ref: Path, ince
         # the batch size cuts the work and changes no image (its key leaves it out): a lower one after an
         # out-of-memory failure applies to the next attempt
         spec = json.loads(path.read_text())
-        if spec["setting"].get("batch_size") != setting.batch_size:
+        if isinstance(spec.get("setting"), dict) and spec["setting"].get("batch_size") != setting.batch_size:
             spec["setting"]["batch_size"] = setting.batch_size
             write_text_atomic(path, json.dumps(spec, indent=2) + "\n")
     return key_dir

@@ -1100,8 +1100,8 @@ def test_an_unreadable_registry_record_is_left_out_by_name_not_fatal(tmp_path, c
     from eval.settings import EVALUATOR_VERSION
 
     root = registry.eval_root(tmp_path)
-    good = {"snapshot_name": "img000000001000", "setting": {"name": "fast"}, "ref": "/r.npz",
-            "evaluator": EVALUATOR_VERSION, "metrics": {"fid": 1.5}}
+    good = {"key": "a", "snapshot_name": "img000000001000", "setting": {"name": "fast"}, "ref": "/r.npz",
+            "evaluator": EVALUATOR_VERSION, "metrics": {"fid": 1.5, "num_samples": 4}}  # as metrics_task writes
     for key, text in [("a", json.dumps(good)), ("b", '{"snapshot_name": "img0000000020'), ("c", "[1, 2]")]:
         (root / key).mkdir(parents=True)
         (root / key / registry.METRICS).write_text(text)
