@@ -4,6 +4,7 @@ Every error names the offending key (and file) and says what was expected, befor
 """
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,7 +33,8 @@ def _describe(err: OmegaConfBaseException, source: str) -> str:
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
-    """`a.b=1 c=[1,2]` -> nested dict, values parsed as YAML scalars/lists."""
+    """`a.b=1 c=[1,2]` -> nested dict, values parsed as YAML scalars/lists (YAML 1.2's core schema: see
+    _Yaml12Loader). A key given twice is refused: which one wins is anyone's guess."""
     out: dict = {}
     for item in overrides:
         if "=" not in item:
@@ -41,7 +43,7 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml.load(raw, Loader=_Yaml12Loader) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
         node = out
@@ -50,12 +52,35 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{part}' is set both as a value and as a section")
+        if parts[-1] in node:
+            raise ConfigError(f"override {key} given twice on the command line: give it once")
         node[parts[-1]] = value
     return out
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml's safe loader, except that a key given twice in one mapping is an error: plain yaml keeps the
+class _Yaml12Loader(yaml.SafeLoader):
+    """yaml's safe loader with YAML 1.2's core schema for plain scalars: true/false, decimal integers, decimal
+    floats (3e-4 too), null. PyYAML's YAML 1.1 turned strings into other values silently (run_dir=0123 became
+    83, 1:30 became 90, 0x1F 31, yes True, 2024-01-01 a date); those stay strings here, and a typed field
+    refuses them by name."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag.rsplit(":", 1)[-1] not in ("bool", "int", "float", "timestamp")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"),
+                                    list("-+0123456789"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:(?:0|[1-9][0-9]*)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),  # (no leading zeros: 0123 stays a string)
+    list("-+.0123456789"))
+
+
+class _UniqueKeyLoader(_Yaml12Loader):
+    """The YAML 1.2 loader, except that a key given twice in one mapping is an error: plain yaml keeps the
     last one silently, so `lr: 1e-4` below an earlier `lr: 3e-4` would quietly override it."""
 
     def construct_mapping(self, node, deep=False):

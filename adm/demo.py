@@ -201,10 +201,15 @@ def check_options(args) -> list[float]:
 
     if args.resolution < 8 or args.resolution % 8:
         raise ValueError(f"--resolution {args.resolution}: a multiple of 8 (the demo's UNet halves it twice)")
-    for flag, value in (("--kimg", args.kimg), ("--classifier-kimg", args.classifier_kimg),
-                        ("--upsampler-kimg", args.upsampler_kimg)):
-        if not value > 0:
-            raise ValueError(f"{flag} {value}: must be positive")
+    import math
+
+    # each at least one global batch of its training (64, 64, 32 images): the trainer refused less only after
+    # the stages before it had run, minutes in
+    for flag, value, batch in (("--kimg", args.kimg, 64), ("--classifier-kimg", args.classifier_kimg, 64),
+                               ("--upsampler-kimg", args.upsampler_kimg, 32)):
+        if not (math.isfinite(value) and value * 1000 >= batch):
+            raise ValueError(f"{flag} {value}: at least {batch / 1000:g} (one global batch of {batch} images), "
+                             "and finite")
     if args.snapshots < 2:
         raise ValueError(f"--snapshots {args.snapshots}: at least 2 (the report compares snapshots)")
     if args.samples < 4:

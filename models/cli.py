@@ -11,7 +11,9 @@ from rich.table import Table
 
 def resolve_config(spec: str, overrides: list[str]):
     """A preset name or a YAML file (which may name a `preset:` to start from), plus key=value overrides."""
-    from adm.config import load, read_yaml
+    from dataclasses import fields
+
+    from adm.config import ConfigError, load, read_yaml
 
     from .config import ModelConfig
     from .presets import PRESETS, get_preset
@@ -21,8 +23,21 @@ def resolve_config(spec: str, overrides: list[str]):
         return spec, preset, load(ModelConfig, base=preset.model, overrides=overrides)
     if _is_config_file(spec):
         data = read_yaml(spec)
-        data = data.get("model", data)
+        if "model" in data:  # a model section (a training config's: its other keys are the trainer's)
+            top, data = data.get("preset"), data["model"]
+            data = {"preset": data} if isinstance(data, str) else data
+            if not isinstance(data, dict):
+                raise ConfigError(f"{spec}: model: expected a preset's name or a section of model settings, got "
+                                  f"{data!r}")
+            if "preset" not in data and isinstance(top, str):  # on the training preset's model (the same name)
+                data = {"preset": top, **data}
+        elif set(data) - {"preset"} - {f.name for f in fields(ModelConfig)}:
+            # a training config without a model section: its preset (a training preset) names its model
+            data = {"preset": data["preset"]} if isinstance(data.get("preset"), str) else data
+        data = dict(data)
         name = data.pop("preset", None)
+        if name is not None and not isinstance(name, str):
+            raise ConfigError(f"{spec}: preset: expected a preset's name, got {name!r}")
         preset = get_preset(name) if name else None
         from adm.config import build, parse_overrides
         layers = [("preset", preset.model)] if preset else []
@@ -180,6 +195,12 @@ def cmd_convert(args) -> int:
         return 0
     if not src.is_file():
         raise FileNotFoundError(f"{src}: no such checkpoint file or snapshot directory")
+    # the options first: reading the file takes a while (several GB for ADM-256)
+    if args.preset and args.config:
+        raise ValueError("--preset and --config both name the architecture: give one")
+    given = args.config or args.preset  # either may name a YAML file, whose diffusion: section counts
+    resolved = resolve_config(given, args.overrides) if given else None
+    yaml_diffusion(given)
     try:
         with warnings.catch_warnings():  # torch warns about a file's pickle protocol before refusing it
             warnings.simplefilter("ignore")
@@ -197,10 +218,8 @@ def cmd_convert(args) -> int:
         raise ValueError(f"{src}: expected a state dict (name -> tensor), got {got}")
     if (odd := next((k for k in state_dict if not isinstance(k, str)), None)) is not None:
         raise ValueError(f"{src}: expected a state dict (name -> tensor), got a key {odd!r} that is not a name")
-    if args.preset and args.config:
-        raise ValueError("--preset and --config both name the architecture: give one")
-    if args.preset or args.config:
-        name, preset, cfg = resolve_config(args.preset or args.config, args.overrides)
+    if resolved:
+        name, preset, cfg = resolved
     else:
         found = infer_config(state_dict)
         if found is None:
@@ -231,7 +250,6 @@ def cmd_convert(args) -> int:
                      described_as=f"{name}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
     _check_values(state_dict, src)
     meta = {"preset": name, "source": src.name}
-    given = args.config or args.preset  # either may name a YAML file, whose diffusion: section counts
     diffusion = yaml_diffusion(given) or (preset.diffusion if preset else None)
     if diffusion is None:
         diffusion = {"steps": 1000, "noise_schedule": "linear"}

@@ -109,6 +109,29 @@ class ModelConfig:
             bad("num_head_channels", f"must be positive or -1, got {self.num_head_channels}")
         if self.arch == "classifier" and self.pool == "attention" and self.num_head_channels == -1:
             bad("num_head_channels", "attention pooling needs a fixed head width")
+        if self.num_heads_upsample != -1 and self.num_heads_upsample <= 0:
+            bad("num_heads_upsample", f"must be positive or -1, got {self.num_heads_upsample}")
+        self._check_heads(mult)
+
+    def _check_heads(self, mult) -> None:
+        """Every attention layer's width splits into its heads (the network's own check comes only when it is
+        built: after a job was submitted, on every rank)."""
+        from .attention import heads_for
+
+        widths = [int(m * self.model_channels) for m in mult]
+        attn = [w for i, w in enumerate(widths) if self.image_size // 2 ** i in self.attention_resolutions]
+        up_heads = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
+        layers = [(w, self.num_heads, "num_heads") for w in attn + [widths[-1]]]  # the encoder's and the middle's
+        if self.arch != "classifier":
+            layers += [(w, up_heads, "num_heads_upsample" if self.num_heads_upsample != -1 else "num_heads")
+                       for w in attn]
+        elif self.pool == "attention":
+            layers.append((widths[-1], 1, "num_heads"))
+        for width, heads, key in layers:
+            try:
+                heads_for(width, heads, self.num_head_channels)
+            except ValueError as e:
+                raise ValueError(f"model.{'num_head_channels' if self.num_head_channels != -1 else key}: {e}") from None
 
     def _check_types(self) -> None:
         """Each field holds its annotated type (a config.json edited by hand, a YAML read without OmegaConf's

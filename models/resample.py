@@ -48,6 +48,10 @@ class LossAwareSamplerMixin:
     """Marks samplers that learn from the losses (`update_with_local_losses`)."""
 
 
+
+LossAwareSampler = LossAwareSamplerMixin  # guided-diffusion's name for it
+
+
 class LossSecondMomentResampler(ScheduleSampler, LossAwareSamplerMixin):
     """p_t proportional to sqrt(E[loss_t^2]) over the last `history_per_term` losses of each t,
     mixed with `uniform_prob` of uniform; uniform until every t has a full history.

@@ -35,8 +35,9 @@ def space_timesteps(num_timesteps: int, section_counts) -> set[int]:
             raise ValueError(f"timestep respacing {section_counts!r}: expected 'ddimN' or comma-separated "
                              "integers") from None
     counts = list(section_counts)
-    if not counts or any(c <= 0 for c in counts):
-        raise ValueError(f"timestep respacing {counts}: every section needs a positive step count")
+    if not counts or any(c < 0 for c in counts) or not sum(counts):  # (a section of 0 is skipped, as ADM does)
+        raise ValueError(f"timestep respacing {counts}: the sections need step counts of 0 or more, a positive "
+                         "number in all")
     size_per, extra = divmod(num_timesteps, len(counts))
     start, kept = 0, []
     for i, count in enumerate(counts):

@@ -14,6 +14,9 @@ def betas_for_alpha_bar(num_steps: int, alpha_bar: Callable[[float], float], max
 
 def linear_betas(num_steps: int) -> torch.Tensor:
     """DDPM's 1e-4 .. 0.02 over 1000 steps, rescaled so any T gives the same overall noise level."""
+    if num_steps <= 20:  # its last beta, 0.02 x 1000 / T, reaches 1 (alpha-bar 0: sampling gives NaN) or more
+        raise ValueError(f"the linear schedule needs more than 20 steps, got {num_steps} (its last beta would be "
+                         f"{20 / num_steps:g}); use the cosine schedule for fewer")
     scale = 1000 / num_steps
     return torch.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=torch.float64)
 

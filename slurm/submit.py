@@ -42,21 +42,47 @@ def site_defaults() -> dict:
             unknown = sorted(set(map(str, data)) - set(SITE_KEYS))
             if unknown:  # a typo (partitoin:) would otherwise be ignored, and jobs land on the default partition
                 raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(SITE_KEYS)}")
-            if not isinstance(data.get("setup", []), list):
-                raise ValueError(f"{path}: setup must be a list of shell lines")
+            _check_site(path, data)
             return data
     return {}
 
 
+def _check_site(path, data: dict) -> None:
+    """Each site option of the type sbatch takes, named with its file: a list or a number where a name goes
+    reached sbatch (or submitit) as a traceback or a bare `#SBATCH --qos` line."""
+    import argparse
+
+    from adm.config import slurm_mem
+
+    for key in ("partition", "account", "qos", "constraint"):
+        if key in data and not (isinstance(data[key], str) and data[key].strip()):
+            raise ValueError(f"{path}: {key}: expected a name, got {data[key]!r}")
+    if "mem" in data:
+        try:
+            slurm_mem(str(data["mem"]))
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"{path}: mem: {e}") from None
+    cpus = data.get("cpus_per_task")
+    if cpus is not None and (not isinstance(cpus, int) or isinstance(cpus, bool) or cpus < 1):
+        raise ValueError(f"{path}: cpus_per_task: expected a whole number of at least 1, got {cpus!r}")
+    setup = data.get("setup", [])
+    if not isinstance(setup, list) or not all(isinstance(line, str) for line in setup):
+        raise ValueError(f"{path}: setup must be a list of shell lines (strings), got {setup!r}")
+
+
 def parse_time(value: str) -> int:
-    """HH:MM:SS, MM:SS, D-HH:MM:SS or minutes -> minutes (rounded up)."""
-    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", value)
-    if m:
-        d, h, mi, s = (int(x) if x else 0 for x in m.groups())
-        return d * 1440 + h * 60 + mi + (1 if s else 0)
-    if value.isdigit():
-        return int(value)
-    raise ValueError(f"--time {value!r}: expected HH:MM:SS or minutes")
+    """Slurm's --time forms -> minutes (seconds rounded up): M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    parts = None
+    if m := re.fullmatch(r"(\d+)-(\d+)(?::(\d+))?(?::(\d+))?", value):
+        parts = [int(x) if x else 0 for x in m.groups()]
+    elif re.fullmatch(r"\d+(?::\d+){0,2}", value):
+        fields = [int(x) for x in value.split(":")]
+        parts = [0, 0, *fields[:1], 0] if len(fields) == 1 else [0, 0, *fields] if len(fields) == 2 else [0, *fields]
+    if parts is None:
+        raise ValueError(f"--time {value!r}: expected one of Slurm's forms: minutes, MM:SS, HH:MM:SS, D-HH, "
+                         "D-HH:MM or D-HH:MM:SS")
+    d, h, mi, sec = parts
+    return d * 1440 + h * 60 + mi + (1 if sec else 0)
 
 
 def slurm_available() -> bool:

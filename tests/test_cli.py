@@ -1,5 +1,6 @@
 """The `adm` command line, run as a user runs it."""
 
+import re
 import subprocess
 import sys
 
@@ -65,7 +66,7 @@ def test_demo_options_are_checked_before_anything_is_written(tmp_path, capsys):
 
     for args, expected in [(["--resolution", "17"], "--resolution 17: a multiple of 8"),
                            (["--snapshots", "0"], "--snapshots 0: at least 2"),
-                           (["--kimg", "-1"], "--kimg -1.0: must be positive"),
+                           (["--kimg", "-1"], "--kimg -1.0: at least 0.064 (one global batch of 64 images)"),
                            (["--samples", "1"], "--samples 1: at least 4"),
                            (["--scales", "1"], "--scales '1': two classifier-guidance scales"),
                            (["--steps", "ddim0"], "timestep respacing 'ddim0'")]:
@@ -91,3 +92,54 @@ def test_the_site_file_is_checked(tmp_path, monkeypatch):
     site.write_text("partition: gpu\naccount: a\npartition: debug\n")  # which one was meant: said, not guessed
     with pytest.raises(ValueError, match=rf"{site}: not valid YAML: .*found duplicate key 'partition'"):
         site_defaults()
+    # each value of the type sbatch takes, named with its file (a list or a number became a traceback, a
+    # bare `#SBATCH --qos` line, or a script with --mem=abc)
+    for text, expected in [("partition: [a, b]\n", "partition: expected a name, got ['a', 'b']"),
+                           ("qos: true\n", "qos: expected a name, got True"),
+                           ("mem: abc\n", "mem: expected Slurm's form, e.g. 64G or 500M, got 'abc'"),
+                           ("cpus_per_task: abc\n", "cpus_per_task: expected a whole number of at least 1, got 'abc'"),
+                           ("cpus_per_task: 0\n", "cpus_per_task: expected a whole number of at least 1, got 0"),
+                           ("setup: [1]\n", "setup must be a list of shell lines (strings), got [1]")]:
+        site.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(f"{site}: {expected}")):
+            site_defaults()
+    site.write_text("mem: 64G\ncpus_per_task: 8\n")
+    assert site_defaults() == {"mem": "64G", "cpus_per_task": 8}
+
+
+def test_slurm_time_takes_every_form_slurm_takes():
+    """sbatch's --time forms (1-02:30 is a day, two hours and thirty minutes: it was read as 24 hours and
+    2.5 minutes; 1-12 was refused)."""
+    from slurm.submit import parse_time
+
+    for text, minutes in [("90", 90), ("90:30", 91), ("00:90:00", 90), ("24:00:00", 1440), ("1-12", 2160),
+                          ("1-02:30", 1590), ("1-00:00:00", 1440), ("2-3:4:5", 3065)]:
+        assert parse_time(text) == minutes, text
+    for text in ("1:2:3:4", "abc", "1-", "-5"):
+        with pytest.raises(ValueError, match="expected one of Slurm's forms"):
+            parse_time(text)
+
+
+def test_commands_check_their_options_before_reading_or_training(tmp_path, capsys):
+    """`adm models convert X --preset nope` says the preset before reading X (several GB); a demo stage of
+    less than one batch is refused before the data stage; a training config describes its model; the
+    posthoc module's errors are one line too."""
+    from adm.cli import main as adm
+
+    pt = tmp_path / "x.pt"
+    pt.write_bytes(b"not a checkpoint")
+    assert adm(["models", "convert", str(pt), str(tmp_path / "s"), "--preset", "nope"]) == 2
+    assert "unknown model preset 'nope'" in capsys.readouterr().err
+    assert adm(["demo", "--out", str(tmp_path / "demo"), "--classifier-kimg", "0.03"]) == 2
+    assert "--classifier-kimg 0.03: at least 0.064 (one global batch of 64 images)" in capsys.readouterr().err
+    assert adm(["demo", "--out", str(tmp_path / "demo"), "--kimg", "inf"]) == 2
+    assert not (tmp_path / "demo").exists()
+    assert adm(["models", "describe", "configs/train/tiny-32.yaml"]) == 0  # its preset and model section
+    out = capsys.readouterr().out
+    assert "model_channels=32" in out and "num_classes=11" in out
+    (tmp_path / "m.yaml").write_text("model:\n")
+    assert adm(["models", "describe", str(tmp_path / "m.yaml")]) == 2
+    assert "model: expected a preset's name or a section of model settings, got None" in capsys.readouterr().err
+    proc = subprocess.run([sys.executable, "-m", "trainer.posthoc", str(tmp_path / "nope"), "--sigma-rel", "0.07"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr

@@ -68,6 +68,63 @@ def test_yaml_errors_name_the_file_and_key(tmp_path):
 def test_parse_overrides_nests_and_types():
     assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2.5]", "e=null"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2.5],
                                                                           "e": None}
+    # YAML 1.2's plain scalars: PyYAML's 1.1 turned these strings into numbers, booleans and dates silently
+    assert parse_overrides(["a=0123", "b=1:30", "c=0x1F", "d=yes", "e=2024-01-01", "f=007"]) == {
+        "a": "0123", "b": "1:30", "c": "0x1F", "d": "yes", "e": "2024-01-01", "f": "007"}
+    assert parse_overrides(["a=1e-4", "b=3E-4", "c=-.5", "d=1.", "e=true", "f=False", "g=~", "h=.inf"]) == {
+        "a": 1e-4, "b": 3e-4, "c": -0.5, "d": 1.0, "e": True, "f": False, "g": None, "h": float("inf")}
+    with pytest.raises(ConfigError, match="override a.b given twice on the command line"):
+        parse_overrides(["a.b=1", "a.b=2"])
+
+
+def test_strings_stay_strings_and_numbers_are_checked(tmp_path):
+    """A text field keeps what was typed (run_dir=0123 was 83); a number field refuses 1:30 (it was 90.0); a
+    file reads the same way; tagged values (!!binary) and a preset that is not a name are refused by name."""
+    from trainer.config import load_train_config
+
+    assert load_train_config(None, ["preset=tiny-32", "run_dir=0123", "data=2024-01-01"]).run_dir == "0123"
+    with pytest.raises(ConfigError, match="lr"):
+        load_train_config(None, ["preset=tiny-32", "lr=1:30"])
+    (tmp_path / "a.yaml").write_text("preset: tiny-32\nrun_dir: 0x1F\nlr: 3e-4\n")
+    cfg = load_train_config(str(tmp_path / "a.yaml"))
+    assert (cfg.run_dir, cfg.lr) == ("0x1F", 3e-4)
+    for overrides, expected in [(["preset=[a]"], "preset: expected a training preset's name, got ['a']"),
+                                (["preset=tiny-32", "diffusion=cosine"], "diffusion: expected a section"),
+                                (["model.preset=[1]"], "model.preset: expected a model preset's name")]:
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            load_train_config(None, overrides)
+    (tmp_path / "b.yaml").write_text("preset: tiny-32\nlr: !!binary aGVsbG8=\n")
+    with pytest.raises(ValueError, match="lr: a bytes value"):
+        load_train_config(str(tmp_path / "b.yaml"))
+
+
+def test_a_file_naming_a_model_preset_keeps_it_under_model_overrides(tmp_path):
+    """`model: tiny-32` in the file and model.dropout=0.1 on the command line: tiny-32 with that dropout (the
+    override replaced the preset's name, leaving the default 64x64 model)."""
+    from trainer.config import load_train_config
+
+    (tmp_path / "m.yaml").write_text("model: tiny-32\n")
+    cfg = load_train_config(str(tmp_path / "m.yaml"), ["model.dropout=0.1"])
+    assert (cfg.model.model_channels, cfg.model.image_size, cfg.model.dropout, cfg.diffusion.noise_schedule) == (
+        32, 32, 0.1, "cosine")
+
+
+def test_attention_heads_that_do_not_divide_are_refused_by_the_config():
+    """Before any job is submitted or process started (the network's own check came on every rank, after
+    DeepSpeed started): the width of every attention layer, encoder, middle, decoder and pool."""
+    from models.presets import PRESETS
+
+    for name, preset in PRESETS.items():  # every published layout passes
+        preset.config()
+    with pytest.raises(ValueError, match="model.num_head_channels: attention with 64 channels is not divisible by "
+                                         "num_head_channels=7"):
+        ModelConfig(image_size=32, model_channels=32, channel_mult=[1, 2, 2], attention_resolutions=[8],
+                    num_head_channels=7)
+    with pytest.raises(ValueError, match="model.num_heads_upsample: num_heads=3"):
+        ModelConfig(image_size=32, model_channels=32, channel_mult=[1, 2, 2], attention_resolutions=[8],
+                    num_heads=4, num_heads_upsample=3)
+    with pytest.raises(ValueError, match="model.num_heads: num_heads=3"):  # the middle block's, no attention levels
+        ModelConfig(image_size=32, model_channels=32, channel_mult=[1, 2, 2], attention_resolutions=[], num_heads=3)
 
 
 def test_model_yaml_starts_from_a_preset(tmp_path):

@@ -27,6 +27,11 @@ def test_linear_and_cosine_schedules():
     b = linear_betas(1000)
     assert b.dtype == F64 and b[0].item() == pytest.approx(1e-4, abs=1e-15) and b[-1].item() == pytest.approx(0.02)
     assert linear_betas(4000)[-1].item() == pytest.approx(0.005)  # scaled by 1000/T
+    # at T <= 20 its last beta reaches 1 (alpha-bar 0: ancestral sampling gives NaN) or passes it
+    assert linear_betas(21)[-1].item() == pytest.approx(20 / 21)
+    for steps in (20, 10):
+        with pytest.raises(ValueError, match=f"the linear schedule needs more than 20 steps, got {steps}"):
+            linear_betas(steps)
     c = cosine_betas(1000)
     abar = torch.cumprod(1 - c, 0)
     f = lambda tau: math.cos((tau + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -100,7 +105,7 @@ def test_space_timesteps_values_and_errors():
     assert len(s) == 250 and s[0] == 0 and s[-1] == 999
     assert sorted(space_timesteps(10, "5,2")) == [0, 1, 2, 3, 4, 5, 9]
     for bad, match in [("ddim999", "no integer stride"), ("abc", "expected 'ddimN'"), ("ddimx", "ddimN"),
-                       ("20", "cannot take 20"), ("0", "positive")]:
+                       ("20", "cannot take 20"), ("0", "positive"), ("3,-1", "0 or more")]:
         with pytest.raises(ValueError, match=match):
             space_timesteps(1000 if bad.startswith("ddim") else 10, bad)
 

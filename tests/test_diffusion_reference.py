@@ -134,7 +134,8 @@ def test_calc_bpd_loop_matches():
 
 
 @pytest.mark.parametrize("T,spec", [(1000, "ddim25"), (1000, "ddim50"), (1000, "250"), (1000, "90,60,60,20,20"),
-                                    (1000, "10,3"), (4000, "100"), (40, "7,3,1"), (1000, "")])
+                                    (1000, "10,3"), (4000, "100"), (40, "7,3,1"), (1000, ""),
+                                    (1000, "3,0,3")])  # (a section of 0 steps: skipped, as ADM does)
 def test_space_timesteps_match(T, spec):
     expected = gd_respace.space_timesteps(T, spec) if spec else set(range(T))
     assert space_timesteps(T, spec) == expected

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models import gaussian_diffusion as gd
-from models.resample import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
+from models.resample import LossAwareSampler, LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
 from models.schedules import get_named_beta_schedule
 
 
@@ -29,7 +29,7 @@ def test_loss_second_moment_weights_and_sync():
         return torch.cat([ts, ts]), torch.cat([losses, losses])
 
     s = create_named_schedule_sampler("loss-second-moment", diffusion(), sync=sync)
-    assert isinstance(s, LossSecondMomentResampler)
+    assert isinstance(s, LossSecondMomentResampler) and isinstance(s, LossAwareSampler)  # (guided-diffusion's name)
     assert torch.equal(s.weights(), torch.ones(20, dtype=torch.float64))  # uniform until warmed up
     losses = torch.arange(1, 21, dtype=torch.float64)  # loss_t = t + 1
     for _ in range(5):  # 5 local rounds x 2 ranks = 10 = history_per_term

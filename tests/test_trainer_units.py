@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import native_cpu_bf16
+from conftest import native_cpu_bf16, run_cli
 from trainer import checkpoint as ckpt
 from trainer.config import TRAIN_PRESETS, load_train_config, resolve_precision
 from trainer.distributed import discover, expand_nodelist
@@ -23,6 +23,8 @@ def test_presets_carry_the_papers_hyperparameters():
     c = load_train_config(None, ["preset=classifier-128"])
     assert (c.task, c.batch, c.lr, c.weight_decay, c.lr_decay, c.model.num_res_blocks) == (
         "classifier", 256, 3e-4, 0.05, True, 2)
+    for size in (64, 256, 512):  # the same recipe (Table 12), annealed as the published 128 one
+        assert load_train_config(None, [f"preset=classifier-{size}"]).lr_decay
     c = load_train_config(None, ["preset=upsampler-64-256", "model.dropout=0.1"])
     assert c.task == "upsampler" and c.model.small_size == 64 and c.model.dropout == 0.1
     c = load_train_config(None, ["preset=adm-256-uncond"])  # Table 4: 2M iterations at batch 256
@@ -1033,3 +1035,15 @@ def test_a_rank_started_by_the_launcher_keeps_a_signal_sent_while_it_starts():
     proc.send_signal(signal.SIGTERM)  # while it sleeps, before its handler exists
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and out.strip() == "['SIGTERM']"
+
+
+def test_a_run_dir_that_cannot_be_created_is_refused_before_training(digit_shards, tmp_path):
+    """Its parent a file: said naming run_dir before any rank or DeepSpeed starts (it came from the first
+    rank's mkdir of checkpoints/, in OS words)."""
+    (tmp_path / "afile").write_text("")
+    run = tmp_path / "afile" / "sub"
+    proc = run_cli("train", "preset=tiny-32", "model.num_classes=11", f"data={digit_shards / 'train'}",
+                   f"run_dir={run}", "num_slots=2", "data_workers=1", "--nproc", "1", check=False)
+    assert proc.returncode == 2 and f"run_dir: {run} cannot be created ({tmp_path / 'afile'} is not a directory)" \
+        in proc.stderr, proc.stderr[-2000:]
+    assert "deepspeed" not in proc.stderr.lower()

@@ -212,6 +212,11 @@ def check_resume(cfg) -> None:
         raise ValueError(f"run_dir: {run} is a file, expected a directory")
     if (run / "manifest.json").is_file():  # a snapshot's or a dataset's directory, not a run's
         raise ValueError(f"run_dir: {run} holds a manifest.json (a snapshot or a dataset); give a run directory")
+    if not run.exists():  # created by the first rank, after DeepSpeed started: what would stop that, said now
+        parent = next(p for p in run.absolute().parents if p.exists())
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"run_dir: {run} cannot be created ({parent} is "
+                             f"{'not a directory' if not parent.is_dir() else 'not writable'})")
     found = ckpt.resume_point(run)
     refused = found and ckpt.refusal(run, found[0], cfg)
     if refused:

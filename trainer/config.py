@@ -177,14 +177,16 @@ TRAIN_PRESETS = {
     "adm-256-uncond": dict(model="adm-256-uncond", batch=256, lr=1e-4, total_kimg=2_000_000 * 256 / 1000),
     "adm-512": dict(model="adm-512", batch=256, lr=1e-4, total_kimg=1_940_000 * 256 / 1000),
     "adm-lsun": dict(model="adm-lsun", batch=256, lr=1e-4, total_kimg=500_000 * 256 / 1000),
+    # the classifiers anneal the lr linearly to 0: the one recipe published in full (128's, guided-diffusion's
+    # README: --anneal_lr True); Table 12 gives the others the same recipe but for size, batch, lr and decay
     "classifier-64": dict(task="classifier", model="classifier-64", batch=1024, lr=6e-4, weight_decay=0.2,
-                          total_kimg=300_000 * 1024 / 1000, diffusion=dict(noise_schedule="cosine")),
+                          lr_decay=True, total_kimg=300_000 * 1024 / 1000, diffusion=dict(noise_schedule="cosine")),
     "classifier-128": dict(task="classifier", model="classifier-128", batch=256, lr=3e-4, weight_decay=0.05,
                            lr_decay=True, total_kimg=300_000 * 256 / 1000),
     "classifier-256": dict(task="classifier", model="classifier-256", batch=256, lr=3e-4, weight_decay=0.05,
-                           total_kimg=500_000 * 256 / 1000),
+                           lr_decay=True, total_kimg=500_000 * 256 / 1000),
     "classifier-512": dict(task="classifier", model="classifier-512", batch=256, lr=3e-4, weight_decay=0.05,
-                           total_kimg=500_000 * 256 / 1000),
+                           lr_decay=True, total_kimg=500_000 * 256 / 1000),
     "upsampler-64-256": dict(task="upsampler", model="upsampler-64-256", batch=256, lr=1e-4,
                              total_kimg=500_000 * 256 / 1000),
     "upsampler-128-512": dict(task="upsampler", model="upsampler-128-512", batch=256, lr=1e-4,
@@ -213,9 +215,12 @@ def resolve_precision(precision: str, device) -> str:
 def expand(raw: dict) -> dict:
     """Resolve `preset:` (a training preset) and `model: NAME` / `model: {preset: NAME, ...}` into plain
     TrainConfig fields, so everything else is checked by the schema."""
+    _plain(raw, "")
     raw = json.loads(json.dumps(raw))
     preset = raw.pop("preset", None)
     if preset is not None:
+        if not isinstance(preset, str):
+            raise ValueError(f"preset: expected a training preset's name, got {preset!r}")
         if preset not in TRAIN_PRESETS:
             raise ValueError(f"unknown training preset {preset!r}; known: {', '.join(TRAIN_PRESETS)}")
         base = json.loads(json.dumps(TRAIN_PRESETS[preset]))
@@ -230,14 +235,33 @@ def expand(raw: dict) -> dict:
     model = raw.get("model")
     if isinstance(model, str):
         model = {"preset": model}
+    if "diffusion" in raw and not isinstance(raw["diffusion"], dict):
+        raise ValueError(f"diffusion: expected a section (diffusion.noise_schedule=cosine, ...), got {raw['diffusion']!r}")
     if isinstance(model, dict) and "preset" in model:
         model = dict(model)
         name = model.pop("preset")
+        if not isinstance(name, str):
+            raise ValueError(f"model.preset: expected a model preset's name, got {name!r}")
         raw["model"] = {**get_preset(name).model, **model}
         diffusion = raw.setdefault("diffusion", {})
         diffusion.setdefault("noise_schedule", get_preset(name).diffusion["noise_schedule"])
         diffusion.setdefault("steps", get_preset(name).diffusion["steps"])
     return raw
+
+
+def _plain(value, key: str) -> None:
+    """Values a config holds: YAML's plain ones (a `!!binary` or other tagged value is refused by name)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{key + '.' if key else ''}{k!r}: keys are names")
+            _plain(v, f"{key}.{k}" if key else k)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _plain(v, f"{key}[{i}]")
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        raise ValueError(f"{key}: a {type(value).__name__} value; expected a number, text, true/false, a list "
+                         "or a section")
 
 
 def load_train_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
@@ -269,7 +293,9 @@ def _builds(raw: dict) -> bool:
 def _deep_merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if k == "model" and isinstance(v, dict) and isinstance(out.get(k), str):
+            out[k] = {"preset": out[k], **v}  # `model: tiny-32` in the file, model.dropout=... on the command line
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _deep_merge(out[k], v)
         else:
             out[k] = v

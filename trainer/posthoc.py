@@ -74,4 +74,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m trainer.posthoc")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from adm.cli import run_guarded
+
+    sys.exit(run_guarded(main, sys.argv[1:], "python -m trainer.posthoc"))
