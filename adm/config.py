@@ -95,8 +95,16 @@ class _UniqueKeyLoader(_Yaml12Loader):
 
 
 def load_yaml(path: str | Path):
-    """A YAML file's contents (duplicate keys refused); yaml.YAMLError names the line."""
-    return yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)
+    """A YAML file's contents (duplicate keys refused); yaml.YAMLError names the line. A file that is no
+    text (a binary, another encoding) or a directory is a ConfigError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a directory; expected a YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); expected a YAML file") from None
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def yaml_problem(e: yaml.YAMLError) -> str:
@@ -109,7 +117,7 @@ def yaml_problem(e: yaml.YAMLError) -> str:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
     try:
         data = load_yaml(path) or {}

@@ -2,7 +2,9 @@
 
 import argparse
 import json
+import math
 import sys
+from pathlib import Path
 
 
 def cmd_write(args) -> int:
@@ -29,9 +31,19 @@ def cmd_write(args) -> int:
     return 0
 
 
+def _positive_seconds(text: str) -> float:
+    """argparse type: a positive, finite number of seconds (nan measured nothing; inf never ended)."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
+
+
 def cmd_verify(args) -> int:
     from .verify import verify
 
+    if not Path(args.dir).is_dir():  # a mistyped path: the command's error, not a dataset's problem
+        raise FileNotFoundError(f"{args.dir}: no such directory (expected shards written by `adm data write`)")
     report = verify(args.dir, decode=not args.no_decode, workers=args.workers, progress=not args.quiet)
     for p in report["problems"]:
         print(f"  {p}")
@@ -97,7 +109,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("dir")
     p.add_argument("--resolution", type=int, required=True)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: in the main process)")
-    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--seconds", type=_positive_seconds, default=10.0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--crop", choices=["center", "random-resized"], default="center")
     p.add_argument("--jpeg-draft", action="store_true", help="reduced-scale JPEG decoding (faster, not ADM-exact)")

@@ -49,8 +49,14 @@ def test_every_command_runs_as_python_dash_m():
         assert proc.returncode == 0 and proc.stdout.startswith("usage: "), (command, proc.stdout[:300], proc.stderr)
 
 
-def test_user_errors_are_one_clear_line():
-    for args, expected in [(("models", "describe", "adm-1024"), "unknown model preset 'adm-1024'"),
+def test_user_errors_are_one_clear_line(tmp_path):
+    (tmp_path / "latin1.yaml").write_bytes("lr: 3e-4  # \xe9t\xe9\n".encode("latin-1"))
+    for args, expected in [(("train", "tests"), "tests: a directory; expected a YAML file"),
+                           (("train", str(tmp_path / "latin1.yaml")), "latin1.yaml: not UTF-8 text (byte 12)"),
+                           (("data", "verify", str(tmp_path / "nope")), "nope: no such directory"),
+                           (("data", "bench", str(tmp_path), "--seconds", "nan"),
+                            "--seconds: expected a positive number of seconds, got nan"),
+                           (("models", "describe", "adm-1024"), "unknown model preset 'adm-1024'"),
                            (("models", "describe", "tiny-32", "heads=3"), "unknown key 'heads'"),
                            (("models", "describe", "tiny-32", "dropout=lots"), "bad value for 'dropout'"),
                            (("models", "describe", "missing.yaml"), "config file missing.yaml does not exist")]:
