@@ -418,8 +418,9 @@ class GaussianDiffusion:
         timesteps=K (an int) gives a fast, unbiased *estimate* of the same bound from K + 1 network
         evaluations instead of T: the decoder term L_0 exactly, and steps 1..T-1 cut into K strata of
         geometrically growing width (the terms fall steeply with t); each sample draws one random step
-        per stratum, which stands for its whole stratum. Then vb / xstart_mse / mse are (N, K + 1), one
-        column per stratum, with `strata` = [(first step, width), ...].
+        per stratum, which stands for its whole stratum. Then vb / xstart_mse / mse are (N, columns), one
+        column per stratum, with `strata` = [(first step, width), ...]: K + 1 of them, or fewer where the
+        rounded edges of small strata coincide (T=1000, K=50: 43).
         """
         n, T = x_start.shape[0], self.num_timesteps
         if timesteps is None:
@@ -443,7 +444,9 @@ class GaussianDiffusion:
             for j in order:
                 start, width = strata[j]
                 t = torch.full((n,), start, dtype=torch.long)
-                if width > 1:
+                if width > 1 and hasattr(generator, "randint"):  # per-sample noise: each sample's own generator
+                    t = t + generator.randint(width).cpu()
+                elif width > 1:
                     t = t + torch.randint(width, (n,), generator=gen, device=gen.device if gen else "cpu").cpu()
                 t = t.to(dev)
                 noise = randn_for(x_start, generator)

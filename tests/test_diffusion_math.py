@@ -225,6 +225,17 @@ def test_bpd_converges_to_true_nll_as_steps_grow():
                            generator=torch.Generator().manual_seed(3))
     assert fast["vb"].shape == (3000, len(fast["strata"])) and sum(w for _, w in fast["strata"]) == 1000
     assert fast["total_bpd"].mean().item() == pytest.approx(bpd[1000], rel=0.03)
+    # per-sample noise decides the strata's steps too (they came from torch's global RNG): the same seeds,
+    # the same estimate, whatever ran before
+    from models.noise import PerSampleNoise
+
+    x8 = x0[:8]
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(len(runs))  # the global RNG differs between the runs
+        runs.append(d.calc_bpd_loop(MixtureOracle(d, components, learned=True), x8, clip_denoised=False,
+                                    timesteps=24, generator=PerSampleNoise(range(8)))["total_bpd"])
+    assert torch.equal(runs[0], runs[1])
 
 
 def test_full_respacing_equals_the_base_process():
