@@ -283,6 +283,7 @@ def cmd_submit_train(args) -> int:
     args.name = args.name or f"adm-{run_dir.name}"
     folder = run_dir / "slurm" / "%j"
     args.default_cpus_per_task = cfg.data_workers + 2
+    made = [d for d in (run_dir / "slurm", run_dir) if not d.exists()]  # by submitit's executor: a dry run keeps none
     executor, cluster = make_executor(args, folder, site)
     if cluster == "debug":
         if world != 1:
@@ -297,6 +298,9 @@ def cmd_submit_train(args) -> int:
         else:
             print(executor._executor._make_submission_file_text("<command>", "<uid>"))
         print(json.dumps({"config": args.config, "overrides": args.overrides, "resolved": asdict(cfg)}, indent=2))
+        for d in made:  # (folders only: nothing was written into them)
+            if d.is_dir() and not any(f.is_file() for f in d.rglob("*")):
+                shutil.rmtree(d)
         return 0
     from .jobs import TrainJob
 

@@ -319,6 +319,8 @@ def test_cluster_debug_runs_in_process(shards, tmp_path):
     assert "(cluster debug: no sbatch script; would run 1 local task(s))" in dry
     resolved = json.loads(dry[dry.index("{"):])["resolved"]  # the merged config, not only what was typed
     assert resolved["batch"] == 16 and resolved["model"]["model_channels"] == 32 and resolved["run_dir"] == str(run)
+    adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "--cluster", "local", "--cpu", "--dry-run")
+    assert not run.exists()  # a dry run leaves nothing (submitit's executor made RUN/slurm/)
     bad = adm("submit", "train", f"data={shards}", f"run_dir={run}", *BASE, "--cluster", "local", "--nodes", "2",
               "--cpu", "--dry-run", check=False)
     assert bad.returncode == 2 and "--nodes 2: --cluster local runs on this one machine" in bad.stderr
