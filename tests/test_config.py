@@ -98,6 +98,18 @@ def test_strings_stay_strings_and_numbers_are_checked(tmp_path):
         load_train_config(str(tmp_path / "b.yaml"))
 
 
+def test_a_bad_command_line_value_is_named_as_the_command_lines(tmp_path):
+    """With a mistake in the file too, a bad value typed on the command line was blamed on the file."""
+    from trainer.config import load_train_config
+
+    (tmp_path / "typo.yaml").write_text("preset: tiny-32\nbatchh: 3\n")
+    for override, key in (("lr=abc", "lr"), ("model.dropout=abc", "model.dropout")):
+        with pytest.raises(ConfigError, match=re.escape(f"command line: bad value for '{key}'")):
+            load_train_config(str(tmp_path / "typo.yaml"), [override])
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'typo.yaml'}: unknown key 'batchh'")):
+        load_train_config(str(tmp_path / "typo.yaml"), ["lr=0.1"])
+
+
 def test_a_file_naming_a_model_preset_keeps_it_under_model_overrides(tmp_path):
     """`model: tiny-32` in the file and model.dropout=0.1 on the command line: tiny-32 with that dropout (the
     override replaced the preset's name, leaving the default 64x64 model)."""

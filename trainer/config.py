@@ -273,11 +273,19 @@ def load_train_config(path: str | None, overrides: list[str] = ()) -> TrainConfi
     merged = _deep_merge(raw, over)
     try:
         return build(TrainConfig, (str(path) if path else "command line", expand(merged)))
-    except ConfigError:
+    except ConfigError as e:
+        given = set(_dotted(over))  # the keys the command line set
+        if path and any(str(e).startswith(f"{path}: bad value for '{k}'") for k in given):
+            raise ConfigError("command line" + str(e)[len(str(path)):]) from None  # its value, not the file's
         if not path or not over or not _builds(raw):
             raise
     # the file builds on its own: the mistake is in the command line's overrides, and is named so
     return build(TrainConfig, ("command line", expand(merged)))
+
+
+def _dotted(tree: dict, prefix: str = ""):
+    for k, v in tree.items():
+        yield from _dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
 
 
 def _builds(raw: dict) -> bool:
