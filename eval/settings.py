@@ -153,15 +153,17 @@ def eval_key(snapshot: str | Path, setting: EvalSetting, ref: str | Path, ref_di
 
 def load_settings(path: str | Path) -> list[EvalSetting]:
     """A YAML list of settings (or {settings: [...]}); each entry's keys are EvalSetting fields."""
-    from omegaconf import OmegaConf
+    import yaml
+
+    from adm.config import load_yaml, yaml_problem
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such settings file")
-    try:
-        data = OmegaConf.to_container(OmegaConf.load(p), resolve=True)
-    except Exception as e:  # yaml's scanner and parser errors, OmegaConf's interpolation errors
-        raise ValueError(f"{p}: not a readable YAML settings file ({type(e).__name__}: {e})") from None
+    try:  # the configs' YAML: 1.2's plain scalars, a key given twice refused, the error on one line
+        data = load_yaml(p)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: not a readable YAML settings file ({yaml_problem(e)})") from None
     if isinstance(data, dict):
         data = data.get("settings")
     if not isinstance(data, list) or not data:
@@ -174,7 +176,10 @@ def load_settings(path: str | Path) -> list[EvalSetting]:
         unknown = set(entry) - known
         if unknown:
             raise ValueError(f"{p}: settings[{i}] has unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
-        out.append(EvalSetting(**entry))
+        try:
+            out.append(EvalSetting(**entry))
+        except ValueError as e:  # its own checks name the setting; the file and the entry say where it is
+            raise ValueError(f"{p}: settings[{i}]: {e}") from None
     names = [s.name for s in out]
     if len(set(names)) != len(names):
         raise ValueError(f"{p}: setting names must be unique, got {names}")

@@ -159,3 +159,21 @@ def test_configs_shipped_in_the_repository_load():
     assert files, "configs/models holds example model configs"
     for f in files:
         resolve_config(str(f), [])
+
+
+def test_a_settings_file_reads_like_the_configs_and_names_the_entry(tmp_path):
+    """Evaluation settings: YAML 1.2's scalars and duplicate keys refused on one line, as the configs (it
+    was OmegaConf's loader: a multi-line error); an entry's own mistake names the file and its index."""
+    from eval.settings import load_settings
+
+    f = tmp_path / "s.yaml"
+    f.write_text("- name: a\n  steps: ddim25\n- name: b\n  num: many\n")
+    with pytest.raises(ValueError, match=re.escape(f"{f}: settings[1]: setting 'b': num must be an integer, got 'many'")):
+        load_settings(f)
+    f.write_text("- name: a\n  name: b\n")
+    with pytest.raises(ValueError, match=r"not a readable YAML settings file \(found duplicate key 'name' \(line 2, "
+                                         r"column 3\)\)$"):
+        load_settings(f)
+    f.write_text("- name: a\n  steps: ddim25\n  num: 100\n  every_kimg: 0x10\n")
+    with pytest.raises(ValueError, match=re.escape("settings[0]: setting 'a': every_kimg must be")):
+        load_settings(f)
