@@ -333,7 +333,8 @@ def _gpus_requested(args) -> bool:
                          "machine")
     info = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True)
     if info.returncode != 0:
-        raise ValueError(f"--cluster slurm: sinfo failed ({(info.stderr or info.stdout).strip() or 'no message'}), "
+        said = " ".join((info.stderr or info.stdout).split()) or "no message"  # one line (sinfo's span several)
+        raise ValueError(f"--cluster slurm: sinfo failed ({said}), "
                          "so whether the cluster has GPUs is unknown; is slurmctld up?")
     if "gpu" not in info.stdout:
         raise ValueError("GPUs were requested but this cluster has no GPUs (sinfo shows no gres/gpu): "

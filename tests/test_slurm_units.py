@@ -253,7 +253,9 @@ def test_whether_the_cluster_has_gpus_is_asked_of_sinfo_and_a_failing_sinfo_is_s
                            ("echo '(null)'", "this cluster has no GPUs (sinfo shows no gres/gpu): pass --cpu"),
                            ("echo 'slurm_load_partitions: Unable to contact slurm controller' >&2; exit 1",
                             "sinfo failed (slurm_load_partitions: Unable to contact slurm controller), so whether "
-                            "the cluster has GPUs is unknown")]:
+                            "the cluster has GPUs is unknown"),
+                           ("printf 'sinfo: error: a\\nsinfo: error: b\\n' >&2; exit 1",  # several lines: one
+                            "sinfo failed (sinfo: error: a sinfo: error: b), so whether")]:
         (bin_dir / "sinfo").write_text(f"#!/bin/sh\n{script}\n")
         (bin_dir / "sinfo").chmod(0o755)
         if answer is True:
