@@ -14,9 +14,10 @@ def betas_for_alpha_bar(num_steps: int, alpha_bar: Callable[[float], float], max
 
 def linear_betas(num_steps: int) -> torch.Tensor:
     """DDPM's 1e-4 .. 0.02 over 1000 steps, rescaled so any T gives the same overall noise level."""
-    if num_steps <= 20:  # its last beta, 0.02 x 1000 / T, reaches 1 (alpha-bar 0: sampling gives NaN) or more
-        raise ValueError(f"the linear schedule needs more than 20 steps, got {num_steps} (its last beta would be "
-                         f"{20 / num_steps:g}); use the cosine schedule for fewer")
+    if num_steps < 20:  # its last beta, 0.02 x 1000 / T, passes 1 (at T = 20 it is 1: alpha-bar 0, which only
+        # an x0-predicting model samples from; guided-diffusion allows it too)
+        raise ValueError(f"the linear schedule needs at least 20 steps, got {num_steps} (its last beta would be "
+                         f"{20 / num_steps:g}, more than 1); use the cosine schedule for fewer")
     scale = 1000 / num_steps
     return torch.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=torch.float64)
 

@@ -27,10 +27,10 @@ def test_linear_and_cosine_schedules():
     b = linear_betas(1000)
     assert b.dtype == F64 and b[0].item() == pytest.approx(1e-4, abs=1e-15) and b[-1].item() == pytest.approx(0.02)
     assert linear_betas(4000)[-1].item() == pytest.approx(0.005)  # scaled by 1000/T
-    # at T <= 20 its last beta reaches 1 (alpha-bar 0: ancestral sampling gives NaN) or passes it
-    assert linear_betas(21)[-1].item() == pytest.approx(20 / 21)
-    for steps in (20, 10):
-        with pytest.raises(ValueError, match=f"the linear schedule needs more than 20 steps, got {steps}"):
+    # below T = 20 its last beta passes 1: said as the schedule's limit (it was "betas must be in (0, 1]")
+    assert linear_betas(20)[-1].item() == pytest.approx(1.0)
+    for steps in (19, 10):
+        with pytest.raises(ValueError, match=f"the linear schedule needs at least 20 steps, got {steps}"):
             linear_betas(steps)
     c = cosine_betas(1000)
     abar = torch.cumprod(1 - c, 0)
