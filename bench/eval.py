@@ -139,8 +139,10 @@ def _torchscript_as_shipped(images: np.ndarray, device) -> float:
         whole = torch.jit.load(str(weights_path()), map_location=device).eval()
     bs = default_batch_size(device)
 
-    def run():
-        with torch.no_grad():
+    from eval.strict_fp32 import strict_fp32
+
+    def run():  # TF32 off, as extract() runs ours (cuDNN's TF32, on by default, would flatter the shipped module)
+        with torch.no_grad(), strict_fp32():
             for s in range(0, len(images), bs):
                 x = torch.from_numpy(images[s:s + bs]).to(device).permute(0, 3, 1, 2).float()
                 x = (interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False) - 128) / 128

@@ -16,7 +16,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=.venv/bin/python
 DEVICE_PYTHON=${DEVICE_PYTHON:-3.12}
 NEEDED=(deepspeed hjson pydantic pydantic-core annotated-types typing-inspection webdataset braceexpand submitit
-        torch-fidelity omegaconf guided-diffusion-sdk)
+        torch-fidelity omegaconf guided-diffusion-sdk typing-extensions)  # (pydantic 2.14 needs typing-extensions >= 4.16)
 PLATFORMS=()
 for p in manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1; do PLATFORMS+=(--platform "${p}_x86_64"); done
 
