@@ -12,9 +12,9 @@ missing. Corrupt samples and truncated shards are skipped and counted, never fat
 
 import atexit
 import io
-import os
 import json
 import logging
+import os
 import signal
 import tarfile
 import weakref
