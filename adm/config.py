@@ -34,7 +34,7 @@ def _describe(err: OmegaConfBaseException, source: str) -> str:
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
     """`a.b=1 c=[1,2]` -> nested dict, values parsed as YAML scalars/lists (YAML 1.2's core schema: see
-    _Yaml12Loader). A key given twice is refused: which one wins is anyone's guess."""
+    _Yaml12Loader)."""
     out: dict = {}
     for item in overrides:
         if "=" not in item:
@@ -52,9 +52,7 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{part}' is set both as a value and as a section")
-        if parts[-1] in node:
-            raise ConfigError(f"override {key} given twice on the command line: give it once")
-        node[parts[-1]] = value
+        node[parts[-1]] = value  # given twice, the later wins (scripts append to a base list of overrides)
     return out
 
 

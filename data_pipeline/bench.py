@@ -1,5 +1,6 @@
 """`adm data bench`: images/s of the streaming loader on a shard directory."""
 
+import math
 import time
 
 from .loader import StreamLoader
@@ -9,8 +10,9 @@ from .verify import check_resolution, read_manifest
 def measure(directory, resolution: int, workers: int = 0, seconds: float = 10.0, batch_size: int = 64,
             crop: str = "center", warmup_batches: int = 2, num_slots: int | None = None,
             jpeg_draft: bool = False) -> dict:
-    if seconds <= 0 or workers < 0:
-        raise ValueError(f"--seconds must be positive and --workers at least 0, got {seconds:g} and {workers}")
+    if not 0 < seconds < math.inf or workers < 0:  # (nan measured nothing, inf never ended)
+        raise ValueError(f"--seconds must be positive and finite and --workers at least 0, got {seconds:g} and "
+                         f"{workers}")
     manifest = read_manifest(directory)
     if workers > len(manifest["shards"]):
         raise ValueError(f"--workers {workers}: each loader worker reads whole shards and {directory} has "

@@ -73,8 +73,7 @@ def test_parse_overrides_nests_and_types():
         "a": "0123", "b": "1:30", "c": "0x1F", "d": "yes", "e": "2024-01-01", "f": "007"}
     assert parse_overrides(["a=1e-4", "b=3E-4", "c=-.5", "d=1.", "e=true", "f=False", "g=~", "h=.inf"]) == {
         "a": 1e-4, "b": 3e-4, "c": -0.5, "d": 1.0, "e": True, "f": False, "g": None, "h": float("inf")}
-    with pytest.raises(ConfigError, match="override a.b given twice on the command line"):
-        parse_overrides(["a.b=1", "a.b=2"])
+    assert parse_overrides(["a.b=1", "a.b=2"]) == {"a": {"b": 2}}  # the later wins, as scripts that append expect
 
 
 def test_strings_stay_strings_and_numbers_are_checked(tmp_path):
