@@ -200,7 +200,7 @@ def cmd_convert(args) -> int:
         raise ValueError("--preset and --config both name the architecture: give one")
     given = args.config or args.preset  # either may name a YAML file, whose diffusion: section counts
     resolved = resolve_config(given, args.overrides) if given else None
-    yaml_diffusion(given)
+    yaml_diffusion(given)  # its diffusion: section checked now too (recorded below)
     try:
         with warnings.catch_warnings():  # torch warns about a file's pickle protocol before refusing it
             warnings.simplefilter("ignore")
