@@ -346,7 +346,7 @@ def merge_out_dir(out: Path) -> None:
     labelled = all("arr_1" in np.load(pth).files for pth in shards)
     merge_npz_atomic(out / "samples.npz", shards, ("arr_0", "arr_1") if labelled else ("arr_0",))
     spans: list[list[int]] = []
-    for first, last in map(shard_seed_range, shards):
+    for first, last in filter(None, map(shard_seed_range, shards)):  # (another name in the folder holds no seeds)
         if spans and spans[-1][1] + 1 == first:
             spans[-1][1] = last
         else:
