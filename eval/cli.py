@@ -363,7 +363,7 @@ def cmd_metrics(a) -> int:
     w = logits_weight(a.inception_weights) if a.inception_weights else None
     feats = load_features(Path(a.features))
     ref = load_reference(a.ref)
-    result = reduce(feats, ref, a.ref, a.pr_distance, comm, w)
+    result = reduce(feats, ref, a.ref, a.pr_distance, comm, w, a.device)
     comm.close()
     if comm.rank == 0:
         result["workers"] = comm.size
@@ -435,6 +435,7 @@ def main(argv=None, prog="adm eval") -> int:
     p.add_argument("--inception-weights")
     p.add_argument("--workers", choices=["auto", "single", "mpi", "torch"], default="auto",
                    help="auto: MPI ranks under mpiexec/srun --mpi, torch.distributed under torchrun")
+    p.add_argument("--device", default=None, help="for precision/recall; default: the rank's GPU if any, else cpu")
     p.set_defaults(func=cmd_metrics)
 
     a = parser.parse_args(argv)

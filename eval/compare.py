@@ -7,7 +7,7 @@ precision/recall plus statistics of the whole split).
 
 import numpy as np
 
-from .inception import logits_weight
+from .inception import default_device, logits_weight
 from .metrics import own_pool_features, inception_score, load_reference
 from .npzfile import FEATURE_DIMS, READ_ERRORS, NpzInfo, describe, images_of, open_npz, stored_statistics
 from .precision_recall import K_NEAREST as K, precision_recall
@@ -29,7 +29,8 @@ def compare(ref_path: str, sample_path: str, batch_size: int | None = None, devi
     if "mu_s" in ref and "mu_s" in sample:
         result["sfid"] = frechet_distance(sample["mu_s"], sample["sigma_s"], ref["mu_s"], ref["sigma_s"])
     if "pool" in ref and "pool" in sample:
-        result["precision"], result["recall"] = precision_recall(ref["pool"], sample["pool"], distance=pr_distance)
+        result["precision"], result["recall"] = precision_recall(ref["pool"], sample["pool"], distance=pr_distance,
+                                                                 device=device or default_device())
     if w is not None and "pool" in sample:
         result["inception_score"] = inception_score(sample["pool"].astype(np.float64) @ w.T)
     return result

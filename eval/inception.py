@@ -83,29 +83,61 @@ def network(device) -> InceptionFeatures:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """cuda if there is one (a rank's own GPU where a process sees several: LOCAL_RANK, SLURM_LOCALID), else cpu."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) or 0)
+    return torch.device("cuda", local % torch.cuda.device_count())
+
+
+PER_IMAGE_BYTES = 32 << 20  # GPU memory one image may take: 4x the largest layer's input + output (8 MiB at 299)
+MAX_BATCH = 512  # past this, a GPU is no faster per image
+_FITTED: dict[str, int] = {}  # a batch that ran out of memory here stays smaller for this process
 
 
 def default_batch_size(device) -> int:
-    return 200 if torch.device(device).type == "cuda" else 32
+    """32 on a CPU; on a GPU as many images as half its free memory holds (a multiple of 8, 8 to 512)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 32
+    free, _ = torch.cuda.mem_get_info(device)
+    fits = min(MAX_BATCH, free // 2 // PER_IMAGE_BYTES) // 8 * 8
+    return min(max(8, fits), _FITTED.get(str(device), MAX_BATCH))
+
+
+def forward_fitting(net: InceptionFeatures, images, batch_size: int, done=None) -> dict[str, np.ndarray]:
+    """net(images) a batch at a time; a batch that runs out of GPU memory is halved and run again (the features
+    change by float32 rounding at most), and the smaller size kept for the rest of the process. `done(n)`: after
+    each batch, with its size."""
+    out, start = {"pool": [], "spatial": []}, 0
+    while start < len(images):
+        try:
+            feats = net(images[start:start + batch_size])
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            if net.device.type == "cuda":
+                torch.cuda.empty_cache()
+            batch_size = _FITTED[str(net.device)] = batch_size // 2
+            import warnings
+            warnings.warn(f"Inception on {net.device}: out of memory, batch lowered to {batch_size}", stacklevel=2)
+            continue
+        for k in out:
+            out[k].append(feats[k].cpu().numpy())
+        if done:
+            done(len(feats["pool"]))
+        start += batch_size
+    return {k: np.concatenate(v) if v else np.zeros((0, 2048 if k == "pool" else 2023), np.float32)
+            for k, v in out.items()}
 
 
 def extract(images: np.ndarray, batch_size: int | None = None, device=None, progress: bool = False) -> dict[str, np.ndarray]:
-    """Features of a whole uint8 NHWC array, batch by batch."""
+    """Features of a whole uint8 NHWC array, batch by batch (`progress`: a bar counting images)."""
+    from tqdm.auto import tqdm
+
     device = torch.device(device or default_device())
-    batch_size = batch_size or default_batch_size(device)
-    net = network(device)
-    out = {"pool": [], "spatial": []}
-    starts = range(0, len(images), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-        starts = tqdm(starts, desc="inception", unit="batch")
-    for s in starts:
-        feats = net(images[s:s + batch_size])
-        for k in out:
-            out[k].append(feats[k].cpu().numpy())
-    return {k: np.concatenate(v) if v else np.zeros((0, 2048 if k == "pool" else 2023), np.float32)
-            for k, v in out.items()}
+    with tqdm(total=len(images), desc="inception", unit="img", disable=not progress) as bar:
+        return forward_fitting(network(device), images, batch_size or default_batch_size(device), bar.update)
 
 
 def logits_weight(path: str | Path) -> np.ndarray:

@@ -4,13 +4,14 @@ The reference is ADM's format (arr_0 images for precision/recall, mu/sigma/mu_s/
 the whole split). Its Inception features are computed once and cached by content digest.
 """
 
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from .digest import remembered_digest
 from .features import check_images
-from .inception import extract
+from .inception import default_device, extract
 from .npzfile import READ_ERRORS, describe, open_npz, stored_shape, stored_statistics
 from .precision_recall import precision_recall
 from .settings import EVALUATOR_VERSION
@@ -60,7 +61,7 @@ def _load(p: Path, data, info, stored: dict, cache_dir, batch_size, device) -> d
             stats = {k: c[k] for k in ("mu", "sigma", "mu_s", "sigma_s")}
         else:
             images = check_images(p, data)
-            feats = extract(images, batch_size, device)
+            feats = extract(images, batch_size, device, progress=sys.stderr.isatty())
             pool, spatial = Statistics.of(feats["pool"]), Statistics.of(feats["spatial"])
             stats = dict(mu=pool.mu, sigma=pool.sigma, mu_s=spatial.mu, sigma_s=spatial.sigma)
             out.update(pool=feats["pool"], resolution=images.shape[1])
@@ -98,8 +99,9 @@ def _reference_roots(ref: dict, path: Path) -> dict:
 
 
 def reduce(features: dict, ref: dict, ref_name: str = "reference", pr_distance: str = "fp32", comm=None,
-           logits_w: np.ndarray | None = None, device="cpu") -> dict:
-    """Metrics of merged sample features against a loaded reference."""
+           logits_w: np.ndarray | None = None, device=None) -> dict:
+    """Metrics of merged sample features against a loaded reference; precision/recall on `device` (default: this
+    rank's GPU if there is one; fp32 distances give the same numbers on any device)."""
     pool, spatial = features["pool_stats"], features["spatial_stats"]
     want = ref.get("meta", {}).get("resolution") or ref.get("resolution")
     if want and features.get("resolution") and int(want) != int(features["resolution"]):
@@ -112,7 +114,7 @@ def reduce(features: dict, ref: dict, ref_name: str = "reference", pr_distance: 
                                           ref.get("sqrt_sigma_s"))
     if "pool" in ref:
         result["precision"], result["recall"] = precision_recall(ref["pool"], features["pool"], distance=pr_distance,
-                                                                 comm=comm, device=device)
+                                                                 comm=comm, device=device or default_device())
     if logits_w is not None:
         result["inception_score"] = inception_score(features["pool"].astype(np.float64) @ logits_w.T)
     return result

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .inception import SHA1, default_batch_size, default_device, network
+from .inception import SHA1, default_batch_size, default_device, forward_fitting, network
 from .sample import save_npz_atomic
 from .stats import Statistics
 
@@ -49,13 +49,13 @@ def build_reference(shards: str | Path, out: str | Path, resolution: int, pr_num
         images = ((batch["image"][first_epoch] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         images = images.permute(0, 2, 3, 1).numpy()[: want - seen]
         if len(images):
-            feats = net(images)
-            p, s = Statistics.of(feats["pool"].cpu().numpy()), Statistics.of(feats["spatial"].cpu().numpy())
+            feats = forward_fitting(net, images, batch_size)
+            p, s = Statistics.of(feats["pool"]), Statistics.of(feats["spatial"])
             pool, spatial = (p, s) if pool is None else (pool.merge(p), spatial.merge(s))
             room = pr_num - sum(len(k) for k in keep)
             if room > 0:
                 keep.append(images[:room])
-                keep_pool.append(feats["pool"][:room].cpu().numpy())
+                keep_pool.append(feats["pool"][:room])
                 labels.append(batch["label"][first_epoch].numpy()[:room])
             seen += len(images)
             bar.update(len(images))

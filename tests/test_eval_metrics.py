@@ -145,6 +145,87 @@ def test_inception_weights_and_features():
         extract(images.astype(np.float32))
 
 
+def test_inception_batch_follows_free_gpu_memory(monkeypatch):
+    """On a GPU the batch is half the free memory over a per-image bound (a multiple of 8, 8 to 512), and
+    never above a size that ran out of memory before; on a CPU 32. The bound holds: the largest input +
+    output of any layer, measured with hooks on a real forward pass (299 and a 512 input to resize), is at
+    most a quarter of it."""
+    import eval.inception as inc
+
+    gib = 1 << 30
+    for free, want in ((80 * gib, 512), (8 * gib, 128), (3 * gib, 48), (100 << 20, 8)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, f=free: (f, 80 * gib))
+        assert inc.default_batch_size(torch.device("cuda", 0)) == want
+        assert want == max(8, min(512, free // 2 // inc.PER_IMAGE_BYTES // 8 * 8))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80 * gib, 80 * gib))
+    monkeypatch.setitem(inc._FITTED, "cuda:0", 24)
+    assert inc.default_batch_size("cuda:0") == 24 and inc.default_batch_size("cpu") == 32
+
+    net, peak = inc.network("cpu"), [0]
+
+    def hook(module, inputs, output):
+        peak[0] = max(peak[0], 4 * (sum(t[:1].numel() for t in inputs if torch.is_tensor(t)) + output[:1].numel()))
+    hooks = [m.register_forward_hook(hook) for m in net.modules()
+             if m is not net and not isinstance(m, torch.jit.ScriptModule)]
+    try:
+        for size in (299, 512):
+            net(np.zeros((2, size, size, 3), np.uint8))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert 4 << 20 < peak[0] <= inc.PER_IMAGE_BYTES // 4
+
+
+def test_default_device_is_the_ranks_own_gpu(monkeypatch):
+    """Features and precision/recall go to the GPU of the process's local rank (torchrun's LOCAL_RANK, srun's
+    SLURM_LOCALID), modulo the GPUs it sees; cpu without one."""
+    from eval.inception import default_device
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("SLURM_LOCALID", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert default_device() == torch.device("cuda", 0)
+    monkeypatch.setenv("SLURM_LOCALID", "2")
+    assert default_device() == torch.device("cuda", 2)
+    monkeypatch.setenv("LOCAL_RANK", "5")  # torchrun's wins; one GPU per task seen as cuda:0 under srun
+    assert default_device() == torch.device("cuda", 1)
+
+
+def test_inception_batch_halves_when_out_of_memory(monkeypatch):
+    """A batch that raises out-of-memory is halved and run again: the same features as one image at a time,
+    the smaller size kept for the process, a warning; at batch 1 the error is the caller's."""
+    import eval.inception as inc
+
+    real = inc.network("cpu")
+
+    class Tight(torch.nn.Module):  # a GPU that holds 3 images
+        device = real.device
+
+        def forward(self, images):
+            if len(images) > 3:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real(images)
+
+    monkeypatch.setattr(inc, "_FITTED", {})
+    images = (np.random.default_rng(5).random((7, 40, 40, 3)) * 255).astype(np.uint8)
+    seen = []
+    with pytest.warns(UserWarning, match="out of memory, batch lowered to 2"):
+        got = inc.forward_fitting(Tight(), images, 8, seen.append)
+    one = [real(images[i:i + 1]) for i in range(7)]
+    for k in ("pool", "spatial"):
+        np.testing.assert_allclose(got[k], np.concatenate([o[k].numpy() for o in one]), rtol=1e-4, atol=1e-5)
+    assert seen == [2, 2, 2, 1] and inc._FITTED == {"cpu": 2}
+
+    class Full(Tight):
+        def forward(self, images):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    with pytest.warns(UserWarning), pytest.raises(torch.OutOfMemoryError):
+        inc.forward_fitting(Full(), images[:2], 2)
+
+
 def test_features_and_distances_run_without_tf32_and_leave_the_callers_setting(monkeypatch):
     """The network (called directly, as `adm eval ref` does, or through extract) and precision/recall run
     with TF32 off; the caller's setting is back afterwards (the local farm samples on in the same process)."""
