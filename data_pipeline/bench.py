@@ -19,7 +19,8 @@ def measure(directory, resolution: int, workers: int = 0, seconds: float = 10.0,
                          f"{len(manifest['shards'])}; use --workers {len(manifest['shards'])} or fewer")
     check_resolution(directory, manifest, resolution, "--resolution")
     consumers = max(1, workers)
-    slots = num_slots or max(consumers, min(len(manifest["shards"]) // consumers * consumers, 64))
+    # whole slots per consumer (the loader's rule), at most 64 in all unless there are more consumers, each a shard
+    slots = num_slots or consumers * max(1, min(len(manifest["shards"]), 64) // consumers)
     loader = StreamLoader(directory, resolution, batch_size, crop=crop, num_workers=workers, num_slots=slots,
                           jpeg_draft=jpeg_draft)
     it = iter(loader)

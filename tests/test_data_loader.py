@@ -463,3 +463,14 @@ def test_another_worker_count_changes_the_order_not_the_epoch(data):
         == list(range(N))
     assert order_change(2, 1, elastic=False).startswith("data_workers 1, was 2: the batches come in another order")
     assert order_change(0, 1, elastic=False) is None and order_change(2, 1, elastic=True) is None
+
+
+def test_data_bench_with_a_worker_count_that_does_not_divide_64(data, tmp_path):
+    """More than 64 shards (every ImageNet write) and 3 workers: the benchmark picks a slot count its loader
+    takes (whole slots per worker), instead of 64."""
+    from data_pipeline.bench import measure
+
+    root, _ = data
+    write_dataset(read_source(root, "imagenet", "train"), tmp_path / "many", shard_size=1, progress=False)  # 122
+    result = measure(tmp_path / "many", 32, workers=3, seconds=0.2, batch_size=4, warmup_batches=1)
+    assert result["workers"] == 3 and result["images"] > 0
