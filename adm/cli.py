@@ -1,5 +1,6 @@
 """`adm`: one command fronting every package. `adm COMMAND --help` for each."""
 
+import errno
 import importlib
 import os
 import sys
@@ -24,6 +25,7 @@ USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotImplementedError, Run
                FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,  # paths given by the user
                TimeoutError,  # a wait the user bounded (adm jobs cancel --timeout)
                StillUnreadable)  # a file the filesystem kept refusing: its message says what to do
+FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk or quota: one line naming the file, not a traceback
 
 
 def run_guarded(main, argv, prog=None) -> int:
@@ -43,6 +45,12 @@ def run_guarded(main, argv, prog=None) -> int:
     except BrokenPipeError:  # `adm ... | head`: the reader has gone; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as e:
+        if e.errno not in FULL or os.environ.get("ADM_DEBUG"):
+            raise
+        print(f"error: {e.filename or 'a file'}: {e.strerror} (free space, then run the command again)",
+              file=sys.stderr)
+        return 2
 
 
 def usage() -> str:

@@ -361,6 +361,9 @@ def _write_locked(source: Source, out: Path, shard_size: int, workers: int, prep
         raise RuntimeError(f"{e.strerror}: {len(results)} of {len(plan)} shards written to {out}; rerun the same "
                            "command with --resume once the source reads again (add --skip-unreadable to leave out "
                            "files that never will)") from None
+    except OSError as e:  # writing failed (a full disk, a quota): what is done stays, --resume completes it
+        raise RuntimeError(f"{e.filename or out}: {e.strerror or e}; {len(results)} of {len(plan)} shards written to "
+                           f"{out}; once that is fixed (free space?), rerun the same command with --resume") from None
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, on_term)

@@ -1,5 +1,6 @@
 """The `adm` command line, run as a user runs it."""
 
+import os
 import re
 import subprocess
 import sys
@@ -65,6 +66,26 @@ def test_user_errors_are_one_clear_line(tmp_path):
         assert expected in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("frobnicate", check=False)
     assert proc.returncode == 2 and "unknown command" in proc.stderr
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_other_os_errors_still_show_their_traceback(capsys):
+    import errno
+
+    from adm.cli import run_guarded
+
+    def failing(error):
+        def main(argv):
+            raise error
+        return main
+
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        full = OSError(code, os.strerror(code), "runs/x/checkpoints/.tmp-000123/mp_rank_00_model_states.pt")
+        assert run_guarded(failing(full), []) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: runs/x/checkpoints/.tmp-000123/mp_rank_00_model_states.pt: {os.strerror(code)} "
+                       "(free space, then run the command again)"]
+    with pytest.raises(OSError, match="Input/output error"):  # a fault, not the user's to fix: the traceback
+        run_guarded(failing(OSError(errno.EIO, "Input/output error")), [])
 
 
 def test_demo_options_are_checked_before_anything_is_written(tmp_path, capsys):

@@ -170,6 +170,13 @@ def killed_at_shard_2(task):  # (module level: the writer processes unpickle the
     return write_shard(task)
 
 
+def disk_full_at_shard_2(task):
+    if task.index == 2:
+        import errno
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(task.out) / "shard-000002.tar.partial"))
+    return write_shard(task)
+
+
 def ctrl_c_during_shard_3(task):
     if task.index == 3:
         os.kill(os.getppid(), signal.SIGINT)
@@ -212,7 +219,7 @@ def _write_with(fake, source, out, results):
 
 
 def test_parallel_write_stops_cleanly_when_a_worker_dies_or_on_ctrl_c(imagenet, tmp_path):
-    """A writer process killed (the OOM killer) or Ctrl-C in the parent: the write stops at once with a
+    """A writer process killed (the OOM killer), Ctrl-C in the parent or a full disk: the write stops at once with a
     message saying how to go on, leaves no process behind, and --resume completes it to the same shards."""
     import queue
     from multiprocessing import get_context
@@ -223,7 +230,8 @@ def test_parallel_write_stops_cleanly_when_a_worker_dies_or_on_ctrl_c(imagenet, 
     ctx = get_context("fork")
     for name, fake, error, match in [("killed", killed_at_shard_2, "RuntimeError", "a writer process died"),
                                      ("ctrl-c", ctrl_c_during_shard_3, "KeyboardInterrupt", "shards written to"),
-                                     ("sigterm", sigterm_during_shard_3, "KeyboardInterrupt", "shards written to")]:
+                                     ("sigterm", sigterm_during_shard_3, "KeyboardInterrupt", "shards written to"),
+                                     ("full", disk_full_at_shard_2, "RuntimeError", "No space left on device; ")]:
         results = ctx.Queue()
         proc = ctx.Process(target=_write_with, args=(fake, source, tmp_path / name, results))
         proc.start()
