@@ -21,6 +21,12 @@ def cmd_write(args) -> int:
     source = read_source(args.source, args.layout, args.split or "train", args.labels)
     print(f"{len(source.items)} images in {len(source.classes)} classes ({source.layout}) from {args.source}",
           file=sys.stderr)
+    held = {item.label for item in source.items}
+    empty = [c["id"] for c in source.classes if c["index"] not in held]
+    if empty:  # in ImageNet's train split, an interrupted extraction; in a val subset, expected
+        print(f"warning: {len(empty)} of {len(source.classes)} classes have no images here ("
+              + ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else "") + "); they keep their class numbers",
+              file=sys.stderr)
     manifest = write_dataset(source, args.out, shard_size=args.shard_size, workers=args.workers,
                              preprocess=args.preprocess, resume=args.resume, seed=args.seed,
                              progress=not args.quiet, tool_version=__version__, image_format=args.image_format,

@@ -61,7 +61,13 @@ def _images(folder: Path, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def _class_dirs(root: Path) -> list[Path]:
-    return sorted(d for d in root.iterdir() if d.is_dir() and not _hidden(d.name))
+    entries = [d for d in root.iterdir() if not _hidden(d.name)]
+    dangling = sorted(d for d in entries if d.is_symlink() and not d.exists() and d.suffix.lower() not in IMAGE_SUFFIXES)
+    if dangling:  # a class on a disk not mounted: left out, it would shift every later class's number
+        raise ValueError(f"{dangling[0]}: a link to {os.readlink(dangling[0])}, which does not exist"
+                         + (f" ({len(dangling)} such links)" if len(dangling) > 1 else "")
+                         + "; mount what it points to, or remove the link")
+    return sorted(d for d in entries if d.is_dir())
 
 
 def _find_upwards(start: Path, name: str, levels: int = 4) -> Path | None:
@@ -77,7 +83,7 @@ def _synset_names(root: Path) -> dict[str, str]:
     if f is None:
         return {}
     names = {}
-    for line in f.read_text().splitlines():
+    for line in f.read_text(encoding="utf-8-sig").splitlines():  # (a byte-order mark from a Windows editor)
         if line.strip():
             wnid, _, name = line.strip().partition(" ")
             names[wnid] = name or wnid
@@ -284,11 +290,14 @@ def list_file(path: Path) -> Source:
         rows.append((parts[0].strip(), parts[1].strip()))
     if not rows:
         raise ValueError(f"{path}: no entries")
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[int, str]] = {}
     for n, (p, _) in enumerate(rows, 1):
-        if p in seen:  # it would be trained on twice an epoch, silently
-            raise ValueError(f"{path}: entry {n} lists {p} again (entry {seen[p]}); each image once, please")
-        seen[p] = n
+        key = str((path.parent / p).resolve())  # `a/x.jpg` and `./a/x.jpg` are one image
+        if key in seen:  # it would be trained on twice an epoch, silently
+            first, spelt = seen[key]
+            raise ValueError(f"{path}: entry {n} lists {p} again (entry {first}"
+                             + (f", as {spelt}" if spelt != p else "") + "); each image once, please")
+        seen[key] = n, p
     labels = [lab for _, lab in rows]
     numeric = [bool(re.fullmatch(r"-?\d+", lab)) for lab in labels if lab]
     if any(numeric) and not all(numeric):

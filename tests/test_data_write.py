@@ -722,6 +722,34 @@ def test_source_and_bench_mistakes_are_named(tmp_path, train_shards):
         assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
 
 
+def test_class_folders_as_imagenet_copies_leave_them(tmp_path):
+    """What real copies of ImageNet hold: a class folder linked to a disk not mounted (refused, naming the link:
+    left out, it would renumber every later class), a LOC_synset_mapping.txt saved with a byte-order mark
+    (read), a class folder left empty by an interrupted extraction (written, with a warning naming it), and a
+    list file naming one image twice through two spellings (refused)."""
+    train = _tree(tmp_path / "in" / "train", classes=("n00000001", "n00000002", "n00000004"))
+    (train / "n00000003").symlink_to(tmp_path / "disk2" / "n00000003")
+    proc = run_cli("data", "write", str(tmp_path / "in"), str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and f"{train / 'n00000003'}: a link to {tmp_path / 'disk2' / 'n00000003'}, " \
+        "which does not exist; mount what it points to, or remove the link" in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
+    (train / "n00000003").unlink()
+    (train / "n00000003").mkdir()  # empty
+    names = "".join(f"n0000000{k} class {k}\n" for k in range(1, 5))
+    (tmp_path / "in" / "LOC_synset_mapping.txt").write_bytes(b"\xef\xbb\xbf" + names.encode())
+    proc = run_cli("data", "write", str(tmp_path / "in"), str(tmp_path / "o"), "--quiet")
+    assert "warning: 1 of 4 classes have no images here (n00000003); they keep their class numbers" in proc.stderr
+    manifest = json.loads((tmp_path / "o" / MANIFEST).read_text())
+    assert [(c["id"], c["name"]) for c in manifest["classes"]] == [(f"n0000000{k}", f"class {k}") for k in range(1, 5)]
+    assert manifest["num_samples"] == 9
+    lines = ["train/n00000001/n00000001_0.JPEG\t0", "train/n00000001/n00000001_1.JPEG\t0",
+             "./train/n00000002/../n00000001/n00000001_0.JPEG\t0"]
+    (tmp_path / "in" / "list.tsv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"list.tsv: entry 3 lists \./train/n00000002/\.\./n00000001/n00000001_0"
+                                         r"\.JPEG again \(entry 1, as train/n00000001/n00000001_0\.JPEG\)"):
+        read_source(tmp_path / "in" / "list.tsv", "list")
+
+
 def test_resume_needs_the_same_source(tmp_path, monkeypatch):
     from data_pipeline import writer
 
