@@ -572,6 +572,32 @@ def test_slots_holding_unequal_shard_counts_are_warned_of_with_the_shard_size_th
     assert capsys.readouterr().err == ""
 
 
+def test_shards_not_as_written_are_said_at_the_start(digit_shards, tmp_path, capsys, monkeypatch):
+    """A shard cut short by a copy, or missing, would lose its samples every epoch, one warning per read deep in
+    the log: the trainer's start says which, against the manifest's sizes; intact data, nothing."""
+    import shutil
+
+    from data_pipeline.verify import read_manifest
+    from trainer.cli import check_data
+
+    monkeypatch.delenv("ADM_LOCAL_CHILD", raising=False)
+    data = tmp_path / "train"
+    shutil.copytree(digit_shards / "train", data)
+    cfg = load_train_config(None, ["preset=tiny-32", "model.num_classes=11", f"data={data}", "num_slots=2"])
+    check_data(cfg, 1)
+    assert "warning" not in capsys.readouterr().err
+    shards = read_manifest(data)["shards"]
+    cut, gone = shards[3], shards[7]
+    with open(data / cut["name"], "r+b") as f:
+        f.truncate(cut["bytes"] // 2)
+    (data / gone["name"]).unlink()
+    check_data(cfg, 1)
+    err = capsys.readouterr().err
+    assert (f"warning: data: 2 of {len(shards)} shards in {data} are not as written: {cut['name']} "
+            f"({cut['bytes'] // 2} bytes, the manifest says {cut['bytes']}), {gone['name']} (no such file or "
+            f"directory); their unreadable samples will be skipped") in err and f"adm data verify {data}" in err
+
+
 def test_settings_and_held_out_data_are_checked_before_start(digit_shards, tmp_path, capsys):
     """Values that used to fail after the ranks started (or after training time was spent, or never),
     refused up front naming the field; held-out data must match the training data's classes."""

@@ -122,6 +122,7 @@ def check_data(cfg, world: int = 1) -> None:
         warn_classifier_crop(cfg, manifest)
     shards = len(manifest["shards"])
     warn_uneven_slots(cfg, manifest)
+    warn_damaged_shards(cfg, manifest)
     if cfg.num_slots > shards:
         raise ValueError(f"num_slots: {cfg.num_slots} canonical slots but {cfg.data} has only {shards} shard(s); "
                          f"every slot needs one (write smaller shards with --shard-size, or lower num_slots)")
@@ -146,6 +147,25 @@ def warn_uneven_slots(cfg, manifest: dict) -> None:
              f"shard(s) an epoch and {r} hold {q + 1}, so {short / shards:.0%} of the images come round "
              f"{(q + 1) / q:.2g}x as often until later epochs reshuffle them; write the data with --shard-size "
              f"{size} (for {slots} slots), or pick a num_slots that divides {shards} more evenly")
+
+
+def warn_damaged_shards(cfg, manifest: dict) -> None:
+    """A shard missing or of another size than the manifest's (a copy cut short) loses its samples every epoch,
+    each skipped and counted as it comes round: said once at the start, with the command that checks them all
+    (one stat per shard)."""
+    bad = []
+    for s in manifest["shards"]:
+        try:
+            size = os.stat(Path(cfg.data) / s["name"]).st_size
+        except OSError as e:
+            bad.append(f"{s['name']} ({e.strerror.lower()})")
+            continue
+        if size != s["bytes"]:
+            bad.append(f"{s['name']} ({size} bytes, the manifest says {s['bytes']})")
+    if bad:
+        _say(f"warning: data: {len(bad)} of {len(manifest['shards'])} shards in {cfg.data} are not as written: "
+             + ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "") + "; their unreadable samples will be skipped "
+             f"and counted every epoch (copy them again; `adm data verify {cfg.data}` checks every shard)")
 
 
 def warn_classifier_crop(cfg, manifest: dict) -> None:
