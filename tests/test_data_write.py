@@ -735,13 +735,16 @@ def test_class_folders_as_imagenet_copies_leave_them(tmp_path):
     assert not (tmp_path / "o").exists()
     (train / "n00000003").unlink()
     (train / "n00000003").mkdir()  # empty
+    for name in ("x.ppm", "y.pgm", "z.jfif"):  # torchvision's ImageFolder reads these (.jfif: a JPEG)
+        Image.new("RGB", (40, 30), (200, 10, 10)).save(train / "n00000004" / name,
+                                                        format={"ppm": "PPM", "pgm": "PPM", "jfif": "JPEG"}[name[2:]])
     names = "".join(f"n0000000{k} class {k}\n" for k in range(1, 5))
     (tmp_path / "in" / "LOC_synset_mapping.txt").write_bytes(b"\xef\xbb\xbf" + names.encode())
     proc = run_cli("data", "write", str(tmp_path / "in"), str(tmp_path / "o"), "--quiet")
     assert "warning: 1 of 4 classes have no images here (n00000003); they keep their class numbers" in proc.stderr
     manifest = json.loads((tmp_path / "o" / MANIFEST).read_text())
     assert [(c["id"], c["name"]) for c in manifest["classes"]] == [(f"n0000000{k}", f"class {k}") for k in range(1, 5)]
-    assert manifest["num_samples"] == 9
+    assert manifest["num_samples"] == 12 and manifest["skipped_count"] == 0
     lines = ["train/n00000001/n00000001_0.JPEG\t0", "train/n00000001/n00000001_1.JPEG\t0",
              "./train/n00000002/../n00000001/n00000001_0.JPEG\t0"]
     (tmp_path / "in" / "list.tsv").write_text("\n".join(lines) + "\n")
