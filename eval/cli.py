@@ -215,6 +215,19 @@ def cmd_run(a) -> int:
     return 0 if counts["failed"] == counts["retrying"] == counts["refused"] == 0 and not unfinished else 1
 
 
+def _pass_ahead(others: list[dict], chain: str, mine: str | None) -> str | None:
+    """Why this pass of a recurring schedule ends, given the run's other passes Slurm holds: a pass of an older
+    chain (two schedules started at once: the older goes on, whichever pass meets the other), or this chain's
+    next pass, already queued (this pass is running again: a requeue). Chains are named by their first job,
+    which no pass changes, so the rule settles at the first meeting."""
+    for other in sorted(others, key=lambda o: _job_number(o["chain"])):
+        if _job_number(other["chain"]) < _job_number(chain):
+            return f"{other['job']} is an older schedule's pass (chain {other['chain']}, this one {chain})"
+        if other["chain"] == chain and _job_number(other["job"]) > _job_number(mine):
+            return f"{other['job']} is this schedule's next pass, queued already (this pass ran again)"
+    return None
+
+
 def _job_number(job: str) -> float:
     try:
         return float(str(job).split("_")[0])
@@ -250,6 +263,7 @@ def _without_option(argv: list[str], name: str) -> list[str]:
 
 
 SCHEDULED_PASS = "ADM_SCHEDULED_PASS"  # set in the recurring chain's Slurm jobs (slurm/eval_jobs.py)
+SCHEDULE_CHAIN = "ADM_SCHEDULE_CHAIN"  # and the chain's name there: its first job's id
 
 
 def cmd_schedule(a) -> int:
@@ -277,14 +291,15 @@ def cmd_schedule(a) -> int:
     if not in_chain:  # typed by a user: refused before anything runs
         checked()
     backend = backend_for(a)
-    if backend.name == "slurm" and not a.once and (other := backend.scheduled_elsewhere(run_dir)):
-        mine = os.environ.get("SLURM_JOB_ID") if in_chain else None
-        if mine is None:
+    chain = (os.environ.get(SCHEDULE_CHAIN) or os.environ.get("SLURM_JOB_ID")) if in_chain else None
+    if backend.name == "slurm" and not a.once and (others := backend.schedule_passes(run_dir)):
+        if chain is None:
+            other = others[0]["job"]
             raise ValueError(f"{run_dir} is already scheduled: job {other} is its next pass (one schedule per run; "
                              f"`adm jobs cancel {other} --run-dir {run_dir}` first to change it)")
-        if _job_number(other) < _job_number(mine):  # two chains (two schedules started at once): the older
-            print(f"[eval] {run_dir}: job {other} is another schedule's pass; this chain ends, that one goes on")
-            return 0  # one goes on, so that exactly one survives
+        if (ahead := _pass_ahead(others, chain, os.environ.get("SLURM_JOB_ID"))):
+            print(f"[eval] {run_dir}: job {ahead}; this pass ends, that one goes on")
+            return 0  # so that exactly one chain survives, with one pending pass
     while True:
         try:
             if in_chain:  # a pass of the recurring chain: a file damaged since fails this pass, not the schedule
@@ -309,7 +324,7 @@ def cmd_schedule(a) -> int:
         if backend.name == "slurm":  # the next pass is a Slurm job that begins later and resubmits itself
             argv = [x for x in (sys.argv[1:] if a.argv is None else a.argv) if x != "--retry-failed"]  # once only
             argv = _without_option(argv, "--cluster") + ["--cluster", "slurm"]  # never `auto` falling back to local
-            job = backend.submit_schedule(argv, every, run_dir)
+            job = backend.submit_schedule(argv, every, run_dir, chain)
             print(f"[eval] next pass: job {job} begins in {a.every}")
             return 0
         print(f"[eval] next pass at {time.strftime('%H:%M', time.localtime(time.time() + every))} (in {a.every}; "

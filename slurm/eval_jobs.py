@@ -31,10 +31,11 @@ def _metrics_entry(key_dir: str) -> None:
     metrics_task(key_dir, backend="auto")
 
 
-def _schedule_entry(argv: list[str]) -> int:
-    from eval.cli import SCHEDULED_PASS, main
+def _schedule_entry(argv: list[str], chain: str | None = None) -> int:
+    from eval.cli import SCHEDULE_CHAIN, SCHEDULED_PASS, main
 
     os.environ[SCHEDULED_PASS] = "1"  # a pass of the chain: a failing check is logged, the next pass submitted
+    os.environ[SCHEDULE_CHAIN] = str(chain or os.environ.get("SLURM_JOB_ID", ""))  # the chain's first job
     return main(argv)
 
 
@@ -166,6 +167,10 @@ class SlurmBackend:
                 raise NotSubmitted(f"Slurm refused the {stage}: {sbatch_error(str(e))}") from None
             first = jobs[0] if isinstance(jobs, list) else jobs
             queued.append(str(first.job_id).split("_")[0])  # an array's id, without its task
+            # on the claim at once: a pass killed before the last stage is queued leaves jobs a later pass
+            # sees running (and waits for), not an attempt that looks dead while its jobs work beside a retry
+            registry.update_claim(key_dir, attempt, {**registry.local_owner(), "cluster": "slurm",
+                                                     "jobs": list(queued), "state": "submitting"})
             return queued[-1], first
 
         ex = self._executor(folder, f"eval-sample-{setting.name}")
@@ -194,18 +199,24 @@ class SlurmBackend:
             except Exception:  # a failed job is reported by the registry, not here
                 pass
 
-    def scheduled_elsewhere(self, run_dir: Path) -> str | None:
-        """Another pending or running scheduler pass of this run (not this job's own): its job id."""
-        from .submit import running_job_for
+    def schedule_passes(self, run_dir: Path) -> list[dict]:
+        """The run's other scheduler passes Slurm still holds (not this job): each {"job", "chain"}, the chain
+        named by its first job (a record from before chains were named is a chain of its own)."""
+        from .submit import queued_jobs
 
-        return running_job_for(Path(run_dir), kinds=("eval-schedule",), exclude=os.environ.get("SLURM_JOB_ID"))
+        active, mine = queued_jobs(), os.environ.get("SLURM_JOB_ID")
+        return [{"job": str(r["job_id"]), "chain": str(r.get("chain") or r["job_id"])}
+                for r in records.read(Path(run_dir))
+                if r.get("kind") == "eval-schedule" and str(r["job_id"]) in active and str(r["job_id"]) != mine]
 
-    def submit_schedule(self, argv: list[str], every_s: float, run_dir: Path) -> str:
+    def submit_schedule(self, argv: list[str], every_s: float, run_dir: Path, chain: str | None = None) -> str:
+        """The chain's next pass (chain: its first job; None starts a chain, named by the job submitted now)."""
         ex = self._executor(Path(run_dir) / "slurm" / "%j", f"eval-schedule-{Path(run_dir).name}",
                             gpus_per_node=None, timeout_min=60,
                             slurm_additional_parameters={"begin": f"now+{int(every_s)}"})
         with outside_any_job():  # this is usually a scheduler pass, itself a Slurm job
-            job = ex.submit(_schedule_entry, list(argv))
+            job = ex.submit(_schedule_entry, list(argv), chain)
         records.add(Path(run_dir), {"job_id": job.job_id, "cluster": "slurm", "kind": "eval-schedule",
+                                    "chain": str(chain or job.job_id),
                                     "folder": str(Path(run_dir) / "slurm" / str(job.job_id))})
         return job.job_id

@@ -440,10 +440,10 @@ def test_a_refused_submission_is_not_an_attempt(tmp_path, monkeypatch, capsys):
         def start(self, key_dir, attempt):
             raise NotSubmitted("Slurm refused the sampling array: Invalid generic resource (gres) specification")
 
-        def scheduled_elsewhere(self, run_dir):
-            return None
+        def schedule_passes(self, run_dir):
+            return []
 
-        def submit_schedule(self, argv, every, run_dir):
+        def submit_schedule(self, argv, every, run_dir, chain=None):
             submitted.append(argv)
             return "42"
 
@@ -480,10 +480,10 @@ def test_a_scheduled_pass_that_fails_still_submits_the_next(tmp_path, monkeypatc
     class Slurm:
         name = "slurm"
 
-        def scheduled_elsewhere(self, run_dir):
-            return None
+        def schedule_passes(self, run_dir):
+            return []
 
-        def submit_schedule(self, argv, every, run_dir):
+        def submit_schedule(self, argv, every, run_dir, chain=None):
             submitted.append(argv)
             return "43"
 
@@ -1138,8 +1138,9 @@ def test_scheduling_a_classifier_run_says_what_evaluates_it(tmp_path):
 def test_a_pass_of_the_chain_whose_checks_fail_still_submits_the_next(tmp_path, monkeypatch, capsys):
     """A snapshot damaged after it was evaluated failed the preflight of every later pass before the pass's
     own error handling, ending the recurring chain for good; typed by a user, the same check still refuses.
-    Two chains (two schedules started at once) meet at their next passes: the younger ends, the older goes
-    on, so exactly one survives."""
+    Two chains (two schedules started at once, or a pass requeued after it queued the next) meet at their next
+    passes: the younger chain ends, the older goes on, so exactly one survives; chains are named by their
+    first job, so the rule settles at the first meeting whatever job ids later passes get."""
     import eval.cli
     import eval.preflight
     import eval.schedule
@@ -1147,16 +1148,16 @@ def test_a_pass_of_the_chain_whose_checks_fail_still_submits_the_next(tmp_path, 
     run = make_run(tmp_path / "run", kimgs=(1,))
     ref = tmp_path / "ref.npz"
     np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
-    submitted, elsewhere = [], []
+    submitted, others = [], []
 
     class Slurm:
         name = "slurm"
 
-        def scheduled_elsewhere(self, run_dir):
-            return elsewhere[0] if elsewhere else None
+        def schedule_passes(self, run_dir):
+            return list(others)
 
-        def submit_schedule(self, argv, every, run_dir):
-            submitted.append(argv)
+        def submit_schedule(self, argv, every, run_dir, chain=None):
+            submitted.append((argv, chain))
             return "43"
 
     def damaged(*a, **k):
@@ -1169,16 +1170,30 @@ def test_a_pass_of_the_chain_whose_checks_fail_still_submits_the_next(tmp_path, 
         eval.cli.main(["schedule", *common])
     assert not submitted
     monkeypatch.setenv(eval.cli.SCHEDULED_PASS, "1")
+    monkeypatch.setenv(eval.cli.SCHEDULE_CHAIN, "30")  # this chain began with job 30; this pass is job 40
     monkeypatch.setenv("SLURM_JOB_ID", "40")
-    assert eval.cli.main(["schedule", *common]) == 0 and len(submitted) == 1
+    assert eval.cli.main(["schedule", *common]) == 0 and submitted[-1][1] == "30"  # the next pass keeps the name
     assert "this pass failed (SnapshotError: model.safetensors: size 1000" in capsys.readouterr().err
     monkeypatch.setattr(eval.preflight, "check", lambda *a, **k: None)
-    elsewhere.append("39")  # an older chain's pass: this one ends
-    assert eval.cli.main(["schedule", *common]) == 0 and len(submitted) == 1
-    assert "job 39 is another schedule's pass; this chain ends" in capsys.readouterr().out
-    elsewhere[0] = "41"  # a younger chain's: this one goes on
     monkeypatch.setattr(eval.schedule, "schedule_pass", lambda *a, **k: {"done": 0, "now": 0, "failed": 0})
-    assert eval.cli.main(["schedule", *common]) == 0 and len(submitted) == 2
+    for passes, ends in [([{"job": "39", "chain": "25"}], "39 is an older schedule's pass (chain 25, this one 30)"),
+                         ([{"job": "45", "chain": "25"}], "45 is an older schedule's pass"),  # whatever its job id
+                         ([{"job": "41", "chain": "30"}], "41 is this schedule's next pass, queued already"),
+                         ([{"job": "41", "chain": "35"}], None),  # a younger chain: that one ends when it meets this
+                         ([{"job": "38", "chain": "30"}], None),  # this chain's previous pass, still ending
+                         ([{"job": "38", "chain": "30"}, {"job": "44", "chain": "35"}], None)]:
+        others[:] = passes
+        n = len(submitted)
+        assert eval.cli.main(["schedule", *common]) == 0
+        out = capsys.readouterr().out
+        if ends:
+            assert f"job {ends}" in out and "this pass ends, that one goes on" in out and len(submitted) == n
+        else:
+            assert len(submitted) == n + 1 and submitted[-1][1] == "30" and "this pass ends" not in out
+    others[:] = [{"job": "44", "chain": "35"}]  # typed by a user while a schedule runs: refused
+    monkeypatch.delenv(eval.cli.SCHEDULED_PASS)
+    with pytest.raises(ValueError, match="is already scheduled: job 44 is its next pass"):
+        eval.cli.main(["schedule", *common])
 
 
 def test_a_slurm_attempt_that_ended_without_a_result_says_why(tmp_path, monkeypatch, capsys):

@@ -312,6 +312,52 @@ def test_more_shards_than_an_array_may_hold_are_shared_out_over_its_tasks(tmp_pa
     assert "7 shards in arrays of 3 tasks (Slurm's MaxArraySize), up to 3 shards per task" in capsys.readouterr().out
 
 
+def test_a_pass_killed_while_submitting_leaves_its_queued_jobs_on_the_claim(tmp_path, monkeypatch):
+    """The scheduler pass (itself a Slurm job, or a user's command) killed after queueing the sampling array and
+    before the feature array: the claim names the queued job at once, so a later pass sees the attempt alive
+    while that job runs (and waits) instead of retrying beside it; when all stages are queued, all three."""
+    import json
+
+    from eval import registry
+    from eval.schedule import _advance
+    from slurm import eval_jobs
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, "", ""))  # no GPUs
+    monkeypatch.setattr(eval_jobs, "max_array_size", lambda: 1001)
+    key_dir = tmp_path / "run" / "eval" / "k"
+    key_dir.mkdir(parents=True)
+    (key_dir / "setting.json").write_text(json.dumps({"run_dir": str(tmp_path / "run"), "setting": {
+        "name": "x", "num": 2, "shard_size": 1}}))
+    ids = iter(["51", "52", "53"])
+
+    class Job:
+        def __init__(self):
+            self.job_id = next(ids)
+
+    class Executor:
+        def map_array(self, fn, *args):
+            if calls.append(fn) or len(calls) == 2:
+                raise KeyboardInterrupt  # the pass killed before the feature array is queued
+            return [Job()] * len(args[0])
+
+        def submit(self, fn, *args):
+            return Job()
+
+    calls = []
+    monkeypatch.setattr(eval_jobs.SlurmBackend, "_executor", lambda self, *a, **k: Executor())
+    backend = eval_jobs.SlurmBackend(gpus_per_task=0)
+    assert registry.try_claim(key_dir, 1)
+    with pytest.raises(KeyboardInterrupt):
+        backend.start(key_dir, 1)
+    claim = registry.read_claim(key_dir, 1)
+    assert claim["jobs"] == ["51"] and claim["state"] == "submitting"
+    monkeypatch.setattr(eval_jobs, "jobs_alive", lambda owner: owner["jobs"] == ["51"])  # still sampling
+    assert _advance(key_dir, backend, 3, print) == "running" and registry.attempts(key_dir) == [1]
+    ids = iter(["52", "53", "54"])
+    assert backend.start(key_dir, 2)["jobs"] == ["52", "53", "54"]  # (map_array's second call: no kill now)
+    assert registry.read_claim(key_dir, 2)["jobs"] == ["52", "53", "54"]
+
+
 def test_job_folders_are_found_from_any_directory(tmp_path, monkeypatch):
     """`adm jobs` run inside the run directory found no logs and took finished local jobs for ENDED: records
     held their folders relative to where the job was submitted. They are absolute now; older relative ones
