@@ -184,6 +184,7 @@ def cmd_run(a) -> int:
                            a.metric_workers, only=[snap], retry_failed=a.retry_failed)
     if backend.name == "slurm" and a.wait:
         backend.wait_all()
+        _wait_for_other_passes(run_dir, snap, settings, a, backend)
     unfinished = False
     for s in settings:
         from .farm import prepare
@@ -213,6 +214,37 @@ def cmd_run(a) -> int:
         else:
             print(f"{snap.name} {s.name}: submitted ({key_dir})")
     return 0 if counts["failed"] == counts["retrying"] == counts["refused"] == 0 and not unfinished else 1
+
+
+WAIT_POLL_S = 30  # how often `adm eval run --wait` asks Slurm about jobs another pass submitted
+
+
+def _wait_for_other_passes(run_dir: Path, snap: Path, settings, a, backend) -> None:
+    """`--wait` for the evaluations whose running attempt another pass (the schedule, another `adm eval run`)
+    submitted: this process holds no handle on those jobs, so it asks about the claim's jobs until they end."""
+    from . import registry
+    from .farm import prepare
+
+    key_dirs = [prepare(run_dir, snap, s, Path(a.ref), a.inception_weights, a.metric_workers) for s in settings]
+    told = set()
+    while True:
+        running = []
+        for key_dir in key_dirs:
+            tried = registry.attempts(key_dir)
+            if (key_dir / registry.METRICS).is_file() or not tried:
+                continue
+            claim = registry.read_claim(key_dir, tried[-1])
+            if claim.get("state") not in ("failed", "done") and backend.alive(claim):
+                running.append(key_dir)
+                if (key_dir, tried[-1]) not in told:
+                    told.add((key_dir, tried[-1]))
+                    jobs = ", ".join(map(str, claim.get("jobs", [])))
+                    print(f"{snap.name} {json.loads((key_dir / registry.SETTING).read_text())['setting']['name']}: "
+                          f"attempt {tried[-1]} is running (Slurm jobs {jobs}, submitted by another pass); waiting",
+                          flush=True)
+        if not running:
+            return
+        time.sleep(WAIT_POLL_S)
 
 
 def _pass_ahead(others: list[dict], chain: str, mine: str | None) -> str | None:

@@ -1196,6 +1196,52 @@ def test_a_pass_of_the_chain_whose_checks_fail_still_submits_the_next(tmp_path, 
         eval.cli.main(["schedule", *common])
 
 
+def test_run_wait_waits_for_an_attempt_another_pass_submitted(tmp_path, monkeypatch, capsys):
+    """`adm eval run --wait` on an evaluation the schedule already submitted: it waits for that attempt's jobs
+    (it said "ended without a result" while they ran, exiting 1), then prints the metrics they published."""
+    import eval.cli
+    import eval.preflight
+    from eval import registry
+    from eval.farm import prepare
+    from eval.settings import EvalSetting
+
+    run = make_run(tmp_path / "run", kimgs=(1,))
+    snap = next((run / "snapshots").iterdir())
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    setting = EvalSetting(name="x", steps="ddim2", num=4)
+    key_dir = prepare(run, snap, setting, ref)
+    assert registry.try_claim(key_dir, 1)  # the schedule's pass, in another process
+    registry.update_claim(key_dir, 1, {"host": "node7", "pid": 1, "time": 0, "jobs": ["80", "81", "82"],
+                                       "state": "submitted"})
+    polls = []
+
+    class Slurm:
+        name = "slurm"
+
+        def alive(self, owner):
+            polls.append(owner["jobs"])
+            if len(polls) == 3:  # the metrics job publishes, then its jobs are over
+                registry.publish(key_dir, {"key": key_dir.name, "metrics": {"num_samples": 4, "fid": 12.5}})
+            return len(polls) < 3
+
+        def start(self, key_dir, attempt):
+            raise AssertionError("a second attempt beside the running one")
+
+        def wait_all(self):
+            pass
+
+    monkeypatch.setattr(eval.cli, "backend_for", lambda a: Slurm())
+    monkeypatch.setattr(eval.cli, "WAIT_POLL_S", 0)
+    monkeypatch.setattr(eval.preflight, "check", lambda *a, **k: None)
+    common = [str(snap), "--ref", str(ref), "--name", "x", "--steps", "ddim2", "--num", "4"]
+    assert eval.cli.main(["run", *common, "--wait"]) == 0
+    out = capsys.readouterr().out
+    assert f"{snap.name} x: attempt 1 is running (Slurm jobs 80, 81, 82, submitted by another pass); waiting" in out
+    assert f"{snap.name} x: num_samples 4  fid 12.5000" in out and "ended without a result" not in out
+    assert polls == [["80", "81", "82"]] * 3
+
+
 def test_a_slurm_attempt_that_ended_without_a_result_says_why(tmp_path, monkeypatch, capsys):
     """The backend's account of how the jobs ended (sacct's stage, the task's error) is what failed.json
     records and what `adm eval run --wait` prints, exiting 1 (it said "submitted" and exited 0)."""
