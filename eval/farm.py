@@ -6,6 +6,7 @@ dependencies (slurm/eval_jobs.py)."""
 import functools
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def prepare(run_dir: Path, snapshot: Path, setting: EvalSetting, ref: Path, ince
     key_dir = root / key
     key_dir.mkdir(parents=True, exist_ok=True)
     path = key_dir / registry.SETTING
-    if not path.is_file():
+    spec = _readable_spec(path)
+    if spec is None:  # new, or damaged (it is always written whole): made again from what defines it
         from models.snapshot import read_config, read_manifest
 
         read_manifest(snapshot)
@@ -56,11 +58,26 @@ def prepare(run_dir: Path, snapshot: Path, setting: EvalSetting, ref: Path, ince
     elif not (key_dir / registry.METRICS).is_file():
         # the batch size cuts the work and changes no image (its key leaves it out): a lower one after an
         # out-of-memory failure applies to the next attempt
-        spec = json.loads(path.read_text())
-        if isinstance(spec.get("setting"), dict) and spec["setting"].get("batch_size") != setting.batch_size:
+        if spec["setting"].get("batch_size") != setting.batch_size:
             spec["setting"]["batch_size"] = setting.batch_size
             write_text_atomic(path, json.dumps(spec, indent=2) + "\n")
     return key_dir
+
+
+def _readable_spec(path: Path) -> dict | None:
+    """setting.json's record; None where there is none, and where it cannot be read (emptied or garbled on disk:
+    said, and made again by the caller from the same snapshot, setting and reference that name the key)."""
+    try:
+        spec = json.loads(path.read_text())
+        if isinstance(spec, dict) and isinstance(spec.get("setting"), dict):
+            return spec
+        problem = "not an evaluation's record"
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    print(f"[eval] {path}: unreadable ({problem}); written again from the evaluation's inputs", file=sys.stderr)
+    return None
 
 
 def load_spec(key_dir: Path) -> tuple[dict, EvalSetting]:
@@ -128,6 +145,9 @@ def metrics_task(key_dir: str, backend: str = "auto") -> dict | None:
     from .metrics import load_reference, reduce
 
     key_dir = Path(key_dir)
+    if (key_dir / registry.METRICS).is_file():  # a requeued or second metrics job: the numbers are out already
+        finish(key_dir)  # (what may be left after publishing), not minutes of FID and precision/recall again
+        return json.loads((key_dir / registry.METRICS).read_text())
     spec, setting = load_spec(key_dir)
     comm = discover(backend)
     feats = load_features(key_dir / "features", expected=setting.num)
@@ -142,6 +162,9 @@ def metrics_task(key_dir: str, backend: str = "auto") -> dict | None:
     registry.publish(key_dir, record)  # once: a second attempt's numbers are the same, and not published
     finish(key_dir)
     return record
+
+
+STALE_PARTIAL_S = 600  # a temporary file untouched this long after publishing belongs to a task that ended
 
 
 def unfinished(key_dir: Path, logged: set[str]) -> bool:
@@ -164,6 +187,12 @@ def finish(key_dir: Path) -> None:
     if not any((run_dir / "tensorboard").glob(f"*.eval-{record['key']}")):
         log_tensorboard(run_dir, record)
     compact(key_dir / "features")  # the per-shard sums of outer products are not needed any more
+    for partial in [*key_dir.glob("samples/*.partial-*"), *key_dir.glob("features/*.partial-*")]:
+        try:  # a killed or cancelled task's temporary file (64 MB of feature sums, or a sample shard)
+            if time.time() - partial.stat().st_mtime > STALE_PARTIAL_S:  # not one a late duplicate still writes
+                partial.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def series_name(run_dir: Path, record: dict) -> str:
