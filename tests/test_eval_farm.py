@@ -35,6 +35,24 @@ def make_run(root, kimgs=(1, 2, 3)):
     return root
 
 
+def statistics_ref(path):
+    """A reference holding statistics only (no images: no precision/recall), for tests of the bookkeeping."""
+    np.savez(path, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    return path
+
+
+def one_registered_evaluation(tmp_path):
+    """A run with one snapshot and a setting `x` registered against a statistics-only reference."""
+    from eval.farm import prepare
+    from eval.settings import EvalSetting
+
+    run = make_run(tmp_path / "run", kimgs=(1,))
+    snap = next((run / "snapshots").iterdir())
+    ref = statistics_ref(tmp_path / "ref.npz")
+    setting = EvalSetting(name="x", steps="ddim2", num=4)
+    return run, snap, ref, setting, prepare(run, snap, setting, ref)
+
+
 @pytest.fixture(scope="module")
 def reference(digit_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "ref.npz"
@@ -261,14 +279,8 @@ def test_a_damaged_setting_json_is_said_and_written_again(tmp_path, capsys):
     """setting.json is always written whole; emptied or garbled on disk it stopped every pass of the run with a
     bare JSON error naming no file. It is made again from the inputs that name its key, saying so."""
     from eval.farm import prepare
-    from eval.settings import EvalSetting
 
-    run = make_run(tmp_path / "run", kimgs=(1,))
-    snap = next((run / "snapshots").iterdir())
-    ref = tmp_path / "ref.npz"
-    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
-    setting = EvalSetting(name="x", steps="ddim2", num=4)
-    key_dir = prepare(run, snap, setting, ref)
+    run, snap, ref, setting, key_dir = one_registered_evaluation(tmp_path)
     good = json.loads((key_dir / "setting.json").read_text())
     for damage, said in ((b"", "JSONDecodeError"), (b'{"key": "a', "JSONDecodeError"), (b"[1, 2]", "not an evaluation"),
                          (b"\xff\xfe", "UnicodeDecodeError")):
@@ -457,7 +469,7 @@ def test_a_refused_submission_is_not_an_attempt(tmp_path, monkeypatch, capsys):
 
     run = make_run(tmp_path / "run", kimgs=(1, 2))
     ref = tmp_path / "ref.npz"
-    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    statistics_ref(ref)
     setting = EvalSetting(name="x", steps="ddim2", num=4)
     submitted = []
 
@@ -499,7 +511,7 @@ def test_a_scheduled_pass_that_fails_still_submits_the_next(tmp_path, monkeypatc
 
     run = make_run(tmp_path / "run", kimgs=(1,))
     ref = tmp_path / "ref$\\frac{a$.npz"
-    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    statistics_ref(ref)
     submitted = []
 
     class Slurm:
@@ -541,7 +553,7 @@ def test_a_claim_from_another_host_is_alive_while_its_heartbeat_is(tmp_path, mon
     monkeypatch.setattr(registry, "HEARTBEAT_S", 0.05)
     run = make_run(tmp_path / "run", kimgs=(1,))
     ref = tmp_path / "ref.npz"
-    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    statistics_ref(ref)
     setting = EvalSetting(name="x", steps="ddim2", num=4)
     key_dir = prepare(run, next((run / "snapshots").iterdir()), setting, ref)
     claim = key_dir / "attempt-1.json"
@@ -954,7 +966,7 @@ def test_a_setting_can_evaluate_every_nth_snapshot(tmp_path):
 
     run = make_run(tmp_path / "run", kimgs=(1, 2, 3, 5, 6, 9))
     ref = tmp_path / "ref.npz"
-    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    statistics_ref(ref)
     cheap, costly = EvalSetting(name="cheap", steps="ddim2", num=4), EvalSetting(name="costly", steps="ddim3",
                                                                                    num=4, every_kimg=3)
     started = []
@@ -997,7 +1009,7 @@ def test_a_local_pass_asks_slurm_about_claims_of_slurm_jobs(tmp_path, monkeypatc
 
     run = make_run(tmp_path / "run", kimgs=(1,))
     ref = tmp_path / "ref.npz"
-    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    statistics_ref(ref)
     setting = EvalSetting(name="x", steps="ddim2", num=4)
     key_dir = prepare(run, next((run / "snapshots").iterdir()), setting, ref)
     held = {**registry.local_owner(), "cluster": "slurm", "jobs": [41, 42, 43], "state": "submitted",
@@ -1059,7 +1071,7 @@ def test_post_hoc_snapshots_are_left_out_of_settings_for_weights_they_lack(tmp_p
                             meta={**base, "images": 1000, "ema_rate": 0.9999,  # copied from its training snapshot
                                   "posthoc": {"sigma_rel": 0.07}, "weights": "posthoc-0.070"})
     ref = tmp_path / "ref.npz"
-    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    statistics_ref(ref)
     settings = [EvalSetting(name="d2", steps="ddim2", num=4), EvalSetting(name="d2-raw", steps="ddim2", num=4,
                                                                           weights="raw")]
     snaps = find_snapshots(run)
@@ -1113,7 +1125,7 @@ def test_scheduling_a_classifier_run_says_what_evaluates_it(tmp_path):
     save_snapshot(run / "snapshots" / "img000000001000", build_model(cfg).state_dict(), cfg,
                   meta={"task": "classifier", "images": 1000})
     ref = tmp_path / "ref.npz"
-    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    statistics_ref(ref)
     with pytest.raises(ValueError, match=r"its snapshots are classifier snapshots, which are not sampled on their "
                                          r"own \(a classifier's snapshots are evaluated through a diffusion run's "
                                          r"setting: classifier=SNAPSHOT \(--classifier\)"):
@@ -1134,7 +1146,7 @@ def test_a_pass_of_the_chain_whose_checks_fail_still_submits_the_next(tmp_path, 
 
     run = make_run(tmp_path / "run", kimgs=(1,))
     ref = tmp_path / "ref.npz"
-    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    statistics_ref(ref)
     submitted, others = [], []
 
     class Slurm:
@@ -1187,15 +1199,8 @@ def test_run_wait_waits_for_an_attempt_another_pass_submitted(tmp_path, monkeypa
     import eval.cli
     import eval.preflight
     from eval import registry
-    from eval.farm import prepare
-    from eval.settings import EvalSetting
 
-    run = make_run(tmp_path / "run", kimgs=(1,))
-    snap = next((run / "snapshots").iterdir())
-    ref = tmp_path / "ref.npz"
-    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
-    setting = EvalSetting(name="x", steps="ddim2", num=4)
-    key_dir = prepare(run, snap, setting, ref)
+    run, snap, ref, setting, key_dir = one_registered_evaluation(tmp_path)
     assert registry.try_claim(key_dir, 1)  # the schedule's pass, in another process
     registry.update_claim(key_dir, 1, {"host": "node7", "pid": 1, "time": 0, "jobs": ["80", "81", "82"],
                                        "state": "submitted"})
@@ -1234,7 +1239,7 @@ def test_a_slurm_attempt_that_ended_without_a_result_says_why(tmp_path, monkeypa
     run = make_run(tmp_path / "run", kimgs=(1,))
     snap = next((run / "snapshots").iterdir())
     ref = tmp_path / "ref.npz"
-    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    statistics_ref(ref)
 
     class Slurm:
         name = "slurm"
