@@ -34,8 +34,7 @@ STAGES = ("data", "train", "eval", "report")
 INTRO = """The 1,797 handwritten digits that scikit-learn ships were written in ImageNet's folder layout
 (200 held out as the validation split, with a LOC_val_solution.csv label file) and converted to
 WebDataset shards with adm data write. A small class-conditional ADM was trained on them at {res}x{res}
-for {kimg:g} thousand images with DeepSpeed ZeRO-2 in {procs}; it was interrupted once by the
-preemption signal, saved, and resumed exactly where it stopped. A noisy classifier (for guidance) and an
+for {kimg:g} thousand images with DeepSpeed ZeRO-2 in {procs}; {preempted}. A noisy classifier (for guidance) and an
 upsampler ({res} to {res2}) were trained the same way. The evaluation farm then sampled every snapshot
 ({steps} sampling steps, {n} samples per evaluation, each image a function of its seed), guided the last two
 snapshots with the classifier at scales {scales} and ran them through the upsampler, and scored
@@ -102,7 +101,8 @@ def train(args: list[str], run: Path, what: str, preempt: bool = False, slurm: b
     console.print(f"   {what}")
     preempt = preempt and not state.is_file()
     (train_on_slurm if slurm else train_here)(args, run, preempt)
-    state.write_text("DONE\n")
+    preempted = state.is_file() and "preempted" in state.read_text()
+    state.write_text("DONE" + (", preempted once" if preempted else "") + "\n")  # the report's intro says which
 
 
 def local_ranks() -> int:
@@ -141,15 +141,41 @@ def train_here(args: list[str], run: Path, preempt: bool) -> None:
 
 
 def train_on_slurm(args: list[str], run: Path, preempt: bool) -> None:
-    """Submit, follow the job's log, send `scancel --signal=USR2` once (what Slurm sends before a
-    preemption or the time limit) and wait: submitit requeues the job, which resumes from LATEST."""
+    """Submit (or follow the job an interrupted demo left queued or running), follow the job's log, send
+    `scancel --signal=USR2` once while it runs (what Slurm sends before a preemption or the time limit) and
+    wait: submitit requeues the job, which resumes from LATEST."""
     from slurm import records
+    from slurm.submit import running_job_for
+
+    busy = running_job_for(run)
+    if busy and not busy.startswith("pid "):  # a Slurm job (not a training by hand): Ctrl-C left it running
+        job = busy
+        console.print(f"   [cyan]following Slurm job {job}, left running by an interrupted demo[/cyan]")
+    else:
+        before = len(records.read(run))
+        adm("submit", "train", *args, "--gpus-per-node", "2", "--cpu", "--time", "01:00:00", capture=True)
+        recs = records.read(run)
+        if len(recs) == before:  # nothing queued: `adm submit` found the run trained (a job that ended meanwhile)
+            console.print("   [cyan]already trained[/cyan]")
+            return
+        job = str(recs[-1]["job_id"])
+        console.print(f"   [cyan]submitted to Slurm as job {job} (2 tasks); logs in {run / 'slurm' / job}[/cyan]")
+    try:
+        signalled = _follow(job, run, preempt)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"Slurm job {job} goes on training; run the demo again to follow it, or "
+                                f"`adm jobs cancel {job} --run-dir {run}` to stop it") from None
+    if signalled:
+        console.print("   [yellow]the ranks saved together on the signal; submitit requeued the job, which resumed "
+                      "from LATEST[/yellow]")
+
+
+def _follow(job: str, run: Path, preempt: bool) -> bool:
+    """Print the job's status lines until it completes; with `preempt`, send the signal once after a status line
+    while it runs. Whether the signal was sent."""
     from slurm.submit import sacct
 
-    adm("submit", "train", *args, "--gpus-per-node", "2", "--cpu", "--time", "01:00:00", capture=True)
-    job = str(records.read(run)[-1]["job_id"])
     log = run / "slurm" / job / f"{job}_0_log.out"
-    console.print(f"   [cyan]submitted to Slurm as job {job} (2 tasks); logs in {log.parent}[/cyan]")
     seen, signalled, deadline = 0, False, time.time() + 3600
     while True:
         state = sacct([job]).get(job, {}).get("state", "PENDING")
@@ -157,20 +183,19 @@ def train_on_slurm(args: list[str], run: Path, preempt: bool) -> None:
         for line in lines[seen:]:
             if preempt and line.startswith(STATUS):
                 print("   " + line)
-            if preempt and not signalled and line.startswith("[train]"):
+            if preempt and not signalled and line.startswith("[train]") and state.split()[0] == "RUNNING":
                 console.print("   [yellow]sending the preemption signal (scancel --signal=USR2) on purpose...[/yellow]")
-                subprocess.run(["scancel", "--signal=USR2", job], check=True)
-                (run / "demo-state").write_text("preempted once\n")
-                signalled = True
+                if subprocess.run(["scancel", "--signal=USR2", job], capture_output=True).returncode == 0:
+                    (run / "demo-state").write_text("preempted once\n")
+                    signalled = True
         seen = len(lines)
         if state == "COMPLETED":
-            break
+            return signalled
         if state.split()[0] in FINAL_FAILURES or time.time() > deadline:
+            for line in log.read_text().splitlines()[seen:] if log.is_file() else []:
+                print("   " + line)  # its last lines (a save on cancel) before the error
             raise RuntimeError(f"training job {job} ended {state}: see `adm jobs logs {job} --run-dir {run}`")
         time.sleep(1)
-    if signalled:
-        console.print("   [yellow]the ranks saved together on the signal; submitit requeued the job, which resumed "
-                      "from LATEST[/yellow]")
 
 
 def evaluate(diff_run: Path, ref: Path, ref2: Path, settings_small: list, settings_large: list, cascade: list):
@@ -351,8 +376,12 @@ def main(argv: list[str] | None = None, prog: str = "adm demo") -> int:
     console.print("[bold]4. Report[/bold]")
     from eval.report import write_report
     procs = "two processes" if ranks == 2 else "one process on the GPU"
+    state = diff_run / "demo-state"
+    preempted = ("it was interrupted once by the preemption signal, saved, and resumed exactly where it stopped"
+                 if state.is_file() and "preempted" in state.read_text() else
+                 "this time it was not interrupted on purpose (an earlier, interrupted demo's job trained it)")
     report = write_report(diff_run, out, intro=INTRO.format(res=res, res2=res2, kimg=args.kimg, n=n, steps=args.steps,
-                                                            procs=procs,
+                                                            procs=procs, preempted=preempted,
                                                             scales=" and ".join(f"{s:g}" for s in scales)))
     lap("report")
     console.rule()

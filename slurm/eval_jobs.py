@@ -28,6 +28,7 @@ def _metrics_entry(key_dir: str) -> None:
         import submitit
         # overwrite: a MASTER_PORT exported by the site file's setup lines must not stop the metrics job
         submitit.helpers.TorchDistributedEnvironment().export(overwrite=True)
+    _own_cpus()
     metrics_task(key_dir, backend="auto")
 
 
@@ -51,11 +52,22 @@ def max_array_size() -> int:
     return max(1, int(found.group(1))) if found else 1001
 
 
+def _own_cpus() -> None:
+    """torch's threads to the task's CPUs (SLURM_CPUS_PER_TASK), as a training task does: without Slurm's CPU
+    binding a task sees every core of the node, and tasks sharing it oversubscribe it several times over."""
+    if (cpus := os.environ.get("SLURM_CPUS_PER_TASK", "")).isdigit():
+        import torch
+
+        torch.set_num_threads(max(1, int(cpus)))
+
+
 def _sample_tasks(key_dir: str, first: int, stride: int) -> list[str]:
+    _own_cpus()
     return strided(sample_task, key_dir, first, stride)
 
 
 def _feature_tasks(key_dir: str, first: int, stride: int) -> list[str]:
+    _own_cpus()
     return strided(feature_task, key_dir, first, stride)
 
 
@@ -93,7 +105,7 @@ def ended_how(owner: dict, key_dir: Path) -> str | None:
         if error:
             break
     return (f"Slurm: {stage}" + (f"; {error}" if error else "")
-            + f"; logs: adm jobs logs {jobs[-1]} --run-dir <run>, or {Path(key_dir) / 'slurm'}")
+            + f"; logs: adm jobs logs {jobs[-1]} --run-dir {Path(key_dir).parent.parent}, or {Path(key_dir) / 'slurm'}")
 
 
 class SlurmBackend:

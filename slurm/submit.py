@@ -354,10 +354,27 @@ def sacct(job_ids: list[str]) -> dict[str, dict]:
         if len(parts) >= 3:
             prev = info.get(parts[0])
             start, end = (parts[3:5] + ["", ""])[:2]
-            info[parts[0]] = {"state": parts[1], "elapsed": parts[2],
+            seconds = _seconds(parts[2]) + (prev["seconds"] if prev else 0)  # every incarnation's run time
+            info[parts[0]] = {"state": parts[1], "elapsed": _clock(seconds), "seconds": seconds,
                               "restarts": str(int(prev["restarts"]) + 1) if prev else "0",
                               "start": prev["start"] if prev and _when(prev["start"]) else start, "end": end}
     return info
+
+
+def _seconds(elapsed: str) -> int:
+    """sacct's Elapsed ([D-]HH:MM:SS, or MM:SS) in seconds; 0 where it is not one."""
+    days, _, clock = elapsed.strip().rpartition("-")
+    try:
+        parts = [int(x) for x in clock.split(":")]
+        return int(days or 0) * 86400 + sum(v * 60 ** i for i, v in enumerate(reversed(parts)))
+    except ValueError:
+        return 0
+
+
+def _clock(seconds: int) -> str:
+    """Seconds as sacct writes them: [D-]HH:MM:SS."""
+    days, rest = divmod(max(0, int(seconds)), 86400)
+    return (f"{days}-" if days else "") + f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
 
 
 def _when(stamp: str | None) -> datetime.datetime | None:
@@ -379,9 +396,7 @@ def eval_totals(jobs: list, states: dict[str, dict], now: datetime.datetime | No
     now = now or datetime.datetime.now()
     first = min(_when(v["start"]) for v in started)
     last = max(_when(v.get("end")) or now for v in started)
-    seconds = max(0, int((last - first).total_seconds()))
-    days, rest = divmod(seconds, 86400)
-    return requeues, (f"{days}-" if days else "") + f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return requeues, _clock(int((last - first).total_seconds()))
 
 
 def eval_stage(jobs: list, states: dict[str, dict]) -> str:

@@ -397,7 +397,8 @@ def test_why_an_evaluation_on_slurm_failed_is_recorded(tmp_path, monkeypatch):
     monkeypatch.setattr(eval_jobs, "sacct", lambda jobs: states)
     why = eval_jobs.ended_how({"jobs": ["70", "71", "72"]}, key_dir)
     assert why.startswith("Slurm: FAILED(sampling); 70_1: models.snapshot.SnapshotError: /s/model.safetensors: "
-                          "sha256 differs from the manifest (corrupt); logs: adm jobs logs 72"), why
+                          f"sha256 differs from the manifest (corrupt); logs: adm jobs logs 72 --run-dir {tmp_path / 'run'}, "
+                          f"or {key_dir / 'slurm'}"), why
     assert eval_jobs.ended_how({"pid": 5}, key_dir) is None  # a local claim: its own error is recorded
 
 
@@ -424,3 +425,88 @@ def test_stopping_a_local_cluster_kills_its_own_stuck_steps_only(tmp_path):
         for p in steps.values():
             p.kill()
             p.wait()
+
+
+def test_the_demo_follows_a_slurm_training_an_interrupted_demo_left(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the demo follows its Slurm training leaves the job training: said, naming the job; the
+    rerun follows that job instead of submitting (which `adm submit` refused: the run is in use). A rerun
+    after it ended queues nothing and goes on ("already trained"), where it replayed the old job's log and
+    sent the signal to a finished job (a traceback every time after). The signal goes only to a running job."""
+    from adm import demo
+    from slurm import records
+    import slurm.submit
+
+    run = tmp_path / "runs" / "diffusion"
+    (run / "slurm" / "32").mkdir(parents=True)
+    (run / "slurm" / "32" / "32_0_log.out").write_text("[resume] fresh start\n[train] kimg 0.064 loss 0.9\n")
+    states, scancels, sleeps = ["RUNNING"], [], []
+    monkeypatch.setattr(slurm.submit, "running_job_for", lambda run_dir: "32")
+    monkeypatch.setattr(slurm.submit, "sacct", lambda jobs: {"32": {"state": states[0]}})
+    monkeypatch.setattr(demo, "adm", lambda *a, **k: pytest.fail("submitted beside the running job"))
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **k: scancels.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+
+    def ctrl_c(seconds):
+        sleeps.append(seconds)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(demo.time, "sleep", ctrl_c)
+    with pytest.raises(KeyboardInterrupt, match=f"Slurm job 32 goes on training; run the demo again to follow it, or "
+                                                f"`adm jobs cancel 32 --run-dir {run}` to stop it"):
+        demo.train_on_slurm([], run, preempt=True)
+    assert "following Slurm job 32, left running by an interrupted demo" in capsys.readouterr().out
+    assert scancels == [["scancel", "--signal=USR2", "32"]] and (run / "demo-state").read_text() == "preempted once\n"
+
+    scancels.clear()
+    (run / "demo-state").unlink()
+    states[0] = "COMPLETED"  # the job ended while nobody followed it: its old [train] lines are not a cue
+    demo.train_on_slurm([], run, preempt=True)
+    assert scancels == [] and not (run / "demo-state").exists()
+
+    monkeypatch.setattr(slurm.submit, "running_job_for", lambda run_dir: None)
+    records.add(run, {"job_id": "32", "cluster": "slurm", "folder": str(run / "slurm" / "32")})
+    monkeypatch.setattr(demo, "adm", lambda *a, **k: subprocess.CompletedProcess(a, 0, "already trained", ""))
+    demo.train_on_slurm([], run, preempt=True)  # nothing queued: nothing followed, nothing claimed
+    out = capsys.readouterr().out
+    assert "already trained" in out and "submitted to Slurm as job" not in out and scancels == []
+
+
+def test_evaluation_tasks_use_only_their_own_cpus(monkeypatch):
+    """A sampling, feature or metrics task runs torch on SLURM_CPUS_PER_TASK threads (a training task does):
+    without Slurm's CPU binding every task saw all the node's cores (load 9 on 2 cores in the demo)."""
+    import torch
+
+    from slurm import eval_jobs
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(eval_jobs, "strided", lambda task, key_dir, first, stride: [torch.get_num_threads()])
+    monkeypatch.setattr(eval_jobs, "metrics_task", lambda key_dir, backend: seen.append(torch.get_num_threads()))
+    seen = []
+    try:
+        for cpus in (1, 3):
+            monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(cpus))
+            torch.set_num_threads(7)
+            assert eval_jobs._sample_tasks("k", 0, 1) == [cpus]
+            torch.set_num_threads(7)
+            assert eval_jobs._feature_tasks("k", 0, 1) == [cpus]
+            torch.set_num_threads(7)
+            eval_jobs._metrics_entry("k")
+        assert seen == [1, 3]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_requeued_trainings_elapsed_time_adds_up_every_run(monkeypatch):
+    """`adm jobs` showed a requeued training's last run only (3:06 of 0:48 + 3:06): sacct -D gives a row per
+    incarnation, and their Elapsed times add up (days included); requeues count the rows after the first."""
+    import shutil
+
+    import slurm.submit
+
+    rows = ("1|PREEMPTED|00:00:48|2026-12-06T10:00:00|2026-12-06T10:00:48\n"
+            "1|COMPLETED|00:03:06|2026-12-06T10:01:30|2026-12-06T10:04:36\n"
+            "2|RUNNING|1-23:59:30|2026-12-04T10:00:00|Unknown\n2|REQUEUED|00:00:45|2026-12-06T10:00:00|Unknown\n")
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, rows, ""))
+    info = slurm.submit.sacct(["1", "2"])
+    assert (info["1"]["elapsed"], info["1"]["restarts"], info["1"]["state"]) == ("00:03:54", "1", "COMPLETED")
+    assert (info["2"]["elapsed"], info["2"]["restarts"]) == ("2-00:00:15", "1")
+    assert info["1"]["start"] == "2026-12-06T10:00:00"  # the first run's start
