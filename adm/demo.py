@@ -118,9 +118,9 @@ def train_here(args: list[str], run: Path, preempt: bool) -> None:
     errors = open(run / "demo-train.err", "a")  # DeepSpeed's warnings stay out of the demo's output
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True)
     for line in proc.stdout:
+        if line.startswith(STATUS):  # every training's status lines: minutes without a word look like a hang
+            print("   " + line.rstrip())
         if preempt:
-            if line.startswith(STATUS):
-                print("   " + line.rstrip())
             if line.startswith("[train]") and not (run / "demo-state").is_file():
                 console.print("   [yellow]sending the preemption signal (SIGUSR2) on purpose...[/yellow]")
                 proc.send_signal(signal.SIGUSR2)
@@ -181,7 +181,7 @@ def _follow(job: str, run: Path, preempt: bool) -> bool:
         state = sacct([job]).get(job, {}).get("state", "PENDING")
         lines = log.read_text().splitlines() if log.is_file() else []
         for line in lines[seen:]:
-            if preempt and line.startswith(STATUS):
+            if line.startswith(STATUS):
                 print("   " + line)
             if preempt and not signalled and line.startswith("[train]") and state.split()[0] == "RUNNING":
                 console.print("   [yellow]sending the preemption signal (scancel --signal=USR2) on purpose...[/yellow]")

@@ -293,6 +293,17 @@ def test_evaluation_plan_runs_as_job_arrays_with_dependencies(cluster, digit_sha
     proc = adm("eval", "schedule", str(run), "--ref", str(ref), "--cluster", "slurm", *SETTING, "--every", "1h",
                check=False)
     assert proc.returncode == 2 and f"is already scheduled: job {pending} is its next pass" in proc.stderr
+    record = json.loads((run / "jobs.jsonl").read_text().splitlines()[-1])
+    assert record["kind"] == "eval-schedule" and record["chain"] == pending  # a chain is named by its first job
+    # the pass before it, run again (a requeue of a pass that had queued the next): it finds its chain's next
+    # pass queued, and ends without a pass or a second successor
+    env = {**os.environ, "ADM_SCHEDULED_PASS": "1", "ADM_SCHEDULE_CHAIN": pending, "SLURM_JOB_ID": str(int(pending) - 1)}
+    again = subprocess.run([sys.executable, "-m", "adm", "eval", "schedule", str(run), "--ref", str(ref), "--cluster",
+                            "slurm", *SETTING, "--every", "1h"], cwd=REPO, capture_output=True, text=True, env=env,
+                           timeout=600)
+    assert again.returncode == 0 and f"job {pending} is this schedule's next pass, queued already" in again.stdout, \
+        again.stdout + again.stderr
+    assert job_id(run) == pending
     from slurm.submit import running_job_for
 
     assert running_job_for(run) is None
