@@ -169,7 +169,7 @@ def _check_ref(ref: str) -> None:
 def cmd_run(a) -> int:
     """Evaluate one snapshot now, for each setting (through the registry: done ones are reused)."""
     from . import registry
-    from .farm import run_dir_of
+    from .farm import prepare, run_dir_of
     from .schedule import attempts_spent, schedule_pass
 
     from .preflight import check
@@ -182,13 +182,12 @@ def cmd_run(a) -> int:
     backend = backend_for(a)
     counts = schedule_pass(run_dir, settings, Path(a.ref), backend, a.max_attempts, a.inception_weights,
                            a.metric_workers, only=[snap], retry_failed=a.retry_failed)
+    key_dirs = [prepare(run_dir, snap, s, Path(a.ref), a.inception_weights, a.metric_workers) for s in settings]
     if backend.name == "slurm" and a.wait:
         backend.wait_all()
-        _wait_for_other_passes(run_dir, snap, settings, a, backend)
+        _wait_for_other_passes(snap, settings, key_dirs, backend)
     unfinished = False
-    for s in settings:
-        from .farm import prepare
-        key_dir = prepare(run_dir, snap, s, Path(a.ref), a.inception_weights, a.metric_workers)
+    for s, key_dir in zip(settings, key_dirs):
         if (key_dir / registry.METRICS).is_file():
             m = json.loads((key_dir / registry.METRICS).read_text())["metrics"]
             print(f"{snap.name} {s.name}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
@@ -219,28 +218,25 @@ def cmd_run(a) -> int:
 WAIT_POLL_S = 30  # how often `adm eval run --wait` asks Slurm about jobs another pass submitted
 
 
-def _wait_for_other_passes(run_dir: Path, snap: Path, settings, a, backend) -> None:
+def _wait_for_other_passes(snap: Path, settings, key_dirs: list[Path], backend) -> None:
     """`--wait` for the evaluations whose running attempt another pass (the schedule, another `adm eval run`)
     submitted: this process holds no handle on those jobs, so it asks about the claim's jobs until they end."""
     from . import registry
-    from .farm import prepare
 
-    key_dirs = [prepare(run_dir, snap, s, Path(a.ref), a.inception_weights, a.metric_workers) for s in settings]
     told = set()
     while True:
-        running = []
-        for key_dir in key_dirs:
+        running = False
+        for s, key_dir in zip(settings, key_dirs):
             tried = registry.attempts(key_dir)
             if (key_dir / registry.METRICS).is_file() or not tried:
                 continue
             claim = registry.read_claim(key_dir, tried[-1])
             if claim.get("state") not in ("failed", "done") and backend.alive(claim):
-                running.append(key_dir)
+                running = True
                 if (key_dir, tried[-1]) not in told:
                     told.add((key_dir, tried[-1]))
-                    jobs = ", ".join(map(str, claim.get("jobs", [])))
-                    print(f"{snap.name} {json.loads((key_dir / registry.SETTING).read_text())['setting']['name']}: "
-                          f"attempt {tried[-1]} is running (Slurm jobs {jobs}, submitted by another pass); waiting",
+                    print(f"{snap.name} {s.name}: attempt {tried[-1]} is running (Slurm jobs "
+                          f"{', '.join(map(str, claim.get('jobs', [])))}, submitted by another pass); waiting",
                           flush=True)
         if not running:
             return
