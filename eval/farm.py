@@ -145,11 +145,16 @@ def metrics_task(key_dir: str, backend: str = "auto") -> dict | None:
     from .metrics import load_reference, reduce
 
     key_dir = Path(key_dir)
-    if (key_dir / registry.METRICS).is_file():  # a requeued or second metrics job: the numbers are out already
-        finish(key_dir)  # (what may be left after publishing), not minutes of FID and precision/recall again
+    comm = discover(backend)
+    # a requeued or second metrics job: the numbers are out already, and only what may follow publishing is
+    # left, not minutes of FID and precision/recall again (rank 0's look decides for all: none waits alone)
+    if comm.allgather((key_dir / registry.METRICS).is_file())[0]:
+        comm.close()
+        if comm.rank != 0:
+            return None
+        finish(key_dir)
         return json.loads((key_dir / registry.METRICS).read_text())
     spec, setting = load_spec(key_dir)
-    comm = discover(backend)
     feats = load_features(key_dir / "features", expected=setting.num)
     ref = load_reference(spec["ref"], cache_dir=registry.eval_root(spec["run_dir"]) / "ref-cache")
     w = logits_weight(spec["inception_weights"]) if spec.get("inception_weights") else None
