@@ -17,6 +17,7 @@ from eval.farm import feature_task, load_spec, metrics_task, sample_task, stride
 from eval.schedule import NotSubmitted
 
 from . import records
+from .jobs import own_cpus
 from .submit import outside_any_job, parse_time, sacct, sbatch_error, site_defaults
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "STAGE_OUT"}
@@ -28,7 +29,7 @@ def _metrics_entry(key_dir: str) -> None:
         import submitit
         # overwrite: a MASTER_PORT exported by the site file's setup lines must not stop the metrics job
         submitit.helpers.TorchDistributedEnvironment().export(overwrite=True)
-    _own_cpus()
+    own_cpus()
     metrics_task(key_dir, backend="auto")
 
 
@@ -52,22 +53,13 @@ def max_array_size() -> int:
     return max(1, int(found.group(1))) if found else 1001
 
 
-def _own_cpus() -> None:
-    """torch's threads to the task's CPUs (SLURM_CPUS_PER_TASK), as a training task does: without Slurm's CPU
-    binding a task sees every core of the node, and tasks sharing it oversubscribe it several times over."""
-    if (cpus := os.environ.get("SLURM_CPUS_PER_TASK", "")).isdigit():
-        import torch
-
-        torch.set_num_threads(max(1, int(cpus)))
-
-
 def _sample_tasks(key_dir: str, first: int, stride: int) -> list[str]:
-    _own_cpus()
+    own_cpus()
     return strided(sample_task, key_dir, first, stride)
 
 
 def _feature_tasks(key_dir: str, first: int, stride: int) -> list[str]:
-    _own_cpus()
+    own_cpus()
     return strided(feature_task, key_dir, first, stride)
 
 

@@ -6,6 +6,20 @@ import signal
 import submitit
 
 
+def own_cpus() -> None:
+    """torch's threads to this task's CPUs (SLURM_CPUS_PER_TASK; under `--cluster local`, the machine's share
+    of each task): without Slurm's CPU binding a task sees every core of the node, and tasks sharing it would
+    oversubscribe it several times over."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    local_tasks = int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1"))  # --cluster local: tasks share this machine
+    if not cpus.isdigit() and local_tasks > 1:
+        cpus = str(max(1, (os.cpu_count() or 1) // local_tasks))
+    if cpus.isdigit():
+        import torch
+
+        torch.set_num_threads(max(1, int(cpus)))
+
+
 class TrainJob(submitit.helpers.Checkpointable):
     """One Slurm task per device runs the training loop; on preemption/timeout the ranks save together,
     then global rank 0 hands over to submitit, which pickles this same (stateless) call and requeues."""
@@ -26,14 +40,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         from trainer.loop import training_loop
         from trainer.preemption import EXIT_REQUEUE, submitit_should_requeue
 
-        import torch
-
-        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-        local_tasks = int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1"))  # --cluster local: tasks share this machine
-        if not cpus and local_tasks > 1:
-            cpus = str(max(1, (os.cpu_count() or 1) // local_tasks))
-        if cpus:  # one task per device: each uses only its own CPUs (no oversubscription)
-            torch.set_num_threads(int(cpus))
+        own_cpus()
         submitit_handler = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue
         code = training_loop(load_train_config(self.config, self.overrides))
         if code == EXIT_REQUEUE:
