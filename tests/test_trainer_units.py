@@ -766,6 +766,57 @@ def test_who_requeues_is_decided_when_the_ranks_agree_not_by_a_later_sigterm():
             signal.signal(s, h)
 
 
+def test_a_signal_that_comes_as_the_handlers_change_hands_is_kept(monkeypatch):
+    """A preemption signal that arrives while the launcher's or the training loop's handlers replace the early
+    ones (catch_early's) is acted on: not recorded by the old handler after the new owner looked (a SIGTERM
+    lost so, as `adm train --nproc 2` started its ranks, let them train to the end)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from trainer import preemption
+
+    real = signal.signal
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM)}
+    sent = []
+
+    def signal_meanwhile(signum, handler):  # the SIGTERM lands in the middle of the handover
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+        return real(signum, handler)
+
+    try:
+        preemption.RECEIVED.clear()
+        preemption.catch_early()
+        monkeypatch.setattr(signal, "signal", signal_meanwhile)
+        flag = preemption.PreemptionFlag()
+        assert sent and flag.requested and flag.signal_name == "SIGTERM"
+    finally:
+        monkeypatch.undo()
+        preemption.RECEIVED.clear()
+        for s, h in before.items():
+            signal.signal(s, h)
+    # the launcher: the same SIGTERM is passed on to its rank
+    code = """
+import os, signal, subprocess, sys, trainer.cli as c
+from trainer import preemption
+preemption.catch_early()
+real_signal, real_popen, sent = signal.signal, subprocess.Popen, []
+def signal_meanwhile(signum, handler):
+    if not sent:
+        sent.append(os.kill(os.getpid(), signal.SIGTERM))
+    return real_signal(signum, handler)
+signal.signal = signal_meanwhile
+rank = ("import time; from trainer import preemption; preemption.catch_early(); time.sleep(1); "
+        "print(sorted(preemption.RECEIVED))")
+c.subprocess.Popen = lambda cmd, env=None, **kw: real_popen([sys.executable, "-c", rank], **kw)
+print(c.launch_local(1, []))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split("\n")[:2] == ["['SIGTERM']", "0"], proc.stdout + proc.stderr
+
+
 def test_each_rank_flushes_the_checkpoint_files_it_wrote(tmp_path, monkeypatch):
     """On Lustre or GPFS an fsync flushes only the calling node's pages: rank r must flush the files rank r
     wrote (DeepSpeed's zero_pp_rank_r_*, our rank0000r.pt); rank 0 the shared ones. Every file once."""

@@ -33,6 +33,17 @@ def launch_local(nproc: int, argv: list[str], lock_fd: int | None = None) -> int
 
     port = _free_port()
     procs = []
+
+    def forward(signum, frame):
+        forwarded.add(signum)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    forwarded = set()
+    for s in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, forward)  # first, then RECEIVED: a signal between the two is in one or the other
+    forwarded |= {signal.Signals[n] for n in RECEIVED}  # got during the checks: passed on once the ranks exist
     for rank in range(nproc):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), ADM_LOCAL_CHILD="1",
                    ADM_LAUNCHER_START=repr(psutil.Process().create_time()),  # the clock of "[timing] first step"
@@ -41,18 +52,8 @@ def launch_local(nproc: int, argv: list[str], lock_fd: int | None = None) -> int
         procs.append(subprocess.Popen([sys.executable, "-m", "trainer", *argv], env=env,
                                       pass_fds=() if lock_fd is None else (lock_fd,),
                                       preexec_fn=_rank_setup(stop_with_parent(os.getpid()))))
-
-    def forward(signum, frame):
-        forwarded.add(signum)
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    forwarded = {signal.Signals[n] for n in RECEIVED}  # got during the checks: passed on as the ranks start
-    for s in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, forward)
-    for s in forwarded:
-        forward(s, None)
+    for s in sorted(forwarded):  # got before or while the ranks started (those started then got it already too:
+        forward(s, None)         # a second SIGTERM or SIGUSR2 only sets the same flag)
     codes = wait_all(procs)
     if any(c == EXIT_REQUEUE for c in codes):
         return EXIT_REQUEUE

@@ -14,12 +14,12 @@ class PreemptionFlag:
     """SIGUSR2 (submitit's, Slurm's --signal) and SIGTERM set `requested`; nothing else happens in the handler."""
 
     def __init__(self, signals=(signal.SIGUSR2, signal.SIGTERM)):
-        early = sorted(RECEIVED & {signal.Signals(s).name for s in signals})  # got before this existed
-        self.requested = bool(early)
-        self.signal_name = early[0] if early else None
-        self.signals = signals
-        for s in signals:
+        self.requested, self.signal_name, self.signals = False, None, signals
+        for s in signals:  # installing runs any handler still pending (catch_early's): RECEIVED is read after
             signal.signal(s, self._handle)
+        early = sorted(RECEIVED & {signal.Signals(s).name for s in signals})  # got before this existed
+        if early and not self.requested:
+            self.requested, self.signal_name = True, early[0]
 
     def agree(self) -> None:
         """The ranks agreed to stop: freeze which signals brought us here."""
