@@ -29,6 +29,13 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.cwd = cwd or os.getcwd()  # relative paths (the config, run_dir, data) mean what they meant there
 
     def __call__(self) -> int:
+        from trainer.preemption import catch_early
+
+        # submitit's own SIGTERM handler only logs ("Bypassing signal SIGTERM"): a SIGTERM (scancel, Slurm's
+        # requeue or preemption) during the seconds of imports and DeepSpeed's start before the training loop's
+        # handler was lost, on one rank or all; recorded now, the loop stops on it and rank 0 leaves the requeue
+        # to Slurm. (SIGUSR2 stays submitit's until then: on rank 0 it requeues at once, nothing being unsaved.)
+        catch_early((signal.SIGTERM,))
         cwd = getattr(self, "cwd", None)  # None: pickled by an older version
         try:
             if cwd:

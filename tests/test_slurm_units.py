@@ -240,6 +240,49 @@ def test_a_training_job_runs_where_it_was_submitted(tmp_path, monkeypatch):
         TrainJob("x.yaml", [], cwd="/no/such/dir")()
 
 
+def test_a_sigterm_while_a_training_task_starts_stops_it_and_leaves_the_requeue_to_slurm(monkeypatch):
+    """A SIGTERM (scancel, `scontrol requeue`, a preemption without the user signal) that reaches a submitit
+    task while it imports and starts, before the training loop's handler: submitit's own handler only logged
+    it, so the rank trained on, and rank 0 could requeue a job Slurm was ending. It is recorded: the loop stops
+    on it (status 75), and rank 0 does not call submitit's requeue."""
+    import signal
+
+    import trainer.config
+    import trainer.loop
+    from slurm.jobs import TrainJob
+    from trainer import preemption
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM)}
+    requeued = []
+
+    def started(config, overrides):  # the seconds of imports and checks before the loop's handler
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered to the main thread before os.kill returns
+        return config
+
+    def loop(cfg):  # the training loop's handling: its flag, and the agreement at the first step boundary
+        flag = preemption.PreemptionFlag()
+        if not flag.requested:
+            return 0  # (trained to the end)
+        flag.agree()
+        return preemption.EXIT_REQUEUE
+
+    monkeypatch.setattr(trainer.config, "load_train_config", started)
+    monkeypatch.setattr(trainer.loop, "training_loop", loop)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    try:
+        preemption.RECEIVED.clear()
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)  # submitit's: "Bypassing signal SIGTERM"
+        signal.signal(signal.SIGUSR2, lambda signum, frame: requeued.append(signum))  # its checkpoint + requeue
+        with pytest.raises(SystemExit) as stopped:
+            TrainJob("x.yaml", [])()
+        assert stopped.value.code == preemption.EXIT_REQUEUE and not requeued
+    finally:
+        preemption.RECEIVED.clear()
+        preemption.AGREED.clear()
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
 def test_whether_the_cluster_has_gpus_is_asked_of_sinfo_and_a_failing_sinfo_is_said(tmp_path, monkeypatch):
     """`adm submit train --cluster slurm` checks that the cluster has the GPUs it asks for; a sinfo that fails
     (slurmctld down) is said as such, not taken for a cluster without GPUs."""
