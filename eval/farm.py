@@ -222,16 +222,32 @@ def series_name(run_dir: Path, record: dict) -> str:
 
 
 def log_tensorboard(run_dir: Path, record: dict) -> None:
+    """The evaluation's TensorBoard point, in an events file that appears in RUN/tensorboard whole: its name
+    says the point is logged (finish, schedule_pass), and SummaryWriter creates the file before any point is
+    in it, so a task killed meanwhile left a file that kept the point from ever being written. Written in a
+    folder of its own in the evaluation's directory, closed, then moved in."""
+    import os
+    import shutil
+    import tempfile
+
     from torch.utils.tensorboard import SummaryWriter
 
     series = series_name(run_dir, record)
-    writer = SummaryWriter(str(run_dir / "tensorboard"), filename_suffix=f".eval-{record['key']}")
-    width = registry.posthoc_width(record["snapshot_name"])
-    series += f"-posthoc-{width}" if width else ""
-    for name, value in record["metrics"].items():
-        if name != "num_samples":
-            writer.add_scalar(f"eval/{series}/{name}", value, record.get("images") or 0)
-    writer.close()
+    key_dir = registry.eval_root(run_dir) / record["key"]
+    key_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="tensorboard.partial-", dir=key_dir))
+    try:
+        writer = SummaryWriter(str(tmp), filename_suffix=f".eval-{record['key']}")
+        width = registry.posthoc_width(record["snapshot_name"])
+        series += f"-posthoc-{width}" if width else ""
+        for name, value in record["metrics"].items():
+            if name != "num_samples":
+                writer.add_scalar(f"eval/{series}/{name}", value, record.get("images") or 0)
+        writer.close()
+        for f in tmp.iterdir():  # (one events file)
+            os.replace(f, Path(run_dir) / "tensorboard" / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_local(key_dir: Path, progress: bool = False) -> dict:

@@ -179,6 +179,41 @@ def test_tensorboard_series_never_mix_two_families_of_one_name(tmp_path):
                                           for t in fid_tags if t != "eval/fast/fid")
 
 
+def test_a_tensorboard_point_cut_short_is_written_by_the_next_finish(tmp_path, monkeypatch):
+    """An evaluation's events file is its "logged" mark (finish, the scheduler's pass): one that a task killed
+    while writing it left without its point must not be taken for the point, nor be seen before it is whole."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from eval.farm import finish
+
+    run = tmp_path / "run"
+    key_dir = run / "eval" / "k"
+    key_dir.mkdir(parents=True)
+    setting = {"name": "fast", "steps": "ddim2", "num": 4}
+    (key_dir / "setting.json").write_text(json.dumps({"run_dir": str(run), "setting": setting}))
+    (key_dir / "metrics.json").write_text(json.dumps({
+        "key": "k", "snapshot_name": "img000000001000", "images": 1000, "ref": "/r/ref.npz", "setting": setting,
+        "metrics": {"fid": 12.5, "num_samples": 4}}))
+    real = SummaryWriter.add_scalar
+
+    def killed(self, *args, **kwargs):  # the task ends (a time limit, a cancel) once its writer exists
+        assert list((run / "tensorboard").glob("*.eval-k")) == []  # not visible before it is whole
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", killed)
+    with pytest.raises(KeyboardInterrupt):
+        finish(key_dir)
+    assert list((run / "tensorboard").glob("*.eval-k")) == []
+    monkeypatch.setattr(SummaryWriter, "add_scalar", real)
+    finish(key_dir)  # the scheduler's next pass
+    [events] = (run / "tensorboard").glob("*.eval-k")
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("eval/fast/fid")] == [(1000, 12.5)]
+    assert [p.name for p in key_dir.iterdir() if p.name.startswith("tensorboard.")] == []
+
+
 def _finished(key_dir, name, images, setting="fast", **metrics):
     from eval.settings import EVALUATOR_VERSION
 
