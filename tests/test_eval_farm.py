@@ -166,12 +166,19 @@ def evaluated(reference, tmp_path_factory):
            "--cluster", "local", *SETTING]
     victim = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline, killed_key = time.time() + 120, None
-    while time.time() < deadline and killed_key is None:
-        for claim in (run / "eval").glob("*/attempt-1.json"):
-            if not (claim.parent / "metrics.json").exists():
-                killed_key = claim.parent.name
+
+    def unpublished():
+        return next((c.parent.name for c in (run / "eval").glob("*/attempt-1.json")
+                     if not (c.parent / "metrics.json").exists()), None)
+
+    while killed_key is None:
+        assert victim.poll() is None and time.time() < deadline, "the first scheduler never claimed an evaluation"
+        if unpublished():
+            victim.send_signal(signal.SIGSTOP)  # frozen, then looked at again: it cannot publish before the kill
+            killed_key = unpublished()
+            if killed_key is None:
+                victim.send_signal(signal.SIGCONT)
         time.sleep(0.02)
-    assert killed_key, "the first scheduler never claimed an evaluation"
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     racers = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -154,9 +154,13 @@ def test_a_killed_launcher_stops_its_ranks_which_hold_the_lock_until_they_end(sh
         time.sleep(0.2)
     ranks = psutil.Process(launcher.pid).children()
     assert len(ranks) == 2
+    for r in ranks:  # held still while the lock is looked at (a loaded machine could otherwise see them end first)
+        r.suspend()
     launcher.kill()
     launcher.wait()
     assert holder(run) is not None  # the ranks hold it still
+    for r in ranks:  # their SIGTERM from the launcher's death is pending: delivered now
+        r.resume()
     gone, alive = psutil.wait_procs(ranks, timeout=120)
     assert not alive, "the ranks trained on without their launcher"
     assert holder(run) is None
