@@ -6,7 +6,10 @@ dependencies (slurm/eval_jobs.py)."""
 import functools
 import hashlib
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -192,10 +195,14 @@ def finish(key_dir: Path) -> None:
     if not any((run_dir / "tensorboard").glob(f"*.eval-{record['key']}")):
         log_tensorboard(run_dir, record)
     compact(key_dir / "features")  # the per-shard sums of outer products are not needed any more
-    for partial in [*key_dir.glob("samples/*.partial-*"), *key_dir.glob("features/*.partial-*")]:
-        try:  # a killed or cancelled task's temporary file (64 MB of feature sums, or a sample shard)
+    for partial in [*key_dir.glob("samples/*.partial-*"), *key_dir.glob("features/*.partial-*"),
+                    *key_dir.glob("tensorboard.partial-*")]:
+        try:  # a killed or cancelled task's temporary file (64 MB of feature sums, a sample shard, an events file)
             if time.time() - partial.stat().st_mtime > STALE_PARTIAL_S:  # not one a late duplicate still writes
-                partial.unlink()
+                if partial.is_dir():
+                    shutil.rmtree(partial)
+                else:
+                    partial.unlink()
         except FileNotFoundError:
             pass
 
@@ -226,10 +233,6 @@ def log_tensorboard(run_dir: Path, record: dict) -> None:
     says the point is logged (finish, schedule_pass), and SummaryWriter creates the file before any point is
     in it, so a task killed meanwhile left a file that kept the point from ever being written. Written in a
     folder of its own in the evaluation's directory, closed, then moved in."""
-    import os
-    import shutil
-    import tempfile
-
     from torch.utils.tensorboard import SummaryWriter
 
     series = series_name(run_dir, record)

@@ -272,6 +272,9 @@ def test_a_requeued_metrics_job_reuses_the_published_numbers_and_clears_stale_te
     fresh = key_dir / "features" / "features-00000004-00000005.npz.partial-node2-79-0a1b2c3f.npz"
     for p in [*old, fresh]:
         p.write_bytes(b"\0" * 1000)
+    old.append(key_dir / "tensorboard.partial-k2j4x9")  # a TensorBoard point's folder, its writer killed
+    old[-1].mkdir()
+    (old[-1] / "events.out.tfevents.1.node1.eval-x").write_bytes(b"\0" * 10)
     for p in old:
         os.utime(p, (time.time() - 3600,) * 2)
     published = (key_dir / "metrics.json").read_text()
@@ -282,6 +285,8 @@ def test_a_requeued_metrics_job_reuses_the_published_numbers_and_clears_stale_te
         assert not any(p.exists() for p in old) and fresh.exists()
     finally:
         fresh.unlink(missing_ok=True)
+
+
 def test_a_damaged_setting_json_is_said_and_written_again(tmp_path, capsys):
     """setting.json is always written whole; emptied or garbled on disk it stopped every pass of the run with a
     bare JSON error naming no file. It is made again from the inputs that name its key, saying so."""
