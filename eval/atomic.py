@@ -42,7 +42,11 @@ def _into_place(tmp: Path, path: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    _into_place(_written(path, lambda f: f.write(text.encode())), path)
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    _into_place(_written(path, lambda f: f.write(data)), path)
 
 
 def standard_json(data, **dumps) -> str:

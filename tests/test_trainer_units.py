@@ -881,6 +881,38 @@ def test_grid_sampling_takes_up_to_25_steps_of_any_diffusion_length(steps):
         assert grid_respacing(steps) == "ddim25"  # the integer stride, as before
 
 
+def test_a_grid_cut_short_never_takes_a_grids_name(tmp_path, monkeypatch):
+    """The report embeds RUN/grids/*.png as they are, rewritten every scheduled pass while the training runs:
+    a grid whose write is cut short (a full disk here, a kill alike) leaves the earlier grid of that name
+    whole, and no other .png beside it."""
+    import errno
+
+    import numpy as np
+    from PIL import Image
+
+    from trainer.grid import save_grid
+
+    path = tmp_path / "grids" / "img000000000512.png"
+    path.parent.mkdir()
+    first = Image.fromarray(np.full((8, 8, 3), 7, np.uint8))
+    save_grid(first, path)
+    png = Image.SAVE["PNG"]
+
+    def cut_short(im, fp, filename, *args, **kwargs):
+        png(im, fp, filename, *args, **kwargs)
+        fp.seek(fp.tell() // 2)
+        fp.truncate()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setitem(Image.SAVE, "PNG", cut_short)
+    for name in (path.name, "img000000001024.png"):
+        with pytest.raises(OSError):
+            save_grid(Image.fromarray(np.zeros((8, 8, 3), np.uint8)), path.with_name(name))
+    monkeypatch.undo()
+    assert [p.name for p in path.parent.glob("*.png")] == [path.name]
+    assert (np.asarray(Image.open(path)) == 7).all()
+
+
 def test_the_snapshot_grid_reads_an_x0_network_as_one():
     """diffusion.predict_xstart=true: the grid's sampler reads the network's output as x0 (a network that
     outputs 0 everywhere gives an exactly mid-grey grid), as the snapshot records for `adm sample`."""

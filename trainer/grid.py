@@ -1,5 +1,8 @@
 """A small image grid sampled from the EMA weights, written with every snapshot (rank 0)."""
 
+import io
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -23,6 +26,16 @@ def tile(arr: np.ndarray, cols: int) -> Image.Image:
         r, q = divmod(i, cols)
         canvas[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
     return Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas)
+
+
+def save_grid(grid: Image.Image, path: Path) -> None:
+    """The PNG in place whole: the report, which the evaluation schedule rewrites while the training runs,
+    embeds the newest grids as they are, and a grid cut short (a kill, a full disk) would stay a broken image."""
+    from eval.atomic import write_bytes_atomic
+
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def grid_respacing(steps: int, wanted: int = 25) -> str:

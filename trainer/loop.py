@@ -338,10 +338,10 @@ def training_loop(cfg: TrainConfig) -> int:
                     "the snapshot from it" if good_tag == ckpt.tag_for(images) else
                     "make room and run the same command to resume")) from e
             if cfg.grid and cfg.task == "diffusion":
-                from .grid import sample_grid
+                from .grid import sample_grid, save_grid
                 grid = sample_grid(weights[first], cfg, device)
                 (run_dir / "grids").mkdir(exist_ok=True)
-                grid.save(run_dir / "grids" / f"{ckpt.tag_for(images)}.png")
+                save_grid(grid, run_dir / "grids" / f"{ckpt.tag_for(images)}.png")
                 if writer:
                     import numpy as np
                     writer.add_image("samples/ema", np.asarray(grid), images, dataformats="HWC")
