@@ -30,20 +30,22 @@ def save_partial(result: dict, out) -> None:
     """The rows so far, marked partial, written atomically after each row: a run stopped at its time limit
     (bench/run_all.py --timeout, a lent GPU's minutes) still leaves what it measured."""
     import json
-    import os
 
     if out:
+        from eval.atomic import write_text_atomic
+
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps({**result, "partial": True}, indent=2) + "\n")
-        os.replace(tmp, out)
+        write_text_atomic(out, json.dumps({**result, "partial": True}, indent=2) + "\n")
 
 
 def write_result(result: dict, out) -> None:
-    """Print the result as JSON and, with --out, write it there too."""
+    """Print the result as JSON and, with --out, write it there too, atomically: a run stopped at its time
+    limit (or a full disk) while writing it leaves the rows saved before, which run_all reads, not half a file."""
     import json
 
     print(json.dumps(result, indent=2))
     if out:
+        from eval.atomic import write_text_atomic
+
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(out, json.dumps(result, indent=2) + "\n")

@@ -129,6 +129,51 @@ def test_run_all_keeps_the_rows_of_a_run_stopped_at_its_time_limit(tmp_path, mon
     assert "Stopped at their time limit, the rows they finished kept: slow-cpu." in results.read_text()
 
 
+def test_a_result_cut_short_while_written_leaves_the_rows_saved_before(tmp_path, monkeypatch):
+    """run_all reads --out after a run stopped at its time limit or crashed: a final result whose write is cut
+    short (a full disk here; the limit's kill alike) must leave the partial result saved before it, whole,
+    not half a JSON file that stops run_all with a traceback."""
+    import builtins
+    import errno
+    import io
+
+    from bench.common import save_partial, write_result
+
+    out = tmp_path / "out" / "eval-cpu.json"
+    save_partial({"rows": [{"n": 1}]}, out)
+    real_open = builtins.open
+
+    class CutShort:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[:len(data) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def cut_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return CutShort(f) if "w" in mode and Path(file).parent == out.parent else f
+
+    monkeypatch.setattr(builtins, "open", cut_open)
+    monkeypatch.setattr(io, "open", cut_open)
+    with pytest.raises(OSError):
+        write_result({"rows": [{"n": 1}, {"n": 2}]}, out)
+    monkeypatch.undo()
+    assert json.loads(out.read_text()) == {"rows": [{"n": 1}], "partial": True}
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+
+
 def test_run_all_keeps_the_rows_of_a_crashed_run_and_bundles_every_result_in_one_file(tmp_path, monkeypatch):
     """A run that fails after saving rows (out of memory on its last case, say) keeps them, said as a failure;
     --bundle keeps every result in one JSON file (a lent GPU machine returns at most 8 files)."""
