@@ -77,6 +77,10 @@ def test_grids_per_setting_are_the_first_last_and_evenly_between():
     for lab in ("fast", "guided"):
         images = [r["images"] for r in shown if r["label"] == lab]
         assert len(images) == 6 and images[0] == 0 and images[-1] == 39000 and images == sorted(images)
+        # evenly between: 39 snapshot intervals over 5 gaps are 7.8 each, so every gap is 7 or 8 snapshots
+        # (the first five and the last, or any bunching, has a gap of 1 or of 34)
+        gaps = {b - a for a, b in zip(images, images[1:])}
+        assert gaps <= {7000, 8000}, images
     few = rows[:6]  # 3 snapshots each: all shown
     assert len(grid_rows(few, per_setting=6)) == 6
 
