@@ -1076,6 +1076,12 @@ def test_every_seed_the_config_accepts_seeds_the_generators():
             derived = seed * 1_000_003 + rank + 7919 * images
             torch.Generator().manual_seed(_seed(derived))  # accepted
             assert _seed(derived) == derived or derived >= 2**64
+            # past 2^64 folded, not clamped: the low 64 bits kept, so what differs there still differs
+            assert 0 <= _seed(derived) < 2**64 and (derived - _seed(derived)) % 2**64 == 0
+        # each rank its own generator at the largest seed too (one value for all would give every rank the
+        # same timesteps and noise)
+        seeds = {_seed(seed * 1_000_003 + rank + 7919 * 10**12) for rank in range(8)}
+        assert len(seeds) == 8
     load_train_config(None, ["preset=tiny-32", f"seed={2**63 - 1}"])
 
 
