@@ -11,8 +11,14 @@ from conftest import REPO, run_cli
 
 
 def test_help_lists_subcommands():
+    """`adm --help` names every command, one line each with its summary (the README's list of ten)."""
+    from adm.cli import COMMANDS
+
     out = run_cli("--help").stdout
-    assert "models" in out and "demo" in out
+    listed = [line.split()[0] for line in out.split("commands:\n", 1)[1].split("\n\n", 1)[0].splitlines()]
+    assert listed == ["models", "data", "train", "submit", "jobs", "sample", "eval", "report", "posthoc", "demo"]
+    for name, (_, summary) in COMMANDS.items():
+        assert f"  {name}" in out and summary in out, name
 
 
 def test_models_list_prints_presets_with_counts():
