@@ -72,6 +72,36 @@ def epoch0(loaders):
     return ids
 
 
+def test_the_order_is_a_fresh_uniform_shuffle_for_each_seed_and_epoch(data):
+    """data_pipeline.order's promise: each epoch deals every shard once over the slots and reads every sample of a
+    shard once, both shuffled anew from (seed, epoch). Checked against what a uniform shuffle must give, not
+    against the generator calls: over 800 epochs each of a shard's 8 samples comes first about 1/8 of the time
+    and each of 16 shards leads slot 0 about 1/16 of it (bounds of 5 binomial standard deviations); another
+    seed is another order, and so is the loader's stream with another seed."""
+    from collections import Counter
+
+    from data_pipeline.order import Order
+
+    order, epochs = Order([8] * 16, 4, seed=3), 800
+    first_sample, first_shard = Counter(), Counter()
+    for e in range(epochs):
+        dealt = [order.shards_of(slot, e) for slot in range(4)]
+        assert sorted(sum(dealt, [])) == list(range(16)) and {len(d) for d in dealt} == {4}
+        for shard in range(16):
+            assert sorted(order.sample_order(shard, e).tolist()) == list(range(8))
+        first_sample[int(order.sample_order(5, e)[0])] += 1
+        first_shard[dealt[0][0]] += 1
+    assert all(abs(first_sample[i] - epochs / 8) <= 5 * (epochs * 1 / 8 * 7 / 8) ** 0.5 for i in range(8)), first_sample
+    assert all(abs(first_shard[i] - epochs / 16) <= 5 * (epochs * 1 / 16 * 15 / 16) ** 0.5 for i in range(16)), \
+        first_shard
+    other = Order([8] * 16, 4, seed=4)
+    assert [other.shards_of(s, 0) for s in range(4)] != [order.shards_of(s, 0) for s in range(4)]
+    assert [other.sample_order(s, 0).tolist() for s in range(16)] != \
+        [order.sample_order(s, 0).tolist() for s in range(16)]
+    path = data[1] / "crop"
+    assert take(loader(path, seed=4), 4) != take(loader(path), 4)
+
+
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_one_epoch_is_exactly_the_dataset_at_any_world_size(data, world):
     ids = epoch0([loader(data[1] / "crop", rank=r, world_size=world) for r in range(world)])
