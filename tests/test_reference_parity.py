@@ -85,6 +85,27 @@ def test_gradients_match_reference_with_checkpointing():
         torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=1e-4, atol=1e-6 * scale, msg=name)
 
 
+def test_fp16_trunk_matches_reference():
+    """use_fp16 (the released runs' setting): the same parameters in half as guided-diffusion's convert_to_fp16
+    leaves them (the trunk's convs; norms, embeddings and head in float32), and its outputs to within fp16's
+    rounding. test_contracts looked at three modules' dtypes and never at the outputs."""
+    flags = dict(UNET_FLAGS["all-on, new qkv order"], use_fp16=True)
+    ref = gd_script.create_model(**flags)
+    ref.convert_to_fp16()  # guided-diffusion's scripts convert after building
+    randomize_(ref, scale=0.05).eval()
+    ours = adm_compat.create_model(**flags).eval()
+    assert {k: v.dtype for k, v in ours.state_dict().items()} == {k: v.dtype for k, v in ref.state_dict().items()}
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x, t, y = inputs(3, 32, 1000)
+    with torch.no_grad():
+        got, want = ours(x, t, y), ref(x, t, y)
+    assert got.dtype == want.dtype == torch.float32
+    scale = want.abs().max().item()
+    assert scale > 1e-3, "degenerate comparison: reference output is ~0"
+    # fp16 keeps 11 bits: the two fold the scale-shift norm differently, so the roundings differ a little
+    torch.testing.assert_close(got, want, rtol=0, atol=5e-3 * scale)
+
+
 @pytest.mark.parametrize("pool", ["attention", "adaptive", "spatial", "spatial_v2"])
 def test_classifier_matches_reference(pool):
     # create_classifier fixes the channel multipliers by image size (none at 32), so build both directly
