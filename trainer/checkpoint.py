@@ -34,13 +34,23 @@ def tmp_dir(run_dir: Path, tag: str) -> Path:
     return run_dir / CKPT / f".tmp-{tag}"
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """path holds data whole or keeps what it held (rank 0 writes it alone): a temporary name, flushed,
+    then renamed; a failed write takes its temporary file with it."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_bytes_atomic(path, json.dumps(data, indent=1).encode())
 
 
 def commit(run_dir: Path, tag: str, world_size: int) -> Path:

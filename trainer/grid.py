@@ -31,7 +31,7 @@ def tile(arr: np.ndarray, cols: int) -> Image.Image:
 def save_grid(grid: Image.Image, path: Path) -> None:
     """The PNG in place whole: the report, which the evaluation schedule rewrites while the training runs,
     embeds the newest grids as they are, and a grid cut short (a kill, a full disk) would stay a broken image."""
-    from eval.atomic import write_bytes_atomic
+    from .checkpoint import write_bytes_atomic
 
     buf = io.BytesIO()
     grid.save(buf, format="PNG")
