@@ -32,3 +32,16 @@ def test_model_modules_are_pure(path):
     bad = {n for n in names if any(n == f or n.startswith(f + ".") for f in FORBIDDEN)}
     assert not bad, f"{path.name} imports {bad}"
     assert "open" not in calls, f"{path.name} opens files"
+
+
+# DESIGN.md's package table, the imports it rules out between our packages (`adm`, the one command's front
+# and its config helpers, is shared by all): the trainer writes training state and snapshots and knows
+# nothing of the farm or Slurm; the farm reads snapshots and never training state.
+NEVER = {"data_pipeline": {"models", "trainer", "eval", "slurm"}, "trainer": {"eval", "slurm"}, "eval": {"trainer"}}
+
+
+@pytest.mark.parametrize("package", sorted(NEVER))
+def test_packages_import_only_what_the_design_allows(package):
+    bad = sorted(f"{path.relative_to(REPO)} imports {name}" for path in (REPO / package).rglob("*.py")
+                 for name in imports_of(path)[0] if name.split(".")[0] in NEVER[package])
+    assert not bad, "; ".join(bad)
