@@ -69,9 +69,7 @@ def commit(run_dir: Path, tag: str, world_size: int) -> Path:
         os.replace(final, old)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
-    tmp_latest = run_dir / CKPT / (LATEST + ".tmp")
-    tmp_latest.write_text(tag + "\n")
-    os.replace(tmp_latest, run_dir / CKPT / LATEST)
+    write_bytes_atomic(run_dir / CKPT / LATEST, (tag + "\n").encode())  # (flushed: the commit survives a crash)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(run_dir / CKPT / f"universal-{tag}", ignore_errors=True)  # the older save's, if any
@@ -330,7 +328,7 @@ def universal_dir(run_dir: Path, tag: str) -> Path:
                           capture_output=True, text=True)
     if proc.returncode != 0:
         message = f"converting {run_dir / CKPT / tag} to a universal checkpoint failed:\n{proc.stderr[-2000:]}"
-        failed.write_text(message)
+        write_bytes_atomic(failed, message.encode())  # whole: the waiting ranks raise what it says
         raise RuntimeError(message)
     (tmp / "latest").write_text("ds")
     (tmp / SOURCE).write_text(_manifest_digest(run_dir, tag))

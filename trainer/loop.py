@@ -116,9 +116,7 @@ def write_options(run_dir: Path, options: dict, resumed_at: int | None) -> None:
             with open(run_dir / "training_options.changes.jsonl", "a") as f:
                 f.write(json.dumps({"images": resumed_at, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                     "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(options, indent=2) + "\n")
-    os.replace(tmp, path)
+    ckpt.write_bytes_atomic(path, (json.dumps(options, indent=2) + "\n").encode())
 
 
 def _bad_streak_message(run_dir: Path, bad: int, images: int, batch: int, good_tag: str | None, found) -> str:
