@@ -56,6 +56,23 @@ def _older_folder(run_dir: Path, folder: Path) -> Path:
     return folder
 
 
+def newest_passes(recs: list[dict]) -> list[dict]:
+    """The records to list: every scheduler chain (a pass every few hours, for months) as its newest pass,
+    with "passes" counting them, where that chain's first pass stood; every other record as it is."""
+    out, at = [], {}
+    for rec in recs:
+        if rec.get("kind") != "eval-schedule":
+            out.append(rec)
+            continue
+        chain = str(rec.get("chain") or rec["job_id"])
+        if chain in at:
+            out[at[chain]] = {**rec, "passes": out[at[chain]]["passes"] + 1}
+        else:
+            at[chain] = len(out)
+            out.append({**rec, "passes": 1})
+    return out
+
+
 def find(job_id: str, run_dirs: list[Path]) -> tuple[Path, dict] | None:
     """The record of a job: a training's, or an evaluation's by any of its stages (sampling and feature
     arrays, their tasks as ARRAY_TASK, the metrics job)."""

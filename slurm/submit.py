@@ -429,7 +429,7 @@ def cmd_jobs(args) -> int:
             raise FileNotFoundError(f"{run_dirs[0]}: no such run directory")
         rows = []
         for run_dir in run_dirs:
-            recs = records.read(run_dir)
+            recs = records.read(run_dir) if args.all else records.newest_passes(records.read(run_dir))
             states = sacct([str(j) for r in recs if r.get("cluster") == "slurm" for j in r.get("jobs", [r["job_id"]])])
             queued = queued_jobs() if states else set()
             for r in recs:
@@ -441,7 +441,8 @@ def cmd_jobs(args) -> int:
                     st["restarts"], st["elapsed"] = eval_totals(r["jobs"], states)
                 if r.get("cluster") == "local":
                     st = {"state": _local_state(r), "elapsed": "-", "restarts": "-"}
-                rows.append((str(r["job_id"]), r.get("kind", "?"), st.get("state", "UNKNOWN"), st.get("restarts", "-"),
+                kind = r.get("kind", "?") + (f" ({r['passes']} passes)" if r.get("passes", 1) > 1 else "")
+                rows.append((str(r["job_id"]), kind, st.get("state", "UNKNOWN"), st.get("restarts", "-"),
                              st.get("elapsed", "-"), last_images(run_dir), r.get("folder", "")))
         if not rows:
             print(f"no jobs recorded in {run_dirs[0]}/jobs.jsonl")
@@ -594,6 +595,8 @@ def main_jobs(argv=None, prog="adm jobs") -> int:
     parser.add_argument("action", nargs="?", default="list", choices=["list", "logs", "cancel"])
     parser.add_argument("target", nargs="?", help="list: RUN_DIR (default .); logs/cancel: JOB id")
     parser.add_argument("--run-dir", dest="run_dirs", action="append", help="where to look for the job's record")
+    parser.add_argument("--all", action="store_true", help="list: every scheduler pass (default: each "
+                        "`adm eval schedule` chain as its newest pass, with how many it has run)")
     parser.add_argument("--tail", type=int, default=4000, help="characters of each log to show")
     parser.add_argument("--no-wait", action="store_true", help="cancel: return at once, without waiting for the "
                         "job to end (its ranks save a checkpoint on the way out)")

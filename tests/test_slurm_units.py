@@ -154,6 +154,36 @@ def test_a_cancelled_local_job_says_cancelled(tmp_path, capsys):
         waiting.wait()
 
 
+def test_each_scheduler_chain_is_listed_as_its_newest_pass(tmp_path, monkeypatch, capsys):
+    """A schedule passes every few hours for months: `adm jobs` shows each chain once (its newest pass, with
+    that pass's state and the number of passes), not hundreds of rows above the training; --all shows all."""
+    run = tmp_path / "run"
+    for job, kind, chain in (("1", "train", None), ("2", "eval-schedule", "2"), ("3", "eval-schedule", "2"),
+                             ("4", "eval", None), ("5", "eval-schedule", "2"), ("6", "eval-schedule", None)):
+        records.add(run, {"job_id": job, "cluster": "slurm", "kind": kind, **({"chain": chain} if chain else {})})
+    asked = []
+
+    def sacct(ids):
+        asked.append(sorted(ids))
+        return {"1": {"state": "RUNNING", "restarts": "0", "elapsed": "1:00"},
+                "2": {"state": "COMPLETED", "restarts": "0", "elapsed": "0:10"},
+                "5": {"state": "PENDING", "restarts": "0", "elapsed": "0:00"}}
+
+    monkeypatch.setattr(submit, "sacct", sacct)
+    monkeypatch.setattr(submit, "queued_jobs", lambda: {"1", "5"})
+    assert submit.main_jobs([str(run)]) == 0
+    rows = [line.split()[:4] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert rows == [["1", "train", "RUNNING", "0"], ["5", "eval-schedule", "(3", "passes)"],
+                    ["4", "eval", "UNKNOWN", "-"], ["6", "eval-schedule", "UNKNOWN", "-"]], rows
+    out = submit.main_jobs([str(run)]) == 0 and capsys.readouterr().out
+    assert re.search(r"^5 +eval-schedule \(3 passes\) +PENDING ", out, re.M), out
+    assert asked[0] == ["1", "4", "5", "6"]  # the older passes are not asked of Slurm's accounting either
+    assert submit.main_jobs(["list", str(run), "--all"]) == 0
+    rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert rows == [[j, k] for j, k in (("1", "train"), ("2", "eval-schedule"), ("3", "eval-schedule"),
+                                        ("4", "eval"), ("5", "eval-schedule"), ("6", "eval-schedule"))]
+
+
 def _submit_args(**kw):
     import argparse
 
