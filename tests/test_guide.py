@@ -1,5 +1,6 @@
-"""docs/GUIDE.md cannot drift from the tool: every `adm` command line in it names a real subcommand,
-and every option it passes is one that subcommand accepts (read from its own --help)."""
+"""docs/GUIDE.md and the README cannot drift from the tool: every `adm` command line in them names a real
+subcommand, every option it passes is one that subcommand accepts (read from its own --help), and every
+training config they show builds."""
 
 import json
 import os
@@ -16,10 +17,10 @@ from conftest import REPO, run_cli
 from slurm.submit import queued_jobs
 
 
-def guide_commands() -> list[list[str]]:
-    text = (REPO / "docs" / "GUIDE.md").read_text()
+def guide_commands(doc: str = "docs/GUIDE.md") -> list[list[str]]:
+    text = (REPO / doc).read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
-    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.replace("\\\n", " ").splitlines()]
     return [shlex.split(line)[1:] for line in lines if line.startswith("adm ")]
 
 
@@ -36,14 +37,38 @@ def help_for(args: list[str]) -> str:
 
 def test_guide_has_commands():
     assert len(guide_commands()) >= 20
+    assert len(guide_commands("README.md")) >= 30
+    assert ["sample", "runs/t/snapshots/img000000002048", "--num", "50000", "--seed-start", "0", "--steps", "250",
+            "--classifier", "runs/clf/snapshots/img...", "--scale", "1.0", "--out", "samples/t",
+            "--merge"] in guide_commands("README.md")  # a command continued over lines is read whole
 
 
-@pytest.mark.parametrize("args", guide_commands(), ids=lambda a: " ".join(a[:2]))
+@pytest.mark.parametrize("args", guide_commands() + guide_commands("README.md"), ids=lambda a: " ".join(a[:2]))
 def test_guide_command_is_accepted(args):
+    """(The README's command lines too: a renamed option would leave them wrong without a test failing.)"""
     text = help_for(args)
     for token in args:
         if token.startswith("--"):
-            assert token.split("=")[0] in text, f"adm {' '.join(args)}: {token} is not an option"
+            option = token.split("=")[0]  # a whole option of the help, not a prefix of one (--mer of --merge)
+            assert re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", text), \
+                f"adm {' '.join(args)}: {token} is not an option"
+
+
+def test_the_training_configs_the_docs_show_build():
+    """The `key=value` overrides (and YAML files) of every documented `adm train` / `adm submit train` line
+    build a training config: a renamed or removed key would otherwise break only the reader who types it."""
+    from trainer.config import load_train_config
+
+    lines = [a for doc in ("docs/GUIDE.md", "README.md") for a in guide_commands(doc)
+             if a[0] == "train" or a[:2] == ["submit", "train"]]
+    assert len(lines) >= 8
+    for args in lines:
+        rest = args[1:] if args[0] == "train" else args[2:]
+        config = next((a for a in rest if a.endswith((".yaml", ".yml"))), None)
+        overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+        cfg = load_train_config(str(REPO / config) if config else None, overrides)
+        for key, value in (o.split("=", 1) for o in overrides if o.split("=")[0] in ("run_dir", "data", "zero_stage")):
+            assert str(getattr(cfg, key)) == value, (args, key)
 
 
 def test_the_guide_site_file_is_read_as_shown(tmp_path, monkeypatch):
