@@ -71,6 +71,44 @@ def test_the_training_configs_the_docs_show_build():
             assert str(getattr(cfg, key)) == value, (args, key)
 
 
+def test_the_readme_python_examples_call_what_exists():
+    """Each ```python example of the README imports names that exist and calls them with arguments their
+    signatures accept (positional count, keyword names): a renamed function or keyword breaks this test."""
+    import ast
+    import importlib
+    import inspect
+    import textwrap
+
+    blocks = re.findall(r"^ *```python\n(.*?)^ *```", (REPO / "README.md").read_text(), re.S | re.M)
+    assert len(blocks) >= 3
+    checked = 0
+    for block in blocks:
+        tree = ast.parse(textwrap.dedent(block))
+        names = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                for alias in node.names:  # a submodule (from models import adm_compat) or a name in the module
+                    try:
+                        names[alias.asname or alias.name] = importlib.import_module(f"{node.module}.{alias.name}")
+                    except ModuleNotFoundError:
+                        names[alias.asname or alias.name] = getattr(importlib.import_module(node.module), alias.name)
+            elif isinstance(node, ast.Import):
+                names.update({a.asname or a.name: importlib.import_module(a.name) for a in node.names})
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            if isinstance(func, ast.Name) and func.id in names:
+                target = names[func.id]
+            elif isinstance(func, ast.Attribute) and inspect.ismodule(names.get(getattr(func.value, "id", None))):
+                target = getattr(names[func.value.id], func.attr)  # AttributeError: the module lacks it
+            else:
+                continue  # a method of an object the example made
+            inspect.signature(target).bind_partial(*node.args, **{k.arg: k.value for k in node.keywords if k.arg})
+            checked += 1
+    assert checked >= 7
+
+
 def test_the_guide_site_file_is_read_as_shown(tmp_path, monkeypatch):
     """The site file the guide shows is accepted by the code that reads site files and names every key it
     knows (so a key added there is documented)."""
