@@ -28,6 +28,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from eval.atomic import write_text_atomic
+
 console = Console(width=110)
 STAGES = ("data", "train", "eval", "report")
 
@@ -80,7 +82,8 @@ def make_digits(root: Path, size: int) -> None:
             d = root / "train" / f"n{k:08d}"
             d.mkdir(exist_ok=True)
             pil.save(d / f"n{k:08d}_{i}.JPEG", quality=95)
-    (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    # written last, and whole: its presence says the digits are all there (a rerun skips this step)
+    write_text_atomic(root / "LOC_val_solution.csv", "\n".join(rows) + "\n")
 
 
 STATUS = ("[train]", "[ckpt]", "[timing]", "[resume]", "[preempt]")
@@ -102,7 +105,7 @@ def train(args: list[str], run: Path, what: str, preempt: bool = False, slurm: b
     preempt = preempt and not state.is_file()
     (train_on_slurm if slurm else train_here)(args, run, preempt)
     preempted = state.is_file() and "preempted" in state.read_text()
-    state.write_text("DONE" + (", preempted once" if preempted else "") + "\n")  # the report's intro says which
+    write_text_atomic(state, "DONE" + (", preempted once" if preempted else "") + "\n")  # the report's intro says which
 
 
 def local_ranks() -> int:
@@ -124,7 +127,7 @@ def train_here(args: list[str], run: Path, preempt: bool) -> None:
             if line.startswith("[train]") and not (run / "demo-state").is_file():
                 console.print("   [yellow]sending the preemption signal (SIGUSR2) on purpose...[/yellow]")
                 proc.send_signal(signal.SIGUSR2)
-                (run / "demo-state").write_text("preempted once\n")
+                write_text_atomic(run / "demo-state", "preempted once\n")
     code = proc.wait()
     if code == 75:
         console.print("   [yellow]the ranks saved together and exited (status 75, requeue): re-running the same "
@@ -186,7 +189,7 @@ def _follow(job: str, run: Path, preempt: bool) -> bool:
             if preempt and not signalled and line.startswith("[train]") and state.split()[0] == "RUNNING":
                 console.print("   [yellow]sending the preemption signal (scancel --signal=USR2) on purpose...[/yellow]")
                 if subprocess.run(["scancel", "--signal=USR2", job], capture_output=True).returncode == 0:
-                    (run / "demo-state").write_text("preempted once\n")
+                    write_text_atomic(run / "demo-state", "preempted once\n")
                     signalled = True
         seen = len(lines)
         if state == "COMPLETED":
@@ -282,9 +285,11 @@ def main(argv: list[str] | None = None, prog: str = "adm demo") -> int:
         for split in ("train", "val"):
             shards[split, size] = out / "shards" / f"{split}{size}"
             if not (shards[split, size] / "manifest.json").is_file():
-                adm("data", "write", str(out / "digits"), str(shards[split, size]), "--layout", "imagenet",
-                    "--split", split, "--shard-size", "64", "--preprocess", f"center-crop:{size}",
-                    "--image-format", "npy", "--workers", "2", "--quiet")
+                wrote = adm("data", "write", str(out / "digits"), str(shards[split, size]), "--layout", "imagenet",
+                            "--split", split, "--shard-size", "64", "--preprocess", f"center-crop:{size}",
+                            "--image-format", "npy", "--workers", "2", "--quiet", capture=True)
+                for line in (wrote.stderr + wrote.stdout).splitlines():  # (what it read, then what it wrote)
+                    print("   " + line)
     info = json.loads(adm("data", "info", str(shards["train", res]), "--json", capture=True).stdout)
     console.print(f"   {info['samples']} training images in {info['shards']} shards, {info['classes']} classes, "
                   f"at {res}x{res} and {res2}x{res2}")
