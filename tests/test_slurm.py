@@ -304,6 +304,8 @@ def test_evaluation_plan_runs_as_job_arrays_with_dependencies(cluster, digit_sha
     assert again.returncode == 0 and f"job {pending} is this schedule's next pass, queued already" in again.stdout, \
         again.stdout + again.stderr
     assert job_id(run) == pending
+    rows = [r.split() for r in adm("jobs", str(run)).stdout.splitlines()[1:]]
+    assert [r[1:3] for r in rows if r[1] == "eval-schedule"] == [["eval-schedule", "PENDING"]], rows  # one chain, one pass
     from slurm.submit import running_job_for
 
     assert running_job_for(run) is None
