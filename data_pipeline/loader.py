@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tar_file_iterator
 
 from .order import Order, Position
-from .patient_read import read_patiently
+from .patient_read import PatientFile, StillUnreadable
 from .transforms import SampleRandom, Transform
 from .verify import read_manifest
 
@@ -39,21 +39,26 @@ log = logging.getLogger(__name__)
 # after these pauses (a minute in all), then training stops: skipping it would lose its samples for the
 # epoch (the loader's state moves past them), and a node without the data would loop over every shard.
 READ_RETRY_DELAYS_S = (1, 2, 4, 8, 15, 30)
+SHARD_READ_BYTES = 1 << 20  # each read of a shard: few, large and sequential, as network filesystems like
 
 
 def read_shard(path: Path) -> tuple[dict[str, dict], str | None]:
-    """All samples of a shard, key -> {ext: bytes}, read whole and sequentially (webdataset's tar
-    reader). A truncated or corrupt tar yields what precedes the damage, plus the error; a file that
-    cannot be read at all, however long we wait, raises."""
+    """All samples of a shard, key -> {ext: bytes}, streamed front to back in large sequential reads
+    through webdataset's tar reader (the samples are held, not the file's bytes as well: half the memory
+    of reading it whole first). A truncated or corrupt tar yields what precedes the damage, plus the
+    error; a file that cannot be read, however long we wait, raises."""
     samples: dict[str, dict] = {}
-    data = read_patiently(path, READ_RETRY_DELAYS_S, "training stops here rather than lose its samples (its last "
-                          "checkpoint resumes it)")
-    try:
-        for item in tar_file_iterator(io.BytesIO(data)):
-            key, _, ext = item["fname"].partition(".")
-            samples.setdefault(key, {})[ext] = item["data"]
-    except (tarfile.TarError, OSError, EOFError) as e:
-        return samples, f"{type(e).__name__}: {e}"
+    raw = PatientFile(path, READ_RETRY_DELAYS_S, "training stops here rather than lose its samples (its last "
+                      "checkpoint resumes it)")
+    with io.BufferedReader(raw, buffer_size=SHARD_READ_BYTES) as stream:
+        try:
+            for item in tar_file_iterator(stream):
+                key, _, ext = item["fname"].partition(".")
+                samples.setdefault(key, {})[ext] = item["data"]
+        except StillUnreadable:
+            raise
+        except (tarfile.TarError, OSError, EOFError) as e:
+            return samples, f"{type(e).__name__}: {e}"
     return samples, None
 
 

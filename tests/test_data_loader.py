@@ -369,32 +369,79 @@ def test_npy_shards_load_like_png_shards(data, tmp_path):
     assert a["image"].min() >= -1 and a["image"].max() <= 1 and a["image"].dtype == torch.float32
 
 
+def test_a_shard_is_held_once_while_it_is_read(tmp_path):
+    """read_shard streams the tar: at its peak it holds the samples and a read buffer, not the file's bytes
+    as well (reading the file whole first peaked at twice the shard). The samples equal tarfile's reading."""
+    import tracemalloc
+
+    from data_pipeline.loader import read_shard
+
+    rng = np.random.default_rng(0)
+    payloads = {f"{i:06d}.{ext}": (rng.bytes(400_000) if ext == "npy" else str(i % 10).encode())
+                for i in range(10) for ext in ("npy", "cls")}
+    shard = tmp_path / "shard.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in payloads.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    size = shard.stat().st_size
+    tracemalloc.start()
+    try:
+        samples, error = read_shard(shard)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert error is None
+    with tarfile.open(shard) as tar:  # the oracle: the standard library's reader
+        expected = {m.name: tar.extractfile(m).read() for m in tar}
+    assert {f"{k}.{e}": v for k, parts in samples.items() for e, v in parts.items()} == expected
+    assert peak < size + 2 * (1 << 20), f"peak {peak} bytes for a {size}-byte shard"
+
+
 def test_a_shard_unreadable_for_a_moment_loses_nothing_and_one_gone_for_good_stops_clearly(data, monkeypatch,
                                                                                              capsys):
-    """An NFS hiccup (EIO on the first reads of a shard) is waited out, so no sample of the epoch is lost; a
-    shard that stays unreadable stops the stream with an error naming it, instead of skipping its samples (the
-    state would move past them) or looping forever over a node's missing data."""
+    """An NFS hiccup (EIO on a shard's reads, at its start and halfway through) is waited out, so no sample
+    of the epoch is lost; a shard that stays unreadable stops the stream with an error naming it, instead of
+    skipping its samples (the state would move past them) or looping forever over a node's missing data."""
     import errno
-    import pathlib
+    import os
     import time
 
     from data_pipeline import loader as loader_module
+    from data_pipeline import patient_read
 
     path = data[1] / "orig"
     name = json.loads((path / MANIFEST).read_text())["shards"][3]["name"]
     monkeypatch.setattr(loader_module, "READ_RETRY_DELAYS_S", (0.01,) * 5)
-    real, failures = pathlib.Path.read_bytes, {"left": 2}
+    monkeypatch.setattr(loader_module, "SHARD_READ_BYTES", 4096)  # many reads per shard: some fail midway
+    failures = {"left": 2, "reads": 0, "always": False}
 
-    def flaky(self):
-        if self.name == name and failures["left"] > 0:
-            failures["left"] -= 1
-            raise OSError(errno.EIO, "Input/output error", str(self))
-        return real(self)
+    class Flaky:
+        """The shard's file: its first read and its fifth fail once each (EIO), or, gone for good, every one."""
 
-    monkeypatch.setattr(pathlib.Path, "read_bytes", flaky)
+        def __init__(self, file):
+            self.file = file
+
+        def readinto(self, buffer):
+            failures["reads"] += 1
+            if failures["left"] > 0 and (failures["reads"] in (1, 5) or failures["always"]):
+                failures["left"] -= 1
+                raise OSError(errno.EIO, "Input/output error", str(self.file.name))
+            return self.file.readinto(buffer)
+
+        def __getattr__(self, attr):
+            return getattr(self.file, attr)
+
+    def flaky_open(file, *args, **kwargs):
+        opened = open(file, *args, **kwargs)
+        return Flaky(opened) if os.path.basename(file) == name else opened
+
+    monkeypatch.setattr(patient_read, "open", flaky_open, raising=False)
     ld = loader(path, num_slots=1, batch_size=4)
     assert sorted(epoch0([ld])) == list(range(N)) and ld.skipped == 0 and failures["left"] == 0
-    failures["left"] = 10 ** 9  # gone for good
+    assert failures["reads"] > 5  # the second failure came partway through the shard, which resumed at its offset
+    failures.update(left=10 ** 9, always=True)  # gone for good
     start = time.monotonic()
     with pytest.raises(OSError, match=f"{name}: still unreadable after 6 tries over 0.05 s \\(Input/output error"):
         epoch0([loader(path, num_slots=1, batch_size=4)])
