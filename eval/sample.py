@@ -124,14 +124,22 @@ class ProgressiveFrames:
 class Sampler:
     """A snapshot (plus optional classifier and upsampler) loaded once, sampling any seed range."""
 
-    def __init__(self, snapshot: str, setting: EvalSetting, device=None):
-        self.setting = setting
+    def __init__(self, snapshot: str, setting: EvalSetting, device=None, base=None):
+        self.setting, self.base = setting, base
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.use_ddim = setting.steps.startswith("ddim")
+        if base is not None:  # an upsampler on its own, reading the base images (eval.base_samples)
+            self.up, self.up_snap = load_model(snapshot, self.device, setting.weights)
+            if self.up_snap.config.arch != "upsampler":
+                raise ValueError(f"{snapshot}: a {self.up_snap.config.arch} snapshot; --base-samples are "
+                                 "upsampled by an upsampler snapshot")
+            self.model, self.snap, self.cond_fn, self.num_classes = None, self.up_snap, None, None
+            self.diffusion = self.up_diffusion = _diffusion(self.up_snap, setting.steps)
+            return
         self.model, self.snap = load_model(snapshot, self.device, setting.weights)
         cfg = self.snap.config
         if cfg.arch != "unet":
             raise ValueError(f"{snapshot}: a {cfg.arch} snapshot; sampling starts from a diffusion model (unet)")
-        self.use_ddim = setting.steps.startswith("ddim")
         self.diffusion = _diffusion(self.snap, setting.steps)
         self.cond_fn, self.num_classes = None, cfg.num_classes
         if setting.classifier and setting.scale:
@@ -170,8 +178,14 @@ class Sampler:
             return self._batch(seeds, watch)
 
     def _batch(self, seeds: list[int], watch: ProgressiveFrames | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        from models.sampling import draw_labels, sample_cascade, sample_images
+        from models.noise import PerSampleNoise
+        from models.sampling import draw_labels, sample_cascade, sample_images, upsample
 
+        if self.base is not None:  # each seed's noise stream from its start (a cascade's continues the base's)
+            low, y = self.base.take(seeds)
+            x = upsample(self.up, self.up_diffusion, low, self.resolution, PerSampleNoise(seeds, self.device),
+                         labels=y, use_ddim=self.use_ddim, device=self.device)
+            return quantize(x), y
         y = draw_labels(seeds, self.num_classes, self.device) if self.num_classes else None
         if self.up is not None:
             x, _, _ = sample_cascade(self.model, self.diffusion, self.up, self.up_diffusion, seeds,
@@ -220,7 +234,8 @@ class Sampler:
         return watch.array()
 
 
-def claim_out_dir(out: Path, snapshot: str, setting: EvalSetting, write: bool = True) -> None:
+def claim_out_dir(out: Path, snapshot: str, setting: EvalSetting, write: bool = True,
+                  base_samples: str | None = None) -> None:
     """An --out directory holds the samples of one snapshot and setting (recorded in sampling.json), so
     that its finished shards can be reused; another snapshot or setting there is refused, naming what
     differs, instead of passing old shards off as new ones. `write=False` only checks (nothing created)."""
@@ -228,6 +243,8 @@ def claim_out_dir(out: Path, snapshot: str, setting: EvalSetting, write: bool = 
 
     record = {"snapshot": str(Path(snapshot).resolve()), "snapshot_digest": _digest(snapshot),
               "classifier_digest": _digest(setting.classifier), "upsampler_digest": _digest(setting.upsampler),
+              **({"base_samples": str(Path(base_samples).resolve()), "base_samples_digest": _digest(base_samples)}
+                 if base_samples else {}),
               **{k: getattr(setting, k) for k in ("steps", "classifier", "scale", "upsampler", "upsampler_steps",
                                                  "weights", "precision")}}
     path = out / "sampling.json"
@@ -235,7 +252,7 @@ def claim_out_dir(out: Path, snapshot: str, setting: EvalSetting, write: bool = 
         old = json.loads(path.read_text())
         # the models count by their digests: the same one by another path (relative, a link) is the same
         changed = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in record.items()
-                   if old.get(k) != v and k not in ("snapshot", "classifier", "upsampler")]
+                   if old.get(k) != v and k not in ("snapshot", "classifier", "upsampler", "base_samples")]
         if changed:
             raise ValueError(f"--out {out} holds samples of another snapshot or setting ({'; '.join(changed)}); "
                              "give another --out")
@@ -272,6 +289,8 @@ def main(argv=None, prog="adm sample") -> int:
     p.add_argument("--scale", type=float, default=None, help="classifier guidance scale (default 1 with --classifier)")
     p.add_argument("--upsampler", help="upsampler snapshot: sample the cascade")
     p.add_argument("--upsampler-steps", default="250")
+    p.add_argument("--base-samples", metavar="NPZ", help="SNAPSHOT is an upsampler: upsample these images (arr_0, "
+                   "labels in arr_1), row i with seed i, as ADM's super_res_sample.py; --steps are the upsampler's")
     p.add_argument("--weights", default="ema", help="ema (the snapshot's main weights: its first EMA; a classifier's "
                    "raw weights), raw, ema_<rate>, phema_<s>")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="sampling arithmetic (bf16: autocast)")
@@ -290,6 +309,9 @@ def main(argv=None, prog="adm sample") -> int:
         raise ValueError(f"--shard-size and --batch-size must be positive, got {a.shard_size} and {a.batch_size}")
     if a.upsampler_steps != "250" and not a.upsampler:
         raise ValueError(f"--upsampler-steps {a.upsampler_steps}: give the upsampler with --upsampler SNAPSHOT")
+    if a.base_samples and (a.classifier or a.upsampler):
+        raise ValueError(f"--base-samples {a.base_samples}: SNAPSHOT is the upsampler that reads them; "
+                         "--classifier and --upsampler belong to a cascade from a base model")
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file; expected a directory (new, or one this command filled before)")
@@ -305,7 +327,18 @@ def main(argv=None, prog="adm sample") -> int:
     setting.num = a.num
     check_device(a.device)
     _check_snapshot_steps(a)
-    claim_out_dir(out, a.snapshot, setting, write=False)  # the cheap checks first: large models load slowly
+    base = None
+    if a.base_samples:
+        from models.snapshot import read_config
+
+        from .base_samples import BaseSamples
+
+        cfg = read_config(a.snapshot).get("model", {})
+        if cfg.get("arch") != "upsampler":
+            raise ValueError(f"{a.snapshot}: a {cfg.get('arch', 'unet')} snapshot; --base-samples are upsampled "
+                             "by an upsampler snapshot")
+        base = BaseSamples(a.base_samples, cfg["small_size"], cfg.get("num_classes"), a.seed_start, a.num)
+    claim_out_dir(out, a.snapshot, setting, write=False, base_samples=a.base_samples)  # the cheap checks first
     from tqdm.auto import tqdm
 
     planned = [shard_path(out, setting.shard_seeds(i)) for i in range(setting.num_shards)]
@@ -326,8 +359,8 @@ def main(argv=None, prog="adm sample") -> int:
                          "directory was filled with another --shard-size or --seed-start split; give the same "
                          "split again or another --out (parts of one --out line up when each --seed-start is a "
                          "multiple of --shard-size and each --num but the last one too)")
-    sampler = Sampler(a.snapshot, setting, a.device)
-    claim_out_dir(out, a.snapshot, setting)
+    sampler = Sampler(a.snapshot, setting, a.device, base=base)
+    claim_out_dir(out, a.snapshot, setting, base_samples=a.base_samples)
     bar = tqdm(total=a.num, unit="img", desc="sampling", disable=not sys.stderr.isatty())
     paths = [sampler.shard(setting.shard_seeds(i), out, bar) for i in range(setting.num_shards)]
     bar.close()

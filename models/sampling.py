@@ -77,11 +77,21 @@ def sample_cascade(base, base_diffusion, upsampler, upsampler_diffusion, seeds: 
                                 cond_fn=cond_fn, use_ddim=use_ddim, device=device, noise=noise, progress=progress,
                                 on_step=on_step)
     # ADM's super_res_sample.py reads the base samples back from their uint8 npz: condition on those pixels
-    kwargs = {"low_res": ((low + 1) * 127.5).clamp(0, 255).to(torch.uint8).float() / 127.5 - 1}
-    if labels is not None and getattr(upsampler, "num_classes", None) is not None:
-        kwargs["y"] = labels
-    shape = (len(seeds), low.shape[1], large_size, large_size)
-    loop = upsampler_diffusion.ddim_sample_loop if upsampler_ddim else upsampler_diffusion.p_sample_loop
-    high = loop(upsampler, shape, noise=noise.randn(shape), model_kwargs=kwargs, device=device, progress=progress,
-                generator=noise)
+    pixels = ((low + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+    high = upsample(upsampler, upsampler_diffusion, pixels, large_size, noise, labels=labels, use_ddim=upsampler_ddim,
+                    device=device, progress=progress)
     return high, low, labels
+
+
+def upsample(upsampler, diffusion, low: torch.Tensor, large_size: int, noise: PerSampleNoise, *, labels=None,
+             use_ddim: bool = False, device="cpu", progress: bool = False) -> torch.Tensor:
+    """The upsampler at large_size conditioned on uint8 images `low` (N, C, h, w), as ADM's
+    super_res_sample.py conditions on its base samples' pixels; labels are passed where the upsampler is
+    class-conditional. Each image draws its noise from its own stream in `noise`. Returns (N, C, H, W) in [-1, 1]."""
+    kwargs = {"low_res": low.to(device).float() / 127.5 - 1}
+    if labels is not None and getattr(upsampler, "num_classes", None) is not None:
+        kwargs["y"] = torch.as_tensor(labels, device=device)
+    shape = (low.shape[0], low.shape[1], large_size, large_size)
+    loop = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
+    return loop(upsampler, shape, noise=noise.randn(shape), model_kwargs=kwargs, device=device, progress=progress,
+                generator=noise)

@@ -457,3 +457,62 @@ def test_a_sampler_keeps_one_copy_of_the_weights(tmp_path, monkeypatch):
     assert loaded and not [r for r in loaded if r() is not None]
     images, _ = sampler.batch([0])  # and it samples
     assert images.shape == (1, 64, 64, 3)
+
+
+def test_base_samples_are_upsampled_row_by_seed_like_adms_super_res_sample(tmp_path):
+    """`adm sample UPSAMPLER --base-samples FILE`: row i of an earlier sample batch upsampled with seed i. Checked
+    per image against the upsampler's own DDIM loop called in the test on that row alone, with that seed's noise
+    stream; a --seed-start split gives the same images; bad files and options are refused before sampling."""
+    from models.adm_compat import diffusion_from_preset
+    from models.noise import PerSampleNoise
+    from models.snapshot import load_snapshot
+
+    up = snapshot(tmp_path, "up", "tiny-upsampler-32-64", 3)
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8), np.array([3, 1, 4, 1, 5])
+    np.savez(tmp_path / "base.npz", images, labels)
+    common = ["sample", str(up), "--base-samples", str(tmp_path / "base.npz"), "--steps", "ddim3", "--batch-size", "2"]
+    run_cli(*common, "--num", "5", "--shard-size", "3", "--out", str(tmp_path / "a"), "--merge")
+    got = np.load(tmp_path / "a" / "samples.npz")
+    assert got["arr_0"].shape == (5, 64, 64, 3) and got["arr_1"].tolist() == labels.tolist()
+
+    snap = load_snapshot(up)
+    model = snap.build("cpu")
+    diffusion = diffusion_from_preset(snap.meta["diffusion"], snap.config.learn_sigma, "ddim3")
+    for i in range(5):
+        noise = PerSampleNoise([i], "cpu")
+        low = torch.from_numpy(images[i:i + 1]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = diffusion.ddim_sample_loop(model, (1, 3, 64, 64), noise=noise.randn((1, 3, 64, 64)), generator=noise,
+                                       model_kwargs={"low_res": low, "y": torch.tensor(labels[i:i + 1])})
+        want = ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        assert np.abs(want.astype(int) - got["arr_0"][i:i + 1]).max() <= 1, i
+    run_cli(*common, "--num", "2", "--seed-start", "3", "--out", str(tmp_path / "b"), "--merge")
+    part = np.load(tmp_path / "b" / "samples.npz")
+    assert np.abs(part["arr_0"].astype(int) - got["arr_0"][3:]).max() <= 1 and part["arr_1"].tolist() == [1, 5]
+
+    np.savez(tmp_path / "small.npz", images[:, :16, :16], labels)
+    np.savez(tmp_path / "nolabels.npz", images)
+    np.savez(tmp_path / "other.npz", images[::-1].copy(), labels)
+    np.savez(tmp_path / "badlabel.npz", images, np.array([3, 1, 10, 1, 5]))
+    base = snapshot(tmp_path, "base", "tiny-32", 1)
+    for args, expected in [
+        (["--base-samples", str(tmp_path / "small.npz"), "--num", "2"],
+         "arr_0 is uint8 (5, 16, 16, 3); the upsampler takes uint8 images of 32x32x3"),
+        (["--base-samples", str(tmp_path / "base.npz"), "--num", "3", "--seed-start", "4"],
+         "asks for rows 4 to 6 of --base-samples"),
+        (["--base-samples", str(tmp_path / "nolabels.npz"), "--num", "2"],
+         "no arr_1 (labels), and the upsampler is class-conditional (10 classes)"),
+        (["--base-samples", str(tmp_path / "badlabel.npz"), "--num", "5"],
+         "arr_1[2] is 10, outside the upsampler's 10 classes"),
+        (["--base-samples", str(tmp_path / "other.npz"), "--num", "5", "--shard-size", "3", "--out", str(tmp_path / "a")],
+         "holds samples of another snapshot or setting (base_samples_digest:"),
+    ]:
+        proc = run_cli("sample", str(up), *args, *([] if "--out" in args else ["--out", str(tmp_path / "e")]),
+                       check=False)
+        assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = run_cli("sample", str(base), "--base-samples", str(tmp_path / "base.npz"), "--num", "2", "--out",
+                   str(tmp_path / "e"), check=False)
+    assert proc.returncode == 2 and "a unet snapshot; --base-samples are upsampled by an upsampler" in proc.stderr
+    proc = run_cli(*common, "--num", "2", "--upsampler", str(up), "--out", str(tmp_path / "e"), check=False)
+    assert proc.returncode == 2 and "--classifier and --upsampler belong to a cascade" in proc.stderr
+    assert not (tmp_path / "e").exists()
