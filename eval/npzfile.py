@@ -76,7 +76,13 @@ class StreamedArray:
             self._file.close()
         self._file, self._at = self.data.zip.open(self.member), 0
         read_npy_header(self._file)
-        self._read(row)
+        left = row * self._row  # skipped a MiB at a time: a resumed run starting at row 49,000 holds no 49,000 rows
+        while left:
+            n = len(self._file.read(min(left, 1 << 20)))
+            if not n:
+                raise EOFError(f"{self.member} ends before row {row} of {len(self)}")
+            left -= n
+        self._at = row
 
     def _read(self, rows: int) -> np.ndarray:
         out = np.empty((rows, *self.shape[1:]), self.dtype)  # writable, filled in place (no bytes copy)

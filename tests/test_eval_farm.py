@@ -812,6 +812,19 @@ def test_images_are_read_from_the_archive_a_batch_at_a_time(tmp_path):
             assert [len(b) for b in batches] == [8, 8, 8, 8, 5] and all(b.flags.writeable for b in batches)
             np.testing.assert_array_equal(np.concatenate(batches), x)
             np.testing.assert_array_equal(a[2:4], x[2:4])  # out of order: read again from the start
+            np.testing.assert_array_equal(a[30:33], x[30:33])  # a jump forward (a resumed sampling's base rows)
+    import tracemalloc
+
+    big = np.random.default_rng(1).integers(0, 256, (4000, 32, 32, 3), dtype=np.uint8)  # 12 MiB
+    np.savez(tmp_path / "big.npz", arr_0=big)
+    with np.load(tmp_path / "big.npz") as data:
+        a = StreamedArray(data, "arr_0")
+        tracemalloc.start()
+        got = a[3990:3992]
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        np.testing.assert_array_equal(got, big[3990:3992])
+        assert peak < 4 * 2**20, peak  # the 3,990 rows skipped (12 MiB) are not held
     np.savez(tmp_path / "a.npz", arr_0=x)
     raw = bytearray((tmp_path / "a.npz").read_bytes())
     raw[3000] ^= 0xFF  # in the last rows' bytes
