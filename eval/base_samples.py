@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .npzfile import StreamedArray, open_npz, stored_header
+from .npzfile import images_of, open_npz, stored_header
 
 
 class BaseSamples:
@@ -44,7 +44,9 @@ class BaseSamples:
                 row = first + int(np.flatnonzero(bad)[0])
                 raise ValueError(f"--base-samples {self.path}: arr_1[{row}] is {self.labels[row]}, outside the "
                                  f"upsampler's {num_classes} classes")
-        self.images = StreamedArray(data, "arr_0")  # a slice at a time: 50,000 base images stay on disk
+        # a slice at a time (50,000 base images stay on disk), read through once first so a damaged file is
+        # found before the upsampler runs; whole where numpy stored it in Fortran order
+        self.images = images_of(data)
 
     def take(self, seeds: list[int]) -> tuple[torch.Tensor, np.ndarray | None]:
         """The images (uint8, N C h w) and labels of consecutive seeds."""

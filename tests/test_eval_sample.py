@@ -490,6 +490,11 @@ def test_base_samples_are_upsampled_row_by_seed_like_adms_super_res_sample(tmp_p
     part = np.load(tmp_path / "b" / "samples.npz")
     assert np.abs(part["arr_0"].astype(int) - got["arr_0"][3:]).max() <= 1 and part["arr_1"].tolist() == [1, 5]
 
+    np.savez(tmp_path / "fortran.npz", np.asfortranarray(images), labels)  # numpy stores it column-major
+    run_cli("sample", str(up), "--base-samples", str(tmp_path / "fortran.npz"), "--steps", "ddim3", "--num", "2",
+            "--out", str(tmp_path / "f"), "--merge")
+    assert np.abs(np.load(tmp_path / "f" / "samples.npz")["arr_0"].astype(int) - got["arr_0"][:2]).max() <= 1
+
     np.savez(tmp_path / "small.npz", images[:, :16, :16], labels)
     np.savez(tmp_path / "nolabels.npz", images)
     np.savez(tmp_path / "other.npz", images[::-1].copy(), labels)
