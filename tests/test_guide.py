@@ -205,6 +205,21 @@ class GuideRun:
             for run, pt in (("adm-64", "64x64_diffusion.pt"), ("clf-64", "64x64_classifier.pt")):
                 snap = sorted((self.ws / "runs" / run / "snapshots").glob("img*"))[-1]
                 self.adm(["models", "convert", str(snap), pt])
+        if args[:3] == ["models", "convert", "64_256_upsampler.pt"]:  # no upsampler trained: an untrained tiny
+            self.untrained_upsampler(self.ws / args[2])  # one in ADM's layout, upsampling the tiny 32x32 samples
+
+    @staticmethod
+    def untrained_upsampler(pt: Path):
+        import dataclasses
+
+        import torch
+
+        from models.config import build_model
+        from models.presets import get_preset
+
+        torch.manual_seed(0)
+        cfg = dataclasses.replace(get_preset("tiny-upsampler-32-64").config(), num_classes=11)
+        torch.save(build_model(cfg).state_dict(), pt)
 
 
     def after(self, args: list[str], out: str):
@@ -246,6 +261,11 @@ def test_the_guide_runs_top_to_bottom_on_tiny_settings(slurm_cluster, tmp_path):
         assert (ws / "runs" / "adm-64" / "report.html").is_file()
         metrics = json.loads((ws / "metrics.json").read_text())
         assert {"fid", "sfid", "precision", "recall"} <= set(metrics)
+        import numpy as np
+        with np.load(ws / "samples" / "openai-64" / "samples.npz") as low, \
+                np.load(ws / "samples" / "openai-256" / "samples.npz") as high:  # the base file, upsampled row by row
+            assert low["arr_0"].shape == (8, 32, 32, 3) and high["arr_0"].shape == (8, 64, 64, 3)
+            assert high["arr_0"].dtype == np.uint8 and (high["arr_1"] == low["arr_1"]).all()
     finally:
         print("\n".join(run.log))
         left = queued_jobs()
