@@ -178,12 +178,11 @@ class Sampler:
             return self._batch(seeds, watch)
 
     def _batch(self, seeds: list[int], watch: ProgressiveFrames | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        from models.noise import PerSampleNoise
-        from models.sampling import draw_labels, sample_cascade, sample_images, upsample
+        from models.sampling import draw_labels, sample_cascade, sample_images, upsample, upsampler_noise
 
-        if self.base is not None:  # each seed's noise stream from its start (a cascade's continues the base's)
+        if self.base is not None:  # the upsampler's noise as in a cascade: the same seeds give the same images
             low, y = self.base.take(seeds)
-            x = upsample(self.up, self.up_diffusion, low, self.resolution, PerSampleNoise(seeds, self.device),
+            x = upsample(self.up, self.up_diffusion, low, self.resolution, upsampler_noise(seeds, self.device),
                          labels=y, use_ddim=self.use_ddim, device=self.device)
             return quantize(x), y
         y = draw_labels(seeds, self.num_classes, self.device) if self.num_classes else None

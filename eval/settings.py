@@ -17,7 +17,9 @@ from pathlib import Path
 EVALUATOR_VERSION = "adm-eval-2"
 MAX_SEED = 2**63
 MAX_SHARDS = 100_000
-CASCADE_REVISION = 2  # 2: the upsampler conditioned on uint8 base pixels, as ADM's super_res_sample.py
+# 2: the upsampler conditioned on uint8 base pixels, as ADM's super_res_sample.py; 3: its noise from a stream of
+# its own per seed (models.sampling.upsampler_seed), no longer continuing the base model's
+CASCADE_REVISION = 3
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 Every sample draws its noise (and, when not given, its label) from its own generator seeded with its
 seed, so the batch size, the number of devices and the order never change an image. A cascade runs
-the base model, then the upsampler conditioned on the base output with the same labels, continuing
-each sample's own noise stream.
+the base model, then the upsampler conditioned on the base output's uint8 pixels with the same labels;
+the upsampler's noise for seed s comes from a generator of its own (seeded with `upsampler_seed(s)`), so
+a cascade gives exactly the images of sampling the base model and then upsampling those samples (ADM's
+super_res_sample.py, `adm sample --base-samples`), and its noise never repeats the base's.
 """
 
 from collections.abc import Sequence
@@ -11,6 +13,26 @@ from collections.abc import Sequence
 import torch
 
 from .noise import PerSampleNoise
+
+
+_MASK64 = (1 << 64) - 1
+_UPSAMPLER_STREAM = 0x9E3779B97F4A7C15  # splitmix64's increment: upsampler_seed(s) is its first output from state s
+
+
+def upsampler_seed(seed: int) -> int:
+    """The seed of sample `seed`'s upsampler noise: splitmix64's first output from state `seed`, cut to 63
+    bits. The base model's generator is seeded with `seed` itself, and seeding the upsampler's with it too
+    would start its noise with the base's very numbers (the first 3 h w of them), tying the two stages'
+    noise together; this one is a stream of its own, and no other sample's base seed in practice."""
+    z = (int(seed) + _UPSAMPLER_STREAM) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+def upsampler_noise(seeds: Sequence[int], device="cpu") -> PerSampleNoise:
+    """Each sample's upsampler noise, from its own generator (see upsampler_seed)."""
+    return PerSampleNoise([upsampler_seed(s) for s in seeds], device)
 
 
 def draw_labels(seeds: Sequence[int], num_classes: int, device="cpu") -> torch.Tensor:
@@ -69,17 +91,17 @@ def sample_cascade(base, base_diffusion, upsampler, upsampler_diffusion, seeds: 
     """Base model at base_size (guided if cond_fn), then the upsampler to large_size conditioned on it.
 
     Only the base model is guided (as in the paper's guided stacks); the upsampler sees the same labels.
-    on_step watches the base model's steps (see sample_images).
+    on_step watches the base model's steps (see sample_images). The upsampler's noise is upsampler_noise(seeds):
+    the result is upsample() of the base samples' pixels, whichever process sampled those.
     Returns (large images, base images, labels).
     """
-    noise = PerSampleNoise(seeds, device)
     low, labels = sample_images(base, base_diffusion, seeds, base_size, labels=labels, num_classes=num_classes,
-                                cond_fn=cond_fn, use_ddim=use_ddim, device=device, noise=noise, progress=progress,
+                                cond_fn=cond_fn, use_ddim=use_ddim, device=device, progress=progress,
                                 on_step=on_step)
     # ADM's super_res_sample.py reads the base samples back from their uint8 npz: condition on those pixels
     pixels = ((low + 1) * 127.5).clamp(0, 255).to(torch.uint8)
-    high = upsample(upsampler, upsampler_diffusion, pixels, large_size, noise, labels=labels, use_ddim=upsampler_ddim,
-                    device=device, progress=progress)
+    high = upsample(upsampler, upsampler_diffusion, pixels, large_size, upsampler_noise(seeds, device), labels=labels,
+                    use_ddim=upsampler_ddim, device=device, progress=progress)
     return high, low, labels
 
 
@@ -87,7 +109,8 @@ def upsample(upsampler, diffusion, low: torch.Tensor, large_size: int, noise: Pe
              use_ddim: bool = False, device="cpu", progress: bool = False) -> torch.Tensor:
     """The upsampler at large_size conditioned on uint8 images `low` (N, C, h, w), as ADM's
     super_res_sample.py conditions on its base samples' pixels; labels are passed where the upsampler is
-    class-conditional. Each image draws its noise from its own stream in `noise`. Returns (N, C, H, W) in [-1, 1]."""
+    class-conditional. Each image draws its noise from its own stream in `noise` (upsampler_noise(seeds) in
+    the cascades and `adm sample --base-samples`). Returns (N, C, H, W) in [-1, 1]."""
     kwargs = {"low_res": low.to(device).float() / 127.5 - 1}
     if labels is not None and getattr(upsampler, "num_classes", None) is not None:
         kwargs["y"] = torch.as_tensor(labels, device=device)

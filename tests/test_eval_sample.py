@@ -459,12 +459,36 @@ def test_a_sampler_keeps_one_copy_of_the_weights(tmp_path, monkeypatch):
     assert images.shape == (1, 64, 64, 3)
 
 
+def test_a_cascade_is_its_base_samples_upsampled(tmp_path):
+    """A cascade's images are exactly those of sampling the base model, then upsampling those samples as
+    --base-samples does (the farm reuses a base evaluation's samples on this ground): the upsampler's noise
+    is a stream of its own per seed, not the rest of the base model's."""
+    from eval.base_samples import BaseSamples
+    from eval.sample import Sampler
+    from eval.settings import EvalSetting
+
+    base, up = snapshot(tmp_path, "base", "tiny-32", 1), snapshot(tmp_path, "up", "tiny-upsampler-32-64", 3)
+    common = dict(steps="ddim3", num=4, batch_size=4)
+    seeds = [5, 6, 7, 8]
+    cascade = Sampler(str(base), EvalSetting(name="c", upsampler=str(up), upsampler_steps="ddim3", **common), "cpu")
+    high = np.load(cascade.shard(seeds, tmp_path / "cascade"))
+    low = np.load(Sampler(str(base), EvalSetting(name="b", **common), "cpu").shard(seeds, tmp_path / "base-samples"))
+    np.savez(tmp_path / "rows.npz", np.concatenate([np.zeros((5, 32, 32, 3), np.uint8), low["arr_0"]]),
+             np.concatenate([np.zeros(5, np.int64), low["arr_1"]]))  # row i is seed i
+    rows = BaseSamples(tmp_path / "rows.npz", 32, 10, 5, 4)
+    again = np.load(Sampler(str(up), EvalSetting(name="u", **common), "cpu", base=rows).shard(seeds, tmp_path / "up"))
+    np.testing.assert_array_equal(again["arr_0"], high["arr_0"])
+    np.testing.assert_array_equal(again["arr_1"], high["arr_1"])
+    assert high["arr_0"].shape == (4, 64, 64, 3) and high["arr_1"].tolist() == draw_labels(seeds, 10).tolist()
+
+
 def test_base_samples_are_upsampled_row_by_seed_like_adms_super_res_sample(tmp_path):
     """`adm sample UPSAMPLER --base-samples FILE`: row i of an earlier sample batch upsampled with seed i. Checked
-    per image against the upsampler's own DDIM loop called in the test on that row alone, with that seed's noise
-    stream; a --seed-start split gives the same images; bad files and options are refused before sampling."""
+    per image against the upsampler's own DDIM loop called in the test on that row alone, with that seed's
+    upsampler noise stream; a --seed-start split gives the same images; bad files and options are refused before sampling."""
     from models.adm_compat import diffusion_from_preset
     from models.noise import PerSampleNoise
+    from models.sampling import upsampler_seed
     from models.snapshot import load_snapshot
 
     up = snapshot(tmp_path, "up", "tiny-upsampler-32-64", 3)
@@ -480,7 +504,7 @@ def test_base_samples_are_upsampled_row_by_seed_like_adms_super_res_sample(tmp_p
     model = snap.build("cpu")
     diffusion = diffusion_from_preset(snap.meta["diffusion"], snap.config.learn_sigma, "ddim3")
     for i in range(5):
-        noise = PerSampleNoise([i], "cpu")
+        noise = PerSampleNoise([upsampler_seed(i)], "cpu")  # (splitmix64's first output from state i)
         low = torch.from_numpy(images[i:i + 1]).permute(0, 3, 1, 2).float() / 127.5 - 1
         x = diffusion.ddim_sample_loop(model, (1, 3, 64, 64), noise=noise.randn((1, 3, 64, 64)), generator=noise,
                                        model_kwargs={"low_res": low, "y": torch.tensor(labels[i:i + 1])})
