@@ -14,8 +14,12 @@ class BaseSamples:
     """Rows [first, first + count) of a sample batch, checked against the upsampler before any work:
     uint8 images of its small size, and labels (arr_1) where it is class-conditional."""
 
-    def __init__(self, path: str | Path, small_size: int, num_classes: int | None, first: int, count: int):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, small_size: int, num_classes: int | None, first: int, count: int,
+                 row0_seed: int = 0):
+        """Seeds [first, first + count) are rows [first - row0_seed, ...): a whole sample batch starts at seed 0,
+        a farm's sample shard at its first seed."""
+        self.path, self.row0_seed = Path(path), row0_seed
+        first -= row0_seed
         data = open_npz(self.path)
         if "arr_0" not in data.files:
             raise ValueError(f"--base-samples {self.path}: no arr_0; expected a sample batch (arr_0 uint8 images "
@@ -52,6 +56,6 @@ class BaseSamples:
         """The images (uint8, N C h w) and labels of consecutive seeds."""
         if list(seeds) != list(range(seeds[0], seeds[0] + len(seeds))):
             raise ValueError(f"base samples are read by consecutive seeds, got {list(seeds)[:4]}...")
-        rows = slice(seeds[0], seeds[0] + len(seeds))
+        rows = slice(seeds[0] - self.row0_seed, seeds[0] - self.row0_seed + len(seeds))
         images = torch.from_numpy(self.images[rows]).permute(0, 3, 1, 2)
         return images, (self.labels[rows] if self.labels is not None else None)

@@ -4,6 +4,7 @@ and files, so they run the same in this process (`--cluster local`) or as Slurm 
 dependencies (slurm/eval_jobs.py)."""
 
 import functools
+import glob
 import hashlib
 import json
 import os
@@ -15,7 +16,9 @@ from pathlib import Path
 
 from . import registry
 from .atomic import write_text_atomic
-from .settings import EVALUATOR_VERSION, EvalSetting, eval_key
+from .settings import CASCADE_REVISION, EVALUATOR_VERSION, EvalSetting, eval_key
+
+IMAGES_OF = "images-of.json"  # in samples/: what the shards' images are a function of, besides their seeds
 
 
 def run_dir_of(snapshot: Path) -> Path:
@@ -97,25 +100,104 @@ def _sampler(key_dir: str):
     return Sampler(spec["snapshot"], setting)
 
 
+def images_of(spec: dict, setting: EvalSetting, base: bool = False) -> dict:
+    """What an evaluation's sample images are a function of besides their seeds, the models by content;
+    base=True: a cascade's base images, which a plain evaluation of the same snapshot, steps, guidance,
+    weights and precision samples too (the upsampler's noise is a stream of its own)."""
+    from .settings import _digest
+
+    ident = {"snapshot": _digest(spec["snapshot"]), "steps": setting.steps, "scale": setting.scale,
+             "classifier": _digest(setting.classifier) if setting.scale else None, "weights": setting.weights,
+             "precision": setting.precision}
+    if setting.upsampler and not base:
+        ident.update(upsampler=_digest(setting.upsampler), upsampler_steps=setting.upsampler_steps,
+                     cascade=CASCADE_REVISION)
+    return ident
+
+
+def reusable_base(key_dir: Path, spec: dict, setting: EvalSetting, seeds: list[int], sampler):
+    """A cascade's base images of these seeds where another evaluation of the snapshot sampled them already
+    (its samples/images-of.json says so, and its shard of these seeds is sound and labelled as this
+    cascade draws its labels), as BaseSamples; None where none did. The cascade then runs only the upsampler
+    and gives the same images as with the base model run again (models.sampling.upsampler_seed)."""
+    from models.sampling import draw_labels
+
+    from .base_samples import BaseSamples
+    from .sample import finished_shard_problem, shard_path
+
+    want = images_of(spec, setting, base=True)
+    for other in sorted(Path(key_dir).parent.glob(f"{glob.escape(spec['snapshot_name'])}--*")):
+        shard = shard_path(other / "samples", seeds)
+        if other == Path(key_dir) or not shard.is_file():
+            continue
+        try:
+            if json.loads((other / "samples" / IMAGES_OF).read_text()) != want:
+                continue
+        except (OSError, ValueError):
+            continue
+        if finished_shard_problem(shard, len(seeds)) is not None:
+            continue
+        try:
+            rows = BaseSamples(shard, sampler.snap.config.image_size, sampler.num_classes, seeds[0], len(seeds),
+                               row0_seed=seeds[0])
+        except ValueError:
+            continue
+        labels = draw_labels(seeds, sampler.num_classes).numpy() if sampler.num_classes else None
+        if (labels is None) != (rows.labels is None) or (labels is not None and (rows.labels != labels).any()):
+            continue
+        return rows
+    return None
+
+
+def base_evaluations(key_dir: Path) -> list[Path]:
+    """The other evaluations of a cascade's snapshot that sample its base images, by their setting.json (no
+    upsampler; the same steps, guidance, weights and precision): a Slurm farm starts the cascade's sampling
+    after theirs, so that it finds their shards (reusable_base)."""
+    key_dir = Path(key_dir)
+    spec, setting = load_spec(key_dir)
+    if not setting.upsampler:
+        return []
+    want, found = images_of(spec, setting, base=True), []
+    for other in sorted(key_dir.parent.glob(f"{glob.escape(spec['snapshot_name'])}--*")):
+        if other == key_dir:
+            continue
+        try:
+            other_spec, other_setting = load_spec(other)
+            if not other_setting.upsampler and images_of(other_spec, other_setting) == want:
+                found.append(other)
+        except (OSError, ValueError, TypeError, KeyError):  # (a damaged record: prepare writes it again)
+            continue
+    return found
+
+
 def sample_task(key_dir: str, index: int) -> str:
     from .sample import finished_shard_problem, shard_path
 
-    _, setting = load_spec(Path(key_dir))
-    path = shard_path(Path(key_dir) / "samples", setting.shard_seeds(index))
+    spec, setting = load_spec(Path(key_dir))
+    seeds = setting.shard_seeds(index)
+    path = shard_path(Path(key_dir) / "samples", seeds)
     progressive = index == 0 and not (Path(key_dir) / "progressive.npz").is_file()
-    done = path.is_file() and finished_shard_problem(path, len(setting.shard_seeds(index))) is None
+    done = path.is_file() and finished_shard_problem(path, len(seeds)) is None
     if done and not progressive:  # done earlier (a retry or a requeue): load nothing
         return str(path)
     sampler = _sampler(str(key_dir))
     watch = sampler.watcher(min(4, setting.batch_size, len(setting.shard_seeds(0)))) if progressive else None
     if not done:  # (a damaged one is said and sampled again) the progressive decoding of its first seeds is
         # recorded while sampling them
-        path = sampler.shard(setting.shard_seeds(index), Path(key_dir) / "samples", watch=watch)
+        ident = Path(key_dir) / "samples" / IMAGES_OF
+        if not ident.is_file():  # before any shard: another evaluation's cascade may reuse them
+            ident.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(ident, json.dumps(images_of(spec, setting), indent=2) + "\n")
+        base = reusable_base(Path(key_dir), spec, setting, seeds, sampler) if setting.upsampler else None
+        if base is not None:
+            print(f"[eval] {Path(key_dir).name}: the base images of seeds {seeds[0]}-{seeds[-1]} from "
+                  f"{base.path.parent.parent.name}: only the upsampler runs", file=sys.stderr, flush=True)
+        path = sampler.shard(seeds, Path(key_dir) / "samples", watch=None if base else watch, base=base)
     if progressive:
         from .sample import save_npz_atomic
 
-        if watch.seen == 0:  # the shard was there already (sampled before progressive decodings were kept)
-            sampler.batch(setting.shard_seeds(0)[:watch.n], watch)
+        if watch.seen == 0:  # the shard was there already (sampled before progressive decodings were kept), or
+            sampler.watch_base(setting.shard_seeds(0)[:watch.n], watch)  # its base images were another's
         save_npz_atomic(Path(key_dir) / "progressive.npz", arr_0=watch.array())
     return str(path)
 

@@ -172,18 +172,25 @@ class Sampler:
         them stays float32: bf16 outputs times float32 coefficients promote)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.setting.precision == "bf16")
 
-    def batch(self, seeds: list[int], watch: ProgressiveFrames | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """uint8 NHWC images and their labels (None for an unconditional, unguided model)."""
+    def batch(self, seeds: list[int], watch: ProgressiveFrames | None = None,
+              base=None) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 NHWC images and their labels (None for an unconditional, unguided model). `base`: a cascade's
+        base images of these seeds, sampled before (eval.base_samples.BaseSamples): only the upsampler runs."""
         with self.autocast():
-            return self._batch(seeds, watch)
+            return self._batch(seeds, watch, base)
 
-    def _batch(self, seeds: list[int], watch: ProgressiveFrames | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def _batch(self, seeds: list[int], watch: ProgressiveFrames | None = None,
+               base=None) -> tuple[np.ndarray, np.ndarray | None]:
         from models.sampling import draw_labels, sample_cascade, sample_images, upsample, upsampler_noise
 
-        if self.base is not None:  # the upsampler's noise as in a cascade: the same seeds give the same images
-            low, y = self.base.take(seeds)
+        base = base if base is not None else self.base
+        if base is not None:  # the upsampler's noise as in a cascade: the same seeds give the same images
+            if self.model is not None and self.up is None:
+                raise ValueError("base images are upsampled by a cascade's or an upsampler's Sampler")
+            low, y = base.take(seeds)
+            ddim = self.use_ddim if self.model is None else self.setting.upsampler_steps.startswith("ddim")
             x = upsample(self.up, self.up_diffusion, low, self.resolution, upsampler_noise(seeds, self.device),
-                         labels=y, use_ddim=self.use_ddim, device=self.device)
+                         labels=y, use_ddim=ddim, device=self.device)
             return quantize(x), y
         y = draw_labels(seeds, self.num_classes, self.device) if self.num_classes else None
         if self.up is not None:
@@ -200,8 +207,19 @@ class Sampler:
         """A progressive decoding of a batch's first n samples (of the base model, in a cascade)."""
         return ProgressiveFrames(n, self.diffusion.num_timesteps, frames)
 
-    def shard(self, seeds: list[int], out: Path, bar=None, watch: ProgressiveFrames | None = None) -> Path:
-        """Sample one shard (skipped when it exists: resumable); `watch` watches its first batch."""
+    def watch_base(self, seeds: list[int], watch: ProgressiveFrames) -> None:
+        """The base model's steps alone on these seeds, watched (a cascade's upsampler adds no frame)."""
+        from models.sampling import draw_labels, sample_images
+
+        with self.autocast():
+            y = draw_labels(seeds, self.num_classes, self.device) if self.num_classes else None
+            sample_images(self.model, self.diffusion, seeds, self.snap.config.image_size, labels=y,
+                          cond_fn=self.cond_fn, use_ddim=self.use_ddim, device=self.device, on_step=watch)
+
+    def shard(self, seeds: list[int], out: Path, bar=None, watch: ProgressiveFrames | None = None,
+              base=None) -> Path:
+        """Sample one shard (skipped when it exists: resumable); `watch` watches its first batch; `base`: a
+        cascade's base images of these seeds, sampled before (see batch)."""
         path = shard_path(out, seeds)
         if path.is_file():
             problem = finished_shard_problem(path, len(seeds))
@@ -213,7 +231,7 @@ class Sampler:
             path.unlink(missing_ok=True)
         images, labels = [], []
         for i in range(0, len(seeds), self.setting.batch_size):
-            x, y = self.batch(seeds[i:i + self.setting.batch_size], watch if i == 0 else None)
+            x, y = self.batch(seeds[i:i + self.setting.batch_size], watch if i == 0 else None, base)
             images.append(x)
             labels.append(y)
             if bar is not None:

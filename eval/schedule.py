@@ -138,8 +138,10 @@ def schedule_pass(run_dir: Path, settings: list[EvalSetting], ref: Path, backend
     logged = {p.name.rsplit(".eval-", 1)[1] for p in tb.glob("*.eval-*")} if tb.is_dir() else set()
     without_is = []
     picked = [set(images.values()) if only else s.picks(list(images.values())) for s in settings]  # every_kimg
+    # cascades last: one may take its base images from a plain evaluation of the snapshot (eval.farm.reusable_base)
+    order = sorted(zip(settings, picked), key=lambda pair: bool(pair[0].upsampler))
     for snap in snaps:
-        for setting, chosen in zip(settings, picked):
+        for setting, chosen in order:
             if images[snap] not in chosen or not has_weights(snap, setting.weights):
                 continue
             key_dir = prepare(run_dir, snap, setting, ref, inception_weights, metric_workers)

@@ -13,7 +13,7 @@ from pathlib import Path
 from submitit.core.utils import FailedJobError
 
 from eval import registry
-from eval.farm import feature_task, load_spec, metrics_task, sample_task, strided
+from eval.farm import base_evaluations, feature_task, load_spec, metrics_task, sample_task, strided
 from eval.schedule import NotSubmitted
 
 from . import records
@@ -61,6 +61,23 @@ def _sample_tasks(key_dir: str, first: int, stride: int) -> list[str]:
 def _feature_tasks(key_dir: str, first: int, stride: int) -> list[str]:
     own_cpus()
     return strided(feature_task, key_dir, first, stride)
+
+
+def base_sampling_arrays(key_dir: Path) -> list[str]:
+    """A cascade's wait: the sampling arrays, still queued or running, of the evaluations that sample its base
+    images (eval.farm.base_evaluations). Its own sampling array starts after them (afterany: where one fails,
+    the cascade samples those images itself) and then runs only the upsampler on their shards."""
+    waits = []
+    for other in base_evaluations(key_dir):
+        tried = registry.attempts(other)
+        owner = registry.read_claim(other, tried[-1]) if tried else {}
+        if (other / registry.METRICS).is_file() or owner.get("cluster") != "slurm" or not owner.get("jobs"):
+            continue
+        array = str(owner["jobs"][0])
+        queued = subprocess.run(["squeue", "-h", "-o", "%i", "-j", array], capture_output=True, text=True).stdout
+        if queued.split():  # (an ended array is not waited for: Slurm forgets ended jobs, and sbatch would refuse)
+            waits.append(array)
+    return waits
 
 
 def jobs_alive(owner: dict) -> bool:
@@ -177,8 +194,13 @@ class SlurmBackend:
                                                      "jobs": list(queued), "state": "submitting"})
             return queued[-1], first
 
-        ex = self._executor(folder, f"eval-sample-{setting.name}")
+        waits = base_sampling_arrays(key_dir) if setting.upsampler else []
+        ex = self._executor(folder, f"eval-sample-{setting.name}", **(
+            {"slurm_additional_parameters": {"dependency": "afterany:" + ":".join(waits)}} if waits else {}))
         sample_id, _ = submit("sampling array", lambda: ex.map_array(_sample_tasks, *share))
+        if waits:
+            print(f"[eval] {key_dir.name}: sampling after job(s) {', '.join(waits)}, which sample its base images",
+                  flush=True)
         ex = self._executor(folder, f"eval-features-{setting.name}", slurm_additional_parameters=after(sample_id))
         feature_id, _ = submit("feature array", lambda: ex.map_array(_feature_tasks, *share))
         ex = self._executor(folder, f"eval-metrics-{setting.name}", gpus_per_node=None,

@@ -1290,3 +1290,60 @@ def test_a_slurm_attempt_that_ended_without_a_result_says_why(tmp_path, monkeypa
     assert eval.cli.main(["run", *common]) == 1  # the next pass gives up, recording why
     [failed] = (run / "eval").glob("*/failed.json")
     assert json.loads(failed.read_text())["last_error"] == "Slurm: FAILED(sampling); 70_1: SnapshotError: corrupt"
+
+
+def test_a_cascade_reuses_the_base_images_another_evaluation_sampled(tmp_path, capsys, monkeypatch):
+    """A cascade whose base images a plain evaluation of the snapshot sampled already (same steps, guidance,
+    weights, precision: its samples/images-of.json) runs only the upsampler, and its shards are byte for byte
+    those of the same cascade sampling its base itself; one whose record differs is not reused."""
+    import eval.farm
+    import models.sampling
+    from eval.farm import prepare, sample_task
+    from eval.settings import EvalSetting
+
+    run = make_run(tmp_path / "run", kimgs=(1,))
+    snap = next((run / "snapshots").iterdir())
+    up_preset = get_preset("tiny-upsampler-32-64")
+    save_snapshot(tmp_path / "up", randomize_(build_model(up_preset.config()), seed=3, scale=0.05).state_dict(),
+                  up_preset.config(), meta={"task": "upsampler", "diffusion": up_preset.diffusion})
+    common = dict(steps="ddim3", num=5, shard_size=3, batch_size=3)
+    cascade = EvalSetting(name="c", upsampler=str(tmp_path / "up"), upsampler_steps="ddim3", **common)
+    refs = []  # one key per reference (by its content)
+    for i in range(4):
+        refs.append(tmp_path / f"ref{i}.npz")
+        np.savez(refs[-1], mu=np.full(2048, float(i)), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    base_seeds = []
+    real = models.sampling.sample_images
+
+    def counted(model, diffusion, seeds, *args, **kwargs):  # the base model's work, in seeds
+        base_seeds.extend(seeds)
+        return real(model, diffusion, seeds, *args, **kwargs)
+
+    def sample_all(key_dir):
+        eval.farm._sampler.cache_clear()
+        base_seeds.clear()
+        for i in range(2):
+            sample_task(str(key_dir), i)
+        return [np.load(p) for p in sorted((key_dir / "samples").glob("samples-*.npz"))]
+
+    monkeypatch.setattr(models.sampling, "sample_images", counted)
+    alone_dir = prepare(run, snap, cascade, refs[0])
+    alone = sample_all(alone_dir)  # no plain evaluation yet: the base model runs
+    assert sorted(base_seeds) == [0, 1, 2, 3, 4]
+    plain = prepare(run, snap, EvalSetting(name="p", **common), refs[1])
+    sample_all(plain)
+    reused_dir = prepare(run, snap, cascade, refs[2])
+    reused = sample_all(reused_dir)
+    assert base_seeds == [0, 1, 2]  # the progressive decoding's frames alone: the first shard's 3 seeds
+    for a, b in zip(alone, reused, strict=True):
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+    assert len(alone) == 2 and alone[0]["arr_0"].shape == (3, 64, 64, 3)
+    first = np.load(alone_dir / "progressive.npz")["arr_0"]
+    assert np.abs(np.load(reused_dir / "progressive.npz")["arr_0"].astype(int) - first).max() <= 1
+    assert capsys.readouterr().err.count(f"from {plain.name}: only the upsampler runs") == 2
+
+    record = plain / "samples" / "images-of.json"  # another precision's samples are other images
+    record.write_text(record.read_text().replace('"fp32"', '"bf16"'))
+    sample_all(prepare(run, snap, cascade, refs[3]))
+    assert sorted(base_seeds) == [0, 1, 2, 3, 4] and "only the upsampler runs" not in capsys.readouterr().err

@@ -410,3 +410,49 @@ def test_the_demo_trains_as_slurm_jobs_when_a_slurm_answers(cluster, tmp_path):
     errors = "".join(p.read_text() for p in (out / "runs" / "diffusion" / "slurm").rglob("*_0_log.err"))
     assert "preemption signal (SIGUSR2)" in errors
     assert not (out / "report.html").exists()  # --until train stops there
+
+
+def test_a_cascade_samples_after_its_base_evaluation_and_reuses_its_images(cluster, digit_shards, tmp_path):
+    """On Slurm a cascade's sampling array waits (afterany) for the array of the plain evaluation of its snapshot
+    that samples its base images, then runs only the upsampler on that evaluation's shards."""
+    from test_eval_farm import SETTING, make_run
+
+    from conftest import randomize_
+    from models.config import build_model
+    from models.presets import get_preset
+    from models.snapshot import save_snapshot
+
+    run = make_run(tmp_path / "run", kimgs=(1,))
+    snap = next((run / "snapshots").iterdir())
+    preset = get_preset("tiny-upsampler-32-64")
+    save_snapshot(tmp_path / "up", randomize_(build_model(preset.config()), seed=3, scale=0.05).state_dict(),
+                  preset.config(), meta={"task": "upsampler", "diffusion": preset.diffusion})
+    ref32, ref64 = tmp_path / "ref32.npz", tmp_path / "ref64.npz"
+    adm("eval", "ref", str(digit_shards / "val"), "--out", str(ref32), "--resolution", "32", "--pr-num", "20")
+    adm("eval", "ref", str(digit_shards / "train64"), "--out", str(ref64), "--resolution", "64", "--pr-num", "20",
+        "--limit", "40")
+    slurm = ["--cluster", "slurm", "--cpus-per-task", "1"]
+    adm("eval", "run", str(snap), "--ref", str(ref32), *SETTING, *slurm)  # queued; not waited for
+    out = adm("eval", "run", str(snap), "--ref", str(ref64), *SETTING, "--name", "cascade", "--upsampler",
+              str(tmp_path / "up"), "--upsampler-steps", "ddim2", *slurm, "--wait").stdout
+    [plain] = (run / "eval").glob(f"{snap.name}--fast--*")
+    [cascade] = (run / "eval").glob(f"{snap.name}--cascade--*")
+    jobs = {d: json.loads((d / "attempt-1.json").read_text())["jobs"] for d in (plain, cascade)}
+    assert f"sampling after job(s) {jobs[plain][0]}, which sample its base images" in out, out
+    scripts = "".join(p.read_text() for p in (cascade / "slurm").rglob(f"{jobs[cascade][0]}*_submission.sh"))
+    assert f"#SBATCH --dependency=afterany:{jobs[plain][0]}\n" in scripts, scripts  # what sbatch was given
+    assert (cascade / "metrics.json").is_file()
+    deadline = time.time() + 120
+    while True:  # (Slurm records an array task's end a moment after it ends)
+        rows = subprocess.run(["sacct", "-n", "-P", "-X", "-j", f"{jobs[plain][0]},{jobs[cascade][0]}", "-o",
+                               "JobID,State,Start,End"], capture_output=True, text=True).stdout.split()
+        table = {r.split("|")[0]: r.split("|")[1:] for r in rows}
+        if all(v[0] == "COMPLETED" for v in table.values()) and len(table) == 4 or time.time() > deadline:
+            break
+        time.sleep(1)
+    base_tasks = [v for k, v in table.items() if k.startswith(f"{jobs[plain][0]}_")]
+    cascade_tasks = [v for k, v in table.items() if k.startswith(f"{jobs[cascade][0]}_")]
+    assert len(base_tasks) == 2 and len(cascade_tasks) == 2 and all(v[0] == "COMPLETED" for v in table.values()), table
+    assert min(v[1] for v in cascade_tasks) >= max(v[2] for v in base_tasks)  # afterany held
+    said = "".join(p.read_text() for p in (cascade / "slurm").glob(f"{jobs[cascade][0]}_*/*_log.err"))
+    assert said.count(f"from {plain.name}: only the upsampler runs") == 2, said[-3000:]
