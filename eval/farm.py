@@ -100,15 +100,16 @@ def _sampler(key_dir: str):
     return Sampler(spec["snapshot"], setting)
 
 
-def images_of(spec: dict, setting: EvalSetting, base: bool = False) -> dict:
+def images_of(spec: dict, setting: EvalSetting, base: bool = False, device: str | None = None) -> dict:
     """What an evaluation's sample images are a function of besides their seeds, the models by content;
     base=True: a cascade's base images, which a plain evaluation of the same snapshot, steps, guidance,
-    weights and precision samples too (the upsampler's noise is a stream of its own)."""
+    weights and precision samples too (the upsampler's noise is a stream of its own). `device`: the kind
+    that samples them (a GPU's generator draws other numbers than a CPU's from the same seed)."""
     from .settings import _digest
 
     ident = {"snapshot": _digest(spec["snapshot"]), "steps": setting.steps, "scale": setting.scale,
              "classifier": _digest(setting.classifier) if setting.scale else None, "weights": setting.weights,
-             "precision": setting.precision}
+             "precision": setting.precision, **({"device": device} if device else {})}
     if setting.upsampler and not base:
         ident.update(upsampler=_digest(setting.upsampler), upsampler_steps=setting.upsampler_steps,
                      cascade=CASCADE_REVISION)
@@ -125,7 +126,7 @@ def reusable_base(key_dir: Path, spec: dict, setting: EvalSetting, seeds: list[i
     from .base_samples import BaseSamples
     from .sample import finished_shard_problem, shard_path
 
-    want = images_of(spec, setting, base=True)
+    want = images_of(spec, setting, base=True, device=sampler.device.type)
     for other in sorted(Path(key_dir).parent.glob(f"{glob.escape(spec['snapshot_name'])}--*")):
         shard = shard_path(other / "samples", seeds)
         if other == Path(key_dir) or not shard.is_file():
@@ -187,7 +188,7 @@ def sample_task(key_dir: str, index: int) -> str:
         ident = Path(key_dir) / "samples" / IMAGES_OF
         if not ident.is_file():  # before any shard: another evaluation's cascade may reuse them
             ident.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(ident, json.dumps(images_of(spec, setting), indent=2) + "\n")
+            write_text_atomic(ident, json.dumps(images_of(spec, setting, device=sampler.device.type), indent=2) + "\n")
         base = reusable_base(Path(key_dir), spec, setting, seeds, sampler) if setting.upsampler else None
         if base is not None:
             print(f"[eval] {Path(key_dir).name}: the base images of seeds {seeds[0]}-{seeds[-1]} from "

@@ -1344,6 +1344,7 @@ def test_a_cascade_reuses_the_base_images_another_evaluation_sampled(tmp_path, c
     assert capsys.readouterr().err.count(f"from {plain.name}: only the upsampler runs") == 2
 
     record = plain / "samples" / "images-of.json"  # another precision's samples are other images
+    assert json.loads(record.read_text())["device"] == "cpu"  # (and another device's: its generators differ)
     record.write_text(record.read_text().replace('"fp32"', '"bf16"'))
     sample_all(prepare(run, snap, cascade, refs[3]))
     assert sorted(base_seeds) == [0, 1, 2, 3, 4] and "only the upsampler runs" not in capsys.readouterr().err
