@@ -18,6 +18,8 @@ def add_setting_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--settings", help="YAML list of settings (keys: the options below)")
     defaults = EvalSetting()
     for f in fields(EvalSetting):
+        if f.name == "ref":  # (the command's own --ref; a settings file's entries may name one each)
+            continue
         flag = "--" + f.name.replace("_", "-")
         kind = {"int": int, "float": float}.get(type(getattr(defaults, f.name)).__name__, str)
         g.add_argument(flag, dest=f"setting_{f.name}", type=kind, default=None,
@@ -26,7 +28,7 @@ def add_setting_args(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args) -> list[EvalSetting]:
-    given = {f.name: getattr(args, f"setting_{f.name}") for f in fields(EvalSetting)}
+    given = {f.name: getattr(args, f"setting_{f.name}", None) for f in fields(EvalSetting)}
     given = {k: v for k, v in given.items() if v is not None}
     if args.settings:
         if given:
@@ -161,9 +163,28 @@ def check_out_file(out: str, option: str, overwrite: bool = False) -> None:
         raise ValueError(f"{option} {out} exists; pass --overwrite to replace it, or give another name")
 
 
-def _check_ref(ref: str) -> None:
+def _check_ref(ref: str, option: str = "--ref") -> None:
     if not Path(ref).is_file():
-        raise FileNotFoundError(f"--ref {ref}: no such file (build one with `adm eval ref SHARDS --out REF.npz`)")
+        raise FileNotFoundError(f"{option} {ref}: no such file (build one with `adm eval ref SHARDS --out REF.npz`)")
+
+
+def refs_of(settings: list[EvalSetting], ref: str | None) -> dict[str, list[EvalSetting]]:
+    """The settings by the reference each is evaluated against (its own `ref:`, else --ref), every file checked."""
+    by_ref: dict[str, list[EvalSetting]] = {}
+    for s in settings:
+        if not (s.ref or ref):
+            raise ValueError(f"setting {s.name!r} has no reference: give --ref REF.npz, or `ref:` in its entry")
+        by_ref.setdefault(s.ref or ref, []).append(s)
+    for r, group in by_ref.items():
+        _check_ref(r, "--ref" if any(not s.ref for s in group) else f"setting {group[0].name!r}: ref")
+    return by_ref
+
+
+def check_all(snapshot, settings: list[EvalSetting], ref: str | None, inception_weights: str | None) -> None:
+    from .preflight import check
+
+    for r, group in refs_of(settings, ref).items():
+        check(snapshot, group, r, inception_weights)
 
 
 def cmd_run(a) -> int:
@@ -172,17 +193,15 @@ def cmd_run(a) -> int:
     from .farm import prepare, run_dir_of
     from .schedule import attempts_spent, schedule_pass
 
-    from .preflight import check
-
-    _check_ref(a.ref)
     snap = Path(a.snapshot).resolve()
     settings = settings_from(a)
-    check(snap, settings, a.ref, a.inception_weights)  # before anything is claimed or queued
+    check_all(snap, settings, a.ref, a.inception_weights)  # before anything is claimed or queued
     run_dir = run_dir_of(snap)
     backend = backend_for(a)
-    counts = schedule_pass(run_dir, settings, Path(a.ref), backend, a.max_attempts, a.inception_weights,
+    counts = schedule_pass(run_dir, settings, a.ref and Path(a.ref), backend, a.max_attempts, a.inception_weights,
                            a.metric_workers, only=[snap], retry_failed=a.retry_failed)
-    key_dirs = [prepare(run_dir, snap, s, Path(a.ref), a.inception_weights, a.metric_workers) for s in settings]
+    key_dirs = [prepare(run_dir, snap, s, Path(s.ref or a.ref), a.inception_weights, a.metric_workers)
+                for s in settings]
     if backend.name == "slurm" and a.wait:
         backend.wait_all()
         _wait_for_other_passes(snap, settings, key_dirs, backend)
@@ -304,17 +323,16 @@ def cmd_schedule(a) -> int:
     every = parse_every(a.every)
     settings = settings_from(a)
     from .schedule import find_snapshots, newest_trained, not_evaluated_here
-    from .preflight import check
 
     if (why := not_evaluated_here(run_dir)):
         raise ValueError(why)
     newest = newest_trained(find_snapshots(run_dir))
     in_chain = bool(os.environ.get(SCHEDULED_PASS))
 
-    def checked():  # the reference, and each setting against the newest snapshot the training wrote
-        _check_ref(a.ref)
+    def checked():  # the references, and each setting against the newest snapshot the training wrote
+        refs_of(settings, a.ref)
         if newest:
-            check(newest, settings, a.ref, a.inception_weights)
+            check_all(newest, settings, a.ref, a.inception_weights)
 
     if not in_chain:  # typed by a user: refused before anything runs
         checked()
@@ -332,8 +350,8 @@ def cmd_schedule(a) -> int:
         try:
             if in_chain:  # a pass of the recurring chain: a file damaged since fails this pass, not the schedule
                 checked()
-            counts = schedule_pass(run_dir, settings, Path(a.ref), backend, a.max_attempts, a.inception_weights,
-                                   a.metric_workers, retry_failed=a.retry_failed)
+            counts = schedule_pass(run_dir, settings, a.ref and Path(a.ref), backend, a.max_attempts,
+                                   a.inception_weights, a.metric_workers, retry_failed=a.retry_failed)
             a.retry_failed = False  # once: the later passes give up on what fails again
             report = write_report(run_dir)
         except Exception as e:  # a recurring schedule outlives a pass that fails: the next one tries again
@@ -442,7 +460,7 @@ def main(argv=None, prog="adm eval") -> int:
 
     p = sub.add_parser("run", help="evaluate one snapshot now (recorded in its run's registry)")
     p.add_argument("snapshot")
-    p.add_argument("--ref", required=True)
+    p.add_argument("--ref", help="reference batch (npz) of the settings without a `ref:` of their own")
     p.add_argument("--wait", action="store_true", help="on Slurm: wait for the jobs")
     add_setting_args(p)
     add_cluster_args(p)
@@ -450,7 +468,7 @@ def main(argv=None, prog="adm eval") -> int:
 
     p = sub.add_parser("schedule", help="evaluate every new snapshot of a run, now and every --every")
     p.add_argument("run_dir")
-    p.add_argument("--ref", required=True)
+    p.add_argument("--ref", help="reference batch (npz) of the settings without a `ref:` of their own")
     p.add_argument("--every", default="2h", help="time between passes (30m, 2h, 1d)")
     p.add_argument("--once", action="store_true", help="one pass, then exit")
     add_setting_args(p)

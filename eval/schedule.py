@@ -123,7 +123,7 @@ def snapshot_images(snap: Path) -> int:
     return int(digits) if digits.isdigit() else 0
 
 
-def schedule_pass(run_dir: Path, settings: list[EvalSetting], ref: Path, backend, max_attempts: int = 3,
+def schedule_pass(run_dir: Path, settings: list[EvalSetting], ref: Path | None, backend, max_attempts: int = 3,
                   inception_weights: str | None = None, metric_workers: int = 1, log=print,
                   only: list[Path] | None = None, retry_failed: bool = False) -> dict:
     """One pass over snapshots (or `only` these) x settings. Returns counts: done (of which `now` were
@@ -144,7 +144,8 @@ def schedule_pass(run_dir: Path, settings: list[EvalSetting], ref: Path, backend
         for setting, chosen in order:
             if images[snap] not in chosen or not has_weights(snap, setting.weights):
                 continue
-            key_dir = prepare(run_dir, snap, setting, ref, inception_weights, metric_workers)
+            key_dir = prepare(run_dir, snap, setting, Path(setting.ref) if setting.ref else ref, inception_weights,
+                              metric_workers)
             try:
                 state = _advance(key_dir, backend, max_attempts, log, retry_failed)
             except NotSubmitted as e:  # (a submit limit, a flag): the next pass submits it again

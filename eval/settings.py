@@ -38,8 +38,11 @@ class EvalSetting:
     pr_distance: str = "fp32"  # precision/recall distance arithmetic: fp32 | fp16 (ADM's)
     precision: str = "fp32"  # sampling arithmetic: fp32 | bf16 (autocast; ADM sampled in fp16 on GPUs)
     every_kimg: float = 0.0  # scheduled passes evaluate the first snapshot at or past each multiple (0: all)
+    ref: str | None = None  # this setting's reference batch (a cascade's, at the upsampler's size); default: --ref
 
-    SELECTION_ONLY = ("every_kimg",)  # which snapshots a pass picks, not how one is evaluated: never in a key
+    # which snapshots a pass picks, and against which reference file (the key counts the reference by its content,
+    # given apart): not how one is evaluated, never in setting.json's record nor in a key
+    SELECTION_ONLY = ("every_kimg", "ref")
 
     def __post_init__(self):
         self._check_types()

@@ -1348,3 +1348,45 @@ def test_a_cascade_reuses_the_base_images_another_evaluation_sampled(tmp_path, c
     record.write_text(record.read_text().replace('"fp32"', '"bf16"'))
     sample_all(prepare(run, snap, cascade, refs[3]))
     assert sorted(base_seeds) == [0, 1, 2, 3, 4] and "only the upsampler runs" not in capsys.readouterr().err
+
+
+def test_a_setting_may_name_its_own_reference(tmp_path):
+    """A settings file's entry may carry `ref:` (a cascade's reference is at the upsampler's size), used instead
+    of --ref for that setting alone, with the same key as when given by --ref; a setting with neither is
+    refused, naming it, before anything is claimed."""
+    import yaml
+
+    import eval.cli
+    from eval.farm import prepare
+    from eval.settings import EvalSetting, load_settings
+
+    run = make_run(tmp_path / "run", kimgs=(1,))
+    snap = next((run / "snapshots").iterdir())
+    up_preset = get_preset("tiny-upsampler-32-64")
+    save_snapshot(tmp_path / "up", randomize_(build_model(up_preset.config()), seed=3, scale=0.05).state_dict(),
+                  up_preset.config(), meta={"task": "upsampler", "diffusion": up_preset.diffusion})
+    small, large = statistics_ref(tmp_path / "ref32.npz"), tmp_path / "ref64.npz"
+    np.savez(large, mu=np.ones(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    common = dict(steps="ddim2", num=4, shard_size=4, batch_size=4)
+    entries = [dict(name="p", **common),
+               dict(name="c", upsampler=str(tmp_path / "up"), upsampler_steps="ddim2", ref=str(large), **common)]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"settings": entries}))
+    plain, cascade = load_settings(tmp_path / "s.yaml")
+    assert cascade.ref == str(large) and "ref" not in cascade.identity() and plain.ref is None
+    assert eval.cli.main(["run", str(snap), "--settings", str(tmp_path / "s.yaml"), "--ref", str(small),
+                          "--cluster", "local"]) == 0
+    c_dir = prepare(run, snap, EvalSetting(**{k: v for k, v in entries[1].items() if k != "ref"}), large)
+    p_dir = prepare(run, snap, EvalSetting(**entries[0]), small)  # the keys of --ref runs: the same evaluations
+    assert json.loads((c_dir / "metrics.json").read_text())["ref"] == str(large.resolve())
+    assert json.loads((p_dir / "metrics.json").read_text())["ref"] == str(small.resolve())
+    assert len([d for d in (run / "eval").iterdir() if (d / "setting.json").is_file()]) == 2
+    assert "ref" not in json.loads((c_dir / "setting.json").read_text())["setting"]
+
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"settings": [entries[1], dict(name="q", **common)]}))
+    with pytest.raises(ValueError, match="setting 'q' has no reference: give --ref REF.npz, or `ref:` in its entry"):
+        eval.cli.main(["run", str(snap), "--settings", str(tmp_path / "bad.yaml"), "--cluster", "local"])
+    (tmp_path / "gone.yaml").write_text(yaml.safe_dump({"settings": [{**entries[1], "ref": "nope.npz"}]}))
+    with pytest.raises(FileNotFoundError, match="setting 'c': ref nope.npz: no such file"):
+        eval.cli.main(["run", str(snap), "--settings", str(tmp_path / "gone.yaml"), "--ref", str(small),
+                       "--cluster", "local"])
+    assert not list((run / "eval").glob("*--q--*"))
