@@ -45,6 +45,7 @@ def plan(gpu: bool) -> dict[str, list[str]]:
         "train-cpu": ["bench/train.py"],
         "ddp-cpu": ["bench/zero_vs_ddp.py", "--micro", "32", "--steps", "8"],
         "resample-cpu": ["bench/schedule_sampler.py", "--device", "cpu"],
+        "cascade-cpu": ["bench/cascade_reuse.py", "--device", "cpu"],
     }
     if gpu:
         runs |= {
@@ -186,6 +187,11 @@ def summary(all_results: dict[str, dict], info: dict) -> str:
                     f"global batch {r['batch']} over {r['timesteps']} timesteps): batched on the device "
                     f"{_f(r['batched_ms_per_step'], 3)} ms, one loss at a time {_f(r['one_at_a_time_ms_per_step'], 3)} "
                     f"ms (x{_f(r['speedup'], 1)}).", ""]
+    if r := results.get("cascade-cpu"):
+        out += [f"**cascade-cpu** (a cascade upsampling a plain evaluation's base images against sampling them itself: "
+                f"{r['num']} images, {r['steps']} + {r['upsampler_steps']} steps, {r['models']} models): "
+                f"{_f(r['seconds']['reuse'])} s against {_f(r['seconds']['cascade'])} s "
+                f"(x{_f(r['reuse_over_cascade'])} the time); identical images: {r['identical']}.", ""]
     partial = [k for k, v in results.items() if v.get("partial") and "crashed" not in v]
     if partial:
         out += [f"Stopped at their time limit, the rows they finished kept: {', '.join(partial)}.", ""]
@@ -258,7 +264,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results" / "run_all")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS.md")
-    p.add_argument("--only", nargs="*", help="benchmark families to run (models sampling data eval train ddp resample)")
+    p.add_argument("--only", nargs="*", help="benchmark families to run (models sampling data eval train ddp resample cascade)")
     p.add_argument("--extra", nargs="*", default=[], metavar="NAME=ARGS",
                    help='extra arguments for one run, e.g. "eval-cpu=--images 4" (for quick checks)')
     p.add_argument("--gpu-only", action="store_true", help="only the GPU rows (a GPU machine lent for minutes)")
