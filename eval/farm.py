@@ -116,6 +116,12 @@ def images_of(spec: dict, setting: EvalSetting, base: bool = False, device: str 
     return ident
 
 
+def _others(key_dir: Path, spec: dict):
+    """The snapshot's other evaluations in the run (their key directories)."""
+    return [d for d in sorted(Path(key_dir).parent.glob(f"{glob.escape(spec['snapshot_name'])}--*"))
+            if d != Path(key_dir)]
+
+
 def reusable_base(key_dir: Path, spec: dict, setting: EvalSetting, seeds: list[int], sampler):
     """A cascade's base images of these seeds where another evaluation of the snapshot sampled them already
     (its samples/images-of.json says so, and its shard of these seeds is sound and labelled as this
@@ -127,9 +133,9 @@ def reusable_base(key_dir: Path, spec: dict, setting: EvalSetting, seeds: list[i
     from .sample import finished_shard_problem, shard_path
 
     want = images_of(spec, setting, base=True, device=sampler.device.type)
-    for other in sorted(Path(key_dir).parent.glob(f"{glob.escape(spec['snapshot_name'])}--*")):
+    for other in _others(key_dir, spec):
         shard = shard_path(other / "samples", seeds)
-        if other == Path(key_dir) or not shard.is_file():
+        if not shard.is_file():
             continue
         try:
             if json.loads((other / "samples" / IMAGES_OF).read_text()) != want:
@@ -159,9 +165,7 @@ def base_evaluations(key_dir: Path) -> list[Path]:
     if not setting.upsampler:
         return []
     want, found = images_of(spec, setting, base=True), []
-    for other in sorted(key_dir.parent.glob(f"{glob.escape(spec['snapshot_name'])}--*")):
-        if other == key_dir:
-            continue
+    for other in _others(key_dir, spec):
         try:
             other_spec, other_setting = load_spec(other)
             if not other_setting.upsampler and images_of(other_spec, other_setting) == want:

@@ -35,6 +35,14 @@ def make_run(root, kimgs=(1, 2, 3)):
     return root
 
 
+def make_upsampler(path):
+    """A snapshot of a (random) tiny upsampler 32 -> 64, for cascades of make_run's models."""
+    preset = get_preset("tiny-upsampler-32-64")
+    save_snapshot(path, randomize_(build_model(preset.config()), seed=3, scale=0.05).state_dict(), preset.config(),
+                  meta={"task": "upsampler", "diffusion": preset.diffusion})
+    return path
+
+
 def statistics_ref(path):
     """A reference holding statistics only (no images: no precision/recall), for tests of the bookkeeping."""
     np.savez(path, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
@@ -1303,9 +1311,7 @@ def test_a_cascade_reuses_the_base_images_another_evaluation_sampled(tmp_path, c
 
     run = make_run(tmp_path / "run", kimgs=(1,))
     snap = next((run / "snapshots").iterdir())
-    up_preset = get_preset("tiny-upsampler-32-64")
-    save_snapshot(tmp_path / "up", randomize_(build_model(up_preset.config()), seed=3, scale=0.05).state_dict(),
-                  up_preset.config(), meta={"task": "upsampler", "diffusion": up_preset.diffusion})
+    make_upsampler(tmp_path / "up")
     common = dict(steps="ddim3", num=5, shard_size=3, batch_size=3)
     cascade = EvalSetting(name="c", upsampler=str(tmp_path / "up"), upsampler_steps="ddim3", **common)
     refs = []  # one key per reference (by its content)
@@ -1362,9 +1368,7 @@ def test_a_setting_may_name_its_own_reference(tmp_path):
 
     run = make_run(tmp_path / "run", kimgs=(1,))
     snap = next((run / "snapshots").iterdir())
-    up_preset = get_preset("tiny-upsampler-32-64")
-    save_snapshot(tmp_path / "up", randomize_(build_model(up_preset.config()), seed=3, scale=0.05).state_dict(),
-                  up_preset.config(), meta={"task": "upsampler", "diffusion": up_preset.diffusion})
+    make_upsampler(tmp_path / "up")
     small, large = statistics_ref(tmp_path / "ref32.npz"), tmp_path / "ref64.npz"
     np.savez(large, mu=np.ones(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
     common = dict(steps="ddim2", num=4, shard_size=4, batch_size=4)

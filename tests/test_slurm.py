@@ -415,18 +415,11 @@ def test_the_demo_trains_as_slurm_jobs_when_a_slurm_answers(cluster, tmp_path):
 def test_a_cascade_samples_after_its_base_evaluation_and_reuses_its_images(cluster, digit_shards, tmp_path):
     """On Slurm a cascade's sampling array waits (afterany) for the array of the plain evaluation of its snapshot
     that samples its base images, then runs only the upsampler on that evaluation's shards."""
-    from test_eval_farm import SETTING, make_run
-
-    from conftest import randomize_
-    from models.config import build_model
-    from models.presets import get_preset
-    from models.snapshot import save_snapshot
+    from test_eval_farm import SETTING, make_run, make_upsampler
 
     run = make_run(tmp_path / "run", kimgs=(1,))
     snap = next((run / "snapshots").iterdir())
-    preset = get_preset("tiny-upsampler-32-64")
-    save_snapshot(tmp_path / "up", randomize_(build_model(preset.config()), seed=3, scale=0.05).state_dict(),
-                  preset.config(), meta={"task": "upsampler", "diffusion": preset.diffusion})
+    make_upsampler(tmp_path / "up")
     ref32, ref64 = tmp_path / "ref32.npz", tmp_path / "ref64.npz"
     adm("eval", "ref", str(digit_shards / "val"), "--out", str(ref32), "--resolution", "32", "--pr-num", "20")
     adm("eval", "ref", str(digit_shards / "train64"), "--out", str(ref64), "--resolution", "64", "--pr-num", "20",
