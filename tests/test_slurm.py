@@ -425,9 +425,23 @@ def test_a_cascade_samples_after_its_base_evaluation_and_reuses_its_images(clust
     adm("eval", "ref", str(digit_shards / "train64"), "--out", str(ref64), "--resolution", "64", "--pr-num", "20",
         "--limit", "40")
     slurm = ["--cluster", "slurm", "--cpus-per-task", "1"]
-    adm("eval", "run", str(snap), "--ref", str(ref32), *SETTING, *slurm)  # queued; not waited for
-    out = adm("eval", "run", str(snap), "--ref", str(ref64), *SETTING, "--name", "cascade", "--upsampler",
-              str(tmp_path / "up"), "--upsampler-steps", "ddim2", *slurm, "--wait").stdout
+    cascade_args = ["eval", "run", str(snap), "--ref", str(ref64), *SETTING, "--name", "cascade", "--upsampler",
+                    str(tmp_path / "up"), "--upsampler-steps", "ddim2", *slurm]
+    # a job holding the whole node keeps the plain evaluation's sampling queued while the cascade is submitted
+    # (however fast the machine): the wait is then certain to be asked for
+    blocker = subprocess.run(["sbatch", "--parsable", "--exclusive", "--time=5", "--output=/dev/null", "--wrap",
+                              "sleep 300"], capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    try:
+        deadline = time.time() + 60
+        while subprocess.run(["squeue", "-h", "-o", "%T", "-j", blocker], capture_output=True,
+                             text=True).stdout.strip() != "RUNNING":
+            assert time.time() < deadline, "the blocking job did not start"
+            time.sleep(0.5)
+        adm("eval", "run", str(snap), "--ref", str(ref32), *SETTING, *slurm)  # queued; not waited for
+        out = adm(*cascade_args).stdout
+    finally:
+        subprocess.run(["scancel", blocker], capture_output=True)
+    adm(*cascade_args, "--wait")  # waits for the jobs the first call submitted
     [plain] = (run / "eval").glob(f"{snap.name}--fast--*")
     [cascade] = (run / "eval").glob(f"{snap.name}--cascade--*")
     jobs = {d: json.loads((d / "attempt-1.json").read_text())["jobs"] for d in (plain, cascade)}
