@@ -25,6 +25,7 @@ class BaseSamples:
             raise ValueError(f"--base-samples {self.path}: no arr_0; expected a sample batch (arr_0 uint8 images "
                              "NHWC, arr_1 labels), as `adm sample` and ADM's sample scripts write")
         shape, dtype = stored_header(data, "arr_0")
+        self.count = shape[0]
         if len(shape) != 4 or tuple(shape[1:]) != (small_size, small_size, 3) or dtype != np.uint8:
             raise ValueError(f"--base-samples {self.path}: arr_0 is {dtype} {tuple(shape)}; the upsampler takes "
                              f"uint8 images of {small_size}x{small_size}x3 (N, H, W, C)")

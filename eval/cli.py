@@ -330,9 +330,10 @@ def cmd_schedule(a) -> int:
     in_chain = bool(os.environ.get(SCHEDULED_PASS))
 
     def checked():  # the references, and each setting against the newest snapshot the training wrote
-        refs_of(settings, a.ref)
         if newest:
             check_all(newest, settings, a.ref, a.inception_weights)
+        else:
+            refs_of(settings, a.ref)
 
     if not in_chain:  # typed by a user: refused before anything runs
         checked()

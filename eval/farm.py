@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 from . import registry
@@ -100,7 +101,7 @@ def _sampler(key_dir: str):
     return Sampler(spec["snapshot"], setting)
 
 
-def images_of(spec: dict, setting: EvalSetting, base: bool = False, device: str | None = None) -> dict:
+def images_identity(spec: dict, setting: EvalSetting, base: bool = False, device: str | None = None) -> dict:
     """What an evaluation's sample images are a function of besides their seeds, the models by content;
     base=True: a cascade's base images, which a plain evaluation of the same snapshot, steps, guidance,
     weights and precision samples too (the upsampler's noise is a stream of its own). `device`: the kind
@@ -130,9 +131,9 @@ def reusable_base(key_dir: Path, spec: dict, setting: EvalSetting, seeds: list[i
     from models.sampling import draw_labels
 
     from .base_samples import BaseSamples
-    from .sample import finished_shard_problem, shard_path
+    from .sample import shard_path
 
-    want = images_of(spec, setting, base=True, device=sampler.device.type)
+    want = images_identity(spec, setting, base=True, device=sampler.device.type)
     for other in _others(key_dir, spec):
         shard = shard_path(other / "samples", seeds)
         if not shard.is_file():
@@ -142,12 +143,12 @@ def reusable_base(key_dir: Path, spec: dict, setting: EvalSetting, seeds: list[i
                 continue
         except (OSError, ValueError):
             continue
-        if finished_shard_problem(shard, len(seeds)) is not None:
-            continue
-        try:
+        try:  # (its checks and its read-through against the CRCs find a damaged shard)
             rows = BaseSamples(shard, sampler.snap.config.image_size, sampler.num_classes, seeds[0], len(seeds),
                                row0_seed=seeds[0])
-        except ValueError:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+            continue
+        if rows.count != len(seeds):
             continue
         labels = draw_labels(seeds, sampler.num_classes).numpy() if sampler.num_classes else None
         if (labels is None) != (rows.labels is None) or (labels is not None and (rows.labels != labels).any()):
@@ -164,11 +165,11 @@ def base_evaluations(key_dir: Path) -> list[Path]:
     spec, setting = load_spec(key_dir)
     if not setting.upsampler:
         return []
-    want, found = images_of(spec, setting, base=True), []
+    want, found = images_identity(spec, setting, base=True), []
     for other in _others(key_dir, spec):
         try:
             other_spec, other_setting = load_spec(other)
-            if not other_setting.upsampler and images_of(other_spec, other_setting) == want:
+            if not other_setting.upsampler and images_identity(other_spec, other_setting) == want:
                 found.append(other)
         except (OSError, ValueError, TypeError, KeyError):  # (a damaged record: prepare writes it again)
             continue
@@ -192,7 +193,8 @@ def sample_task(key_dir: str, index: int) -> str:
         ident = Path(key_dir) / "samples" / IMAGES_OF
         if not ident.is_file():  # before any shard: another evaluation's cascade may reuse them
             ident.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(ident, json.dumps(images_of(spec, setting, device=sampler.device.type), indent=2) + "\n")
+            record = images_identity(spec, setting, device=sampler.device.type)
+            write_text_atomic(ident, json.dumps(record, indent=2) + "\n")
         base = reusable_base(Path(key_dir), spec, setting, seeds, sampler) if setting.upsampler else None
         if base is not None:
             print(f"[eval] {Path(key_dir).name}: the base images of seeds {seeds[0]}-{seeds[-1]} from "
