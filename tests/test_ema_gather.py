@@ -92,8 +92,10 @@ def worker():
     os._exit(0)
 
 
-def test_layout_gather_matches_deepspeeds_collective_at_every_stage():
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "tests"))
+def test_layout_gather_matches_deepspeeds_collective_at_every_stage(tmp_path):
+    # (TMPDIR: torchrun leaves a torchelastic_* folder of its logs there)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "tests"),
+               TMPDIR=str(tmp_path))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-port", "29631", __file__], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)

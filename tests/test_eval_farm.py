@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 
@@ -308,6 +309,8 @@ def test_a_damaged_setting_json_is_said_and_written_again(tmp_path, capsys):
         assert prepare(run, snap, setting, ref) == key_dir
         assert json.loads((key_dir / "setting.json").read_text()) == good
         assert f"[eval] {key_dir / 'setting.json'}: unreadable ({said}" in capsys.readouterr().err
+
+
 def test_a_pass_finishes_what_a_task_left_after_publishing(evaluated, reference):
     """A metrics task killed (or failing: an unwritable tensorboard/) after publishing metrics.json left its
     TensorBoard point unwritten and its per-shard features uncompacted, for good: the next pass, finding
@@ -334,6 +337,8 @@ def test_a_pass_finishes_what_a_task_left_after_publishing(evaluated, reference)
                                 inception_weights="weights.pth")
     assert any("3 evaluation(s) finished before --inception-weights was given have no Inception Score" in line
                for line in log), log
+
+
 def test_tensorboard_and_report(evaluated):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -356,6 +361,8 @@ def test_tensorboard_and_report(evaluated):
     first = np.load(sample_shards(key_dir / "samples")[0])["arr_0"][:16]  # the grid reads only these
     np.testing.assert_array_equal(_sample_grid(key_dir), tile(first, min(8, len(first))))
     assert len(json.loads((run / "report.json").read_text())["rows"]) == 3
+
+
 def test_report_escapes_every_value(tmp_path):
     from eval.report import write_report
     from eval.settings import EVALUATOR_VERSION
@@ -376,6 +383,8 @@ def test_report_escapes_every_value(tmp_path):
     assert "&lt;b&gt;boom&lt;/b&gt;" in html
     md = (run / "report.md").read_text()  # Markdown viewers render HTML too
     assert "<script>" not in md and "<b>" not in md and "&lt;script&gt;alert(1)&lt;/script&gt;" in md
+
+
 def _metrics(evaluated, launcher):
     run, _, _ = evaluated
     key_dir = sorted(p for p in (run / "eval").iterdir() if (p / "metrics.json").is_file())[0]
@@ -383,10 +392,13 @@ def _metrics(evaluated, launcher):
     out = key_dir / f"m-{abs(hash(tuple(launcher)))}.json"
     cmd = [*(launcher or [sys.executable]), "-m", "eval", "metrics", str(key_dir / "features"), "--ref", spec["ref"],
            "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    with tempfile.TemporaryDirectory() as tmp:  # (torchrun leaves a torchelastic_* folder of its logs in TMPDIR)
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": tmp})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(out.read_text())
+
+
 def test_reducer_is_identical_at_1_2_and_3_workers(evaluated):
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     one = _metrics(evaluated, [])
@@ -397,6 +409,8 @@ def test_reducer_is_identical_at_1_2_and_3_workers(evaluated):
     for r in results:
         assert {k: r[k] for k in ("fid", "sfid", "precision", "recall")} == \
                {k: one[k] for k in ("fid", "sfid", "precision", "recall")}
+
+
 def test_inception_score_matches_torch_fidelity_and_reads_its_weights_file(evaluated, tmp_path):
     from torch_fidelity.metric_isc import isc_features_to_metric
 
@@ -427,6 +441,8 @@ def test_inception_score_matches_torch_fidelity_and_reads_its_weights_file(evalu
     bad = run_cli("eval", "metrics", str(key_dir / "features"), "--ref", spec["ref"], "--inception-weights",
                   str(tmp_path / "bad.pth"), check=False)
     assert bad.returncode == 2 and "fc.weight" in bad.stderr
+
+
 def test_failed_evaluations_are_retried_then_reported(reference, tmp_path):
     """A setting that cannot run fails every attempt; after --max-attempts the registry says so and the
     report shows it. (What the files' headers show, a classifier that is a diffusion model say, is
@@ -461,6 +477,8 @@ def test_failed_evaluations_are_retried_then_reported(reference, tmp_path):
     assert "fast: num_samples 6" in fixed.stdout and (key_dir / "metrics.json").is_file()
     assert (key_dir / "failed-after-2.json").is_file() and not (key_dir / "failed.json").exists()
     assert "FAILED" not in run_cli("eval", "results", str(run)).stdout
+
+
 def test_the_same_setting_under_another_name_is_the_same_evaluation(tmp_path):
     from eval.farm import prepare
     from eval.settings import EvalSetting
@@ -478,6 +496,8 @@ def test_the_same_setting_under_another_name_is_the_same_evaluation(tmp_path):
 
     assert prepare(run, snap, EvalSetting(name="ddim5", steps="ddim5", num=4, batch_size=2), ref) == first
     assert load_spec(first)[1].batch_size == 2
+
+
 def test_a_refused_submission_is_not_an_attempt(tmp_path, monkeypatch, capsys):
     """sbatch refusing the plan (a flag this cluster does not take, a submit limit): nothing runs, so the
     claim is withdrawn and the pass goes on (the next one submits it again), instead of using up an attempt
@@ -520,6 +540,8 @@ def test_a_refused_submission_is_not_an_attempt(tmp_path, monkeypatch, capsys):
     assert "x: not submitted: Slurm refused it (above); no attempt counted" in capsys.readouterr().out
     assert eval.cli.main(["schedule", str(run), *common, "--retry-failed", "--every", "1h"]) == 0
     assert submitted and "--retry-failed" not in submitted[0] and "--every" in submitted[0]
+
+
 def test_a_scheduled_pass_that_fails_still_submits_the_next(tmp_path, monkeypatch, capsys):
     """The recurring schedule is a chain of Slurm jobs: a pass that raises (a report it cannot draw, a file
     it cannot read) must still submit the next one, or evaluation stops for good without a word. Curve
@@ -557,6 +579,8 @@ def test_a_scheduled_pass_that_fails_still_submits_the_next(tmp_path, monkeypatc
     rows = [{"metrics": {"fid": 30.0 - i}, "snapshot_name": f"img{i}", "images": 1000 * i,
              "label": f"x ({ref.name})"} for i in (1, 2)]
     assert eval.report._metric_curves(rows, {"ADM $x$ \\bad{": {"fid": 2.0}}).startswith("iVBOR")  # a PNG
+
+
 def test_a_claim_from_another_host_is_alive_while_its_heartbeat_is(tmp_path, monkeypatch):
     """A claim without Slurm jobs from another host (a scheduler pass or a local evaluation there), whose pid
     cannot be checked here: running while its file's mtime (the heartbeat) is under STALE_S old, retried once
@@ -616,6 +640,8 @@ def test_a_claim_from_another_host_is_alive_while_its_heartbeat_is(tmp_path, mon
     # a pid reused by a process started after the claim (here: this one, claimed "an hour ago") is not it
     registry.update_claim(key_dir, 1, {**registry.local_owner(), "pid": os.getpid(), "time": time.time() - 3600})
     assert not registry.local_alive(registry.read_claim(key_dir, 1))
+
+
 def test_a_held_claim_beats_until_it_is_let_go(tmp_path, monkeypatch):
     """registry.heartbeat touches the claim every HEARTBEAT_S while held, and no more once left."""
     import socket
@@ -642,6 +668,8 @@ def test_a_held_claim_beats_until_it_is_let_go(tmp_path, monkeypatch):
     os.utime(claim, (stale, stale))
     time.sleep(0.5)  # ten beats' time
     assert claim.stat().st_mtime == stale and not registry.local_alive(registry.read_claim(tmp_path, 1))
+
+
 def test_cascade_keys_carry_the_sampler_revision(tmp_path):
     """Cascades sample differently since the upsampler reads uint8 base pixels: their keys moved (computed
     here the old way), other settings' keys did not."""
@@ -665,6 +693,8 @@ def test_cascade_keys_carry_the_sampler_revision(tmp_path):
     plain, cascade = EvalSetting(name="p", num=4), EvalSetting(name="c", num=4, upsampler=str(snap))
     assert eval_key(snap, plain, ref) == old_key(plain)
     assert eval_key(snap, cascade, ref) != old_key(cascade)
+
+
 def test_bad_input_is_named(reference, digit_shards, tmp_path):
     run = make_run(tmp_path / "run", kimgs=(1,))
     snap = str(next((run / "snapshots").iterdir()))
@@ -785,6 +815,8 @@ def test_compare_refuses_bad_files_before_featurizing_anything(reference, tmp_pa
     with pytest.raises(SystemExit):
         adm(["eval", "compare", str(reference), str(t / "a.npz"), "--batch-size", "-4"])
     assert "argument --batch-size: must be at least 1, got -4" in capsys.readouterr().err
+
+
 def test_stored_statistics_must_be_finite_covariances(tmp_path):
     """Statistics files are checked once read (cheap next to featurizing): NaN or a matrix that is not a
     covariance would give FID nan or 0 without a word."""
@@ -805,6 +837,8 @@ def test_stored_statistics_must_be_finite_covariances(tmp_path):
         np.savez(tmp_path / f"{name}.npz", mu=mu, sigma=sigma)
         with pytest.raises(ValueError, match=f"{name}.npz: {message}"):
             load_reference(tmp_path / f"{name}.npz")
+
+
 def test_images_are_read_from_the_archive_a_batch_at_a_time(tmp_path):
     """arr_0 is streamed from the npz (stored or compressed) in the order Inception takes it, never read
     whole: the batches equal the array, and damage is found by a read-through before the first batch."""
@@ -839,6 +873,8 @@ def test_images_are_read_from_the_archive_a_batch_at_a_time(tmp_path):
     (tmp_path / "bad.npz").write_bytes(bytes(raw))
     with np.load(tmp_path / "bad.npz") as data, pytest.raises(zipfile.BadZipFile, match="Bad CRC-32"):
         images_of(data)
+
+
 def test_bad_stored_statistics_are_refused_before_any_image_is_featurized(tmp_path, monkeypatch):
     """`adm eval compare REF SAMPLES`: a NaN in the sample file's sigma (or the reference's) is found before
     the reference's images go through Inception (hours for ADM's 10k + 50k), not after."""
@@ -865,6 +901,8 @@ def test_bad_stored_statistics_are_refused_before_any_image_is_featurized(tmp_pa
     (tmp_path / "dmg.npz").write_bytes(bytes(raw))
     with pytest.raises(ValueError, match=r"dmg.npz: damaged npz \(BadZipFile: Bad CRC-32"):
         compare(str(tmp_path / "plain.npz"), str(tmp_path / "dmg.npz"))
+
+
 def test_an_evaluation_refuses_a_reference_whose_statistics_or_size_would_fail_its_metrics(tmp_path):
     """`adm eval run|schedule` check the reference before claiming or sampling anything: statistics that are
     not a covariance, or too few images for precision/recall, would otherwise fail the metrics task after
@@ -895,6 +933,8 @@ def test_shipped_settings_files_load():
     for path in sorted((REPO / "configs" / "eval").glob("*.yaml")):
         settings = load_settings(path)
         assert settings and all(s.num >= 2 for s in settings), path
+
+
 def test_cluster_slurm_without_a_slurm_is_refused(monkeypatch):
     """--cluster slurm where no Slurm answers: one clear error before any claim (each failed sbatch used to
     cost an attempt); auto falls back to this machine."""
@@ -907,6 +947,8 @@ def test_cluster_slurm_without_a_slurm_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="--cluster slurm: no Slurm answers here"):
         backend_for(argparse.Namespace(cluster="slurm"))
     assert backend_for(argparse.Namespace(cluster="auto")).name == "local"
+
+
 def test_an_evaluation_is_keyed_by_the_reference_content(tmp_path):
     """A copied or touched reference is the same reference (its sha256, remembered per file version): the
     evaluation keeps its key; another content gets another; a key named the older way (the reference
@@ -934,6 +976,8 @@ def test_an_evaluation_is_keyed_by_the_reference_content(tmp_path):
     (older / "setting.json").write_text("{}")
     shutil.rmtree(first)
     assert prepare(run, snap, setting, ref) == older
+
+
 def test_results_are_current_distinct_and_labelled(tmp_path):
     """`adm eval results` and the report list this evaluator version's results only, one per (snapshot,
     setting, reference), labelled apart when one setting name met two references or two samplers, and not
@@ -975,6 +1019,8 @@ def test_results_are_current_distinct_and_labelled(tmp_path):
                       ("cascade", 2000): 51.0}
     out = run_cli("eval", "results", str(run)).stdout
     assert "fast vs other.npz" in out and "99.0000" not in out and "40.0000" not in out and out.count("\n") == 6
+
+
 def test_posthoc_snapshots_are_series_of_their_own():
     """A post-hoc EMA (`adm posthoc`) sits at its training snapshot's image count: its points form a series per
     width in the report's curves instead of a vertical jump in the setting's line."""
@@ -989,6 +1035,8 @@ def test_posthoc_snapshots_are_series_of_their_own():
         "fast (post-hoc EMA, sigma_rel 0.070)": ([(2.0, 25.0)], True),
         "fast (post-hoc EMA, sigma_rel 0.100)": ([(2.0, 27.0)], True)}
     assert curve_series(rows, "sfid") == {}
+
+
 def test_a_setting_can_evaluate_every_nth_snapshot(tmp_path):
     """every_kimg: a costly setting (50k ancestral samples) evaluates the first snapshot at or past each multiple,
     beside a cheap one that takes them all; the choice does not change what an evaluation is (its key), and
@@ -1027,6 +1075,8 @@ def test_a_setting_can_evaluate_every_nth_snapshot(tmp_path):
     assert started == [f"img{2000:012d}--costly"]
     with pytest.raises(ValueError, match="every_kimg must be 0"):
         EvalSetting(steps="ddim2", every_kimg=-1)
+
+
 def test_a_local_pass_asks_slurm_about_claims_of_slurm_jobs(tmp_path, monkeypatch):
     """`--cluster local` after an earlier `--cluster slurm` pass: a claim held by Slurm jobs is asked of Slurm
     where one answers (gone jobs: the evaluation is retried here), and where none answers it is left to
@@ -1083,6 +1133,8 @@ def test_a_local_pass_asks_slurm_about_claims_of_slurm_jobs(tmp_path, monkeypatc
     assert told == ["[eval] Slurm job(s) 41,42,43 hold an evaluation and no Slurm answers here to say whether they "
                     "still run: it is left to them (run this where sinfo works to retry it if they are gone)"]
     assert not quiet.alive({**registry.local_owner(), "pid": 2 ** 22 + 1})  # a claim without jobs: its pid
+
+
 def test_post_hoc_snapshots_are_left_out_of_settings_for_weights_they_lack(tmp_path):
     """A post-hoc EMA snapshot holds only its reconstruction (ema): a setting of `weights: raw` neither
     refuses the whole schedule up front (the settings are checked against the newest snapshot the training
@@ -1131,6 +1183,8 @@ def test_post_hoc_snapshots_are_left_out_of_settings_for_weights_they_lack(tmp_p
     with pytest.raises(ValueError, match=r"has no weights 'ema_0.9999'; it has ema \(ema is the post-hoc EMA at "
                                          r"sigma_rel 0.07\)"):
         check(posthoc, [EvalSetting(name="r", steps="ddim2", num=4, weights="ema_0.9999")], ref)
+
+
 def test_an_unreadable_registry_record_is_left_out_by_name_not_fatal(tmp_path, capsys):
     from eval import registry
     from eval.settings import EVALUATOR_VERSION
@@ -1147,6 +1201,8 @@ def test_an_unreadable_registry_record_is_left_out_by_name_not_fatal(tmp_path, c
     err = capsys.readouterr().err
     for bad in (root / "b" / registry.METRICS, root / "c" / registry.METRICS, root / "b" / registry.FAILED):
         assert f"{bad}: unreadable (" in err and "left out" in err
+
+
 def test_scheduling_a_classifier_run_says_what_evaluates_it(tmp_path):
     """A run of the noisy classifier (or the upsampler) has nothing to sample on its own: scheduling it is
     refused with the way such snapshots are evaluated, instead of recurring passes that report "0 done"."""
@@ -1167,6 +1223,8 @@ def test_scheduling_a_classifier_run_says_what_evaluates_it(tmp_path):
     (tmp_path / "new" / "snapshots").mkdir(parents=True)
     assert eval.schedule.not_evaluated_here(tmp_path / "new") is None
     assert eval.schedule.not_evaluated_here(make_run(tmp_path / "diff", kimgs=(1,))) is None
+
+
 def test_a_pass_of_the_chain_whose_checks_fail_still_submits_the_next(tmp_path, monkeypatch, capsys):
     """A snapshot damaged after it was evaluated failed the preflight of every later pass before the pass's
     own error handling, ending the recurring chain for good; typed by a user, the same check still refuses.
@@ -1226,6 +1284,8 @@ def test_a_pass_of_the_chain_whose_checks_fail_still_submits_the_next(tmp_path, 
     monkeypatch.delenv(eval.cli.SCHEDULED_PASS)
     with pytest.raises(ValueError, match="is already scheduled: job 44 is its next pass"):
         eval.cli.main(["schedule", *common])
+
+
 def test_run_wait_waits_for_an_attempt_another_pass_submitted(tmp_path, monkeypatch, capsys):
     """`adm eval run --wait` on an evaluation the schedule already submitted: it waits for that attempt's jobs
     (it said "ended without a result" while they ran, exiting 1), then prints the metrics they published."""
@@ -1263,6 +1323,8 @@ def test_run_wait_waits_for_an_attempt_another_pass_submitted(tmp_path, monkeypa
     assert f"{snap.name} x: attempt 1 is running (Slurm jobs 80, 81, 82, submitted by another pass); waiting" in out
     assert f"{snap.name} x: num_samples 4  fid 12.5000" in out and "ended without a result" not in out
     assert polls == [["80", "81", "82"]] * 3
+
+
 def test_a_slurm_attempt_that_ended_without_a_result_says_why(tmp_path, monkeypatch, capsys):
     """The backend's account of how the jobs ended (sacct's stage, the task's error) is what failed.json
     records and what `adm eval run --wait` prints, exiting 1 (it said "submitted" and exited 0)."""

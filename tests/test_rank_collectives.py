@@ -79,8 +79,9 @@ def _check_gathered_losses(rank: int, world: int) -> None:
         print("gathered losses ok", flush=True)
 
 
-def test_every_rank_agrees_at_the_same_call_and_gathers_the_same_losses():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "tests"))
+def test_every_rank_agrees_at_the_same_call_and_gathers_the_same_losses(tmp_path):
+    # (TMPDIR: torchrun leaves a torchelastic_* folder of its logs there)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "tests"), TMPDIR=str(tmp_path))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-port", "29637", __file__], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
