@@ -37,8 +37,8 @@ INTRO = """The 1,797 handwritten digits that scikit-learn ships were written in 
 (200 held out as the validation split, with a LOC_val_solution.csv label file) and converted to
 WebDataset shards with adm data write. A small class-conditional ADM was trained on them at {res}x{res}
 for {kimg:g} thousand images with DeepSpeed ZeRO-2 in {procs}; {preempted}. A noisy classifier (for guidance) and an
-upsampler ({res} to {res2}) were trained the same way. The evaluation farm then sampled every snapshot
-({steps} sampling steps, {n} samples per evaluation, each image a function of its seed), guided the last two
+upsampler ({res} to {res2}{patches}) were trained the same way. The evaluation farm then sampled every
+snapshot ({steps} sampling steps, {n} samples per evaluation, each image a function of its seed), guided the last two
 snapshots with the classifier at scales {scales} and ran them through the upsampler, and scored
 everything against the held-out digits with the FID Inception network (FID and sFID: lower is better;
 precision and recall: higher is better; the reference here is only 200 digits, so absolute values are
@@ -238,6 +238,9 @@ def check_options(args) -> list[float]:
         if not (math.isfinite(value) and value * 1000 >= batch):
             raise ValueError(f"{flag} {value}: at least {batch / 1000:g} (one global batch of {batch} images), "
                              "and finite")
+    if args.upsampler_patch and not (0 < args.upsampler_patch < 2 * args.resolution and args.upsampler_patch % 4 == 0):
+        raise ValueError(f"--upsampler-patch {args.upsampler_patch}: 0 (whole images) or a multiple of 4 (the "
+                         f"upsampler's UNet halves it twice) under the upsampler's resolution {2 * args.resolution}")
     if args.snapshots < 2:
         raise ValueError(f"--snapshots {args.snapshots}: at least 2 (the report compares snapshots)")
     if args.samples < 4:
@@ -261,6 +264,8 @@ def main(argv: list[str] | None = None, prog: str = "adm demo") -> int:
     parser.add_argument("--samples", type=int, default=100, help="samples per evaluation")
     parser.add_argument("--classifier-kimg", type=float, default=24.0)
     parser.add_argument("--upsampler-kimg", type=float, default=12.0)
+    parser.add_argument("--upsampler-patch", type=int, default=16,
+                        help="the upsampler trains on random patches of this side (0: whole images)")
     parser.add_argument("--scales", default="1,4", help="two classifier-guidance scales")
     parser.add_argument("--steps", default="50", help="sampling steps: 50 (ancestral), ddim25, ...")
     parser.add_argument("--until", choices=STAGES, default="report", help="stop after this stage")
@@ -332,9 +337,14 @@ def main(argv: list[str] | None = None, prog: str = "adm demo") -> int:
     # 64 channels at the top level, for the reason above: with 32 (one per group) the output's GroupNorm cannot
     # carry an image's channel means, and grey digits came out tinted (mean channel-mean spread 20.5/255 against
     # 2.8; area-downsampled back, 33 levels from the input against 17.5), for 1.8x the training time.
+    # On random 16x16 patches (8x8 low-resolution inputs) rather than whole 32x32 images: 3.2x faster (116.6 against
+    # 36.3 images/s on a 2-core AVX2 machine) and better, not worse: on the last snapshot's cascade FID 205.6 against
+    # 229.2, round trip 0.031 against 0.054, tint 0.6 against 3.1, and clean black backgrounds where whole images left
+    # tinted noise (8x8 patches: 231 images/s, but FID 262.2).
     train(["preset=tiny-upsampler-32-64", f"model.image_size={res2}", f"model.small_size={res}",
            "model.channel_mult=[2,2,2]",
            f"data={shards['train', res2]}", f"run_dir={up_run}", f"total_kimg={args.upsampler_kimg}",
+           f"patch_size={args.upsampler_patch}",
            "batch=32", "lr=1e-3", "ema_rates=[0.98]", f"status_kimg={args.upsampler_kimg}",
            f"snapshot_kimg={args.upsampler_kimg}", f"checkpoint_kimg={args.upsampler_kimg}", *common],
           up_run, f"the upsampler {res}->{res2}: {args.upsampler_kimg:g} kimg", slurm=slurm)
@@ -386,6 +396,8 @@ def main(argv: list[str] | None = None, prog: str = "adm demo") -> int:
                  if state.is_file() and "preempted" in state.read_text() else
                  "this time it was not interrupted on purpose (an earlier, interrupted demo's job trained it)")
     report = write_report(diff_run, out, intro=INTRO.format(res=res, res2=res2, kimg=args.kimg, n=n, steps=args.steps,
+                                                            patches=f", on random {args.upsampler_patch}x"
+                                                            f"{args.upsampler_patch} patches" if args.upsampler_patch else "",
                                                             procs=procs, preempted=preempted,
                                                             scales=" and ".join(f"{s:g}" for s in scales)))
     lap("report")

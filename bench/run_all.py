@@ -46,6 +46,7 @@ def plan(gpu: bool) -> dict[str, list[str]]:
         "ddp-cpu": ["bench/zero_vs_ddp.py", "--micro", "32", "--steps", "8"],
         "resample-cpu": ["bench/schedule_sampler.py", "--device", "cpu"],
         "cascade-cpu": ["bench/cascade_reuse.py", "--device", "cpu"],
+        "patches-cpu": ["bench/upsampler_patches.py", "--device", "cpu"],
     }
     if gpu:
         runs |= {
@@ -192,6 +193,11 @@ def summary(all_results: dict[str, dict], info: dict) -> str:
                 f"{r['num']} images, {r['steps']} + {r['upsampler_steps']} steps, {r['models']} models): "
                 f"{_f(r['seconds']['reuse'])} s against {_f(r['seconds']['cascade'])} s "
                 f"(x{_f(r['reuse_over_cascade'])} the time); identical images: {r['identical']}.", ""]
+    if r := results.get("patches-cpu"):
+        out += [f"**patches-cpu** (an upsampler's training step on random patches against whole images: {r['model']}, "
+                f"{r['patch']}x{r['patch']} patches of {r['image_size']}x{r['image_size']}, batch {r['batch']}): "
+                f"{_f(r['images_per_s']['patch'])} against {_f(r['images_per_s']['whole'])} images/s "
+                f"(x{_f(r['patch_over_whole'])}; {_f(r['pixel_ratio'])}x fewer pixels).", ""]
     partial = [k for k, v in results.items() if v.get("partial") and "crashed" not in v]
     if partial:
         out += [f"Stopped at their time limit, the rows they finished kept: {', '.join(partial)}.", ""]
@@ -264,7 +270,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results" / "run_all")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS.md")
-    p.add_argument("--only", nargs="*", help="benchmark families to run (models sampling data eval train ddp resample cascade)")
+    p.add_argument("--only", nargs="*",
+                   help="benchmark families to run (models sampling data eval train ddp resample cascade patches)")
     p.add_argument("--extra", nargs="*", default=[], metavar="NAME=ARGS",
                    help='extra arguments for one run, e.g. "eval-cpu=--images 4" (for quick checks)')
     p.add_argument("--gpu-only", action="store_true", help="only the GPU rows (a GPU machine lent for minutes)")

@@ -243,13 +243,14 @@ class StreamLoader:
     """The training-side object: iterate for batches; state_dict() / load_state_dict() for resume.
 
     Each batch dict holds image (B, 3, R, R) in [-1, 1], label, id (the sample's key), pos (slot,
-    epoch, shard, offset), and low_res for the upsampler. `skipped` counts bad samples so far.
+    epoch, shard, offset), and low_res for the upsampler (with `patch`, both are random patch-sized crops, R = patch).
+    `skipped` counts bad samples so far.
     """
 
     def __init__(self, directory, resolution: int, batch_size: int, *, crop: str = "center", flip: bool = True,
                  small_size: int = 0, seed: int = 0, num_slots: int = 64, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, jpeg_draft: bool = False, prefetch_factor: int = 2,
-                 persistent_workers: bool = False, pin_memory: bool = False):
+                 persistent_workers: bool = False, pin_memory: bool = False, patch: int = 0):
         if world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
             raise ValueError(f"loader: rank {rank} of world size {world_size} with {num_workers} workers; expected "
                              "world_size >= 1, 0 <= rank < world_size, num_workers >= 0")
@@ -258,7 +259,7 @@ class StreamLoader:
                              f"{world_size} x {max(1, num_workers)}: every reader needs the same number of slots")
         self.args = dict(directory=str(directory), batch_size=batch_size, seed=seed, num_slots=num_slots,
                          rank=rank, world_size=world_size)
-        self.transform = Transform(resolution, crop, flip, small_size, jpeg_draft)
+        self.transform = Transform(resolution, crop, flip, small_size, jpeg_draft, patch)
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.pin_memory = pin_memory  # page-locked batches: asynchronous copies to a GPU
         # the stream is infinite, so one iterator (and its workers) lives for the whole run either way;

@@ -78,6 +78,7 @@ class Transform:
     small_size: int = 0  # > 0: also return the area-downsampled low-resolution image (upsampler)
     jpeg_draft: bool = False  # faster: decode JPEGs at a reduced DCT scale instead of BOX-halving after a full decode;
     # not bit-exact with ADM: ~7 of 255 levels mean difference on a photograph (tests/test_data_loader.py)
+    patch: int = 0  # > 0 (upsampler): a random patch x patch crop at a multiple of the upsampling factor, low_res alike
 
     def __post_init__(self):
         if self.crop not in CROPS:
@@ -86,6 +87,10 @@ class Transform:
             raise ValueError(f"resolution must be positive, got {self.resolution}")
         if self.small_size and self.resolution % self.small_size:
             raise ValueError(f"small_size {self.small_size} must divide resolution {self.resolution}")
+        if self.patch and not (self.small_size and 0 < self.patch < self.resolution
+                               and self.patch % (self.resolution // self.small_size) == 0):
+            raise ValueError(f"patch {self.patch}: needs small_size, must be less than resolution {self.resolution} and "
+                             f"a multiple of the upsampling factor (resolution / small_size)")
 
     def decode(self, data: bytes):
         if data[:6] == b"\x93NUMPY":  # stored pre-cropped as raw uint8 HWC (fastest to read)
@@ -114,7 +119,12 @@ class Transform:
             arr = random_crop_arr(image, self.resolution, rng)
         if self.flip and rng.random() < 0.5:
             arr = arr[:, ::-1]
+        small = self.small_size
+        if self.patch:  # at whole low-resolution pixels, so its low_res is the same crop of the image's low_res
+            factor = self.resolution // small
+            top, left = (factor * rng.integers(0, (self.resolution - self.patch) // factor + 1) for _ in range(2))
+            arr, small = arr[top:top + self.patch, left:left + self.patch], self.patch // factor
         out = {"image": np.ascontiguousarray(arr.transpose(2, 0, 1))}
-        if self.small_size:
-            out["low_res"] = np.ascontiguousarray(area_downsample(arr, self.small_size).transpose(2, 0, 1))
+        if small:
+            out["low_res"] = np.ascontiguousarray(area_downsample(arr, small).transpose(2, 0, 1))
         return out

@@ -68,9 +68,11 @@ def make_time_embed(model_channels: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(model_channels, d), nn.SiLU(), nn.Linear(d, d))
 
 
-def check_image_input(x: torch.Tensor, timesteps: torch.Tensor, channels: int, size: int) -> None:
-    if x.ndim != 4 or x.shape[1] != channels or x.shape[2:] != (size, size):
-        raise ValueError(f"expected input of shape (N, {channels}, {size}, {size}), got {tuple(x.shape)}")
+def check_image_input(x: torch.Tensor, timesteps: torch.Tensor, channels: int, size: int, patch: int = 0) -> None:
+    """`patch` > 0: patch x patch inputs are taken too (an upsampler while it trains on patches)."""
+    if x.ndim != 4 or x.shape[1] != channels or x.shape[2] != x.shape[3] or x.shape[2] not in (size, patch or size):
+        also = f" (or {patch}x{patch} patches)" if patch else ""
+        raise ValueError(f"expected input of shape (N, {channels}, {size}, {size}){also}, got {tuple(x.shape)}")
     if timesteps.shape != (x.shape[0],):
         raise ValueError(f"timesteps must have shape ({x.shape[0]},), got {tuple(timesteps.shape)}")
 

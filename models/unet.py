@@ -49,6 +49,7 @@ class UNetModel(nn.Module):
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
         self.image_size = image_size
+        self.patch_size = 0  # > 0: also takes patch_size x patch_size inputs (set by a trainer that trains on patches)
         self.in_channels = in_channels
         self.model_channels = model_channels
         self.out_channels = out_channels
@@ -99,7 +100,7 @@ class UNetModel(nn.Module):
         return emb
 
     def check_input(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None) -> None:
-        check_image_input(x, timesteps, self.in_channels, self.image_size)
+        check_image_input(x, timesteps, self.in_channels, self.image_size, self.patch_size)
         check_labels(y, self.num_classes, x.shape[0])
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -128,11 +129,15 @@ class SuperResModel(UNetModel):
                 y: torch.Tensor | None = None) -> torch.Tensor:
         if low_res is None:
             raise ValueError("the upsampler needs its low-resolution conditioning image: forward(x, t, low_res=..., y=...)")
+        # x first: its size sets low_res's
+        check_image_input(x, timesteps, self.image_channels, self.image_size, self.patch_size)
         if low_res.ndim != 4 or low_res.shape[:2] != x.shape[:2]:
             raise ValueError(f"low_res must have shape (N, {self.image_channels}, s, s) matching x {tuple(x.shape)}, "
                              f"got {tuple(low_res.shape)}")
-        if self.small_size and low_res.shape[2:] != (self.small_size, self.small_size):
+        small = self.small_size and x.shape[2] * self.small_size // self.image_size  # (a patch's while it trains)
+        if small and low_res.shape[2:] != (small, small):
             raise ValueError(f"this upsampler was built for {self.small_size}x{self.small_size} low-resolution inputs, "
-                             f"got {tuple(low_res.shape[2:])}")
+                             f"got {tuple(low_res.shape[2:])}" + (f" for a {x.shape[2]}x{x.shape[2]} patch, want "
+                             f"{small}x{small}" if x.shape[2] != self.image_size else ""))
         up = F.interpolate(low_res, size=x.shape[2:], mode="bilinear")
         return super().forward(torch.cat([x, up.to(x.dtype)], dim=1), timesteps, y)

@@ -38,6 +38,19 @@ def test_cascade_reuse_bench_gives_the_same_images_both_ways(tmp_path):
     assert result["seconds"]["cascade"] > 0 and result["seconds"]["reuse"] > 0
 
 
+def test_upsampler_patches_bench_times_both_and_refuses_a_patch_that_does_not_fit(tmp_path):
+    out = tmp_path / "patches.json"
+    proc = subprocess.run([sys.executable, "bench/upsampler_patches.py", "--batch", "2", "--iters", "1", "--rounds", "1",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert (result["image_size"], result["small_size"], result["patch"], result["pixel_ratio"]) == (32, 16, 16, 4.0)
+    assert result["images_per_s"]["whole"] > 0 and result["images_per_s"]["patch"] > 0
+    bad = subprocess.run([sys.executable, "bench/upsampler_patches.py", "--patch", "6", "--out", str(out)], cwd=REPO,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--patch 6: less than 32 and a multiple of 2 and 4" in bad.stderr
+
+
 def test_eval_bench_writes_json_and_agrees_with_the_adm_algorithm(tmp_path):
     out = tmp_path / "eval.json"
     proc = subprocess.run([sys.executable, "bench/eval.py", "--ref", "300", "--samples", "700", "--images", "2",
@@ -61,8 +74,10 @@ def test_run_all_runs_the_benchmarks_and_rewrites_only_its_section(tmp_path):
     extra = ["eval-cpu=--ref 300 --samples 700 --images 2", "eval-workers-cpu=--ref 300 --samples 2500 --repeats 1",
              "data-cpu=--images 24 --seconds 0.5", "train-cpu=--kimg 0.096", "ddp-cpu=--micro 2 --steps 3 --warmup 1 --stages 2",
              "resample-cpu=--steps 5 --timesteps 50 --batch 32",
-             "cascade-cpu=--num 2 --steps 3 --upsampler-steps 3 --rounds 1"]
+             "cascade-cpu=--num 2 --steps 3 --upsampler-steps 3 --rounds 1",
+             "patches-cpu=--batch 2 --iters 1 --rounds 1"]
     proc = subprocess.run(["bash", "bench/run_all", "--only", "eval", "data", "train", "ddp", "resample", "cascade",
+                           "patches",
                            "--out-dir",
                            str(tmp_path / "out"), "--results", str(results), "--extra", *extra],
                           cwd=REPO, capture_output=True, text=True)
@@ -71,6 +86,7 @@ def test_run_all_runs_the_benchmarks_and_rewrites_only_its_section(tmp_path):
         json.loads((tmp_path / "out" / f"{name}.json").read_text())
     cascade = json.loads((tmp_path / "out" / "cascade-cpu.json").read_text())  # the farm's reuse: the same images
     assert cascade["identical"] is True and cascade["seconds"]["reuse"] > 0 and cascade["num"] == 2
+    assert json.loads((tmp_path / "out" / "patches-cpu.json").read_text())["batch"] == 2
     workers = json.loads((tmp_path / "out" / "eval-workers-cpu.json").read_text())["runs"]
     assert [w["workers"] for w in workers] == [1, 2] and all(w["identical_to_first"] for w in workers)
     text = results.read_text()
@@ -87,7 +103,8 @@ def test_run_all_runs_the_benchmarks_and_rewrites_only_its_section(tmp_path):
     assert drill["images_resumed_from"] == drill["images_saved"] >= drill["images_at_signal"] + drill["batch"]
     assert drill["lost_steps"] == 0 and drill["signal_to_saved_s"] > drill["save_s"] > 0
     for needle in ("Machine: ", "deepspeed ", "**eval-cpu**", "**data-cpu**", "| 2 | ", "resume (ZeRO-2) to first step", "lost steps 0",
-                   "**ddp-cpu**", "| zero2 | ", "**eval-workers-cpu**", "**resample-cpu**", "**cascade-cpu**"):
+                   "**ddp-cpu**", "| zero2 | ", "**eval-workers-cpu**", "**resample-cpu**", "**cascade-cpu**",
+                   "**patches-cpu**"):
         assert needle in text, needle
 
 

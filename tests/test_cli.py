@@ -102,6 +102,8 @@ def test_demo_options_are_checked_before_anything_is_written(tmp_path, capsys):
                            (["--kimg", "-1"], "--kimg -1.0: at least 0.064 (one global batch of 64 images)"),
                            (["--samples", "1"], "--samples 1: at least 4"),
                            (["--scales", "1"], "--scales '1': two classifier-guidance scales"),
+                           (["--upsampler-patch", "6"], "--upsampler-patch 6: 0 (whole images) or a multiple of 4"),
+                           (["--upsampler-patch", "32"], "under the upsampler's resolution 32"),
                            (["--steps", "ddim0"], "timestep respacing 'ddim0'")]:
         assert adm(["demo", "--out", str(tmp_path / "demo"), *args]) == 2
         assert expected in capsys.readouterr().err

@@ -83,6 +83,16 @@ def test_upsampler_conditioning_errors():
     with pytest.raises(ValueError, match="built for 32x32"):
         up(x, t, low_res=torch.randn(2, 3, 16, 16), y=y)
     assert up(x, t, low_res=torch.randn(2, 3, 32, 32), y=y).shape == (2, 6, 64, 64)
+    patch, low = torch.randn(2, 3, 24, 24), torch.randn(2, 3, 12, 12)  # what a trainer with patch_size=24 feeds
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, 3, 64, 64\), got \(2, 3, 24, 24\)"):
+        up(patch, t, low_res=low, y=y)
+    up.patch_size = 24
+    assert up(patch, t, low_res=low, y=y).shape == (2, 6, 24, 24)
+    assert up(x, t, low_res=torch.randn(2, 3, 32, 32), y=y).shape == (2, 6, 64, 64)  # and whole images still
+    with pytest.raises(ValueError, match="built for 32x32 low-resolution inputs, got .16, 16. for a 24x24 patch, want 12x12"):
+        up(patch, t, low_res=torch.randn(2, 3, 16, 16), y=y)
+    with pytest.raises(ValueError, match=r"\(or 24x24 patches\), got \(2, 3, 32, 32\)"):
+        up(torch.randn(2, 3, 32, 32), t, low_res=low, y=y)
 
 
 def count_calls(module_type, model):

@@ -351,6 +351,28 @@ def test_transforms(data):
     assert 8 <= n_flipped <= 32
 
 
+def test_upsampler_patches_are_aligned_crops_of_the_image_and_its_low_res(data):
+    """patch: the crop of the whole image's output at a random multiple of the upsampling factor, its low_res the
+    same crop of the whole image's low_res (area averaging at whole low-resolution pixels); every offset occurs."""
+    photo = (data[0] / "train" / "n00000010" / "n00000010_0.JPEG").read_bytes()
+    whole, patched = Transform(48, flip=True, small_size=12), Transform(48, flip=True, small_size=12, patch=16)
+    offsets = set()
+    for seed in range(1000):  # fixed seeds; uniform draws would miss one of the 81 offsets with probability < 1e-3
+        full, p = whole(photo, SampleRandom(seed)), patched(photo, SampleRandom(seed))  # the same flip draw
+        assert p["image"].shape == (3, 16, 16) and p["low_res"].shape == (3, 4, 4)
+        windows = np.lib.stride_tricks.sliding_window_view(full["image"], (16, 16), axis=(1, 2))  # (3, 33, 33, 16, 16)
+        found = [tuple(int(v) for v in yx) for yx in np.argwhere((windows == p["image"][:, None, None]).all((0, 3, 4)))]
+        assert found and all(y % 4 == 0 and x % 4 == 0 for y, x in found), found
+        y, x = found[0]
+        np.testing.assert_allclose(p["low_res"], full["low_res"][:, y // 4:y // 4 + 4, x // 4:x // 4 + 4],
+                                   rtol=0, atol=1e-4)
+        offsets.add((y, x))
+    assert offsets == {(y, x) for y in range(0, 33, 4) for x in range(0, 33, 4)}  # 81 of them, each reachable
+    for kw in (dict(patch=16), dict(small_size=12, patch=18), dict(small_size=12, patch=48)):
+        with pytest.raises(ValueError, match=f"patch {kw['patch']}: needs small_size, must be less than resolution 48"):
+            Transform(48, **kw)
+
+
 def test_sample_random_is_uniform_and_keyed():
     draws = np.array([SampleRandom(7, i).random() for i in range(20000)])
     assert abs(draws.mean() - 0.5) < 0.01 and abs(draws.var() - 1 / 12) < 0.003

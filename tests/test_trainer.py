@@ -338,6 +338,25 @@ def test_upsampler_learns(shards, tmp_path):
     assert snap.config.arch == "upsampler" and snap.config.small_size == 32
 
 
+def test_upsampler_learns_on_patches_and_its_snapshot_takes_whole_images(shards, tmp_path):
+    """patch_size=32: the 64x64 upsampler trains on 32x32 crops (16x16 low-resolution inputs) and its loss falls;
+    the snapshot is the plain model, which upsamples whole 32x32 images and refuses patches."""
+    lines = run_task(shards.parent / "train64", tmp_path / "run", "tiny-upsampler-32-64", 0.512, 0.128,
+                     "patch_size=32")
+    loss = [float(line.split("loss ")[1].split()[0]) for line in lines]
+    assert len(loss) == 4 and loss[-1] < loss[0]
+    from models.snapshot import load_snapshot
+
+    assert json.loads((tmp_path / "run" / "training_options.json").read_text())["patch_size"] == 32
+    model = load_snapshot(tmp_path / "run" / "snapshots" / "img000000000512").build("cpu")
+    t, y = torch.full((2,), 500), torch.tensor([1, 2])
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64), t, low_res=torch.randn(2, 3, 32, 32), y=y)
+        assert out.shape == (2, 6, 64, 64) and torch.isfinite(out).all()
+        with pytest.raises(ValueError, match="expected input of shape"):
+            model(torch.randn(2, 3, 32, 32), t, low_res=torch.randn(2, 3, 16, 16), y=y)
+
+
 def test_elastic_resume_from_2_ranks_to_1(shards, tmp_path):
     """Save at 2 ranks, resume at 1 through DeepSpeed's universal checkpoint: the epoch's samples are
     seen exactly once across both runs, and the EMA carries over (checked against its formula)."""

@@ -626,6 +626,13 @@ def test_settings_and_held_out_data_are_checked_before_start(digit_shards, tmp_p
             load_train_config(None, base + [override])
     with pytest.raises(ValueError, match="model.small_size: 24 does not divide image_size 64"):
         load_train_config(None, ["preset=tiny-upsampler-32-64", "model.small_size=24"])
+    with pytest.raises(ValueError, match="patch_size: only the upsampler trains on patches .task classifier.; set it to 0"):
+        load_train_config(None, base + ["patch_size=16"])
+    for patch in (20, 64, -8):  # 64 -> 32 with 4 levels: a multiple of 2 and of 8, under 64
+        with pytest.raises(ValueError, match=f"patch_size: {patch}: 0 .whole images. or less than model.image_size 64 "
+                                             "and a multiple of both the upsampling factor 2 and the UNet's 8"):
+            load_train_config(None, ["preset=tiny-upsampler-32-64", f"patch_size={patch}"])
+    assert load_train_config(None, ["preset=tiny-upsampler-32-64", "patch_size=24"]).patch_size == 24
     with pytest.raises(ValueError, match="precision: fp16 .* needs a GPU"):
         check_precision("fp16")
     val = digit_shards / "val"  # 30 held-out digits in 4 shards

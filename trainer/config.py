@@ -69,6 +69,9 @@ class TrainConfig:
     num_slots: int = 64  # canonical data slots (must be divisible by world size x workers)
     data_workers: int = 2  # DataLoader workers per rank
     jpeg_draft: bool = False  # decode JPEG shards at a reduced DCT scale (2x faster, not ADM-exact pixels)
+    # upsampler: train on random patch_size x patch_size crops of each image, aligned to the upsampling factor, the
+    # low-resolution input cropped alike (SR3's and Imagen's practice, not ADM's); it samples whole images. 0: whole
+    patch_size: int = 0
     # NHWC inputs. Off: torch's GroupNorm keeps NHWC on CPU only (on a GPU every norm converts back), and on
     # CPU fp32 NHWC ran 14% slower; `bench/models.py --layouts` times both on a GPU
     channels_last: bool = False
@@ -105,6 +108,14 @@ class TrainConfig:
         m = self.model
         if self.task == "upsampler" and m.image_size % m.small_size:  # the loader area-downsamples by a whole factor
             bad("model.small_size", f"{m.small_size} does not divide image_size {m.image_size}")
+        if self.patch_size:
+            factor = m.image_size // m.small_size if self.task == "upsampler" else 0
+            levels = 2 ** (len(m.resolved_channel_mult()) - 1)  # the UNet halves a patch this often
+            if self.task != "upsampler":
+                bad("patch_size", f"only the upsampler trains on patches (task {self.task}); set it to 0")
+            if not 0 < self.patch_size < m.image_size or self.patch_size % factor or self.patch_size % levels:
+                bad("patch_size", f"{self.patch_size}: 0 (whole images) or less than model.image_size {m.image_size} "
+                                  f"and a multiple of both the upsampling factor {factor} and the UNet's {levels}")
         if not self.ema_rates or any(not 0.0 <= r < 1.0 for r in self.ema_rates):
             bad("ema_rates", f"give at least one rate, each in [0, 1), got {self.ema_rates}")
         if any(not SIGMA_REL_MIN <= s < 0.28 for s in self.power_ema):

@@ -158,9 +158,10 @@ def training_loop(cfg: TrainConfig) -> int:
     loader = StreamLoader(cfg.data, m.image_size, micro, crop="random-resized" if cfg.task == "classifier" else "center",
                           flip=True, small_size=m.small_size if cfg.task == "upsampler" else 0, seed=cfg.seed,
                           num_slots=cfg.num_slots, rank=rank, world_size=world, num_workers=cfg.data_workers,
-                          jpeg_draft=cfg.jpeg_draft, pin_memory=device.type == "cuda")
+                          jpeg_draft=cfg.jpeg_draft, pin_memory=device.type == "cuda", patch=cfg.patch_size)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = build_model(m)  # weights stay contiguous (DeepSpeed flattens them); inputs too unless channels_last
+    model.patch_size = cfg.patch_size  # (an upsampler trained on patches takes them; snapshots sample whole images)
     set_norm_io(model, cfg.norm_fp32)
     torch.manual_seed(cfg.seed + 104_729 * rank)  # then dropout draws differ between ranks (CPU and CUDA)
     d = cfg.diffusion
