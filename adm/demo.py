@@ -1,4 +1,4 @@
-"""`adm demo`: the whole system on this machine, on real data, in 7 to 12 minutes on a 2-core machine with AVX512-BF16.
+"""`adm demo`: the whole system on this machine, on real data, in 7 to 14 minutes on a 2-core machine without a GPU.
 
 1. Data: the 1,797 handwritten digits scikit-learn ships, written in ImageNet's folder layout with a
    LOC_val_solution.csv validation split (200 held out), converted to WebDataset shards by
