@@ -51,10 +51,15 @@ def main(argv=None) -> int:
         preset, cfg = demo_upsampler()
     if cfg.arch != "upsampler":
         p.error(f"--preset {a.preset}: an upsampler preset, got a {cfg.arch}")
+    from trainer.config import TrainConfig
+
+    if a.patch <= 0:
+        p.error(f"--patch {a.patch}: a positive patch side (whole images are what the patches are timed against)")
+    try:  # the trainer's own rules for patch_size
+        TrainConfig(task="upsampler", model=cfg, patch_size=a.patch)
+    except ValueError as e:
+        p.error(f"--patch {a.patch}: {e}")
     factor = cfg.image_size // cfg.small_size
-    levels = 2 ** (len(cfg.resolved_channel_mult()) - 1)
-    if not 0 < a.patch < cfg.image_size or a.patch % factor or a.patch % levels:
-        p.error(f"--patch {a.patch}: less than {cfg.image_size} and a multiple of {factor} and {levels}")
     device = torch.device(a.device)
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()

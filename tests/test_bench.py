@@ -46,9 +46,11 @@ def test_upsampler_patches_bench_times_both_and_refuses_a_patch_that_does_not_fi
     result = json.loads(out.read_text())
     assert (result["image_size"], result["small_size"], result["patch"], result["pixel_ratio"]) == (32, 16, 16, 4.0)
     assert result["images_per_s"]["whole"] > 0 and result["images_per_s"]["patch"] > 0
-    bad = subprocess.run([sys.executable, "bench/upsampler_patches.py", "--patch", "6", "--out", str(out)], cwd=REPO,
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "--patch 6: less than 32 and a multiple of 2 and 4" in bad.stderr
+    for patch, said in ((6, "patch_size: 6: 0 (whole images) or less than model.image_size 32 and a multiple of both "
+                             "the upsampling factor 2 and the UNet's 4"), (0, "a positive patch side")):
+        bad = subprocess.run([sys.executable, "bench/upsampler_patches.py", "--patch", str(patch), "--out", str(out)],
+                             cwd=REPO, capture_output=True, text=True)
+        assert bad.returncode == 2 and f"--patch {patch}: {said}" in bad.stderr
 
 
 def test_eval_bench_writes_json_and_agrees_with_the_adm_algorithm(tmp_path):
