@@ -19,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -240,9 +241,10 @@ def main():
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cuda" if torch.cuda.is_available()
                                                              else "cpu"), OMP_NUM_THREADS=os.environ.get(
         "OMP_NUM_THREADS", "1"))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc),
-                           "--master-port", str(a.port), __file__, *sys.argv[1:]], cwd=REPO, env=env,
-                          capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as tmp:  # torchrun leaves a torchelastic_* folder of its logs in TMPDIR
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc),
+                               "--master-port", str(a.port), __file__, *sys.argv[1:]], cwd=REPO,
+                              env=dict(env, TMPDIR=tmp), capture_output=True, text=True)
     print("\n".join(line for line in proc.stdout.splitlines() if " ok: " in line), flush=True)
     if proc.returncode != 0:
         raise SystemExit(f"zero_vs_ddp failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
