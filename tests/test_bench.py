@@ -12,13 +12,18 @@ import torch
 from conftest import REPO
 
 
-def test_models_bench_writes_json(tmp_path):
-    out = tmp_path / "models.json"
-    proc = subprocess.run([sys.executable, "bench/models.py", "--cases", "tiny-classifier-32", "--iters", "1",
-                           "--rounds", "1", "--warmup", "1", "--channels-last", "ours", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True)
+def run_bench(tmp_path, script: str, *args: str) -> dict:
+    """Run bench/<script> with --out in tmp_path; the JSON it wrote."""
+    out = tmp_path / f"{Path(script).stem}.json"
+    proc = subprocess.run([sys.executable, f"bench/{script}", *args, "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_models_bench_writes_json(tmp_path):
+    result = run_bench(tmp_path, "models.py", "--cases", "tiny-classifier-32", "--iters", "1", "--rounds", "1",
+                       "--warmup", "1", "--channels-last", "ours")
     (row,) = result["rows"]
     assert row["case"] == "tiny-classifier-32" and row["params"] == 563082
     for key in ("ours_train_img_s", "reference_train_img_s", "train_speedup", "forward_speedup",
@@ -29,36 +34,25 @@ def test_models_bench_writes_json(tmp_path):
 
 
 def test_cascade_reuse_bench_gives_the_same_images_both_ways(tmp_path):
-    out = tmp_path / "cascade.json"
-    proc = subprocess.run([sys.executable, "bench/cascade_reuse.py", "--num", "3", "--steps", "3", "--upsampler-steps",
-                           "ddim2", "--rounds", "1", "--out", str(out)], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(out.read_text())
+    result = run_bench(tmp_path, "cascade_reuse.py", "--num", "3", "--steps", "3", "--upsampler-steps", "ddim2",
+                       "--rounds", "1")
     assert result["identical"] is True and result["models"] == "demo-sized" and result["num"] == 3
     assert result["seconds"]["cascade"] > 0 and result["seconds"]["reuse"] > 0
 
 
 def test_upsampler_patches_bench_times_both_and_refuses_a_patch_that_does_not_fit(tmp_path):
-    out = tmp_path / "patches.json"
-    proc = subprocess.run([sys.executable, "bench/upsampler_patches.py", "--batch", "2", "--iters", "1", "--rounds", "1",
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(out.read_text())
+    result = run_bench(tmp_path, "upsampler_patches.py", "--batch", "2", "--iters", "1", "--rounds", "1")
     assert (result["image_size"], result["small_size"], result["patch"], result["pixel_ratio"]) == (32, 16, 16, 4.0)
     assert result["images_per_s"]["whole"] > 0 and result["images_per_s"]["patch"] > 0
     for patch, said in ((6, "patch_size: 6: 0 (whole images) or less than model.image_size 32 and a multiple of both "
                              "the upsampling factor 2 and the UNet's 4"), (0, "a positive patch side")):
-        bad = subprocess.run([sys.executable, "bench/upsampler_patches.py", "--patch", str(patch), "--out", str(out)],
-                             cwd=REPO, capture_output=True, text=True)
+        bad = subprocess.run([sys.executable, "bench/upsampler_patches.py", "--patch", str(patch), "--out",
+                              str(tmp_path / "bad.json")], cwd=REPO, capture_output=True, text=True)
         assert bad.returncode == 2 and f"--patch {patch}: {said}" in bad.stderr
 
 
 def test_eval_bench_writes_json_and_agrees_with_the_adm_algorithm(tmp_path):
-    out = tmp_path / "eval.json"
-    proc = subprocess.run([sys.executable, "bench/eval.py", "--ref", "300", "--samples", "700", "--images", "2",
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(out.read_text())
+    result = run_bench(tmp_path, "eval.py", "--ref", "300", "--samples", "700", "--images", "2")
     assert result["features_per_s"] > 0 and result["features_torchscript_as_shipped_per_s"] > 0
     pr = result["precision_recall"]
     assert pr["ours_fp32"] == pr["adm_numpy_fp32"]  # the port of ADM's algorithm is an independent check
