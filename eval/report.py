@@ -29,7 +29,9 @@ TEMPLATE = """<!doctype html>
 <style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45;padding:0 1em}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
 td.l,th.l{text-align:left}img{image-rendering:pixelated;max-width:100%}pre{background:#f6f6f6;padding:1em;
-overflow:auto;font-size:85%}.fail{color:#b00}</style></head><body>
+overflow:auto;font-size:85%}.fail{color:#b00}.samples{display:grid;gap:4px;margin:0 0 1.2em}
+.samples figure{margin:0}.samples img{width:100%;display:block}.samples figcaption{font-size:75%;
+text-align:center;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}</style></head><body>
 <h1>{{ title }}</h1>
 <p>{{ intro }}</p>
 {% if failures %}<h2 class="fail">Failed evaluations</h2><ul>{% for f in failures %}<li class="fail">{{ f.snapshot_name }}
@@ -53,9 +55,12 @@ reference batch).{% endif %}</p><img src="data:image/png;base64,{{ curves }}">{%
 <td class="l">{{ s.ref }}</td></tr>
 {% endfor %}</table>{% endif %}
 {% if loss %}<h2>Training loss</h2><img src="data:image/png;base64,{{ loss }}">{% endif %}
-{% if grids %}<h2>Samples by snapshot and setting</h2><p>The first images of each evaluation (seed order;
-labels drawn per seed){{ grid_note }}.</p>{% for g in grids %}<p>{{ g.caption }}<br><img src="data:image/png;base64,{{ g.png }}"
-width="{{ g.width }}"></p>{% endfor %}{% endif %}
+{% if grids %}<h2>Samples by snapshot and setting</h2><p>The first images of each evaluation in seed order
+(hover for an image's seed), under each the class it was sampled for (labels drawn per seed){{ grid_note }}.</p>
+{% for g in grids %}<p>{{ g.caption }}</p>
+<div class="samples" style="grid-template-columns:repeat({{ g.cols }},minmax(0,{{ g.cell }}px))">{% for c in g.cells %}
+<figure><img src="data:image/png;base64,{{ c.png }}" title="{{ c.title }}" alt="{{ c.title }}">{% if c.label is not none
+%}<figcaption>{{ c.label }}</figcaption>{% endif %}</figure>{% endfor %}</div>{% endfor %}{% endif %}
 {% if progressive %}<h2>Progressive decoding</h2><p>{{ progressive.caption }}: the model's prediction of the
 final image at evenly spaced steps of the reverse process, left (pure noise) to right (the sample), one row
 per seed, as in DDPM's figure.</p><img src="data:image/png;base64,{{ progressive.png }}" width="{{ progressive.width }}">{% endif %}
@@ -206,7 +211,9 @@ def _readable(path: Path, read):
         return None
 
 
-def _sample_grid(key_dir: Path, count: int = 16):
+def _first_samples(key_dir: Path, count: int = 16):
+    """An evaluation's first `count` images and their labels (None for an unconditional model sampled
+    unguided, whose sample files hold no arr_1); None when it has no sample shard."""
     from .features import sample_shards
 
     shards = sample_shards(key_dir / "samples")
@@ -214,7 +221,26 @@ def _sample_grid(key_dir: Path, count: int = 16):
         return None
     with np.load(shards[0]) as data:  # the first images only: a shard is 1000 images (200 MB at 256x256)
         images = StreamedArray(data, "arr_0")[:count]
-    return tile(images, min(8, len(images)))
+        labels = data["arr_1"][:count] if "arr_1" in data.files else None
+    return images, labels
+
+
+def class_names(config: dict) -> dict[int, str]:
+    """Class index -> name from the class table of the run's training shards (manifest.json; an ImageNet
+    synset's first name), or {} where it cannot be read here (shards moved, a converted checkpoint's run)."""
+    try:
+        classes = json.loads((Path(config["data"]) / "manifest.json").read_text())["classes"]
+        return {int(c["index"]): str(c.get("name") or c["id"]).split(",")[0].strip() for c in classes}
+    except (KeyError, TypeError, ValueError, OSError):
+        return {}
+
+
+def sample_cells(images: np.ndarray, labels, seed_start: int, names: dict[int, str]) -> list[dict]:
+    """One figure per image: its PNG (native size; the page scales it up without smoothing), its seed and the
+    class it was sampled for (by name where the run's class table gives one)."""
+    return [{"png": _png(im), "title": f"seed {seed_start + i}",
+             "label": None if labels is None else names.get(int(labels[i]), f"class {int(labels[i])}")}
+            for i, im in enumerate(images)]
 
 
 def kimg(images: int) -> str:
@@ -265,14 +291,16 @@ def write_report(run_dir: Path, out_dir: Path | None = None, intro: str | None =
     out_dir = Path(out_dir or run_dir)
     data = build(run_dir)
     rows = data["rows"]
-    grids, progressive, shown = [], None, grid_rows(rows)
+    grids, progressive, shown, names = [], None, grid_rows(rows), class_names(data["config"])
     for r in shown:
         key_dir = registry.eval_root(run_dir) / r["key"]
-        grid = _readable(key_dir / "samples", lambda: _sample_grid(key_dir))
-        if grid is not None:
-            scale = max(1, 256 // grid.shape[0])
+        first = _readable(key_dir / "samples", lambda: _first_samples(key_dir))
+        if first is not None:
+            images, labels = first
+            side = images.shape[2]
             grids.append({"caption": f"{r['snapshot_name']} ({r['kimg']} kimg), {r['label']}",
-                          "png": _png(grid, scale), "width": grid.shape[1] * scale})
+                          "cells": sample_cells(images, labels, int(r["setting"].get("seed_start", 0)), names),
+                          "cols": min(8, len(images)), "cell": side * max(1, 96 // side)})
     # the progressive decoding of the newest trained snapshot that has one (a post-hoc EMA's only if none)
     for r in sorted(rows, key=lambda r: (r.get("images") or 0, not registry.posthoc_width(r["snapshot_name"])),
                     reverse=True):
@@ -281,7 +309,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None, intro: str | None =
         if frames is not None:
             f, n = frames.shape[:2]
             grid = tile(frames.transpose(1, 0, 2, 3, 4).reshape(f * n, *frames.shape[2:]), f)
-            scale = max(1, 384 // grid.shape[1])
+            scale = max(1, 640 // grid.shape[1])
             progressive = {"caption": f"{r['snapshot_name']}, {r['label']}", "png": _png(grid, scale),
                            "width": grid.shape[1] * scale}
             break

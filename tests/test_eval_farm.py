@@ -355,11 +355,17 @@ def test_tensorboard_and_report(evaluated):
     assert "http://" not in html and "https://" not in html  # opens offline
     md = (run / "report.md").read_text()
     assert md.count("| fast |") == 3
+    from test_report_parts import report_figures
+
     from eval.features import sample_shards
-    from eval.report import _sample_grid, tile
-    key_dir = next(p for p in (run / "eval").iterdir() if p.name != "ref-cache")
-    first = np.load(sample_shards(key_dir / "samples")[0])["arr_0"][:16]  # the grid reads only these
-    np.testing.assert_array_equal(_sample_grid(key_dir), tile(first, min(8, len(first))))
+    shown = report_figures(html)  # each evaluation's first 16 images, in seed order, pixel for pixel
+    for key_dir in sorted(p for p in (run / "eval").iterdir() if p.name != "ref-cache"):
+        with np.load(sample_shards(key_dir / "samples")[0]) as data:
+            first, labels = data["arr_0"][:16], data["arr_1"][:16] if "arr_1" in data.files else None
+        caption = next(c for c in shown if c.startswith(key_dir.name.split("--")[0]))
+        assert [t for t, _, _ in shown[caption]] == [f"seed {i}" for i in range(len(first))]
+        np.testing.assert_array_equal(np.stack([im for _, im, _ in shown[caption]]), first)
+        assert [c for _, _, c in shown[caption]] == ([None] * 16 if labels is None else [f"class {k}" for k in labels])
     assert len(json.loads((run / "report.json").read_text())["rows"]) == 3
 
 

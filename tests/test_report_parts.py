@@ -92,6 +92,87 @@ def test_kimg_is_exact_to_the_image():
     assert kimg(0) == "0" and kimg(1_000) == "1"
 
 
+def report_figures(html: str) -> dict[str, list]:
+    """The report's sample grids read back with the standard library's HTML parser (entities decoded): caption ->
+    [(title, image as decoded by PIL, figcaption text or None), ...] in page order."""
+    import base64
+    import io
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
+    grids, state = {}, {"caption": None, "in": None, "p": ""}
+
+    class Reader(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "p":
+                state["p"], state["in"] = "", "p"
+            elif tag == "div" and a.get("class") == "samples":
+                state["caption"] = state["p"]
+                grids[state["caption"]] = []
+            elif tag == "img" and state["caption"] is not None and a["src"].startswith("data:image/png;base64,"):
+                png = base64.b64decode(a["src"].split(",", 1)[1])
+                grids[state["caption"]].append([a["title"], np.asarray(Image.open(io.BytesIO(png))), None])
+            elif tag == "figcaption":
+                state["in"] = "figcaption"
+
+        def handle_endtag(self, tag):
+            if tag == "div":
+                state["caption"] = None
+            state["in"] = None
+
+        def handle_data(self, data):
+            if state["in"] == "p":
+                state["p"] += data
+            elif state["in"] == "figcaption":
+                cell = grids[state["caption"]][-1]
+                cell[2] = (cell[2] or "") + data
+
+    Reader().feed(html)
+    return {k: [tuple(c) for c in v] for k, v in grids.items()}
+
+
+def test_sample_grids_show_each_image_with_its_seed_and_the_class_it_was_sampled_for(tmp_path):
+    """Under each sample its class, by name from the run's training shards' class table (an ImageNet synset's
+    first name, escaped), by index where that table is not readable; the image itself unchanged and titled with
+    its seed (the setting's seed_start on)."""
+    from test_eval_farm import make_run
+
+    from eval.report import write_report
+    from eval.settings import EVALUATOR_VERSION
+
+    run = make_run(tmp_path / "run", kimgs=(1,))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    names = ["tench, Tinca tinca", "<b>goldfish</b>, Carassius auratus", "great white shark"]
+    (shards / "manifest.json").write_text(json.dumps({"classes": [
+        {"index": i, "id": f"n{i:08d}", "name": n} for i, n in enumerate(names)]}))
+    options = json.loads((run / "training_options.json").read_text())
+    (run / "training_options.json").write_text(json.dumps({**options, "data": str(shards)}))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, 20)
+    key_dir = run / "eval" / "img000000001000--guided--abc"
+    (key_dir / "samples").mkdir(parents=True)
+    np.savez(key_dir / "samples" / "samples-00000500-00000519.npz", arr_0=images, arr_1=labels)
+    (key_dir / "metrics.json").write_text(json.dumps({
+        "key": key_dir.name, "snapshot_name": "img000000001000", "images": 1000,
+        "setting": {"name": "guided", "seed_start": 500, "num": 20}, "ref": "ref.npz",
+        "evaluator": EVALUATOR_VERSION, "metrics": {"fid": 10.0, "num_samples": 20}}))
+    html = write_report(run).read_text()
+    assert "<b>goldfish" not in html  # escaped
+    [(caption, cells)] = report_figures(html).items()
+    assert caption == "img000000001000 (1 kimg), guided"
+    assert [t for t, _, _ in cells] == [f"seed {500 + i}" for i in range(16)]  # the first 16, in seed order
+    np.testing.assert_array_equal(np.stack([im for _, im, _ in cells]), images[:16])
+    short = ["tench", "<b>goldfish</b>", "great white shark"]
+    assert [c for _, _, c in cells] == [short[k] for k in labels[:16]]
+    (shards / "manifest.json").unlink()  # the shards moved: the classes by index
+    assert [c for _, _, c in report_figures(write_report(run).read_text())[caption]] == [
+        f"class {k}" for k in labels[:16]]
+
+
 def test_the_paper_lines_match_the_preset_exactly_first():
     """ImageNet-256 unconditional and LSUN share an architecture (LSUN trained with dropout 0.1): each gets
     its own paper numbers."""
