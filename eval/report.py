@@ -63,7 +63,8 @@ reference batch).{% endif %}</p><img src="data:image/png;base64,{{ curves }}">{%
 %}<figcaption>{{ c.label }}</figcaption>{% endif %}</figure>{% endfor %}</div>{% endfor %}{% endif %}
 {% if progressive %}<h2>Progressive decoding</h2><p>{{ progressive.caption }}: the model's prediction of the
 final image at evenly spaced steps of the reverse process, left (pure noise) to right (the sample), one row
-per seed, as in DDPM's figure.</p><img src="data:image/png;base64,{{ progressive.png }}" width="{{ progressive.width }}">{% endif %}
+per seed{% if progressive.rows %} (sampled for, top to bottom: {{ progressive.rows }}){% endif %}, as in DDPM's
+figure.</p><img src="data:image/png;base64,{{ progressive.png }}" width="{{ progressive.width }}">{% endif %}
 {% if training_grids %}<h2>Training-time EMA grids</h2>{% for g in training_grids %}<p>{{ g.caption }}<br>
 <img src="data:image/png;base64,{{ g.png }}" width="256"></p>{% endfor %}{% endif %}
 <h2>Configuration</h2><pre>{{ config }}</pre>
@@ -235,12 +236,16 @@ def class_names(config: dict) -> dict[int, str]:
         return {}
 
 
+def class_label(index, names: dict[int, str]) -> str:
+    """A class by name where the run's class table gives one (class_names), else by index."""
+    return names.get(int(index), f"class {int(index)}")
+
+
 def sample_cells(images: np.ndarray, labels, seed_start: int, names: dict[int, str]) -> list[dict]:
     """One figure per image: its PNG (native size; the page scales it up without smoothing), its seed and the
-    class it was sampled for (by name where the run's class table gives one)."""
+    class it was sampled for."""
     return [{"png": _png(im), "title": f"seed {seed_start + i}",
-             "label": None if labels is None else names.get(int(labels[i]), f"class {int(labels[i])}")}
-            for i, im in enumerate(images)]
+             "label": None if labels is None else class_label(labels[i], names)} for i, im in enumerate(images)]
 
 
 def kimg(images: int) -> str:
@@ -292,9 +297,10 @@ def write_report(run_dir: Path, out_dir: Path | None = None, intro: str | None =
     data = build(run_dir)
     rows = data["rows"]
     grids, progressive, shown, names = [], None, grid_rows(rows), class_names(data["config"])
+    firsts = {}  # key -> its first images and labels (the progressive decoding's rows are its first seeds)
     for r in shown:
         key_dir = registry.eval_root(run_dir) / r["key"]
-        first = _readable(key_dir / "samples", lambda: _first_samples(key_dir))
+        first = firsts[r["key"]] = _readable(key_dir / "samples", lambda: _first_samples(key_dir))
         if first is not None:
             images, labels = first
             side = images.shape[2]
@@ -310,8 +316,11 @@ def write_report(run_dir: Path, out_dir: Path | None = None, intro: str | None =
             f, n = frames.shape[:2]
             grid = tile(frames.transpose(1, 0, 2, 3, 4).reshape(f * n, *frames.shape[2:]), f)
             scale = max(1, 640 // grid.shape[1])
+            labels = (firsts.get(r["key"]) or (None, None))[1]
             progressive = {"caption": f"{r['snapshot_name']}, {r['label']}", "png": _png(grid, scale),
-                           "width": grid.shape[1] * scale}
+                           "width": grid.shape[1] * scale,
+                           "rows": None if labels is None or len(labels) < n else ", ".join(
+                               class_label(k, names) for k in labels[:n])}
             break
     training_grids = [{"caption": p.stem, "png": base64.b64encode(p.read_bytes()).decode()}
                       for p in sorted((run_dir / "grids").glob("*.png"))[-4:]]

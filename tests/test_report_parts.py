@@ -136,7 +136,7 @@ def report_figures(html: str) -> dict[str, list]:
 def test_sample_grids_show_each_image_with_its_seed_and_the_class_it_was_sampled_for(tmp_path):
     """Under each sample its class, by name from the run's training shards' class table (an ImageNet synset's
     first name, escaped), by index where that table is not readable; the image itself unchanged and titled with
-    its seed (the setting's seed_start on)."""
+    its seed (the setting's seed_start on). The progressive decoding's rows (its first seeds) say their classes."""
     from test_eval_farm import make_run
 
     from eval.report import write_report
@@ -156,6 +156,7 @@ def test_sample_grids_show_each_image_with_its_seed_and_the_class_it_was_sampled
     key_dir = run / "eval" / "img000000001000--guided--abc"
     (key_dir / "samples").mkdir(parents=True)
     np.savez(key_dir / "samples" / "samples-00000500-00000519.npz", arr_0=images, arr_1=labels)
+    np.savez(key_dir / "progressive.npz", arr_0=np.zeros((3, 4, 8, 8, 3), np.uint8))  # 3 frames of the first 4 seeds
     (key_dir / "metrics.json").write_text(json.dumps({
         "key": key_dir.name, "snapshot_name": "img000000001000", "images": 1000,
         "setting": {"name": "guided", "seed_start": 500, "num": 20}, "ref": "ref.npz",
@@ -168,6 +169,8 @@ def test_sample_grids_show_each_image_with_its_seed_and_the_class_it_was_sampled
     np.testing.assert_array_equal(np.stack([im for _, im, _ in cells]), images[:16])
     short = ["tench", "<b>goldfish</b>", "great white shark"]
     assert [c for _, _, c in cells] == [short[k] for k in labels[:16]]
+    rows = re.search(r"one row\s+per seed \(sampled for, top to bottom: (.*?)\), as in", html, re.S).group(1)
+    assert __import__("html").unescape(rows) == ", ".join(short[k] for k in labels[:4])
     (shards / "manifest.json").unlink()  # the shards moved: the classes by index
     assert [c for _, _, c in report_figures(write_report(run).read_text())[caption]] == [
         f"class {k}" for k in labels[:16]]
