@@ -42,6 +42,16 @@ def test_demo_runs_everything_and_reuses_its_work(demo):
     for needle in ("Progressive decoding", "guided-s4", "cascade-32", "unguided", "data:image/png;base64,"):
         assert needle in html
     rows = results(out)
+    from test_report_parts import report_figures
+
+    from eval.features import sample_shards
+    from eval.report import kimg
+    shown = report_figures(html)  # every grid's samples captioned with their digit, by name from the shards' class table
+    for r in rows:
+        with np.load(sample_shards(out / "runs" / "diffusion" / "eval" / r["key"] / "samples")[0]) as data:
+            labels = data["arr_1"][:16]
+        assert [c for _, _, c in shown[f"{r['snapshot_name']} ({kimg(r['images'])} kimg), {r['label']}"]] == [
+            f"digit {k}" for k in labels]
     assert len(by(rows, "unguided")) == 3 and len(by(rows, "guided-s1")) == 2 and len(by(rows, "cascade-32")) == 2
     start = time.time()
     again = run_cli("demo", "--out", str(out)).stdout
