@@ -1,7 +1,8 @@
 """`adm report RUN_DIR`: a self-contained report of a run (HTML, plus markdown and JSON).
 
 Metric curves against training images with the paper's numbers as reference lines, a table per
-snapshot, sample grids per snapshot and setting, DDPM's progressive decoding, training-loss curves
+snapshot, sample grids per snapshot and setting (each sample captioned with its class; a cascade's
+stages side by side), DDPM's progressive decoding, training-loss curves
 from TensorBoard, the run's configuration. Images are embedded, so the page opens offline; every
 value goes through jinja2's autoescaping.
 """
@@ -57,10 +58,14 @@ reference batch).{% endif %}</p><img src="data:image/png;base64,{{ curves }}">{%
 {% if loss %}<h2>Training loss</h2><img src="data:image/png;base64,{{ loss }}">{% endif %}
 {% if grids %}<h2>Samples by snapshot and setting</h2><p>The first images of each evaluation in seed order
 (hover for an image's seed), under each the class it was sampled for (labels drawn per seed){{ grid_note }}.</p>
-{% for g in grids %}<p>{{ g.caption }}</p>
-<div class="samples" style="grid-template-columns:repeat({{ g.cols }},minmax(0,{{ g.cell }}px))">{% for c in g.cells %}
+{% macro figures(cells, cols, cell) %}<div class="samples" style="grid-template-columns:repeat({{ cols }},minmax(0,{{ cell
+}}px))">{% for c in cells %}
 <figure><img src="data:image/png;base64,{{ c.png }}" title="{{ c.title }}" alt="{{ c.title }}">{% if c.label is not none
-%}<figcaption>{{ c.label }}</figcaption>{% endif %}</figure>{% endfor %}</div>{% endfor %}{% endif %}
+%}<figcaption>{{ c.label }}</figcaption>{% endif %}</figure>{% endfor %}</div>{% endmacro %}
+{% for g in grids %}<p>{{ g.caption }}</p>
+{{ figures(g.cells, g.cols, g.cell) }}{% if g.stages %}<p>The cascade's stages for its first seeds: each base-model
+sample (its progressive decoding's last frame), then the upsampler's output from it.</p>
+{{ figures(g.stages, g.stages|length, g.cell) }}{% endif %}{% endfor %}{% endif %}
 {% if progressive %}<h2>Progressive decoding</h2><p>{{ progressive.caption }}: the model's prediction of the
 final image at evenly spaced steps of the reverse process, left (pure noise) to right (the sample), one row
 per seed{% if progressive.rows %} (sampled for, top to bottom: {{ progressive.rows }}){% endif %}, as in DDPM's
@@ -287,6 +292,59 @@ def build(run_dir: Path) -> dict:
             "preset": preset, "published": published, "settings": settings}
 
 
+def _frames(key_dir: Path, cache: dict):
+    """An evaluation's progressive decoding, (frames, N, H, W, 3) uint8, or None (none kept; damaged: said once
+    per report, through `cache`)."""
+    prog = key_dir / "progressive.npz"
+    if prog not in cache:
+        cache[prog] = _readable(prog, lambda: np.load(prog)["arr_0"]) if prog.is_file() else None
+    return cache[prog]
+
+
+def sample_grids(run_dir: Path, shown: list[dict], names: dict[int, str], frames_read: dict) -> tuple[list[dict], dict]:
+    """The sample grids of the evaluations shown (sample_cells), a cascade's with its stages: each of its first
+    seeds' base-model sample (the last frame of its progressive decoding, which watches the base model) beside
+    the upsampler's output; and each shown evaluation's first images and labels by key."""
+    grids, firsts = [], {}
+    for r in shown:
+        key_dir = registry.eval_root(run_dir) / r["key"]
+        first = firsts[r["key"]] = _readable(key_dir / "samples", lambda: _first_samples(key_dir))
+        if first is None:
+            continue
+        images, labels = first
+        seed, side = int(r["setting"].get("seed_start", 0)), images.shape[2]
+        grid = {"caption": f"{r['snapshot_name']} ({r['kimg']} kimg), {r['label']}",
+                "cells": sample_cells(images, labels, seed, names), "cols": min(8, len(images)),
+                "cell": side * max(1, 96 // side), "stages": None}
+        frames = _frames(key_dir, frames_read) if r["setting"].get("upsampler") else None
+        if frames is not None:
+            base = frames[-1][:len(images)]
+            grid["stages"] = [cell for i in range(len(base)) for cell in (
+                {"png": _png(base[i]), "title": f"seed {seed + i}", "label": f"{base.shape[2]}x{base.shape[1]} base"},
+                {"png": _png(images[i]), "title": f"seed {seed + i}", "label": f"{side}x{images.shape[1]} upsampled"})]
+        grids.append(grid)
+    return grids, firsts
+
+
+def progressive_decoding(run_dir: Path, rows: list[dict], firsts: dict, names: dict[int, str],
+                         frames_read: dict) -> dict | None:
+    """The progressive decoding of the newest trained snapshot that has one (a post-hoc EMA's only if none),
+    its rows (its first seeds) named by class where its evaluation's labels were read (`firsts`)."""
+    for r in sorted(rows, key=lambda r: (r.get("images") or 0, not registry.posthoc_width(r["snapshot_name"])),
+                    reverse=True):
+        frames = _frames(registry.eval_root(run_dir) / r["key"], frames_read)
+        if frames is None:
+            continue
+        f, n = frames.shape[:2]
+        grid = tile(frames.transpose(1, 0, 2, 3, 4).reshape(f * n, *frames.shape[2:]), f)
+        scale = max(1, 640 // grid.shape[1])
+        labels = (firsts.get(r["key"]) or (None, None))[1]
+        return {"caption": f"{r['snapshot_name']}, {r['label']}", "png": _png(grid, scale),
+                "width": grid.shape[1] * scale, "rows": None if labels is None or len(labels) < n else ", ".join(
+                    class_label(k, names) for k in labels[:n])}
+    return None
+
+
 def write_report(run_dir: Path, out_dir: Path | None = None, intro: str | None = None) -> Path:
     """Write report.html/.md/.json into out_dir (default: the run directory); `intro` replaces the
     opening paragraph (the demo says what it did)."""
@@ -296,32 +354,9 @@ def write_report(run_dir: Path, out_dir: Path | None = None, intro: str | None =
     out_dir = Path(out_dir or run_dir)
     data = build(run_dir)
     rows = data["rows"]
-    grids, progressive, shown, names = [], None, grid_rows(rows), class_names(data["config"])
-    firsts = {}  # key -> its first images and labels (the progressive decoding's rows are its first seeds)
-    for r in shown:
-        key_dir = registry.eval_root(run_dir) / r["key"]
-        first = firsts[r["key"]] = _readable(key_dir / "samples", lambda: _first_samples(key_dir))
-        if first is not None:
-            images, labels = first
-            side = images.shape[2]
-            grids.append({"caption": f"{r['snapshot_name']} ({r['kimg']} kimg), {r['label']}",
-                          "cells": sample_cells(images, labels, int(r["setting"].get("seed_start", 0)), names),
-                          "cols": min(8, len(images)), "cell": side * max(1, 96 // side)})
-    # the progressive decoding of the newest trained snapshot that has one (a post-hoc EMA's only if none)
-    for r in sorted(rows, key=lambda r: (r.get("images") or 0, not registry.posthoc_width(r["snapshot_name"])),
-                    reverse=True):
-        prog = registry.eval_root(run_dir) / r["key"] / "progressive.npz"
-        frames = _readable(prog, lambda: np.load(prog)["arr_0"]) if prog.is_file() else None  # (F, N, H, W, 3)
-        if frames is not None:
-            f, n = frames.shape[:2]
-            grid = tile(frames.transpose(1, 0, 2, 3, 4).reshape(f * n, *frames.shape[2:]), f)
-            scale = max(1, 640 // grid.shape[1])
-            labels = (firsts.get(r["key"]) or (None, None))[1]
-            progressive = {"caption": f"{r['snapshot_name']}, {r['label']}", "png": _png(grid, scale),
-                           "width": grid.shape[1] * scale,
-                           "rows": None if labels is None or len(labels) < n else ", ".join(
-                               class_label(k, names) for k in labels[:n])}
-            break
+    names, frames_read = class_names(data["config"]), {}
+    grids, firsts = sample_grids(run_dir, grid_rows(rows), names, frames_read)
+    progressive = progressive_decoding(run_dir, rows, firsts, names, frames_read)
     training_grids = [{"caption": p.stem, "png": base64.b64encode(p.read_bytes()).decode()}
                       for p in sorted((run_dir / "grids").glob("*.png"))[-4:]]
     metric_names = [m for m in METRICS if any(m in r["metrics"] for r in rows)]
@@ -333,8 +368,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None, intro: str | None =
         failures=data["failures"], curves=_metric_curves(rows, data["published"]) if rows else None,
         preset=data["preset"], rows=rows, metric_names=metric_names, labels=LABELS, settings=data["settings"],
         loss=_loss_curve(run_dir), grids=grids, progressive=progressive, training_grids=training_grids,
-        grid_note=(f"; {len(shown)} of {len(rows)} evaluations, per setting the first and last snapshots and "
-                   "evenly between" if len(shown) < len(rows) else ""),
+        grid_note=(f"; {len(firsts)} of {len(rows)} evaluations, per setting the first and last snapshots and "
+                   "evenly between" if len(firsts) < len(rows) else ""),
         config=json.dumps(data["config"], indent=2))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "report.html", html)

@@ -39,7 +39,8 @@ def test_demo_runs_everything_and_reuses_its_work(demo):
     assert "sending the preemption signal" in stdout and "resumes from LATEST" in stdout.replace("\n", " ")
     assert "[resume]" in stdout or "resumed" in stdout
     html = (out / "report.html").read_text()
-    for needle in ("Progressive decoding", "guided-s4", "cascade-32", "unguided", "data:image/png;base64,"):
+    for needle in ("Progressive decoding", "guided-s4", "cascade-32", "unguided", "data:image/png;base64,",
+                   "The cascade's stages", "16x16 base", "32x32 upsampled"):
         assert needle in html
     rows = results(out)
     from test_report_parts import report_figures

@@ -1415,6 +1415,10 @@ def test_a_cascade_reuses_the_base_images_another_evaluation_sampled(tmp_path, c
     assert len(alone) == 2 and alone[0]["arr_0"].shape == (3, 64, 64, 3)
     first = np.load(alone_dir / "progressive.npz")["arr_0"]
     assert np.abs(np.load(reused_dir / "progressive.npz")["arr_0"].astype(int) - first).max() <= 1
+    # its last frame is the base model's samples of the first seeds (the report's cascade stages show it): those
+    # of the plain evaluation
+    plain_first = np.load(sorted((plain / "samples").glob("samples-*.npz"))[0])["arr_0"]
+    assert first.shape[1:] == (3, 32, 32, 3) and np.abs(first[-1].astype(int) - plain_first).max() <= 1
     assert capsys.readouterr().err.count(f"from {plain.name}: only the upsampler runs") == 2
 
     record = plain / "samples" / "images-of.json"  # another precision's samples are other images

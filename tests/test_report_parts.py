@@ -176,6 +176,44 @@ def test_sample_grids_show_each_image_with_its_seed_and_the_class_it_was_sampled
         f"class {k}" for k in labels[:16]]
 
 
+def test_a_cascades_grid_shows_its_stages(tmp_path, capsys):
+    """A cascade's grid is followed by its stages for its first seeds: each base-model sample (the last frame of
+    its progressive decoding) beside the upsampled image, pixel for pixel; a plain evaluation has none, and a
+    cascade whose progressive.npz is damaged loses its stages (said once), not its grid."""
+    from test_eval_farm import make_run
+
+    from eval.report import write_report
+    from eval.settings import EVALUATOR_VERSION
+
+    run = make_run(tmp_path / "run", kimgs=(1,))
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 256, (3, 4, 16, 16, 3), dtype=np.uint8)  # 3 frames of 4 seeds; the last: the samples
+    high = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    for name, setting in (("cascade", {"upsampler": "/snaps/up"}), ("plain", {})):
+        key_dir = run / "eval" / f"img000000001000--{name}--abc"
+        (key_dir / "samples").mkdir(parents=True)
+        np.savez(key_dir / "samples" / "samples-00000007-00000012.npz", arr_0=high if name == "cascade" else base[-1])
+        np.savez(key_dir / "progressive.npz", arr_0=base)
+        (key_dir / "metrics.json").write_text(json.dumps({
+            "key": key_dir.name, "snapshot_name": "img000000001000", "images": 1000,
+            "setting": {"name": name, "seed_start": 7, **setting}, "ref": "ref.npz", "evaluator": EVALUATOR_VERSION,
+            "metrics": {"fid": 10.0, "num_samples": 6}}))
+    figures = report_figures(write_report(run).read_text())
+    [stages] = [v for k, v in figures.items() if k.startswith("The cascade's stages")]
+    assert [(t, c) for t, _, c in stages] == [(f"seed {7 + i}", c) for i in range(4)
+                                              for c in ("16x16 base", "32x32 upsampled")]
+    for i in range(4):
+        np.testing.assert_array_equal(stages[2 * i][1], base[-1, i])
+        np.testing.assert_array_equal(stages[2 * i + 1][1], high[i])
+    assert len(figures) == 3 and {"img000000001000 (1 kimg), cascade", "img000000001000 (1 kimg), plain"} < set(figures)
+    prog = run / "eval" / "img000000001000--cascade--abc" / "progressive.npz"
+    prog.write_bytes(prog.read_bytes()[:100])
+    capsys.readouterr()
+    figures = report_figures(write_report(run).read_text())
+    assert sorted(figures) == ["img000000001000 (1 kimg), cascade", "img000000001000 (1 kimg), plain"]
+    assert capsys.readouterr().err.count("progressive.npz: unreadable") == 1
+
+
 def test_the_paper_lines_match_the_preset_exactly_first():
     """ImageNet-256 unconditional and LSUN share an architecture (LSUN trained with dropout 0.1): each gets
     its own paper numbers."""
