@@ -105,12 +105,15 @@ def images_identity(spec: dict, setting: EvalSetting, base: bool = False, device
     """What an evaluation's sample images are a function of besides their seeds, the models by content;
     base=True: a cascade's base images, which a plain evaluation of the same snapshot, steps, guidance,
     weights and precision samples too (the upsampler's noise is a stream of its own). `device`: the kind
-    that samples them (a GPU's generator draws other numbers than a CPU's from the same seed)."""
+    that samples them (a GPU's generator draws other numbers than a CPU's from the same seed), recorded with
+    the networks' memory layout there (it changes images by float rounding)."""
+    from .sample import network_layout
     from .settings import _digest
 
     ident = {"snapshot": _digest(spec["snapshot"]), "steps": setting.steps, "scale": setting.scale,
              "classifier": _digest(setting.classifier) if setting.scale else None, "weights": setting.weights,
-             "precision": setting.precision, **({"device": device} if device else {})}
+             "precision": setting.precision,
+             **({"device": device, "layout": network_layout(device)} if device else {})}
     if setting.upsampler and not base:
         ident.update(upsampler=_digest(setting.upsampler), upsampler_steps=setting.upsampler_steps,
                      cascade=CASCADE_REVISION)

@@ -25,12 +25,22 @@ def quantize(images: torch.Tensor) -> np.ndarray:
     return ((images + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def network_layout(device, arch: str = "unet") -> str:
+    """The memory format a Sampler's network runs in on a device: channels-last for the diffusion models on a CPU
+    (oneDNN's NHWC convolutions sample the demo's base model 1.05x and its upsampler 1.3x faster at batch 100 on
+    a 2-core AVX2 EPYC; a classifier's guidance gradient runs slower so, 0.12 against 0.10 s a step), else
+    contiguous (GPUs until measured there). The images depend on it to float rounding, so the farm records it."""
+    return "channels_last" if torch.device(device).type == "cpu" and arch != "classifier" else "contiguous"
+
+
 def load_model(path: str, device, weights: str = "ema"):
     from models.snapshot import load_snapshot
 
     snap = load_snapshot(path, hashes=True, weights=weights)  # a flipped bit would give plausible images
     model = snap.build(device)
     snap.state_dict = None  # the model holds the weights now: a second copy in host memory for the run helps none
+    if network_layout(device, snap.config.arch) == "channels_last":
+        model.to(memory_format=torch.channels_last)
     return model, snap
 
 

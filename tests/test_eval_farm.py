@@ -1423,6 +1423,7 @@ def test_a_cascade_reuses_the_base_images_another_evaluation_sampled(tmp_path, c
 
     record = plain / "samples" / "images-of.json"  # another precision's samples are other images
     assert json.loads(record.read_text())["device"] == "cpu"  # (and another device's: its generators differ)
+    assert json.loads(record.read_text())["layout"] == "channels_last"  # (the networks' memory layout: rounding)
     record.write_text(record.read_text().replace('"fp32"', '"bf16"'))
     sample_all(prepare(run, snap, cascade, refs[3]))
     assert sorted(base_seeds) == [0, 1, 2, 3, 4] and "only the upsampler runs" not in capsys.readouterr().err

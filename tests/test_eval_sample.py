@@ -545,3 +545,42 @@ def test_base_samples_are_upsampled_row_by_seed_like_adms_super_res_sample(tmp_p
     proc = run_cli(*common, "--num", "2", "--upsampler", str(up), "--out", str(tmp_path / "e"), check=False)
     assert proc.returncode == 2 and "--classifier and --upsampler belong to a cascade" in proc.stderr
     assert not (tmp_path / "e").exists()
+
+
+def test_cpu_sampling_runs_the_diffusion_networks_channels_last(tmp_path):
+    """On a CPU a Sampler's base model and upsampler run channels-last (faster there), its classifier contiguous
+    (its guidance gradient is slower channels-last); the images are those of the networks as built (NCHW) to
+    float rounding, one level at most, and the farm's record of what images are a function of names the layout."""
+    from eval.farm import images_identity
+    from eval.sample import Sampler, _diffusion, load_model, quantize
+    from eval.settings import EvalSetting
+    from models.guidance import classifier_cond_fn
+    from models.sampling import sample_cascade
+    from models.snapshot import load_snapshot
+
+    base = snapshot(tmp_path, "base", "tiny-32", 1)
+    clf = snapshot(tmp_path, "clf", "tiny-classifier-32", 2)
+    up = snapshot(tmp_path, "up", "tiny-upsampler-32-64", 3)
+    setting = EvalSetting(name="c", steps="ddim3", scale=2.0, classifier=str(clf), upsampler=str(up),
+                          upsampler_steps="ddim3")
+    sampler = Sampler(str(base), setting, "cpu")
+
+    def first_conv(model):
+        return next(p for p in model.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[-1] > 1)
+
+    for model in (sampler.model, sampler.up):
+        assert first_conv(model).is_contiguous(memory_format=torch.channels_last)
+    assert first_conv(load_model(str(clf), "cpu")[0]).is_contiguous()
+    assert not first_conv(load_model(str(clf), "cpu")[0]).is_contiguous(memory_format=torch.channels_last)
+    seeds = [3, 4, 5]
+    images, labels = sampler.batch(seeds)
+    snaps = {name: load_snapshot(str(path)) for name, path in (("base", base), ("clf", clf), ("up", up))}
+    built = {name: snap.build("cpu") for name, snap in snaps.items()}  # NCHW, as models.snapshot builds them
+    high, _, plain_labels = sample_cascade(
+        built["base"], _diffusion(snaps["base"], "ddim3"), built["up"], _diffusion(snaps["up"], "ddim3"), seeds,
+        base_size=32, large_size=64, num_classes=10, cond_fn=classifier_cond_fn(built["clf"], 2.0), use_ddim=True,
+        upsampler_ddim=True)
+    assert np.abs(quantize(high).astype(int) - images).max() <= 1 and labels.tolist() == plain_labels.tolist()
+    spec = {"snapshot": str(base)}
+    assert images_identity(spec, setting, device="cpu")["layout"] == "channels_last"
+    assert images_identity(spec, setting, device="cuda")["layout"] == "contiguous"
