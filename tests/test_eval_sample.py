@@ -570,8 +570,8 @@ def test_cpu_sampling_runs_the_diffusion_networks_channels_last(tmp_path):
 
     for model in (sampler.model, sampler.up):
         assert first_conv(model).is_contiguous(memory_format=torch.channels_last)
-    assert first_conv(load_model(str(clf), "cpu")[0]).is_contiguous()
-    assert not first_conv(load_model(str(clf), "cpu")[0]).is_contiguous(memory_format=torch.channels_last)
+    clf_conv = first_conv(load_model(str(clf), "cpu")[0])
+    assert clf_conv.is_contiguous() and not clf_conv.is_contiguous(memory_format=torch.channels_last)
     seeds = [3, 4, 5]
     images, labels = sampler.batch(seeds)
     snaps = {name: load_snapshot(str(path)) for name, path in (("base", base), ("clf", clf), ("up", up))}

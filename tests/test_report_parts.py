@@ -94,7 +94,8 @@ def test_kimg_is_exact_to_the_image():
 
 def report_figures(html: str) -> dict[str, list]:
     """The report's sample grids read back with the standard library's HTML parser (entities decoded): caption ->
-    [(title, image as decoded by PIL, figcaption text or None), ...] in page order."""
+    [(title, image as decoded by PIL, figcaption text or None), ...] in page order; a caption seen before (every
+    cascade's stages have the same one) gets " #2", " #3", ... rather than replacing the earlier grid."""
     import base64
     import io
     from html.parser import HTMLParser
@@ -109,7 +110,11 @@ def report_figures(html: str) -> dict[str, list]:
             if tag == "p":
                 state["p"], state["in"] = "", "p"
             elif tag == "div" and a.get("class") == "samples":
-                state["caption"] = state["p"]
+                caption, n = state["p"], 1
+                while caption in grids:
+                    n += 1
+                    caption = f"{state['p']} #{n}"
+                state["caption"] = caption
                 grids[state["caption"]] = []
             elif tag == "img" and state["caption"] is not None and a["src"].startswith("data:image/png;base64,"):
                 png = base64.b64decode(a["src"].split(",", 1)[1])
