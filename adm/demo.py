@@ -262,8 +262,10 @@ def main(argv: list[str] | None = None, prog: str = "adm demo") -> int:
     parser.add_argument("--kimg", type=float, default=32.0, help="thousands of images to train the diffusion model")
     parser.add_argument("--snapshots", type=int, default=3, help="snapshots of the diffusion model (evaluated)")
     parser.add_argument("--samples", type=int, default=100, help="samples per evaluation")
-    parser.add_argument("--classifier-kimg", type=float, default=24.0)
-    parser.add_argument("--upsampler-kimg", type=float, default=12.0)
+    parser.add_argument("--classifier-kimg", type=float, default=24.0,
+                        help="thousands of images to train the noisy classifier (for guidance)")
+    parser.add_argument("--upsampler-kimg", type=float, default=12.0,
+                        help="thousands of images to train the upsampler")
     parser.add_argument("--upsampler-patch", type=int, default=16,
                         help="the upsampler trains on random patches of this side (0: whole images)")
     parser.add_argument("--scales", default="1,4", help="two classifier-guidance scales")

@@ -80,7 +80,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="ImageNet root (or its ILSVRC2012_img_{train,val}.tar, read in place) / "
                    "class-folder tree / list file")
     p.add_argument("out", help="output directory (new, or an interrupted write with --resume)")
-    p.add_argument("--layout", choices=["imagenet", "folder", "list"], default="imagenet")
+    p.add_argument("--layout", choices=["imagenet", "folder", "list"], default="imagenet",
+                   help="imagenet: ILSVRC train/ and val/ (or their tars); folder: one folder per class; "
+                        "list: a file of 'path<TAB>label' lines")
     p.add_argument("--split", choices=["train", "val"], help="for --layout imagenet (default: train)")
     p.add_argument("--labels", help="LOC_val_solution.csv for a flat ImageNet val folder or the val tar "
                    "(default: searched upwards)")
@@ -104,17 +106,18 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("bench", help="images/s of the streaming loader")
     p.add_argument("dir")
-    p.add_argument("--resolution", type=int, required=True)
+    p.add_argument("--resolution", type=int, required=True, help="side of the images the loader yields")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: in the main process)")
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--crop", choices=["center", "random-resized"], default="center")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long to measure")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--crop", choices=["center", "random-resized"], default="center",
+                   help="center: ADM's diffusion preprocessing; random-resized: the classifier's augmentation")
     p.add_argument("--jpeg-draft", action="store_true", help="reduced-scale JPEG decoding (faster, not ADM-exact)")
     p.add_argument("--json", action="store_true", help="one JSON object on standard output")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("info", help="summarise a dataset")
     p.add_argument("dir")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object on standard output")
     p.set_defaults(func=cmd_info)
 
 

@@ -309,22 +309,23 @@ def main(argv=None, prog="adm sample") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("snapshot")
     p.add_argument("--num", type=int, required=True, help="images to sample")
-    p.add_argument("--seed-start", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p.add_argument("--seed-start", type=int, default=0, help="seed index of the first image (image i uses seed start+i)")
+    p.add_argument("--out", required=True, help="directory for the npz shards (finished shards are kept on a re-run)")
     p.add_argument("--steps", default="250", help="timestep respacing: 250 (ancestral), ddim25 (DDIM), ...")
     p.add_argument("--classifier", help="noisy classifier snapshot for guidance")
     p.add_argument("--scale", type=float, default=None, help="classifier guidance scale (default 1 with --classifier)")
     p.add_argument("--upsampler", help="upsampler snapshot: sample the cascade")
-    p.add_argument("--upsampler-steps", default="250")
+    p.add_argument("--upsampler-steps", default="250", help="the upsampler's timestep respacing, as --steps")
     p.add_argument("--base-samples", metavar="NPZ", help="SNAPSHOT is an upsampler: upsample these images (arr_0, "
                    "labels in arr_1), row i with seed i, as ADM's super_res_sample.py; --steps are the upsampler's")
     p.add_argument("--weights", default="ema", help="ema (the snapshot's main weights: its first EMA; a classifier's "
                    "raw weights), raw, ema_<rate>, phema_<s>")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="sampling arithmetic (bf16: autocast)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (changes no image)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per npz shard")
     p.add_argument("--merge", action="store_true", help="also write DIR/samples.npz with every image, in seed order")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda if available, else cpu")
     a = p.parse_args(argv)
     if a.num < 1:
         raise ValueError(f"--num must be positive, got {a.num}")

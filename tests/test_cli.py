@@ -1,5 +1,7 @@
 """The `adm` command line, run as a user runs it."""
 
+import argparse
+import importlib
 import os
 import re
 import subprocess
@@ -178,3 +180,35 @@ def test_commands_check_their_options_before_reading_or_training(tmp_path, capsy
     proc = subprocess.run([sys.executable, "-m", "trainer.posthoc", str(tmp_path / "nope"), "--sigma-rel", "0.07"],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def _parsers(parser):
+    """A parser and every sub-command parser under it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases name one parser twice
+                yield from _parsers(sub)
+
+
+def test_every_option_says_what_it_does(monkeypatch):
+    """`adm COMMAND --help` explains each option: every flag of every command and sub-command has a help text."""
+    from adm.cli import COMMANDS
+
+    class Seen(Exception):
+        pass
+
+    def capture(self, *args, **kwargs):
+        raise Seen(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
+    bare = []
+    for name, (target, _) in COMMANDS.items():
+        module_name, _, func = target.partition(":")
+        with pytest.raises(Seen) as seen:
+            getattr(importlib.import_module(module_name), func or "main")([])
+        for parser in _parsers(seen.value.args[0]):
+            bare += [f"{parser.prog} {a.option_strings[0]}" for a in parser._actions
+                     if a.option_strings and a.help is None and not isinstance(a, argparse._HelpAction)]
+    assert not bare, f"options without a help text: {', '.join(bare)}"
