@@ -29,18 +29,20 @@ TEMPLATE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{{ title }}</title>
 <style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45;padding:0 1em}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
-td.l,th.l{text-align:left}img{image-rendering:pixelated;max-width:100%}pre{background:#f6f6f6;padding:1em;
-overflow:auto;font-size:85%}.fail{color:#b00}.samples{display:grid;gap:4px;margin:0 0 1.2em}
+td.l,th.l{text-align:left}.nw{white-space:nowrap}td.path{overflow-wrap:anywhere;font-size:85%;min-width:8em}img{max-width:100%;height:auto}
+img.px,.samples img{image-rendering:pixelated}pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:85%}
+.fail{color:#b00}.samples{display:grid;gap:4px;margin:0 0 1.2em}
 .samples figure{margin:0}.samples img{width:100%;display:block}.samples figcaption{font-size:75%;
 text-align:center;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}</style></head><body>
 <h1>{{ title }}</h1>
-<p>{{ intro }}</p>
+{% for paragraph in intro %}<p>{{ paragraph }}</p>
+{% endfor %}{% if commands %}<pre>{{ commands|join("\n") }}</pre>{% endif %}
 {% if failures %}<h2 class="fail">Failed evaluations</h2><ul>{% for f in failures %}<li class="fail">{{ f.snapshot_name }}
  / {{ f.setting.name }}: {{ f.attempts }} attempts; last error: {{ f.last_error or "not recorded" }}</li>{% endfor %}</ul>{% endif %}
 {% if curves %}<h2>Metrics against training progress</h2>
 <p>Lower FID and sFID are better; higher precision, recall and IS are better.{% if preset %} Dashed lines: the
 paper's numbers for {{ preset }} (50,000 samples; compare only when this run uses 50,000 samples and ADM's
-reference batch).{% endif %}</p><img src="data:image/png;base64,{{ curves }}">{% endif %}
+reference batch).{% endif %}</p><img src="data:image/png;base64,{{ curves.png }}" width="{{ curves.width }}">{% endif %}
 <h2>Results</h2>
 {% if rows %}<table><tr><th class="l">snapshot</th><th>kimg</th><th class="l">setting</th><th>N</th>
 {% for m in metric_names %}<th>{{ labels[m] }}</th>{% endfor %}</tr>
@@ -50,12 +52,12 @@ reference batch).{% endif %}</p><img src="data:image/png;base64,{{ curves }}">{%
 {% if settings %}<h3>Settings</h3><table><tr><th class="l">name</th><th class="l">sampler</th><th>guidance scale</th>
 <th class="l">weights</th><th>samples</th><th>first seed</th><th class="l">classifier</th><th class="l">upsampler</th>
 <th class="l">arithmetic</th><th class="l">P/R distances</th><th class="l">reference</th></tr>
-{% for s in settings %}<tr><td class="l">{{ s.name }}</td><td class="l">{{ s.steps }}</td><td>{{ s.scale }}</td>
-<td class="l">{{ s.weights }}</td><td>{{ s.num }}</td><td>{{ s.seed_start }}</td><td class="l">{{ s.classifier or "-" }}</td>
-<td class="l">{{ s.upsampler or "-" }}</td><td class="l">{{ s.precision }}</td><td class="l">{{ s.pr_distance }}</td>
-<td class="l">{{ s.ref }}</td></tr>
+{% for s in settings %}<tr><td class="l nw">{{ s.name }}</td><td class="l">{{ s.steps }}</td><td>{{ s.scale }}</td>
+<td class="l">{{ s.weights }}</td><td>{{ s.num }}</td><td>{{ s.seed_start }}</td><td class="l path">{{ (s.classifier or "-") | breakable }}</td>
+<td class="l path">{{ (s.upsampler or "-") | breakable }}</td><td class="l">{{ s.precision }}</td><td class="l">{{ s.pr_distance }}</td>
+<td class="l path">{{ s.ref | breakable }}</td></tr>
 {% endfor %}</table>{% endif %}
-{% if loss %}<h2>Training loss</h2><img src="data:image/png;base64,{{ loss }}">{% endif %}
+{% if loss %}<h2>Training loss</h2><img src="data:image/png;base64,{{ loss.png }}" width="{{ loss.width }}">{% endif %}
 {% if grids %}<h2>Samples by snapshot and setting</h2><p>The first images of each evaluation in seed order
 (hover for an image's seed), under each the class it was sampled for (labels drawn per seed){{ grid_note }}.</p>
 {% macro figures(cells, cols, cell) %}<div class="samples" style="grid-template-columns:repeat({{ cols }},minmax(0,{{ cell
@@ -69,24 +71,37 @@ sample (its progressive decoding's last frame), then the upsampler's output from
 {% if progressive %}<h2>Progressive decoding</h2><p>{{ progressive.caption }}: the model's prediction of the
 final image at evenly spaced steps of the reverse process, left (pure noise) to right (the sample), one row
 per seed{% if progressive.rows %} (sampled for, top to bottom: {{ progressive.rows }}){% endif %}, as in DDPM's
-figure.</p><img src="data:image/png;base64,{{ progressive.png }}" width="{{ progressive.width }}">{% endif %}
+figure.</p><img class="px" src="data:image/png;base64,{{ progressive.png }}" width="{{ progressive.width }}">{% endif %}
 {% if training_grids %}<h2>Training-time EMA grids</h2>{% for g in training_grids %}<p>{{ g.caption }}<br>
-<img src="data:image/png;base64,{{ g.png }}" width="256"></p>{% endfor %}{% endif %}
+<img class="px" src="data:image/png;base64,{{ g.png }}" width="256"></p>{% endfor %}{% endif %}
 <h2>Configuration</h2><pre>{{ config }}</pre>
 </body></html>"""
 
 
-def _png(array_or_fig, scale: int = 1) -> str:
+def _png(image: np.ndarray, scale: int = 1) -> str:
+    from PIL import Image
+
     buf = io.BytesIO()
-    if isinstance(array_or_fig, np.ndarray):
-        from PIL import Image
-        img = Image.fromarray(array_or_fig)
-        if scale > 1:
-            img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-        img.save(buf, format="PNG")
-    else:
-        array_or_fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    img = Image.fromarray(image)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+PLOT_DPI = 150  # plots drawn at 1.5x the size they are shown at: sharp on high-density screens
+
+
+def _plot(fig) -> dict:
+    """A matplotlib figure as an embedded PNG and the width it is shown at (100 page pixels per inch; the page
+    scales it down smoothly where the window is narrower), and closes it."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=PLOT_DPI, bbox_inches="tight")
+    plt.close(fig)
+    width = int.from_bytes(buf.getvalue()[16:20], "big")  # the PNG header's IHDR width
+    return {"png": base64.b64encode(buf.getvalue()).decode(), "width": round(width * 100 / PLOT_DPI)}
 
 
 def tile(images: np.ndarray, cols: int) -> np.ndarray:
@@ -122,13 +137,8 @@ def _short(label: str, limit: int = 60) -> str:
     return label if len(label) <= limit else label[:limit - 1] + "…"
 
 
-def _metric_curves(rows: list[dict], published: dict) -> str:
-    import matplotlib.pyplot as plt
-
-    fig = metric_figure(rows, published)
-    png = _png(fig)
-    plt.close(fig)
-    return png
+def _metric_curves(rows: list[dict], published: dict) -> dict:
+    return _plot(metric_figure(rows, published))
 
 
 def metric_figure(rows: list[dict], published: dict):
@@ -144,7 +154,7 @@ def metric_figure(rows: list[dict], published: dict):
     colour = {name: f"C{i % 10}" for i, name in enumerate(names)}
     marker = {name: "osD^v"[i // 10 % 5] for i, name in enumerate(names)}  # past ten colours, another marker
     paper = {label: f"C{(len(names) + j) % 10}" for j, label in enumerate(published)}
-    fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(present), figsize=(2.6 * len(present), 2.5), squeeze=False)
     handles = {}
     for ax, m in zip(axes[0], present):
         for name, (pts, posthoc) in per_metric[m].items():
@@ -158,7 +168,7 @@ def metric_figure(rows: list[dict], published: dict):
         ax.set_xlabel("training kimg")
     fig.tight_layout()
     order = [n for n in names + [f"paper: {label}" for label in published] if n in handles]
-    fig.legend([handles[n] for n in order], [_literal(_short(n)) for n in order], fontsize=7, loc="upper center",
+    fig.legend([handles[n] for n in order], [_literal(_short(n)) for n in order], fontsize=8, loc="upper center",
                bbox_to_anchor=(0.5, 0.0), ncol=max(1, min(len(order), 2 * len(present))),
                frameon=False)
     return fig
@@ -177,15 +187,13 @@ def _loss_curve(run_dir: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig, ax = plt.subplots(figsize=(6, 2.8))
     for tag, points in curves.items():
         ax.plot([step / 1000 for step, _ in points], [v for _, v in points], label=tag)
     ax.set_xlabel("training kimg")
     ax.set_yscale("log")
     ax.legend()
-    png = _png(fig)
-    plt.close(fig)
-    return png
+    return _plot(fig)
 
 
 LOSS_CACHE = ".report-loss-cache.json"  # beside the event files it is read from (TensorBoard reads tfevents only)
@@ -345,9 +353,11 @@ def progressive_decoding(run_dir: Path, rows: list[dict], firsts: dict, names: d
     return None
 
 
-def write_report(run_dir: Path, out_dir: Path | None = None, intro: str | None = None) -> Path:
+def write_report(run_dir: Path, out_dir: Path | None = None, intro: str | None = None,
+                 commands: list[str] | None = None) -> Path:
     """Write report.html/.md/.json into out_dir (default: the run directory); `intro` replaces the
-    opening paragraph (the demo says what it did)."""
+    opening paragraph (the demo says what it did; a blank line starts another paragraph), `commands` are
+    shown under it as a block, one per line."""
     import jinja2
 
     run_dir = Path(run_dir)
@@ -360,22 +370,50 @@ def write_report(run_dir: Path, out_dir: Path | None = None, intro: str | None =
     training_grids = [{"caption": p.stem, "png": base64.b64encode(p.read_bytes()).decode()}
                       for p in sorted((run_dir / "grids").glob("*.png"))[-4:]]
     metric_names = [m for m in METRICS if any(m in r["metrics"] for r in rows)]
-    html = jinja2.Environment(autoescape=True).from_string(TEMPLATE).render(
+    env = jinja2.Environment(autoescape=True)
+    env.filters["breakable"] = breakable
+    html = env.from_string(TEMPLATE).render(
         title=f"ADM run report: {run_dir.name}",
-        intro=intro or (f"Run directory {run_dir}. Each (snapshot, setting) was sampled from the snapshot's weights with "
-               "per-seed noise and evaluated with the FID Inception network (ADM's evaluator: FID and sFID against "
-               "the reference statistics, precision and recall with k=3 against the reference images)."),
+        intro=[" ".join(p.split()) for p in (intro or (
+            f"Run directory {run_dir}. Each (snapshot, setting) was sampled from the snapshot's weights with "
+            "per-seed noise and evaluated with the FID Inception network (ADM's evaluator: FID and sFID against "
+            "the reference statistics, precision and recall with k=3 against the reference images).")).split("\n\n")],
+        commands=commands,
         failures=data["failures"], curves=_metric_curves(rows, data["published"]) if rows else None,
         preset=data["preset"], rows=rows, metric_names=metric_names, labels=LABELS, settings=data["settings"],
         loss=_loss_curve(run_dir), grids=grids, progressive=progressive, training_grids=training_grids,
         grid_note=(f"; {len(firsts)} of {len(rows)} evaluations, per setting the first and last snapshots and "
                    "evenly between" if len(firsts) < len(rows) else ""),
-        config=json.dumps(data["config"], indent=2))
+        config=config_yaml(data["config"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "report.html", html)
     write_text_atomic(out_dir / "report.json", standard_json(data, indent=2, default=str) + "\n")
     write_text_atomic(out_dir / "report.md", _markdown(data, metric_names))
     return out_dir / "report.html"
+
+
+def config_yaml(config: dict) -> str:
+    """The run's configuration as the YAML its presets are written in: sections as blocks, lists of numbers or
+    names inline (`channel_mult: [1, 2, 3, 4]`)."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def sequence(dumper, items):
+        flat = not any(isinstance(x, (dict, list, tuple)) for x in items)
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", items, flow_style=flat)
+
+    Dumper.add_representer(list, sequence)
+    Dumper.add_representer(tuple, sequence)
+    return yaml.dump(config, Dumper=Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True, width=110)
+
+
+def breakable(path) -> "markupsafe.Markup":
+    """A path, escaped, that a narrow table cell may wrap after each / (not inside a name)."""
+    import markupsafe
+
+    return markupsafe.Markup("/<wbr>").join(markupsafe.escape(str(path)).split("/"))
 
 
 def _cell(value) -> str:

@@ -584,7 +584,7 @@ def test_a_scheduled_pass_that_fails_still_submits_the_next(tmp_path, monkeypatc
         eval.cli.main(["schedule", *common, "--once"])
     rows = [{"metrics": {"fid": 30.0 - i}, "snapshot_name": f"img{i}", "images": 1000 * i,
              "label": f"x ({ref.name})"} for i in (1, 2)]
-    assert eval.report._metric_curves(rows, {"ADM $x$ \\bad{": {"fid": 2.0}}).startswith("iVBOR")  # a PNG
+    assert eval.report._metric_curves(rows, {"ADM $x$ \\bad{": {"fid": 2.0}})["png"].startswith("iVBOR")  # a PNG
 
 
 def test_a_claim_from_another_host_is_alive_while_its_heartbeat_is(tmp_path, monkeypatch):

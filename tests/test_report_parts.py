@@ -425,3 +425,42 @@ def test_a_damaged_record_is_left_out_naming_its_field(tmp_path, capsys, damage,
     assert f"{run / 'eval' / 'bad' / 'metrics.json'}: unreadable ({field}" in err
     assert f"{run / 'eval' / 'gone' / 'failed.json'}: unreadable (setting" in err
     assert "img000000001000" in write_report(run).read_text()
+
+
+def test_the_page_shows_the_intro_commands_configuration_and_plots_as_written(tmp_path):
+    """What the demo hands the report reads back from the page: the intro's paragraphs, the commands one per
+    line, the run's configuration as YAML that loads to the same values, paths that wrap only after a / and
+    stay escaped, and each plot shown at 100 page pixels per inch of the PNG drawn at PLOT_DPI."""
+    import base64
+    import html as html_lib
+    import io
+
+    import yaml
+    from PIL import Image
+
+    from eval.report import PLOT_DPI, write_report
+
+    run = tmp_path / "run"
+    options = {"task": "diffusion", "model": {"channel_mult": [1.0, 2.0], "attention_resolutions": [8],
+                                              "note": "a: <b> & 'c'"}, "betas": [0.9, 0.999], "power_ema": [],
+               "diffusion": {"steps": 1000, "noise_schedule": "cosine"}, "seed": 0}
+    run.mkdir()
+    (run / "training_options.json").write_text(json.dumps(options))
+    for k in (1, 2):
+        _finished(run / "eval" / f"k{k}", f"img{k:012d}", 1000 * k, fid=10.0 / k)
+        record = json.loads((run / "eval" / f"k{k}" / "metrics.json").read_text())
+        record["setting"]["classifier"] = "/runs/<cls>/snapshots/img000000024000"
+        (run / "eval" / f"k{k}" / "metrics.json").write_text(json.dumps(record))
+    page = write_report(run, intro="First paragraph,\ncontinued.\n\nSecond <one>.",
+                        commands=["adm data write a b", "adm report <run>"]).read_text()
+    assert "<p>First paragraph, continued.</p>" in page and "<p>Second &lt;one&gt;.</p>" in page
+    assert "<pre>adm data write a b\nadm report &lt;run&gt;</pre>" in page
+    config = re.search(r"<h2>Configuration</h2><pre>(.*?)</pre>", page, re.S).group(1)
+    assert yaml.safe_load(html_lib.unescape(config)) == options
+    assert "channel_mult: [1.0, 2.0]" in html_lib.unescape(config)  # lists of numbers on one line
+    assert "/<wbr>runs/<wbr>&lt;cls&gt;/<wbr>snapshots/<wbr>img000000024000" in page
+    plots = re.findall(r'<img src="data:image/png;base64,([^"]+)" width="(\d+)">', page)
+    assert len(plots) == 1  # the metric curves (this run has no TensorBoard losses)
+    for png, width in plots:
+        drawn = Image.open(io.BytesIO(base64.b64decode(png))).width
+        assert int(width) == round(drawn * 100 / PLOT_DPI)
