@@ -412,12 +412,10 @@ def main(argv: list[str] | None = None, prog: str = "adm demo") -> int:
     preempted = ("it was interrupted once by the preemption signal, saved, and resumed exactly where it stopped"
                  if state.is_file() and "preempted" in state.read_text() else
                  "this time it was not interrupted on purpose (an earlier, interrupted demo's job trained it)")
-    report = write_report(diff_run, out, intro=INTRO.format(res=res, res2=res2, kimg=args.kimg, n=n, steps=args.steps,
-                                                            patches=f", on random {args.upsampler_patch}x"
-                                                            f"{args.upsampler_patch} patches" if args.upsampler_patch else "",
-                                                            procs=procs, preempted=preempted, up_kimg=args.upsampler_kimg,
-                                                            scales=" and ".join(f"{s:g}" for s in scales)),
-                          commands=CLUSTER_COMMANDS)
+    patches = f", on random {args.upsampler_patch}x{args.upsampler_patch} patches" if args.upsampler_patch else ""
+    intro = INTRO.format(res=res, res2=res2, kimg=args.kimg, n=n, steps=args.steps, patches=patches, procs=procs,
+                         preempted=preempted, up_kimg=args.upsampler_kimg, scales=" and ".join(f"{s:g}" for s in scales))
+    report = write_report(diff_run, out, intro=intro, commands=CLUSTER_COMMANDS)
     lap("report")
     console.rule()
     console.print(f"Done in {time.time() - start:.0f} s ({', '.join(f'{k} {v:.1f}' for k, v in took.items())} "

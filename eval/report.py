@@ -29,9 +29,9 @@ TEMPLATE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{{ title }}</title>
 <style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45;padding:0 1em}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
-td.l,th.l{text-align:left}.nw{white-space:nowrap}td.path{overflow-wrap:anywhere;font-size:85%;min-width:8em}img{max-width:100%;height:auto}
-img.px,.samples img{image-rendering:pixelated}pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:85%}
-.fail{color:#b00}.samples{display:grid;gap:4px;margin:0 0 1.2em}
+td.l,th.l{text-align:left}.nw{white-space:nowrap}td.path{overflow-wrap:anywhere;font-size:85%;min-width:8em}
+img{max-width:100%;height:auto}img.px,.samples img{image-rendering:pixelated}
+pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:85%}.fail{color:#b00}.samples{display:grid;gap:4px;margin:0 0 1.2em}
 .samples figure{margin:0}.samples img{width:100%;display:block}.samples figcaption{font-size:75%;
 text-align:center;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}</style></head><body>
 <h1>{{ title }}</h1>
@@ -53,8 +53,9 @@ reference batch).{% endif %}</p><img src="data:image/png;base64,{{ curves.png }}
 <th class="l">weights</th><th>samples</th><th>first seed</th><th class="l">classifier</th><th class="l">upsampler</th>
 <th class="l">arithmetic</th><th class="l">P/R distances</th><th class="l">reference</th></tr>
 {% for s in settings %}<tr><td class="l nw">{{ s.name }}</td><td class="l">{{ s.steps }}</td><td>{{ s.scale }}</td>
-<td class="l">{{ s.weights }}</td><td>{{ s.num }}</td><td>{{ s.seed_start }}</td><td class="l path">{{ (s.classifier or "-") | breakable }}</td>
-<td class="l path">{{ (s.upsampler or "-") | breakable }}</td><td class="l">{{ s.precision }}</td><td class="l">{{ s.pr_distance }}</td>
+<td class="l">{{ s.weights }}</td><td>{{ s.num }}</td><td>{{ s.seed_start }}</td>
+<td class="l path">{{ (s.classifier or "-") | breakable }}</td><td class="l path">{{ (s.upsampler or "-") | breakable }}</td>
+<td class="l">{{ s.precision }}</td><td class="l">{{ s.pr_distance }}</td>
 <td class="l path">{{ s.ref | breakable }}</td></tr>
 {% endfor %}</table>{% endif %}
 {% if loss %}<h2>Training loss</h2><img src="data:image/png;base64,{{ loss.png }}" width="{{ loss.width }}">{% endif %}

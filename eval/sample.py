@@ -309,7 +309,8 @@ def main(argv=None, prog="adm sample") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("snapshot")
     p.add_argument("--num", type=int, required=True, help="images to sample")
-    p.add_argument("--seed-start", type=int, default=0, help="seed index of the first image (image i uses seed start+i)")
+    p.add_argument("--seed-start", type=int, default=0,
+                   help="seed index of the first image (image i uses seed start+i)")
     p.add_argument("--out", required=True, help="directory for the npz shards (finished shards are kept on a re-run)")
     p.add_argument("--steps", default="250", help="timestep respacing: 250 (ancestral), ddim25 (DDIM), ...")
     p.add_argument("--classifier", help="noisy classifier snapshot for guidance")

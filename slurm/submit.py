@@ -557,7 +557,8 @@ def register_submit(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=1, help="nodes of the job")
     p.add_argument("--gpus-per-node", type=int, default=1, help="one task per GPU")
     p.add_argument("--cpu", action="store_true", help="CPU tasks (gloo), e.g. on the local test cluster")
-    p.add_argument("--partition", help="Slurm partition (default: the site file's, else the cluster's default)")
+    p.add_argument("--partition",
+                   help="Slurm partition (default: the site file's, else the cluster's default)")
     p.add_argument("--time", default="24:00:00", help="HH:MM:SS")
     p.add_argument("--account", help="Slurm account to charge")
     p.add_argument("--qos", help="Slurm quality of service")
