@@ -441,8 +441,8 @@ def main(argv=None, prog="adm eval") -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("compare", help="ADM's evaluator: REF.npz vs SAMPLE.npz")
-    p.add_argument("ref")
-    p.add_argument("sample")
+    p.add_argument("ref", help="reference npz: images (arr_0, uint8 NHWC) or statistics (mu, sigma, mu_s, sigma_s)")
+    p.add_argument("sample", help="sample npz, in the same formats as REF")
     p.add_argument("--json", dest="json_out", help="write the metrics here")
     p.add_argument("--pr-distance", choices=["fp32", "fp16"], default="fp32",
                    help="distance arithmetic for precision/recall (fp16: ADM's, for published numbers)")
@@ -451,7 +451,7 @@ def main(argv=None, prog="adm eval") -> int:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("ref", help="a reference batch (ADM format) from WebDataset shards")
-    p.add_argument("shards")
+    p.add_argument("shards", help="a split written by `adm data write` (shards + manifest.json)")
     p.add_argument("--out", required=True, help="the reference batch to write (npz: statistics + images)")
     p.add_argument("--resolution", type=int, required=True, help="image side the shards must hold (checked)")
     p.add_argument("--pr-num", type=at_least(4), default=10000, help="images kept for precision/recall")
@@ -461,7 +461,7 @@ def main(argv=None, prog="adm eval") -> int:
     p.set_defaults(func=cmd_ref)
 
     p = sub.add_parser("run", help="evaluate one snapshot now (recorded in its run's registry)")
-    p.add_argument("snapshot")
+    p.add_argument("snapshot", help="a snapshot directory of a training run")
     p.add_argument("--ref", help="reference batch (npz) of the settings without a `ref:` of their own")
     p.add_argument("--wait", action="store_true", help="on Slurm: wait for the jobs")
     add_setting_args(p)
@@ -469,7 +469,7 @@ def main(argv=None, prog="adm eval") -> int:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("schedule", help="evaluate every new snapshot of a run, now and every --every")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a training run directory (its snapshots/ are evaluated)")
     p.add_argument("--ref", help="reference batch (npz) of the settings without a `ref:` of their own")
     p.add_argument("--every", default="2h", help="time between passes (30m, 2h, 1d)")
     p.add_argument("--once", action="store_true", help="one pass, then exit")
@@ -478,12 +478,12 @@ def main(argv=None, prog="adm eval") -> int:
     p.set_defaults(func=cmd_schedule, argv=None)
 
     p = sub.add_parser("results", help="the registry of a run: metrics per snapshot and setting")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a training run directory")
     p.add_argument("--json", dest="json_out", help="also write the results here as JSON")
     p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("features", help="farm stage: sample shards -> feature shards (worker INDEX of COUNT)")
-    p.add_argument("samples")
+    p.add_argument("samples", help="a directory of sample shards written by `adm sample`")
     p.add_argument("--out", required=True, help="directory for the feature shards")
     p.add_argument("--index", type=at_least(0), default=0, help="this worker's index (0-based)")
     p.add_argument("--count", type=at_least(1), default=1, help="workers in all; worker i takes every count-th shard")
@@ -491,7 +491,7 @@ def main(argv=None, prog="adm eval") -> int:
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("metrics", help="farm stage: feature shards + reference -> metrics (MPI/torchrun workers)")
-    p.add_argument("features")
+    p.add_argument("features", help="a directory of feature shards written by `adm eval features`")
     p.add_argument("--ref", required=True, help="reference batch (npz)")
     p.add_argument("--json", dest="json_out", help="write the metrics here")
     p.add_argument("--pr-distance", choices=["fp32", "fp16"], default="fp32",

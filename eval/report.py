@@ -445,7 +445,7 @@ def _markdown(data: dict, metric_names: list[str]) -> str:
 
 def main(argv=None, prog="adm report") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a training run directory with evaluated snapshots")
     p.add_argument("--out", help="directory for report.html/.md/.json (default: the run directory)")
     a = p.parse_args(argv)
     run = Path(a.run_dir)

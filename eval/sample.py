@@ -307,7 +307,7 @@ def _check_snapshot_steps(a) -> None:
 
 def main(argv=None, prog="adm sample") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("snapshot")
+    p.add_argument("snapshot", help="a snapshot directory of a diffusion run (or a converted ADM checkpoint)")
     p.add_argument("--num", type=int, required=True, help="images to sample")
     p.add_argument("--seed-start", type=int, default=0,
                    help="seed index of the first image (image i uses seed start+i)")

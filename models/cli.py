@@ -326,20 +326,22 @@ def register(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("list", help="the presets with parameter counts")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("describe", help="the layout of a preset or YAML model config")
-    p.add_argument("preset", metavar="PRESET|CONFIG.yaml")
+    p.add_argument("preset", metavar="PRESET|CONFIG.yaml",
+                   help="a preset name (`list` shows them) or a YAML model config")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. dropout=0.1")
     p.set_defaults(func=cmd_describe)
     p = sub.add_parser("convert", help="released ADM .pt <-> snapshot (safetensors + config.json)",
                        description="SRC a .pt state dict: write snapshot DST (preset inferred from the layout "
                                    "unless given). SRC a snapshot directory: write the ADM-layout .pt DST.")
-    p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("src", help="a released ADM .pt file, or a snapshot directory")
+    p.add_argument("dst", help="the snapshot directory, or the .pt file, to write")
     p.add_argument("--preset", help="the preset the checkpoint was trained as (default: inferred)")
     p.add_argument("--entry", help="a wrapped checkpoint's entry to convert (default: 'ema' where there is one, "
                    "else 'state_dict', 'model' or 'model_state_dict')")
     p.add_argument("--config", help="a YAML model config instead of a preset")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the model config, e.g. "
+                   "dropout=0.1")
     p.set_defaults(func=cmd_convert)
 
 

@@ -552,8 +552,9 @@ def _local_state(rec) -> str:
 def register_submit(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
     p = sub.add_parser("train", help="submit a training run (re-submitting resumes it)")
-    p.add_argument("config", nargs="?")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("config", nargs="?", help="YAML config (or none, with preset=NAME among the overrides)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides of the config, e.g. total_kimg=64 run_dir=runs/adm-64")
     p.add_argument("--nodes", type=int, default=1, help="nodes of the job")
     p.add_argument("--gpus-per-node", type=int, default=1, help="one task per GPU")
     p.add_argument("--cpu", action="store_true", help="CPU tasks (gloo), e.g. on the local test cluster")
@@ -594,7 +595,8 @@ def main_submit(argv=None, prog="adm submit") -> int:
 def main_jobs(argv=None, prog="adm jobs") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog=prog, description="the jobs of a run: state, requeues, progress, logs")
-    parser.add_argument("action", nargs="?", default="list", choices=["list", "logs", "cancel"])
+    parser.add_argument("action", nargs="?", default="list", choices=["list", "logs", "cancel"],
+                        help="list: the jobs and their state; logs: a job's output; cancel: a job (default: list)")
     parser.add_argument("target", nargs="?", help="list: RUN_DIR (default .); logs/cancel: JOB id")
     parser.add_argument("--run-dir", dest="run_dirs", action="append", help="where to look for the job's record")
     parser.add_argument("--all", action="store_true", help="list: every scheduler pass (default: each "

@@ -192,7 +192,8 @@ def _parsers(parser):
 
 
 def test_every_option_says_what_it_does(monkeypatch):
-    """`adm COMMAND --help` explains each option: every flag of every command and sub-command has a help text."""
+    """`adm COMMAND --help` explains each argument: every flag and positional argument of every command and
+    sub-command has a help text."""
     from adm.cli import COMMANDS
 
     class Seen(Exception):
@@ -209,6 +210,6 @@ def test_every_option_says_what_it_does(monkeypatch):
         with pytest.raises(Seen) as seen:
             getattr(importlib.import_module(module_name), func or "main")([])
         for parser in _parsers(seen.value.args[0]):
-            bare += [f"{parser.prog} {a.option_strings[0]}" for a in parser._actions
-                     if a.option_strings and a.help is None and not isinstance(a, argparse._HelpAction)]
-    assert not bare, f"options without a help text: {', '.join(bare)}"
+            bare += [f"{parser.prog} {a.option_strings[0] if a.option_strings else a.dest}" for a in parser._actions
+                     if a.help is None and not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
+    assert not bare, f"arguments without a help text: {', '.join(bare)}"

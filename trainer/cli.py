@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m trainer") -> int:
     parser = argparse.ArgumentParser(prog=prog, description="train an ADM diffusion model, noisy classifier or "
                                      "upsampler with DeepSpeed ZeRO; re-running resumes")
     parser.add_argument("config", nargs="?", help="YAML config (or none, with preset=NAME among the overrides)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides of the config, e.g. total_kimg=64 model.dropout=0.1")
     parser.add_argument("--nproc", type=int, default=1, help="start this many local ranks (CPU: gloo)")
     args = parser.parse_intermixed_args(argv)  # key=value overrides may come after --nproc
     config, overrides = args.config, list(args.overrides)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None, prog: str = "python -m trainer.posthoc") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a training run directory (its snapshots/ hold the profiles)")
     p.add_argument("--sigma-rel", type=float, required=True, help="relative EMA width to synthesise, e.g. 0.07")
     p.add_argument("--at", help="snapshot tag to reconstruct at (default: the latest)")
     a = p.parse_args(argv)
