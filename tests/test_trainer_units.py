@@ -351,6 +351,19 @@ def test_launch_world_gpu_choice_and_rank0_address(monkeypatch):
         gpu_index(4, 2)
     with pytest.raises(RuntimeError, match="local rank 1 but this node shows 1 GPU"):
         gpu_index(1, 1)  # two ranks on one GPU (torchrun on a 1-GPU machine): NCCL would refuse it later
+    from trainer.distributed import bound_one_gpu_per_task
+
+    monkeypatch.delenv("SLURM_GPUS_PER_TASK", raising=False)
+    for visible, bound in ((None, False), ("", False), ("3", True), ("0,1", False)):
+        if visible is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert bound_one_gpu_per_task() is bound, visible  # unset: not bound (two tasks on a 1-GPU node must fail)
+    monkeypatch.setenv("SLURM_GPUS_PER_TASK", "1")
+    assert bound_one_gpu_per_task()
+    monkeypatch.delenv("SLURM_PROCID")
+    assert not bound_one_gpu_per_task()  # not a task of srun
     from trainer.cli import check_gpus
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -159,9 +159,11 @@ def init(env: DistEnv) -> torch.device:
 
 def bound_one_gpu_per_task() -> bool:
     """Slurm gave each task a GPU of its own (--gpus-per-task, or a site's binding): a task then sees it as
-    cuda:0 whatever its SLURM_LOCALID."""
+    cuda:0 whatever its SLURM_LOCALID. CUDA_VISIBLE_DEVICES unset is no binding: several tasks on a node that
+    shows one GPU then get gpu_index's clear error, not NCCL's "Duplicate GPU detected"."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
     return "SLURM_PROCID" in os.environ and ("SLURM_GPUS_PER_TASK" in os.environ or
-                                             len(os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")) == 1)
+                                             (visible != "" and len(visible.split(",")) == 1))
 
 
 def gpu_index(local_rank: int, visible: int, bound: bool = False) -> int:
