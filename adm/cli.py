@@ -28,13 +28,24 @@ USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotImplementedError, Run
 FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk or quota: one line naming the file, not a traceback
 
 
+def torch_failure(e: BaseException) -> bool:
+    """torch's own failures (out of memory, a CUDA error or device-side assert, a collective that broke) are
+    RuntimeErrors too, but not the user's input to fix: they keep their traceback, which says where."""
+    torch = sys.modules.get("torch")  # not imported: not torch's
+    if torch is None:
+        return False
+    kinds = (getattr(torch, "OutOfMemoryError", None), getattr(torch, "AcceleratorError", None),
+             getattr(getattr(torch, "distributed", None), "DistError", None))
+    return isinstance(e, tuple(k for k in kinds if isinstance(k, type)))
+
+
 def run_guarded(main, argv, prog=None) -> int:
     """Run a command; a user error prints one clear message (no traceback) and exits 2.
     Set ADM_DEBUG=1 to see the traceback."""
     try:
         return main(argv, prog) if prog else main(argv)
     except USER_ERRORS as e:
-        if os.environ.get("ADM_DEBUG"):
+        if os.environ.get("ADM_DEBUG") or torch_failure(e):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {msg}", file=sys.stderr)

@@ -96,6 +96,26 @@ def test_a_full_disk_is_one_line_naming_the_file_and_other_os_errors_still_show_
         run_guarded(failing(OSError(errno.EIO, "Input/output error")), [])
 
 
+def test_torchs_own_failures_keep_their_traceback_and_a_users_error_is_one_line(capsys):
+    """Out of memory, a CUDA error and a broken collective are RuntimeErrors, like the user errors that print
+    one line: they go on with their traceback (where it happened); a plain RuntimeError is still one line."""
+    import torch.distributed
+
+    from adm.cli import run_guarded
+
+    def failing(error):
+        def main(argv):
+            raise error
+        return main
+
+    for error in (torch.OutOfMemoryError("CUDA out of memory."), torch.AcceleratorError("device-side assert"),
+                  torch.distributed.DistBackendError("NCCL error: unhandled system error")):
+        with pytest.raises(type(error)):
+            run_guarded(failing(error), [])
+    assert run_guarded(failing(RuntimeError("run_dir x: no checkpoint")), []) == 2
+    assert capsys.readouterr().err == "error: run_dir x: no checkpoint\n"
+
+
 def test_demo_options_are_checked_before_anything_is_written(tmp_path, capsys):
     from adm.cli import main as adm
 
