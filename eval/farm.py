@@ -179,7 +179,18 @@ def base_evaluations(key_dir: Path) -> list[Path]:
     return found
 
 
+def check_sampling_device(ident: Path, kind: str) -> None:
+    """The shards of one evaluation come from one kind of device: a GPU's generators draw other noise than a
+    CPU's from the same seeds, so a task on the other kind would mix two sets of images under one record."""
+    drawn = json.loads(ident.read_text()).get("device")
+    if drawn and drawn != kind:
+        raise RuntimeError(f"{ident}: this evaluation's samples were drawn on {drawn} and this task runs on {kind}, "
+                           f"whose generators give other images for the same seeds: run its sampling on {drawn} "
+                           f"(or delete {ident.parent} to sample them all again on {kind})")
+
+
 def sample_task(key_dir: str, index: int) -> str:
+    from .inception import default_device
     from .sample import finished_shard_problem, shard_path
 
     spec, setting = load_spec(Path(key_dir))
@@ -189,11 +200,13 @@ def sample_task(key_dir: str, index: int) -> str:
     done = path.is_file() and finished_shard_problem(path, len(seeds)) is None
     if done and not progressive:  # done earlier (a retry or a requeue): load nothing
         return str(path)
+    ident = Path(key_dir) / "samples" / IMAGES_OF
+    if not done and ident.is_file():
+        check_sampling_device(ident, default_device().type)
     sampler = _sampler(str(key_dir))
     watch = sampler.watcher(min(4, setting.batch_size, len(setting.shard_seeds(0)))) if progressive else None
     if not done:  # (a damaged one is said and sampled again) the progressive decoding of its first seeds is
         # recorded while sampling them
-        ident = Path(key_dir) / "samples" / IMAGES_OF
         if not ident.is_file():  # before any shard: another evaluation's cascade may reuse them
             ident.parent.mkdir(parents=True, exist_ok=True)
             record = images_identity(spec, setting, device=sampler.device.type)

@@ -83,11 +83,15 @@ def network(device) -> InceptionFeatures:
 
 
 def default_device() -> torch.device:
-    """cuda if there is one (a rank's own GPU where a process sees several: LOCAL_RANK, SLURM_LOCALID), else cpu."""
+    """cuda if there is one (a rank's own GPU where a process sees several: its local rank as torchrun, Open MPI,
+    MPICH or srun announce it, in that order), else cpu."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) or 0)
+    local = next((int(os.environ[k]) for k in LOCAL_RANK_VARS if os.environ.get(k, "").isdigit()), 0)
     return torch.device("cuda", local % torch.cuda.device_count())
+
+
+LOCAL_RANK_VARS = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID")
 
 
 PER_IMAGE_BYTES = 32 << 20  # GPU memory one image may take: 4x the largest layer's input + output (8 MiB at 299)

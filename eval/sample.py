@@ -17,6 +17,7 @@ import torch
 from adm.config import check_device
 
 from .atomic import merge_npz_atomic, save_npz_atomic, write_text_atomic
+from .inception import default_device
 from .settings import EvalSetting
 
 
@@ -136,7 +137,7 @@ class Sampler:
 
     def __init__(self, snapshot: str, setting: EvalSetting, device=None, base=None):
         self.setting, self.base = setting, base
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device or default_device())
         self.use_ddim = setting.steps.startswith("ddim")
         if base is not None:  # an upsampler on its own, reading the base images (eval.base_samples)
             self.up, self.up_snap = load_model(snapshot, self.device, setting.weights)
@@ -262,10 +263,12 @@ class Sampler:
 
 
 def claim_out_dir(out: Path, snapshot: str, setting: EvalSetting, write: bool = True,
-                  base_samples: str | None = None) -> None:
+                  base_samples: str | None = None, device=None) -> None:
     """An --out directory holds the samples of one snapshot and setting (recorded in sampling.json), so
     that its finished shards can be reused; another snapshot or setting there is refused, naming what
-    differs, instead of passing old shards off as new ones. `write=False` only checks (nothing created)."""
+    differs, instead of passing old shards off as new ones. So is another kind of `device` (a GPU's generators
+    draw other noise than a CPU's from the same seeds; records from before it was kept pass).
+    `write=False` only checks (nothing created)."""
     from .settings import _digest
 
     record = {"snapshot": str(Path(snapshot).resolve()), "snapshot_digest": _digest(snapshot),
@@ -273,13 +276,15 @@ def claim_out_dir(out: Path, snapshot: str, setting: EvalSetting, write: bool = 
               **({"base_samples": str(Path(base_samples).resolve()), "base_samples_digest": _digest(base_samples)}
                  if base_samples else {}),
               **{k: getattr(setting, k) for k in ("steps", "classifier", "scale", "upsampler", "upsampler_steps",
-                                                 "weights", "precision")}}
+                                                 "weights", "precision")},
+              **({"device": torch.device(device).type} if device is not None else {})}
     path = out / "sampling.json"
     if path.is_file() and finished_shards(out):  # (no shard yet: nothing to protect, claimed anew)
         old = json.loads(path.read_text())
         # the models count by their digests: the same one by another path (relative, a link) is the same
         changed = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in record.items()
-                   if old.get(k) != v and k not in ("snapshot", "classifier", "upsampler", "base_samples")]
+                   if old.get(k) != v and k not in ("snapshot", "classifier", "upsampler", "base_samples")
+                   and (k in old or k != "device")]
         if changed:
             raise ValueError(f"--out {out} holds samples of another snapshot or setting ({'; '.join(changed)}); "
                              "give another --out")
@@ -325,8 +330,7 @@ def main(argv=None, prog="adm sample") -> int:
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (changes no image)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per npz shard")
     p.add_argument("--merge", action="store_true", help="also write DIR/samples.npz with every image, in seed order")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="default: cuda if available, else cpu")
+    p.add_argument("--device", help="default: this process's GPU (by its local rank) if there is one, else cpu")
     a = p.parse_args(argv)
     if a.num < 1:
         raise ValueError(f"--num must be positive, got {a.num}")
@@ -354,7 +358,9 @@ def main(argv=None, prog="adm sample") -> int:
                           num=max(a.num, 2), seed_start=a.seed_start, shard_size=a.shard_size,
                           batch_size=a.batch_size, precision=a.precision)
     setting.num = a.num
-    check_device(a.device)
+    if a.device:
+        check_device(a.device)
+    device = torch.device(a.device or default_device())
     _check_snapshot_steps(a)
     base = None
     if a.base_samples:
@@ -367,7 +373,8 @@ def main(argv=None, prog="adm sample") -> int:
             raise ValueError(f"{a.snapshot}: a {cfg.get('arch', 'unet')} snapshot; --base-samples are upsampled "
                              "by an upsampler snapshot")
         base = BaseSamples(a.base_samples, cfg["small_size"], cfg.get("num_classes"), a.seed_start, a.num)
-    claim_out_dir(out, a.snapshot, setting, write=False, base_samples=a.base_samples)  # the cheap checks first
+    claim_out_dir(out, a.snapshot, setting, write=False, base_samples=a.base_samples,
+                  device=device)  # the cheap checks first
     from tqdm.auto import tqdm
 
     planned = [shard_path(out, setting.shard_seeds(i)) for i in range(setting.num_shards)]
@@ -388,8 +395,8 @@ def main(argv=None, prog="adm sample") -> int:
                          "directory was filled with another --shard-size or --seed-start split; give the same "
                          "split again or another --out (parts of one --out line up when each --seed-start is a "
                          "multiple of --shard-size and each --num but the last one too)")
-    sampler = Sampler(a.snapshot, setting, a.device, base=base)
-    claim_out_dir(out, a.snapshot, setting, base_samples=a.base_samples)
+    sampler = Sampler(a.snapshot, setting, device, base=base)
+    claim_out_dir(out, a.snapshot, setting, base_samples=a.base_samples, device=device)
     bar = tqdm(total=a.num, unit="img", desc="sampling", disable=not sys.stderr.isatty())
     paths = [sampler.shard(setting.shard_seeds(i), out, bar) for i in range(setting.num_shards)]
     bar.close()

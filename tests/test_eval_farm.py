@@ -1428,6 +1428,15 @@ def test_a_cascade_reuses_the_base_images_another_evaluation_sampled(tmp_path, c
     sample_all(prepare(run, snap, cascade, refs[3]))
     assert sorted(base_seeds) == [0, 1, 2, 3, 4] and "only the upsampler runs" not in capsys.readouterr().err
 
+    # a shard to sample on another kind of device than the evaluation's others: refused before any model loads
+    record.write_text(record.read_text().replace('"cpu"', '"cuda"'))
+    sorted((plain / "samples").glob("samples-*.npz"))[-1].unlink()
+    eval.farm._sampler.cache_clear()
+    with pytest.raises(RuntimeError, match="samples were drawn on cuda and this task runs on cpu"):
+        sample_task(str(plain), 1)
+    assert eval.farm._sampler.cache_info().currsize == 0
+    sample_task(str(plain), 0)  # a finished shard: nothing to draw, nothing refused
+
 
 def test_a_setting_may_name_its_own_reference(tmp_path):
     """A settings file's entry may carry `ref:` (a cascade's reference is at the upsampler's size), used instead

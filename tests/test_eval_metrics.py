@@ -177,12 +177,13 @@ def test_inception_batch_follows_free_gpu_memory(monkeypatch):
 
 
 def test_default_device_is_the_ranks_own_gpu(monkeypatch):
-    """Features and precision/recall go to the GPU of the process's local rank (torchrun's LOCAL_RANK, srun's
-    SLURM_LOCALID), modulo the GPUs it sees; cpu without one."""
-    from eval.inception import default_device
+    """Features, precision/recall and sampling go to the GPU of the process's local rank (torchrun's
+    LOCAL_RANK, Open MPI's and MPICH's local ranks, srun's SLURM_LOCALID), modulo the GPUs it sees; cpu without
+    one."""
+    from eval.inception import LOCAL_RANK_VARS, default_device
 
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
-    monkeypatch.delenv("SLURM_LOCALID", raising=False)
+    for k in LOCAL_RANK_VARS:
+        monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert default_device() == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -190,8 +191,18 @@ def test_default_device_is_the_ranks_own_gpu(monkeypatch):
     assert default_device() == torch.device("cuda", 0)
     monkeypatch.setenv("SLURM_LOCALID", "2")
     assert default_device() == torch.device("cuda", 2)
-    monkeypatch.setenv("LOCAL_RANK", "5")  # torchrun's wins; one GPU per task seen as cuda:0 under srun
+    monkeypatch.setenv("MPI_LOCALRANKID", "3")  # mpiexec (MPICH's Hydra) inside an allocation wins over srun's
+    assert default_device() == torch.device("cuda", 3)
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1")
     assert default_device() == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "6")  # torchrun's wins; one GPU per task seen as cuda:0 under srun
+    assert default_device() == torch.device("cuda", 2)
+    from eval.sample import Sampler
+    from eval.settings import EvalSetting
+
+    monkeypatch.setattr("eval.sample.load_model", lambda *a: (_ for _ in ()).throw(LookupError(a[1])))
+    with pytest.raises(LookupError, match="cuda:2"):  # sampling picks the same GPU (stopped before loading)
+        Sampler("snap", EvalSetting(name="x"))
 
 
 def test_inception_batch_halves_when_out_of_memory(monkeypatch):

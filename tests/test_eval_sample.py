@@ -402,6 +402,25 @@ def test_an_out_dir_is_resumed_whatever_the_models_paths_and_temporaries(tmp_pat
         main([str(base), "--num", "2", "--steps", "ddim2", "--classifier", str(other), "--out", str(out)])
 
 
+def test_an_out_dir_sampled_on_another_kind_of_device_is_refused(tmp_path):
+    """A GPU's generators draw other noise than a CPU's from the same seeds: the device kind is recorded in
+    sampling.json, and more samples into that --out on the other kind are refused before any model loads (a
+    record from before the kind was kept passes)."""
+    from eval.sample import main
+
+    base, out = snapshot(tmp_path, "base", "tiny-32", 1), tmp_path / "o"
+    common = [str(base), "--num", "2", "--steps", "ddim2", "--out", str(out)]
+    main(common)
+    record = json.loads((out / "sampling.json").read_text())
+    assert record["device"] == "cpu"
+    (out / "sampling.json").write_text(json.dumps({**record, "device": "cuda"}))  # as if sampled on a GPU
+    with pytest.raises(ValueError, match=r"another snapshot or setting \(device: 'cuda' there, 'cpu' now\)"):
+        main(common + ["--num", "4"])
+    del record["device"]
+    (out / "sampling.json").write_text(json.dumps(record))
+    main(common)  # an earlier version's record: its shards are kept
+
+
 def test_parts_of_a_seed_split_merge_into_one_npz(tmp_path, capsys):
     """GUIDE: split the work over jobs by --seed-start and --num into one --out. Each part's --merge writes
     every shard there in seed order (it wrote only its own, over the other part's samples.npz), says which
