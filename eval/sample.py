@@ -18,6 +18,7 @@ from adm.config import check_device
 
 from .atomic import merge_npz_atomic, save_npz_atomic, write_text_atomic
 from .inception import default_device
+from .strict_fp32 import tf32
 from .settings import EvalSetting
 
 
@@ -179,9 +180,12 @@ class Sampler:
         return self.up_snap.config.image_size if self.up is not None else self.snap.config.image_size
 
     def autocast(self):
-        """bf16 autocast for the networks when the setting asks for it (the diffusion arithmetic between
-        them stays float32: bf16 outputs times float32 coefficients promote)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.setting.precision == "bf16")
+        """The networks' arithmetic the setting asks for: bf16 autocast (the diffusion arithmetic between them
+        stays float32: bf16 outputs times float32 coefficients promote), TF32 or true float32 on a GPU (PyTorch's
+        default lets cuDNN convolutions use TF32, which would pass TF32 off as fp32)."""
+        if self.setting.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return tf32(self.setting.precision == "tf32")
 
     def batch(self, seeds: list[int], watch: ProgressiveFrames | None = None,
               base=None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -326,7 +330,9 @@ def main(argv=None, prog="adm sample") -> int:
                    "labels in arr_1), row i with seed i, as ADM's super_res_sample.py; --steps are the upsampler's")
     p.add_argument("--weights", default="ema", help="ema (the snapshot's main weights: its first EMA; a classifier's "
                    "raw weights), raw, ema_<rate>, phema_<s>")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="sampling arithmetic (bf16: autocast)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"),
+                   help="sampling arithmetic: fp32 (true float32), tf32 (a GPU's TF32 convolutions and matmuls; fp32 "
+                   "on a CPU), bf16 (autocast)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (changes no image)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per npz shard")
     p.add_argument("--merge", action="store_true", help="also write DIR/samples.npz with every image, in seed order")

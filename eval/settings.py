@@ -36,7 +36,7 @@ class EvalSetting:
     shard_size: int = 1000  # images per sample shard = per task of the sampling and feature arrays
     batch_size: int = 64  # per forward pass (never changes an image)
     pr_distance: str = "fp32"  # precision/recall distance arithmetic: fp32 | fp16 (ADM's)
-    precision: str = "fp32"  # sampling arithmetic: fp32 | bf16 (autocast; ADM sampled in fp16 on GPUs)
+    precision: str = "fp32"  # sampling arithmetic: fp32 | tf32 (a GPU's TF32) | bf16 (autocast; ADM sampled in fp16)
     every_kimg: float = 0.0  # scheduled passes evaluate the first snapshot at or past each multiple (0: all)
     ref: str | None = None  # this setting's reference batch (a cascade's, at the upsampler's size); default: --ref
 
@@ -72,8 +72,8 @@ class EvalSetting:
                              "snapshot (upsampler=PATH, --upsampler)")
         if self.pr_distance not in ("fp32", "fp16"):
             raise ValueError(f"setting {self.name!r}: pr_distance must be fp32 or fp16, got {self.pr_distance!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"setting {self.name!r}: precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in ("fp32", "tf32", "bf16"):
+            raise ValueError(f"setting {self.name!r}: precision must be fp32, tf32 or bf16, got {self.precision!r}")
         if not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ValueError(f"setting name {self.name!r}: use letters, digits, '-', '_' and '.' only")
 

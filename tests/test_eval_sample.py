@@ -224,8 +224,36 @@ def test_bf16_sampling_is_per_seed_close_to_fp32_and_keyed_apart(tmp_path):
                evaluator=EVALUATOR_VERSION)
     old_key = f"{snap.name}--x--{hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:10]}"
     assert eval_key(snap, fp32, ref) == old_key != eval_key(snap, bf16, ref)
-    with pytest.raises(ValueError, match="precision must be fp32 or bf16"):
+    with pytest.raises(ValueError, match="precision must be fp32, tf32 or bf16"):
         EvalSetting(name="x", precision="fp16")
+
+
+def test_fp32_sampling_is_true_float32_on_a_gpu_and_tf32_is_asked_for(tmp_path):
+    """PyTorch lets cuDNN convolutions run in TF32 by default: precision=fp32 turns TF32 off for the networks'
+    calls (and =tf32 on), restoring the caller's settings after. On a CPU tf32 gives fp32's images, under an
+    evaluation key of its own."""
+    from eval.sample import Sampler
+    from eval.settings import EvalSetting, eval_key
+
+    snap = snapshot(tmp_path, "base", "tiny-32", 1)
+    images = {}
+    for precision, expected in (("fp32", False), ("tf32", True)):
+        seen = []
+        sampler = Sampler(str(snap), EvalSetting(name="x", steps="ddim3", num=2, precision=precision), "cpu")
+        sampler.model.register_forward_pre_hook(
+            lambda *_: seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)))
+        before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not expected
+        try:
+            images[precision], _ = sampler.batch([3, 4])
+            assert seen and set(seen) == {(expected, expected)}, (precision, seen)
+            assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (not expected,) * 2
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    np.testing.assert_array_equal(images["fp32"], images["tf32"])
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2))
+    assert eval_key(snap, EvalSetting(name="x"), ref) != eval_key(snap, EvalSetting(name="x", precision="tf32"), ref)
 
 
 @pytest.mark.parametrize("steps", ["6", "ddim5"])
