@@ -1182,3 +1182,56 @@ def test_a_run_dir_that_cannot_be_created_is_refused_before_training(digit_shard
     assert proc.returncode == 2 and f"run_dir: {run} cannot be created ({tmp_path / 'afile'} is not a directory)" \
         in proc.stderr, proc.stderr[-2000:]
     assert "deepspeed" not in proc.stderr.lower()
+
+
+def test_kernel_choices_for_fp32_and_deterministic_training(monkeypatch):
+    """On a GPU, precision=fp32 is true float32 (PyTorch's default runs cuDNN convolutions in TF32) and
+    deterministic=true asks for deterministic kernels (cuDNN's benchmark off, cuBLAS's workspace condition);
+    otherwise cuDNN benchmarks its convolutions and the TF32 defaults stay."""
+    from trainer.loop import set_kernels
+
+    flags = ("benchmark", "deterministic", "allow_tf32")
+    saved = ({f: getattr(torch.backends.cudnn, f) for f in flags}, torch.backends.cuda.matmul.allow_tf32,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cuda = torch.device("cuda")  # (a device object only: nothing runs on it)
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        set_kernels(cuda, "bf16", False)
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        set_kernels(cuda, "fp32", True)
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        torch.backends.cudnn.benchmark = True
+        set_kernels(torch.device("cpu"), "fp32", False)  # a CPU: cuDNN's settings are not touched
+        assert torch.backends.cudnn.benchmark
+    finally:
+        for f, v in saved[0].items():
+            setattr(torch.backends.cudnn, f, v)
+        torch.backends.cuda.matmul.allow_tf32 = saved[1]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+
+
+def test_deepspeed_config_is_read_by_deepspeed_with_bounded_buckets_on_gpus():
+    """The config our trainer hands DeepSpeed, parsed by DeepSpeed's own config classes: on GPUs ZeRO-1/2
+    overlap the reduction with the backward pass in 2e8-element buckets (DeepSpeed's 5e8 default, doubled by the
+    overlap, would hold 4 GB in fp32 under ZeRO-1); on a CPU, and at stage 3, DeepSpeed's defaults."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from trainer.config import load_train_config
+    from trainer.loop import deepspeed_config
+
+    for stage, cuda in ((1, True), (2, True), (3, True), (2, False)):
+        cfg = load_train_config(None, ["preset=tiny-32", "batch=8", "precision=bf16", f"zero_stage={stage}"])
+        parsed = DeepSpeedConfig(deepspeed_config(cfg, 4, 2, cuda=cuda))  # (one process: no group here)
+        zero = parsed.zero_config
+        assert parsed.zero_optimization_stage == stage and parsed.bfloat16_config.enabled
+        assert parsed.train_batch_size == 8 and parsed.gradient_accumulation_steps == 2
+        bounded = cuda and stage < 3
+        assert zero.overlap_comm == (True if bounded else stage == 3)
+        assert zero.reduce_bucket_size == (2e8 if bounded else 5e8), (stage, cuda)
+        assert zero.allgather_bucket_size == (2e8 if bounded else 5e8), (stage, cuda)

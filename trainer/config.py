@@ -62,6 +62,9 @@ class TrainConfig:
     lr_decay: bool = False  # linear decay to 0 at total_kimg (guided-diffusion's anneal_lr)
     grad_clip: float = 0.0  # max gradient norm (0: off)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (dynamic loss scale; GPU only); auto: resolve_precision
+    # deterministic kernels (torch.use_deterministic_algorithms, cuDNN's deterministic convolutions): on a GPU the
+    # condition for a bit-for-bit resume, slower; on a CPU training is deterministic already
+    deterministic: bool = False
     zero_stage: int = 2  # DeepSpeed ZeRO stage 1, 2 or 3
     ema_rates: list[float] = field(default_factory=lambda: [0.9999])  # EMA decay per optimizer step
     power_ema: list[float] = field(default_factory=list)  # EDM2 power-function EMA widths (sigma_rel), e.g. [0.05, 0.1]

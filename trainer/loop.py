@@ -36,10 +36,16 @@ class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row); the message says why."""
 
 
+BUCKET = 200_000_000  # elements per ZeRO-1/2 gradient-reduction and all-gather bucket on GPUs
+
+
 def deepspeed_config(cfg: TrainConfig, micro: int, accum: int, cuda: bool = False) -> dict:
     # on GPUs, ZeRO-1/2 overlap the gradient reduction with the backward pass (DeepSpeed does so by
-    # default for stage 3 only); on CPU (gloo) the plain order keeps runs bit-comparable
-    overlap = {"overlap_comm": True} if cuda and cfg.zero_stage in (1, 2) else {}
+    # default for stage 3 only); on CPU (gloo) the plain order keeps runs bit-comparable. Overlapping doubles
+    # the reduction buffer, which DeepSpeed sizes at 5e8 elements (4 GB in fp32 under ZeRO-1, twice): buckets of
+    # 2e8 elements, large enough to keep NCCL at full bandwidth, hold it to 1.6 GB at most
+    overlap = ({"overlap_comm": True, "reduce_bucket_size": BUCKET, "allgather_bucket_size": BUCKET}
+               if cuda and cfg.zero_stage in (1, 2) else {})
     return {
         "train_batch_size": cfg.batch, "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,  # DeepSpeed averages micro-batches (loss / accum)
@@ -134,6 +140,18 @@ def _bad_streak_message(run_dir: Path, bad: int, images: int, batch: int, good_t
     return text + ": lower the learning rate or use another precision, then resume"
 
 
+def set_kernels(device: torch.device, precision: str, deterministic: bool) -> None:
+    """PyTorch's kernel choices for this process's training."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition (read at its first call)
+        torch.use_deterministic_algorithms(True, warn_only=True)  # an op without such a kernel warns, naming itself
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic  # fixed shapes: pick the fastest convolution once
+        torch.backends.cudnn.deterministic = deterministic
+        if precision == "fp32":  # true float32: PyTorch's default runs cuDNN's convolutions in TF32
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def training_loop(cfg: TrainConfig) -> int:
     """Train until cfg.total_kimg; returns 0, or EXIT_REQUEUE after a preemption save."""
     import deepspeed
@@ -141,8 +159,7 @@ def training_loop(cfg: TrainConfig) -> int:
     env = dist_util.discover()
     device = dist_util.init(env)
     cfg.precision = resolve_precision(cfg.precision, device)  # written resolved to training_options.json
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
+    set_kernels(device, cfg.precision, cfg.deterministic)
     rank, world = env.rank, env.world_size
     micro, accum = cfg.batch_layout(world)  # clear errors before any heavy work
     run_dir = Path(cfg.run_dir)
@@ -150,7 +167,8 @@ def training_loop(cfg: TrainConfig) -> int:
     preempt = PreemptionFlag()
     is_main = rank == 0
     if is_main:
-        log.info("precision %s%s on %s", cfg.precision, ", channels-last" if cfg.channels_last else "", device)
+        log.info("precision %s%s%s on %s", cfg.precision, ", channels-last" if cfg.channels_last else "",
+                 ", deterministic kernels" if cfg.deterministic else "", device)
         (run_dir / ckpt.CKPT).mkdir(parents=True, exist_ok=True)
 
     # ---- data, model, diffusion ------------------------------------------------------------
