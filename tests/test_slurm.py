@@ -313,15 +313,27 @@ def test_evaluation_plan_runs_as_job_arrays_with_dependencies(cluster, digit_sha
     assert "nothing to cancel" in adm("jobs", "cancel", pending, "--run-dir", str(run)).stdout
 
 
-def test_srun_mpi_pmi2_gives_mpi_ranks_to_the_trainer_and_the_eval_workers(cluster):
-    """Jobs launched as MPI ranks (srun --mpi=pmi2, the mpich wheel's PMI client) find their ranks through MPI."""
-    code = ("from trainer.distributed import discover; from eval.comm import discover as workers; "
-            "e = discover(); c = workers(); print(e.source, e.rank, e.world_size, c.size, c.allgather(c.rank))")
+def test_srun_mpi_pmi2_gives_mpi_ranks_to_the_eval_workers_and_slurms_to_the_trainer(cluster, tmp_path):
+    """Tasks of srun --mpi=pmi2 (a site's MpiDefault): the eval workers talk through MPI (the mpich wheel's PMI
+    client), the trainer takes its ranks from Slurm without starting MPI. A batch script's own shell (sbatch
+    -n 2, SLURM_PROCID=0 and SLURM_NTASKS=2 in its environment) is one process, not rank 0 of 2 waiting for
+    a rank 1 that never comes."""
+    code = ("import sys; from trainer.distributed import discover; from eval.comm import discover as workers; "
+            "e = discover(); mpi = 'mpi4py.MPI' in sys.modules; c = workers(); "
+            "print('ranks', e.source, e.rank, e.world_size, mpi, c.size, c.allgather(c.rank))")
     proc = subprocess.run(["srun", "--mpi=pmi2", "-n", "2", sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("mpi"))
-    assert lines == ["mpi 0 2 2 [0, 1]", "mpi 1 2 2 [0, 1]"]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("ranks"))
+    assert lines == ["ranks slurm 0 2 False 2 [0, 1]", "ranks slurm 1 2 False 2 [0, 1]"]
+    out = tmp_path / "batch.txt"
+    script = ("from trainer.distributed import discover, launch_world; e = discover(); "
+              "print(e.source, e.rank, e.world_size, launch_world())")
+    proc = subprocess.run(["sbatch", "--wait", "-n", "2", f"--output={out}", "--time=2",
+                           f"--wrap={sys.executable} -c \"{script}\""], cwd=REPO, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.read_text().splitlines()[-1] == "single 0 1 1", out.read_text()[-2000:]
 
 
 def test_cluster_debug_runs_in_process(shards, tmp_path):

@@ -12,7 +12,7 @@ import torch
 from conftest import native_cpu_bf16, run_cli
 from trainer import checkpoint as ckpt
 from trainer.config import TRAIN_PRESETS, load_train_config, resolve_precision
-from trainer.distributed import discover, expand_nodelist
+from trainer.distributed import MPI_MARKERS, discover, expand_nodelist
 from trainer.ema import ShardEMA
 
 
@@ -290,26 +290,34 @@ def test_a_resume_names_the_fields_it_cannot_change_and_records_those_it_may(tmp
     assert [json.loads(x)["changes"] for x in changes.read_text().splitlines()[1:]] == [{"world_size": [2, 1]}]
 
 def test_rank_discovery(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE",
-              "SUBMITIT_LOCAL_NTASKS", "MASTER_PORT", "MASTER_ADDR", "SLURM_STEP_NODELIST", "SLURM_STEP_ID"):
+    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SUBMITIT_LOCAL_NTASKS",
+              "MASTER_PORT", "MASTER_ADDR", "SLURM_STEP_NODELIST", "SLURM_STEP_ID", *MPI_MARKERS):
         monkeypatch.delenv(k, raising=False)
     assert discover().source == "single"
-    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_PROCID", "0")  # a batch script's own shell (sbatch -n 8): no task of a step
     monkeypatch.setenv("SLURM_NTASKS", "8")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
     monkeypatch.setenv("SLURM_JOB_ID", "1234")
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-08]")
+    assert (discover().source, discover().world_size) == ("single", 1)
+    monkeypatch.setenv("SLURM_PROCID", "3")  # task 3 of an srun step of 8
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
     env = discover()
     assert (env.source, env.rank, env.world_size, env.local_rank, env.master_addr) == ("slurm", 3, 8, 1, "gpu07")
-    assert env.master_port == 20000 + 1234
+    assert env.master_port == 10000 + 1234  # below the ephemeral ports (32768-)
+    monkeypatch.setenv("PMI_FD", "11")  # srun --mpi=pmi2 (a site's MpiDefault): still Slurm's ranks, MPI not started
+    monkeypatch.setenv("PMIX_RANK", "3")
+    monkeypatch.setattr("trainer.distributed._mpi_env", lambda: pytest.fail("MPI started in an srun step"))
+    assert discover().source == "slurm"
     # a step on part of the allocation (srun -N2 -r2 in a 4-node job): the step's first node, a port of its own
     monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[09-10]")
     monkeypatch.setenv("SLURM_STEP_ID", "1")
     env = discover()
-    assert (env.master_addr, env.master_port) == ("gpu09", 20000 + (1234 + 7919) % 20000)
+    assert (env.master_addr, env.master_port) == ("gpu09", 10000 + (1234 + 7919) % 20000)
     monkeypatch.setenv("SLURM_STEP_ID", "4294967291")  # the batch script's own step
-    assert discover().master_port == 20000 + 1234
-    for k in ("SLURM_PROCID", "SLURM_NTASKS"):
+    assert discover().master_port == 10000 + 1234
+    for k in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "PMI_FD", "PMIX_RANK"):
         monkeypatch.delenv(k)
     # submitit's local executor: N tasks of one job on this machine, a port from the job (controller pid)
     for k, v in dict(SUBMITIT_LOCAL_NTASKS="2", SUBMITIT_LOCAL_GLOBALID="1", SUBMITIT_LOCAL_LOCALID="1",
@@ -317,7 +325,7 @@ def test_rank_discovery(monkeypatch):
         monkeypatch.setenv(k, v)
     env = discover()
     assert (env.source, env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port) == (
-        "submitit-local", 1, 2, 1, "127.0.0.1", 24242)
+        "submitit-local", 1, 2, 1, "127.0.0.1", 14242)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert discover().source == "torchrun"
@@ -336,10 +344,13 @@ def test_launch_world_gpu_choice_and_rank0_address(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SUBMITIT_LOCAL_NTASKS", "SLURM_NTASKS",
               "SLURM_PROCID", "MASTER_ADDR"):
         monkeypatch.delenv(k, raising=False)
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
     monkeypatch.setenv("SLURM_NTASKS", "3")  # a shell inside `salloc -n 3`: one process, not a task of srun
     monkeypatch.setenv("WORLD_SIZE", "5")  # without RANK: not a launcher's
     assert launch_world() == 1
-    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_PROCID", "0")  # a batch script's own shell (sbatch -n 3): still one process
+    assert launch_world() == 1
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "3")  # a task of srun -n 3
     assert launch_world() == 3
     for k in ("SUBMITIT_LOCAL_NTASKS", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
         monkeypatch.setenv(k, str(len(k)))  # each launcher's own variable wins over Slurm's

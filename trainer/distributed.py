@@ -54,6 +54,16 @@ def host_address() -> str:
 
 # what an MPI launcher (mpiexec, or srun --mpi=pmi2|pmix) leaves in each rank's environment
 MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "MPI_LOCALNRANKS")
+# of those, what only mpiexec leaves (Open MPI's mpirun, MPICH's Hydra): its ranks are known through MPI alone.
+# An srun step's tasks know theirs from Slurm, whatever --mpi (a site's MpiDefault) put beside it, and do not
+# start MPI, whose network libraries would then be live under every DataLoader worker the ranks fork.
+MPIEXEC_MARKERS = ("OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+
+
+def port_for(n: int) -> int:
+    """A port from a job's number: 10000-29999, below Linux's ephemeral range (32768-60999 by default), where
+    an outgoing connection of the node could hold it."""
+    return 10000 + n % 20000
 
 
 def _job_port(default: int = 29500) -> int:
@@ -61,7 +71,26 @@ def _job_port(default: int = 29500) -> int:
     side by side) must not meet at one port."""
     job, step = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID", "0")
     step = int(step) if step.isdigit() and int(step) < 1_000_000 else 0  # the batch step has a huge id
-    return int(os.environ.get("MASTER_PORT", 20000 + (int(job) + 7919 * step) % 20000 if job else default))
+    return int(os.environ.get("MASTER_PORT", port_for(int(job) + 7919 * step) if job else default))
+
+
+def slurm_step_tasks(env=os.environ) -> int:
+    """The tasks of this process's srun step; 0 outside one. A batch script's own shell has SLURM_PROCID=0
+    and SLURM_NTASKS too, but it is no task of a step: only srun sets SLURM_STEP_NUM_TASKS."""
+    tasks = env.get("SLURM_STEP_NUM_TASKS", "")
+    return int(tasks) if "SLURM_PROCID" in env and tasks.isdigit() else 0
+
+
+def _mpi_env() -> "DistEnv | None":
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() == 1:
+        return None
+    addr = comm.bcast(host_address() if comm.Get_rank() == 0 else None, root=0)
+    port = comm.bcast(_free_port() if comm.Get_rank() == 0 else None, root=0)
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    return DistEnv(comm.Get_rank(), comm.Get_size(), local, addr, port, "mpi")
 
 
 def discover() -> DistEnv:
@@ -69,27 +98,22 @@ def discover() -> DistEnv:
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, `adm train --nproc`, or set by hand
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
-    # an MPI launcher (mpiexec, or srun --mpi=pmi2|pmix) before plain Slurm: the ranks are MPI's
-    if any(k in env for k in MPI_MARKERS):
-        from mpi4py import MPI
-
-        comm = MPI.COMM_WORLD
-        if comm.Get_size() > 1:
-            addr = comm.bcast(host_address() if comm.Get_rank() == 0 else None, root=0)
-            port = comm.bcast(_free_port() if comm.Get_rank() == 0 else None, root=0)
-            local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
-            return DistEnv(comm.Get_rank(), comm.Get_size(), local, addr, port, "mpi")
+    # mpiexec (inside a Slurm allocation too, where Hydra starts its proxies with srun): the ranks are MPI's
+    if any(k in env for k in MPIEXEC_MARKERS) and (found := _mpi_env()):
+        return found
     if int(env.get("SUBMITIT_LOCAL_NTASKS", "1")) > 1:  # submitit's local executor (adm submit --cluster local)
         job = int(env.get("SUBMITIT_LOCAL_JOB_ID", "0"))  # the controller's pid, the same for every task
         return DistEnv(int(env["SUBMITIT_LOCAL_GLOBALID"]), int(env["SUBMITIT_LOCAL_NTASKS"]),
                        int(env.get("SUBMITIT_LOCAL_LOCALID", 0)), "127.0.0.1",
-                       int(env.get("MASTER_PORT", 20000 + job % 20000)), "submitit-local")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+                       int(env.get("MASTER_PORT", port_for(job))), "submitit-local")
+    if slurm_step_tasks(env) > 1:  # a task of an srun step (submitit's), with or without --mpi
         # the step's nodes: the ranks are the step's, which may run on part of the allocation
         nodes = expand_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
                                 or env.get("SLURM_NODELIST", "127.0.0.1"))
-        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+        return DistEnv(int(env["SLURM_PROCID"]), slurm_step_tasks(env), int(env.get("SLURM_LOCALID", 0)),
                        env.get("MASTER_ADDR", nodes[0]), _job_port(), "slurm")
+    if any(k in env for k in MPI_MARKERS) and (found := _mpi_env()):  # another PMI launcher
+        return found
     return DistEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
 
 
@@ -186,8 +210,8 @@ def launch_world() -> int:
     for key in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SUBMITIT_LOCAL_NTASKS"):
         if env.get(key, "").isdigit():
             return int(env[key])
-    if "SLURM_PROCID" in env and env.get("SLURM_NTASKS", "").isdigit():  # a task of srun, not a shell in salloc
-        return int(env["SLURM_NTASKS"])
+    if slurm_step_tasks(env):  # a task of srun, not a shell in salloc nor a batch script's own
+        return slurm_step_tasks(env)
     return 1
 
 
@@ -197,10 +221,10 @@ def launch_rank() -> int:
     env = os.environ
     if "RANK" in env and env["RANK"].isdigit():
         return int(env["RANK"])
-    for key in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "SUBMITIT_LOCAL_GLOBALID", "SLURM_PROCID"):
+    for key in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "SUBMITIT_LOCAL_GLOBALID"):
         if env.get(key, "").isdigit():
             return int(env[key])
-    return 0
+    return int(env["SLURM_PROCID"]) if slurm_step_tasks(env) and env["SLURM_PROCID"].isdigit() else 0
 
 
 class AnyRankLater:
