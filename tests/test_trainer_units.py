@@ -1246,3 +1246,20 @@ def test_deepspeed_config_is_read_by_deepspeed_with_bounded_buckets_on_gpus():
         assert zero.overlap_comm == (True if bounded else stage == 3)
         assert zero.reduce_bucket_size == (2e8 if bounded else 5e8), (stage, cuda)
         assert zero.allgather_bucket_size == (2e8 if bounded else 5e8), (stage, cuda)
+
+
+def test_collectives_wait_as_long_as_the_config_says(tmp_path):
+    """The process group's timeout is collective_timeout_min (DeepSpeed's own default, 10 minutes, is less
+    than rank 0's snapshot write of a large model on a slow filesystem may take); it must be positive."""
+    import subprocess
+    import sys
+
+    code = ("import torch, torch.distributed as dist; from trainer.distributed import DistEnv, _free_port, init; "
+            "init(DistEnv(0, 1, 0, '127.0.0.1', _free_port(), 'single'), 37.0); "
+            "print('timeout', dist.group.WORLD._get_backend(torch.device('cpu')).options._timeout)")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "DEEPSPEED_TIMEOUT")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert "timeout 0:37:00" in proc.stdout, proc.stderr[-2000:]
+    with pytest.raises(ValueError, match="collective_timeout_min: must be positive, got 0"):
+        load_train_config(None, ["preset=tiny-32", "collective_timeout_min=0"])

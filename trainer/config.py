@@ -90,6 +90,9 @@ class TrainConfig:
     keep_last: int = 2  # training states to keep (plus every keep_every_kimg); 0: keep them all
     keep_every_kimg: float = 0.0
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    # a collective that waits longer fails every rank: the others wait in one while rank 0 alone writes a snapshot
+    # (raw weights and every EMA) or prunes checkpoints, minutes for a large model on a slow shared filesystem
+    collective_timeout_min: float = 30.0
     log_sample_ids: bool = False  # write "epoch id" of every consumed sample to RUN/sample_ids/ (audit)
 
     def __post_init__(self):
@@ -141,7 +144,7 @@ class TrainConfig:
         for key in ("weight_decay", "warmup_kimg", "grad_clip", "keep_every_kimg"):
             if getattr(self, key) < 0:
                 bad(key, f"must be 0 or more, got {getattr(self, key)}")
-        for key in ("status_kimg", "checkpoint_kimg", "snapshot_kimg"):
+        for key in ("status_kimg", "checkpoint_kimg", "snapshot_kimg", "collective_timeout_min"):
             if not getattr(self, key) > 0:
                 bad(key, f"must be positive, got {getattr(self, key)}")
         for key in ("grid_size", "val_batches", "max_bad_steps"):

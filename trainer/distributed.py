@@ -157,8 +157,11 @@ def build_cpu_ops() -> str | None:
     return None if op is None else op.__name__
 
 
-def init(env: DistEnv) -> torch.device:
-    """Start the process group (NCCL on GPUs, gloo on CPU) through DeepSpeed; returns this rank's device."""
+def init(env: DistEnv, timeout_min: float = 30.0) -> torch.device:
+    """Start the process group (NCCL on GPUs, gloo on CPU) through DeepSpeed; returns this rank's device.
+    timeout_min: how long a collective may wait before every rank fails (DeepSpeed's default is 10 minutes)."""
+    import datetime
+
     import deepspeed
 
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
@@ -177,7 +180,8 @@ def init(env: DistEnv) -> torch.device:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=datetime.timedelta(minutes=timeout_min))
     return device
 
 

@@ -157,7 +157,7 @@ def training_loop(cfg: TrainConfig) -> int:
     import deepspeed
 
     env = dist_util.discover()
-    device = dist_util.init(env)
+    device = dist_util.init(env, cfg.collective_timeout_min)
     cfg.precision = resolve_precision(cfg.precision, device)  # written resolved to training_options.json
     set_kernels(device, cfg.precision, cfg.deterministic)
     rank, world = env.rank, env.world_size
