@@ -1263,3 +1263,41 @@ def test_collectives_wait_as_long_as_the_config_says(tmp_path):
     assert "timeout 0:37:00" in proc.stdout, proc.stderr[-2000:]
     with pytest.raises(ValueError, match="collective_timeout_min: must be positive, got 0"):
         load_train_config(None, ["preset=tiny-32", "collective_timeout_min=0"])
+
+
+def test_a_commit_lists_every_ranks_files_even_where_rank_0_sees_them_late(tmp_path):
+    """Rank 0's view of a shared filesystem can lag behind another node's writes: the manifest lists what
+    every rank flushed (fsync_files' answers), waiting until rank 0 sees each file whole; one that never
+    shows up stops the commit with a clear error, the checkpoint before it still LATEST."""
+    import threading
+
+    make_ckpt(tmp_path, 100, files=("rank00000.pt",), world=1)
+    tag = ckpt.tag_for(200)
+    tmp = ckpt.tmp_dir(tmp_path, tag)
+    tmp.mkdir(parents=True)
+    (tmp / "rank00000.pt").write_bytes(b"a" * 10)
+    (tmp / "ds").mkdir()
+    (tmp / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"b" * 3)  # still growing, as seen
+    written = {"rank00000.pt": 10, "rank00001.pt": 7, "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt": 5}
+
+    def arrive():  # the other node's files, as rank 0 comes to see them
+        (tmp / "rank00001.pt").write_bytes(b"c" * 7)
+        (tmp / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"b" * 5)
+
+    timer = threading.Timer(1.0, arrive)
+    timer.start()
+    final = ckpt.commit(tmp_path, tag, 2, written, wait_s=30)
+    timer.join()
+    manifest = json.loads((final / ckpt.MANIFEST).read_text())
+    assert manifest["files"] == {"ds/zero_pp_rank_1_mp_rank_00_optim_states.pt": 5, "rank00000.pt": 10,
+                                 "rank00001.pt": 7}
+    assert ckpt.problem(tmp_path, tag) is None and (tmp_path / "checkpoints" / "LATEST").read_text() == tag + "\n"
+    tag = ckpt.tag_for(300)
+    tmp = ckpt.tmp_dir(tmp_path, tag)
+    tmp.mkdir()
+    (tmp / "rank00000.pt").write_bytes(b"a")
+    with pytest.raises(RuntimeError, match=r"rank00001.pt was written \(7 bytes\) and flushed by its rank, but rank 0 "
+                                           r"sees no such file after 1 s"):
+        ckpt.commit(tmp_path, tag, 2, {"rank00000.pt": 1, "rank00001.pt": 7}, wait_s=1)
+    assert (tmp_path / "checkpoints" / "LATEST").read_text() == ckpt.tag_for(200) + "\n"
+    assert not (tmp_path / "checkpoints" / tag).exists()

@@ -53,10 +53,26 @@ def write_json_atomic(path: Path, data: dict) -> None:
     write_bytes_atomic(path, json.dumps(data, indent=1).encode())
 
 
-def commit(run_dir: Path, tag: str, world_size: int) -> Path:
-    """Rank 0, after every rank has written into tmp_dir: manifest, rename, LATEST."""
+def commit(run_dir: Path, tag: str, world_size: int, written: dict[str, int] | None = None,
+           wait_s: float = 120.0) -> Path:
+    """Rank 0, after every rank has written into tmp_dir: manifest, rename, LATEST. `written`: the files every
+    rank wrote and flushed, with their sizes (fsync_files' answers, gathered), which the manifest must list
+    even where rank 0's view of a shared filesystem lags behind other nodes' writes (NFS's attribute and
+    directory caches): each is waited for, up to wait_s, until rank 0 sees it whole."""
     tmp = tmp_dir(run_dir, tag)
     files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    deadline = time.monotonic() + wait_s
+    for name, size in sorted((written or {}).items()):
+        while (seen := _size(tmp / name)) != size:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"checkpoint {tag}: {tmp / name} was written ({size} bytes) and flushed by its "
+                                   f"rank, but rank 0 sees {'no such file' if seen is None else f'{seen} bytes'} "
+                                   f"after {wait_s:g} s: the run directory's filesystem does not show one node's "
+                                   "writes to another (mount it with close-to-open consistency); nothing was "
+                                   "committed, the checkpoint before it is intact")
+            time.sleep(0.5)
+        files[name] = size
+    files = dict(sorted(files.items()))
     # saved: which save this is (a tag saved again after a rollback has the same files and sizes), so that
     # a universal conversion of the older one is never taken for this one's
     write_json_atomic(tmp / MANIFEST, {"tag": tag, "images": images_of(tag), "world_size": world_size,
@@ -104,17 +120,28 @@ def writer_rank(name: str) -> int:
     return int(found.group(1) or found.group(2)) if found else 0
 
 
-def fsync_files(directory: Path, rank: int) -> None:
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
+
+
+def fsync_files(directory: Path, rank: int) -> dict[str, int]:
     """Flush the files this rank wrote under `directory` to the disk (collective use: call it on every rank
     after all files are written, then barrier): a node crash right after the commit must not leave a
     checkpoint whose listed files hold unwritten pages. Each rank flushes its own files, since on Lustre,
-    GPFS or BeeGFS an fsync reaches only the calling node's cached pages."""
+    GPFS or BeeGFS an fsync reaches only the calling node's cached pages. Returns {relative name: size} of
+    what it flushed, for the manifest (commit's `written`)."""
+    flushed = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and writer_rank(p.name) == rank):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
+            flushed[str(path.relative_to(directory))] = os.fstat(fd).st_size
         finally:
             os.close(fd)
+    return flushed
 
 
 def _fsync_dir(path: Path) -> None:

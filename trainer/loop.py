@@ -313,10 +313,9 @@ def training_loop(cfg: TrainConfig) -> int:
                                                          "counted": {"skipped_steps": stats.skipped_steps,
                                                                      "data_skipped": data_skipped}})
         dist_util.barrier()  # every file is written: each rank flushes the ones it wrote to the disk
-        ckpt.fsync_files(tmp, rank)
-        dist_util.barrier()
+        written = dist_util.gather_objects(ckpt.fsync_files(tmp, rank))  # (gathered: also a barrier)
         if is_main:
-            final = ckpt.commit(run_dir, tag, world)
+            final = ckpt.commit(run_dir, tag, world, {k: v for files in written for k, v in files.items()})
             size = sum(json.loads((final / ckpt.MANIFEST).read_text())["files"].values())
             seconds = time.perf_counter() - save_start
             print(f"[ckpt] saved {tag} in {seconds:.2f} s ({size / 2 ** 20:.1f} MiB, "
