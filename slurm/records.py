@@ -19,7 +19,12 @@ def add(run_dir: Path, record: dict) -> None:
     # a POSIX lock, which NFS does carry, and the line in one write
     fd = os.open(run_dir / RECORDS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        except OSError as e:  # a filesystem without locks (Lustre mounted noflock): the job is submitted already,
+            # so its record goes in unlocked (a line torn by a race is skipped when read) rather than not at all
+            print(f"warning: {run_dir / RECORDS}: no lock on this filesystem ({e.strerror}); appended without one",
+                  file=sys.stderr)
         os.write(fd, line)
     finally:
         os.close(fd)  # closing releases the lock

@@ -113,6 +113,21 @@ def check_nodes(nodes: int, partition: str | None) -> None:
         raise ValueError(f"--nodes {nodes}: partition {name!r} has {counts[name]} node(s); the job would pend forever")
 
 
+def node_cpus(partition: str | None) -> int | None:
+    """CPUs of the partition's smallest node (the default partition's without one), as sinfo says; None
+    where it does not."""
+    if not shutil.which("sinfo"):
+        return None
+    rows = subprocess.run(["sinfo", "-h", "-o", "%P %c"], capture_output=True, text=True).stdout.split("\n")
+    cpus: dict[str, int] = {}
+    default = None
+    for row in filter(lambda r: len(r) == 2 and r[1].isdigit(), (r.split() for r in rows)):
+        name = row[0].rstrip("*")
+        cpus[name] = min(cpus.get(name, int(row[1])), int(row[1]))  # one row per node kind
+        default = default or (name if row[0].endswith("*") else None)
+    return cpus.get(partition or default)
+
+
 def _sacctmgr_names(*query: str) -> list[str]:
     if not shutil.which("sacctmgr"):
         return []
@@ -228,9 +243,11 @@ def make_executor(args, folder: Path, site: dict):
                  slurm_setup=list(site.get("setup", [])) or None,
                  slurm_additional_parameters={**({"exclusive": True} if args.exclusive else {}),
                                               **({"dependency": args.dependency} if args.dependency else {})} or None,
-                 # unset, Slurm often gives a task 1 CPU: a GPU task gets its data workers + 2 (itself, pinning)
+                 # unset, Slurm often gives a task 1 CPU: a GPU task gets its data workers + 2 (itself, pinning),
+                 # a CPU task its share of a node (the partition's, not this login node's)
                  cpus_per_task=args.cpus_per_task or site.get("cpus_per_task") or
-                 (max(1, (os.cpu_count() or 1) // args.gpus_per_node) if args.cpu else
+                 (max(1, (node_cpus(args.partition or site.get("partition")) or os.cpu_count() or 1)
+                      // args.gpus_per_node) if args.cpu and cluster == "slurm" else
                   getattr(args, "default_cpus_per_task", None)))
     if cluster == "slurm":
         params.update({k: v for k, v in slurm.items() if v is not None})

@@ -88,6 +88,13 @@ def test_more_nodes_than_the_partition_has_is_refused(monkeypatch):
         submit.check_nodes(2, "urgent")
 
 
+def test_cpu_tasks_get_their_share_of_the_partitions_nodes_not_the_login_nodes(monkeypatch):
+    rows = "debug* 16\ndebug* 8\nbig 64\n"  # sinfo -o '%P %c': a row per node kind
+    monkeypatch.setattr(submit.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, rows, ""))
+    assert (submit.node_cpus(None), submit.node_cpus("big"), submit.node_cpus("nosuch")) == (8, 64, None)
+
+
 def test_evaluation_jobs_take_every_site_key_and_flags_win(tmp_path, monkeypatch, srun_on_path):
     """The site file's qos, constraint and mem reach the evaluation jobs' sbatch scripts as they reach
     training's (submitit renders them); a flag overrides the site file."""
@@ -214,6 +221,23 @@ def test_a_torn_line_in_the_job_records_costs_that_record_only(tmp_path, capsys)
     assert [r["job_id"] for r in records.read(run)] == ["1", "3"]
     assert "skipped 1 unreadable line" in capsys.readouterr().err
     assert records.find("3", [run])[1]["kind"] == "eval"
+
+
+def test_a_job_record_goes_in_on_a_filesystem_without_locks(tmp_path, monkeypatch, capsys):
+    """A run directory on Lustre mounted without locks: lockf fails after the job was submitted; its record
+    is appended all the same (with a warning), so `adm jobs` and the double-submit guard still see it."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    records.add(run, {"job_id": "5", "cluster": "slurm", "kind": "train"})
+    records.add(run, {"job_id": "6", "cluster": "slurm", "kind": "eval"})
+    assert [r["job_id"] for r in records.read(run)] == ["5", "6"]
+    assert capsys.readouterr().err.count("no lock on this filesystem (No locks available); appended without one") == 2
 
 
 def test_jobs_submitted_from_inside_a_job_do_not_inherit_its_slurm_environment(monkeypatch):
