@@ -225,10 +225,10 @@ def launch_rank() -> int:
     env = os.environ
     if "RANK" in env and env["RANK"].isdigit():
         return int(env["RANK"])
-    for key in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "SUBMITIT_LOCAL_GLOBALID"):
-        if env.get(key, "").isdigit():
+    for key in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "SUBMITIT_LOCAL_GLOBALID", "SLURM_PROCID"):
+        if env.get(key, "").isdigit():  # (a batch script's own shell has SLURM_PROCID=0: rank 0 either way)
             return int(env[key])
-    return int(env["SLURM_PROCID"]) if slurm_step_tasks(env) and env["SLURM_PROCID"].isdigit() else 0
+    return 0
 
 
 class AnyRankLater:
