@@ -18,8 +18,8 @@ from adm.config import check_device
 
 from .atomic import merge_npz_atomic, save_npz_atomic, write_text_atomic
 from .inception import default_device
-from .strict_fp32 import tf32
 from .settings import EvalSetting
+from .strict_fp32 import tf32
 
 
 def quantize(images: torch.Tensor) -> np.ndarray:

@@ -97,35 +97,28 @@ def check_partition(partition: str | None) -> None:
         raise ValueError(f"--partition {partition!r}: Slurm knows {', '.join(sorted(set(names)))}")
 
 
+def _partition_numbers(field: str, partition: str | None) -> tuple[str | None, list[int]]:
+    """The partition (the default one, marked *, without a name) and sinfo's numeric `field` (%D nodes, %c CPUs
+    per node) on each of its rows (one per node state or kind); [] without sinfo or such a partition."""
+    if not shutil.which("sinfo"):
+        return partition, []
+    rows = subprocess.run(["sinfo", "-h", "-o", f"%P {field}"], capture_output=True, text=True).stdout.split("\n")
+    rows = [r.split() for r in rows if len(r.split()) == 2 and r.split()[1].isdigit()]
+    name = partition or next((r[0].rstrip("*") for r in rows if r[0].endswith("*")), None)
+    return name, [int(r[1]) for r in rows if r[0].rstrip("*") == name]
+
+
 def check_nodes(nodes: int, partition: str | None) -> None:
     """More nodes than the partition has would pend forever (Reason=PartitionConfig): refused here."""
-    if not shutil.which("sinfo"):
-        return
-    rows = subprocess.run(["sinfo", "-h", "-o", "%P %D"], capture_output=True, text=True).stdout.split("\n")
-    counts: dict[str, int] = {}
-    default = None
-    for row in filter(None, (r.split() for r in rows)):
-        name = row[0].rstrip("*")
-        counts[name] = counts.get(name, 0) + int(row[1])  # one row per node state
-        default = default or (name if row[0].endswith("*") else None)
-    name = partition or default
-    if name in counts and nodes > counts[name]:
-        raise ValueError(f"--nodes {nodes}: partition {name!r} has {counts[name]} node(s); the job would pend forever")
+    name, counts = _partition_numbers("%D", partition)
+    if counts and nodes > sum(counts):
+        raise ValueError(f"--nodes {nodes}: partition {name!r} has {sum(counts)} node(s); the job would pend forever")
 
 
 def node_cpus(partition: str | None) -> int | None:
     """CPUs of the partition's smallest node (the default partition's without one), as sinfo says; None
     where it does not."""
-    if not shutil.which("sinfo"):
-        return None
-    rows = subprocess.run(["sinfo", "-h", "-o", "%P %c"], capture_output=True, text=True).stdout.split("\n")
-    cpus: dict[str, int] = {}
-    default = None
-    for row in filter(lambda r: len(r) == 2 and r[1].isdigit(), (r.split() for r in rows)):
-        name = row[0].rstrip("*")
-        cpus[name] = min(cpus.get(name, int(row[1])), int(row[1]))  # one row per node kind
-        default = default or (name if row[0].endswith("*") else None)
-    return cpus.get(partition or default)
+    return min(_partition_numbers("%c", partition)[1], default=None)
 
 
 def _sacctmgr_names(*query: str) -> list[str]:
