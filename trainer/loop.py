@@ -235,8 +235,8 @@ def training_loop(cfg: TrainConfig) -> int:
             # every old rank's EMA shards, memory-mapped: the ranks of a node share them in the page cache
             old = [torch.load(f, map_location="cpu", weights_only=False, mmap=True)
                    for f in [run_dir / ckpt.CKPT / tag / f"rank{r:05d}.pt" for r in range(manifest["world_size"])]]
-            ema.load_full({k: ShardEMA.assemble(client["ema_layout"], [ShardEMA.shards_of(o["ema"])[k] for o in old])
-                           for k in ema.all_shadows()})
+            ema.load_resharded(client["ema_layout"], {k: [ShardEMA.shards_of(o["ema"])[k] for o in old]
+                                                      for k in ema.all_shadows()})
             ema.updates = client["ema_updates"]
             if ema.power is not None:
                 ema.power.steps = client["ema_updates"]
