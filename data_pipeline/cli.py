@@ -18,6 +18,8 @@ def cmd_write(args) -> int:
         if value is not None and args.layout != "imagenet":  # (a folder tree has no splits: one would be ignored)
             raise ValueError(f"{flag} is for --layout imagenet; with --layout {args.layout} give the split's own "
                              "folder or list file")
+    if not args.quiet:  # (ImageNet's train split: about a minute from a local disk, minutes over NFS)
+        print(f"listing {args.source} ...", file=sys.stderr, flush=True)
     source = read_source(args.source, args.layout, args.split or "train", args.labels)
     print(f"{len(source.items)} images in {len(source.classes)} classes ({source.layout}) from {args.source}",
           file=sys.stderr)

@@ -117,6 +117,31 @@ def test_bad_images_are_skipped_counted_and_listed(imagenet, tmp_path):
     assert served == keys and loader.skipped == 0
 
 
+def test_the_writer_processes_leave_the_parents_image_list_to_the_parent(imagenet, tmp_path, monkeypatch):
+    """Forked writers inherit the parent's objects (ImageNet's image list: about 0.5 GB); a garbage collection
+    in a child touching them all would copy every page into each child. They are frozen while the pool runs,
+    so a child's collector never looks at them, and thawed after."""
+    import gc
+
+    from data_pipeline import writer
+
+    real = writer.write_shard
+
+    def spy(task):  # runs in the forked child
+        (tmp_path / f"frozen-{os.getpid()}").write_text(str(gc.get_freeze_count()))
+        return real(task)
+
+    spy.__module__, spy.__qualname__ = writer.__name__, "write_shard"  # sent to the pool by that name
+    monkeypatch.setattr(writer, "write_shard", spy)
+    root, _ = imagenet
+    source = read_source(root / "train", "folder")
+    assert gc.get_freeze_count() == 0
+    write_dataset(source, tmp_path / "out", shard_size=16, workers=2, progress=False)
+    frozen = [int(p.read_text()) for p in tmp_path.glob("frozen-*")]
+    assert len(frozen) == 2 and min(frozen) > len(source.items)  # (every Item is a tracked object) in both children
+    assert gc.get_freeze_count() == 0  # and the parent collects its garbage again
+
+
 def test_center_crop_at_write_time_equals_adm_reference(imagenet, tmp_path):
     gd_data = pytest.importorskip("guided_diffusion.image_datasets")
     root, _ = imagenet
@@ -492,7 +517,8 @@ def test_the_ilsvrc_tars_read_in_place_give_the_shards_the_extracted_folders_giv
         assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]] and b["skipped_count"] == 0
         assert b["source"]["layout"] == f"imagenet-{split}-tar"
     # through the command, originals kept: each image's bytes are the file's own
-    run_cli("data", "write", str(train_tar), str(tmp_path / "cli"), "--layout", "imagenet", "--shard-size", "50")
+    proc = run_cli("data", "write", str(train_tar), str(tmp_path / "cli"), "--layout", "imagenet", "--shard-size", "50")
+    assert proc.stderr.startswith(f"listing {train_tar} ...\n")  # said before the tar's headers are read
     with tarfile.open(tmp_path / "cli" / "shard-000000.tar") as shard:
         meta = json.loads(shard.extractfile(next(m for m in shard if m.name.endswith(".json"))).read())
         first = shard.extractfile(next(m for m in shard if m.name.endswith(".jpg"))).read()
