@@ -215,7 +215,7 @@ def evaluate(diff_run: Path, ref: Path, ref2: Path, settings_small: list, settin
     """Through the farm: unguided on every snapshot; guidance and the cascade on the last two."""
     from eval.schedule import LocalBackend, find_snapshots, schedule_pass
 
-    backend = LocalBackend(progress=sys.stderr.isatty())
+    backend = LocalBackend(progress=True)
     if slurm_answers():
         from slurm.eval_jobs import SlurmBackend
         backend = SlurmBackend(minutes=30, gpus_per_task=0, cpus_per_task=1)

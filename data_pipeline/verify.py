@@ -156,8 +156,8 @@ def verify(directory: str | Path, decode: bool = True, workers: int = 1, progres
     try:
         results = (pool.map(check, manifest["shards"]) if pool else map(check, manifest["shards"]))
         if progress:
-            from tqdm.auto import tqdm
-            results = tqdm(results, total=len(manifest["shards"]), unit="shard", desc="verifying")
+            from adm.progress import progress as bar
+            results = bar(results, total=len(manifest["shards"]), unit="shard", desc="verifying")
         for found, n in results:
             problems += found
             checked += n

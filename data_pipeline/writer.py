@@ -340,8 +340,8 @@ def _write_locked(source: Source, out: Path, shard_size: int, workers: int, prep
     results = dict(done)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(source.items), initial=sum(len(plan[i]) for i in done), unit="img",
+        from adm.progress import progress as progress_bar
+        bar = progress_bar(total=len(source.items), initial=sum(len(plan[i]) for i in done), unit="img",
                    desc=f"writing {len(plan)} shards")
     pool = None if workers == 1 else ProcessPoolExecutor(workers, get_context("fork"), initializer=_writer_init,
                                                          initargs=(os.getpid(),))

@@ -112,7 +112,7 @@ def backend_for(args):
         answers = args.cluster == "local" and _slurm_answers(patient=False)
         if answers:
             from slurm.eval_jobs import jobs_alive
-        return LocalBackend(progress=sys.stderr.isatty(), jobs_alive=jobs_alive if answers else None)
+        return LocalBackend(progress=True, jobs_alive=jobs_alive if answers else None)
     if args.cluster == "slurm" and not _slurm_answers():
         raise ValueError("--cluster slurm: no Slurm answers here (sbatch missing or sinfo failing); "
                          "use --cluster local to run on this machine")
@@ -143,7 +143,7 @@ def cmd_ref(a) -> int:
 
     check_out_file(a.out, "--out", a.overwrite)  # before minutes of features, not after
     meta = build_reference(a.shards, a.out, a.resolution, a.pr_num, a.limit, a.batch_size, a.device,
-                           progress=sys.stderr.isatty())
+                           progress=True)
     print(f"reference {a.out}: statistics of {meta['num_images']} images at {a.resolution}x{a.resolution}, "
           f"{meta['num_pr']} kept for precision/recall" + (f", {meta['skipped']} skipped" if meta["skipped"] else ""))
     return 0

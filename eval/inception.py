@@ -137,10 +137,10 @@ def forward_fitting(net: InceptionFeatures, images, batch_size: int, done=None) 
 
 def extract(images: np.ndarray, batch_size: int | None = None, device=None, progress: bool = False) -> dict[str, np.ndarray]:
     """Features of a whole uint8 NHWC array, batch by batch (`progress`: a bar counting images)."""
-    from tqdm.auto import tqdm
+    from adm.progress import progress as progress_bar
 
     device = torch.device(device or default_device())
-    with tqdm(total=len(images), desc="inception", unit="img", disable=not progress) as bar:
+    with progress_bar(total=len(images), desc="inception", unit="img", enabled=progress) as bar:
         return forward_fitting(network(device), images, batch_size or default_batch_size(device), bar.update)
 
 

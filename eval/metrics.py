@@ -4,7 +4,6 @@ The reference is ADM's format (arr_0 images for precision/recall, mu/sigma/mu_s/
 the whole split). Its Inception features are computed once and cached by content digest.
 """
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +60,7 @@ def _load(p: Path, data, info, stored: dict, cache_dir, batch_size, device) -> d
             stats = {k: c[k] for k in ("mu", "sigma", "mu_s", "sigma_s")}
         else:
             images = check_images(p, data)
-            feats = extract(images, batch_size, device, progress=sys.stderr.isatty())
+            feats = extract(images, batch_size, device, progress=True)  # (a metrics job's log: a line a minute)
             pool, spatial = Statistics.of(feats["pool"]), Statistics.of(feats["spatial"])
             stats = dict(mu=pool.mu, sigma=pool.sigma, mu_s=spatial.mu, sigma_s=spatial.sigma)
             out.update(pool=feats["pool"], resolution=images.shape[1])

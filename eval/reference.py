@@ -22,8 +22,8 @@ def build_reference(shards: str | Path, out: str | Path, resolution: int, pr_num
                     limit: int | None = None, batch_size: int | None = None, device=None,
                     progress: bool = False) -> dict:
     import torch
-    from tqdm.auto import tqdm
 
+    from adm.progress import progress as progress_bar
     from data_pipeline.loader import StreamLoader
 
     device = torch.device(device or default_device())
@@ -43,7 +43,7 @@ def build_reference(shards: str | Path, out: str | Path, resolution: int, pr_num
     net = network(device)
     pool = spatial = None
     keep, keep_pool, labels, seen = [], [], [], 0
-    bar = tqdm(total=want, unit="img", desc="reference", disable=not progress)
+    bar = progress_bar(total=want, unit="img", desc="reference", enabled=progress)
     for batch in loader:
         first_epoch = batch["pos"][:, 1] == 0
         images = ((batch["image"][first_epoch] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
