@@ -215,7 +215,13 @@ def sample_task(key_dir: str, index: int) -> str:
         if base is not None:
             print(f"[eval] {Path(key_dir).name}: the base images of seeds {seeds[0]}-{seeds[-1]} from "
                   f"{base.path.parent.parent.name}: only the upsampler runs", file=sys.stderr, flush=True)
-        path = sampler.shard(seeds, Path(key_dir) / "samples", watch=None if base else watch, base=base)
+        from adm.progress import progress
+
+        # a line a minute in the task's log (a shard of ADM-256 at 250 steps takes hours); on a terminal, where
+        # run_local counts the shards, nothing more
+        with progress(total=len(seeds), desc=f"[eval] {Path(key_dir).name} shard {index}", unit="img",
+                      enabled=not sys.stderr.isatty()) as bar:
+            path = sampler.shard(seeds, Path(key_dir) / "samples", bar, watch=None if base else watch, base=base)
     if progressive:
         from .sample import save_npz_atomic
 
@@ -361,11 +367,11 @@ def log_tensorboard(run_dir: Path, record: dict) -> None:
 def run_local(key_dir: Path, progress: bool = False) -> dict:
     """The whole plan in this process, in order (every task skips what is already done)."""
     _, setting = load_spec(key_dir)
-    from tqdm.auto import tqdm
+    from adm.progress import progress as progress_bar
 
-    for i in tqdm(range(setting.num_shards), desc=f"sample {key_dir.name}", disable=not progress):
+    for i in progress_bar(range(setting.num_shards), desc=f"sample {key_dir.name}", unit="shard", enabled=progress):
         sample_task(str(key_dir), i)
-    for i in tqdm(range(setting.num_shards), desc="features", disable=not progress):
+    for i in progress_bar(range(setting.num_shards), desc="features", unit="shard", enabled=progress):
         feature_task(str(key_dir), i)
     metrics_task(str(key_dir), backend="single")
     return json.loads((key_dir / registry.METRICS).read_text())

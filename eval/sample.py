@@ -62,6 +62,11 @@ def shard_path(out: Path, seeds: list[int]) -> Path:
     return Path(out) / f"samples-{seeds[0]:08d}-{seeds[-1]:08d}.npz"
 
 
+def batch_path(shard: Path, seeds: list[int]) -> Path:
+    """Where a batch of a shard is kept until the shard is whole: hidden, so no reader takes it for a shard."""
+    return shard.with_name(f".{shard.stem}.batch-{seeds[0]:08d}-{seeds[-1]:08d}.npz")
+
+
 def finished_shard_problem(path: Path, count: int) -> str | None:
     """Why a finished-looking shard cannot be reused (damaged after it was written: cut short by a full disk's
     copy, overwritten, a flipped bit), from its zip directory, its arrays' headers and every member read
@@ -244,17 +249,29 @@ class Sampler:
                 return path
             print(f"{path}: {problem}; sampling it again", file=sys.stderr, flush=True)
             path.unlink(missing_ok=True)
+        Path(out).mkdir(parents=True, exist_ok=True)
         images, labels = [], []
         for i in range(0, len(seeds), self.setting.batch_size):
-            x, y = self.batch(seeds[i:i + self.setting.batch_size], watch if i == 0 else None, base)
+            chunk = seeds[i:i + self.setting.batch_size]
+            # each batch kept until its shard is whole: a task stopped (its time limit, a preemption, a crash)
+            # samples again only the batch it was on (a shard of ADM-256 at 250 steps takes hours)
+            part = batch_path(path, chunk)
+            if part.is_file() and finished_shard_problem(part, len(chunk)) is None:
+                with np.load(part) as saved:
+                    x, y = saved["arr_0"], (saved["arr_1"] if "arr_1" in saved.files else None)
+            else:
+                x, y = self.batch(chunk, watch if i == 0 else None, base)
+                save_npz_atomic(part, arr_0=x, **({"arr_1": y} if y is not None else {}))
             images.append(x)
             labels.append(y)
             if bar is not None:
                 bar.update(len(x))
-        Path(out).mkdir(parents=True, exist_ok=True)
         # ADM's sample files: arr_1 (labels) only when there are labels, as its image_sample.py writes them
         save_npz_atomic(path, arr_0=np.concatenate(images),
                         **({"arr_1": np.concatenate(labels)} if labels[0] is not None else {}))
+        for part in path.parent.glob(f".{path.stem}.batch-*.npz"):  # (and those of another batch size)
+            if ".partial" not in part.name:  # (a writer's temporary is its own to remove)
+                part.unlink(missing_ok=True)
         return path
 
     def progressive(self, seeds: list[int], frames: int = 8) -> np.ndarray:
@@ -381,7 +398,7 @@ def main(argv=None, prog="adm sample") -> int:
         base = BaseSamples(a.base_samples, cfg["small_size"], cfg.get("num_classes"), a.seed_start, a.num)
     claim_out_dir(out, a.snapshot, setting, write=False, base_samples=a.base_samples,
                   device=device)  # the cheap checks first
-    from tqdm.auto import tqdm
+    from adm.progress import progress
 
     planned = [shard_path(out, setting.shard_seeds(i)) for i in range(setting.num_shards)]
     there = set(finished_shards(out))
@@ -403,7 +420,7 @@ def main(argv=None, prog="adm sample") -> int:
                          "multiple of --shard-size and each --num but the last one too)")
     sampler = Sampler(a.snapshot, setting, device, base=base)
     claim_out_dir(out, a.snapshot, setting, base_samples=a.base_samples, device=device)
-    bar = tqdm(total=a.num, unit="img", desc="sampling", disable=not sys.stderr.isatty())
+    bar = progress(total=a.num, unit="img", desc="sampling")
     paths = [sampler.shard(setting.shard_seeds(i), out, bar) for i in range(setting.num_shards)]
     bar.close()
     print(f"{a.num} samples in {len(paths)} shard(s) under {out}")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from submitit.core.utils import FailedJobError
+from submitit.helpers import Checkpointable
 
 from eval import registry
 from eval.farm import base_evaluations, feature_task, load_spec, metrics_task, sample_task, strided
@@ -41,6 +42,16 @@ def _schedule_entry(argv: list[str], chain: str | None = None) -> int:
     return main(argv)
 
 
+class SchedulePass(Checkpointable):
+    """A pass of the recurring schedule, which submits the next one as it ends. Checkpointable: a pass that
+    reaches its time limit (the first over a run of hundreds of snapshots submits many arrays) is requeued
+    as the same call, rather than dying before it submits the next and ending the chain. It runs again from
+    the start, quickly: what the first run submitted is claimed and skipped."""
+
+    def __call__(self, argv: list[str], chain: str | None = None) -> int:
+        return _schedule_entry(argv, chain)
+
+
 @functools.lru_cache(maxsize=1)
 def max_array_size() -> int:
     """Slurm's MaxArraySize (an array's indices run 0 .. MaxArraySize - 1; 1001 unless the site set it), from
@@ -53,9 +64,17 @@ def max_array_size() -> int:
     return max(1, int(found.group(1))) if found else 1001
 
 
-def _sample_tasks(key_dir: str, first: int, stride: int) -> list[str]:
-    own_cpus()
-    return strided(sample_task, key_dir, first, stride)
+class SampleTasks(Checkpointable):
+    """A sampling array task. Checkpointable: at its time limit (submitit's signal, 90 s before it) or on a
+    preemption, submitit requeues the same call (up to 3 times for time limits), which goes on from the
+    batches its shard kept (eval.sample.Sampler.shard): a shard of ADM-256 at 250 steps can outlast --time."""
+
+    def __call__(self, key_dir: str, first: int, stride: int) -> list[str]:
+        own_cpus()
+        return strided(sample_task, key_dir, first, stride)
+
+
+_sample_tasks = SampleTasks()
 
 
 def _feature_tasks(key_dir: str, first: int, stride: int) -> list[str]:
@@ -241,7 +260,7 @@ class SlurmBackend:
                             gpus_per_node=None, timeout_min=60,
                             slurm_additional_parameters={"begin": f"now+{int(every_s)}"})
         with outside_any_job():  # this is usually a scheduler pass, itself a Slurm job
-            job = ex.submit(_schedule_entry, list(argv), chain)
+            job = ex.submit(SchedulePass(), list(argv), chain)
         records.add(Path(run_dir), {"job_id": job.job_id, "cluster": "slurm", "kind": "eval-schedule",
                                     "chain": str(chain or job.job_id),
                                     "folder": str(Path(run_dir) / "slurm" / str(job.job_id))})

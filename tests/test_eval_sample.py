@@ -291,6 +291,46 @@ def test_progressive_decoding_is_recorded_from_the_shard_itself(tmp_path, steps)
         sampler.watcher(3).array()
 
 
+def test_a_shard_stopped_midway_samples_again_only_the_batch_it_was_on(tmp_path, monkeypatch):
+    """A sampling task stopped inside a shard (its time limit, a preemption) keeps the batches it finished, as
+    hidden files no reader takes for shards; the next one samples only the rest, and the shard equals one
+    sampled without a stop. A damaged kept batch is sampled again; the kept batches go once the shard is whole."""
+    from eval.sample import Sampler, batch_path, finished_shards
+    from eval.settings import EvalSetting
+
+    snap = snapshot(tmp_path, "base", "tiny-32", 1)
+    seeds = list(range(20, 27))
+    whole = np.load(Sampler(str(snap), EvalSetting(name="x", steps="ddim2", num=7, batch_size=3), "cpu")
+                    .shard(seeds, tmp_path / "whole"))
+    sampler = Sampler(str(snap), EvalSetting(name="x", steps="ddim2", num=7, batch_size=3), "cpu")
+    sampled, batch = [], sampler.batch
+
+    def stopped_after(n):
+        def sample(chunk, *args):
+            if len(sampled) == n:
+                raise KeyboardInterrupt  # the time limit's signal
+            sampled.append(list(chunk))
+            return batch(chunk, *args)
+        return sample
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(sampler, "batch", stopped_after(2))
+    with pytest.raises(KeyboardInterrupt):
+        sampler.shard(seeds, out)
+    assert sampled == [[20, 21, 22], [23, 24, 25]] and finished_shards(out) == []
+    kept = sorted(p.name for p in out.iterdir())
+    assert kept == [".samples-00000020-00000026.batch-00000020-00000022.npz",
+                    ".samples-00000020-00000026.batch-00000023-00000025.npz"]
+    batch_path(out / "samples-00000020-00000026.npz", [23, 24, 25]).write_bytes(b"PK\x03\x04cut")  # damaged
+    sampled.clear()
+    monkeypatch.setattr(sampler, "batch", stopped_after(9))
+    path = sampler.shard(seeds, out)
+    assert sampled == [[23, 24, 25], [26]]  # the first batch came from its file
+    with np.load(path) as got:
+        assert np.array_equal(got["arr_0"], whole["arr_0"]) and np.array_equal(got["arr_1"], whole["arr_1"])
+    assert sorted(p.name for p in out.iterdir()) == [path.name]
+
+
 def test_merged_samples_are_streamed_into_one_npz_equal_to_the_concatenation(tmp_path):
     """`adm sample --merge` writes samples.npz a shard at a time (50,000 images at 512x512 are 39 GB: held
     twice by np.concatenate); numpy reads it back as the concatenation, compressed parts included, and the

@@ -409,6 +409,71 @@ def test_more_shards_than_an_array_may_hold_are_shared_out_over_its_tasks(tmp_pa
     assert "7 shards in arrays of 3 tasks (Slurm's MaxArraySize), up to 3 shards per task" in capsys.readouterr().out
 
 
+def test_a_sampling_task_at_its_time_limit_is_requeued_as_the_same_call(tmp_path, monkeypatch):
+    """The sampling array's tasks are submitit-Checkpointable: at the time limit's signal submitit pickles
+    the delayed call that `checkpoint` returns and requeues it; that call, run again, goes on where the shard
+    stopped (its kept batches: test_a_shard_stopped_midway_samples_again_only_the_batch_it_was_on)."""
+    import json
+    import pickle
+
+    import submitit
+    from slurm import eval_jobs
+
+    key_dir = tmp_path / "run" / "eval" / "k"
+    key_dir.mkdir(parents=True)
+    (key_dir / "setting.json").write_text(json.dumps({"run_dir": str(tmp_path / "run"), "setting": {
+        "name": "x", "num": 7, "shard_size": 1}}))  # 7 shards
+    task = eval_jobs._sample_tasks
+    assert isinstance(task, submitit.helpers.Checkpointable)
+    again = pickle.loads(pickle.dumps(task.checkpoint(str(key_dir), 1, 3)))
+    assert isinstance(again, submitit.helpers.DelayedSubmission)
+    assert type(again.function) is eval_jobs.SampleTasks and again.args == (str(key_dir), 1, 3)
+    monkeypatch.setattr(eval_jobs, "sample_task", lambda key, i: f"shard {i}")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        assert again.result() == ["shard 1", "shard 4"]  # task 1 of 3's share of the 7 shards
+    finally:
+        torch.set_num_threads(threads)  # (the task takes the job's CPUs)
+
+
+def test_a_schedule_pass_at_its_time_limit_is_requeued_so_the_chain_goes_on(tmp_path, monkeypatch):
+    """The recurring schedule's pass submits the next pass as it ends: killed at its time limit before that,
+    the chain would end. It is submitit-Checkpointable, requeued as the same call (same argv, same chain)."""
+    import pickle
+
+    import submitit
+    from eval import cli
+    from slurm import eval_jobs
+
+    submitted = []
+
+    class Job:
+        job_id = "77"
+
+    class Executor:
+        def submit(self, fn, *args):
+            submitted.append((fn, args))
+            return Job()
+
+    monkeypatch.setattr(eval_jobs.SlurmBackend, "_executor", lambda self, *a, **k: Executor())
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, "", ""))  # no GPUs
+    run = tmp_path / "run"
+    run.mkdir()
+    argv = ["schedule", str(run), "--ref", "ref.npz", "--cluster", "slurm"]
+    assert eval_jobs.SlurmBackend(gpus_per_task=0).submit_schedule(argv, 7200, run, "70") == "77"
+    (fn, args), = submitted
+    assert isinstance(fn, submitit.helpers.Checkpointable) and args == (argv, "70")
+    again = pickle.loads(pickle.dumps(fn.checkpoint(*args)))
+    seen = []
+    monkeypatch.setattr(cli, "main", lambda a: seen.append((a, os.environ[cli.SCHEDULE_CHAIN])) or 0)
+    monkeypatch.setenv(cli.SCHEDULED_PASS, "")
+    monkeypatch.setenv(cli.SCHEDULE_CHAIN, "")
+    assert again.result() == 0 and seen == [(argv, "70")]  # the same pass of the same chain
+
+
 def test_a_pass_killed_while_submitting_leaves_its_queued_jobs_on_the_claim(tmp_path, monkeypatch):
     """The scheduler pass (itself a Slurm job, or a user's command) killed after queueing the sampling array and
     before the feature array: the claim names the queued job at once, so a later pass sees the attempt alive
