@@ -37,7 +37,7 @@ def prepare(run_dir: Path, snapshot: Path, setting: EvalSetting, ref: Path, ince
     from .digest import remembered_digest
 
     root = registry.eval_root(run_dir)
-    key = eval_key(snapshot, setting, ref, remembered_digest(Path(ref), root / "ref-cache"))
+    key = eval_key(snapshot, setting, ref, remembered_digest(Path(ref), reference_cache(run_dir)))
     older = eval_key(snapshot, setting, ref)
     if not (root / key).is_dir() and (root / older / registry.SETTING).is_file():
         key = older
@@ -237,11 +237,23 @@ def feature_task(key_dir: str, index: int) -> str:
 
     if (Path(key_dir) / "features" / MERGED).is_file():  # a late duplicate: the evaluation is done
         return str(Path(key_dir) / "features" / MERGED)
-    _, setting = load_spec(Path(key_dir))
+    spec, setting = load_spec(Path(key_dir))
     sample = shard_path(Path(key_dir) / "samples", setting.shard_seeds(index))
     if not sample.is_file():
         raise FileNotFoundError(f"{sample}: the sampling task {index} has not finished")
-    return str(featurize(sample, Path(key_dir) / "features"))
+    done = str(featurize(sample, Path(key_dir) / "features"))
+    if index == 0:
+        # the reference's features (ADM's reference batches carry 10k images and no features) and covariance
+        # roots into the run's cache, here on this task's GPU: the metrics job, on CPUs, would take minutes
+        from .metrics import load_reference
+
+        load_reference(spec["ref"], cache_dir=reference_cache(spec["run_dir"]))
+    return done
+
+
+def reference_cache(run_dir) -> Path:
+    """Where a run's evaluations keep their references' features and covariance roots (by content digest)."""
+    return registry.eval_root(run_dir) / "ref-cache"
 
 
 def strided(task, key_dir: str, first: int, stride: int) -> list[str]:
@@ -270,7 +282,7 @@ def metrics_task(key_dir: str, backend: str = "auto") -> dict | None:
         return json.loads((key_dir / registry.METRICS).read_text())
     spec, setting = load_spec(key_dir)
     feats = load_features(key_dir / "features", expected=setting.num)
-    ref = load_reference(spec["ref"], cache_dir=registry.eval_root(spec["run_dir"]) / "ref-cache")
+    ref = load_reference(spec["ref"], cache_dir=reference_cache(spec["run_dir"]))
     w = logits_weight(spec["inception_weights"]) if spec.get("inception_weights") else None
     metrics = reduce(feats, ref, spec["ref"], setting.pr_distance, comm, w)
     comm.close()

@@ -125,6 +125,39 @@ def test_a_reference_with_its_own_features_is_not_featurized_again(reference, tm
 
 
 
+def test_an_adm_reference_is_featurized_by_the_first_feature_task_not_the_metrics_job(reference, tmp_path,
+                                                                                     monkeypatch):
+    """ADM's reference batches carry 10k images and no features. The first feature task (a GPU job) puts
+    them through Inception into the run's cache; the metrics job (CPUs only) then reads that cache and runs
+    no Inception, and gets the numbers that featurizing the reference itself gives."""
+    import eval.metrics as metrics
+    from eval.farm import feature_task, metrics_task, prepare, sample_task
+    from eval.settings import EvalSetting
+
+    adm = tmp_path / "adm-ref.npz"
+    with np.load(reference) as ref:
+        np.savez(adm, **{k: ref[k] for k in ref.files if k not in ("pool", "meta")})
+    run = make_run(tmp_path / "run", kimgs=(1,))
+    key_dir = prepare(run, next((run / "snapshots").iterdir()), EvalSetting(name="x", steps="ddim2", num=8,
+                                                                             shard_size=4), adm)
+    calls, real_extract = [], metrics.extract
+    monkeypatch.setattr(metrics, "extract", lambda images, *a, **k: calls.append(len(images)) or
+                        real_extract(images, *a, **k))
+    for i in (0, 1):
+        sample_task(str(key_dir), i)
+    feature_task(str(key_dir), 1)
+    assert calls == [] and not list((run / "eval" / "ref-cache").glob("ref-*.npz"))  # (task 1 leaves it to task 0)
+    feature_task(str(key_dir), 0)
+    assert calls == [20] and len(list((run / "eval" / "ref-cache").glob("ref-*[0-9].npz"))) == 1
+    got = metrics_task(str(key_dir), backend="single")["metrics"]
+    assert calls == [20]  # the metrics job ran no Inception
+    monkeypatch.setattr(metrics, "extract", real_extract)
+    from eval.features import load_features
+
+    want = metrics.reduce(load_features(key_dir / "features", expected=8), metrics.load_reference(adm), str(adm))
+    assert got == want
+
+
 def test_a_reference_is_hashed_once_per_version_of_the_file(reference, tmp_path, monkeypatch):
     """The feature cache is keyed by the reference's sha256; the digest is remembered per (path, size,
     mtime, inode), so the next metrics job does not hash the file again, and a rewritten file is hashed
