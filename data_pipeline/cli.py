@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -103,7 +104,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("verify", help="check every shard against the manifest (exit 1 on problems)")
     p.add_argument("dir", help="a directory written by `write` (shards + manifest.json)")
     p.add_argument("--no-decode", action="store_true", help="skip decoding every image")
-    p.add_argument("--workers", type=int, default=1, help="processes checking shards at once")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="processes checking shards at once (default: the cores, at most 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("bench", help="images/s of the streaming loader")
