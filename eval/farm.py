@@ -62,11 +62,14 @@ def prepare(run_dir: Path, snapshot: Path, setting: EvalSetting, ref: Path, ince
                 "ref": str(Path(ref).resolve()), "inception_weights": inception_weights,
                 "metric_workers": metric_workers, "evaluator": EVALUATOR_VERSION}
         write_text_atomic(path, json.dumps(spec, indent=2) + "\n")  # two schedulers may prepare at once
-    elif not (key_dir / registry.METRICS).is_file():
-        # the batch size cuts the work and changes no image (its key leaves it out): a lower one after an
-        # out-of-memory failure applies to the next attempt
-        if spec["setting"].get("batch_size") != setting.batch_size:
-            spec["setting"]["batch_size"] = setting.batch_size
+    else:
+        # what cuts the work or is kept after it changes no number (the key leaves it out): a lower batch size
+        # after an out-of-memory failure applies to the next attempt, keep_samples to the next pass
+        changing = ("keep_samples",) if (key_dir / registry.METRICS).is_file() else ("batch_size", "keep_samples")
+        changed = {k: getattr(setting, k) for k in changing
+                   if spec["setting"].get(k, getattr(EvalSetting, k)) != getattr(setting, k)}
+        if changed:
+            spec["setting"].update(changed)
             write_text_atomic(path, json.dumps(spec, indent=2) + "\n")
     return key_dir
 
@@ -303,7 +306,8 @@ def unfinished(key_dir: Path, logged: set[str]) -> bool:
     the run's tensorboard/ holds) or still has per-shard feature files to compact."""
     from .features import shard_feature_files
 
-    return Path(key_dir).name not in logged or bool(shard_feature_files(Path(key_dir) / "features"))
+    return (Path(key_dir).name not in logged or bool(shard_feature_files(Path(key_dir) / "features"))
+            or bool(samples_to_drop(Path(key_dir))))
 
 
 def finish(key_dir: Path) -> None:
@@ -318,6 +322,10 @@ def finish(key_dir: Path) -> None:
     if not any((run_dir / "tensorboard").glob(f"*.eval-{record['key']}")):
         log_tensorboard(run_dir, record)
     compact(key_dir / "features")  # the per-shard sums of outer products are not needed any more
+    drop = samples_to_drop(key_dir)
+    if drop and not cascades_waiting(key_dir):
+        for shard in drop:
+            shard.unlink(missing_ok=True)
     for partial in [*key_dir.glob("samples/*.partial-*"), *key_dir.glob("features/*.partial-*"),
                     *key_dir.glob("tensorboard.partial-*")]:
         try:  # a killed or cancelled task's temporary file (64 MB of feature sums, a sample shard, an events file)
@@ -328,6 +336,33 @@ def finish(key_dir: Path) -> None:
                     partial.unlink()
         except FileNotFoundError:
             pass
+
+
+def samples_to_drop(key_dir: Path) -> list[Path]:
+    """A published evaluation's sample shards that its setting does not keep (keep_samples: first keeps the
+    first shard, whose images the report shows)."""
+    from .features import sample_shards
+
+    try:
+        if load_spec(key_dir)[1].keep_samples == "all":
+            return []
+        return sample_shards(key_dir / "samples")[1:]
+    except (OSError, ValueError, TypeError, KeyError):  # (a damaged record or a stray file: nothing dropped)
+        return []
+
+
+def cascades_waiting(key_dir: Path) -> list[Path]:
+    """The snapshot's cascade evaluations still to finish that may take this evaluation's samples as their base
+    images (reusable_base): its shards stay until they are done."""
+    spec, _ = load_spec(key_dir)
+    waiting = []
+    for other in _others(key_dir, spec):
+        try:
+            if not (other / registry.METRICS).is_file() and Path(key_dir) in base_evaluations(other):
+                waiting.append(other)
+        except (OSError, ValueError, TypeError, KeyError):  # (no record, or a damaged one: it samples them itself)
+            continue
+    return waiting
 
 
 def series_name(run_dir: Path, record: dict) -> str:

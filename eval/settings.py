@@ -39,6 +39,9 @@ class EvalSetting:
     precision: str = "fp32"  # sampling arithmetic: fp32 | tf32 (a GPU's TF32) | bf16 (autocast; ADM sampled in fp16)
     every_kimg: float = 0.0  # scheduled passes evaluate the first snapshot at or past each multiple (0: all)
     ref: str | None = None  # this setting's reference batch (a cascade's, at the upsampler's size); default: --ref
+    # sample shards kept once the metrics are out: all, or first (the report's samples; 50k images at 256 px
+    # are 9.8 GB an evaluation, every snapshot's DDIM-25 terabytes over a run)
+    keep_samples: str = "all"
 
     # which snapshots a pass picks, and against which reference file (the key counts the reference by its content,
     # given apart): not how one is evaluated, never in setting.json's record nor in a key
@@ -72,6 +75,8 @@ class EvalSetting:
                              "snapshot (upsampler=PATH, --upsampler)")
         if self.pr_distance not in ("fp32", "fp16"):
             raise ValueError(f"setting {self.name!r}: pr_distance must be fp32 or fp16, got {self.pr_distance!r}")
+        if self.keep_samples not in ("all", "first"):
+            raise ValueError(f"setting {self.name!r}: keep_samples must be all or first, got {self.keep_samples!r}")
         if self.precision not in ("fp32", "tf32", "bf16"):
             raise ValueError(f"setting {self.name!r}: precision must be fp32, tf32 or bf16, got {self.precision!r}")
         if not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
@@ -131,7 +136,8 @@ def _digest(path: str | None) -> str | None:
     raise FileNotFoundError(f"{p}: no such snapshot or file")
 
 
-NUMBERS_UNCHANGED = ("shard_size", "batch_size")  # how the work is cut: never an image, never a metric
+# how the work is cut, and what is kept after it: never an image, never a metric
+NUMBERS_UNCHANGED = ("shard_size", "batch_size", "keep_samples")
 
 
 def numbers_identity(setting: dict) -> str:

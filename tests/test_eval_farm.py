@@ -723,8 +723,9 @@ def test_cascade_keys_carry_the_sampler_revision(tmp_path):
     np.savez(ref, mu=np.zeros(2))
 
     def old_key(setting):
-        ident = {k: v for k, v in asdict(setting).items()  # (every_kimg came later, and is never part of a key)
-                 if k not in ("name", "shard_size", "batch_size", "precision", "every_kimg")}
+        later = ("every_kimg", "keep_samples")  # fields that came later, never part of a key
+        ident = {k: v for k, v in asdict(setting).items()
+                 if k not in ("name", "shard_size", "batch_size", "precision", *later)}
         ident.update(classifier=_digest(setting.classifier), upsampler=_digest(setting.upsampler),
                      snapshot=_digest(str(snap)), ref=_digest(str(ref)), evaluator=EVALUATOR_VERSION)
         return f"{snap.name}--{setting.name}--{hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]}"
@@ -1042,7 +1043,8 @@ def test_results_are_current_distinct_and_labelled(tmp_path):
     record("c", slower, "val.npz", 30.0)
     record("d", fast, "val.npz", 40.0, evaluator="adm-eval-1")  # evaluated again by this version, not mixed
     record("e", asdict(EvalSetting(name="cascade", num=6)), "val32.npz", 50.0)  # its own reference: no suffix
-    cut = asdict(EvalSetting(name="cascade", num=6, shard_size=2, batch_size=3))  # the work cut otherwise:
+    cut = asdict(EvalSetting(name="cascade", num=6, shard_size=2, batch_size=3,  # the work cut otherwise and
+                             keep_samples="first"))  # other samples kept:
     record("f", cut, "val32.npz", 51.0)  # at another snapshot: no number changes, so no series of its own
     (run / "eval" / "f" / "metrics.json").write_text((run / "eval" / "f" / "metrics.json").read_text().replace(
         '"img000000001000"', '"img000000002000"').replace('"images": 1000', '"images": 2000'))
@@ -1050,7 +1052,7 @@ def test_results_are_current_distinct_and_labelled(tmp_path):
     labels = {(r["label"], r["images"]): r["metrics"]["fid"] for r in rows}
 
     def h(setting):
-        kept = {k: v for k, v in setting.items() if k not in ("shard_size", "batch_size")}
+        kept = {k: v for k, v in setting.items() if k not in ("shard_size", "batch_size", "keep_samples")}
         return __import__("hashlib").sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:6]
 
     assert labels == {(f"fast vs val.npz [{h(fast)}]", 1000): 10.0, ("fast vs other.npz", 1000): 20.0,
@@ -1469,6 +1471,40 @@ def test_a_cascade_reuses_the_base_images_another_evaluation_sampled(tmp_path, c
         sample_task(str(plain), 1)
     assert eval.farm._sampler.cache_info().currsize == 0
     sample_task(str(plain), 0)  # a finished shard: nothing to draw, nothing refused
+
+
+def test_a_setting_that_keeps_its_first_samples_drops_the_rest_once_its_cascades_are_done(tmp_path, capsys):
+    """keep_samples: first keeps, once the metrics are out, only the first shard (the report's samples).
+    A cascade of the snapshot still to run may take the shards as its base images, so they stay until it is
+    done, and the next pass's finish drops them. The field changes no number: not in the key, and changed on
+    a registered evaluation it applies to the next pass."""
+    from eval.farm import finish, prepare, run_local, samples_to_drop
+    from eval.settings import EvalSetting
+
+    run = make_run(tmp_path / "run", kimgs=(1,))
+    snap = next((run / "snapshots").iterdir())
+    make_upsampler(tmp_path / "up")
+    ref = statistics_ref(tmp_path / "ref.npz")
+    common = dict(steps="ddim2", num=6, shard_size=3, batch_size=3)
+    plain = prepare(run, snap, EvalSetting(name="p", keep_samples="first", **common), ref)
+    assert prepare(run, snap, EvalSetting(name="p", **common), ref) == plain  # the same evaluation
+    assert json.loads((plain / "setting.json").read_text())["setting"]["keep_samples"] == "all"  # as asked last
+    prepare(run, snap, EvalSetting(name="p", keep_samples="first", **common), ref)
+    cascade = prepare(run, snap, EvalSetting(name="c", upsampler=str(tmp_path / "up"), upsampler_steps="ddim2",
+                                             **common), ref)
+    shards = ["samples-00000000-00000002.npz", "samples-00000003-00000005.npz"]
+    first = run_local(plain)
+    assert sorted(p.name for p in (plain / "samples").glob("samples-*")) == shards  # the cascade may take them
+    assert [p.name for p in samples_to_drop(plain)] == shards[1:]
+    capsys.readouterr()
+    run_local(cascade)
+    assert capsys.readouterr().err.count(f"from {plain.name}: only the upsampler runs") == 2  # both shards taken
+    finish(plain)  # what the next pass does for a published evaluation with work left
+    assert sorted(p.name for p in (plain / "samples").glob("samples-*")) == shards[:1] and not samples_to_drop(plain)
+    assert json.loads((plain / "metrics.json").read_text()) == first  # the numbers as published
+    assert len(list((cascade / "samples").glob("samples-*"))) == 2  # (the cascade keeps all: its default)
+    with pytest.raises(ValueError, match="keep_samples must be all or first, got 'none'"):
+        EvalSetting(keep_samples="none")
 
 
 def test_a_setting_may_name_its_own_reference(tmp_path):
