@@ -30,7 +30,7 @@ TEMPLATE = """<!doctype html>
 <style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45;padding:0 1em}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
 td.l,th.l{text-align:left}.nw{white-space:nowrap}td.path{overflow-wrap:anywhere;font-size:85%;min-width:8em}
-img{max-width:100%;height:auto}img.px,.samples img{image-rendering:pixelated}
+img{max-width:100%;height:auto}img.px{image-rendering:pixelated}
 pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:85%}.fail{color:#b00}.samples{display:grid;gap:4px;margin:0 0 1.2em}
 .samples figure{margin:0}.samples img{width:100%;display:block}.samples figcaption{font-size:75%;
 text-align:center;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}</style></head><body>
@@ -63,7 +63,7 @@ reference batch).{% endif %}</p><img src="data:image/png;base64,{{ curves.png }}
 (hover for an image's seed), under each the class it was sampled for (labels drawn per seed){{ grid_note }}.</p>
 {% macro figures(cells, cols, cell) %}<div class="samples" style="grid-template-columns:repeat({{ cols }},minmax(0,{{ cell
 }}px))">{% for c in cells %}
-<figure><img src="data:image/png;base64,{{ c.png }}" title="{{ c.title }}" alt="{{ c.title }}">{% if c.label is not none
+<figure><img{% if c.src.startswith("data:image/png") %} class="px"{% endif %} src="{{ c.src }}" title="{{ c.title }}" alt="{{ c.title }}">{% if c.label is not none
 %}<figcaption>{{ c.label }}</figcaption>{% endif %}</figure>{% endfor %}</div>{% endmacro %}
 {% for g in grids %}<p>{{ g.caption }}</p>
 {{ figures(g.cells, g.cols, g.cell) }}{% if g.stages %}<p>The cascade's stages for its first seeds: each base-model
@@ -72,11 +72,27 @@ sample (its progressive decoding's last frame), then the upsampler's output from
 {% if progressive %}<h2>Progressive decoding</h2><p>{{ progressive.caption }}: the model's prediction of the
 final image at evenly spaced steps of the reverse process, left (pure noise) to right (the sample), one row
 per seed{% if progressive.rows %} (sampled for, top to bottom: {{ progressive.rows }}){% endif %}, as in DDPM's
-figure.</p><img class="px" src="data:image/png;base64,{{ progressive.png }}" width="{{ progressive.width }}">{% endif %}
+figure.</p><img{% if progressive.src.startswith("data:image/png") %} class="px"{% endif %} src="{{ progressive.src }}" width="{{ progressive.width }}">{% endif %}
 {% if training_grids %}<h2>Training-time EMA grids</h2>{% for g in training_grids %}<p>{{ g.caption }}<br>
 <img class="px" src="data:image/png;base64,{{ g.png }}" width="256"></p>{% endfor %}{% endif %}
 <h2>Configuration</h2><pre>{{ config }}</pre>
 </body></html>"""
+
+
+PHOTO_SIDE = 128  # samples this large are embedded as JPEG: a report holds dozens, and a 512 px PNG is 0.5 MB
+
+
+def _image_src(image: np.ndarray, scale: int = 1, side: int | None = None) -> str:
+    """A data: URI of a sample (or a tiling of samples `side` pixels high each): PNG, pixel-exact, below
+    PHOTO_SIDE, where the page enlarges it pixel for pixel; JPEG at quality 90 without chroma subsampling
+    above it, which a reader cannot tell apart at the size shown and which is several times smaller."""
+    from PIL import Image
+
+    if (side or min(image.shape[:2])) < PHOTO_SIDE:
+        return "data:image/png;base64," + _png(image, scale)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=90, subsampling=0)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _png(image: np.ndarray, scale: int = 1) -> str:
@@ -256,9 +272,9 @@ def class_label(index, names: dict[int, str]) -> str:
 
 
 def sample_cells(images: np.ndarray, labels, seed_start: int, names: dict[int, str]) -> list[dict]:
-    """One figure per image: its PNG (native size; the page scales it up without smoothing), its seed and the
-    class it was sampled for."""
-    return [{"png": _png(im), "title": f"seed {seed_start + i}",
+    """One figure per image: the image at its native size (_image_src; a small one the page scales up without
+    smoothing), its seed and the class it was sampled for."""
+    return [{"src": _image_src(im), "title": f"seed {seed_start + i}",
              "label": None if labels is None else class_label(labels[i], names)} for i, im in enumerate(images)]
 
 
@@ -329,8 +345,10 @@ def sample_grids(run_dir: Path, shown: list[dict], names: dict[int, str], frames
         if frames is not None:
             base = frames[-1][:len(images)]
             grid["stages"] = [cell for i in range(len(base)) for cell in (
-                {"png": _png(base[i]), "title": f"seed {seed + i}", "label": f"{base.shape[2]}x{base.shape[1]} base"},
-                {"png": _png(images[i]), "title": f"seed {seed + i}", "label": f"{side}x{images.shape[1]} upsampled"})]
+                {"src": _image_src(base[i]), "title": f"seed {seed + i}",
+                 "label": f"{base.shape[2]}x{base.shape[1]} base"},
+                {"src": _image_src(images[i]), "title": f"seed {seed + i}",
+                 "label": f"{side}x{images.shape[1]} upsampled"})]
         grids.append(grid)
     return grids, firsts
 
@@ -348,7 +366,7 @@ def progressive_decoding(run_dir: Path, rows: list[dict], firsts: dict, names: d
         grid = tile(frames.transpose(1, 0, 2, 3, 4).reshape(f * n, *frames.shape[2:]), f)
         scale = max(1, 640 // grid.shape[1])
         labels = (firsts.get(r["key"]) or (None, None))[1]
-        return {"caption": f"{r['snapshot_name']}, {r['label']}", "png": _png(grid, scale),
+        return {"caption": f"{r['snapshot_name']}, {r['label']}", "src": _image_src(grid, scale, frames.shape[2]),
                 "width": grid.shape[1] * scale, "rows": None if labels is None or len(labels) < n else ", ".join(
                     class_label(k, names) for k in labels[:n])}
     return None

@@ -116,9 +116,9 @@ def report_figures(html: str) -> dict[str, list]:
                     caption = f"{state['p']} #{n}"
                 state["caption"] = caption
                 grids[state["caption"]] = []
-            elif tag == "img" and state["caption"] is not None and a["src"].startswith("data:image/png;base64,"):
-                png = base64.b64decode(a["src"].split(",", 1)[1])
-                grids[state["caption"]].append([a["title"], np.asarray(Image.open(io.BytesIO(png))), None])
+            elif tag == "img" and state["caption"] is not None and a["src"].startswith("data:image/"):
+                data = base64.b64decode(a["src"].split(",", 1)[1])
+                grids[state["caption"]].append([a["title"], np.asarray(Image.open(io.BytesIO(data))), None])
             elif tag == "figcaption":
                 state["in"] = "figcaption"
 
@@ -179,6 +179,42 @@ def test_sample_grids_show_each_image_with_its_seed_and_the_class_it_was_sampled
     (shards / "manifest.json").unlink()  # the shards moved: the classes by index
     assert [c for _, _, c in report_figures(write_report(run).read_text())[caption]] == [
         f"class {k}" for k in labels[:16]]
+
+
+def test_large_samples_are_shown_as_jpeg_and_small_ones_pixel_exact(tmp_path):
+    """A report shows dozens of samples: at 256 px and more each is a JPEG (quality 90, no chroma subsampling)
+    several times smaller than its PNG and within a few levels of it, drawn smoothly when the page scales it;
+    below 128 px each stays a PNG, pixel-exact and enlarged without smoothing
+    (test_sample_grids_show_each_image_with_its_seed_and_the_class_it_was_sampled_for)."""
+    import base64
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+    from test_eval_farm import make_run
+
+    from eval.report import _png, write_report
+    from eval.settings import EVALUATOR_VERSION
+
+    photo = Image.fromarray(load_sample_images().images[0][:427, :427])  # a real photograph
+    images = np.stack([np.asarray(photo.resize((256, 256), Image.BICUBIC)),
+                       np.asarray(photo.rotate(90).resize((256, 256), Image.BICUBIC))])
+    run = make_run(tmp_path / "run", kimgs=(1,))
+    key_dir = run / "eval" / "img000000001000--big--abc"
+    (key_dir / "samples").mkdir(parents=True)
+    np.savez(key_dir / "samples" / "samples-00000000-00000001.npz", arr_0=images)
+    (key_dir / "metrics.json").write_text(json.dumps({
+        "key": key_dir.name, "snapshot_name": "img000000001000", "images": 1000,
+        "setting": {"name": "big", "num": 2}, "ref": "ref.npz",
+        "evaluator": EVALUATOR_VERSION, "metrics": {"fid": 10.0, "num_samples": 2}}))
+    html = write_report(run).read_text()
+    [cells] = report_figures(html).values()
+    for (_, shown, _), image in zip(cells, images, strict=True):
+        assert shown.shape == image.shape and np.abs(shown.astype(int) - image).mean() < 4
+    srcs = re.findall(r'<figure><img( class="px")? src="data:image/(\w+);base64,([^"]+)"', html)
+    assert [(px, kind) for px, kind, _ in srcs] == [("", "jpeg")] * 2
+    for (_, _, data), image in zip(srcs, images):
+        assert len(data) * 3 < len(_png(image))  # (measured: 3.7x smaller)
+        assert Image.open(__import__("io").BytesIO(base64.b64decode(data))).format == "JPEG"
 
 
 def test_a_cascades_grid_shows_its_stages(tmp_path, capsys):
