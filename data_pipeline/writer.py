@@ -127,6 +127,21 @@ def _image_sample(item: Item, kind: str, size: int, image_format: str = "png",
     return "jpg", encode(small, "jpg", quality=95), original
 
 
+class _Hashed:
+    """A file written through once, into a sha256 as the bytes pass (no second read of the shard to hash it:
+    ImageNet's originals are 140 GB)."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
 def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(payload)
@@ -140,7 +155,8 @@ def write_shard(task: ShardTask) -> dict:
     final = out / shard_name(task.index)
     partial = final.with_name(final.name + ".partial")
     offsets, keys, skipped = [], [], []
-    with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with open(partial, "wb") as f, tarfile.open(fileobj=(hashed := _Hashed(f)), mode="w",
+                                                format=tarfile.USTAR_FORMAT) as tar:
         for key, item in task.entries:
             rel = item.name or (os.path.relpath(item.path, task.root) if task.root else item.path)
             if item.label < 0:
@@ -169,14 +185,12 @@ def write_shard(task: ShardTask) -> dict:
             _add(tar, f"{key}.{ext}", payload)
             _add(tar, f"{key}.cls", str(item.label).encode())
             _add(tar, f"{key}.json", json.dumps(meta).encode())
-    close_tars()
-    h = hashlib.sha256()
-    with open(partial, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
+        tar.close()  # (its end blocks, into the digest too)
+        f.flush()
         os.fsync(f.fileno())  # on disk before its name says complete (a crash after the rename keeps it whole)
+    close_tars()
     os.replace(partial, final)
-    stats = {"name": final.name, "count": len(keys), "bytes": final.stat().st_size, "sha256": h.hexdigest(),
+    stats = {"name": final.name, "count": len(keys), "bytes": final.stat().st_size, "sha256": hashed.sha.hexdigest(),
              "first_key": keys[0] if keys else None, "offsets": offsets, "skipped": skipped}
     atomic_write_json(final.with_name(final.name + ".done.json"), stats)
     return stats
