@@ -62,15 +62,24 @@ def read_shard(path: Path) -> tuple[dict[str, dict], str | None]:
     return samples, None
 
 
+def _lean(manifest: dict) -> dict:
+    """A manifest without what no reader uses: each sample's tar offset and the skipped images' list (ImageNet's
+    1.28M offsets are 48 MB of Python objects, in every rank and every worker it forks)."""
+    manifest = {k: v for k, v in manifest.items() if k != "skipped"}
+    manifest["shards"] = [{k: v for k, v in s.items() if k != "offsets"} for s in manifest["shards"]]
+    return manifest
+
+
 class ShardStream(IterableDataset):
     """Yields ready batches (collated in the worker) from this consumer's slots, forever."""
 
     def __init__(self, directory, transform: Transform, batch_size: int, seed: int = 0, num_slots: int = 64,
-                 rank: int = 0, world_size: int = 1, state: dict | None = None, worker_rotation: int = 0):
+                 rank: int = 0, world_size: int = 1, state: dict | None = None, worker_rotation: int = 0,
+                 manifest: dict | None = None):
         self.dir = Path(directory)
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
-        self.manifest = read_manifest(self.dir)  # a clear error for a missing, broken or empty manifest
+        self.manifest = manifest or _lean(read_manifest(self.dir))  # a clear error for a missing or broken one
         missing = [s["name"] for s in self.manifest["shards"] if not (self.dir / s["name"]).is_file()]
         if missing:
             raise FileNotFoundError(f"{self.dir}: shards named in the manifest are missing: {', '.join(missing[:5])}"
@@ -271,11 +280,13 @@ class StreamLoader:
         # worker w of a new iterator serves the batches numbered (w + batches - rotation_origin) mod workers
         # of the layout (world size, workers) in use since the batch count rotation_origin
         self.rotation_origin = 0
-        ShardStream(transform=self.transform, **self.args)  # fail now on a missing manifest or shard
+        # fail now on a missing manifest or shard; the manifest read once, for every iterator
+        self.manifest = ShardStream(transform=self.transform, **self.args).manifest
 
     def __iter__(self):
         rotation = (self.batches - self.rotation_origin) % max(1, self.num_workers)
-        dataset = ShardStream(transform=self.transform, state=self.slots, worker_rotation=rotation, **self.args)
+        dataset = ShardStream(transform=self.transform, state=self.slots, worker_rotation=rotation,
+                              manifest=self.manifest, **self.args)
         kwargs = dict(num_workers=self.num_workers, batch_size=None, pin_memory=self.pin_memory)
         if self.num_workers:
             kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=self.persistent_workers,

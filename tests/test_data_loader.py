@@ -573,3 +573,19 @@ def test_data_bench_with_a_worker_count_that_does_not_divide_64(data, tmp_path):
     write_dataset(read_source(root, "imagenet", "train"), tmp_path / "many", shard_size=1, progress=False)  # 122
     result = measure(tmp_path / "many", 32, workers=3, seconds=0.2, batch_size=4, warmup_batches=1)
     assert result["workers"] == 3 and result["images"] > 0
+
+
+def test_the_manifest_is_read_once_and_kept_without_what_no_reader_uses(data, monkeypatch):
+    """ImageNet's manifest lists 1.28M tar offsets (18 MB of JSON, 48 MB of Python objects): the loader reads it
+    once for its check and all its iterators, and keeps neither the offsets nor the skipped images' list, in
+    the rank nor in the workers it forks. The stream is the same."""
+    import data_pipeline.loader as loader_module
+
+    _, base = data
+    want = take(loader(base / "orig", num_workers=2), 6)
+    reads, real = [], loader_module.read_manifest
+    monkeypatch.setattr(loader_module, "read_manifest", lambda d: reads.append(d) or real(d))
+    it = loader(base / "orig", num_workers=2)
+    assert take(it, 6) == want and take(it, 1) and reads == [base / "orig"]
+    assert "skipped" not in it.manifest and not any("offsets" in s for s in it.manifest["shards"])
+    assert all(s["offsets"] for s in json.loads((base / "orig" / MANIFEST).read_text())["shards"])  # (on disk)
