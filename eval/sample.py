@@ -67,6 +67,11 @@ def batch_path(shard: Path, seeds: list[int]) -> Path:
     return shard.with_name(f".{shard.stem}.batch-{seeds[0]:08d}-{seeds[-1]:08d}.npz")
 
 
+def kept_batches(out: Path) -> list[Path]:
+    """The batches kept of shards not yet whole (batch_path), without a writer's temporary files."""
+    return [p for p in Path(out).glob(".samples-*.batch-*.npz") if ".partial" not in p.name]
+
+
 def finished_shard_problem(path: Path, count: int) -> str | None:
     """Why a finished-looking shard cannot be reused (damaged after it was written: cut short by a full disk's
     copy, overwritten, a flipped bit), from its zip directory, its arrays' headers and every member read
@@ -269,8 +274,8 @@ class Sampler:
         # ADM's sample files: arr_1 (labels) only when there are labels, as its image_sample.py writes them
         save_npz_atomic(path, arr_0=np.concatenate(images),
                         **({"arr_1": np.concatenate(labels)} if labels[0] is not None else {}))
-        for part in path.parent.glob(f".{path.stem}.batch-*.npz"):  # (and those of another batch size)
-            if ".partial" not in part.name:  # (a writer's temporary is its own to remove)
+        for part in kept_batches(path.parent):  # (and those of another batch size; a writer's temporary file is
+            if part.name.startswith(f".{path.stem}.batch-"):  # its own to remove)
                 part.unlink(missing_ok=True)
         return path
 
@@ -300,7 +305,8 @@ def claim_out_dir(out: Path, snapshot: str, setting: EvalSetting, write: bool = 
                                                  "weights", "precision")},
               **({"device": torch.device(device).type} if device is not None else {})}
     path = out / "sampling.json"
-    if path.is_file() and finished_shards(out):  # (no shard yet: nothing to protect, claimed anew)
+    sampled = finished_shards(out) or kept_batches(out)  # (a stopped shard's batches are reused as its samples)
+    if path.is_file() and sampled:  # (no shard yet: nothing to protect, claimed anew)
         old = json.loads(path.read_text())
         # the models count by their digests: the same one by another path (relative, a link) is the same
         changed = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in record.items()
@@ -310,7 +316,7 @@ def claim_out_dir(out: Path, snapshot: str, setting: EvalSetting, write: bool = 
             raise ValueError(f"--out {out} holds samples of another snapshot or setting ({'; '.join(changed)}); "
                              "give another --out")
         return
-    if out.is_dir() and finished_shards(out):
+    if out.is_dir() and sampled:
         raise ValueError(f"--out {out} holds samples without a sampling.json (of what, unknown); give another --out")
     if not write:
         return

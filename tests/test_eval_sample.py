@@ -329,6 +329,20 @@ def test_a_shard_stopped_midway_samples_again_only_the_batch_it_was_on(tmp_path,
     with np.load(path) as got:
         assert np.array_equal(got["arr_0"], whole["arr_0"]) and np.array_equal(got["arr_1"], whole["arr_1"])
     assert sorted(p.name for p in out.iterdir()) == [path.name]
+    # `adm sample` into a directory holding only a stopped shard's batches: they are samples of its setting, so
+    # another setting there is refused as for finished shards (they would be taken for its own)
+    from eval.sample import claim_out_dir
+
+    stopped = tmp_path / "stopped"
+    claim_out_dir(stopped, str(snap), EvalSetting(name="x", steps="ddim2", num=7))  # (writes sampling.json)
+    batch_path(stopped / "samples-00000020-00000026.npz", [20, 21, 22]).write_bytes(b"")
+    claim_out_dir(stopped, str(snap), EvalSetting(name="x", steps="ddim2", num=7))  # the same setting goes on
+    with pytest.raises(ValueError, match=r"holds samples of another snapshot or setting \(steps: 'ddim2' there, "
+                                         r"'ddim3' now\)"):
+        claim_out_dir(stopped, str(snap), EvalSetting(name="x", steps="ddim3", num=7))
+    (stopped / "sampling.json").unlink()
+    with pytest.raises(ValueError, match="holds samples without a sampling.json"):
+        claim_out_dir(stopped, str(snap), EvalSetting(name="x", steps="ddim3", num=7))
 
 
 def test_merged_samples_are_streamed_into_one_npz_equal_to_the_concatenation(tmp_path):
