@@ -218,8 +218,8 @@ def test_bf16_sampling_is_per_seed_close_to_fp32_and_keyed_apart(tmp_path):
     ref = tmp_path / "ref.npz"
     np.savez(ref, mu=np.zeros(2))
     fp32, bf16 = EvalSetting(name="x", num=8), EvalSetting(name="x", num=8, precision="bf16")
-    old = {k: v for k, v in asdict(fp32).items()  # (every_kimg came later, and is never part of a key)
-           if k not in ("name", "shard_size", "batch_size", "precision", "every_kimg")}
+    later = ("every_kimg", "keep_samples")  # fields that came later, never part of a key
+    old = {k: v for k, v in asdict(fp32).items() if k not in ("name", "shard_size", "batch_size", "precision", *later)}
     old.update(classifier=None, upsampler=None, snapshot=_digest(str(snap)), ref=_digest(str(ref)),
                evaluator=EVALUATOR_VERSION)
     old_key = f"{snap.name}--x--{hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:10]}"
