@@ -19,6 +19,7 @@ import signal
 import tarfile
 import weakref
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -75,7 +76,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, directory, transform: Transform, batch_size: int, seed: int = 0, num_slots: int = 64,
                  rank: int = 0, world_size: int = 1, state: dict | None = None, worker_rotation: int = 0,
-                 manifest: dict | None = None):
+                 manifest: dict | None = None, decode_threads: int = 0):
         self.dir = Path(directory)
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -89,6 +90,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.state = state or {}
         self.worker_rotation = worker_rotation
+        self.decode_threads = decode_threads
         self.num_classes = self.manifest["num_classes"]
         self.nonempty_shards = sum(1 for c in self.order.counts if c)
 
@@ -114,11 +116,23 @@ class ShardStream(IterableDataset):
         # skipped an unreadable image; a damaged tar reads as a prefix, so the order still holds
         keys = list(samples)
         order = self.order.sample_order(shard, pos.epoch)
-        for offset in range(pos.offset, len(order)):
+
+        def sample(offset: int) -> tuple[dict | None, Position]:
             member = int(order[offset])
             here = Position(pos.epoch, pos.shard, offset)
             key = keys[member] if member < len(keys) else None  # (those lost with a damaged tail: warned above)
-            yield None if key is None else self.decode(samples[key], key, shard, member, slot, here), here
+            return (None if key is None else self.decode(samples[key], key, shard, member, slot, here)), here
+
+        offsets = range(pos.offset, len(order))
+        if self.decode_threads <= 1:
+            yield from map(sample, offsets)
+            return
+        # decoded by threads (PIL lets go of the GIL while it decodes and resizes), a window at a time, in order:
+        # the same samples as one thread gives
+        window = 4 * self.decode_threads
+        with ThreadPoolExecutor(self.decode_threads) as pool:
+            for start in range(0, len(offsets), window):
+                yield from pool.map(sample, offsets[start:start + window])
 
     def decode(self, parts, key, shard, member, slot, pos):
         """The sample, or None (skipped, counted and logged with its reason)."""
@@ -259,7 +273,7 @@ class StreamLoader:
     def __init__(self, directory, resolution: int, batch_size: int, *, crop: str = "center", flip: bool = True,
                  small_size: int = 0, seed: int = 0, num_slots: int = 64, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, jpeg_draft: bool = False, prefetch_factor: int = 2,
-                 persistent_workers: bool = False, pin_memory: bool = False, patch: int = 0):
+                 persistent_workers: bool = False, pin_memory: bool = False, patch: int = 0, decode_threads: int = 0):
         if world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
             raise ValueError(f"loader: rank {rank} of world size {world_size} with {num_workers} workers; expected "
                              "world_size >= 1, 0 <= rank < world_size, num_workers >= 0")
@@ -267,7 +281,7 @@ class StreamLoader:
             raise ValueError(f"loader: {num_slots} canonical slots do not divide over world size x workers = "
                              f"{world_size} x {max(1, num_workers)}: every reader needs the same number of slots")
         self.args = dict(directory=str(directory), batch_size=batch_size, seed=seed, num_slots=num_slots,
-                         rank=rank, world_size=world_size)
+                         rank=rank, world_size=world_size, decode_threads=decode_threads)
         self.transform = Transform(resolution, crop, flip, small_size, jpeg_draft, patch)
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.pin_memory = pin_memory  # page-locked batches: asynchronous copies to a GPU

@@ -589,3 +589,22 @@ def test_the_manifest_is_read_once_and_kept_without_what_no_reader_uses(data, mo
     assert take(it, 6) == want and take(it, 1) and reads == [base / "orig"]
     assert "skipped" not in it.manifest and not any("offsets" in s for s in it.manifest["shards"])
     assert all(s["offsets"] for s in json.loads((base / "orig" / MANIFEST).read_text())["shards"])  # (on disk)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_decoding_on_threads_gives_the_same_stream(data, workers):
+    """decode_threads decodes a shard's samples on threads (PIL lets go of the GIL), a window at a time, and
+    hands them on in order: the same images, labels and positions as one thread, batch for batch; a resume
+    from its state goes on alike."""
+    _, base = data
+    one, threaded = (loader(base / "orig", num_workers=workers, crop="random-resized", decode_threads=t)
+                     for t in (0, 3))
+    for a, b in zip(iter(one), iter(threaded)):
+        for k in ("image", "label", "id", "pos"):
+            assert torch.equal(a[k], b[k]), k
+        if a["pos"][0, 1] > 0:  # into the second epoch
+            break
+    state = threaded.state_dict()
+    again = loader(base / "orig", num_workers=workers, crop="random-resized", decode_threads=3)
+    again.load_state_dict(state)
+    assert take(again, 3) == take(one, 3)
