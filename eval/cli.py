@@ -58,6 +58,18 @@ def write_json(target: Path | None, data) -> None:
         write_text_atomic(target, standard_json(data, indent=2) + "\n")
 
 
+def add_cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", help="where the reference's Inception features are kept between calls, by its "
+                                       "content (default: $ADM_CACHE, else ~/.cache/adm)")
+    p.add_argument("--no-cache", action="store_true", help="featurize the reference anew and keep nothing")
+
+
+def cache_of(a) -> Path | None:
+    from .metrics import user_cache
+
+    return None if a.no_cache else Path(a.cache_dir) if a.cache_dir else user_cache()
+
+
 def add_feature_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=at_least(1), default=None, help="Inception batch (default: automatic)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -125,7 +137,7 @@ def cmd_compare(a) -> int:
     from .compare import compare
 
     target = json_target(a.json_out)
-    result = compare(a.ref, a.sample, a.batch_size, a.device, a.pr_distance, a.inception_weights)
+    result = compare(a.ref, a.sample, a.batch_size, a.device, a.pr_distance, a.inception_weights, cache_of(a))
     for k, v in result.items():
         print(f"{k}: {v:.6f}")
     needs = {"sfid": "spatial statistics (mu_s, sigma_s) or images in both files",
@@ -425,7 +437,7 @@ def cmd_metrics(a) -> int:
     comm = discover(a.workers)
     w = logits_weight(a.inception_weights) if a.inception_weights else None
     feats = load_features(Path(a.features))
-    ref = load_reference(a.ref)
+    ref = load_reference(a.ref, cache_dir=cache_of(a))
     result = reduce(feats, ref, a.ref, a.pr_distance, comm, w, a.device)
     comm.close()
     if comm.rank == 0:
@@ -448,6 +460,7 @@ def main(argv=None, prog="adm eval") -> int:
                    help="distance arithmetic for precision/recall (fp16: ADM's, for published numbers)")
     p.add_argument("--inception-weights", help="torch-fidelity's full Inception weights file: adds Inception Score")
     add_feature_args(p)
+    add_cache_args(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("ref", help="a reference batch (ADM format) from WebDataset shards")
@@ -500,6 +513,7 @@ def main(argv=None, prog="adm eval") -> int:
     p.add_argument("--workers", choices=["auto", "single", "mpi", "torch"], default="auto",
                    help="auto: MPI ranks under mpiexec/srun --mpi, torch.distributed under torchrun")
     p.add_argument("--device", default=None, help="for precision/recall; default: the rank's GPU if any, else cpu")
+    add_cache_args(p)
     p.set_defaults(func=cmd_metrics)
 
     a = parser.parse_args(argv)

@@ -5,6 +5,8 @@ statistics (`mu`, `sigma`, `mu_s`, `sigma_s`), or both (ADM's reference batches:
 precision/recall plus statistics of the whole split).
 """
 
+from pathlib import Path
+
 import numpy as np
 
 from .inception import default_device, logits_weight
@@ -15,7 +17,10 @@ from .stats import frechet_distance
 
 
 def compare(ref_path: str, sample_path: str, batch_size: int | None = None, device=None, pr_distance: str = "fp32",
-            inception_weights: str | None = None) -> dict:
+            inception_weights: str | None = None, cache_dir: Path | None = None) -> dict:
+    """ADM's evaluator on two files; `cache_dir`: where the reference's features are kept between calls (by its
+    content), so that comparing many sample files with one reference batch puts its images through Inception
+    once."""
     w = logits_weight(inception_weights) if inception_weights else None  # a bad path fails before any work
     infos = describe(ref_path), describe(sample_path)
     check_pair(*infos)  # both files, before any image is featurized
@@ -23,7 +28,7 @@ def compare(ref_path: str, sample_path: str, batch_size: int | None = None, devi
         stored_statistics(info.path, open_npz(info.path), info)
     for info in infos:  # and each archive's CRC, read through once, before Inception runs on either file
         read_through(info)
-    ref = load_reference(ref_path, batch_size=batch_size, device=device)
+    ref = load_reference(ref_path, cache_dir=cache_dir, batch_size=batch_size, device=device)
     sample = load_reference(sample_path, batch_size=batch_size, device=device)
     result = {"fid": frechet_distance(sample["mu"], sample["sigma"], ref["mu"], ref["sigma"])}
     if "mu_s" in ref and "mu_s" in sample:

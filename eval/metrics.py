@@ -4,6 +4,7 @@ The reference is ADM's format (arr_0 images for precision/recall, mu/sigma/mu_s/
 the whole split). Its Inception features are computed once and cached by content digest.
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,14 @@ def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
         kl = (p * (lp - np.log(p.mean(0, keepdims=True)))).sum(1).mean()
         scores.append(np.exp(kl))
     return float(np.mean(scores))
+
+
+def user_cache() -> Path:
+    """Where `adm eval compare` and `adm eval metrics` keep a reference's features between calls: $ADM_CACHE, else
+    $XDG_CACHE_HOME/adm, else ~/.cache/adm (the farm keeps its own per run)."""
+    if os.environ.get("ADM_CACHE"):
+        return Path(os.environ["ADM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adm"
 
 
 def load_reference(path: str | Path, cache_dir: Path | None = None, batch_size=None, device=None) -> dict:

@@ -1,7 +1,10 @@
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,10 @@ import pytest
 # `adm train --nproc 2` would need 2 GPUs and bit-exactness does not hold. bench/device_checks.py holds the GPU
 # checks. Set before torch initialises CUDA, and inherited by every process the tests start.
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# `adm eval compare/metrics` keep a reference's features between calls (~/.cache/adm): the suite's own cache,
+# empty at its start and gone at its end, so no test depends on what an earlier run left there
+os.environ["ADM_CACHE"] = tempfile.mkdtemp(prefix="adm-test-cache-")
+atexit.register(shutil.rmtree, os.environ["ADM_CACHE"], True)
 
 import torch  # noqa: E402
 

@@ -158,6 +158,37 @@ def test_an_adm_reference_is_featurized_by_the_first_feature_task_not_the_metric
     assert got == want
 
 
+def test_compare_keeps_an_adm_references_features_between_calls(reference, tmp_path, monkeypatch):
+    """`adm eval compare` against ADM's reference batch (10k images, no features) put its images through
+    Inception on every call; it now keeps them by the file's content in --cache-dir ($ADM_CACHE, else
+    ~/.cache/adm), and the next call reads them: seen here by doctoring the kept features, which moves
+    precision and recall. --no-cache keeps nothing and reads nothing."""
+    adm = tmp_path / "adm-ref.npz"
+    with np.load(reference) as ref:
+        np.savez(adm, **{k: ref[k] for k in ref.files if k not in ("pool", "meta")})
+        np.savez(tmp_path / "sample.npz", arr_0=ref["arr_0"][::-1][:12])
+    cache = tmp_path / "cache"
+
+    def compare(*extra):
+        out = run_cli("eval", "compare", str(adm), str(tmp_path / "sample.npz"), *extra).stdout
+        return {k: float(v) for k, v in re.findall(r"^(\w+): ([\d.]+)$", out, re.M)}
+
+    first = compare("--cache-dir", str(cache))
+    [kept] = cache.glob("ref-*[0-9].npz")
+    assert compare("--cache-dir", str(cache)) == first  # read back: the same numbers
+    with np.load(kept) as k:
+        doctored = {name: k[name] for name in k.files}
+    doctored["pool"] = doctored["pool"] + 100.0  # far from every sample: no sample falls in their radii
+    np.savez(kept, **doctored)
+    again = compare("--cache-dir", str(cache))
+    assert again["fid"] == first["fid"] and again["precision"] == 0 != first["precision"]
+    default = tmp_path / "default"
+    monkeypatch.setenv("ADM_CACHE", str(default))
+    assert compare("--no-cache") == first and compare("--cache-dir", str(cache), "--no-cache") == first
+    assert not default.exists()
+    assert compare() == first and len(list(default.glob("ref-*[0-9].npz"))) == 1  # $ADM_CACHE by default
+
+
 def test_a_reference_is_hashed_once_per_version_of_the_file(reference, tmp_path, monkeypatch):
     """The feature cache is keyed by the reference's sha256; the digest is remembered per (path, size,
     mtime, inode), so the next metrics job does not hash the file again, and a rewritten file is hashed
